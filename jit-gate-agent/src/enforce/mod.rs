@@ -1,0 +1,4 @@
+//! Enforcers: the kernel-side layers that apply grants. They never decide
+//! policy; they are told what to open and until when.
+
+pub mod xdp;

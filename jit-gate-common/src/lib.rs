@@ -1,0 +1,21 @@
+//! Types shared by the XDP program and user space: map layouts, verdict
+//! reasons, and the pure reference model of the packet verdict.
+//!
+//! Everything here is `no_std` and allocation-free so the eBPF program can use
+//! it; `aya::Pod` impls live behind the `user` feature.
+#![no_std]
+
+pub mod maps;
+pub mod verdict;
+
+/// IP protocol numbers the gate understands.
+pub mod ip_proto {
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+}
+
+/// Address families as stored in keys and events.
+pub mod family {
+    pub const V4: u8 = 4;
+    pub const V6: u8 = 6;
+}

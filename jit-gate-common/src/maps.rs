@@ -1,0 +1,314 @@
+//! Layouts of the maps shared between the XDP program and the agent.
+//!
+//! All structs are `#[repr(C)]` without implicit padding (explicit `_pad`
+//! fields), so the kernel and user space agree byte for byte. Ports are kept
+//! in host byte order in hash keys, and in network order inside LPM keys
+//! (whose bytes are matched as a bit string).
+
+use crate::verdict::{Address, Transport};
+
+/// Map names: the names of the statics in the eBPF program, and the file
+/// names of their pins under the pin directory.
+pub mod names {
+    pub const PROTECTED_PORTS: &str = "PROTECTED_PORTS";
+    pub const GRANTS_V4: &str = "GRANTS_V4";
+    pub const GRANTS_V6: &str = "GRANTS_V6";
+    pub const CIDR_GRANTS_V4: &str = "CIDR_GRANTS_V4";
+    pub const CIDR_GRANTS_V6: &str = "CIDR_GRANTS_V6";
+    pub const FLOWS: &str = "FLOWS";
+    pub const REASON_COUNTERS: &str = "REASON_COUNTERS";
+    pub const PORT_COUNTERS: &str = "PORT_COUNTERS";
+    pub const DENY_EVENTS: &str = "DENY_EVENTS";
+    pub const DENY_RATE: &str = "DENY_RATE";
+    pub const CONFIG: &str = "CONFIG";
+    /// Every map, for pinning and removal.
+    pub const ALL: [&str; 11] = [
+        PROTECTED_PORTS,
+        GRANTS_V4,
+        GRANTS_V6,
+        CIDR_GRANTS_V4,
+        CIDR_GRANTS_V6,
+        FLOWS,
+        REASON_COUNTERS,
+        PORT_COUNTERS,
+        DENY_EVENTS,
+        DENY_RATE,
+        CONFIG,
+    ];
+}
+
+/// Name of the XDP program in the object file.
+pub const PROGRAM_NAME: &str = "jit_gate";
+
+/// Capacities. Grants are sized for a busy bastion fleet host; flows for the
+/// sessions such a host keeps open.
+pub mod capacity {
+    pub const PORTS: u32 = 65_536;
+    pub const EXACT_GRANTS: u32 = 1_048_576;
+    pub const CIDR_GRANTS: u32 = 65_536;
+    pub const FLOWS: u32 = 65_536;
+    /// Distinct protected (port) counter slots.
+    pub const PORT_COUNTER_SLOTS: u32 = 1_024;
+    pub const DENY_RATE_SOURCES: u32 = 16_384;
+    pub const DENY_EVENT_BYTES: u32 = 256 * 1024;
+}
+
+/// Value of `PROTECTED_PORTS[port]`: which protocols are protected on the
+/// port, and the slot of its counters in `PORT_COUNTERS`.
+pub mod protected {
+    pub const TCP: u32 = 1 << 0;
+    pub const UDP: u32 = 1 << 1;
+    pub const SLOT_SHIFT: u32 = 8;
+
+    pub const fn bit_for(protocol: u8) -> u32 {
+        match protocol {
+            crate::ip_proto::TCP => TCP,
+            crate::ip_proto::UDP => UDP,
+            _ => 0,
+        }
+    }
+
+    pub const fn encode(protocol_bits: u32, slot: u32) -> u32 {
+        protocol_bits | (slot << SLOT_SHIFT)
+    }
+
+    pub const fn slot(value: u32) -> u32 {
+        value >> SLOT_SHIFT
+    }
+
+    /// Index into `PORT_COUNTERS`: two entries (TCP, UDP) per slot.
+    pub const fn counter_index(value: u32, protocol: u8) -> u32 {
+        slot(value) * 2
+            + if protocol == crate::ip_proto::UDP {
+                1
+            } else {
+                0
+            }
+    }
+}
+
+/// Key of the exact IPv4 grant map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GrantKeyV4 {
+    pub addr: [u8; 4],
+    pub port: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+impl GrantKeyV4 {
+    #[inline(always)]
+    pub const fn new(addr: [u8; 4], protocol: u8, port: u16) -> Self {
+        GrantKeyV4 {
+            addr,
+            port,
+            protocol,
+            _pad: 0,
+        }
+    }
+}
+
+/// Key of the exact IPv6 grant map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GrantKeyV6 {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+impl GrantKeyV6 {
+    #[inline(always)]
+    pub const fn new(addr: [u8; 16], protocol: u8, port: u16) -> Self {
+        GrantKeyV6 {
+            addr,
+            port,
+            protocol,
+            _pad: 0,
+        }
+    }
+}
+
+/// Value of every grant map: the latest expiry among the grants for the key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GrantValue {
+    /// `CLOCK_BOOTTIME` nanoseconds; the grant is live while `now < expires_at_boot_ns`.
+    pub expires_at_boot_ns: u64,
+    /// The grant whose expiry this is; recorded in the flows it opens.
+    pub grant_id: u64,
+}
+
+/// Bits of an LPM key that precede the address: protocol (8) and port (16).
+pub const CIDR_KEY_FIXED_BITS: u32 = 24;
+
+/// LPM trie data for IPv4: protocol, port (network order), address.
+pub type CidrDataV4 = [u8; 7];
+/// LPM trie data for IPv6: protocol, port (network order), address.
+pub type CidrDataV6 = [u8; 19];
+
+/// Builds the LPM data bytes: the fixed protocol and port, then the address.
+pub fn cidr_data<const N: usize, const A: usize>(
+    protocol: u8,
+    port: u16,
+    addr: &[u8; A],
+) -> [u8; N] {
+    let mut data = [0u8; N];
+    data[0] = protocol;
+    let port = port.to_be_bytes();
+    data[1] = port[0];
+    data[2] = port[1];
+    let mut i = 0;
+    while i < A && i + 3 < N {
+        data[i + 3] = addr[i];
+        i += 1;
+    }
+    data
+}
+
+/// Key of the flow map, for both families (IPv4 addresses use the first four
+/// bytes). The family is part of the key so an IPv6 packet can never match an
+/// IPv4 flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub protocol: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+impl FlowKey {
+    /// The key of the flow a packet belongs to.
+    #[inline(always)]
+    pub const fn of(src: &Address, dst: &Address, transport: &Transport) -> Self {
+        FlowKey {
+            src: src.bytes,
+            dst: dst.bytes,
+            src_port: transport.src_port,
+            dst_port: transport.dst_port,
+            protocol: transport.protocol,
+            family: src.family,
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// Value of the flow map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowValue {
+    pub grant_id: u64,
+    pub opened_at_boot_ns: u64,
+}
+
+/// Key of the per-source deny-report rate limiter.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SourceKey {
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub _pad: [u8; 7],
+}
+
+/// Value of the per-source deny-report rate limiter.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DenyRateValue {
+    pub last_report_boot_ns: u64,
+    /// Denied packets from this source since the last report.
+    pub suppressed: u64,
+}
+
+/// A denied packet, as reported through the `DENY_EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DenyEvent {
+    pub src: [u8; 16],
+    pub family: u8,
+    pub protocol: u8,
+    pub dst_port: u16,
+    pub reason: u32,
+    pub at_boot_ns: u64,
+    /// Denied packets from the same source that were not reported
+    /// individually since the previous event (rate limiting).
+    pub suppressed_before: u64,
+}
+
+/// Per protected (port, protocol) counters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PortCounters {
+    pub passed: u64,
+    pub dropped: u64,
+}
+
+/// The single entry of the `CONFIG` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct GateConfig {
+    /// Number of entries in the IPv4 CIDR trie; zero skips the trie lookup.
+    pub cidr_v4_entries: u32,
+    /// Number of entries in the IPv6 CIDR trie; zero skips the trie lookup.
+    pub cidr_v6_entries: u32,
+    /// Minimum gap between two deny events for one source.
+    pub deny_report_interval_ns: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are `#[repr(C)]`, made of integers and byte
+    // arrays, with no implicit padding (checked by the size tests below).
+    unsafe impl aya::Pod for GrantKeyV4 {}
+    unsafe impl aya::Pod for GrantKeyV6 {}
+    unsafe impl aya::Pod for GrantValue {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for SourceKey {}
+    unsafe impl aya::Pod for DenyRateValue {}
+    unsafe impl aya::Pod for DenyEvent {}
+    unsafe impl aya::Pod for PortCounters {}
+    unsafe impl aya::Pod for GateConfig {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<GrantKeyV4>(), 4 + 2 + 1 + 1);
+        assert_eq!(size_of::<GrantKeyV6>(), 16 + 2 + 1 + 1);
+        assert_eq!(size_of::<GrantValue>(), 16);
+        assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 1 + 2);
+        assert_eq!(size_of::<FlowValue>(), 16);
+        assert_eq!(size_of::<SourceKey>(), 24);
+        assert_eq!(size_of::<DenyEvent>(), 16 + 1 + 1 + 2 + 4 + 8 + 8);
+        assert_eq!(size_of::<GateConfig>(), 16);
+    }
+
+    #[test]
+    fn cidr_data_puts_protocol_port_then_address() {
+        let data: CidrDataV4 = cidr_data(6, 22, &[10, 1, 2, 3]);
+        assert_eq!(data, [6, 0, 22, 10, 1, 2, 3]);
+        let data: CidrDataV6 = cidr_data(17, 0x1234, &[0xfe; 16]);
+        assert_eq!(&data[..3], &[17, 0x12, 0x34]);
+        assert_eq!(&data[3..], &[0xfe; 16]);
+    }
+
+    #[test]
+    fn protected_value_round_trips_slot_and_counter_index() {
+        let v = protected::encode(protected::TCP | protected::UDP, 5);
+        assert_eq!(protected::slot(v), 5);
+        assert_eq!(protected::counter_index(v, crate::ip_proto::TCP), 10);
+        assert_eq!(protected::counter_index(v, crate::ip_proto::UDP), 11);
+        assert_ne!(v & protected::bit_for(crate::ip_proto::TCP), 0);
+    }
+}

@@ -1,0 +1,198 @@
+//! Frame parser: Ethernet (up to two VLAN tags), IPv4 (with options), IPv6
+//! (bounded extension-header walk), then the TCP/UDP header. Produces the
+//! `PacketFacts` the verdict is decided on.
+//!
+//! Every read is bounded by the frame and, above the IP header, by the IP
+//! length fields, so trailing Ethernet padding is never taken for headers.
+
+use aya_ebpf::{helpers::generated::bpf_xdp_load_bytes, programs::XdpContext};
+use core::ffi::c_void;
+use jit_gate_common::{
+    ip_proto,
+    verdict::{Address, MAX_IPV6_EXT_HEADERS, MAX_VLAN_TAGS, PacketFacts, Transport, Upper},
+};
+
+const ETH_HEADER: usize = 14;
+const VLAN_TAG: usize = 4;
+const ETHERTYPE_IPV4: u16 = 0x0800;
+const ETHERTYPE_IPV6: u16 = 0x86dd;
+const ETHERTYPE_VLAN: u16 = 0x8100;
+const ETHERTYPE_QINQ: u16 = 0x88a8;
+const IPV6_HEADER: usize = 40;
+const NEXT_HOP_BY_HOP: u8 = 0;
+const NEXT_ROUTING: u8 = 43;
+const NEXT_FRAGMENT: u8 = 44;
+const NEXT_AUTH: u8 = 51;
+const NEXT_DEST_OPTS: u8 = 60;
+
+/// Reads `N` bytes at `offset` if they lie within `limit` (and the frame).
+///
+/// Through the `bpf_xdp_load_bytes` helper rather than packet pointers: the
+/// offsets here depend on header contents (IHL, extension header lengths),
+/// and LLVM's rewriting of variable packet-pointer arithmetic produces code
+/// the verifier rejects.
+#[inline(always)]
+fn read<const N: usize>(ctx: &XdpContext, offset: usize, limit: usize) -> Option<[u8; N]> {
+    if offset + N > limit {
+        return None;
+    }
+    let mut buf = [0u8; N];
+    // SAFETY: `buf` is a writable stack buffer of exactly N bytes.
+    let rc = unsafe {
+        bpf_xdp_load_bytes(
+            ctx.ctx,
+            offset as u32,
+            buf.as_mut_ptr().cast::<c_void>(),
+            N as u32,
+        )
+    };
+    (rc == 0).then_some(buf)
+}
+
+#[inline(always)]
+fn be16(b0: u8, b1: u8) -> u16 {
+    u16::from_be_bytes([b0, b1])
+}
+
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> PacketFacts {
+    let frame_len = ctx.data_end() - ctx.data();
+    let Some(eth) = read::<ETH_HEADER>(ctx, 0, frame_len) else {
+        return PacketFacts::NotIp;
+    };
+    let mut ethertype = be16(eth[12], eth[13]);
+    let mut offset = ETH_HEADER;
+    for _ in 0..MAX_VLAN_TAGS {
+        if ethertype != ETHERTYPE_VLAN && ethertype != ETHERTYPE_QINQ {
+            break;
+        }
+        let Some(tag) = read::<VLAN_TAG>(ctx, offset, frame_len) else {
+            return PacketFacts::NotIp;
+        };
+        ethertype = be16(tag[2], tag[3]);
+        offset += VLAN_TAG;
+    }
+    match ethertype {
+        ETHERTYPE_IPV4 => parse_ipv4(ctx, offset, frame_len),
+        ETHERTYPE_IPV6 => parse_ipv6(ctx, offset, frame_len),
+        _ => PacketFacts::NotIp,
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &XdpContext, l3: usize, frame_len: usize) -> PacketFacts {
+    let Some(h) = read::<20>(ctx, l3, frame_len) else {
+        return PacketFacts::MalformedIp;
+    };
+    let header_len = ((h[0] & 0x0f) as usize) * 4;
+    let total_len = be16(h[2], h[3]) as usize;
+    if h[0] >> 4 != 4 || header_len < 20 || total_len < header_len || l3 + total_len > frame_len {
+        return PacketFacts::MalformedIp;
+    }
+    if be16(h[6], h[7]) & 0x1fff != 0 {
+        return PacketFacts::NonFirstFragment;
+    }
+    let src = Address::v4([h[12], h[13], h[14], h[15]]);
+    let dst = Address::v4([h[16], h[17], h[18], h[19]]);
+    let upper = parse_upper(ctx, h[9], l3 + header_len, l3 + total_len);
+    PacketFacts::Ip { src, dst, upper }
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &XdpContext, l3: usize, frame_len: usize) -> PacketFacts {
+    let Some(h) = read::<IPV6_HEADER>(ctx, l3, frame_len) else {
+        return PacketFacts::MalformedIp;
+    };
+    let ip_end = l3 + IPV6_HEADER + be16(h[4], h[5]) as usize;
+    if h[0] >> 4 != 6 || ip_end > frame_len {
+        return PacketFacts::MalformedIp;
+    }
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    src.copy_from_slice(&h[8..24]);
+    dst.copy_from_slice(&h[24..40]);
+    let mut next = h[6];
+    let mut offset = l3 + IPV6_HEADER;
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        let Some(ext) = read::<8>(ctx, offset, ip_end) else {
+            if is_extension_header(next) {
+                return PacketFacts::MalformedIp;
+            }
+            break;
+        };
+        let len = match next {
+            NEXT_HOP_BY_HOP | NEXT_ROUTING | NEXT_DEST_OPTS => (ext[1] as usize + 1) * 8,
+            NEXT_FRAGMENT => {
+                if be16(ext[2], ext[3]) >> 3 != 0 {
+                    return PacketFacts::NonFirstFragment;
+                }
+                8
+            }
+            NEXT_AUTH => (ext[1] as usize + 2) * 4,
+            _ => break,
+        };
+        next = ext[0];
+        offset += len;
+        if offset > ip_end {
+            return PacketFacts::MalformedIp;
+        }
+    }
+    if is_extension_header(next) {
+        return PacketFacts::HeaderChainTooLong;
+    }
+    let upper = parse_upper(ctx, next, offset, ip_end);
+    PacketFacts::Ip {
+        src: Address::v6(src),
+        dst: Address::v6(dst),
+        upper,
+    }
+}
+
+#[inline(always)]
+fn is_extension_header(next: u8) -> bool {
+    matches!(
+        next,
+        NEXT_HOP_BY_HOP | NEXT_ROUTING | NEXT_FRAGMENT | NEXT_AUTH | NEXT_DEST_OPTS
+    )
+}
+
+/// The TCP or UDP header at `offset`, which must end by `ip_end`.
+#[inline(always)]
+fn parse_upper(ctx: &XdpContext, protocol: u8, offset: usize, ip_end: usize) -> Upper {
+    let full_len = match protocol {
+        ip_proto::TCP => 20,
+        ip_proto::UDP => 8,
+        _ => return Upper::Other,
+    };
+    let Some(ports) = read::<4>(ctx, offset, ip_end) else {
+        return Upper::TruncatedTransport {
+            protocol,
+            dst_port: None,
+        };
+    };
+    let src_port = be16(ports[0], ports[1]);
+    let dst_port = be16(ports[2], ports[3]);
+    let truncated = Upper::TruncatedTransport {
+        protocol,
+        dst_port: Some(dst_port),
+    };
+    let mut tcp_flags = 0;
+    if full_len == 20 {
+        let Some(tcp) = read::<20>(ctx, offset, ip_end) else {
+            return truncated;
+        };
+        let data_offset = (tcp[12] >> 4) as usize * 4;
+        if data_offset < 20 || offset + data_offset > ip_end {
+            return truncated;
+        }
+        tcp_flags = tcp[13];
+    } else if read::<8>(ctx, offset, ip_end).is_none() {
+        return truncated;
+    }
+    Upper::Transport(Transport {
+        protocol,
+        src_port,
+        dst_port,
+        tcp_flags,
+    })
+}

@@ -1,0 +1,5 @@
+//! Helpers for the kernel and end-to-end tests: environment checks that fail
+//! loudly, unique bpffs pin directories and network namespaces that clean up
+//! on drop.
+
+pub mod env;

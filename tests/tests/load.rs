@@ -1,0 +1,12 @@
+use jit_gate_tests::env::PinDir;
+
+#[test]
+fn program_passes_the_verifier_and_pins_its_maps() {
+    let pins = PinDir::new();
+    let gate = pins.open_gate();
+    assert!(pins.path.join("program").exists());
+    for name in jit_gate_common::maps::names::ALL {
+        assert!(pins.path.join(name).exists(), "map {name} not pinned");
+    }
+    drop(gate);
+}
