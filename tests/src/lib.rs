@@ -3,3 +3,6 @@
 //! on drop.
 
 pub mod env;
+pub mod gated_host;
+pub mod netns;
+pub mod traffic;
