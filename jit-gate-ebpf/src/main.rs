@@ -20,7 +20,7 @@ use jit_gate_common::{
         CidrDataV4, CidrDataV6, DenyEvent, DenyRateValue, FlowKey, FlowValue, GateConfig,
         GrantKeyV4, GrantKeyV6, GrantValue, PortCounters, SourceKey, capacity, protected,
     },
-    verdict::{Address, PacketFacts, Reason, Upper, Verdict, decide},
+    verdict::{Address, GateLookups, PacketFacts, Reason, Upper, Verdict, decide},
 };
 
 #[map]
@@ -53,13 +53,31 @@ static CONFIG: Array<GateConfig> = Array::pinned(1, 0);
 #[xdp]
 pub fn jit_gate(ctx: XdpContext) -> u32 {
     let facts = parse::parse(&ctx);
-    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let now = if checks_grants(&facts) {
+        unsafe { bpf_ktime_get_boot_ns() }
+    } else {
+        // `decide` reads the clock only to check grants; spare the helper call.
+        0
+    };
     let verdict = decide(&facts, &lookups::MapLookups, now);
     record(&facts, &verdict, now);
     if verdict.passes() {
         xdp_action::XDP_PASS
     } else {
         xdp_action::XDP_DROP
+    }
+}
+
+/// Whether `decide` will compare grant expiries: complete TCP/UDP headers
+/// to a protected port.
+#[inline(always)]
+fn checks_grants(facts: &PacketFacts) -> bool {
+    match facts {
+        PacketFacts::Ip {
+            upper: Upper::Transport(t),
+            ..
+        } => lookups::MapLookups.is_protected(t.protocol, t.dst_port),
+        _ => false,
     }
 }
 

@@ -49,6 +49,18 @@ fn read<const N: usize>(ctx: &XdpContext, offset: usize, limit: usize) -> Option
     (rc == 0).then_some(buf)
 }
 
+/// Reads `N` bytes at the constant offset `OFFSET` with direct packet
+/// access: no helper call, for the link-layer headers every frame has.
+#[inline(always)]
+fn read_fixed<const OFFSET: usize, const N: usize>(ctx: &XdpContext) -> Option<[u8; N]> {
+    let start = ctx.data();
+    if start + OFFSET + N > ctx.data_end() {
+        return None;
+    }
+    // SAFETY: [start + OFFSET, start + OFFSET + N) was just checked to be in the packet.
+    Some(unsafe { core::ptr::read_unaligned((start + OFFSET) as *const [u8; N]) })
+}
+
 #[inline(always)]
 fn be16(b0: u8, b1: u8) -> u16 {
     u16::from_be_bytes([b0, b1])
@@ -56,27 +68,38 @@ fn be16(b0: u8, b1: u8) -> u16 {
 
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> PacketFacts {
-    let frame_len = ctx.data_end() - ctx.data();
-    let Some(eth) = read::<ETH_HEADER>(ctx, 0, frame_len) else {
+    let Some(eth) = read_fixed::<0, ETH_HEADER>(ctx) else {
         return PacketFacts::NotIp;
     };
     let mut ethertype = be16(eth[12], eth[13]);
     let mut offset = ETH_HEADER;
-    for _ in 0..MAX_VLAN_TAGS {
-        if ethertype != ETHERTYPE_VLAN && ethertype != ETHERTYPE_QINQ {
-            break;
-        }
-        let Some(tag) = read::<VLAN_TAG>(ctx, offset, frame_len) else {
+    // Two tags at most, at fixed offsets.
+    const _: () = assert!(MAX_VLAN_TAGS == 2);
+    if is_vlan(ethertype) {
+        let Some(tag) = read_fixed::<ETH_HEADER, VLAN_TAG>(ctx) else {
             return PacketFacts::NotIp;
         };
         ethertype = be16(tag[2], tag[3]);
         offset += VLAN_TAG;
+        if is_vlan(ethertype) {
+            let Some(tag) = read_fixed::<{ ETH_HEADER + VLAN_TAG }, VLAN_TAG>(ctx) else {
+                return PacketFacts::NotIp;
+            };
+            ethertype = be16(tag[2], tag[3]);
+            offset += VLAN_TAG;
+        }
     }
+    let frame_len = ctx.data_end() - ctx.data();
     match ethertype {
         ETHERTYPE_IPV4 => parse_ipv4(ctx, offset, frame_len),
         ETHERTYPE_IPV6 => parse_ipv6(ctx, offset, frame_len),
         _ => PacketFacts::NotIp,
     }
+}
+
+#[inline(always)]
+fn is_vlan(ethertype: u16) -> bool {
+    ethertype == ETHERTYPE_VLAN || ethertype == ETHERTYPE_QINQ
 }
 
 #[inline(always)]

@@ -27,7 +27,8 @@ impl GatedHost {
         let pins = PinDir::new();
         let mut gate = pins.open_gate();
         let ports: BTreeSet<_> = protected.iter().copied().collect();
-        gate.set_protected_ports(&ports).expect("set protected ports");
+        gate.set_protected_ports(&ports)
+            .expect("set protected ports");
         let ifname = topo.gated_if.clone();
         let attachment = topo
             .gated

@@ -15,10 +15,9 @@ use crate::env::{require_root, unique_name};
 
 /// Runs `ip` with `args`, panicking with its stderr on failure.
 pub fn ip(args: &[&str]) {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running `ip` (iproute2 missing? `cargo xtask bootstrap` installs it): {e}"));
+    let out = Command::new("ip").args(args).output().unwrap_or_else(|e| {
+        panic!("running `ip` (iproute2 missing? `cargo xtask bootstrap` installs it): {e}")
+    });
     assert!(
         out.status.success(),
         "ip {}: {}",
@@ -76,7 +75,9 @@ pub fn enter(name: &str) {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -105,7 +106,9 @@ impl Topology {
         let client = Netns::new("jgc");
         let gated_if = unique_name("vg");
         let client_if = unique_name("vc");
-        ip(&["link", "add", &gated_if, "type", "veth", "peer", "name", &client_if]);
+        ip(&[
+            "link", "add", &gated_if, "type", "veth", "peer", "name", &client_if,
+        ]);
         ip(&["link", "set", &gated_if, "netns", &gated.name]);
         ip(&["link", "set", &client_if, "netns", &client.name]);
         let addr = |ns: &Netns, ifname: &str, a: IpAddr, len: u8| {

@@ -53,8 +53,12 @@ pub struct TcpEcho {
 
 impl TcpEcho {
     pub fn start(ns: &Netns, addr: SocketAddr) -> Self {
-        let listener = ns.run(|| TcpListener::bind(addr)).expect("bind echo server");
-        listener.set_nonblocking(true).expect("nonblocking listener");
+        let listener = ns
+            .run(|| TcpListener::bind(addr))
+            .expect("bind echo server");
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
         let worker = Worker::spawn(move |stop| {
             while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
@@ -125,7 +129,9 @@ pub fn tcp_connect(ns: &Netns, src: IpAddr, dst: SocketAddr) -> Connect {
     });
     match result {
         Ok(stream) => Connect::Connected(stream),
-        Err(e) if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock) => Connect::TimedOut,
+        Err(e) if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock) => {
+            Connect::TimedOut
+        }
         Err(e) => Connect::Failed(e),
     }
 }
@@ -151,7 +157,9 @@ pub struct UdpSink {
 impl UdpSink {
     pub fn start(ns: &Netns, addr: SocketAddr) -> Self {
         let socket = ns.run(|| UdpSocket::bind(addr)).expect("bind UDP sink");
-        socket.set_read_timeout(Some(POLL * 5)).expect("UDP timeout");
+        socket
+            .set_read_timeout(Some(POLL * 5))
+            .expect("UDP timeout");
         let received = Arc::new(Mutex::new(Vec::new()));
         let sink = received.clone();
         let worker = Worker::spawn(move |stop| {

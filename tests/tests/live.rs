@@ -34,7 +34,8 @@ fn servers(host: &GatedHost) -> Vec<TcpEcho> {
     FAMILIES
         .iter()
         .flat_map(|(_, gated)| {
-            [SSH, OPEN_PORT].map(|port| TcpEcho::start(&host.topo.gated, SocketAddr::new(*gated, port)))
+            [SSH, OPEN_PORT]
+                .map(|port| TcpEcho::start(&host.topo.gated, SocketAddr::new(*gated, port)))
         })
         .collect()
 }
@@ -48,7 +49,10 @@ fn assert_open_port_reachable(host: &GatedHost, src: IpAddr, gated: IpAddr) {
 #[test]
 fn attaches_in_native_mode_on_veth() {
     let host = GatedHost::new(&PROTECTED);
-    assert_eq!(host.attachment, Attachment::Attached(jit_gate_agent::enforce::xdp::AttachMode::Native));
+    assert_eq!(
+        host.attachment,
+        Attachment::Attached(jit_gate_agent::enforce::xdp::AttachMode::Native)
+    );
 }
 
 #[test]
@@ -56,10 +60,19 @@ fn without_grant_tcp_is_silently_dropped_and_udp_does_not_arrive() {
     let host = GatedHost::new(&PROTECTED);
     let _servers = servers(&host);
     for (src, gated) in FAMILIES {
-        tcp_connect(&host.topo.client, src, SocketAddr::new(gated, SSH)).expect_timed_out("no grant");
+        tcp_connect(&host.topo.client, src, SocketAddr::new(gated, SSH))
+            .expect_timed_out("no grant");
         let sink = UdpSink::start(&host.topo.gated, SocketAddr::new(gated, SYSLOG));
-        udp_send(&host.topo.client, src, SocketAddr::new(gated, SYSLOG), b"denied");
-        assert!(!sink.arrives(b"denied"), "UDP to a protected port arrived without a grant ({src})");
+        udp_send(
+            &host.topo.client,
+            src,
+            SocketAddr::new(gated, SYSLOG),
+            b"denied",
+        );
+        assert!(
+            !sink.arrives(b"denied"),
+            "UDP to a protected port arrived without a grant ({src})"
+        );
         assert_open_port_reachable(&host, src, gated);
     }
     let counters = host.gate.counters().expect("counters");
@@ -73,14 +86,34 @@ fn exact_grant_opens_tcp_and_udp_for_that_source_only() {
     let _servers = servers(&host);
     for (i, (src, gated)) in FAMILIES.into_iter().enumerate() {
         let id = i as u64 + 1;
-        host.grant(host_net(src), Protocol::Tcp, SSH, Duration::from_secs(60), id);
-        host.grant(host_net(src), Protocol::Udp, SYSLOG, Duration::from_secs(60), id);
+        host.grant(
+            host_net(src),
+            Protocol::Tcp,
+            SSH,
+            Duration::from_secs(60),
+            id,
+        );
+        host.grant(
+            host_net(src),
+            Protocol::Udp,
+            SYSLOG,
+            Duration::from_secs(60),
+            id,
+        );
         let mut s = tcp_connect(&host.topo.client, src, SocketAddr::new(gated, SSH))
             .expect_connected("exact grant");
         round_trip(&mut s, b"granted").expect("echo under grant");
         let sink = UdpSink::start(&host.topo.gated, SocketAddr::new(gated, SYSLOG));
-        udp_send(&host.topo.client, src, SocketAddr::new(gated, SYSLOG), b"granted");
-        assert!(sink.arrives(b"granted"), "UDP under an exact grant did not arrive ({src})");
+        udp_send(
+            &host.topo.client,
+            src,
+            SocketAddr::new(gated, SYSLOG),
+            b"granted",
+        );
+        assert!(
+            sink.arrives(b"granted"),
+            "UDP under an exact grant did not arrive ({src})"
+        );
     }
     // The other client addresses hold no grant.
     for (src, gated) in [
@@ -96,8 +129,20 @@ fn exact_grant_opens_tcp_and_udp_for_that_source_only() {
 fn cidr_grant_opens_inside_the_prefix_only() {
     let mut host = GatedHost::new(&PROTECTED);
     let _servers = servers(&host);
-    host.grant("192.0.2.0/25".parse().unwrap(), Protocol::Tcp, SSH, Duration::from_secs(60), 1);
-    host.grant("2001:db8::/112".parse().unwrap(), Protocol::Tcp, SSH, Duration::from_secs(60), 2);
+    host.grant(
+        "192.0.2.0/25".parse().unwrap(),
+        Protocol::Tcp,
+        SSH,
+        Duration::from_secs(60),
+        1,
+    );
+    host.grant(
+        "2001:db8::/112".parse().unwrap(),
+        Protocol::Tcp,
+        SSH,
+        Duration::from_secs(60),
+        2,
+    );
     let cases = [
         (CLIENT_V4.into(), GATED_V4.into(), true),
         (CLIENT_V4_OUTSIDE.into(), GATED_V4.into(), false),
@@ -129,10 +174,15 @@ fn connection_opened_under_grant_survives_expiry_but_new_ones_are_dropped() {
         round_trip(&mut s, b"before expiry").expect("echo before expiry");
         sessions.push((s, src, gated));
     }
-    assert_eq!(host.gate.flows().expect("flows").len(), 2, "one tracked flow per session");
+    assert_eq!(
+        host.gate.flows().expect("flows").len(),
+        2,
+        "one tracked flow per session"
+    );
     std::thread::sleep(ttl + Duration::from_millis(300));
     for (mut s, src, gated) in sessions {
-        round_trip(&mut s, b"after expiry").expect("established session keeps working after expiry");
+        round_trip(&mut s, b"after expiry")
+            .expect("established session keeps working after expiry");
         tcp_connect(&host.topo.client, src, SocketAddr::new(gated, SSH))
             .expect_timed_out("new connection after expiry");
         assert_open_port_reachable(&host, src, gated);

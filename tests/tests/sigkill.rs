@@ -26,7 +26,12 @@ fn enforcement_and_expiry_survive_sigkill_of_the_installer() {
     let mut installer = Command::new(env!("CARGO_BIN_EXE_gate-installer"))
         .args(["--pin-dir", pins.path.to_str().unwrap()])
         .args(["--netns", &topo.gated.name, "--ifname", &topo.gated_if])
-        .args(["--port", &SSH.to_string(), "--grant-source", &CLIENT_V4.to_string()])
+        .args([
+            "--port",
+            &SSH.to_string(),
+            "--grant-source",
+            &CLIENT_V4.to_string(),
+        ])
         .args(["--grant-ms", &GRANT.as_millis().to_string()])
         .stdout(Stdio::piped())
         .spawn()
@@ -48,12 +53,16 @@ fn enforcement_and_expiry_survive_sigkill_of_the_installer() {
     installer.wait().expect("reap the installer");
 
     // Still enforcing: the ungranted source is dropped, the granted one passes.
-    tcp_connect(&topo.client, CLIENT_V4_OUTSIDE.into(), ssh).expect_timed_out("no grant, installer dead");
-    let mut second = tcp_connect(&topo.client, granted, ssh).expect_connected("grant still live, installer dead");
+    tcp_connect(&topo.client, CLIENT_V4_OUTSIDE.into(), ssh)
+        .expect_timed_out("no grant, installer dead");
+    let mut second = tcp_connect(&topo.client, granted, ssh)
+        .expect_connected("grant still live, installer dead");
     round_trip(&mut second, b"still").expect("echo after the installer died");
 
     // The grant closes on time with nobody left to remove it.
-    std::thread::sleep(expiry.saturating_duration_since(Instant::now()) + Duration::from_millis(200));
+    std::thread::sleep(
+        expiry.saturating_duration_since(Instant::now()) + Duration::from_millis(200),
+    );
     tcp_connect(&topo.client, granted, ssh).expect_timed_out("new connection after expiry");
     round_trip(&mut session, b"established").expect("the established session survives expiry");
     drop(pins);

@@ -56,9 +56,12 @@ pub enum XdpError {
         source: std::io::Error,
     },
     #[error("cannot load the XDP program: {0}")]
-    Load(#[from] aya::EbpfError),
+    Load(#[from] Box<aya::EbpfError>),
     #[error("XDP program {what}: {source}")]
-    Program { what: String, source: ProgramError },
+    Program {
+        what: String,
+        source: Box<ProgramError>,
+    },
     #[error("XDP link {what}: {source}")]
     Link { what: String, source: LinkError },
     #[error("pin {path}: {source}")]
@@ -73,8 +76,8 @@ pub enum XdpError {
     #[error("interface {ifname}: cannot attach in native ({native}) or generic ({generic}) mode")]
     Attach {
         ifname: String,
-        native: ProgramError,
-        generic: ProgramError,
+        native: Box<ProgramError>,
+        generic: Box<ProgramError>,
     },
     #[error(
         "too many protected ports: at most {} distinct ports",
@@ -183,11 +186,12 @@ impl XdpGate {
         })?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pin_dir)
-            .load(PROGRAM_OBJECT)?;
+            .load(PROGRAM_OBJECT)
+            .map_err(Box::new)?;
         let program = xdp_program(&mut ebpf)?;
         program.load().map_err(|source| XdpError::Program {
             what: "load (verifier)".into(),
-            source,
+            source: Box::new(source),
         })?;
         let program_pin = pin_dir.join(PROGRAM_PIN);
         remove_if_exists(&program_pin)?;
@@ -249,7 +253,7 @@ impl XdpGate {
                 .attach_to_link(link)
                 .map_err(|source| XdpError::Program {
                     what: format!("replace in link on {ifname}"),
-                    source,
+                    source: Box::new(source),
                 })?;
             // The link is already pinned; dropping our handle keeps it attached.
             let _ = program.take_link(id);
@@ -262,15 +266,15 @@ impl XdpGate {
                 Err(generic) => {
                     return Err(XdpError::Attach {
                         ifname: ifname.into(),
-                        native,
-                        generic,
+                        native: Box::new(native),
+                        generic: Box::new(generic),
                     });
                 }
             },
         };
         let link = program.take_link(id).map_err(|source| XdpError::Program {
             what: format!("take link on {ifname}"),
-            source,
+            source: Box::new(source),
         })?;
         let fd_link = FdLink::try_from(link).map_err(|source| XdpError::Link {
             what: format!("on {ifname} is not a bpf_link (kernel too old?)"),
@@ -626,11 +630,11 @@ fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
         .program_mut(PROGRAM_NAME)
         .ok_or_else(|| XdpError::Program {
             what: format!("{PROGRAM_NAME} missing from the object"),
-            source: ProgramError::NotLoaded,
+            source: Box::new(ProgramError::NotLoaded),
         })?;
     program.try_into().map_err(|source| XdpError::Program {
         what: format!("{PROGRAM_NAME} is not XDP"),
-        source,
+        source: Box::new(source),
     })
 }
 

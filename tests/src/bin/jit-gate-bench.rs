@@ -1,0 +1,254 @@
+//! `cargo xtask bench`: per-packet cost of each verdict path of the loaded
+//! gate through `BPF_PROG_TEST_RUN`, beside bare XDP_PASS/XDP_DROP programs
+//! (the floor) measured in the same run, with 1, 10,000 and 1,000,000 exact
+//! grants loaded. Rounds interleave all programs so machine noise hits each
+//! alike; the median of the rounds is reported, as ns/packet and as a ratio
+//! to the floor of the same verdict.
+
+use std::{collections::BTreeSet, net::Ipv4Addr, path::PathBuf, time::Duration};
+
+use anyhow::{Context, Result, ensure};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{ProgramError, TestRun, TestRunOptions, Xdp},
+};
+use clap::Parser;
+use etherparse::PacketBuilder;
+use jit_gate_agent::{
+    clock::boot_now_ns,
+    enforce::xdp::XdpGate,
+    net::{GrantTarget, Protocol},
+};
+use jit_gate_common::maps::{FlowKey, FlowValue};
+use jit_gate_common::verdict::{Address, Transport};
+use jit_gate_tests::env::PinDir;
+
+static FLOOR_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/jit-gate-floor"));
+
+#[derive(Parser)]
+struct Args {
+    /// Packets per measurement (BPF_PROG_TEST_RUN repeat count).
+    #[arg(long, default_value_t = 200_000)]
+    repeat: u32,
+    /// Interleaved rounds; the median is reported.
+    #[arg(long, default_value_t = 7)]
+    rounds: usize,
+    /// Grant-table sizes to measure with.
+    #[arg(long, value_delimiter = ',', default_values_t = [1u32, 10_000, 1_000_000])]
+    grants: Vec<u32>,
+    /// Where the machine-readable results go.
+    #[arg(long, default_value = "target/bench/xdp.json")]
+    output: PathBuf,
+}
+
+const SSH: u16 = 22;
+const CLIENT_PORT: u16 = 40_000;
+const GATED: [u8; 4] = [192, 0, 2, 1];
+const GRANTED: [u8; 4] = [198, 51, 100, 7];
+const FLOW_SOURCE: [u8; 4] = [198, 51, 100, 8];
+const CIDR_SOURCE: [u8; 4] = [203, 0, 113, 9];
+const STRANGER: [u8; 4] = [203, 0, 114, 1];
+const GRANTED_V6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7];
+const GATED_V6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+fn tcp_v4(src: [u8; 4], dst_port: u16, syn: bool) -> Vec<u8> {
+    let builder =
+        PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1]).ipv4(src, GATED, 64);
+    let builder = builder.tcp(CLIENT_PORT, dst_port, 1, 64_000);
+    let builder = if syn { builder.syn() } else { builder.ack(1) };
+    let mut frame = Vec::new();
+    builder.write(&mut frame, &[0u8; 16]).expect("build frame");
+    frame
+}
+
+fn tcp_v6(src: [u8; 16], dst_port: u16) -> Vec<u8> {
+    let builder =
+        PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1]).ipv6(src, GATED_V6, 64);
+    let mut frame = Vec::new();
+    builder
+        .tcp(CLIENT_PORT, dst_port, 1, 64_000)
+        .ack(1)
+        .write(&mut frame, &[0u8; 16])
+        .expect("build frame");
+    frame
+}
+
+fn arp() -> Vec<u8> {
+    let mut frame = vec![0xff; 6];
+    frame.extend([2, 0, 0, 0, 0, 2, 0x08, 0x06]);
+    frame.resize(60, 0);
+    frame
+}
+
+/// One measured path: the frame, the program it runs through, the verdict
+/// it must get (checked, so a path cannot silently measure the wrong thing).
+struct Path {
+    name: &'static str,
+    frame: Vec<u8>,
+    expect_pass: bool,
+}
+
+fn paths() -> Vec<Path> {
+    let path = |name, frame, expect_pass| Path {
+        name,
+        frame,
+        expect_pass,
+    };
+    vec![
+        path("pass: not IP (ARP)", arp(), true),
+        path("pass: unprotected port", tcp_v4(STRANGER, 8080, true), true),
+        path("drop: no grant (SYN)", tcp_v4(STRANGER, SSH, true), false),
+        path("pass: exact grant v4", tcp_v4(GRANTED, SSH, false), true),
+        path("pass: exact grant v6", tcp_v6(GRANTED_V6, SSH), true),
+        path("pass: CIDR grant v4", tcp_v4(CIDR_SOURCE, SSH, false), true),
+        path("pass: tracked flow", tcp_v4(FLOW_SOURCE, SSH, false), true),
+    ]
+}
+
+fn run(program: &Xdp, frame: &[u8], repeat: u32) -> Result<(f64, bool), ProgramError> {
+    let result = program.test_run(TestRunOptions {
+        data_in: Some(frame),
+        repeat,
+        ..Default::default()
+    })?;
+    // The kernel reports the mean duration of one repetition.
+    Ok((result.duration.as_nanos() as f64, result.return_value == 2))
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// Fills the exact-grant map up to `total` entries with addresses outside
+/// every range the paths use.
+fn fill_grants(gate: &mut XdpGate, have: u32, total: u32, expires: u64) -> Result<()> {
+    for i in have..total {
+        let addr = Ipv4Addr::from(0x0a00_0000u32 + i);
+        let target = GrantTarget {
+            source: std::net::IpAddr::V4(addr).into(),
+            protocol: Protocol::Tcp,
+            port: SSH,
+        };
+        gate.upsert_grant(&target, expires, u64::from(i) + 1000)?;
+    }
+    Ok(())
+}
+
+fn setup(gate: &mut XdpGate) -> Result<u64> {
+    gate.set_protected_ports(&BTreeSet::from([(Protocol::Tcp, SSH)]))?;
+    gate.set_deny_report_interval(Duration::from_secs(1))?;
+    let expires = boot_now_ns() + 3_600_000_000_000;
+    let grant = |source: std::net::IpAddr| GrantTarget {
+        source: source.into(),
+        protocol: Protocol::Tcp,
+        port: SSH,
+    };
+    gate.upsert_grant(&grant(Ipv4Addr::from(GRANTED).into()), expires, 1)?;
+    gate.upsert_grant(
+        &grant(std::net::Ipv6Addr::from(GRANTED_V6).into()),
+        expires,
+        2,
+    )?;
+    let cidr = GrantTarget {
+        source: "203.0.113.0/24".parse()?,
+        protocol: Protocol::Tcp,
+        port: SSH,
+    };
+    gate.upsert_grant(&cidr, expires, 3)?;
+    let transport = Transport {
+        protocol: Protocol::Tcp.number(),
+        src_port: CLIENT_PORT,
+        dst_port: SSH,
+        tcp_flags: 0,
+    };
+    let key = FlowKey::of(&Address::v4(FLOW_SOURCE), &Address::v4(GATED), &transport);
+    gate.insert_flow(
+        key,
+        FlowValue {
+            grant_id: 4,
+            opened_at_boot_ns: boot_now_ns(),
+        },
+    )?;
+    Ok(expires)
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let pins = PinDir::new();
+    let mut gate = pins.open_gate();
+    let expires = setup(&mut gate)?;
+    let mut floor: Ebpf = EbpfLoader::new()
+        .load(FLOOR_OBJECT)
+        .context("load floor programs")?;
+    for name in ["floor_pass", "floor_drop"] {
+        let p: &mut Xdp = floor.program_mut(name).context(name)?.try_into()?;
+        p.load()?;
+    }
+    let floor_pass: &Xdp = floor
+        .program("floor_pass")
+        .context("floor_pass")?
+        .try_into()?;
+    let floor_drop: &Xdp = floor
+        .program("floor_drop")
+        .context("floor_drop")?
+        .try_into()?;
+    let probe = tcp_v4(STRANGER, SSH, true);
+
+    let mut rows = Vec::new();
+    let mut loaded = 2u32; // the v4 and v6 exact grants of setup()
+    println!(
+        "BPF_PROG_TEST_RUN, {} packets per run, median of {} interleaved rounds\n",
+        args.repeat, args.rounds
+    );
+    println!(
+        "{:>9}  {:<24} {:>9} {:>9} {:>9}",
+        "grants", "path", "ns/pkt", "floor", "ratio"
+    );
+    for &total in &args.grants {
+        fill_grants(&mut gate, loaded, total.max(loaded), expires)?;
+        loaded = total.max(loaded);
+        let paths = paths();
+        let mut samples = vec![Vec::new(); paths.len()];
+        let (mut pass_floor, mut drop_floor) = (Vec::new(), Vec::new());
+        for _ in 0..args.rounds {
+            pass_floor.push(run(floor_pass, &probe, args.repeat)?.0);
+            drop_floor.push(run(floor_drop, &probe, args.repeat)?.0);
+            for (path, sample) in paths.iter().zip(&mut samples) {
+                let (ns, passed) = run(gate.program(), &path.frame, args.repeat)?;
+                ensure!(passed == path.expect_pass, "{}: wrong verdict", path.name);
+                sample.push(ns);
+            }
+        }
+        let (pass_floor, drop_floor) = (median(pass_floor), median(drop_floor));
+        for (path, sample) in paths.iter().zip(samples) {
+            let ns = median(sample);
+            let floor = if path.expect_pass {
+                pass_floor
+            } else {
+                drop_floor
+            };
+            println!(
+                "{:>9}  {:<24} {:>9.1} {:>9.1} {:>8.2}x",
+                loaded,
+                path.name,
+                ns,
+                floor,
+                ns / floor
+            );
+            rows.push(format!(
+                "{{\"grants\":{loaded},\"path\":{:?},\"ns_per_packet\":{ns:.2},\"floor_ns\":{floor:.2},\"ratio\":{:.3}}}",
+                path.name,
+                ns / floor
+            ));
+        }
+    }
+    if let Some(dir) = args.output.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.output, format!("[\n{}\n]\n", rows.join(",\n")))
+        .with_context(|| format!("write {}", args.output.display()))?;
+    println!("\nresults written to {}", args.output.display());
+    Ok(())
+}
