@@ -5,4 +5,6 @@
 pub mod env;
 pub mod gated_host;
 pub mod netns;
+pub mod packets;
+pub mod reference;
 pub mod traffic;
