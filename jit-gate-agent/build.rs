@@ -1,5 +1,5 @@
 //! Builds the XDP program (jit-gate-ebpf) for the BPF target with the nightly
-//! toolchain and bpf-linker, and places the object in OUT_DIR.
+//! toolchain and bpf-linker, and places the objects in OUT_DIR.
 use std::path::Path;
 
 fn main() -> anyhow::Result<()> {
@@ -15,5 +15,8 @@ fn main() -> anyhow::Result<()> {
             ..Default::default()
         }],
         aya_build::Toolchain::default(),
-    )
+    )?;
+    // Every binary of jit-gate-ebpf lands in OUT_DIR; tell dependents where.
+    println!("cargo:object_dir={}", std::env::var("OUT_DIR")?);
+    Ok(())
 }

@@ -1,18 +1,8 @@
-//! Builds the eBPF crate's programs (the bare floor programs the benchmark
-//! compares against) into OUT_DIR.
-use std::path::Path;
+//! Points the benchmark at the eBPF objects jit-gate-agent's build script
+//! compiled (among them the bare floor programs), instead of building them twice.
 
-fn main() -> anyhow::Result<()> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../jit-gate-ebpf");
-    let root = root
-        .to_str()
-        .ok_or_else(|| anyhow::anyhow!("non-UTF-8 path"))?;
-    aya_build::build_ebpf(
-        [aya_build::Package {
-            name: "jit-gate-ebpf",
-            root_dir: root,
-            ..Default::default()
-        }],
-        aya_build::Toolchain::default(),
-    )
+fn main() {
+    let dir = std::env::var("DEP_JIT_GATE_EBPF_OBJECT_DIR")
+        .expect("jit-gate-agent's build script exports the eBPF object directory");
+    println!("cargo:rustc-env=JIT_GATE_EBPF_OBJECTS={dir}");
 }

@@ -24,7 +24,7 @@ use jit_gate_common::verdict::{Address, Transport};
 use jit_gate_tests::env::PinDir;
 
 static FLOOR_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/jit-gate-floor"));
+    aya::include_bytes_aligned!(concat!(env!("JIT_GATE_EBPF_OBJECTS"), "/jit-gate-floor"));
 
 #[derive(Parser)]
 struct Args {
