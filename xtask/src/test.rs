@@ -1,6 +1,11 @@
 //! `cargo xtask test`: what CI runs (through `.ci/run`) and what the README tells people to run.
 
-use anyhow::Result;
+use std::{
+    io::{BufRead, BufReader},
+    process::Stdio,
+};
+
+use anyhow::{Context, Result};
 
 use crate::cmd::{self, cargo};
 
@@ -10,7 +15,7 @@ const EXCLUDE: [&str; 3] = ["--workspace", "--exclude", "jit-gate-ebpf"];
 pub fn run(args: &[String]) -> Result<()> {
     let extra: String = args.iter().map(|a| format!(" {a}")).collect();
     println!(
-        "xtask test: cargo fmt --check, cargo clippy -D warnings, then cargo test --workspace --exclude jit-gate-ebpf --no-fail-fast{extra}"
+        "xtask test: cargo fmt --check, cargo clippy -D warnings, then cargo test --workspace --exclude jit-gate-ebpf --no-fail-fast --lib --bins --tests{extra}"
     );
     // Cheapest checks first, so a formatting slip fails in seconds rather than after a build.
     cmd::run(cargo().args(["fmt", "--all", "--", "--check"]))?;
@@ -21,11 +26,75 @@ pub fn run(args: &[String]) -> Result<()> {
             .args(["--all-targets", "--", "-D", "warnings"]),
     )?;
     // --no-fail-fast: one failing test binary should not hide the results of the others.
-    cmd::run(
-        cargo()
-            .arg("test")
-            .args(EXCLUDE)
-            .arg("--no-fail-fast")
-            .args(args),
-    )
+    // --lib --bins --tests: the workspace has no doc tests; their empty runs would end the log.
+    let mut test = cargo();
+    test.arg("test")
+        .args(EXCLUDE)
+        .args(["--no-fail-fast", "--lib", "--bins", "--tests"])
+        .args(args)
+        .stdout(Stdio::piped());
+    let what = "cargo test";
+    let mut child = test
+        .spawn()
+        .with_context(|| format!("could not start `{what}`"))?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    let mut totals = Totals::default();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("read cargo test output")?;
+        println!("{line}");
+        totals.add(&line);
+    }
+    let status = child.wait().with_context(|| format!("wait for `{what}`"))?;
+    // One closing line for the whole workspace, after the per-binary ones.
+    println!(
+        "total: {} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
+    anyhow::ensure!(status.success(), "`{what}` failed ({status})");
+    anyhow::ensure!(totals.passed > 0, "`{what}` ran no test");
+    Ok(())
+}
+
+/// Sums libtest's per-binary summary lines.
+#[derive(Default)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Totals {
+    /// Adds a line like `test result: ok. 5 passed; 0 failed; 1 ignored; ...`.
+    fn add(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(['.', ';']) {
+            let mut words = part.split_whitespace();
+            let (Some(n), Some(kind)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match kind {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_libtest_summary_lines_and_ignores_the_rest() {
+        let mut t = Totals::default();
+        t.add("test result: ok. 5 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.1s");
+        t.add("test result: FAILED. 2 passed; 3 failed; 0 ignored; 0 measured; 0 filtered out");
+        t.add("test foo ... ok");
+        assert_eq!((t.passed, t.failed, t.ignored), (7, 3, 1));
+    }
 }
