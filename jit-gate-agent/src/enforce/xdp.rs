@@ -447,14 +447,7 @@ impl XdpGate {
                 removed
             }
         };
-        match removed {
-            Ok(()) => Ok(true),
-            Err(MapError::KeyNotFound) => Ok(false),
-            Err(source) => Err(XdpError::Map {
-                map: "grants",
-                source,
-            }),
-        }
+        existed(removed).map_err(map_err("grants"))
     }
 
     /// Every grant entry in the kernel.
@@ -556,14 +549,7 @@ impl XdpGate {
 
     /// Forgets a flow; returns whether it was tracked.
     pub fn remove_flow(&mut self, key: &FlowKey) -> Result<bool> {
-        match self.maps.flows.remove(key) {
-            Ok(()) => Ok(true),
-            Err(MapError::KeyNotFound) => Ok(false),
-            Err(source) => Err(XdpError::Map {
-                map: names::FLOWS,
-                source,
-            }),
-        }
+        existed(self.maps.flows.remove(key)).map_err(map_err(names::FLOWS))
     }
 
     /// Counters summed over all CPUs.
@@ -622,6 +608,19 @@ impl XdpGate {
             path: pin_dir.into(),
             source,
         })
+    }
+}
+
+/// Turns the result of a map deletion into whether the key existed. The
+/// kernel reports a missing key as ENOENT from the syscall.
+fn existed(removed: Result<(), MapError>) -> Result<bool, MapError> {
+    match removed {
+        Ok(()) => Ok(true),
+        Err(MapError::KeyNotFound) => Ok(false),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(false)
+        }
+        Err(e) => Err(e),
     }
 }
 

@@ -5,7 +5,14 @@
 //! alike; the median of the rounds is reported, as ns/packet and as a ratio
 //! to the floor of the same verdict.
 
-use std::{collections::BTreeSet, net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use serde::Serialize;
 
 use anyhow::{Context, Result, ensure};
 use aya::{
@@ -13,15 +20,14 @@ use aya::{
     programs::{ProgramError, TestRun, TestRunOptions, Xdp},
 };
 use clap::Parser;
-use etherparse::PacketBuilder;
 use jit_gate_agent::{
     clock::boot_now_ns,
     enforce::xdp::XdpGate,
     net::{GrantTarget, Protocol},
 };
 use jit_gate_common::maps::{FlowKey, FlowValue};
-use jit_gate_common::verdict::{Address, Transport};
-use jit_gate_tests::env::PinDir;
+use jit_gate_common::verdict::{Address, Transport, tcp_flags};
+use jit_gate_tests::{env::PinDir, packets::Packet};
 
 static FLOOR_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("JIT_GATE_EBPF_OBJECTS"), "/jit-gate-floor"));
@@ -52,26 +58,18 @@ const STRANGER: [u8; 4] = [203, 0, 114, 1];
 const GRANTED_V6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7];
 const GATED_V6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 
-fn tcp_v4(src: [u8; 4], dst_port: u16, syn: bool) -> Vec<u8> {
-    let builder =
-        PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1]).ipv4(src, GATED, 64);
-    let builder = builder.tcp(CLIENT_PORT, dst_port, 1, 64_000);
-    let builder = if syn { builder.syn() } else { builder.ack(1) };
-    let mut frame = Vec::new();
-    builder.write(&mut frame, &[0u8; 16]).expect("build frame");
-    frame
-}
-
-fn tcp_v6(src: [u8; 16], dst_port: u16) -> Vec<u8> {
-    let builder =
-        PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1]).ipv6(src, GATED_V6, 64);
-    let mut frame = Vec::new();
-    builder
-        .tcp(CLIENT_PORT, dst_port, 1, 64_000)
-        .ack(1)
-        .write(&mut frame, &[0u8; 16])
-        .expect("build frame");
-    frame
+/// A TCP segment from `src` to the gated host: a SYN, or an ACK of an open connection.
+fn tcp(src: IpAddr, dst_port: u16, syn: bool) -> Vec<u8> {
+    let dst = if src.is_ipv4() {
+        IpAddr::from(GATED)
+    } else {
+        IpAddr::from(GATED_V6)
+    };
+    let flags = if syn { tcp_flags::SYN } else { tcp_flags::ACK };
+    Packet::tcp(src, dst, dst_port, flags)
+        .src_port(CLIENT_PORT)
+        .build()
+        .bytes
 }
 
 fn arp() -> Vec<u8> {
@@ -97,13 +95,47 @@ fn paths() -> Vec<Path> {
     };
     vec![
         path("pass: not IP (ARP)", arp(), true),
-        path("pass: unprotected port", tcp_v4(STRANGER, 8080, true), true),
-        path("drop: no grant (SYN)", tcp_v4(STRANGER, SSH, true), false),
-        path("pass: exact grant v4", tcp_v4(GRANTED, SSH, false), true),
-        path("pass: exact grant v6", tcp_v6(GRANTED_V6, SSH), true),
-        path("pass: CIDR grant v4", tcp_v4(CIDR_SOURCE, SSH, false), true),
-        path("pass: tracked flow", tcp_v4(FLOW_SOURCE, SSH, false), true),
+        path(
+            "pass: unprotected port",
+            tcp(STRANGER.into(), 8080, true),
+            true,
+        ),
+        path(
+            "drop: no grant (SYN)",
+            tcp(STRANGER.into(), SSH, true),
+            false,
+        ),
+        path(
+            "pass: exact grant v4",
+            tcp(GRANTED.into(), SSH, false),
+            true,
+        ),
+        path(
+            "pass: exact grant v6",
+            tcp(GRANTED_V6.into(), SSH, false),
+            true,
+        ),
+        path(
+            "pass: CIDR grant v4",
+            tcp(CIDR_SOURCE.into(), SSH, false),
+            true,
+        ),
+        path(
+            "pass: tracked flow",
+            tcp(FLOW_SOURCE.into(), SSH, false),
+            true,
+        ),
     ]
+}
+
+/// One line of the machine-readable results.
+#[derive(Serialize)]
+struct Row {
+    grants: u32,
+    path: &'static str,
+    ns_per_packet: f64,
+    floor_ns: f64,
+    ratio: f64,
 }
 
 fn run(program: &Xdp, frame: &[u8], repeat: u32) -> Result<(f64, bool), ProgramError> {
@@ -194,7 +226,7 @@ fn main() -> Result<()> {
         .program("floor_drop")
         .context("floor_drop")?
         .try_into()?;
-    let probe = tcp_v4(STRANGER, SSH, true);
+    let probe = tcp(STRANGER.into(), SSH, true);
 
     let mut rows = Vec::new();
     let mut loaded = 2u32; // the v4 and v6 exact grants of setup()
@@ -237,17 +269,19 @@ fn main() -> Result<()> {
                 floor,
                 ns / floor
             );
-            rows.push(format!(
-                "{{\"grants\":{loaded},\"path\":{:?},\"ns_per_packet\":{ns:.2},\"floor_ns\":{floor:.2},\"ratio\":{:.3}}}",
-                path.name,
-                ns / floor
-            ));
+            rows.push(Row {
+                grants: loaded,
+                path: path.name,
+                ns_per_packet: ns,
+                floor_ns: floor,
+                ratio: ns / floor,
+            });
         }
     }
     if let Some(dir) = args.output.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(&args.output, format!("[\n{}\n]\n", rows.join(",\n")))
+    std::fs::write(&args.output, serde_json::to_string_pretty(&rows)?)
         .with_context(|| format!("write {}", args.output.display()))?;
     println!("\nresults written to {}", args.output.display());
     Ok(())
