@@ -5,6 +5,8 @@
 //! from an independent parser (etherparse) and lookups backed by plain
 //! collections, and compare the result with what the loaded program did.
 
+use core::num::NonZeroU16;
+
 use crate::{family, ip_proto};
 
 /// Why a packet got its verdict. Also the index into `REASON_COUNTERS`.
@@ -138,8 +140,14 @@ pub enum Upper {
     /// Complete TCP or UDP header.
     Transport(Transport),
     /// TCP or UDP whose header is truncated or invalid; the destination port
-    /// when at least the first four bytes are there.
-    TruncatedTransport { protocol: u8, dst_port: Option<u16> },
+    /// when at least the first four bytes are there and it is not zero (port
+    /// 0 is never protected; a truncated header to it counts as unknown).
+    /// `NonZeroU16` leaves no undefined payload behind `None`, which the
+    /// verifier would reject if LLVM carried one in a register.
+    TruncatedTransport {
+        protocol: u8,
+        dst_port: Option<NonZeroU16>,
+    },
     /// Any other protocol.
     Other,
 }
@@ -215,7 +223,7 @@ pub fn decide<L: GateLookups>(facts: &PacketFacts, lookups: &L, now_boot_ns: u64
         Upper::TruncatedTransport {
             protocol,
             dst_port: Some(port),
-        } if !lookups.is_protected(*protocol, *port) => {
+        } if !lookups.is_protected(*protocol, port.get()) => {
             return Verdict::of(Reason::PassNotProtected);
         }
         // The port is protected, or unknown and so possibly protected.
@@ -388,11 +396,11 @@ mod tests {
             Reason::DropTruncatedTransport
         );
         assert_eq!(
-            decide(&facts(Some(22)), &f, NOW).reason,
+            decide(&facts(NonZeroU16::new(22)), &f, NOW).reason,
             Reason::DropTruncatedTransport
         );
         assert_eq!(
-            decide(&facts(Some(80)), &f, NOW).reason,
+            decide(&facts(NonZeroU16::new(80)), &f, NOW).reason,
             Reason::PassNotProtected
         );
     }

@@ -94,7 +94,7 @@ fn record(facts: &PacketFacts, verdict: &Verdict, now: u64) {
         Upper::TruncatedTransport {
             protocol,
             dst_port: Some(port),
-        } => (*protocol, *port),
+        } => (*protocol, port.get()),
         _ => (0, 0),
     };
     if let Upper::Transport(transport) = upper

@@ -7,6 +7,7 @@
 
 use aya_ebpf::{helpers::generated::bpf_xdp_load_bytes, programs::XdpContext};
 use core::ffi::c_void;
+use core::num::NonZeroU16;
 use jit_gate_common::{
     ip_proto,
     verdict::{Address, MAX_IPV6_EXT_HEADERS, MAX_VLAN_TAGS, PacketFacts, Transport, Upper},
@@ -27,15 +28,34 @@ const NEXT_DEST_OPTS: u8 = 60;
 
 /// Reads `N` bytes at `offset` if they lie within `limit` (and the frame).
 ///
-/// Through the `bpf_xdp_load_bytes` helper rather than packet pointers: the
-/// offsets here depend on header contents (IHL, extension header lengths),
-/// and LLVM's rewriting of variable packet-pointer arithmetic produces code
-/// the verifier rejects.
+/// Where an IPv4 header and a TCP/UDP header after it without options sit
+/// in an untagged, single- or double-tagged frame, the read is direct packet
+/// access at a constant offset; any other offset goes through the
+/// `bpf_xdp_load_bytes` helper. Offsets that depend on header contents (IHL,
+/// extension header lengths) defeat direct access: LLVM rewrites variable
+/// packet-pointer arithmetic into forms the verifier rejects.
 #[inline(always)]
 fn read<const N: usize>(ctx: &XdpContext, offset: usize, limit: usize) -> Option<[u8; N]> {
+    // The packet-pointer check comes before the limit check: LLVM drops
+    // whichever of two equivalent checks comes second, and the verifier
+    // needs the pointer one.
+    let bytes = match offset {
+        14 => read_fixed::<14, N>(ctx),
+        18 => read_fixed::<18, N>(ctx),
+        22 => read_fixed::<22, N>(ctx),
+        34 => read_fixed::<34, N>(ctx),
+        38 => read_fixed::<38, N>(ctx),
+        42 => read_fixed::<42, N>(ctx),
+        _ => read_helper::<N>(ctx, offset),
+    };
     if offset + N > limit {
         return None;
     }
+    bytes
+}
+
+#[inline(always)]
+fn read_helper<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<[u8; N]> {
     let mut buf = [0u8; N];
     // SAFETY: `buf` is a writable stack buffer of exactly N bytes.
     let rc = unsafe {
@@ -50,7 +70,7 @@ fn read<const N: usize>(ctx: &XdpContext, offset: usize, limit: usize) -> Option
 }
 
 /// Reads `N` bytes at the constant offset `OFFSET` with direct packet
-/// access: no helper call, for the link-layer headers every frame has.
+/// access: no helper call.
 #[inline(always)]
 fn read_fixed<const OFFSET: usize, const N: usize>(ctx: &XdpContext) -> Option<[u8; N]> {
     let start = ctx.data();
@@ -197,7 +217,7 @@ fn parse_upper(ctx: &XdpContext, protocol: u8, offset: usize, ip_end: usize) -> 
     let dst_port = be16(ports[2], ports[3]);
     let truncated = Upper::TruncatedTransport {
         protocol,
-        dst_port: Some(dst_port),
+        dst_port: NonZeroU16::new(dst_port),
     };
     let mut tcp_flags = 0;
     if full_len == 20 {

@@ -6,6 +6,7 @@
 //! verdict"); the XDP program implements the same rules on its own, so any
 //! difference between the two shows up as a disagreement.
 
+use std::num::NonZeroU16;
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -190,12 +191,14 @@ fn upper_facts(protocol: IpNumber, bytes: &[u8]) -> Upper {
 /// source and destination ports; etherparse reads ports only from a whole
 /// header, so the first four bytes are completed to an (empty) UDP header.
 fn truncated_transport(protocol: u8, bytes: &[u8]) -> Upper {
-    let dst_port = bytes.get(..4).map(|ports| {
+    let dst_port = bytes.get(..4).and_then(|ports| {
         let mut header = [0u8; UdpHeader::LEN];
         header[..4].copy_from_slice(ports);
-        UdpHeaderSlice::from_slice(&header)
+        let port = UdpHeaderSlice::from_slice(&header)
             .expect("a UdpHeader::LEN slice is a UDP header")
-            .destination_port()
+            .destination_port();
+        // Port 0 is never protected: the model treats it as unknown.
+        NonZeroU16::new(port)
     });
     Upper::TruncatedTransport { protocol, dst_port }
 }
