@@ -27,17 +27,6 @@ pub fn wall_to_boot_ns(at: SystemTime) -> u64 {
     }
 }
 
-/// The wall-clock instant matching boot-clock `boot_ns`.
-pub fn boot_to_wall(boot_ns: u64) -> SystemTime {
-    let boot_now = boot_now_ns();
-    let now = SystemTime::now();
-    if boot_ns >= boot_now {
-        now + Duration::from_nanos(boot_ns - boot_now)
-    } else {
-        now - Duration::from_nanos(boot_now - boot_ns)
-    }
-}
-
 fn duration_ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -47,17 +36,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn wall_and_boot_round_trip_within_a_millisecond() {
-        let at = SystemTime::now() + Duration::from_secs(3600);
-        let boot = wall_to_boot_ns(at);
+    fn future_instants_map_that_far_ahead_of_boot_now() {
+        let boot = wall_to_boot_ns(SystemTime::now() + Duration::from_secs(3600));
         let ahead = boot - boot_now_ns();
         assert!(
             ahead > 3_599_000_000_000 && ahead <= 3_600_000_000_000,
             "{ahead}"
         );
-        let back = boot_to_wall(boot);
-        let diff = back.duration_since(at).unwrap_or_else(|e| e.duration());
-        assert!(diff < Duration::from_millis(1), "{diff:?}");
     }
 
     #[test]

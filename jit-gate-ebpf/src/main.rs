@@ -113,7 +113,12 @@ fn record(facts: &PacketFacts, verdict: &Verdict, now: u64) {
         };
         let _ = FLOWS.insert(&key, &value, flags as u64);
     }
-    if matches!(verdict.reason, Reason::PassNotProtected) {
+    // Only verdicts about a protected (or possibly protected) port count
+    // per port and report denials; skip the lookups for the rest.
+    if matches!(
+        verdict.reason,
+        Reason::PassNotProtected | Reason::PassNotTcpUdp
+    ) {
         return;
     }
     count_port(protocol, port, verdict.passes());

@@ -106,15 +106,6 @@ pub enum AttachMode {
     Generic,
 }
 
-impl AttachMode {
-    pub const fn name(self) -> &'static str {
-        match self {
-            AttachMode::Native => "xdp-native",
-            AttachMode::Generic => "xdp-generic",
-        }
-    }
-}
-
 /// How an interface came to be attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Attachment {
@@ -218,10 +209,6 @@ impl XdpGate {
         };
         gate.recount_cidr_entries()?;
         Ok(gate)
-    }
-
-    pub fn pin_dir(&self) -> &Path {
-        &self.pin_dir
     }
 
     /// The loaded program, e.g. for `BPF_PROG_TEST_RUN`.
