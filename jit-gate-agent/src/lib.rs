@@ -1,6 +1,14 @@
 //! jit-gate agent library: enforcement of grants in the kernel (XDP and
 //! nftables) and the control plane that drives it.
 
+pub mod audit;
+pub mod auth;
 pub mod clock;
+pub mod config;
 pub mod enforce;
+pub mod grants;
 pub mod net;
+pub mod policy;
+pub mod refusal;
+pub mod request;
+pub mod store;

@@ -27,6 +27,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "openssh-client",
     "socat",
     "protobuf-compiler",
+    "libprotobuf-dev",
     "iproute2",
     "pkg-config",
     "iperf3",

@@ -1,0 +1,340 @@
+//! The agent's configuration: TOML, validated as a whole before anything
+//! is applied. Errors name the field and the problem.
+
+use std::{
+    collections::BTreeSet,
+    ffi::CString,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use crate::{
+    auth::Role,
+    policy::{Policy, PortRule},
+};
+
+pub const DEFAULT_PATH: &str = "/etc/jit-gate/agent.toml";
+
+/// Which enforcers run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+pub enum Mode {
+    /// XDP on the configured interfaces, nftables behind it.
+    #[default]
+    #[serde(rename = "xdp+nftables")]
+    XdpAndNftables,
+    #[serde(rename = "xdp")]
+    Xdp,
+    #[serde(rename = "nftables")]
+    Nftables,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::XdpAndNftables => "xdp+nftables",
+            Mode::Xdp => "xdp",
+            Mode::Nftables => "nftables",
+        }
+    }
+
+    pub fn uses_xdp(self) -> bool {
+        self != Mode::Nftables
+    }
+
+    /// nftables runs in every mode but "xdp"; in that mode it still takes
+    /// over, reported, on interfaces where XDP cannot attach.
+    pub fn uses_nftables(self) -> bool {
+        self != Mode::Xdp
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Principal {
+    pub uid: u32,
+    pub role: Role,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Api {
+    #[serde(default = "default_socket")]
+    pub unix_socket: PathBuf,
+    /// Unix users other than root allowed on the socket, with their role.
+    /// The socket's group must let them connect (`socket_group`).
+    #[serde(default)]
+    pub principals: Vec<Principal>,
+    /// Group owning the socket (mode 0660); unset: root only (0600).
+    #[serde(default)]
+    pub socket_group: Option<String>,
+}
+
+impl Default for Api {
+    fn default() -> Self {
+        Api {
+            unix_socket: default_socket(),
+            principals: Vec::new(),
+            socket_group: None,
+        }
+    }
+}
+
+fn default_socket() -> PathBuf {
+    PathBuf::from("/run/jit-gate/agent.sock")
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub mode: Mode,
+    /// Interfaces XDP attaches to.
+    #[serde(default)]
+    pub interfaces: Vec<String>,
+    #[serde(default = "default_database")]
+    pub database: PathBuf,
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: PathBuf,
+    #[serde(default = "default_nft_table")]
+    pub nft_table: String,
+    /// How often store, kernel maps and nftables are compared and repaired.
+    #[serde(with = "humantime_serde", default = "default_reconcile")]
+    pub reconcile_interval: Duration,
+    #[serde(default)]
+    pub api: Api,
+    /// The policy; applied when it differs from the last one read from the
+    /// configuration. Unset: the default policy on first start.
+    #[serde(default)]
+    pub policy: Option<Vec<PortRule>>,
+}
+
+fn default_database() -> PathBuf {
+    PathBuf::from("/var/lib/jit-gate/agent.db")
+}
+fn default_pin_dir() -> PathBuf {
+    PathBuf::from(crate::enforce::xdp::DEFAULT_PIN_DIR)
+}
+fn default_nft_table() -> String {
+    "jit_gate".to_owned() /*TMP*/
+}
+fn default_reconcile() -> Duration {
+    Duration::from_secs(5)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: field `{field}`: {problem}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        problem: String,
+    },
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates `text` (read from `path`, for messages).
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().replace('\n', " | "),
+        })?;
+        config
+            .validate()
+            .map_err(|(field, problem)| ConfigError::Invalid {
+                path: path.to_owned(),
+                field,
+                problem,
+            })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        let field = |name: &str, problem: String| Err((name.to_owned(), problem));
+        if self.mode.uses_xdp() && self.interfaces.is_empty() {
+            return field(
+                "interfaces",
+                format!("mode \"{}\" needs at least one interface", self.mode.name()),
+            );
+        }
+        let mut seen = BTreeSet::new();
+        for (i, name) in self.interfaces.iter().enumerate() {
+            let here = format!("interfaces[{i}]");
+            if !seen.insert(name) {
+                return field(&here, format!("{name:?} is listed twice"));
+            }
+            if interface_index(name).is_none() {
+                return field(
+                    &here,
+                    format!("no interface named {name:?} in this network namespace"),
+                );
+            }
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&self.reconcile_interval)
+        {
+            return field("reconcile_interval", "must be between 1s and 1h".into());
+        }
+        let table_ok = !self.nft_table.is_empty()
+            && self.nft_table.len() <= 64
+            && self
+                .nft_table
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !table_ok {
+            return field(
+                "nft_table",
+                "1 to 64 characters among letters, digits and '_'".into(),
+            );
+        }
+        for (name, path) in [
+            ("database", &self.database),
+            ("pin_dir", &self.pin_dir),
+            ("api.unix_socket", &self.api.unix_socket),
+        ] {
+            if !path.is_absolute() {
+                return field(name, format!("{} is not an absolute path", path.display()));
+            }
+        }
+        let mut uids = BTreeSet::new();
+        for (i, principal) in self.api.principals.iter().enumerate() {
+            if principal.uid == 0 || !uids.insert(principal.uid) {
+                return field(
+                    &format!("api.principals[{i}].uid"),
+                    format!("uid {} is root or listed twice", principal.uid),
+                );
+            }
+        }
+        if let Some(rules) = &self.policy {
+            Policy::validate_rules(rules).or_else(|r| field("policy", r.message))?;
+        }
+        Ok(())
+    }
+}
+
+/// The kernel's index of interface `name` in this namespace, if it exists.
+pub fn interface_index(name: &str) -> Option<u32> {
+    let c_name = CString::new(name).ok()?;
+    // SAFETY: c_name is a valid NUL-terminated string for the call's duration.
+    let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/jit-gate/agent.toml"))
+    }
+
+    #[test]
+    fn minimal_config_takes_defaults() {
+        let config = parse("interfaces = [\"lo\"]").unwrap();
+        assert_eq!(config.mode, Mode::XdpAndNftables);
+        assert_eq!(
+            config.api.unix_socket,
+            PathBuf::from("/run/jit-gate/agent.sock")
+        );
+        assert_eq!(config.nft_table, "jit_gate");
+        assert_eq!(config.reconcile_interval, Duration::from_secs(5));
+        assert!(config.policy.is_none());
+    }
+
+    #[test]
+    fn full_config() {
+        let config = parse(
+            r#"
+            mode = "nftables"
+            database = "/tmp/x.db"
+            reconcile_interval = "2s"
+            [api]
+            unix_socket = "/tmp/agent.sock"
+            principals = [{ uid = 1001, role = "broker" }]
+            [[policy]]
+            port = 22
+            protocol = "tcp"
+            max_duration = "1h"
+            allowed_sources = ["198.51.100.0/24"]
+            [[policy]]
+            port = 500
+            protocol = "both"
+            require_ticket = true
+            "#,
+        )
+        .unwrap();
+        let rules = config.policy.unwrap();
+        assert_eq!(rules[0].max_duration, Duration::from_secs(3600));
+        assert_eq!(rules[1].max_duration, crate::policy::DEFAULT_MAX_DURATION);
+        assert!(rules[1].require_ticket);
+        assert_eq!(config.api.principals[0].role, Role::Broker);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        for (text, needle) in [
+            ("interfaces = []", "field `interfaces`"),
+            (
+                "interfaces = [\"nosuch0\"]",
+                "field `interfaces[0]`: no interface named",
+            ),
+            ("interfaces = [\"lo\", \"lo\"]", "listed twice"),
+            (
+                "interfaces = [\"lo\"]\nmode = \"ebpf\"",
+                "unknown variant `ebpf`",
+            ),
+            (
+                "interfaces = [\"lo\"]\ncolour = 1",
+                "unknown field `colour`",
+            ),
+            (
+                "interfaces = [\"lo\"]\nreconcile_interval = \"0s\"",
+                "field `reconcile_interval`",
+            ),
+            (
+                "interfaces = [\"lo\"]\nnft_table = \"a b\"",
+                "field `nft_table`",
+            ),
+            (
+                "interfaces = [\"lo\"]\ndatabase = \"rel.db\"",
+                "field `database`",
+            ),
+            (
+                "interfaces = [\"lo\"]\n[[policy]]\nport = 22\nprotocol = \"tcp\"\nmax_duration = \"25h\"",
+                "field `policy`: rule 22/tcp: max_duration 1day 1h is outside",
+            ),
+            (
+                "interfaces = [\"lo\"]\n[[policy]]\nport = 22\nprotocol = \"tcp\"\nmax_duration = \"soon\"",
+                "max_duration = \"soon\"",
+            ),
+            (
+                "interfaces = [\"lo\"]\n[api]\nprincipals = [{ uid = 0, role = \"admin\" }]",
+                "api.principals[0].uid",
+            ),
+            (
+                "interfaces = [\"lo\"]\n[api]\nprincipals = [{ uid = 5, role = \"god\" }]",
+                "unknown variant `god`",
+            ),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+            assert!(err.starts_with("/etc/jit-gate/agent.toml: "), "{err}");
+        }
+    }
+}

@@ -1,0 +1,489 @@
+//! Access requests: the broker's ask, validated as a whole against the
+//! policy. Either every port is acceptable and the request becomes grant
+//! specifications, or the first problem found is returned and nothing is
+//! granted.
+
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use ipnet::IpNet;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::{
+    net::{GrantTarget, Protocol},
+    policy::Policy,
+    refusal::{Refusal, RefusalKind},
+};
+
+/// Ports one request may name.
+pub const MAX_PORTS_PER_REQUEST: usize = 64;
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+pub const MAX_REQUESTER_LEN: usize = 256;
+pub const MAX_JUSTIFICATION_LEN: usize = 1024;
+pub const MAX_TICKET_LEN: usize = 256;
+/// Broadest source prefix a request may open a port for, per family.
+pub const BROADEST_PREFIX_V4: u8 = 16;
+pub const BROADEST_PREFIX_V6: u8 = 48;
+
+/// How long the access should last, as the client sent it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Lifetime {
+    Missing,
+    /// A signed duration (seconds, nanoseconds), as protobuf carries it.
+    For {
+        seconds: i64,
+        nanos: i32,
+    },
+    /// An end time in seconds and nanoseconds since the Unix epoch.
+    Until {
+        seconds: i64,
+        nanos: i32,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PortAccess {
+    pub port: u32,
+    /// `None`: every protocol the port's rule covers.
+    pub protocol: Option<Protocol>,
+    pub source: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AccessRequest {
+    pub request_id: String,
+    pub ports: Vec<PortAccess>,
+    pub lifetime: Lifetime,
+    pub requester: String,
+    pub justification: String,
+    pub ticket: String,
+}
+
+/// One grant to create.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GrantSpec {
+    pub target: GrantTarget,
+    pub expires_at: SystemTime,
+}
+
+impl AccessRequest {
+    /// A digest of everything the client sent, to tell a retry (same
+    /// digest) from a different request reusing an id.
+    pub fn fingerprint(&self) -> String {
+        let canonical = serde_json::to_vec(self).expect("requests serialise");
+        hex::encode(Sha256::digest(canonical))
+    }
+
+    /// Validates the whole request at `now` against `policy`.
+    pub fn validate(&self, policy: &Policy, now: SystemTime) -> Result<Vec<GrantSpec>, Refusal> {
+        self.validate_text()?;
+        if self.ports.is_empty() {
+            return Err(Refusal::invalid("the request names no ports"));
+        }
+        if self.ports.len() > MAX_PORTS_PER_REQUEST {
+            return Err(Refusal::invalid(format!(
+                "the request names {} ports, at most {MAX_PORTS_PER_REQUEST}",
+                self.ports.len()
+            )));
+        }
+        let duration = self.duration(now)?;
+        let expires_at = now + duration;
+        let mut specs = Vec::new();
+        let mut seen = BTreeSet::new();
+        for access in &self.ports {
+            let port = valid_port(access.port)?;
+            let source = parse_source(&access.source)?;
+            for protocol in protocols_for(policy, port, access.protocol)? {
+                let rule = policy
+                    .rule_for(protocol, port)
+                    .expect("protocols_for returns covered protocols only");
+                let here = format!("port {port}/{protocol}");
+                if !seen.insert((protocol, port)) {
+                    return Err(Refusal::invalid(format!("{here} is named more than once")));
+                }
+                if !rule.allows_source(&source) {
+                    return Err(Refusal::new(
+                        RefusalKind::PermissionDenied,
+                        format!("source {source} is outside the prefixes allowed for {here}"),
+                    ));
+                }
+                if duration > rule.max_duration {
+                    return Err(Refusal::invalid(format!(
+                        "duration {} exceeds the maximum of {} for {here}",
+                        humantime::format_duration(duration),
+                        humantime::format_duration(rule.max_duration)
+                    )));
+                }
+                if rule.require_justification && self.justification.trim().is_empty() {
+                    return Err(Refusal::invalid(format!("{here} requires a justification")));
+                }
+                if rule.require_ticket && self.ticket.trim().is_empty() {
+                    return Err(Refusal::invalid(format!(
+                        "{here} requires a ticket reference"
+                    )));
+                }
+                specs.push(GrantSpec {
+                    target: GrantTarget {
+                        source,
+                        protocol,
+                        port,
+                    },
+                    expires_at,
+                });
+            }
+        }
+        Ok(specs)
+    }
+
+    fn validate_text(&self) -> Result<(), Refusal> {
+        if self.request_id.is_empty() {
+            return Err(Refusal::invalid("request_id is empty"));
+        }
+        for (field, value, max) in [
+            ("request_id", &self.request_id, MAX_REQUEST_ID_LEN),
+            ("requester", &self.requester, MAX_REQUESTER_LEN),
+            ("justification", &self.justification, MAX_JUSTIFICATION_LEN),
+            ("ticket", &self.ticket, MAX_TICKET_LEN),
+        ] {
+            if value.chars().count() > max {
+                return Err(Refusal::invalid(format!(
+                    "{field} is longer than {max} characters"
+                )));
+            }
+            if value.chars().any(char::is_control) {
+                return Err(Refusal::invalid(format!(
+                    "{field} contains control characters"
+                )));
+            }
+        }
+        if self.requester.trim().is_empty() {
+            return Err(Refusal::invalid("requester is empty"));
+        }
+        Ok(())
+    }
+
+    fn duration(&self, now: SystemTime) -> Result<Duration, Refusal> {
+        match self.lifetime {
+            Lifetime::Missing => Err(Refusal::invalid("give a duration or an end time")),
+            Lifetime::For { seconds, nanos } => {
+                let total = i128::from(seconds) * 1_000_000_000 + i128::from(nanos);
+                if total <= 0 {
+                    return Err(Refusal::invalid("duration must be positive"));
+                }
+                Ok(Duration::from_nanos(
+                    u64::try_from(total).unwrap_or(u64::MAX),
+                ))
+            }
+            Lifetime::Until { seconds, nanos } => {
+                let end = u64::try_from(seconds)
+                    .ok()
+                    .zip(u32::try_from(nanos).ok())
+                    .map(|(s, n)| UNIX_EPOCH + Duration::new(s, n))
+                    .ok_or_else(|| Refusal::invalid("end time is before 1970"))?;
+                end.duration_since(now)
+                    .ok()
+                    .filter(|d| !d.is_zero())
+                    .ok_or_else(|| {
+                        Refusal::invalid(format!(
+                            "end time {} is in the past",
+                            humantime::format_rfc3339_seconds(end)
+                        ))
+                    })
+            }
+        }
+    }
+}
+
+fn valid_port(port: u32) -> Result<u16, Refusal> {
+    u16::try_from(port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| Refusal::invalid(format!("port {port} is not in 1..=65535")))
+}
+
+/// A source address or canonical prefix, no broader than the per-family limit.
+fn parse_source(text: &str) -> Result<IpNet, Refusal> {
+    let source = match text.parse::<IpNet>() {
+        Ok(net) => net,
+        Err(_) => text.parse::<IpAddr>().map(IpNet::from).map_err(|_| {
+            Refusal::invalid(format!(
+                "source {text:?} is not an IPv4/IPv6 address or prefix"
+            ))
+        })?,
+    };
+    if source.trunc() != source {
+        return Err(Refusal::invalid(format!(
+            "source {source} has host bits set (did you mean {}?)",
+            source.trunc()
+        )));
+    }
+    let broadest = match source {
+        IpNet::V4(_) => BROADEST_PREFIX_V4,
+        IpNet::V6(_) => BROADEST_PREFIX_V6,
+    };
+    if source.prefix_len() < broadest {
+        return Err(Refusal::invalid(format!(
+            "source {source} is too broad: at most /{broadest} for this family"
+        )));
+    }
+    Ok(source)
+}
+
+/// The protocols to open on `port`: the one asked for, or all the port's rules cover.
+fn protocols_for(
+    policy: &Policy,
+    port: u16,
+    asked: Option<Protocol>,
+) -> Result<Vec<Protocol>, Refusal> {
+    let covered: Vec<Protocol> = policy
+        .rules_on(port)
+        .flat_map(|r| r.protocol.protocols().iter().copied())
+        .collect();
+    if covered.is_empty() {
+        return Err(Refusal::new(
+            RefusalKind::NotFound,
+            format!("port {port} is not protected by the policy"),
+        ));
+    }
+    match asked {
+        None => Ok(covered),
+        Some(p) if covered.contains(&p) => Ok(vec![p]),
+        Some(p) => Err(Refusal::invalid(format!(
+            "port {port} is protected for {} only, not {p}",
+            covered
+                .iter()
+                .map(|c| c.name())
+                .collect::<Vec<_>>()
+                .join(" and ")
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{PortRule, RuleProtocol};
+
+    fn policy() -> Policy {
+        let mut strict = PortRule::open(3389, RuleProtocol::Tcp);
+        strict.allowed_sources = vec!["198.51.100.0/24".parse().unwrap()];
+        strict.require_justification = true;
+        strict.require_ticket = true;
+        strict.max_duration = Duration::from_secs(600);
+        Policy {
+            rules: vec![
+                PortRule::open(22, RuleProtocol::Tcp),
+                strict,
+                PortRule::open(500, RuleProtocol::Both),
+            ],
+            revision: 1,
+        }
+    }
+
+    fn request(ports: &[(u32, Option<Protocol>, &str)]) -> AccessRequest {
+        AccessRequest {
+            request_id: "r-1".into(),
+            ports: ports
+                .iter()
+                .map(|(port, protocol, source)| PortAccess {
+                    port: *port,
+                    protocol: *protocol,
+                    source: (*source).into(),
+                })
+                .collect(),
+            lifetime: Lifetime::For {
+                seconds: 300,
+                nanos: 0,
+            },
+            requester: "alice".into(),
+            justification: String::new(),
+            ticket: String::new(),
+        }
+    }
+
+    fn refusal(req: &AccessRequest) -> Refusal {
+        req.validate(&policy(), SystemTime::now()).unwrap_err()
+    }
+
+    #[test]
+    fn valid_request_expands_both_protocols() {
+        let now = SystemTime::now();
+        let specs = request(&[(22, None, "192.0.2.7"), (500, None, "2001:db8::/64")])
+            .validate(&policy(), now)
+            .unwrap();
+        let targets: Vec<_> = specs.iter().map(|s| s.target.to_string()).collect();
+        assert_eq!(
+            targets,
+            [
+                "192.0.2.7/32 -> 22/tcp",
+                "2001:db8::/64 -> 500/tcp",
+                "2001:db8::/64 -> 500/udp"
+            ]
+        );
+        assert!(
+            specs
+                .iter()
+                .all(|s| s.expires_at == now + Duration::from_secs(300))
+        );
+    }
+
+    #[test]
+    fn each_bad_input_gets_its_own_refusal() {
+        use RefusalKind::*;
+        let cases: Vec<(AccessRequest, RefusalKind, &str)> = vec![
+            (request(&[]), InvalidArgument, "names no ports"),
+            (
+                request(&[(23, None, "192.0.2.7")]),
+                NotFound,
+                "not protected",
+            ),
+            (
+                request(&[(22, Some(Protocol::Udp), "192.0.2.7")]),
+                InvalidArgument,
+                "tcp only",
+            ),
+            (
+                request(&[(22, None, "192.0.2.300")]),
+                InvalidArgument,
+                "not an IPv4",
+            ),
+            (
+                request(&[(22, None, "192.0.2.7/16")]),
+                InvalidArgument,
+                "host bits",
+            ),
+            (
+                request(&[(22, None, "10.0.0.0/8")]),
+                InvalidArgument,
+                "too broad",
+            ),
+            (request(&[(22, None, "::/0")]), InvalidArgument, "too broad"),
+            (
+                request(&[(0, None, "192.0.2.7")]),
+                InvalidArgument,
+                "1..=65535",
+            ),
+            (
+                request(&[(70000, None, "192.0.2.7")]),
+                InvalidArgument,
+                "1..=65535",
+            ),
+            (
+                request(&[
+                    (22, None, "192.0.2.7"),
+                    (22, Some(Protocol::Tcp), "192.0.2.8"),
+                ]),
+                InvalidArgument,
+                "more than once",
+            ),
+            (
+                request(&[(3389, None, "203.0.113.1")]),
+                PermissionDenied,
+                "outside the prefixes",
+            ),
+            (
+                request(
+                    &vec![(22, None, "192.0.2.7"); MAX_PORTS_PER_REQUEST + 1]
+                        .iter()
+                        .map(|&(p, pr, s)| (p, pr, s))
+                        .collect::<Vec<_>>(),
+                ),
+                InvalidArgument,
+                "at most 64",
+            ),
+        ];
+        for (req, kind, needle) in cases {
+            let r = refusal(&req);
+            assert_eq!(r.kind, kind, "{req:?} → {r}");
+            assert!(r.message.contains(needle), "{req:?} → {r}");
+        }
+    }
+
+    #[test]
+    fn lifetimes_are_checked() {
+        let mut req = request(&[(22, None, "192.0.2.7")]);
+        for (lifetime, needle) in [
+            (Lifetime::Missing, "duration or an end time"),
+            (
+                Lifetime::For {
+                    seconds: 0,
+                    nanos: 0,
+                },
+                "positive",
+            ),
+            (
+                Lifetime::For {
+                    seconds: -5,
+                    nanos: 0,
+                },
+                "positive",
+            ),
+            (
+                Lifetime::For {
+                    seconds: 4 * 3600,
+                    nanos: 0,
+                },
+                "exceeds the maximum of 3h",
+            ),
+            (
+                Lifetime::Until {
+                    seconds: 1_000,
+                    nanos: 0,
+                },
+                "in the past",
+            ),
+            (
+                Lifetime::Until {
+                    seconds: -1,
+                    nanos: 0,
+                },
+                "before 1970",
+            ),
+        ] {
+            req.lifetime = lifetime;
+            let r = refusal(&req);
+            assert!(r.message.contains(needle), "{lifetime:?} → {r}");
+        }
+        let now = SystemTime::now();
+        let end = now + Duration::from_secs(120);
+        let secs = end.duration_since(UNIX_EPOCH).unwrap();
+        req.lifetime = Lifetime::Until {
+            seconds: secs.as_secs() as i64,
+            nanos: secs.subsec_nanos() as i32,
+        };
+        let specs = req.validate(&policy(), now).unwrap();
+        assert_eq!(specs[0].expires_at, end);
+    }
+
+    #[test]
+    fn required_fields_and_text_limits() {
+        let mut req = request(&[(3389, None, "198.51.100.0/25")]);
+        assert!(refusal(&req).message.contains("requires a justification"));
+        req.justification = "incident 7".into();
+        assert!(refusal(&req).message.contains("requires a ticket"));
+        req.ticket = "INC-7".into();
+        req.validate(&policy(), SystemTime::now()).unwrap();
+        req.requester = " ".into();
+        assert!(refusal(&req).message.contains("requester is empty"));
+        req.requester = "a".repeat(MAX_REQUESTER_LEN + 1);
+        assert!(refusal(&req).message.contains("longer than"));
+        req.requester = "bob\n".into();
+        assert!(refusal(&req).message.contains("control characters"));
+        req.requester = "bob".into();
+        req.request_id = String::new();
+        assert!(refusal(&req).message.contains("request_id is empty"));
+    }
+
+    #[test]
+    fn fingerprint_tells_retries_from_new_requests() {
+        let a = request(&[(22, None, "192.0.2.7")]);
+        let mut b = a.clone();
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        b.ports[0].source = "192.0.2.8".into();
+        assert_ne!(a.fingerprint(), b.fingerprint());
+    }
+}

@@ -1,0 +1,559 @@
+//! Persistence: grants, policy and the audit log in SQLite (WAL mode,
+//! synchronous=FULL, bundled SQLite). Every change goes through a `Batch`,
+//! one transaction, so a request's grants and their audit records are
+//! committed together or not at all.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use ipnet::IpNet;
+use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
+
+use crate::{
+    audit::{self, AuditRecord, Event},
+    grants::{Grant, GrantState},
+    net::{GrantTarget, Protocol},
+    policy::Policy,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("creating {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("database holds a malformed {what}: {value:?}")]
+    Corrupt { what: &'static str, value: String },
+    #[error("stored policy: {0}")]
+    Policy(#[from] serde_json::Error),
+}
+
+type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS grants (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    request_id TEXT NOT NULL,
+    request_fingerprint TEXT NOT NULL,
+    source TEXT NOT NULL,
+    protocol TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    requester TEXT NOT NULL,
+    justification TEXT NOT NULL,
+    ticket TEXT NOT NULL,
+    principal TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    ended_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS grants_by_request ON grants (request_id);
+CREATE INDEX IF NOT EXISTS grants_active ON grants (state) WHERE state = 'active';
+CREATE INDEX IF NOT EXISTS grants_by_port ON grants (port, created_ms);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY,
+    at_ms INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    principal TEXT NOT NULL,
+    grant_id INTEGER NOT NULL,
+    message TEXT NOT NULL,
+    details TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+";
+
+const POLICY_KEY: &str = "policy";
+
+pub struct Store {
+    conn: Connection,
+    /// Sequence and hash of the last audit record: the chain's head.
+    audit_head: (u64, String),
+}
+
+pub fn to_ms(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_millis()).unwrap_or(i64::MAX),
+    }
+}
+
+pub fn from_ms(ms: i64) -> SystemTime {
+    if ms >= 0 {
+        UNIX_EPOCH + Duration::from_millis(ms as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_millis(ms.unsigned_abs())
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Store> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        let open_err = |source| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(open_err)?;
+        conn.busy_timeout(Duration::from_secs(5))
+            .map_err(open_err)?;
+        conn.execute_batch(SCHEMA).map_err(open_err)?;
+        let audit_head = conn
+            .query_row(
+                "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
+            )
+            .optional()
+            .map_err(open_err)?
+            .unwrap_or((0, audit::GENESIS_HASH.to_owned()));
+        Ok(Store { conn, audit_head })
+    }
+
+    /// Starts a transaction; nothing is visible until `Batch::commit`.
+    pub fn batch(&mut self) -> Result<Batch<'_>> {
+        let head = self.audit_head.clone();
+        Ok(Batch {
+            tx: self.conn.transaction()?,
+            head,
+            head_slot: &mut self.audit_head,
+            appended: Vec::new(),
+        })
+    }
+
+    pub fn policy(&self) -> Result<Option<Policy>> {
+        self.meta(POLICY_KEY)?
+            .map(|json| serde_json::from_str(&json).map_err(StoreError::from))
+            .transpose()
+    }
+
+    pub fn meta(&self, key: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
+    }
+
+    pub fn active_grants(&self) -> Result<Vec<Grant>> {
+        self.grants_where("state = 'active'", params![])
+    }
+
+    /// The fingerprint and grants of an earlier request with this id.
+    pub fn request(&self, request_id: &str) -> Result<Option<(String, Vec<Grant>)>> {
+        let fingerprint: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT request_fingerprint FROM grants WHERE request_id = ?1 LIMIT 1",
+                [request_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(fingerprint) = fingerprint else {
+            return Ok(None);
+        };
+        let grants = self.grants_where("request_id = ?1 ORDER BY id", params![request_id])?;
+        Ok(Some((fingerprint, grants)))
+    }
+
+    pub fn grant(&self, id: u64) -> Result<Option<Grant>> {
+        Ok(self
+            .grants_where("id = ?1", params![id as i64])?
+            .into_iter()
+            .next())
+    }
+
+    /// Grants, newest first: active only, or every state; on one port or all.
+    pub fn list_grants(
+        &self,
+        include_ended: bool,
+        port: Option<u16>,
+        limit: u32,
+    ) -> Result<Vec<Grant>> {
+        let state = if include_ended {
+            "1"
+        } else {
+            "state = 'active'"
+        };
+        let port_filter = if port.is_some() {
+            "port = ?1"
+        } else {
+            "?1 IS NULL"
+        };
+        self.grants_where(
+            &format!("{state} AND {port_filter} ORDER BY id DESC LIMIT ?2"),
+            params![port, limit],
+        )
+    }
+
+    /// Per (port, protocol): grants created since `since`, and the latest creation time.
+    pub fn port_activity(
+        &self,
+        since: SystemTime,
+    ) -> Result<Vec<(u16, Protocol, u32, SystemTime)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT port, protocol, SUM(created_ms >= ?1), MAX(created_ms) FROM grants GROUP BY port, protocol",
+        )?;
+        let rows = stmt.query_map([to_ms(since)], |r| {
+            Ok((
+                r.get::<_, u16>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, u32>(2)?,
+                r.get::<_, i64>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (port, protocol, recent, last) = row?;
+            out.push((port, parse_protocol(&protocol)?, recent, from_ms(last)));
+        }
+        Ok(out)
+    }
+
+    /// Audit records with sequence above `after`, oldest first, at most `limit`.
+    pub fn audit_after(&self, after: u64, limit: u32) -> Result<Vec<AuditRecord>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, at_ms, kind, principal, grant_id, message, details, hash FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![after as i64, limit], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, String>(6)?,
+                r.get::<_, String>(7)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, at, kind, principal, grant_id, message, details, hash) = row?;
+            let kind = audit::Kind::from_name(&kind).ok_or(StoreError::Corrupt {
+                what: "audit kind",
+                value: kind,
+            })?;
+            out.push(AuditRecord {
+                sequence: seq as u64,
+                at: from_ms(at),
+                event: Event {
+                    kind,
+                    principal,
+                    grant_id: grant_id as u64,
+                    message,
+                    details: serde_json::from_str(&details)?,
+                },
+                hash,
+            });
+        }
+        Ok(out)
+    }
+
+    fn grants_where(&self, condition: &str, params: impl rusqlite::Params) -> Result<Vec<Grant>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT id, request_id, source, protocol, port, requester, justification, ticket, \
+             principal, created_ms, expires_ms, state, ended_ms FROM grants WHERE {condition}"
+        ))?;
+        let raw = stmt
+            .query_map(params, RawGrant::from_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        raw.into_iter().map(RawGrant::into_grant).collect()
+    }
+}
+
+/// A grants row before its text columns are parsed.
+struct RawGrant {
+    grant: Grant,
+    source: String,
+    protocol: String,
+    state: String,
+}
+
+impl RawGrant {
+    fn from_row(r: &Row<'_>) -> rusqlite::Result<RawGrant> {
+        let placeholder = GrantTarget {
+            source: IpNet::default(),
+            protocol: Protocol::Tcp,
+            port: r.get(4)?,
+        };
+        Ok(RawGrant {
+            grant: Grant {
+                id: r.get::<_, i64>(0)? as u64,
+                request_id: r.get(1)?,
+                target: placeholder,
+                requester: r.get(5)?,
+                justification: r.get(6)?,
+                ticket: r.get(7)?,
+                principal: r.get(8)?,
+                created_at: from_ms(r.get(9)?),
+                expires_at: from_ms(r.get(10)?),
+                state: GrantState::Active,
+                ended_at: r.get::<_, Option<i64>>(12)?.map(from_ms),
+            },
+            source: r.get(2)?,
+            protocol: r.get(3)?,
+            state: r.get(11)?,
+        })
+    }
+
+    fn into_grant(self) -> Result<Grant> {
+        let mut grant = self.grant;
+        grant.target.source = self.source.parse().map_err(|_| StoreError::Corrupt {
+            what: "grant source",
+            value: self.source.clone(),
+        })?;
+        grant.target.protocol = parse_protocol(&self.protocol)?;
+        grant.state = GrantState::from_name(&self.state).ok_or(StoreError::Corrupt {
+            what: "grant state",
+            value: self.state,
+        })?;
+        Ok(grant)
+    }
+}
+
+fn parse_protocol(text: &str) -> Result<Protocol> {
+    text.parse().map_err(|_| StoreError::Corrupt {
+        what: "protocol",
+        value: text.to_owned(),
+    })
+}
+
+/// One transaction.
+pub struct Batch<'a> {
+    tx: Transaction<'a>,
+    head: (u64, String),
+    head_slot: &'a mut (u64, String),
+    appended: Vec<AuditRecord>,
+}
+
+impl Batch<'_> {
+    /// Inserts a grant (its `id` is ignored) and returns the id assigned.
+    pub fn insert_grant(&mut self, grant: &Grant, fingerprint: &str) -> Result<u64> {
+        let mut stmt = self.tx.prepare_cached(
+            "INSERT INTO grants (request_id, request_fingerprint, source, protocol, port, requester, \
+             justification, ticket, principal, created_ms, expires_ms, state, ended_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        )?;
+        stmt.execute(params![
+            grant.request_id,
+            fingerprint,
+            grant.target.source.to_string(),
+            grant.target.protocol.name(),
+            grant.target.port,
+            grant.requester,
+            grant.justification,
+            grant.ticket,
+            grant.principal,
+            to_ms(grant.created_at),
+            to_ms(grant.expires_at),
+            grant.state.name(),
+            grant.ended_at.map(to_ms),
+        ])?;
+        Ok(self.tx.last_insert_rowid() as u64)
+    }
+
+    /// Marks an active grant ended; returns false if it was not active.
+    pub fn end_grant(&mut self, id: u64, state: GrantState, at: SystemTime) -> Result<bool> {
+        let mut stmt = self.tx.prepare_cached(
+            "UPDATE grants SET state = ?1, ended_ms = ?2 WHERE id = ?3 AND state = 'active'",
+        )?;
+        Ok(stmt.execute(params![state.name(), to_ms(at), id as i64])? == 1)
+    }
+
+    pub fn save_policy(&mut self, policy: &Policy) -> Result<()> {
+        self.set_meta(POLICY_KEY, &serde_json::to_string(policy)?)
+    }
+
+    pub fn set_meta(&mut self, key: &str, value: &str) -> Result<()> {
+        self.tx.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+
+    /// Appends an audit record chained to the previous one.
+    pub fn audit(&mut self, event: Event, at: SystemTime) -> Result<()> {
+        let sequence = self.head.0 + 1;
+        let record = audit::seal(sequence, at, event, &self.head.1);
+        let mut stmt = self.tx.prepare_cached(
+            "INSERT INTO audit (seq, at_ms, kind, principal, grant_id, message, details, hash) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?;
+        stmt.execute(params![
+            sequence as i64,
+            to_ms(record.at),
+            record.event.kind.name(),
+            record.event.principal,
+            record.event.grant_id as i64,
+            record.event.message,
+            record.event.details.to_string(),
+            record.hash,
+        ])?;
+        self.head = (sequence, record.hash.clone());
+        self.appended.push(record);
+        Ok(())
+    }
+
+    /// Commits; returns the audit records it appended, for watchers.
+    pub fn commit(self) -> Result<Vec<AuditRecord>> {
+        self.tx.commit()?;
+        *self.head_slot = self.head;
+        Ok(self.appended)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::Kind;
+
+    fn temp_db() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("agent.db")).unwrap();
+        (dir, store)
+    }
+
+    fn grant(request_id: &str, source: &str) -> Grant {
+        let now = from_ms(to_ms(SystemTime::now()));
+        Grant {
+            id: 0,
+            request_id: request_id.into(),
+            target: GrantTarget {
+                source: source.parse().unwrap(),
+                protocol: Protocol::Tcp,
+                port: 22,
+            },
+            requester: "alice".into(),
+            justification: "why".into(),
+            ticket: String::new(),
+            principal: "uid:0".into(),
+            created_at: now,
+            expires_at: now + Duration::from_secs(60),
+            state: GrantState::Active,
+            ended_at: None,
+        }
+    }
+
+    #[test]
+    fn grants_round_trip_and_end() {
+        let (_dir, mut store) = temp_db();
+        let mut batch = store.batch().unwrap();
+        let first = grant("r1", "192.0.2.7/32");
+        let a = batch.insert_grant(&first, "fp1").unwrap();
+        let b = batch
+            .insert_grant(&grant("r1", "2001:db8::/64"), "fp1")
+            .unwrap();
+        batch.commit().unwrap();
+        assert!(b > a);
+        let (fp, grants) = store.request("r1").unwrap().unwrap();
+        assert_eq!(fp, "fp1");
+        assert_eq!(grants.len(), 2);
+        assert_eq!(grants[0], Grant { id: a, ..first });
+        assert!(store.request("r2").unwrap().is_none());
+
+        let mut batch = store.batch().unwrap();
+        assert!(
+            batch
+                .end_grant(a, GrantState::Revoked, SystemTime::now())
+                .unwrap()
+        );
+        assert!(
+            !batch
+                .end_grant(a, GrantState::Expired, SystemTime::now())
+                .unwrap()
+        );
+        batch.commit().unwrap();
+        assert_eq!(store.active_grants().unwrap().len(), 1);
+        assert_eq!(store.grant(a).unwrap().unwrap().state, GrantState::Revoked);
+        assert_eq!(store.list_grants(true, Some(22), 10).unwrap().len(), 2);
+        assert_eq!(store.list_grants(false, None, 10).unwrap().len(), 1);
+        assert_eq!(store.list_grants(true, Some(23), 10).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn uncommitted_batches_leave_nothing() {
+        let (_dir, mut store) = temp_db();
+        {
+            let mut batch = store.batch().unwrap();
+            batch
+                .insert_grant(&grant("r1", "192.0.2.7/32"), "fp")
+                .unwrap();
+            batch
+                .audit(
+                    Event::new(Kind::GrantCreated, "uid:0", 1, "x"),
+                    SystemTime::now(),
+                )
+                .unwrap();
+        }
+        assert!(store.active_grants().unwrap().is_empty());
+        assert!(store.audit_after(0, 10).unwrap().is_empty());
+        // The chain head did not move either.
+        let mut batch = store.batch().unwrap();
+        batch
+            .audit(
+                Event::new(Kind::AgentStarted, "agent", 0, "y"),
+                SystemTime::now(),
+            )
+            .unwrap();
+        let appended = batch.commit().unwrap();
+        assert_eq!(appended[0].sequence, 1);
+    }
+
+    #[test]
+    fn audit_chain_survives_reopen_and_detects_tampering() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.db");
+        for i in 0..2 {
+            let mut store = Store::open(&path).unwrap();
+            let mut batch = store.batch().unwrap();
+            batch
+                .audit(
+                    Event::new(Kind::PolicyChanged, "uid:0", 0, format!("change {i}")),
+                    SystemTime::now(),
+                )
+                .unwrap();
+            batch.commit().unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let records = store.audit_after(0, 10).unwrap();
+        assert_eq!(records.len(), 2);
+        audit::verify_chain(&records, audit::GENESIS_HASH).unwrap();
+        store
+            .conn
+            .execute("UPDATE audit SET message = 'forged' WHERE seq = 1", [])
+            .unwrap();
+        let records = store.audit_after(0, 10).unwrap();
+        assert_eq!(audit::verify_chain(&records, audit::GENESIS_HASH), Err(1));
+    }
+
+    #[test]
+    fn policy_round_trip() {
+        let (_dir, mut store) = temp_db();
+        assert!(store.policy().unwrap().is_none());
+        let mut batch = store.batch().unwrap();
+        batch.save_policy(&Policy::default()).unwrap();
+        batch.commit().unwrap();
+        assert_eq!(store.policy().unwrap(), Some(Policy::default()));
+    }
+}
