@@ -336,6 +336,16 @@ impl XdpGate {
         Ok(out)
     }
 
+    /// Whether (protocol, port) is protected: one lookup, unlike `protected`.
+    pub fn is_protected(&self, protocol: Protocol, port: u16) -> Result<bool> {
+        let value = self
+            .maps
+            .protected_ports
+            .get(&u32::from(port), 0)
+            .map_err(map_err(names::PROTECTED_PORTS))?;
+        Ok(value & protected::bit_for(protocol.number()) != 0)
+    }
+
     /// The protected (protocol, port) pairs.
     pub fn protected(&self) -> Result<BTreeSet<(Protocol, u16)>> {
         let mut out = BTreeSet::new();
