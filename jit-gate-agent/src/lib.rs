@@ -3,4 +3,5 @@
 
 pub mod clock;
 pub mod enforce;
+pub mod flows;
 pub mod net;
