@@ -6,6 +6,7 @@ pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod enforce;
+pub mod flows;
 pub mod grants;
 pub mod net;
 pub mod policy;

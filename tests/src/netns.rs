@@ -15,15 +15,24 @@ use crate::env::{require_root, unique_name};
 
 /// Runs `ip` with `args`, panicking with its stderr on failure.
 pub fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().unwrap_or_else(|e| {
-        panic!("running `ip` (iproute2 missing? `cargo xtask bootstrap` installs it): {e}")
-    });
+    run("ip", args);
+}
+
+/// Runs `program` with `args`, panicking with its stderr on failure; returns its stdout.
+fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("running `{program}` (missing? `cargo xtask bootstrap` installs it): {e}")
+        });
     assert!(
         out.status.success(),
-        "ip {}: {}",
+        "{program} {}: {}",
         args.join(" "),
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A network namespace of the test's own.
@@ -47,6 +56,13 @@ impl Netns {
         let mut full = vec!["-n", &self.name];
         full.extend_from_slice(args);
         ip(&full);
+    }
+
+    /// Runs `program` inside the namespace (`ip netns exec`); returns its stdout.
+    pub fn exec(&self, program: &str, args: &[&str]) -> String {
+        let mut full = vec!["netns", "exec", &self.name, program];
+        full.extend_from_slice(args);
+        run("ip", &full)
     }
 
     /// Runs `f` on a thread that has entered the namespace. Sockets created
