@@ -27,6 +27,17 @@ pub fn wall_to_boot_ns(at: SystemTime) -> u64 {
     }
 }
 
+/// The wall-clock instant matching boot-clock `boot_ns`.
+pub fn boot_to_wall(boot_ns: u64) -> SystemTime {
+    let boot_now = boot_now_ns();
+    let now = SystemTime::now();
+    if boot_ns <= boot_now {
+        now - Duration::from_nanos(boot_now - boot_ns)
+    } else {
+        now + Duration::from_nanos(boot_ns - boot_now)
+    }
+}
+
 fn duration_ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -43,6 +54,17 @@ mod tests {
             ahead > 3_599_000_000_000 && ahead <= 3_600_000_000_000,
             "{ahead}"
         );
+    }
+
+    #[test]
+    fn boot_to_wall_inverts_wall_to_boot() {
+        let at = SystemTime::now() + Duration::from_secs(60);
+        let back = boot_to_wall(wall_to_boot_ns(at));
+        let diff = match back.duration_since(at) {
+            Ok(d) => d,
+            Err(e) => e.duration(),
+        };
+        assert!(diff < Duration::from_millis(10), "{diff:?}");
     }
 
     #[test]

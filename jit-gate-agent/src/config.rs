@@ -117,7 +117,7 @@ fn default_pin_dir() -> PathBuf {
     PathBuf::from(crate::enforce::xdp::DEFAULT_PIN_DIR)
 }
 fn default_nft_table() -> String {
-    "jit_gate".to_owned() /*TMP*/
+    crate::enforce::nft::DEFAULT_TABLE.to_owned()
 }
 fn default_reconcile() -> Duration {
     Duration::from_secs(5)

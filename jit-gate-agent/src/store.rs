@@ -154,29 +154,16 @@ impl Store {
     }
 
     pub fn active_grants(&self) -> Result<Vec<Grant>> {
-        self.grants_where("state = 'active'", params![])
+        grants_where(&self.conn, "state = 'active'", params![])
     }
 
     /// The fingerprint and grants of an earlier request with this id.
     pub fn request(&self, request_id: &str) -> Result<Option<(String, Vec<Grant>)>> {
-        let fingerprint: Option<String> = self
-            .conn
-            .query_row(
-                "SELECT request_fingerprint FROM grants WHERE request_id = ?1 LIMIT 1",
-                [request_id],
-                |r| r.get(0),
-            )
-            .optional()?;
-        let Some(fingerprint) = fingerprint else {
-            return Ok(None);
-        };
-        let grants = self.grants_where("request_id = ?1 ORDER BY id", params![request_id])?;
-        Ok(Some((fingerprint, grants)))
+        request(&self.conn, request_id)
     }
 
     pub fn grant(&self, id: u64) -> Result<Option<Grant>> {
-        Ok(self
-            .grants_where("id = ?1", params![id as i64])?
+        Ok(grants_where(&self.conn, "id = ?1", params![id as i64])?
             .into_iter()
             .next())
     }
@@ -198,7 +185,8 @@ impl Store {
         } else {
             "?1 IS NULL"
         };
-        self.grants_where(
+        grants_where(
+            &self.conn,
             &format!("{state} AND {port_filter} ORDER BY id DESC LIMIT ?2"),
             params![port, limit],
         )
@@ -267,17 +255,36 @@ impl Store {
         }
         Ok(out)
     }
+}
 
-    fn grants_where(&self, condition: &str, params: impl rusqlite::Params) -> Result<Vec<Grant>> {
-        let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT id, request_id, source, protocol, port, requester, justification, ticket, \
-             principal, created_ms, expires_ms, state, ended_ms FROM grants WHERE {condition}"
-        ))?;
-        let raw = stmt
-            .query_map(params, RawGrant::from_row)?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        raw.into_iter().map(RawGrant::into_grant).collect()
-    }
+fn grants_where(
+    conn: &Connection,
+    condition: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<Grant>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT id, request_id, source, protocol, port, requester, justification, ticket, \
+         principal, created_ms, expires_ms, state, ended_ms FROM grants WHERE {condition}"
+    ))?;
+    let raw = stmt
+        .query_map(params, RawGrant::from_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    raw.into_iter().map(RawGrant::into_grant).collect()
+}
+
+fn request(conn: &Connection, request_id: &str) -> Result<Option<(String, Vec<Grant>)>> {
+    let fingerprint: Option<String> = conn
+        .query_row(
+            "SELECT request_fingerprint FROM grants WHERE request_id = ?1 LIMIT 1",
+            [request_id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(fingerprint) = fingerprint else {
+        return Ok(None);
+    };
+    let grants = grants_where(conn, "request_id = ?1 ORDER BY id", params![request_id])?;
+    Ok(Some((fingerprint, grants)))
 }
 
 /// A grants row before its text columns are parsed.
@@ -346,6 +353,11 @@ pub struct Batch<'a> {
 }
 
 impl Batch<'_> {
+    /// Like `Store::request`, seeing this transaction's inserts.
+    pub fn request(&self, request_id: &str) -> Result<Option<(String, Vec<Grant>)>> {
+        request(&self.tx, request_id)
+    }
+
     /// Inserts a grant (its `id` is ignored) and returns the id assigned.
     pub fn insert_grant(&mut self, grant: &Grant, fingerprint: &str) -> Result<u64> {
         let mut stmt = self.tx.prepare_cached(

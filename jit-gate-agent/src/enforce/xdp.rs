@@ -29,8 +29,9 @@ use ipnet::IpNet;
 use jit_gate_common::{
     family,
     maps::{
-        CIDR_KEY_FIXED_BITS, CidrDataV4, CidrDataV6, FlowKey, FlowValue, GateConfig, GrantKeyV4,
-        GrantKeyV6, GrantValue, PROGRAM_NAME, PortCounters, capacity, cidr_data, names, protected,
+        CIDR_KEY_FIXED_BITS, CidrDataV4, CidrDataV6, DenyEvent, FlowKey, FlowValue, GateConfig,
+        GrantKeyV4, GrantKeyV6, GrantValue, PROGRAM_NAME, PortCounters, capacity, cidr_data, names,
+        protected,
     },
     verdict::Reason,
 };
@@ -129,6 +130,39 @@ pub struct GrantEntry {
 pub struct Flow {
     pub key: FlowKey,
     pub value: FlowValue,
+}
+
+/// A denied packet as reported on the deny-event ring buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeniedPacket {
+    pub source: IpAddr,
+    pub protocol: &'static str,
+    pub port: u16,
+    pub reason: &'static str,
+    /// Denied packets from the same source not reported since the previous report.
+    pub suppressed_before: u64,
+}
+
+/// Decodes one ring-buffer record; `None` if it is not a deny event.
+pub fn parse_deny_event(record: &[u8]) -> Option<DeniedPacket> {
+    if record.len() < std::mem::size_of::<DenyEvent>() {
+        return None;
+    }
+    // SAFETY: the record holds at least one DenyEvent, a plain-old-data
+    // struct written by the XDP program; read_unaligned tolerates any alignment.
+    let event: DenyEvent = unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) };
+    let source = match event.family {
+        family::V4 => IpAddr::from([event.src[0], event.src[1], event.src[2], event.src[3]]),
+        family::V6 => IpAddr::from(event.src),
+        _ => return None,
+    };
+    Some(DeniedPacket {
+        source,
+        protocol: Protocol::from_number(event.protocol).map_or("other", Protocol::name),
+        port: event.dst_port,
+        reason: Reason::from_u32(event.reason).map_or("unknown", Reason::name),
+        suppressed_before: event.suppressed_before,
+    })
 }
 
 /// Counters summed over CPUs.

@@ -8,6 +8,8 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use aya::maps::{MapData, RingBuf};
+
 use crate::{
     clock::wall_to_boot_ns,
     config::{Config, Mode},
@@ -47,6 +49,8 @@ pub struct Enforcers {
     xdp: Option<XdpGate>,
     /// Why XDP could not be loaded at all, if it could not.
     xdp_unavailable: Option<String>,
+    /// The deny-event ring buffer, taken from the XDP gate once.
+    deny_events: Option<RingBuf<MapData>>,
     nft: Option<NftGate>,
     nft_table: String,
     interfaces: Vec<InterfaceStatus>,
@@ -56,7 +60,7 @@ impl Enforcers {
     /// Loads the XDP program (not yet attached) if the mode uses it. A
     /// failure to load is not fatal: nftables takes over, reported.
     pub fn open(config: &Config) -> Enforcers {
-        let (xdp, xdp_unavailable) = if config.mode.uses_xdp() {
+        let (mut xdp, xdp_unavailable) = if config.mode.uses_xdp() {
             match XdpGate::open(&config.pin_dir) {
                 Ok(gate) => (Some(gate), None),
                 Err(e) => {
@@ -67,8 +71,10 @@ impl Enforcers {
         } else {
             (None, None)
         };
+        let deny_events = xdp.as_mut().and_then(XdpGate::take_deny_events);
         Enforcers {
             mode: config.mode,
+            deny_events,
             xdp,
             xdp_unavailable,
             nft: None,
@@ -85,6 +91,10 @@ impl Enforcers {
         self.xdp.as_mut()
     }
 
+    pub fn deny_events(&mut self) -> Option<&mut RingBuf<MapData>> {
+        self.deny_events.as_mut()
+    }
+
     pub fn nftables_active(&self) -> bool {
         self.nft.is_some()
     }
@@ -99,7 +109,12 @@ impl Enforcers {
         if let Some(xdp) = self.xdp.as_mut() {
             for old in &self.interfaces {
                 let keep = names.contains(&old.name);
-                if !keep && matches!(old.mode, InterfaceMode::XdpNative | InterfaceMode::XdpGeneric) {
+                if !keep
+                    && matches!(
+                        old.mode,
+                        InterfaceMode::XdpNative | InterfaceMode::XdpGeneric
+                    )
+                {
                     if let Err(e) = xdp.detach(&old.name) {
                         tracing::warn!("detaching from {}: {e}", old.name);
                     }
@@ -116,14 +131,22 @@ impl Enforcers {
             reason,
         };
         if !self.mode.uses_xdp() {
-            return status(InterfaceMode::NftablesOnly, "configured mode is nftables".into());
+            return status(
+                InterfaceMode::NftablesOnly,
+                "configured mode is nftables".into(),
+            );
         }
         let Some(xdp) = self.xdp.as_mut() else {
             let why = self.xdp_unavailable.clone().unwrap_or_default();
-            return status(InterfaceMode::NftablesOnly, format!("XDP unavailable: {why}"));
+            return status(
+                InterfaceMode::NftablesOnly,
+                format!("XDP unavailable: {why}"),
+            );
         };
         match xdp.attach(name) {
-            Ok(Attachment::Attached(AttachMode::Native)) => status(InterfaceMode::XdpNative, String::new()),
+            Ok(Attachment::Attached(AttachMode::Native)) => {
+                status(InterfaceMode::XdpNative, String::new())
+            }
             Ok(Attachment::Attached(AttachMode::Generic)) => status(
                 InterfaceMode::XdpGeneric,
                 "driver has no native XDP; generic mode".into(),
@@ -132,11 +155,17 @@ impl Enforcers {
                 // The link from the previous run; the kernel does not say
                 // which mode it was attached in, so report it as native only
                 // if the driver supports it (veth and most NICs do).
-                status(InterfaceMode::XdpNative, "adopted from the previous run".into())
+                status(
+                    InterfaceMode::XdpNative,
+                    "adopted from the previous run".into(),
+                )
             }
             Err(e) => {
                 tracing::error!("XDP cannot attach to {name}; nftables enforces it: {e}");
-                status(InterfaceMode::NftablesOnly, format!("XDP cannot attach: {e}"))
+                status(
+                    InterfaceMode::NftablesOnly,
+                    format!("XDP cannot attach: {e}"),
+                )
             }
         }
     }
@@ -163,7 +192,11 @@ impl Enforcers {
 
     /// Brings the entries for `targets` (and, in XDP, the narrower prefixes
     /// depending on them) in line with `active`.
-    pub fn apply(&mut self, targets: &BTreeSet<GrantTarget>, active: &ActiveGrants) -> anyhow::Result<()> {
+    pub fn apply(
+        &mut self,
+        targets: &BTreeSet<GrantTarget>,
+        active: &ActiveGrants,
+    ) -> anyhow::Result<()> {
         if let Some(xdp) = self.xdp.as_mut() {
             let mut done = BTreeSet::new();
             for target in targets {
@@ -214,9 +247,15 @@ impl Enforcers {
     }
 }
 
-fn write_xdp_entry(xdp: &mut XdpGate, target: &GrantTarget, active: &ActiveGrants) -> anyhow::Result<()> {
+fn write_xdp_entry(
+    xdp: &mut XdpGate,
+    target: &GrantTarget,
+    active: &ActiveGrants,
+) -> anyhow::Result<()> {
     match active.xdp_entry(target) {
-        Some(entry) => xdp.upsert_grant(target, wall_to_boot_ns(entry.expires_at), entry.grant_id)?,
+        Some(entry) => {
+            xdp.upsert_grant(target, wall_to_boot_ns(entry.expires_at), entry.grant_id)?
+        }
         None => {
             xdp.remove_grant(target)?;
         }
@@ -246,7 +285,10 @@ fn reconcile_xdp(
     }
     if !unprotected.is_empty() {
         xdp.set_protected_ports(protected)?;
-        repairs.push(format!("XDP: ports {} were not protected", unprotected.join(", ")));
+        repairs.push(format!(
+            "XDP: ports {} were not protected",
+            unprotected.join(", ")
+        ));
     }
     let kernel: BTreeMap<GrantTarget, (u64, u64)> = xdp
         .grants()?
@@ -256,7 +298,9 @@ fn reconcile_xdp(
     let tolerance = XDP_EXPIRY_TOLERANCE.as_nanos() as u64;
     let (mut written, mut removed) = (0usize, 0usize);
     for target in active.targets() {
-        let Some(entry) = active.xdp_entry(target) else { continue };
+        let Some(entry) = active.xdp_entry(target) else {
+            continue;
+        };
         let expires = wall_to_boot_ns(entry.expires_at);
         let ok = kernel
             .get(target)

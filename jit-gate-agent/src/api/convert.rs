@@ -1,0 +1,348 @@
+//! Conversions between the wire types (`proto`) and the agent's own.
+
+use std::time::{Duration, SystemTime};
+
+use tonic::{Code, Status};
+
+use crate::{
+    audit::{AuditRecord, Kind},
+    engine::{ConnectionInfo, InterfaceMode, InterfaceStatus, PortReport, StatusReport},
+    grants::{Grant, GrantState},
+    net::Protocol,
+    policy::{DEFAULT_MAX_DURATION, Policy, PortRule, RuleProtocol},
+    proto,
+    refusal::{Refusal, RefusalKind},
+    request::{AccessRequest, Lifetime, PortAccess},
+};
+
+pub fn status(refusal: Refusal) -> Status {
+    let code = match refusal.kind {
+        RefusalKind::InvalidArgument => Code::InvalidArgument,
+        RefusalKind::NotFound => Code::NotFound,
+        RefusalKind::AlreadyExists => Code::AlreadyExists,
+        RefusalKind::PermissionDenied => Code::PermissionDenied,
+        RefusalKind::Unauthenticated => Code::Unauthenticated,
+        RefusalKind::FailedPrecondition => Code::FailedPrecondition,
+        RefusalKind::Internal => Code::Internal,
+    };
+    Status::new(code, refusal.message)
+}
+
+fn invalid(message: String) -> Status {
+    Status::invalid_argument(message)
+}
+
+pub fn timestamp(t: SystemTime) -> prost_types::Timestamp {
+    t.into()
+}
+
+fn duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration::try_from(d).unwrap_or_default()
+}
+
+fn protocol_to_wire(p: Protocol) -> proto::Protocol {
+    match p {
+        Protocol::Tcp => proto::Protocol::Tcp,
+        Protocol::Udp => proto::Protocol::Udp,
+    }
+}
+
+fn rule_protocol_to_wire(p: RuleProtocol) -> proto::Protocol {
+    match p {
+        RuleProtocol::Tcp => proto::Protocol::Tcp,
+        RuleProtocol::Udp => proto::Protocol::Udp,
+        RuleProtocol::Both => proto::Protocol::Both,
+    }
+}
+
+fn rule_protocol_from_wire(value: i32, field: &str) -> Result<RuleProtocol, Status> {
+    match proto::Protocol::try_from(value) {
+        Ok(proto::Protocol::Tcp) => Ok(RuleProtocol::Tcp),
+        Ok(proto::Protocol::Udp) => Ok(RuleProtocol::Udp),
+        Ok(proto::Protocol::Both) => Ok(RuleProtocol::Both),
+        _ => Err(invalid(format!(
+            "{field}: protocol must be TCP, UDP or BOTH"
+        ))),
+    }
+}
+
+/// A request's protocol: unspecified or BOTH mean "every covered one".
+fn access_protocol_from_wire(value: i32, index: usize) -> Result<Option<Protocol>, Status> {
+    match proto::Protocol::try_from(value) {
+        Ok(proto::Protocol::Unspecified | proto::Protocol::Both) => Ok(None),
+        Ok(proto::Protocol::Tcp) => Ok(Some(Protocol::Tcp)),
+        Ok(proto::Protocol::Udp) => Ok(Some(Protocol::Udp)),
+        Err(_) => Err(invalid(format!(
+            "ports[{index}]: unknown protocol value {value}"
+        ))),
+    }
+}
+
+pub fn port(value: u32, field: &str) -> Result<u16, Status> {
+    u16::try_from(value)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| invalid(format!("{field}: port {value} is not in 1..=65535")))
+}
+
+pub fn rule_key(key: &proto::RuleKey) -> Result<(u16, RuleProtocol), Status> {
+    Ok((
+        port(key.port, "remove_rule")?,
+        rule_protocol_from_wire(key.protocol, "remove_rule")?,
+    ))
+}
+
+pub fn rule_from_wire(rule: &proto::PortRule, field: &str) -> Result<PortRule, Status> {
+    let allowed_sources = rule
+        .allowed_source_prefixes
+        .iter()
+        .map(|p| {
+            p.parse()
+                .map_err(|_| invalid(format!("{field}: {p:?} is not an IPv4/IPv6 prefix")))
+        })
+        .collect::<Result<_, _>>()?;
+    let max_duration = match &rule.max_duration {
+        None => DEFAULT_MAX_DURATION,
+        Some(d) => Duration::try_from(*d)
+            .map_err(|_| invalid(format!("{field}: max_duration is negative")))?,
+    };
+    Ok(PortRule {
+        port: port(rule.port, field)?,
+        protocol: rule_protocol_from_wire(rule.protocol, field)?,
+        allowed_sources,
+        max_duration,
+        require_justification: rule.require_justification,
+        require_ticket: rule.require_ticket,
+    })
+}
+
+pub fn rules_from_wire(policy: &proto::Policy) -> Result<Vec<PortRule>, Status> {
+    policy
+        .rules
+        .iter()
+        .enumerate()
+        .map(|(i, r)| rule_from_wire(r, &format!("rules[{i}]")))
+        .collect()
+}
+
+pub fn policy_to_wire(policy: &Policy) -> proto::Policy {
+    proto::Policy {
+        rules: policy
+            .rules
+            .iter()
+            .map(|r| proto::PortRule {
+                port: u32::from(r.port),
+                protocol: rule_protocol_to_wire(r.protocol) as i32,
+                allowed_source_prefixes: r
+                    .allowed_sources
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+                max_duration: Some(duration(r.max_duration)),
+                require_justification: r.require_justification,
+                require_ticket: r.require_ticket,
+            })
+            .collect(),
+        revision: policy.revision,
+    }
+}
+
+pub fn access_request(request: proto::AccessRequest) -> Result<AccessRequest, Status> {
+    let lifetime = match request.lifetime {
+        None => Lifetime::Missing,
+        Some(proto::access_request::Lifetime::Duration(d)) => Lifetime::For {
+            seconds: d.seconds,
+            nanos: d.nanos,
+        },
+        Some(proto::access_request::Lifetime::EndTime(t)) => Lifetime::Until {
+            seconds: t.seconds,
+            nanos: t.nanos,
+        },
+    };
+    let ports = request
+        .ports
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            Ok(PortAccess {
+                port: p.port,
+                protocol: access_protocol_from_wire(p.protocol, i)?,
+                source: p.source,
+            })
+        })
+        .collect::<Result<_, Status>>()?;
+    Ok(AccessRequest {
+        request_id: request.request_id,
+        ports,
+        lifetime,
+        requester: request.requester,
+        justification: request.justification,
+        ticket: request.ticket,
+    })
+}
+
+pub fn grant(grant: &Grant) -> proto::Grant {
+    let state = match grant.state {
+        GrantState::Active => proto::GrantState::Active,
+        GrantState::Expired => proto::GrantState::Expired,
+        GrantState::Revoked => proto::GrantState::Revoked,
+        GrantState::EndedByPolicy => proto::GrantState::EndedByPolicy,
+    };
+    proto::Grant {
+        id: grant.id,
+        request_id: grant.request_id.clone(),
+        port: u32::from(grant.target.port),
+        protocol: protocol_to_wire(grant.target.protocol) as i32,
+        source: grant.target.source.to_string(),
+        requester: grant.requester.clone(),
+        justification: grant.justification.clone(),
+        ticket: grant.ticket.clone(),
+        principal: grant.principal.clone(),
+        created_at: Some(timestamp(grant.created_at)),
+        expires_at: Some(timestamp(grant.expires_at)),
+        state: state as i32,
+        ended_at: grant.ended_at.map(timestamp),
+    }
+}
+
+pub fn connection(info: &ConnectionInfo) -> proto::Connection {
+    proto::Connection {
+        protocol: protocol_to_wire(info.connection.protocol) as i32,
+        remote: info.connection.remote.to_string(),
+        local: info.connection.local.to_string(),
+        grant_id: info.grant_id,
+        opened_at: info.opened_at.map(timestamp),
+    }
+}
+
+fn interface(status: &InterfaceStatus) -> proto::InterfaceStatus {
+    let mode = match status.mode {
+        InterfaceMode::XdpNative => proto::EnforcementMode::XdpNative,
+        InterfaceMode::XdpGeneric => proto::EnforcementMode::XdpGeneric,
+        InterfaceMode::NftablesOnly => proto::EnforcementMode::NftablesOnly,
+        InterfaceMode::Unsupported => proto::EnforcementMode::Unsupported,
+    };
+    proto::InterfaceStatus {
+        name: status.name.clone(),
+        mode: mode as i32,
+        reason: status.reason.clone(),
+    }
+}
+
+fn port_status(report: &PortReport) -> proto::PortStatus {
+    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    proto::PortStatus {
+        port: u32::from(report.port),
+        protocol: protocol_to_wire(report.protocol) as i32,
+        active_grants: count(report.active_grants),
+        connections: count(report.connections),
+        grants_last_7_days: report.grants_last_7_days,
+        last_access: report.last_access.map(timestamp),
+    }
+}
+
+pub fn status_report(report: &StatusReport) -> proto::Status {
+    proto::Status {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        started_at: Some(timestamp(report.started_at)),
+        configured_mode: report.configured_mode.name().to_owned(),
+        nftables_active: report.nftables_active,
+        interfaces: report.interfaces.iter().map(interface).collect(),
+        ports: report.ports.iter().map(port_status).collect(),
+        active_grants: u32::try_from(report.active_grants).unwrap_or(u32::MAX),
+        policy_revision: report.policy_revision,
+    }
+}
+
+pub fn event_kind(kind: Kind) -> proto::EventKind {
+    match kind {
+        Kind::GrantCreated => proto::EventKind::GrantCreated,
+        Kind::RequestRefused => proto::EventKind::RequestRefused,
+        Kind::GrantRevoked => proto::EventKind::GrantRevoked,
+        Kind::GrantExpired => proto::EventKind::GrantExpired,
+        Kind::GrantEndedByPolicy => proto::EventKind::GrantEndedByPolicy,
+        Kind::PolicyChanged => proto::EventKind::PolicyChanged,
+        Kind::AccessDenied => proto::EventKind::AccessDenied,
+        Kind::AgentStarted => proto::EventKind::AgentStarted,
+        Kind::ConfigReloaded => proto::EventKind::ConfigReloaded,
+        Kind::DriftRepaired => proto::EventKind::DriftRepaired,
+        Kind::ConnectionOpened => proto::EventKind::ConnectionOpened,
+        Kind::ConnectionsTerminated => proto::EventKind::ConnectionsTerminated,
+    }
+}
+
+pub fn event(record: &AuditRecord) -> proto::Event {
+    proto::Event {
+        sequence: record.sequence,
+        at: Some(timestamp(record.at)),
+        kind: event_kind(record.event.kind) as i32,
+        principal: record.event.principal.clone(),
+        grant_id: record.event.grant_id,
+        message: record.event.message.clone(),
+        details_json: record.event.details.to_string(),
+        hash: record.hash.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_event_kind_has_a_wire_value() {
+        let mut seen = std::collections::BTreeSet::new();
+        for kind in Kind::ALL {
+            let wire = event_kind(*kind);
+            assert_ne!(wire, proto::EventKind::Unspecified);
+            assert!(seen.insert(wire as i32), "{kind:?} shares a wire value");
+        }
+    }
+
+    #[test]
+    fn request_protocols_and_lifetimes_convert() {
+        let request = proto::AccessRequest {
+            request_id: "r".into(),
+            ports: vec![proto::PortAccess {
+                port: 22,
+                protocol: 7,
+                source: "192.0.2.1".into(),
+            }],
+            ..Default::default()
+        };
+        let err = access_request(request).unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains("ports[0]"), "{err:?}");
+        let ok = access_request(proto::AccessRequest {
+            lifetime: Some(proto::access_request::Lifetime::Duration(
+                prost_types::Duration {
+                    seconds: -1,
+                    nanos: 0,
+                },
+            )),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            ok.lifetime,
+            Lifetime::For {
+                seconds: -1,
+                nanos: 0
+            }
+        );
+    }
+
+    #[test]
+    fn rules_round_trip() {
+        let policy = Policy::default();
+        let wire = policy_to_wire(&policy);
+        assert_eq!(rules_from_wire(&wire).unwrap(), policy.rules);
+        let mut bad = wire.clone();
+        bad.rules[0].protocol = 0;
+        assert!(
+            rules_from_wire(&bad)
+                .unwrap_err()
+                .message()
+                .contains("rules[0]")
+        );
+    }
+}

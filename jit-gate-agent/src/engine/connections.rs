@@ -1,0 +1,218 @@
+//! Connections to protected ports: seeding the XDP flow map with the ones
+//! that predate the gate (or a port's protection), noticing flows opened
+//! under grants, forgetting dead flows, and ending a revoked grant's
+//! connections. The host's view (sockets, conntrack) and the flow map are
+//! combined here; enforcement never depends on this view being complete.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    time::{Duration, SystemTime},
+};
+
+use jit_gate_common::maps::{FlowKey, FlowValue};
+
+use crate::{
+    clock::{boot_now_ns, boot_to_wall},
+    enforce::xdp::XdpGate,
+    flows::{Connection, conntrack, sockets},
+    grants::{ActiveGrant, ActiveGrants},
+    net::{GrantTarget, Protocol},
+};
+
+/// A TCP flow the host no longer knows is forgotten after this long (its
+/// handshake may still be in flight before that).
+const TCP_FLOW_GRACE: Duration = Duration::from_secs(30);
+/// A UDP flow neither conntrack nor a connected socket shows is forgotten
+/// this long after it was opened.
+const UDP_FLOW_IDLE: Duration = Duration::from_secs(120);
+
+/// A connection as listed by the API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionInfo {
+    pub connection: Connection,
+    /// The grant it was opened under; 0 if it predates the gate.
+    pub grant_id: u64,
+    pub opened_at: Option<SystemTime>,
+}
+
+/// Connections to `protected` ports the host knows of: sockets and
+/// conntrack entries. Errors are logged; what could be read is returned.
+pub fn host_connections(protected: &BTreeSet<(Protocol, u16)>) -> BTreeSet<Connection> {
+    let mut out = BTreeSet::new();
+    match sockets::inbound(protected) {
+        Ok(found) => out.extend(found),
+        Err(e) => tracing::warn!("listing sockets: {e}"),
+    }
+    match conntrack::list(protected) {
+        Ok(found) => out.extend(found),
+        Err(e) => tracing::warn!("listing conntrack: {e}"),
+    }
+    out
+}
+
+/// Records every established connection to `protected` in the flow map so
+/// that the gate lets it continue; returns how many were added.
+pub fn seed(xdp: &mut XdpGate, protected: &BTreeSet<(Protocol, u16)>) -> anyhow::Result<usize> {
+    let tracked: BTreeSet<FlowKey> = xdp.flows()?.into_iter().map(|f| f.key).collect();
+    let mut added = 0;
+    for connection in host_connections(protected) {
+        let key = connection.flow_key();
+        if !tracked.contains(&key) {
+            xdp.insert_flow(
+                key,
+                FlowValue {
+                    grant_id: 0,
+                    opened_at_boot_ns: boot_now_ns(),
+                },
+            )?;
+            added += 1;
+        }
+    }
+    Ok(added)
+}
+
+/// Flows already reported, so each new one is audited once.
+#[derive(Default)]
+pub struct FlowWatch {
+    seen: HashMap<FlowKey, FlowValue>,
+}
+
+impl FlowWatch {
+    /// Flows opened under a grant since the last call.
+    pub fn new_flows(&mut self, xdp: &XdpGate) -> anyhow::Result<Vec<(Connection, u64)>> {
+        let current: HashMap<FlowKey, FlowValue> =
+            xdp.flows()?.into_iter().map(|f| (f.key, f.value)).collect();
+        let fresh = current
+            .iter()
+            .filter(|(key, value)| value.grant_id != 0 && self.seen.get(*key) != Some(*value))
+            .filter_map(|(key, value)| Connection::from_flow_key(key).map(|c| (c, value.grant_id)))
+            .collect();
+        self.seen = current;
+        Ok(fresh)
+    }
+}
+
+/// Removes flows the host no longer knows (past their grace period);
+/// returns how many.
+pub fn forget_dead_flows(
+    xdp: &mut XdpGate,
+    protected: &BTreeSet<(Protocol, u16)>,
+) -> anyhow::Result<usize> {
+    let alive: BTreeSet<FlowKey> = host_connections(protected)
+        .iter()
+        .map(Connection::flow_key)
+        .collect();
+    let now = boot_now_ns();
+    let mut removed = 0;
+    for flow in xdp.flows()? {
+        let Some(connection) = Connection::from_flow_key(&flow.key) else {
+            continue;
+        };
+        let grace = match connection.protocol {
+            Protocol::Tcp => TCP_FLOW_GRACE,
+            Protocol::Udp => UDP_FLOW_IDLE,
+        };
+        let age = Duration::from_nanos(now.saturating_sub(flow.value.opened_at_boot_ns));
+        if age > grace && !alive.contains(&flow.key) && xdp.remove_flow(&flow.key)? {
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+fn covered_by(target: &GrantTarget, connection: &Connection) -> bool {
+    connection.protocol == target.protocol
+        && connection.local.port() == target.port
+        && target.source.contains(&connection.remote.ip())
+}
+
+fn target_of(connection: &Connection) -> GrantTarget {
+    GrantTarget {
+        source: connection.remote.ip().into(),
+        protocol: connection.protocol,
+        port: connection.local.port(),
+    }
+}
+
+/// Ends the connections of `revoked` (already removed from `active`): those
+/// opened under it, and those from its source that no other active grant
+/// accounts for. Flow entries go first so no packet re-opens anything, then
+/// sockets are destroyed (TCP resets the peer), then conntrack entries.
+pub fn terminate(
+    mut xdp: Option<&mut XdpGate>,
+    revoked: &ActiveGrant,
+    active: &ActiveGrants,
+) -> anyhow::Result<Vec<Connection>> {
+    let target = revoked.target;
+    let ports = BTreeSet::from([(target.protocol, target.port)]);
+    let flows: BTreeMap<Connection, u64> = match xdp.as_deref() {
+        Some(xdp) => xdp
+            .flows()?
+            .into_iter()
+            .filter_map(|f| Connection::from_flow_key(&f.key).map(|c| (c, f.value.grant_id)))
+            .filter(|(c, _)| covered_by(&target, c))
+            .collect(),
+        None => BTreeMap::new(),
+    };
+    let candidates: BTreeSet<Connection> = host_connections(&ports)
+        .into_iter()
+        .filter(|c| covered_by(&target, c))
+        .chain(flows.keys().copied())
+        .collect();
+    let mut ended = Vec::new();
+    for connection in candidates {
+        let attributed = flows.get(&connection).copied();
+        let own = attributed == Some(revoked.id);
+        let accounted_for = attributed.is_some_and(|id| active.get(id).is_some())
+            || !active.covering(&target_of(&connection)).is_empty();
+        if !own && accounted_for {
+            continue;
+        }
+        if let Some(xdp) = xdp.as_deref_mut() {
+            xdp.remove_flow(&connection.flow_key())?;
+        }
+        if let Err(e) = sockets::destroy(&connection) {
+            tracing::warn!("destroying the socket of {connection}: {e}");
+        }
+        if let Err(e) = conntrack::delete(&connection) {
+            tracing::warn!("deleting the conntrack entry of {connection}: {e}");
+        }
+        ended.push(connection);
+    }
+    Ok(ended)
+}
+
+/// Connections to protected ports: the host's and the flow map's.
+pub fn list(
+    xdp: Option<&XdpGate>,
+    protected: &BTreeSet<(Protocol, u16)>,
+    active: &ActiveGrants,
+) -> anyhow::Result<Vec<ConnectionInfo>> {
+    let mut out: BTreeMap<Connection, ConnectionInfo> = BTreeMap::new();
+    if let Some(xdp) = xdp {
+        for flow in xdp.flows()? {
+            if let Some(connection) = Connection::from_flow_key(&flow.key) {
+                out.insert(
+                    connection,
+                    ConnectionInfo {
+                        connection,
+                        grant_id: flow.value.grant_id,
+                        opened_at: Some(boot_to_wall(flow.value.opened_at_boot_ns)),
+                    },
+                );
+            }
+        }
+    }
+    for connection in host_connections(protected) {
+        out.entry(connection).or_insert_with(|| ConnectionInfo {
+            connection,
+            grant_id: active
+                .covering(&target_of(&connection))
+                .into_iter()
+                .max()
+                .unwrap_or(0),
+            opened_at: None,
+        });
+    }
+    Ok(out.into_values().collect())
+}

@@ -1,0 +1,415 @@
+//! How grants begin and end: requests, revokes, expiry, and policy changes
+//! that end the grants of removed ports. Each is one store transaction
+//! (grant rows and their audit records together), then the enforcers.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    time::SystemTime,
+};
+
+use super::{AccessOutcome, Engine, PolicyChange, Reply, RevokeOutcome, connections, now_ms};
+use crate::{
+    audit::{AGENT, Event, Kind},
+    auth::Principal,
+    grants::{ActiveGrant, Grant, GrantState},
+    policy::Policy,
+    refusal::{Refusal, RefusalKind},
+    request::AccessRequest,
+    store::Batch,
+};
+
+/// One request's outcome before the transaction commits.
+enum Pending {
+    Refused(Refusal),
+    Replayed(Vec<Grant>),
+    Granted(Vec<Grant>),
+}
+
+impl Engine {
+    /// Validates and records a batch of requests in one transaction, then
+    /// programs the enforcers and answers each.
+    pub(super) fn request_access(
+        &mut self,
+        requests: Vec<(Principal, AccessRequest, Reply<AccessOutcome>)>,
+    ) {
+        if requests.is_empty() {
+            return;
+        }
+        let now = now_ms();
+        let mut outcomes = Vec::with_capacity(requests.len());
+        let result = (|| -> anyhow::Result<Vec<crate::audit::AuditRecord>> {
+            let mut batch = self.store.batch()?;
+            // Ids first seen in this batch: (fingerprint, index in outcomes).
+            let mut in_batch: HashMap<&str, (String, usize)> = HashMap::new();
+            for (principal, request, _) in &requests {
+                let fingerprint = request.fingerprint();
+                let outcome =
+                    match in_batch.get(request.request_id.as_str()) {
+                        Some((seen, index)) => {
+                            replay(seen, &fingerprint, &request.request_id, || match &outcomes
+                                [*index]
+                            {
+                                Pending::Granted(g) | Pending::Replayed(g) => g.clone(),
+                                Pending::Refused(_) => Vec::new(),
+                            })
+                        }
+                        None => match batch.request(&request.request_id)? {
+                            Some((seen, grants)) => {
+                                replay(&seen, &fingerprint, &request.request_id, || grants)
+                            }
+                            None => {
+                                let outcome = grant_request(
+                                    &mut batch,
+                                    &self.policy,
+                                    principal,
+                                    request,
+                                    &fingerprint,
+                                    now,
+                                )?;
+                                if !matches!(outcome, Pending::Refused(_)) {
+                                    in_batch
+                                        .insert(&request.request_id, (fingerprint, outcomes.len()));
+                                }
+                                outcome
+                            }
+                        },
+                    };
+                outcomes.push(outcome);
+            }
+            Ok(batch.commit()?)
+        })();
+        let records = match result {
+            Ok(records) => records,
+            Err(e) => {
+                let refusal = Refusal::internal("recording the request", format!("{e:#}"));
+                for (_, _, reply) in requests {
+                    let _ = reply.send(Err(refusal.clone()));
+                }
+                return;
+            }
+        };
+        let mut touched = BTreeSet::new();
+        for outcome in &outcomes {
+            if let Pending::Granted(grants) = outcome {
+                for grant in grants {
+                    self.active.insert(ActiveGrant {
+                        id: grant.id,
+                        target: grant.target,
+                        expires_at: grant.expires_at,
+                    });
+                    touched.insert(grant.target);
+                }
+            }
+        }
+        self.enforce(touched);
+        self.publish(records);
+        for ((_, _, reply), outcome) in requests.into_iter().zip(outcomes) {
+            let _ = reply.send(match outcome {
+                Pending::Refused(refusal) => Err(refusal),
+                Pending::Replayed(grants) => Ok(AccessOutcome {
+                    grants,
+                    replayed: true,
+                }),
+                Pending::Granted(grants) => Ok(AccessOutcome {
+                    grants,
+                    replayed: false,
+                }),
+            });
+        }
+    }
+
+    pub(super) fn revoke(
+        &mut self,
+        principal: &str,
+        grant_id: u64,
+        terminate: bool,
+        reason: &str,
+    ) -> Result<RevokeOutcome, Refusal> {
+        let Some(revoked) = self.active.get(grant_id).copied() else {
+            return Err(match self.store.grant(grant_id) {
+                Ok(Some(grant)) => Refusal::new(
+                    RefusalKind::FailedPrecondition,
+                    format!("grant {grant_id} already ended ({})", grant.state),
+                ),
+                Ok(None) => Refusal::new(RefusalKind::NotFound, format!("no grant {grant_id}")),
+                Err(e) => Refusal::internal("reading the grant", e),
+            });
+        };
+        let now = now_ms();
+        let reason = if reason.trim().is_empty() {
+            "no reason given"
+        } else {
+            reason
+        };
+        self.end_grants(
+            &[revoked],
+            GrantState::Revoked,
+            |_| now,
+            principal,
+            &format!("revoked by {principal}: {reason}"),
+        )
+        .map_err(|e| Refusal::internal("recording the revoke", format!("{e:#}")))?;
+        let mut ended = Vec::new();
+        if terminate {
+            ended = connections::terminate(self.enforcers.xdp_mut(), &revoked, &self.active)
+                .map_err(|e| Refusal::internal("terminating connections", format!("{e:#}")))?;
+            let listed: Vec<String> = ended.iter().map(ToString::to_string).collect();
+            self.commit_events(vec![
+                Event::new(
+                    Kind::ConnectionsTerminated,
+                    principal,
+                    grant_id,
+                    format!("{} connections of grant {grant_id} terminated", ended.len()),
+                )
+                .with_details(serde_json::json!({ "connections": listed })),
+            ])
+            .map_err(|e| Refusal::internal("recording the termination", format!("{e:#}")))?;
+        }
+        let grant = self
+            .store
+            .grant(grant_id)
+            .map_err(|e| Refusal::internal("reading the grant", e))?
+            .ok_or_else(|| Refusal::internal("reading the grant", "vanished"))?;
+        Ok(RevokeOutcome {
+            grant,
+            connections_terminated: ended.len(),
+        })
+    }
+
+    /// Ends grants whose time is up, then their enforcer entries.
+    pub(super) fn expire_due(&mut self) -> anyhow::Result<()> {
+        let due: Vec<ActiveGrant> = self
+            .active
+            .due(SystemTime::now())
+            .into_iter()
+            .filter_map(|id| self.active.get(id).copied())
+            .collect();
+        if due.is_empty() {
+            return Ok(());
+        }
+        self.end_grants(
+            &due,
+            GrantState::Expired,
+            |g| g.expires_at,
+            AGENT,
+            "expired",
+        )
+    }
+
+    /// Records `grants` as ended in `state`, removes them from the active
+    /// set and updates the enforcers.
+    fn end_grants(
+        &mut self,
+        grants: &[ActiveGrant],
+        state: GrantState,
+        ended_at: impl Fn(&ActiveGrant) -> SystemTime,
+        principal: &str,
+        why: &str,
+    ) -> anyhow::Result<()> {
+        let kind = match state {
+            GrantState::Expired => Kind::GrantExpired,
+            GrantState::Revoked => Kind::GrantRevoked,
+            GrantState::EndedByPolicy | GrantState::Active => Kind::GrantEndedByPolicy,
+        };
+        let mut batch = self.store.batch()?;
+        for grant in grants {
+            batch.end_grant(grant.id, state, ended_at(grant))?;
+            batch.audit(
+                Event::new(
+                    kind,
+                    principal,
+                    grant.id,
+                    format!("grant {} for {}: {why}", grant.id, grant.target),
+                ),
+                SystemTime::now(),
+            )?;
+        }
+        let records = batch.commit()?;
+        let mut touched = BTreeSet::new();
+        for grant in grants {
+            self.active.remove(grant.id);
+            touched.insert(grant.target);
+        }
+        self.enforce(touched);
+        self.publish(records);
+        Ok(())
+    }
+
+    /// Applies a policy change: validated whole, stored with the end of the
+    /// grants on ports it no longer protects, then enforced. Connections
+    /// already established to newly protected ports are kept open.
+    pub(super) fn update_policy(
+        &mut self,
+        principal: &str,
+        change: PolicyChange,
+        expected_revision: u64,
+    ) -> Result<Policy, Refusal> {
+        if expected_revision != 0 && expected_revision != self.policy.revision {
+            return Err(Refusal::new(
+                RefusalKind::FailedPrecondition,
+                format!(
+                    "policy is at revision {}, not {expected_revision}",
+                    self.policy.revision
+                ),
+            ));
+        }
+        let rules = match change {
+            PolicyChange::Replace(rules) => rules,
+            PolicyChange::Upsert(rule) => self.policy.with_rule(rule),
+            PolicyChange::Remove { port, protocol } => self.policy.without_rule(port, protocol)?,
+        };
+        Policy::validate_rules(&rules)?;
+        if rules == self.policy.rules {
+            return Ok(self.policy.clone());
+        }
+        let revision = self.policy.revision + 1;
+        let old = std::mem::replace(&mut self.policy, Policy { rules, revision });
+        let new_protected = self.policy.protected();
+        let orphaned: Vec<ActiveGrant> = self
+            .active
+            .iter()
+            .filter(|g| !new_protected.contains(&(g.target.protocol, g.target.port)))
+            .copied()
+            .collect();
+        let stored = (|| -> anyhow::Result<Vec<crate::audit::AuditRecord>> {
+            let mut batch = self.store.batch()?;
+            batch.save_policy(&self.policy)?;
+            batch.audit(
+                Event::new(
+                    Kind::PolicyChanged,
+                    principal,
+                    0,
+                    format!("policy revision {} by {principal}", self.policy.revision),
+                )
+                .with_details(serde_json::json!({ "before": old, "after": self.policy })),
+                SystemTime::now(),
+            )?;
+            Ok(batch.commit()?)
+        })();
+        match stored {
+            Ok(records) => self.publish(records),
+            Err(e) => {
+                self.policy = old;
+                return Err(Refusal::internal("storing the policy", format!("{e:#}")));
+            }
+        }
+        let newly: BTreeSet<_> = new_protected
+            .difference(&old.protected())
+            .copied()
+            .collect();
+        if let Some(xdp) = self.enforcers.xdp_mut()
+            && !newly.is_empty()
+            && let Err(e) = connections::seed(xdp, &newly)
+        {
+            tracing::error!("keeping connections to newly protected ports: {e:#}");
+        }
+        if let Err(e) = self.enforcers.set_protected(&new_protected) {
+            tracing::error!("protecting ports (reconciliation will retry): {e:#}");
+        }
+        if !orphaned.is_empty() {
+            let now = now_ms();
+            self.end_grants(
+                &orphaned,
+                GrantState::EndedByPolicy,
+                |_| now,
+                principal,
+                "its port left the policy",
+            )
+            .map_err(|e| Refusal::internal("ending grants of removed ports", format!("{e:#}")))?;
+        }
+        Ok(self.policy.clone())
+    }
+}
+
+/// A retry returns the first call's grants; a different request under the
+/// same id is refused.
+fn replay(
+    seen: &str,
+    fingerprint: &str,
+    request_id: &str,
+    grants: impl FnOnce() -> Vec<Grant>,
+) -> Pending {
+    if seen == fingerprint {
+        Pending::Replayed(grants())
+    } else {
+        Pending::Refused(Refusal::new(
+            RefusalKind::AlreadyExists,
+            format!("request_id {request_id:?} was already used for a different request"),
+        ))
+    }
+}
+
+/// Validates `request` and, if acceptable, inserts its grants and audit
+/// records into `batch`; a refusal is audited too.
+fn grant_request(
+    batch: &mut Batch<'_>,
+    policy: &Policy,
+    principal: &Principal,
+    request: &AccessRequest,
+    fingerprint: &str,
+    now: SystemTime,
+) -> anyhow::Result<Pending> {
+    let specs = match request.validate(policy, now) {
+        Ok(specs) => specs,
+        Err(refusal) => {
+            batch.audit(
+                Event::new(
+                    Kind::RequestRefused,
+                    &principal.name,
+                    0,
+                    format!(
+                        "request {:?} refused: {}",
+                        request.request_id, refusal.message
+                    ),
+                )
+                .with_details(serde_json::json!({
+                    "request_id": request.request_id,
+                    "requester": request.requester,
+                    "code": format!("{:?}", refusal.kind),
+                })),
+                now,
+            )?;
+            return Ok(Pending::Refused(refusal));
+        }
+    };
+    let mut grants = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let mut grant = Grant {
+            id: 0,
+            request_id: request.request_id.clone(),
+            target: spec.target,
+            requester: request.requester.clone(),
+            justification: request.justification.clone(),
+            ticket: request.ticket.clone(),
+            principal: principal.name.clone(),
+            created_at: now,
+            expires_at: crate::store::from_ms(crate::store::to_ms(spec.expires_at)),
+            state: GrantState::Active,
+            ended_at: None,
+        };
+        grant.id = batch.insert_grant(&grant, fingerprint)?;
+        batch.audit(
+            Event::new(
+                Kind::GrantCreated,
+                &principal.name,
+                grant.id,
+                format!(
+                    "grant {} for {} until {} to {}",
+                    grant.id,
+                    grant.target,
+                    humantime::format_rfc3339_seconds(grant.expires_at),
+                    grant.requester
+                ),
+            )
+            .with_details(serde_json::json!({
+                "request_id": grant.request_id,
+                "requester": grant.requester,
+                "justification": grant.justification,
+                "ticket": grant.ticket,
+            })),
+            now,
+        )?;
+        grants.push(grant);
+    }
+    Ok(Pending::Granted(grants))
+}

@@ -1,0 +1,649 @@
+//! The engine: the one writer of grants and policy. API calls arrive as
+//! commands on a channel and are applied in order on a dedicated thread:
+//! policy check → store (one transaction) → enforcers → audit watchers.
+//! Between commands the same thread expires grants on time, audits new
+//! flows and denied sources, and reconciles the enforcers.
+
+mod connections;
+mod enforcement;
+mod lifecycle;
+
+use std::{
+    collections::BTreeSet,
+    sync::mpsc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::Context;
+use tokio::sync::{broadcast, oneshot};
+
+pub use connections::ConnectionInfo;
+pub use enforcement::{InterfaceMode, InterfaceStatus};
+
+use crate::{
+    audit::{AGENT, AuditRecord, Event, Kind},
+    auth::Principal,
+    config::{Config, Mode},
+    grants::{ActiveGrant, ActiveGrants, Grant, GrantState},
+    net::{GrantTarget, Protocol},
+    policy::{Policy, PortRule, RuleProtocol},
+    refusal::{Refusal, RefusalKind},
+    request::AccessRequest,
+    store::Store,
+};
+use connections::FlowWatch;
+use enforcement::Enforcers;
+
+pub type Reply<T> = oneshot::Sender<Result<T, Refusal>>;
+
+pub enum PolicyChange {
+    Replace(Vec<PortRule>),
+    Upsert(PortRule),
+    Remove { port: u16, protocol: RuleProtocol },
+}
+
+pub struct AccessOutcome {
+    pub grants: Vec<Grant>,
+    pub replayed: bool,
+}
+
+pub struct RevokeOutcome {
+    pub grant: Grant,
+    pub connections_terminated: usize,
+}
+
+pub struct PortReport {
+    pub protocol: Protocol,
+    pub port: u16,
+    pub active_grants: usize,
+    pub connections: usize,
+    pub grants_last_7_days: u32,
+    pub last_access: Option<SystemTime>,
+}
+
+pub struct StatusReport {
+    pub started_at: SystemTime,
+    pub configured_mode: Mode,
+    pub nftables_active: bool,
+    pub interfaces: Vec<InterfaceStatus>,
+    pub ports: Vec<PortReport>,
+    pub active_grants: usize,
+    pub policy_revision: u64,
+}
+
+pub enum Command {
+    Status(Reply<StatusReport>),
+    Policy(Reply<Policy>),
+    UpdatePolicy {
+        principal: Principal,
+        change: PolicyChange,
+        expected_revision: u64,
+        reply: Reply<Policy>,
+    },
+    RequestAccess {
+        principal: Principal,
+        request: AccessRequest,
+        reply: Reply<AccessOutcome>,
+    },
+    Revoke {
+        principal: Principal,
+        grant_id: u64,
+        terminate: bool,
+        reason: String,
+        reply: Reply<RevokeOutcome>,
+    },
+    ListGrants {
+        include_ended: bool,
+        port: Option<u16>,
+        limit: u32,
+        reply: Reply<Vec<Grant>>,
+    },
+    ListConnections(Reply<Vec<ConnectionInfo>>),
+    AuditAfter {
+        after: u64,
+        limit: u32,
+        reply: Reply<Vec<AuditRecord>>,
+    },
+    Reload {
+        config: Box<Config>,
+        reply: Reply<()>,
+    },
+}
+
+/// What API handlers hold: the command channel and the audit feed.
+#[derive(Clone)]
+pub struct EngineHandle {
+    commands: mpsc::Sender<Command>,
+    events: broadcast::Sender<AuditRecord>,
+}
+
+impl EngineHandle {
+    /// Sends the command built around a reply channel and awaits the answer.
+    pub async fn call<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Result<T, Refusal> {
+        let (reply, answer) = oneshot::channel();
+        let stopped = || Refusal::new(RefusalKind::Internal, "the agent is shutting down");
+        self.commands.send(command(reply)).map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    /// Audit records from now on, as they are committed.
+    pub fn subscribe(&self) -> broadcast::Receiver<AuditRecord> {
+        self.events.subscribe()
+    }
+}
+
+/// Commands applied together at most (one store transaction).
+const MAX_BATCH: usize = 1024;
+/// How often new flows and denied sources are audited.
+const OBSERVE_EVERY: Duration = Duration::from_secs(1);
+/// How often flows of ended connections are forgotten.
+const FORGET_FLOWS_EVERY: Duration = Duration::from_secs(10);
+/// At most one denied-packet report per source per this long (in the kernel).
+const DENY_REPORT_INTERVAL: Duration = Duration::from_secs(10);
+/// Audit records kept in the broadcast buffer for slow watchers.
+const EVENT_BUFFER: usize = 4096;
+const CONFIG_POLICY_KEY: &str = "config_policy_digest";
+
+pub struct Engine {
+    config: Config,
+    store: Store,
+    policy: Policy,
+    active: ActiveGrants,
+    enforcers: Enforcers,
+    flow_watch: FlowWatch,
+    events: broadcast::Sender<AuditRecord>,
+    started_at: SystemTime,
+}
+
+/// A time with the store's millisecond precision, so memory and disk agree.
+fn now_ms() -> SystemTime {
+    crate::store::from_ms(crate::store::to_ms(SystemTime::now()))
+}
+
+impl Engine {
+    /// Opens the store, restores policy and grants, programs the enforcers
+    /// and attaches to the interfaces. Nothing is attached if this fails
+    /// before the enforcers are opened.
+    pub fn start(config: Config) -> anyhow::Result<Engine> {
+        let mut store = Store::open(&config.database)?;
+        let policy = match store.policy()? {
+            Some(policy) => policy,
+            None => initial_policy(&mut store, &config)?,
+        };
+        let now = now_ms();
+        let mut active = ActiveGrants::default();
+        let mut expired_while_down = Vec::new();
+        for grant in store.active_grants()? {
+            if grant.expires_at <= now {
+                expired_while_down.push(grant);
+            } else {
+                active.insert(ActiveGrant {
+                    id: grant.id,
+                    target: grant.target,
+                    expires_at: grant.expires_at,
+                });
+            }
+        }
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let mut engine = Engine {
+            enforcers: Enforcers::open(&config),
+            config,
+            store,
+            policy,
+            active,
+            flow_watch: FlowWatch::default(),
+            events,
+            started_at: SystemTime::now(),
+        };
+        engine.record_expired_while_down(&expired_while_down)?;
+        let protected = engine.policy.protected();
+        if let Some(xdp) = engine.enforcers.xdp_mut() {
+            xdp.set_protected_ports(&protected)?;
+            xdp.set_deny_report_interval(DENY_REPORT_INTERVAL)?;
+            let seeded = connections::seed(xdp, &protected)?;
+            tracing::info!("{seeded} established connections kept open");
+        }
+        let mut repairs = engine.enforcers.reconcile(&engine.active, &protected)?;
+        engine
+            .enforcers
+            .set_interfaces(&engine.config.interfaces.clone());
+        repairs.extend(engine.enforcers.reconcile(&engine.active, &protected)?);
+        engine.apply_config_policy()?;
+        let interfaces: Vec<String> = engine
+            .enforcers
+            .interfaces()
+            .iter()
+            .map(|i| format!("{}: {:?} {}", i.name, i.mode, i.reason))
+            .collect();
+        engine.commit_events(vec![
+            Event::new(
+                Kind::AgentStarted,
+                AGENT,
+                0,
+                format!(
+                    "agent started in mode {} with {} active grants",
+                    engine.config.mode.name(),
+                    engine.active.len()
+                ),
+            )
+            .with_details(serde_json::json!({
+                "interfaces": interfaces,
+                "restored": repairs,
+            })),
+        ])?;
+        Ok(engine)
+    }
+
+    /// Runs until every handle is dropped.
+    pub fn spawn(self) -> anyhow::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
+        let (commands, receiver) = mpsc::channel();
+        let handle = EngineHandle {
+            commands,
+            events: self.events.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("jit-gate-engine".into())
+            .spawn(move || self.run(receiver))
+            .context("starting the engine thread")?;
+        Ok((handle, thread))
+    }
+
+    fn run(mut self, commands: mpsc::Receiver<Command>) {
+        let mut next_observe = Instant::now() + OBSERVE_EVERY;
+        let mut next_forget = Instant::now() + FORGET_FLOWS_EVERY;
+        let mut next_reconcile = Instant::now() + self.config.reconcile_interval;
+        loop {
+            let wake = [next_observe, next_forget, next_reconcile]
+                .into_iter()
+                .chain(self.next_expiry_instant())
+                .min()
+                .expect("at least one timer");
+            match commands.recv_timeout(wake.saturating_duration_since(Instant::now())) {
+                Ok(first) => {
+                    let mut batch = vec![first];
+                    batch.extend(commands.try_iter().take(MAX_BATCH - 1));
+                    self.handle(batch);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+            self.log_failure("expiring grants", |e| e.expire_due());
+            let now = Instant::now();
+            if now >= next_observe {
+                self.log_failure("observing flows and denials", |e| e.observe());
+                next_observe = now + OBSERVE_EVERY;
+            }
+            if now >= next_forget {
+                self.log_failure("forgetting dead flows", |e| e.forget_dead_flows());
+                next_forget = now + FORGET_FLOWS_EVERY;
+            }
+            if now >= next_reconcile {
+                self.log_failure("reconciling", |e| e.reconcile());
+                next_reconcile = Instant::now() + self.config.reconcile_interval;
+            }
+        }
+    }
+
+    fn log_failure(&mut self, what: &str, f: impl FnOnce(&mut Self) -> anyhow::Result<()>) {
+        if let Err(e) = f(self) {
+            tracing::error!("{what}: {e:#}");
+        }
+    }
+
+    fn next_expiry_instant(&self) -> Option<Instant> {
+        let at = self.active.next_expiry()?;
+        let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
+        Some(Instant::now() + wait)
+    }
+
+    /// Applies commands in arrival order; consecutive requests share one
+    /// store transaction.
+    fn handle(&mut self, batch: Vec<Command>) {
+        let mut requests = Vec::new();
+        for command in batch {
+            match command {
+                Command::RequestAccess {
+                    principal,
+                    request,
+                    reply,
+                } => requests.push((principal, request, reply)),
+                other => {
+                    self.request_access(std::mem::take(&mut requests));
+                    self.handle_one(other);
+                }
+            }
+        }
+        self.request_access(requests);
+    }
+
+    fn handle_one(&mut self, command: Command) {
+        match command {
+            Command::RequestAccess {
+                principal,
+                request,
+                reply,
+            } => self.request_access(vec![(principal, request, reply)]),
+            Command::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            Command::Policy(reply) => {
+                let _ = reply.send(Ok(self.policy.clone()));
+            }
+            Command::UpdatePolicy {
+                principal,
+                change,
+                expected_revision,
+                reply,
+            } => {
+                let _ = reply.send(self.update_policy(&principal.name, change, expected_revision));
+            }
+            Command::Revoke {
+                principal,
+                grant_id,
+                terminate,
+                reason,
+                reply,
+            } => {
+                let _ = reply.send(self.revoke(&principal.name, grant_id, terminate, &reason));
+            }
+            Command::ListGrants {
+                include_ended,
+                port,
+                limit,
+                reply,
+            } => {
+                let listed = self
+                    .store
+                    .list_grants(include_ended, port, limit)
+                    .map_err(|e| Refusal::internal("listing grants", e));
+                let _ = reply.send(listed);
+            }
+            Command::ListConnections(reply) => {
+                let listed =
+                    connections::list(self.enforcers.xdp(), &self.policy.protected(), &self.active)
+                        .map_err(|e| Refusal::internal("listing connections", e));
+                let _ = reply.send(listed);
+            }
+            Command::AuditAfter {
+                after,
+                limit,
+                reply,
+            } => {
+                let records = self
+                    .store
+                    .audit_after(after, limit)
+                    .map_err(|e| Refusal::internal("reading the audit log", e));
+                let _ = reply.send(records);
+            }
+            Command::Reload { config, reply } => {
+                let _ = reply.send(self.reload(*config));
+            }
+        }
+    }
+
+    /// Commits `events` in one transaction and publishes them.
+    fn commit_events(&mut self, events: Vec<Event>) -> anyhow::Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut batch = self.store.batch()?;
+        let at = SystemTime::now();
+        for event in events {
+            batch.audit(event, at)?;
+        }
+        let records = batch.commit()?;
+        self.publish(records);
+        Ok(())
+    }
+
+    fn publish(&self, records: Vec<AuditRecord>) {
+        for record in records {
+            // No watcher is not an error.
+            let _ = self.events.send(record);
+        }
+    }
+
+    fn status(&self) -> Result<StatusReport, Refusal> {
+        let week_ago = SystemTime::now() - Duration::from_secs(7 * 24 * 3600);
+        let activity = self
+            .store
+            .port_activity(week_ago)
+            .map_err(|e| Refusal::internal("reading grant history", e))?;
+        let protected = self.policy.protected();
+        let connections = connections::list(self.enforcers.xdp(), &protected, &self.active)
+            .map_err(|e| Refusal::internal("listing connections", e))?;
+        let ports = protected
+            .iter()
+            .map(|&(protocol, port)| {
+                let history = activity
+                    .iter()
+                    .find(|(p, pr, _, _)| *p == port && *pr == protocol);
+                PortReport {
+                    protocol,
+                    port,
+                    active_grants: self
+                        .active
+                        .iter()
+                        .filter(|g| g.target.protocol == protocol && g.target.port == port)
+                        .count(),
+                    connections: connections
+                        .iter()
+                        .filter(|c| {
+                            c.connection.protocol == protocol && c.connection.local.port() == port
+                        })
+                        .count(),
+                    grants_last_7_days: history.map_or(0, |h| h.2),
+                    last_access: history.map(|h| h.3),
+                }
+            })
+            .collect();
+        Ok(StatusReport {
+            started_at: self.started_at,
+            configured_mode: self.config.mode,
+            nftables_active: self.enforcers.nftables_active(),
+            interfaces: self.enforcers.interfaces().to_vec(),
+            ports,
+            active_grants: self.active.len(),
+            policy_revision: self.policy.revision,
+        })
+    }
+
+    fn reconcile(&mut self) -> anyhow::Result<()> {
+        let repairs = self
+            .enforcers
+            .reconcile(&self.active, &self.policy.protected())?;
+        if !repairs.is_empty() {
+            tracing::warn!("drift repaired: {}", repairs.join("; "));
+            self.commit_events(vec![
+                Event::new(Kind::DriftRepaired, AGENT, 0, repairs.join("; "))
+                    .with_details(serde_json::json!({ "repairs": repairs })),
+            ])?;
+        }
+        Ok(())
+    }
+
+    fn observe(&mut self) -> anyhow::Result<()> {
+        let mut events = Vec::new();
+        if let Some(xdp) = self.enforcers.xdp() {
+            for (connection, grant_id) in self.flow_watch.new_flows(xdp)? {
+                events.push(
+                    Event::new(
+                        Kind::ConnectionOpened,
+                        AGENT,
+                        grant_id,
+                        format!("connection {connection} opened under grant {grant_id}"),
+                    )
+                    .with_details(serde_json::json!({
+                        "protocol": connection.protocol.name(),
+                        "remote": connection.remote.to_string(),
+                        "local": connection.local.to_string(),
+                    })),
+                );
+            }
+        }
+        events.extend(self.denied_sources());
+        self.commit_events(events)
+    }
+
+    /// Reports from the kernel's deny-event ring buffer.
+    fn denied_sources(&mut self) -> Vec<Event> {
+        let Some(ring) = self.enforcers.deny_events() else {
+            return Vec::new();
+        };
+        let mut events = Vec::new();
+        while let Some(item) = ring.next() {
+            let Some(denied) = crate::enforce::xdp::parse_deny_event(&item) else {
+                continue;
+            };
+            events.push(
+                Event::new(
+                    Kind::AccessDenied,
+                    AGENT,
+                    0,
+                    format!(
+                        "denied {} -> {}/{} ({}), {} more since the previous report",
+                        denied.source,
+                        denied.port,
+                        denied.protocol,
+                        denied.reason,
+                        denied.suppressed_before
+                    ),
+                )
+                .with_details(serde_json::json!({
+                    "source": denied.source.to_string(),
+                    "protocol": denied.protocol,
+                    "port": denied.port,
+                    "reason": denied.reason,
+                    "suppressed_before": denied.suppressed_before,
+                })),
+            );
+        }
+        events
+    }
+
+    fn forget_dead_flows(&mut self) -> anyhow::Result<()> {
+        let protected = self.policy.protected();
+        if let Some(xdp) = self.enforcers.xdp_mut() {
+            let forgotten = connections::forget_dead_flows(xdp, &protected)?;
+            if forgotten > 0 {
+                tracing::debug!("forgot {forgotten} flows of ended connections");
+            }
+        }
+        Ok(())
+    }
+
+    fn reload(&mut self, config: Config) -> Result<(), Refusal> {
+        for (field, same) in [
+            ("mode", config.mode == self.config.mode),
+            ("database", config.database == self.config.database),
+            ("pin_dir", config.pin_dir == self.config.pin_dir),
+            ("nft_table", config.nft_table == self.config.nft_table),
+            (
+                "api.unix_socket",
+                config.api.unix_socket == self.config.api.unix_socket,
+            ),
+        ] {
+            if !same {
+                return Err(Refusal::new(
+                    RefusalKind::FailedPrecondition,
+                    format!("field `{field}` cannot change without a restart; configuration kept"),
+                ));
+            }
+        }
+        let interfaces_changed = config.interfaces != self.config.interfaces;
+        self.config = config;
+        if interfaces_changed {
+            let interfaces = self.config.interfaces.clone();
+            self.enforcers.set_interfaces(&interfaces);
+        }
+        self.apply_config_policy()
+            .map_err(|e| Refusal::internal("applying the configured policy", e))?;
+        self.commit_events(vec![
+            Event::new(Kind::ConfigReloaded, AGENT, 0, "configuration reloaded")
+                .with_details(serde_json::json!({ "interfaces": self.config.interfaces })),
+        ])
+        .map_err(|e| Refusal::internal("recording the reload", e))
+    }
+
+    /// Applies the configuration file's policy if it changed since it was
+    /// last applied (API changes stand until the file's policy is edited).
+    fn apply_config_policy(&mut self) -> anyhow::Result<()> {
+        let Some(rules) = self.config.policy.clone() else {
+            return Ok(());
+        };
+        let digest = policy_digest(&rules);
+        if self.store.meta(CONFIG_POLICY_KEY)?.as_deref() == Some(digest.as_str()) {
+            return Ok(());
+        }
+        self.update_policy("config", PolicyChange::Replace(rules), 0)?;
+        let mut batch = self.store.batch()?;
+        batch.set_meta(CONFIG_POLICY_KEY, &digest)?;
+        batch.commit()?;
+        Ok(())
+    }
+}
+
+fn policy_digest(rules: &[PortRule]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(
+        serde_json::to_vec(rules).expect("rules serialise"),
+    ))
+}
+
+/// The first policy of a new database: the configuration's, else the default.
+fn initial_policy(store: &mut Store, config: &Config) -> anyhow::Result<Policy> {
+    let policy = match &config.policy {
+        Some(rules) => Policy {
+            rules: rules.clone(),
+            revision: 1,
+        },
+        None => Policy::default(),
+    };
+    let mut batch = store.batch()?;
+    batch.save_policy(&policy)?;
+    if let Some(rules) = &config.policy {
+        batch.set_meta(CONFIG_POLICY_KEY, &policy_digest(rules))?;
+    }
+    batch.audit(
+        Event::new(Kind::PolicyChanged, AGENT, 0, "initial policy")
+            .with_details(serde_json::json!({ "policy": policy })),
+        SystemTime::now(),
+    )?;
+    batch.commit()?;
+    Ok(policy)
+}
+
+impl Engine {
+    /// Targets whose enforcement must be recomputed after grants changed.
+    fn enforce(&mut self, targets: BTreeSet<GrantTarget>) {
+        if let Err(e) = self.enforcers.apply(&targets, &self.active) {
+            // The store is the truth; the next reconciliation retries.
+            tracing::error!("programming enforcers (reconciliation will retry): {e:#}");
+        }
+    }
+
+    fn record_expired_while_down(&mut self, grants: &[Grant]) -> anyhow::Result<()> {
+        if grants.is_empty() {
+            return Ok(());
+        }
+        let mut batch = self.store.batch()?;
+        for grant in grants {
+            batch.end_grant(grant.id, GrantState::Expired, grant.expires_at)?;
+            batch.audit(
+                Event::new(
+                    Kind::GrantExpired,
+                    AGENT,
+                    grant.id,
+                    format!(
+                        "grant {} for {} expired while the agent was down",
+                        grant.id, grant.target
+                    ),
+                ),
+                SystemTime::now(),
+            )?;
+        }
+        let records = batch.commit()?;
+        self.publish(records);
+        Ok(())
+    }
+}
