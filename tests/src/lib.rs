@@ -2,6 +2,7 @@
 //! loudly, unique bpffs pin directories and network namespaces that clean up
 //! on drop.
 
+pub mod agent;
 pub mod env;
 pub mod gated_host;
 pub mod netns;
