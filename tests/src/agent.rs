@@ -18,20 +18,22 @@ use crate::{env::PinDir, netns::Netns};
 /// How long an agent may take to open its socket.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Path of a binary of the workspace, built next to the test executable.
+/// Path of a binary of the workspace, built beside the running executable
+/// (a binary in target/<profile>/ or a test in target/<profile>/deps/).
 pub fn workspace_binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target directory");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build it with `cargo build -p jit-gate-agent` (`cargo xtask test` does)",
-        path.display()
-    );
-    path
+    let exe = std::env::current_exe().expect("executable path");
+    let here = exe.parent().expect("target directory");
+    let candidates = [here.join(name), here.parent().map(|p| p.join(name)).unwrap_or_default()];
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} is missing beside {}: build it with `cargo build -p jit-gate-agent` (`cargo xtask test` and `bench` do)",
+                exe.display()
+            )
+        })
 }
 
 /// Connects a gRPC channel to the Unix socket at `path`.

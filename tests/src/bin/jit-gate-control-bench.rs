@@ -1,0 +1,357 @@
+//! `cargo xtask bench`, control plane: a release-built agent gating a
+//! namespace, driven over its Unix socket as a broker drives it.
+//!
+//! - grant-to-enforced: a RequestAccess returns, then a TCP connection from
+//!   the newly granted source is timed until it is established; beside it,
+//!   in the same loop, a connection to an unprotected port (the handshake
+//!   floor) and a no-op RPC (GetPolicy, the RPC floor);
+//! - sustained grants/s through the API with concurrent brokers, up to
+//!   `--grants` active grants, then the agent's resident memory;
+//! - expiry lateness: short grants among all the others, the time from each
+//!   grant's expiry to the agent's GRANT_EXPIRED record.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
+    path::PathBuf,
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::Parser;
+use jit_gate_agent::proto::{self, access_request::Lifetime, jit_gate_client::JitGateClient};
+use jit_gate_tests::{
+    agent::{Agent, AgentFiles, client},
+    netns::{GATED_V4, Netns, Topology, enter},
+    traffic::TcpEcho,
+};
+use serde::Serialize;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+struct Args {
+    /// Grant-to-enforced samples.
+    #[arg(long, default_value_t = 300)]
+    samples: usize,
+    /// Active grants to reach (throughput and memory phase).
+    #[arg(long, default_value_t = 100_000)]
+    grants: u32,
+    /// Concurrent brokers in the throughput phase.
+    #[arg(long, default_value_t = 16)]
+    concurrency: u32,
+    /// Short grants whose expiry lateness is measured.
+    #[arg(long, default_value_t = 500)]
+    expiring: u32,
+    #[arg(long, default_value = "target/bench/control.json")]
+    output: PathBuf,
+}
+
+const SSH: u16 = 22;
+const OPEN_PORT: u16 = 8080;
+/// Client addresses used as fresh sources in the latency loop.
+const LATENCY_SOURCES: u8 = 200;
+
+#[derive(Serialize)]
+struct Percentiles {
+    p50_us: f64,
+    p99_us: f64,
+    max_us: f64,
+}
+
+fn percentiles(mut xs: Vec<Duration>) -> Percentiles {
+    xs.sort();
+    let at = |q: f64| xs[((xs.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e6;
+    Percentiles {
+        p50_us: at(0.5),
+        p99_us: at(0.99),
+        max_us: at(1.0),
+    }
+}
+
+#[derive(Serialize)]
+struct Results {
+    grant_rpc: Percentiles,
+    noop_rpc: Percentiles,
+    grant_to_enforced: Percentiles,
+    handshake_floor: Percentiles,
+    revoke_rpc: Percentiles,
+    grants_per_second: f64,
+    throughput_rpc: Percentiles,
+    active_grants: u32,
+    agent_rss_mib: f64,
+    agent_peak_rss_mib: f64,
+    expiry_lateness: Percentiles,
+}
+
+fn access(id: String, source: IpAddr, seconds: i64) -> proto::AccessRequest {
+    proto::AccessRequest {
+        request_id: id,
+        ports: vec![proto::PortAccess {
+            port: SSH.into(),
+            protocol: proto::Protocol::Tcp as i32,
+            source: source.to_string(),
+        }],
+        lifetime: Some(Lifetime::Duration(prost_types::Duration { seconds, nanos: 0 })),
+        requester: "bench".into(),
+        justification: String::new(),
+        ticket: String::new(),
+    }
+}
+
+/// The client namespace's veth, where the extra source addresses go.
+fn client_interface(ns: &Netns) -> Result<String> {
+    let out = std::process::Command::new("ip")
+        .args(["-n", &ns.name, "-o", "link", "show", "type", "veth"])
+        .output()?;
+    let text = String::from_utf8(out.stdout)?;
+    text.split(": ")
+        .nth(1)
+        .and_then(|name| name.split('@').next())
+        .map(str::to_owned)
+        .context("no veth in the client namespace")
+}
+
+fn latency_source(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(192, 0, 2, 10 + (i % usize::from(LATENCY_SOURCES)) as u8)
+}
+
+/// Times a TCP handshake from `src`; fails if it does not complete in 1 s.
+fn connect_time(src: IpAddr, dst: SocketAddr) -> Result<Duration> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    socket.bind(&SocketAddr::new(src, 0).into())?;
+    let start = Instant::now();
+    socket
+        .connect_timeout(&dst.into(), Duration::from_secs(1))
+        .with_context(|| format!("connect from {src} to {dst}"))?;
+    let took = start.elapsed();
+    drop(TcpStream::from(socket));
+    Ok(took)
+}
+
+struct Latency {
+    grant_rpc: Vec<Duration>,
+    noop_rpc: Vec<Duration>,
+    enforced: Vec<Duration>,
+    handshake: Vec<Duration>,
+    revoke_rpc: Vec<Duration>,
+}
+
+/// The latency loop, on a thread inside the client namespace so that the
+/// connections start there without a namespace switch per sample.
+fn measure_latency(ns: String, socket: PathBuf, samples: usize) -> Result<Latency> {
+    std::thread::spawn(move || {
+        enter(&ns);
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        runtime.block_on(async {
+            let mut api = JitGateClient::new(jit_gate_tests::agent::connect(&socket).await?);
+            let mut out = Latency {
+                grant_rpc: Vec::new(),
+                noop_rpc: Vec::new(),
+                enforced: Vec::new(),
+                handshake: Vec::new(),
+                revoke_rpc: Vec::new(),
+            };
+            let ssh = SocketAddr::new(GATED_V4.into(), SSH);
+            let open = SocketAddr::new(GATED_V4.into(), OPEN_PORT);
+            for i in 0..samples {
+                let src = IpAddr::V4(latency_source(i));
+                out.handshake.push(connect_time(src, open)?);
+                let start = Instant::now();
+                api.get_policy(proto::GetPolicyRequest {}).await?;
+                out.noop_rpc.push(start.elapsed());
+                let start = Instant::now();
+                let grant = api
+                    .request_access(access(format!("latency-{i}"), src, 600))
+                    .await?
+                    .into_inner();
+                out.grant_rpc.push(start.elapsed());
+                out.enforced.push(connect_time(src, ssh)?);
+                let start = Instant::now();
+                api.revoke_grant(proto::RevokeGrantRequest {
+                    grant_id: grant.grants[0].id,
+                    terminate_connections: false,
+                    reason: "bench".into(),
+                })
+                .await?;
+                out.revoke_rpc.push(start.elapsed());
+            }
+            Ok(out)
+        })
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("latency thread panicked"))?
+}
+
+/// Distinct /32 sources for the bulk phase (10.0.0.0/8 and 172.16.0.0/12).
+fn bulk_source(i: u32) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i))
+}
+
+fn expiring_source(i: u32) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from(0xac10_0000 + i))
+}
+
+async fn fill(api: &JitGateClient<Channel>, total: u32, concurrency: u32) -> Result<(f64, Vec<Duration>)> {
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for worker in 0..concurrency {
+        let mut api = api.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut times = Vec::new();
+            let mut i = worker;
+            while i < total {
+                let t = Instant::now();
+                api.request_access(access(format!("bulk-{i}"), bulk_source(i), 3600))
+                    .await
+                    .with_context(|| format!("bulk request {i}"))?;
+                times.push(t.elapsed());
+                i += concurrency;
+            }
+            Ok::<_, anyhow::Error>(times)
+        }));
+    }
+    let mut times = Vec::new();
+    for task in tasks {
+        times.extend(task.await??);
+    }
+    Ok((f64::from(total) / start.elapsed().as_secs_f64(), times))
+}
+
+fn rss_mib(pid: i32) -> Result<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> Result<f64> {
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .with_context(|| format!("{name} missing"))?;
+        let kib: f64 = line.split_whitespace().nth(1).context("value")?.parse()?;
+        Ok(kib / 1024.0)
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+async fn expiry_lateness(api: &mut JitGateClient<Channel>, count: u32) -> Result<Vec<Duration>> {
+    let mut events = api
+        .watch_events(proto::WatchEventsRequest {
+            after_sequence: None,
+            kinds: vec![proto::EventKind::GrantExpired as i32],
+        })
+        .await?
+        .into_inner();
+    let mut expires = std::collections::HashMap::new();
+    for i in 0..count {
+        let grant = api
+            .request_access(access(format!("expiring-{i}"), expiring_source(i), 2))
+            .await?
+            .into_inner();
+        let g = &grant.grants[0];
+        expires.insert(g.id, SystemTime::try_from(g.expires_at.context("expires_at")?)?);
+    }
+    let mut lateness = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while lateness.len() < expires.len() {
+        let event = tokio::time::timeout_at(deadline, events.next())
+            .await
+            .context("expiry events did not all arrive in 30 s")?
+            .context("event stream ended")??;
+        if let Some(expired_at) = expires.get(&event.grant_id) {
+            let at = SystemTime::try_from(event.at.context("event time")?)?;
+            lateness.push(at.duration_since(*expired_at).unwrap_or_default());
+        }
+    }
+    Ok(lateness)
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    ensure!(args.samples > 0 && args.expiring > 0, "samples and expiring must be positive");
+    let topo = Topology::new();
+    let files = AgentFiles::new(&topo.gated);
+    // The production defaults (reconcile every 5 s), not the tests' 1 s.
+    std::fs::write(
+        files.config_path(),
+        format!(
+            "interfaces = [{:?}]\ndatabase = {:?}\npin_dir = {:?}\n[api]\nunix_socket = {:?}\n",
+            topo.gated_if,
+            files.database(),
+            files.pins.path,
+            files.socket()
+        ),
+    )?;
+    let client_if = client_interface(&topo.client)?;
+    for i in 0..LATENCY_SOURCES {
+        topo.client
+            .exec_ip(&["addr", "add", &format!("{}/24", latency_source(i.into())), "dev", &client_if]);
+    }
+    let _servers = [SSH, OPEN_PORT].map(|port| TcpEcho::start(&topo.gated, SocketAddr::new(GATED_V4.into(), port)));
+    let agent = Agent::start(&files);
+    println!("agent {} gating {} (XDP + nftables)\n", agent.pid(), topo.gated_if);
+
+    let latency = measure_latency(topo.client.name.clone(), files.socket(), args.samples)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let results = runtime.block_on(async {
+        let mut api = client(&files).await;
+        let (grants_per_second, throughput_rpc) = fill(&api, args.grants, args.concurrency).await?;
+        let listed = api
+            .get_status(proto::GetStatusRequest {})
+            .await?
+            .into_inner()
+            .active_grants;
+        if listed != args.grants {
+            bail!("{listed} active grants after the fill, expected {}", args.grants);
+        }
+        let (rss, peak) = rss_mib(agent.pid())?;
+        let lateness = expiry_lateness(&mut api, args.expiring).await?;
+        Ok::<_, anyhow::Error>(Results {
+            grant_rpc: percentiles(latency.grant_rpc),
+            noop_rpc: percentiles(latency.noop_rpc),
+            grant_to_enforced: percentiles(latency.enforced),
+            handshake_floor: percentiles(latency.handshake),
+            revoke_rpc: percentiles(latency.revoke_rpc),
+            grants_per_second,
+            throughput_rpc: percentiles(throughput_rpc),
+            active_grants: listed,
+            agent_rss_mib: rss,
+            agent_peak_rss_mib: peak,
+            expiry_lateness: percentiles(lateness),
+        })
+    })?;
+    print_table(&args, &results);
+    if let Some(dir) = args.output.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.output, serde_json::to_string_pretty(&results)?)
+        .with_context(|| format!("write {}", args.output.display()))?;
+    println!("\nresults written to {}", args.output.display());
+    Ok(())
+}
+
+fn print_table(args: &Args, r: &Results) {
+    let row = |name: &str, p: &Percentiles| {
+        println!("{name:<44} {:>9.0} {:>9.0} {:>9.0}", p.p50_us, p.p99_us, p.max_us);
+    };
+    println!("{:<44} {:>9} {:>9} {:>9}", "latency (µs)", "p50", "p99", "max");
+    row(&format!("RequestAccess RPC ({} samples)", args.samples), &r.grant_rpc);
+    row("GetPolicy RPC (no-op floor)", &r.noop_rpc);
+    row("grant-to-enforced: RPC return → TCP established", &r.grant_to_enforced);
+    row("TCP handshake to an unprotected port (floor)", &r.handshake_floor);
+    row("RevokeGrant RPC", &r.revoke_rpc);
+    row(&format!("RequestAccess RPC under load (x{})", args.concurrency), &r.throughput_rpc);
+    row(&format!("expiry lateness ({} grants)", args.expiring), &r.expiry_lateness);
+    println!(
+        "\ngrant-to-enforced p99 / handshake p99: {:.2}x",
+        r.grant_to_enforced.p99_us / r.handshake_floor.p99_us
+    );
+    println!(
+        "sustained: {:.0} grants/s ({} concurrent brokers, {} grants)",
+        r.grants_per_second, args.concurrency, r.active_grants
+    );
+    println!(
+        "agent memory with {} active grants: RSS {:.1} MiB (peak {:.1} MiB)",
+        r.active_grants, r.agent_rss_mib, r.agent_peak_rss_mib
+    );
+}
