@@ -1,0 +1,382 @@
+//! The nftables enforcer: one `inet` table, owned by the agent and touching
+//! nothing else, that drops traffic to protected ports unless it belongs to
+//! an established connection or comes from a granted source. Defence in
+//! depth behind XDP, and the only enforcer where XDP cannot attach.
+//!
+//! # Design
+//!
+//! - `protected`: a hash set of `protocol . port`. The input chain jumps to
+//!   `gate` for packets to these ports only; other traffic is never touched.
+//! - `gate` accepts `ct state established,related`, then tries `allow`, then
+//!   counts and drops.
+//! - Grants live in hash sets with `flags timeout`, one per (address family,
+//!   source prefix length) in use, named `allow_v4_<len>` / `allow_v6_<len>`,
+//!   keyed by `masked source . protocol . port`. Each element carries its own
+//!   timeout, so the kernel expires it even if the agent is dead. `allow`
+//!   has one rule per set, `ip saddr & <mask> . meta l4proto . th dport
+//!   @allow_v4_<len> accept`, added with the set when its prefix length is
+//!   first used. A source is allowed if any live element of any length
+//!   covers it, so prefixes may overlap freely (10.0.0.0/16, 10.0.0.0/24 and
+//!   10.0.0.5/32 on one port, each with its own timeout) — which interval
+//!   sets, rejecting overlapping elements, could not hold. A packet costs
+//!   one hash lookup per prefix length in use.
+//! - Every change is one netlink batch, i.e. one kernel transaction: it
+//!   applies whole or not at all, and the drop rule is never missing for a
+//!   protected port. `install` replaces the table within its batch.
+//! - Sources are stored masked to their prefix (`10.0.0.5/24` is kept, and
+//!   read back, as `10.0.0.0/24`). Timeouts are whole milliseconds, rounded
+//!   up; a zero timeout is refused, because the kernel would read it as
+//!   "never expires".
+//!
+//! Needs Linux 6.3 for `NFT_MSG_DESTROYSETELEM` (removing absent elements
+//! is not an error) and a kernel that refreshes the timeout of an element
+//! added again (tested on 6.18). All operations act on the network
+//! namespace of the calling thread.
+
+mod keys;
+mod netlink;
+mod ruleset;
+mod sets;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    ffi::CString,
+    io,
+    time::Duration,
+};
+
+use keys::{AllowSet, PROTECTED_SET};
+use netlink::{Batch, Socket};
+use ruleset::GateTable;
+use sets::{ElementOp, Set, c_name};
+
+use crate::net::{GrantTarget, Protocol};
+
+/// The production table name (`table inet jit_gate`).
+pub const DEFAULT_TABLE: &str = "jit_gate";
+
+/// What the table enforces.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NftState {
+    pub protected: BTreeSet<(Protocol, u16)>,
+    /// Allowed targets with the time left until the kernel expires each element.
+    pub allowed: BTreeMap<GrantTarget, Duration>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    #[error("invalid nftables table name {0:?}: 1 to 255 bytes, no NUL")]
+    InvalidTableName(String),
+    #[error("opening a netfilter netlink socket: {0}")]
+    Socket(#[source] io::Error),
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+    #[error("the kernel rejected {what}: {source}")]
+    Rejected { what: String, source: io::Error },
+    #[error("the kernel did not confirm {what}; the batch may not have been applied")]
+    Unconfirmed { what: String },
+    #[error("the table kept changing while it was being read")]
+    Interrupted,
+    #[error("table inet {table} does not exist: install it first")]
+    NotInstalled { table: String },
+    #[error("{target}: a zero timeout, which the kernel would read as \"never expires\"")]
+    ZeroTimeout { target: GrantTarget },
+    #[error("table inet {table} holds {what}, which the gate did not write")]
+    Unexpected { table: String, what: String },
+}
+
+impl NftError {
+    /// Whether the kernel said the object does not exist.
+    fn is_not_found(&self) -> bool {
+        matches!(self, NftError::Rejected { source, .. } if source.raw_os_error() == Some(libc::ENOENT))
+    }
+}
+
+type Result<T, E = NftError> = std::result::Result<T, E>;
+
+/// How often `read` starts over when the table changes under a dump.
+const READ_ATTEMPTS: usize = 3;
+
+/// The agent's nftables table.
+pub struct NftGate {
+    table: String,
+}
+
+impl NftGate {
+    pub fn new(table: impl Into<String>) -> Self {
+        NftGate {
+            table: table.into(),
+        }
+    }
+
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    fn open(&self) -> Result<(GateTable, Socket)> {
+        let name = CString::new(self.table.as_str())
+            .ok()
+            .filter(|n| (1..=255).contains(&n.as_bytes().len()))
+            .ok_or_else(|| NftError::InvalidTableName(self.table.clone()))?;
+        Ok((GateTable::new(&name), Socket::open()?))
+    }
+
+    /// Atomically (one netlink batch) replaces the table with exactly
+    /// `state`; no instant without the drop rule for protected ports.
+    pub fn install(&self, state: &NftState) -> Result<()> {
+        let (table, mut socket) = self.open()?;
+        let allowed = Allowed::with_timeouts(&table, &state.allowed)?;
+        let mut batch = Batch::new();
+        table.push_fresh(&mut batch);
+        push_protected(&table, &mut batch, &state.protected);
+        for &set in allowed.0.keys() {
+            table.push_allow_set(&mut batch, set);
+        }
+        allowed.push(&table, &mut batch, ElementOp::Add);
+        socket.commit(batch)
+    }
+
+    /// Atomically changes the protected set, keeping allowed elements.
+    pub fn set_protected(&self, protected: &BTreeSet<(Protocol, u16)>) -> Result<()> {
+        let (table, mut socket) = self.open()?;
+        let mut batch = Batch::new();
+        Set::named(table.name(), &c_name(PROTECTED_SET))
+            .push_flush(&mut batch, table.what("flush set protected"));
+        push_protected(&table, &mut batch, protected);
+        socket.commit(batch)
+    }
+
+    /// One batch: adds elements, or refreshes the timeout of ones already
+    /// present. The same target given twice keeps its last timeout.
+    pub fn add_allowed(&self, entries: &[(GrantTarget, Duration)]) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let (table, mut socket) = self.open()?;
+        let allowed = Allowed::with_timeouts(&table, entries.iter().map(|(t, d)| (t, d)))?;
+        let existing = allow_sets(&table, &mut socket)?.ok_or_else(|| NftError::NotInstalled {
+            table: self.table.clone(),
+        })?;
+        let mut batch = Batch::new();
+        for &set in allowed.0.keys().filter(|s| !existing.contains(s)) {
+            table.push_allow_set(&mut batch, set);
+        }
+        allowed.push(&table, &mut batch, ElementOp::Add);
+        socket.commit(batch)
+    }
+
+    /// One batch: removes elements; absent ones (or an absent table) are not
+    /// an error.
+    pub fn remove_allowed(&self, targets: &[GrantTarget]) -> Result<()> {
+        if targets.is_empty() {
+            return Ok(());
+        }
+        let (table, mut socket) = self.open()?;
+        let Some(existing) = allow_sets(&table, &mut socket)? else {
+            return Ok(());
+        };
+        let mut allowed = Allowed::new(&table, targets.iter().map(|t| (*t, None)));
+        allowed.0.retain(|set, _| existing.contains(set));
+        let mut batch = Batch::new();
+        allowed.push(&table, &mut batch, ElementOp::Destroy);
+        if batch.is_empty() {
+            return Ok(());
+        }
+        socket.commit(batch)
+    }
+
+    /// Reads the table back (netlink dump): protected set and live elements
+    /// with remaining timeouts; `Ok(None)` if the table does not exist.
+    pub fn read(&self) -> Result<Option<NftState>> {
+        let mut attempts = 1;
+        loop {
+            // A fresh socket each time: an interrupted dump leaves answers queued.
+            let (table, mut socket) = self.open()?;
+            match self.read_once(&table, &mut socket) {
+                Err(NftError::Interrupted) if attempts < READ_ATTEMPTS => attempts += 1,
+                result => return result,
+            }
+        }
+    }
+
+    fn read_once(&self, table: &GateTable, socket: &mut Socket) -> Result<Option<NftState>> {
+        let Some(names) = set_names(table, socket)? else {
+            return Ok(None);
+        };
+        let unexpected = |what: String| NftError::Unexpected {
+            table: self.table.clone(),
+            what,
+        };
+        let mut state = NftState::default();
+        for name in names {
+            let elements = dump_elements(table, socket, &name)?;
+            if name == PROTECTED_SET {
+                for element in elements {
+                    let service = keys::parse_service_key(&element.key).ok_or_else(|| {
+                        unexpected(format!("a key {:?} in set {name}", element.key))
+                    })?;
+                    state.protected.insert(service);
+                }
+            } else if let Some(set) = AllowSet::parse_name(&name) {
+                for element in elements {
+                    let target = set.parse_key(&element.key).ok_or_else(|| {
+                        unexpected(format!("a key {:?} in set {name}", element.key))
+                    })?;
+                    let left = element.expires_in.ok_or_else(|| {
+                        unexpected(format!("{target} without a timeout in set {name}"))
+                    })?;
+                    state.allowed.insert(target, left);
+                }
+            } else {
+                return Err(unexpected(format!("a set named {name}")));
+            }
+        }
+        Ok(Some(state))
+    }
+
+    /// Deletes the table; returns whether it existed.
+    pub fn remove(&self) -> Result<bool> {
+        let (table, mut socket) = self.open()?;
+        let mut batch = Batch::new();
+        table.push_delete(&mut batch);
+        match socket.commit(batch) {
+            Ok(()) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Appends the elements of the protected set.
+fn push_protected(table: &GateTable, batch: &mut Batch, protected: &BTreeSet<(Protocol, u16)>) {
+    let mut set = Set::named(table.name(), &c_name(PROTECTED_SET));
+    for &(protocol, port) in protected {
+        set.add_element(&keys::service_key(protocol, port), None);
+    }
+    set.push_elements(
+        batch,
+        ElementOp::Add,
+        &table.what("add elements to set protected"),
+    );
+}
+
+/// Targets grouped by the allow set that holds them, each group an nftnl
+/// set carrying its elements.
+struct Allowed(BTreeMap<AllowSet, Set>);
+
+impl Allowed {
+    /// Groups targets, with optional timeouts in milliseconds; a target
+    /// given twice keeps the last one.
+    fn new(
+        table: &GateTable,
+        entries: impl IntoIterator<Item = (GrantTarget, Option<u64>)>,
+    ) -> Self {
+        let unique: BTreeMap<GrantTarget, Option<u64>> = entries
+            .into_iter()
+            .map(|(target, ms)| {
+                let source = target.source.trunc();
+                (GrantTarget { source, ..target }, ms)
+            })
+            .collect();
+        let mut sets = BTreeMap::new();
+        for (target, timeout_ms) in unique {
+            let allow = AllowSet::of(&target);
+            sets.entry(allow)
+                .or_insert_with(|| Set::named(table.name(), &c_name(&allow.name())))
+                .add_element(&AllowSet::key(&target), timeout_ms);
+        }
+        Allowed(sets)
+    }
+
+    fn with_timeouts<'a>(
+        table: &GateTable,
+        entries: impl IntoIterator<Item = (&'a GrantTarget, &'a Duration)>,
+    ) -> Result<Self> {
+        let entries = entries
+            .into_iter()
+            .map(|(&target, &timeout)| Ok((target, Some(timeout_ms(target, timeout)?))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Allowed::new(table, entries))
+    }
+
+    fn push(&self, table: &GateTable, batch: &mut Batch, op: ElementOp) {
+        let verb = match op {
+            ElementOp::Add => "add elements to",
+            ElementOp::Destroy => "destroy elements of",
+        };
+        for (allow, set) in &self.0 {
+            set.push_elements(
+                batch,
+                op,
+                &table.what(&format!("{verb} set {}", allow.name())),
+            );
+        }
+    }
+}
+
+/// A timeout in whole milliseconds, rounded up so it is never cut short.
+fn timeout_ms(target: GrantTarget, timeout: Duration) -> Result<u64> {
+    match timeout.as_nanos().div_ceil(1_000_000) {
+        0 => Err(NftError::ZeroTimeout { target }),
+        ms => Ok(u64::try_from(ms).unwrap_or(u64::MAX)),
+    }
+}
+
+/// Names of the table's sets; `None` if the table does not exist.
+fn set_names(table: &GateTable, socket: &mut Socket) -> Result<Option<Vec<String>>> {
+    let request = Set::any_of(table.name());
+    let mut names = Vec::new();
+    let listed = socket.dump(
+        &table.what("the sets"),
+        libc::NFT_MSG_GETSET,
+        |nlh| request.build_request(nlh, false),
+        |msg| {
+            let name = Set::parse(msg)
+                .and_then(|set| set.name())
+                .ok_or_else(|| NftError::Io {
+                    what: table.what("parsing a set"),
+                    source: io::ErrorKind::InvalidData.into(),
+                })?;
+            names.push(name);
+            Ok(())
+        },
+    );
+    match listed {
+        Ok(()) => Ok(Some(names)),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The table's allow sets; `None` if the table does not exist.
+fn allow_sets(table: &GateTable, socket: &mut Socket) -> Result<Option<BTreeSet<AllowSet>>> {
+    Ok(set_names(table, socket)?.map(|names| {
+        names
+            .iter()
+            .filter_map(|name| AllowSet::parse_name(name))
+            .collect()
+    }))
+}
+
+/// The live elements of set `name`.
+fn dump_elements(table: &GateTable, socket: &mut Socket, name: &str) -> Result<Vec<sets::Element>> {
+    let request = Set::named(table.name(), &c_name(name));
+    let mut into = Set::named(table.name(), &c_name(name));
+    let what = table.what(&format!("the elements of set {name}"));
+    socket.dump(
+        &what,
+        libc::NFT_MSG_GETSETELEM,
+        |nlh| request.build_request(nlh, true),
+        |msg| {
+            if into.parse_elements(msg) {
+                Ok(())
+            } else {
+                Err(NftError::Io {
+                    what: format!("parsing {what}"),
+                    source: io::ErrorKind::InvalidData.into(),
+                })
+            }
+        },
+    )?;
+    Ok(into.elements())
+}
