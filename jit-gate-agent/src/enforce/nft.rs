@@ -98,6 +98,7 @@ type Result<T, E = NftError> = std::result::Result<T, E>;
 const READ_ATTEMPTS: usize = 3;
 
 /// The agent's nftables table.
+#[derive(Clone, Debug)]
 pub struct NftGate {
     table: String,
 }
@@ -129,7 +130,7 @@ impl NftGate {
         let mut batch = Batch::new();
         table.push_fresh(&mut batch);
         push_protected(&table, &mut batch, &state.protected);
-        for &set in allowed.0.keys() {
+        for set in allowed.sets() {
             table.push_allow_set(&mut batch, set);
         }
         allowed.push(&table, &mut batch, ElementOp::Add);
@@ -158,7 +159,7 @@ impl NftGate {
             table: self.table.clone(),
         })?;
         let mut batch = Batch::new();
-        for &set in allowed.0.keys().filter(|s| !existing.contains(s)) {
+        for set in allowed.sets().filter(|s| !existing.contains(s)) {
             table.push_allow_set(&mut batch, set);
         }
         allowed.push(&table, &mut batch, ElementOp::Add);
@@ -299,6 +300,10 @@ impl Allowed {
         Ok(Allowed::new(table, entries))
     }
 
+    fn sets(&self) -> impl Iterator<Item = AllowSet> + '_ {
+        self.0.keys().copied()
+    }
+
     fn push(&self, table: &GateTable, batch: &mut Batch, op: ElementOp) {
         let verb = match op {
             ElementOp::Add => "add elements to",
@@ -326,21 +331,16 @@ fn timeout_ms(target: GrantTarget, timeout: Duration) -> Result<u64> {
 fn set_names(table: &GateTable, socket: &mut Socket) -> Result<Option<Vec<String>>> {
     let request = Set::any_of(table.name());
     let mut names = Vec::new();
-    let listed = socket.dump(
-        &table.what("the sets"),
-        libc::NFT_MSG_GETSET,
-        |nlh| request.build_request(nlh, false),
-        |msg| {
-            let name = Set::parse(msg)
-                .and_then(|set| set.name())
-                .ok_or_else(|| NftError::Io {
-                    what: table.what("parsing a set"),
-                    source: io::ErrorKind::InvalidData.into(),
-                })?;
-            names.push(name);
-            Ok(())
-        },
-    );
+    let listed = socket.dump(&table.what("the sets"), &request.list_request(), |msg| {
+        let name = Set::parse(msg)
+            .and_then(|set| set.name())
+            .ok_or_else(|| NftError::Io {
+                what: table.what("parsing a set"),
+                source: io::ErrorKind::InvalidData.into(),
+            })?;
+        names.push(name);
+        Ok(())
+    });
     match listed {
         Ok(()) => Ok(Some(names)),
         Err(e) if e.is_not_found() => Ok(None),
@@ -363,20 +363,15 @@ fn dump_elements(table: &GateTable, socket: &mut Socket, name: &str) -> Result<V
     let request = Set::named(table.name(), &c_name(name));
     let mut into = Set::named(table.name(), &c_name(name));
     let what = table.what(&format!("the elements of set {name}"));
-    socket.dump(
-        &what,
-        libc::NFT_MSG_GETSETELEM,
-        |nlh| request.build_request(nlh, true),
-        |msg| {
-            if into.parse_elements(msg) {
-                Ok(())
-            } else {
-                Err(NftError::Io {
-                    what: format!("parsing {what}"),
-                    source: io::ErrorKind::InvalidData.into(),
-                })
-            }
-        },
-    )?;
+    socket.dump(&what, &request.elements_request(), |msg| {
+        if into.parse_elements(msg) {
+            Ok(())
+        } else {
+            Err(NftError::Io {
+                what: format!("parsing {what}"),
+                source: io::ErrorKind::InvalidData.into(),
+            })
+        }
+    })?;
     Ok(into.elements())
 }
