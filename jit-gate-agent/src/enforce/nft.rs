@@ -29,9 +29,9 @@
 //!   "never expires".
 //!
 //! Needs Linux 6.3 for `NFT_MSG_DESTROYSETELEM` (removing absent elements
-//! is not an error) and a kernel that refreshes the timeout of an element
-//! added again (tested on 6.18). All operations act on the network
-//! namespace of the calling thread.
+//! is not an error), which also lets `add_allowed` replace an element with
+//! its new timeout in one transaction; tested on 6.18. All operations act
+//! on the network namespace of the calling thread.
 
 mod keys;
 mod netlink;
@@ -148,7 +148,8 @@ impl NftGate {
     }
 
     /// One batch: adds elements, or refreshes the timeout of ones already
-    /// present. The same target given twice keeps its last timeout.
+    /// present (to the new value, shorter or longer). The same target given
+    /// twice keeps its last timeout.
     pub fn add_allowed(&self, entries: &[(GrantTarget, Duration)]) -> Result<()> {
         if entries.is_empty() {
             return Ok(());
@@ -162,6 +163,10 @@ impl NftGate {
         for set in allowed.sets().filter(|s| !existing.contains(s)) {
             table.push_allow_set(&mut batch, set);
         }
+        // Destroying then adding, in one transaction, replaces an element
+        // and its timeout on every kernel: a plain re-add only updates the
+        // timeout since Linux 6.12, and older ones silently keep the old one.
+        allowed.push(&table, &mut batch, ElementOp::Destroy);
         allowed.push(&table, &mut batch, ElementOp::Add);
         socket.commit(batch)
     }

@@ -172,9 +172,8 @@ impl Set {
     }
 
     /// Appends this set's elements in as many messages as they need (the
-    /// kernel caps an element list at 64 KiB). `Add` creates elements or
-    /// refreshes the timeout of existing ones; `Destroy` removes them,
-    /// ignoring absent ones.
+    /// kernel caps an element list at 64 KiB). `Add` creates elements;
+    /// `Destroy` removes them, ignoring absent ones.
     pub(super) fn push_elements(&self, batch: &mut Batch, op: ElementOp, what: &str) {
         let iter = ElementsIter::new(self);
         let more = Cell::new(true);
@@ -274,7 +273,7 @@ struct Elements<'a> {
 unsafe impl Message for Elements<'_> {
     unsafe fn write(&self, buf: *mut c_char, seq: u32) {
         let (msg_type, flags) = match self.op {
-            // No NLM_F_EXCL: an existing element gets the new timeout.
+            // No NLM_F_EXCL: adding an element that exists is not an error.
             ElementOp::Add => (libc::NFT_MSG_NEWSETELEM, libc::NLM_F_CREATE),
             ElementOp::Destroy => (NFT_MSG_DESTROYSETELEM, 0),
         };
