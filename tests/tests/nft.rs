@@ -22,7 +22,7 @@ use jit_gate_tests::{
         CLIENT_V4, CLIENT_V4_OUTSIDE, CLIENT_V6, CLIENT_V6_OUTSIDE, GATED_V4, GATED_V6, Netns,
         Topology,
     },
-    traffic::{TcpEcho, UdpSink, round_trip, tcp_connect, udp_send},
+    traffic::{Connect, TcpEcho, UdpSink, round_trip, tcp_connect, udp_send},
 };
 
 const SSH: u16 = 22;
@@ -417,6 +417,22 @@ const OUTSIDERS: [(IpAddr, IpAddr); 2] = [
     (IpAddr::V6(CLIENT_V6_OUTSIDE), IpAddr::V6(GATED_V6)),
 ];
 
+/// `target` widened to the prefix that covers the main client address but
+/// not the outsider of its family.
+fn covering(target: GrantTarget) -> GrantTarget {
+    let prefix_len = if target.source.addr().is_ipv4() {
+        25
+    } else {
+        112
+    };
+    GrantTarget {
+        source: IpNet::new(target.source.addr(), prefix_len)
+            .expect("prefix")
+            .trunc(),
+        ..target
+    }
+}
+
 /// Two namespaces over veth, nftables the only enforcer in the gated one,
 /// protecting TCP 22 and UDP 514, with echo servers on 22 and an open port.
 struct Live {
@@ -453,7 +469,7 @@ impl Live {
         }
     }
 
-    fn connect(&self, src: IpAddr, gated: IpAddr, port: u16) -> jit_gate_tests::traffic::Connect {
+    fn connect(&self, src: IpAddr, gated: IpAddr, port: u16) -> Connect {
         tcp_connect(&self.topo.client, src, SocketAddr::new(gated, port))
     }
 
@@ -510,11 +526,7 @@ fn exact_and_covering_prefix_grants_open_for_their_sources_only() {
 
         gate.remove(&[exact]);
         live.assert_ssh_blocked(src, gated, "exact grant removed");
-        let prefix_len = if src.is_ipv4() { 25 } else { 112 };
-        let covering = GrantTarget {
-            source: IpNet::new(src, prefix_len).expect("prefix").trunc(),
-            ..exact
-        };
+        let covering = covering(exact);
         // A grant for the wrong protocol opens nothing.
         gate.add(&[(
             GrantTarget {
@@ -527,6 +539,27 @@ fn exact_and_covering_prefix_grants_open_for_their_sources_only() {
         gate.add(&[(covering, HOUR)]);
         live.assert_ssh_open(src, gated, "covering prefix");
         live.assert_ssh_blocked(outsider, gated, "outside the prefix");
+    }
+}
+
+#[test]
+fn a_source_is_allowed_while_any_overlapping_grant_covers_it() {
+    let live = Live::new();
+    let gate = live.gate();
+    for (src, _) in FAMILIES {
+        let exact = host(src, Protocol::Tcp, SSH);
+        gate.add(&[(exact, Duration::from_secs(2)), (covering(exact), HOUR)]);
+    }
+    std::thread::sleep(Duration::from_millis(2200));
+    for (src, gated) in FAMILIES {
+        let exact = host(src, Protocol::Tcp, SSH);
+        assert!(
+            !gate.read().allowed.contains_key(&exact),
+            "exact grant expired"
+        );
+        live.assert_ssh_open(src, gated, "covering prefix still live");
+        gate.remove(&[covering(exact)]);
+        live.assert_ssh_blocked(src, gated, "no grant left");
     }
 }
 

@@ -67,8 +67,11 @@ pub struct NftState {
 pub enum NftError {
     #[error("invalid nftables table name {0:?}: 1 to 255 bytes, no NUL")]
     InvalidTableName(String),
-    #[error("opening a netfilter netlink socket: {0}")]
-    Socket(#[source] io::Error),
+    #[error("netfilter netlink socket: {what}: {source}")]
+    Socket {
+        what: &'static str,
+        source: io::Error,
+    },
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
     #[error("the kernel rejected {what}: {source}")]

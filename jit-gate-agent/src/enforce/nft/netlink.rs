@@ -160,7 +160,10 @@ impl Socket {
             )
         };
         if fd < 0 {
-            return Err(NftError::Socket(io::Error::last_os_error()));
+            return Err(NftError::Socket {
+                what: "socket",
+                source: io::Error::last_os_error(),
+            });
         }
         // SAFETY: `fd` is a fresh descriptor that nothing else owns.
         let socket = Socket {
@@ -168,16 +171,27 @@ impl Socket {
             recv_buf: vec![0; RECV_BUF / size_of::<u64>()],
         };
         // Errors echo only the failing message's header, not all its elements.
-        socket.set_option(libc::SOL_NETLINK, libc::NETLINK_CAP_ACK, &1 as &c_int)?;
+        socket.set_option(
+            libc::SOL_NETLINK,
+            libc::NETLINK_CAP_ACK,
+            "NETLINK_CAP_ACK",
+            &1 as &c_int,
+        )?;
         let timeout = libc::timeval {
             tv_sec: DUMP_TIMEOUT.as_secs() as libc::time_t,
             tv_usec: 0,
         };
-        socket.set_option(libc::SOL_SOCKET, libc::SO_RCVTIMEO, &timeout)?;
+        socket.set_option(libc::SOL_SOCKET, libc::SO_RCVTIMEO, "SO_RCVTIMEO", &timeout)?;
         Ok(socket)
     }
 
-    fn set_option<T>(&self, level: c_int, name: c_int, value: &T) -> Result<(), NftError> {
+    fn set_option<T>(
+        &self,
+        level: c_int,
+        name: c_int,
+        what: &'static str,
+        value: &T,
+    ) -> Result<(), NftError> {
         // SAFETY: `value` points to a live T of the given size.
         let rc = unsafe {
             libc::setsockopt(
@@ -191,7 +205,10 @@ impl Socket {
         if rc == 0 {
             Ok(())
         } else {
-            Err(NftError::Socket(io::Error::last_os_error()))
+            Err(NftError::Socket {
+                what,
+                source: io::Error::last_os_error(),
+            })
         }
     }
 
@@ -200,9 +217,21 @@ impl Socket {
     /// answer must fit until it is read.
     fn size_buffers(&self, len: usize, messages: usize) -> Result<(), NftError> {
         let clamp = |n: usize| c_int::try_from(n).unwrap_or(c_int::MAX);
-        self.set_option(libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, &clamp(len))?;
+        // The FORCE variants exceed the sysctl limits; they need CAP_NET_ADMIN,
+        // which changing nftables needs anyway.
+        self.set_option(
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUFFORCE,
+            "SO_SNDBUFFORCE",
+            &clamp(len),
+        )?;
         let room = clamp((messages + 1) * ACK_ROOM + RECV_BUF);
-        self.set_option(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &room)
+        self.set_option(
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            "SO_RCVBUFFORCE",
+            &room,
+        )
     }
 
     /// Sends `batch` as one transaction and checks that the kernel accepted
