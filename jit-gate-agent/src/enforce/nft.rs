@@ -29,9 +29,9 @@
 //!   "never expires".
 //!
 //! Needs Linux 6.3 for `NFT_MSG_DESTROYSETELEM` (removing absent elements
-//! is not an error) and a kernel that refreshes the timeout of an element
-//! added again (tested on 6.18). All operations act on the network
-//! namespace of the calling thread.
+//! is not an error), which also lets `add_allowed` replace an element with
+//! its new timeout in one transaction; tested on 6.18. All operations act
+//! on the network namespace of the calling thread.
 
 mod keys;
 mod netlink;
@@ -67,8 +67,11 @@ pub struct NftState {
 pub enum NftError {
     #[error("invalid nftables table name {0:?}: 1 to 255 bytes, no NUL")]
     InvalidTableName(String),
-    #[error("opening a netfilter netlink socket: {0}")]
-    Socket(#[source] io::Error),
+    #[error("netfilter netlink socket: {what}: {source}")]
+    Socket {
+        what: &'static str,
+        source: io::Error,
+    },
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
     #[error("the kernel rejected {what}: {source}")]
@@ -98,6 +101,7 @@ type Result<T, E = NftError> = std::result::Result<T, E>;
 const READ_ATTEMPTS: usize = 3;
 
 /// The agent's nftables table.
+#[derive(Clone, Debug)]
 pub struct NftGate {
     table: String,
 }
@@ -129,7 +133,7 @@ impl NftGate {
         let mut batch = Batch::new();
         table.push_fresh(&mut batch);
         push_protected(&table, &mut batch, &state.protected);
-        for &set in allowed.0.keys() {
+        for set in allowed.sets() {
             table.push_allow_set(&mut batch, set);
         }
         allowed.push(&table, &mut batch, ElementOp::Add);
@@ -147,7 +151,8 @@ impl NftGate {
     }
 
     /// One batch: adds elements, or refreshes the timeout of ones already
-    /// present. The same target given twice keeps its last timeout.
+    /// present (to the new value, shorter or longer). The same target given
+    /// twice keeps its last timeout.
     pub fn add_allowed(&self, entries: &[(GrantTarget, Duration)]) -> Result<()> {
         if entries.is_empty() {
             return Ok(());
@@ -158,9 +163,13 @@ impl NftGate {
             table: self.table.clone(),
         })?;
         let mut batch = Batch::new();
-        for &set in allowed.0.keys().filter(|s| !existing.contains(s)) {
+        for set in allowed.sets().filter(|s| !existing.contains(s)) {
             table.push_allow_set(&mut batch, set);
         }
+        // Destroying then adding, in one transaction, replaces an element
+        // and its timeout on every kernel: a plain re-add only updates the
+        // timeout since Linux 6.12, and older ones silently keep the old one.
+        allowed.push(&table, &mut batch, ElementOp::Destroy);
         allowed.push(&table, &mut batch, ElementOp::Add);
         socket.commit(batch)
     }
@@ -188,9 +197,10 @@ impl NftGate {
     /// Reads the table back (netlink dump): protected set and live elements
     /// with remaining timeouts; `Ok(None)` if the table does not exist.
     pub fn read(&self) -> Result<Option<NftState>> {
-        let (table, mut socket) = self.open()?;
         let mut attempts = 1;
         loop {
+            // A fresh socket each time: an interrupted dump leaves answers queued.
+            let (table, mut socket) = self.open()?;
             match self.read_once(&table, &mut socket) {
                 Err(NftError::Interrupted) if attempts < READ_ATTEMPTS => attempts += 1,
                 result => return result,
@@ -298,6 +308,10 @@ impl Allowed {
         Ok(Allowed::new(table, entries))
     }
 
+    fn sets(&self) -> impl Iterator<Item = AllowSet> + '_ {
+        self.0.keys().copied()
+    }
+
     fn push(&self, table: &GateTable, batch: &mut Batch, op: ElementOp) {
         let verb = match op {
             ElementOp::Add => "add elements to",
@@ -325,21 +339,16 @@ fn timeout_ms(target: GrantTarget, timeout: Duration) -> Result<u64> {
 fn set_names(table: &GateTable, socket: &mut Socket) -> Result<Option<Vec<String>>> {
     let request = Set::any_of(table.name());
     let mut names = Vec::new();
-    let listed = socket.dump(
-        &table.what("the sets"),
-        libc::NFT_MSG_GETSET,
-        |nlh| request.build_request(nlh, false),
-        |msg| {
-            let name = Set::parse(msg)
-                .and_then(|set| set.name())
-                .ok_or_else(|| NftError::Io {
-                    what: table.what("parsing a set"),
-                    source: io::ErrorKind::InvalidData.into(),
-                })?;
-            names.push(name);
-            Ok(())
-        },
-    );
+    let listed = socket.dump(&table.what("the sets"), &request.list_request(), |msg| {
+        let name = Set::parse(msg)
+            .and_then(|set| set.name())
+            .ok_or_else(|| NftError::Io {
+                what: table.what("parsing a set"),
+                source: io::ErrorKind::InvalidData.into(),
+            })?;
+        names.push(name);
+        Ok(())
+    });
     match listed {
         Ok(()) => Ok(Some(names)),
         Err(e) if e.is_not_found() => Ok(None),
@@ -362,20 +371,15 @@ fn dump_elements(table: &GateTable, socket: &mut Socket, name: &str) -> Result<V
     let request = Set::named(table.name(), &c_name(name));
     let mut into = Set::named(table.name(), &c_name(name));
     let what = table.what(&format!("the elements of set {name}"));
-    socket.dump(
-        &what,
-        libc::NFT_MSG_GETSETELEM,
-        |nlh| request.build_request(nlh, true),
-        |msg| {
-            if into.parse_elements(msg) {
-                Ok(())
-            } else {
-                Err(NftError::Io {
-                    what: format!("parsing {what}"),
-                    source: io::ErrorKind::InvalidData.into(),
-                })
-            }
-        },
-    )?;
+    socket.dump(&what, &request.elements_request(), |msg| {
+        if into.parse_elements(msg) {
+            Ok(())
+        } else {
+            Err(NftError::Io {
+                what: format!("parsing {what}"),
+                source: io::ErrorKind::InvalidData.into(),
+            })
+        }
+    })?;
     Ok(into.elements())
 }

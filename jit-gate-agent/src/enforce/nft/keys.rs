@@ -258,7 +258,7 @@ mod tests {
     }
 
     #[test]
-    fn concatenated_types_match_nft() {
+    fn types_and_masks_match_nft() {
         // What `nft add set … { type ipv4_addr . inet_proto . inet_service; }` sends.
         assert_eq!(
             AllowSet {

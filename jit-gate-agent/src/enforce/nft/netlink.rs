@@ -59,40 +59,67 @@ pub(super) unsafe fn header(
     }
 }
 
+/// The start of a batch (`seq` 0: errors with it concern the commit).
+struct BatchBegin;
+
+// SAFETY: a bare nfgen message, far below the maximum size.
+unsafe impl Message for BatchBegin {
+    unsafe fn write(&self, buf: *mut c_char, seq: u32) {
+        // SAFETY: `buf` has room for the largest message (our contract).
+        unsafe { sys::nftnl_batch_begin(buf, seq) };
+    }
+}
+
+struct BatchEnd;
+
+// SAFETY: a bare nfgen message, far below the maximum size.
+unsafe impl Message for BatchEnd {
+    unsafe fn write(&self, buf: *mut c_char, seq: u32) {
+        // SAFETY: `buf` has room for the largest message (our contract).
+        unsafe { sys::nftnl_batch_end(buf, seq) };
+    }
+}
+
+const NLMSG_ALIGNTO: usize = 4;
+const NLMSG_HDRLEN: usize = size_of::<libc::nlmsghdr>();
+
+/// Appends `msg` to `buf`, padded to the netlink alignment.
+fn append(buf: &mut Vec<u8>, msg: &impl Message, seq: u32) {
+    let start = buf.len();
+    buf.resize(start + nft_nlmsg_maxsize() as usize, 0);
+    // SAFETY: the buffer has nft_nlmsg_maxsize() writable bytes from `start`.
+    unsafe { msg.write(buf[start..].as_mut_ptr().cast(), seq) };
+    let len = u32_at(&buf[start..], 0) as usize;
+    buf.truncate(start + len.next_multiple_of(NLMSG_ALIGNTO));
+}
+
+fn u32_at(buf: &[u8], offset: usize) -> u32 {
+    u32::from_ne_bytes(buf[offset..offset + 4].try_into().expect("4 bytes"))
+}
+
 /// A transaction being assembled: messages between a batch begin and end.
 /// The kernel applies all of them or none.
 pub(super) struct Batch {
     buf: Vec<u8>,
     /// What each message does, for error reports; message `i` has sequence
-    /// number `i + 1` (the batch begin has 0).
+    /// number `i + 1`.
     what: Vec<String>,
-}
-
-const NLMSG_ALIGNTO: usize = 4;
-
-fn nlmsg_align(len: usize) -> usize {
-    len.next_multiple_of(NLMSG_ALIGNTO)
 }
 
 impl Batch {
     pub(super) fn new() -> Self {
-        let mut batch = Batch {
-            buf: Vec::new(),
+        let mut buf = Vec::new();
+        append(&mut buf, &BatchBegin, 0);
+        Batch {
+            buf,
             what: Vec::new(),
-        };
-        // SAFETY: `append` gives room for the largest message.
-        batch.append(0, |buf, seq| unsafe {
-            sys::nftnl_batch_begin(buf, seq);
-        });
-        batch
+        }
     }
 
     /// Appends a message; `what` says what it does, for errors.
     pub(super) fn push(&mut self, msg: &impl Message, what: impl Into<String>) {
         self.what.push(what.into());
-        let seq = self.what.len() as u32;
-        // SAFETY: `append` gives room for the largest message.
-        self.append(seq, |buf, seq| unsafe { msg.write(buf, seq) });
+        append(&mut self.buf, msg, self.what.len() as u32);
     }
 
     /// Whether the batch holds no message yet.
@@ -100,27 +127,10 @@ impl Batch {
         self.what.is_empty()
     }
 
-    fn append(&mut self, seq: u32, write: impl FnOnce(*mut c_char, u32)) {
-        let start = self.buf.len();
-        self.buf.resize(start + nft_nlmsg_maxsize() as usize, 0);
-        write(self.buf[start..].as_mut_ptr().cast(), seq);
-        let len = nlmsg_len(&self.buf[start..]);
-        self.buf.truncate(start + nlmsg_align(len));
-    }
-
     fn finish(mut self) -> (Vec<u8>, Vec<String>) {
-        let end = self.what.len() as u32 + 1;
-        // SAFETY: `append` gives room for the largest message.
-        self.append(end, |buf, seq| unsafe {
-            sys::nftnl_batch_end(buf, seq);
-        });
+        append(&mut self.buf, &BatchEnd, self.what.len() as u32 + 1);
         (self.buf, self.what)
     }
-}
-
-/// The `nlmsg_len` field of the message at the start of `buf`.
-fn nlmsg_len(buf: &[u8]) -> usize {
-    u32::from_ne_bytes(buf[..4].try_into().expect("4 bytes")) as usize
 }
 
 /// Size of the receive buffer: dumps arrive in messages of at most 32 KiB.
@@ -150,7 +160,10 @@ impl Socket {
             )
         };
         if fd < 0 {
-            return Err(NftError::Socket(io::Error::last_os_error()));
+            return Err(NftError::Socket {
+                what: "socket",
+                source: io::Error::last_os_error(),
+            });
         }
         // SAFETY: `fd` is a fresh descriptor that nothing else owns.
         let socket = Socket {
@@ -158,16 +171,27 @@ impl Socket {
             recv_buf: vec![0; RECV_BUF / size_of::<u64>()],
         };
         // Errors echo only the failing message's header, not all its elements.
-        socket.set_option(libc::SOL_NETLINK, libc::NETLINK_CAP_ACK, &1 as &c_int)?;
+        socket.set_option(
+            libc::SOL_NETLINK,
+            libc::NETLINK_CAP_ACK,
+            "NETLINK_CAP_ACK",
+            &1 as &c_int,
+        )?;
         let timeout = libc::timeval {
             tv_sec: DUMP_TIMEOUT.as_secs() as libc::time_t,
             tv_usec: 0,
         };
-        socket.set_option(libc::SOL_SOCKET, libc::SO_RCVTIMEO, &timeout)?;
+        socket.set_option(libc::SOL_SOCKET, libc::SO_RCVTIMEO, "SO_RCVTIMEO", &timeout)?;
         Ok(socket)
     }
 
-    fn set_option<T>(&self, level: c_int, name: c_int, value: &T) -> Result<(), NftError> {
+    fn set_option<T>(
+        &self,
+        level: c_int,
+        name: c_int,
+        what: &'static str,
+        value: &T,
+    ) -> Result<(), NftError> {
         // SAFETY: `value` points to a live T of the given size.
         let rc = unsafe {
             libc::setsockopt(
@@ -181,7 +205,10 @@ impl Socket {
         if rc == 0 {
             Ok(())
         } else {
-            Err(NftError::Socket(io::Error::last_os_error()))
+            Err(NftError::Socket {
+                what,
+                source: io::Error::last_os_error(),
+            })
         }
     }
 
@@ -190,9 +217,21 @@ impl Socket {
     /// answer must fit until it is read.
     fn size_buffers(&self, len: usize, messages: usize) -> Result<(), NftError> {
         let clamp = |n: usize| c_int::try_from(n).unwrap_or(c_int::MAX);
-        self.set_option(libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, &clamp(len))?;
+        // The FORCE variants exceed the sysctl limits; they need CAP_NET_ADMIN,
+        // which changing nftables needs anyway.
+        self.set_option(
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUFFORCE,
+            "SO_SNDBUFFORCE",
+            &clamp(len),
+        )?;
         let room = clamp((messages + 1) * ACK_ROOM + RECV_BUF);
-        self.set_option(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &room)
+        self.set_option(
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            "SO_RCVBUFFORCE",
+            &room,
+        )
     }
 
     /// Sends `batch` as one transaction and checks that the kernel accepted
@@ -219,8 +258,8 @@ impl Socket {
         };
         let mut acked = vec![false; what.len()];
         while let Some(len) = self.recv(libc::MSG_DONTWAIT, "reading batch answers")? {
-            for msg in Messages::new(self.received(len)) {
-                if let Answer::Error { errno, seq } = answer(msg) {
+            for msg in Messages(self.received(len)) {
+                if let Answer::Error { errno, seq } = msg.answer() {
                     if errno != 0 {
                         return Err(NftError::Rejected {
                             what: describe(seq),
@@ -242,22 +281,18 @@ impl Socket {
         }
     }
 
-    /// Sends a dump request of `msg_type` whose attributes `payload` adds,
-    /// and hands every answer to `each` until the dump ends.
+    /// Sends a dump `request` and hands every answer to `each` until the
+    /// dump ends.
     pub(super) fn dump(
         &mut self,
         what: &str,
-        msg_type: c_int,
-        payload: impl FnOnce(*mut libc::nlmsghdr),
-        mut each: impl FnMut(&libc::nlmsghdr) -> Result<(), NftError>,
+        request: &impl Message,
+        mut each: impl FnMut(Received<'_>) -> Result<(), NftError>,
     ) -> Result<(), NftError> {
-        let mut request = vec![0u8; nft_nlmsg_maxsize() as usize];
-        // SAFETY: `request` has room for the largest message.
-        let nlh = unsafe { header(request.as_mut_ptr().cast(), msg_type, libc::NLM_F_DUMP, 1) };
-        payload(nlh);
-        let len = nlmsg_len(&request);
-        // SAFETY: the request is initialised up to `len`.
-        if unsafe { libc::send(self.fd.as_raw_fd(), request.as_ptr().cast(), len, 0) } < 0 {
+        let mut buf = Vec::new();
+        append(&mut buf, request, 1);
+        // SAFETY: `buf` is a live, initialised buffer of that length.
+        if unsafe { libc::send(self.fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), 0) } < 0 {
             return Err(NftError::Io {
                 what: format!("requesting {what}"),
                 source: io::Error::last_os_error(),
@@ -268,11 +303,11 @@ impl Socket {
                 what: format!("reading {what}"),
                 source: io::ErrorKind::TimedOut.into(),
             })?;
-            for msg in Messages::new(self.received(len)) {
-                if msg.nlmsg_flags & libc::NLM_F_DUMP_INTR as u16 != 0 {
+            for msg in Messages(self.received(len)) {
+                if msg.flags() & libc::NLM_F_DUMP_INTR as u16 != 0 {
                     return Err(NftError::Interrupted);
                 }
-                match answer(msg) {
+                match msg.answer() {
                     Answer::Done { errno: 0 } | Answer::Error { errno: 0, .. } => return Ok(()),
                     Answer::Done { errno } | Answer::Error { errno, .. } => {
                         return Err(NftError::Rejected {
@@ -335,66 +370,63 @@ enum Answer {
     Data,
 }
 
-/// The `i32` right after the header of `msg`, if the message is that long:
-/// the (negative) error of NLMSG_ERROR and NLMSG_DONE.
-fn payload_errno(msg: &libc::nlmsghdr) -> Option<i32> {
-    (msg.nlmsg_len as usize >= size_of::<libc::nlmsghdr>() + size_of::<i32>()).then(|| {
-        // SAFETY: the message is at least that long (checked), and lies in
-        // one buffer with its header, which is 4-aligned.
-        -unsafe { ptr::read(ptr::from_ref(msg).add(1).cast::<i32>()) }
-    })
-}
+/// One received netlink message, header and payload.
+#[derive(Clone, Copy)]
+pub(super) struct Received<'a>(&'a [u8]);
 
-fn answer(msg: &libc::nlmsghdr) -> Answer {
-    match c_int::from(msg.nlmsg_type) {
-        libc::NLMSG_ERROR => {
-            let full = size_of::<libc::nlmsghdr>() + size_of::<libc::nlmsgerr>();
-            let seq = if msg.nlmsg_len as usize >= full {
-                // SAFETY: an nlmsgerr (length checked) follows the header.
-                unsafe { ptr::read(ptr::from_ref(msg).add(1).cast::<libc::nlmsgerr>()) }
-                    .msg
-                    .nlmsg_seq
-            } else {
-                msg.nlmsg_seq
-            };
-            Answer::Error {
-                errno: payload_errno(msg).unwrap_or(libc::EBADMSG),
-                seq,
-            }
+impl Received<'_> {
+    /// The message for libnftnl's parsers, which read all of it through
+    /// this pointer. It is 4-aligned: the receive buffer is, and so are
+    /// messages within it.
+    pub(super) fn as_ptr(&self) -> *const libc::nlmsghdr {
+        self.0.as_ptr().cast()
+    }
+
+    fn msg_type(&self) -> c_int {
+        c_int::from(u16::from_ne_bytes([self.0[4], self.0[5]]))
+    }
+
+    fn flags(&self) -> u16 {
+        u16::from_ne_bytes([self.0[6], self.0[7]])
+    }
+
+    /// The error number (positive) in an NLMSG_ERROR or NLMSG_DONE payload.
+    fn errno(&self) -> Option<i32> {
+        let bytes = self.0.get(NLMSG_HDRLEN..NLMSG_HDRLEN + 4)?;
+        Some(-i32::from_ne_bytes(bytes.try_into().expect("4 bytes")))
+    }
+
+    fn answer(&self) -> Answer {
+        match self.msg_type() {
+            libc::NLMSG_ERROR => Answer::Error {
+                errno: self.errno().unwrap_or(libc::EBADMSG),
+                // The error is followed by the header of the request it answers.
+                seq: self
+                    .0
+                    .get(NLMSG_HDRLEN + 4..NLMSG_HDRLEN + 4 + NLMSG_HDRLEN)
+                    .map_or(0, |request| u32_at(request, 8)),
+            },
+            libc::NLMSG_DONE => Answer::Done {
+                errno: self.errno().unwrap_or(0),
+            },
+            _ => Answer::Data,
         }
-        libc::NLMSG_DONE => Answer::Done {
-            errno: payload_errno(msg).unwrap_or(0),
-        },
-        _ => Answer::Data,
     }
 }
 
 /// The netlink messages in a received datagram.
-struct Messages<'a> {
-    buf: &'a [u8],
-}
-
-impl<'a> Messages<'a> {
-    fn new(buf: &'a [u8]) -> Self {
-        Messages { buf }
-    }
-}
+struct Messages<'a>(&'a [u8]);
 
 impl<'a> Iterator for Messages<'a> {
-    type Item = &'a libc::nlmsghdr;
+    type Item = Received<'a>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.buf.len() < size_of::<libc::nlmsghdr>() {
+        let len = self.0.get(..4).map(|b| u32_at(b, 0) as usize)?;
+        if len < NLMSG_HDRLEN || len > self.0.len() {
             return None;
         }
-        let len = nlmsg_len(self.buf);
-        if len < size_of::<libc::nlmsghdr>() || len > self.buf.len() {
-            return None;
-        }
-        // SAFETY: the buffer starts 8-aligned and messages are 4-aligned
-        // within it; the header lies within the buffer (checked above).
-        let msg = unsafe { &*self.buf.as_ptr().cast::<libc::nlmsghdr>() };
-        self.buf = &self.buf[nlmsg_align(len).min(self.buf.len())..];
+        let msg = Received(&self.0[..len]);
+        self.0 = &self.0[len.next_multiple_of(NLMSG_ALIGNTO).min(self.0.len())..];
         Some(msg)
     }
 }

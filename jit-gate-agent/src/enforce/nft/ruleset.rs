@@ -52,7 +52,7 @@ const ALLOW_CHAIN: &CStr = c"allow";
 /// `filter - 10`: after conntrack (-200), so `ct state` is known, and ahead
 /// of the usual filter chains at 0. Order is not what makes the gate hold:
 /// a drop in any base chain is final, an accept only ends its own chain.
-pub(super) const PRIORITY: i32 = -10;
+const PRIORITY: i32 = -10;
 
 /// The gate's inet table, named.
 pub(super) struct GateTable {
@@ -121,10 +121,7 @@ impl GateTable {
         rule.add_expr(&Verdict::Jump {
             chain: GATE_CHAIN.to_owned(),
         });
-        batch.push(
-            &Op(&rule, MsgType::Add),
-            self.what("add rule to chain input"),
-        );
+        self.push_rule(batch, &rule, "add rule to chain input");
 
         // ct state established,related accept
         let mut rule = Rule::new(&gate);
@@ -135,29 +132,20 @@ impl GateTable {
         ));
         rule.add_expr(&Cmp::new(CmpOp::Neq, 0u32));
         rule.add_expr(&Verdict::Accept);
-        batch.push(
-            &Op(&rule, MsgType::Add),
-            self.what("add rule to chain gate"),
-        );
+        self.push_rule(batch, &rule, "add rule to chain gate");
 
         // jump allow
         let mut rule = Rule::new(&gate);
         rule.add_expr(&Verdict::Jump {
             chain: ALLOW_CHAIN.to_owned(),
         });
-        batch.push(
-            &Op(&rule, MsgType::Add),
-            self.what("add rule to chain gate"),
-        );
+        self.push_rule(batch, &rule, "add rule to chain gate");
 
         // counter drop
         let mut rule = Rule::new(&gate);
         rule.add_expr(&Counter);
         rule.add_expr(&Verdict::Drop);
-        batch.push(
-            &Op(&rule, MsgType::Add),
-            self.what("add rule to chain gate"),
-        );
+        self.push_rule(batch, &rule, "add rule to chain gate");
     }
 
     /// Appends an allow set and the rule that accepts what it holds:
@@ -191,10 +179,11 @@ impl GateTable {
         rule.add_expr(&Load::dport(after_addr + 1));
         rule.add_expr(&Lookup::new(&name));
         rule.add_expr(&Verdict::Accept);
-        batch.push(
-            &Op(&rule, MsgType::Add),
-            self.what(&format!("add rule for set {}", allow.name())),
-        );
+        self.push_rule(batch, &rule, &format!("add rule for set {}", allow.name()));
+    }
+
+    fn push_rule(&self, batch: &mut Batch, rule: &Rule, what: &str) {
+        batch.push(&Op(rule, MsgType::Add), self.what(what));
     }
 
     /// "<action> of inet <table>", for error reports.

@@ -13,7 +13,7 @@ use std::{
 
 use nftnl::nftnl_sys as sys;
 
-use super::netlink::{self, Batch, Message};
+use super::netlink::{self, Batch, Message, Received};
 
 /// An nftnl set object.
 pub(super) struct Set(NonNull<sys::nftnl_set>);
@@ -82,16 +82,16 @@ impl Set {
     }
 
     /// The inet set described by a GETSET answer.
-    pub(super) fn parse(nlh: &libc::nlmsghdr) -> Option<Self> {
+    pub(super) fn parse(msg: Received<'_>) -> Option<Self> {
         let set = Set::alloc();
         // SAFETY: a complete netlink message and a valid set to fill.
-        (unsafe { sys::nftnl_set_nlmsg_parse(nlh, set.ptr()) } >= 0).then_some(set)
+        (unsafe { sys::nftnl_set_nlmsg_parse(msg.as_ptr(), set.ptr()) } >= 0).then_some(set)
     }
 
     /// Adds the elements of a GETSETELEM answer to this set.
-    pub(super) fn parse_elements(&mut self, nlh: &libc::nlmsghdr) -> bool {
+    pub(super) fn parse_elements(&mut self, msg: Received<'_>) -> bool {
         // SAFETY: a complete netlink message and a valid set to fill.
-        unsafe { sys::nftnl_set_elems_nlmsg_parse(nlh, self.ptr()) >= 0 }
+        unsafe { sys::nftnl_set_elems_nlmsg_parse(msg.as_ptr(), self.ptr()) >= 0 }
     }
 
     pub(super) fn name(&self) -> Option<String> {
@@ -172,9 +172,8 @@ impl Set {
     }
 
     /// Appends this set's elements in as many messages as they need (the
-    /// kernel caps an element list at 64 KiB). `Add` creates elements or
-    /// refreshes the timeout of existing ones; `Destroy` removes them,
-    /// ignoring absent ones.
+    /// kernel caps an element list at 64 KiB). `Add` creates elements;
+    /// `Destroy` removes them, ignoring absent ones.
     pub(super) fn push_elements(&self, batch: &mut Batch, op: ElementOp, what: &str) {
         let iter = ElementsIter::new(self);
         let more = Cell::new(true);
@@ -189,21 +188,25 @@ impl Set {
         }
     }
 
-    /// Appends a message that removes every element of this set.
+    /// Appends a message that removes every element of the set this
+    /// object names (it must hold no elements itself, as from `named`).
     pub(super) fn push_flush(&self, batch: &mut Batch, what: impl Into<String>) {
         batch.push(&Flush(self), what);
     }
 
-    /// Builds the attributes naming this set into a dump request.
-    pub(super) fn build_request(&self, nlh: *mut libc::nlmsghdr, elements: bool) {
-        // SAFETY: `nlh` heads a buffer of nft_nlmsg_maxsize() bytes (see
-        // `Socket::dump`), enough for a set's name and table.
-        unsafe {
-            if elements {
-                sys::nftnl_set_elems_nlmsg_build_payload(nlh, self.ptr());
-            } else {
-                sys::nftnl_set_nlmsg_build_payload(nlh, self.ptr());
-            }
+    /// A request for every set of this one's table.
+    pub(super) fn list_request(&self) -> impl Message + '_ {
+        Dump {
+            set: self,
+            of: Listing::Sets,
+        }
+    }
+
+    /// A request for the elements of this set.
+    pub(super) fn elements_request(&self) -> impl Message + '_ {
+        Dump {
+            set: self,
+            of: Listing::Elements,
         }
     }
 }
@@ -270,7 +273,7 @@ struct Elements<'a> {
 unsafe impl Message for Elements<'_> {
     unsafe fn write(&self, buf: *mut c_char, seq: u32) {
         let (msg_type, flags) = match self.op {
-            // No NLM_F_EXCL: an existing element gets the new timeout.
+            // No NLM_F_EXCL: adding an element that exists is not an error.
             ElementOp::Add => (libc::NFT_MSG_NEWSETELEM, libc::NLM_F_CREATE),
             ElementOp::Destroy => (NFT_MSG_DESTROYSETELEM, 0),
         };
@@ -281,6 +284,38 @@ unsafe impl Message for Elements<'_> {
             sys::nftnl_set_elems_nlmsg_build_payload_iter(nlh, self.iter.0.as_ptr())
         };
         self.more.set(rest > 0);
+    }
+}
+
+enum Listing {
+    /// The sets of the table.
+    Sets,
+    /// The elements of the set.
+    Elements,
+}
+
+/// A dump request for what the set object names.
+struct Dump<'a> {
+    set: &'a Set,
+    of: Listing,
+}
+
+// SAFETY: a table's and set's names are far below the maximum size.
+unsafe impl Message for Dump<'_> {
+    unsafe fn write(&self, buf: *mut c_char, seq: u32) {
+        // SAFETY: `buf` has room for the largest message (our contract).
+        unsafe {
+            match self.of {
+                Listing::Sets => {
+                    let nlh = netlink::header(buf, libc::NFT_MSG_GETSET, libc::NLM_F_DUMP, seq);
+                    sys::nftnl_set_nlmsg_build_payload(nlh, self.set.ptr());
+                }
+                Listing::Elements => {
+                    let nlh = netlink::header(buf, libc::NFT_MSG_GETSETELEM, libc::NLM_F_DUMP, seq);
+                    sys::nftnl_set_elems_nlmsg_build_payload(nlh, self.set.ptr());
+                }
+            }
+        }
     }
 }
 
