@@ -10,6 +10,7 @@ pub mod flows;
 pub mod grants;
 pub mod net;
 pub mod policy;
+pub mod proto;
 pub mod refusal;
 pub mod request;
 pub mod store;
