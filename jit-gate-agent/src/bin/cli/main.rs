@@ -1,1 +1,45 @@
-fn main() {}
+//! `jit-gate`: the operator CLI, a client of the agent's gRPC API over its
+//! Unix socket. One command can run on several agents at once.
+//!
+//! Exit status: 0 if the command succeeded on every agent, 1 if it failed
+//! on any, 2 for a usage error (bad option, unreadable or invalid policy
+//! file), found before any agent is contacted.
+
+mod args;
+mod commands;
+mod connect;
+mod convert;
+mod output;
+mod watch;
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+
+fn main() -> ExitCode {
+    // Die quietly on a closed pipe (`jit-gate watch | head`), as Unix
+    // tools do, instead of panicking in println!.
+    // SAFETY: restores the default disposition before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    let cli = args::Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(commands::run(cli)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

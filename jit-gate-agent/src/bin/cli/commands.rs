@@ -1,0 +1,451 @@
+//! Each subcommand as an API request, run on every agent through the fleet.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use jit_gate_agent::{
+    net,
+    policy::{self, RuleProtocol},
+    proto::{
+        self, AccessRequest, GetPolicyRequest, GetStatusRequest, ListConnectionsRequest,
+        ListGrantsRequest, PortAccess, RevokeGrantRequest, RuleKey, UpdatePolicyRequest,
+        access_request::Lifetime, update_policy_request::Change,
+    },
+};
+use serde::Deserialize;
+
+use crate::{
+    args::{Cli, Command, PolicyChange, PolicyCommand, RequestArgs},
+    connect::Fleet,
+    output::report,
+    watch,
+};
+
+/// Runs the command; `Ok(true)` if it succeeded on every agent. `Err` is a
+/// local problem found before any agent was contacted.
+pub async fn run(cli: Cli) -> anyhow::Result<bool> {
+    let fleet = Fleet {
+        agents: cli.agents,
+        timeout: cli.timeout,
+    };
+    let json = cli.json;
+    Ok(match cli.command {
+        Command::Status => report(
+            &fleet
+                .call(GetStatusRequest {}, |mut c, r| async move {
+                    c.get_status(r).await
+                })
+                .await,
+            json,
+        ),
+        Command::Policy(PolicyCommand::Show) => report(
+            &fleet
+                .call(GetPolicyRequest {}, |mut c, r| async move {
+                    c.get_policy(r).await
+                })
+                .await,
+            json,
+        ),
+        Command::Policy(PolicyCommand::Change(change)) => {
+            let request = policy_change(change)?;
+            report(
+                &fleet
+                    .call(request, |mut c, r| async move { c.update_policy(r).await })
+                    .await,
+                json,
+            )
+        }
+        Command::Request(args) => report(
+            &fleet
+                .call(access_request(args), |mut c, r| async move {
+                    c.request_access(r).await
+                })
+                .await,
+            json,
+        ),
+        Command::Revoke(args) => {
+            let request = RevokeGrantRequest {
+                grant_id: args.grant_id,
+                terminate_connections: args.terminate,
+                reason: args.reason.unwrap_or_default(),
+            };
+            report(
+                &fleet
+                    .call(request, |mut c, r| async move { c.revoke_grant(r).await })
+                    .await,
+                json,
+            )
+        }
+        Command::Grants(args) => {
+            let request = ListGrantsRequest {
+                include_ended: args.all,
+                port: args.port.map_or(0, u32::from),
+                limit: args.limit.unwrap_or(0),
+            };
+            report(
+                &fleet
+                    .call(request, |mut c, r| async move { c.list_grants(r).await })
+                    .await,
+                json,
+            )
+        }
+        Command::Connections => report(
+            &fleet
+                .call(ListConnectionsRequest {}, |mut c, r| async move {
+                    c.list_connections(r).await
+                })
+                .await,
+            json,
+        ),
+        Command::Watch(args) => watch::run(&fleet, args, json).await,
+    })
+}
+
+/// The UpdatePolicy request for `policy set|add-port|remove-port`.
+fn policy_change(command: PolicyChange) -> anyhow::Result<UpdatePolicyRequest> {
+    let (change, revision) = match command {
+        PolicyChange::Set { file, revision } => {
+            let rules = read_policy_file(&file)?;
+            let replace = proto::Policy {
+                rules: rules.iter().map(rule_to_proto).collect(),
+                revision: 0,
+            };
+            (Change::Replace(replace), revision)
+        }
+        PolicyChange::AddPort {
+            port,
+            protocol,
+            allow,
+            max_duration,
+            require_justification,
+            require_ticket,
+            revision,
+        } => {
+            let rule = policy::PortRule {
+                allowed_sources: allow,
+                max_duration: max_duration.unwrap_or(policy::DEFAULT_MAX_DURATION),
+                require_justification,
+                require_ticket,
+                ..policy::PortRule::open(port, protocol)
+            };
+            // Same checks as the agent, so a bad rule is refused once here
+            // rather than once per agent.
+            rule.validate().map_err(|r| anyhow::anyhow!(r.message))?;
+            (Change::UpsertRule(rule_to_proto(&rule)), revision)
+        }
+        PolicyChange::RemovePort {
+            port,
+            protocol,
+            revision,
+        } => {
+            let key = RuleKey {
+                port: port.into(),
+                protocol: rule_protocol(protocol) as i32,
+            };
+            (Change::RemoveRule(key), revision)
+        }
+    };
+    Ok(UpdatePolicyRequest {
+        change: Some(change),
+        expected_revision: revision.expect_revision.unwrap_or(0),
+    })
+}
+
+/// The `[[policy]]` tables of a TOML file, in the agent configuration's
+/// format, validated as the agent would.
+fn read_policy_file(path: &Path) -> anyhow::Result<Vec<policy::PortRule>> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct PolicyFile {
+        policy: Vec<policy::PortRule>,
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let file: PolicyFile = toml::from_str(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: {}",
+            path.display(),
+            e.to_string().trim_end().replace('\n', " | ")
+        )
+    })?;
+    policy::Policy::validate_rules(&file.policy)
+        .map_err(|r| anyhow::anyhow!("{}: {}", path.display(), r.message))?;
+    Ok(file.policy)
+}
+
+fn rule_to_proto(rule: &policy::PortRule) -> proto::PortRule {
+    proto::PortRule {
+        port: rule.port.into(),
+        protocol: rule_protocol(rule.protocol) as i32,
+        allowed_source_prefixes: rule.allowed_sources.iter().map(|p| p.to_string()).collect(),
+        max_duration: Some(duration_to_proto(rule.max_duration)),
+        require_justification: rule.require_justification,
+        require_ticket: rule.require_ticket,
+    }
+}
+
+fn rule_protocol(protocol: RuleProtocol) -> proto::Protocol {
+    match protocol {
+        RuleProtocol::Tcp => proto::Protocol::Tcp,
+        RuleProtocol::Udp => proto::Protocol::Udp,
+        RuleProtocol::Both => proto::Protocol::Both,
+    }
+}
+
+fn duration_to_proto(d: std::time::Duration) -> prost_types::Duration {
+    prost_types::Duration::try_from(d).expect("CLI durations fit in a protobuf Duration")
+}
+
+fn access_request(args: RequestArgs) -> AccessRequest {
+    // An address goes out as an address, a prefix in canonical form.
+    let source = if args.source.prefix_len() == args.source.max_prefix_len() {
+        args.source.addr().to_string()
+    } else {
+        args.source.to_string()
+    };
+    AccessRequest {
+        // Generated once, so every agent of a fan-out (and any retry of it
+        // through --request-id) sees the same id.
+        request_id: args.request_id.unwrap_or_else(random_request_id),
+        ports: args
+            .ports
+            .iter()
+            .map(|spec| PortAccess {
+                port: spec.port.into(),
+                protocol: spec
+                    .protocol
+                    .map_or(proto::Protocol::Unspecified, |p| match p {
+                        net::Protocol::Tcp => proto::Protocol::Tcp,
+                        net::Protocol::Udp => proto::Protocol::Udp,
+                    }) as i32,
+                source: source.clone(),
+            })
+            .collect(),
+        // clap lets exactly one of the two through.
+        lifetime: args
+            .duration
+            .map(|d| Lifetime::Duration(duration_to_proto(d)))
+            .or(args.until.map(Lifetime::EndTime)),
+        requester: args.requester.unwrap_or_else(default_requester),
+        justification: args.justification.unwrap_or_default(),
+        ticket: args.ticket.unwrap_or_default(),
+    }
+}
+
+fn default_requester() -> String {
+    match std::env::var("USER") {
+        Ok(user) if !user.is_empty() => user,
+        // SAFETY: getuid has no preconditions and cannot fail.
+        _ => format!("uid:{}", unsafe { libc::getuid() }),
+    }
+}
+
+/// A random version-4 UUID in its usual text form.
+fn random_request_id() -> String {
+    let bits: u128 = rand::random();
+    // Version 4 (bits 76..80) and the RFC 4122 variant (bits 62..64).
+    let bits = (bits & !(0xf << 76) & !(0b11 << 62)) | (0x4 << 76) | (0b10 << 62);
+    format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        bits >> 96,
+        (bits >> 80) & 0xffff,
+        (bits >> 64) & 0xffff,
+        (bits >> 48) & 0xffff,
+        bits & 0xffff_ffff_ffff
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use clap::Parser as _;
+
+    use super::*;
+
+    fn command(args: &[&str]) -> Command {
+        Cli::try_parse_from(std::iter::once("jit-gate").chain(args.iter().copied()))
+            .unwrap()
+            .command
+    }
+
+    fn policy_request(args: &[&str]) -> anyhow::Result<UpdatePolicyRequest> {
+        match command(args) {
+            Command::Policy(PolicyCommand::Change(change)) => policy_change(change),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn request_ids_are_uuid_v4() {
+        let a = random_request_id();
+        assert_ne!(a, random_request_id());
+        let groups: Vec<&str> = a.split('-').collect();
+        assert_eq!(
+            groups.iter().map(|g| g.len()).collect::<Vec<_>>(),
+            [8, 4, 4, 4, 12]
+        );
+        assert!(groups[2].starts_with('4'), "{a}");
+        assert!(
+            matches!(groups[3].as_bytes()[0], b'8' | b'9' | b'a' | b'b'),
+            "{a}"
+        );
+    }
+
+    #[test]
+    fn access_request_fields() {
+        let Command::Request(args) = command(&[
+            "request",
+            "22/tcp",
+            "53",
+            "--source",
+            "2001:db8::/48",
+            "--duration",
+            "90m",
+            "--requester",
+            "alice",
+            "--ticket",
+            "OPS-7",
+            "--request-id",
+            "r-1",
+        ]) else {
+            panic!()
+        };
+        let r = access_request(args);
+        assert_eq!(r.request_id, "r-1");
+        assert_eq!(r.requester, "alice");
+        assert_eq!(r.ticket, "OPS-7");
+        assert_eq!(r.justification, "");
+        assert_eq!(
+            r.lifetime,
+            Some(Lifetime::Duration(prost_types::Duration {
+                seconds: 5400,
+                nanos: 0
+            }))
+        );
+        assert_eq!(
+            r.ports,
+            [
+                PortAccess {
+                    port: 22,
+                    protocol: proto::Protocol::Tcp as i32,
+                    source: "2001:db8::/48".into()
+                },
+                PortAccess {
+                    port: 53,
+                    protocol: proto::Protocol::Unspecified as i32,
+                    source: "2001:db8::/48".into()
+                },
+            ]
+        );
+        let Command::Request(args) = command(&[
+            "request",
+            "22",
+            "--source",
+            "10.1.2.3",
+            "--until",
+            "2030-01-01T00:00:00Z",
+        ]) else {
+            panic!()
+        };
+        let r = access_request(args);
+        assert_eq!(r.ports[0].source, "10.1.2.3");
+        assert!(matches!(r.lifetime, Some(Lifetime::EndTime(_))));
+        assert!(!r.requester.is_empty());
+        assert_eq!(r.request_id.len(), 36);
+    }
+
+    #[test]
+    fn add_and_remove_port() {
+        let r = policy_request(&[
+            "policy",
+            "add-port",
+            "2222",
+            "--allow",
+            "10.0.0.0/8",
+            "--expect-revision",
+            "4",
+        ])
+        .unwrap();
+        assert_eq!(r.expected_revision, 4);
+        assert_eq!(
+            r.change,
+            Some(Change::UpsertRule(proto::PortRule {
+                port: 2222,
+                protocol: proto::Protocol::Tcp as i32,
+                allowed_source_prefixes: vec!["10.0.0.0/8".into()],
+                max_duration: Some(prost_types::Duration {
+                    seconds: 3 * 3600,
+                    nanos: 0
+                }),
+                require_justification: false,
+                require_ticket: false,
+            }))
+        );
+        let err = policy_request(&["policy", "add-port", "22", "--max-duration", "25h"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("outside 1m..=24h"), "{err}");
+        let r = policy_request(&["policy", "remove-port", "53", "--protocol", "udp"]).unwrap();
+        assert_eq!(r.expected_revision, 0);
+        assert_eq!(
+            r.change,
+            Some(Change::RemoveRule(RuleKey {
+                port: 53,
+                protocol: proto::Protocol::Udp as i32
+            }))
+        );
+    }
+
+    #[test]
+    fn policy_file() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(
+            file,
+            "[[policy]]\nport = 22\nprotocol = \"tcp\"\nallowed_sources = [\"198.51.100.0/24\"]\n\
+             max_duration = \"1h\"\nrequire_justification = true\n\
+             [[policy]]\nport = 500\nprotocol = \"both\""
+        )
+        .unwrap();
+        let path = file.path().to_str().unwrap();
+        let r = policy_request(&["policy", "set", "--file", path]).unwrap();
+        let Some(Change::Replace(policy)) = r.change else {
+            panic!("{:?}", r.change)
+        };
+        assert_eq!(policy.rules.len(), 2);
+        assert_eq!(policy.rules[0].allowed_source_prefixes, ["198.51.100.0/24"]);
+        assert_eq!(policy.rules[0].max_duration.unwrap().seconds, 3600);
+        assert!(policy.rules[0].require_justification);
+        assert_eq!(policy.rules[1].protocol, proto::Protocol::Both as i32);
+
+        for (text, needle) in [
+            (
+                "[[policy]]\nport = 22\nprotocol = \"tcp\"\ncolour = 1",
+                "unknown field `colour`",
+            ),
+            (
+                "[[policy]]\nport = 22\nprotocol = \"sctp\"",
+                "unknown variant `sctp`",
+            ),
+            (
+                "[[policy]]\nport = 22\nprotocol = \"both\"\n[[policy]]\nport = 22\nprotocol = \"tcp\"",
+                "port 22/tcp is covered by more than one rule",
+            ),
+            ("rules = []", "unknown field `rules`"),
+        ] {
+            std::fs::write(file.path(), text).unwrap();
+            let err = policy_request(&["policy", "set", "--file", path])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with(path) && err.contains(needle),
+                "{text:?}: {err}"
+            );
+        }
+        let err = policy_request(&["policy", "set", "--file", "/nonexistent/p.toml"]).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("reading /nonexistent/p.toml: No such file"),
+            "{err:#}"
+        );
+    }
+}

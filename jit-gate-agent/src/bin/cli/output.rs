@@ -1,0 +1,510 @@
+//! Printing results: full tables for one agent, one row per agent for
+//! several, or a JSON array of per-agent rows.
+
+use comfy_table::{Table, presets};
+use jit_gate_agent::proto::{
+    AccessResponse, Event, Grant, ListConnectionsResponse, ListGrantsResponse, Policy,
+    RevokeGrantResponse, Status,
+};
+use serde_json::{Value, json};
+
+use crate::{
+    connect::{CallError, Reply},
+    convert,
+};
+
+/// How a call's result is shown.
+pub trait Render {
+    fn json(&self) -> Value;
+    /// One line, for the row of its agent when a command ran on several.
+    fn summary(&self) -> String;
+    /// Everything, for a command that ran on one agent.
+    fn detail(&self) -> String {
+        format!("{}\n", self.summary())
+    }
+}
+
+/// Prints the replies in the requested form; true if every agent succeeded.
+pub fn report<T: Render>(replies: &[Reply<T>], json: bool) -> bool {
+    if json {
+        let rows: Vec<Value> = replies.iter().map(json_row).collect();
+        println!("{}", pretty(&Value::Array(rows)));
+    } else if let [only] = replies {
+        match &only.result {
+            Ok(result) => print!("{}", result.detail()),
+            Err(error) => eprintln!("{}", error_line(&only.agent, error)),
+        }
+    } else {
+        let mut table = table(&["AGENT", "RESULT", "SUMMARY"]);
+        for reply in replies {
+            let (result, summary) = match &reply.result {
+                Ok(result) => ("ok", result.summary()),
+                Err(error) => ("error", error.to_string()),
+            };
+            table.add_row(vec![reply.agent.to_string(), result.into(), summary]);
+        }
+        println!("{table}");
+    }
+    replies.iter().all(|r| r.result.is_ok())
+}
+
+/// One result on one line, for streams: a compact JSON row (the shape of a
+/// fan-out row), or the summary, after the agent's name if `tagged`.
+/// Failures go to stderr in text mode.
+pub fn print_line<T: Render>(reply: &Reply<T>, json: bool, tagged: bool) {
+    match &reply.result {
+        _ if json => println!("{}", json_row(reply)),
+        Ok(result) if tagged => println!("{}  {}", reply.agent, result.summary()),
+        Ok(result) => println!("{}", result.summary()),
+        Err(error) => eprintln!("{}", error_line(&reply.agent, error)),
+    }
+}
+
+fn json_row<T: Render>(reply: &Reply<T>) -> Value {
+    let agent = reply.agent.to_string();
+    match &reply.result {
+        Ok(result) => json!({ "agent": agent, "ok": true, "result": result.json() }),
+        Err(error) => json!({ "agent": agent, "ok": false, "error": error_json(error) }),
+    }
+}
+
+fn error_json(error: &CallError) -> Value {
+    json!({ "code": error.code_name(), "message": error.message })
+}
+
+fn error_line(agent: &impl std::fmt::Display, error: &CallError) -> String {
+    format!("error: {agent}: {error}")
+}
+
+fn pretty(value: &Value) -> String {
+    serde_json::to_string_pretty(value).expect("JSON values always serialize")
+}
+
+/// A borderless table with a header: easy to read and to grep.
+fn table(header: &[&str]) -> Table {
+    let mut table = Table::new();
+    table
+        .load_preset(presets::NOTHING)
+        .set_header(header.to_vec());
+    table
+}
+
+/// A time for people: RFC 3339 to the second, "-" if unset.
+fn time(at: Option<&prost_types::Timestamp>) -> String {
+    at.map_or_else(
+        || "-".into(),
+        |t| {
+            prost_types::Timestamp {
+                seconds: t.seconds,
+                nanos: 0,
+            }
+            .to_string()
+        },
+    )
+}
+
+fn port(port: u32, protocol: i32) -> String {
+    format!("{port}/{}", convert::protocol(protocol))
+}
+
+fn yes_no(flag: bool) -> &'static str {
+    if flag { "yes" } else { "no" }
+}
+
+fn plural(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// The grants table shared by request, revoke and grants.
+fn grants_table(grants: &[Grant]) -> Table {
+    let mut table = table(&[
+        "ID",
+        "PORT",
+        "SOURCE",
+        "REQUESTER",
+        "STATE",
+        "EXPIRES",
+        "ENDED",
+    ]);
+    for g in grants {
+        table.add_row(vec![
+            g.id.to_string(),
+            port(g.port, g.protocol),
+            g.source.clone(),
+            g.requester.clone(),
+            convert::grant_state(g.state),
+            time(g.expires_at.as_ref()),
+            time(g.ended_at.as_ref()),
+        ]);
+    }
+    table
+}
+
+impl Render for Status {
+    fn json(&self) -> Value {
+        convert::status(self)
+    }
+
+    fn summary(&self) -> String {
+        let modes: Vec<String> = self
+            .interfaces
+            .iter()
+            .map(|i| format!("{} {}", i.name, convert::enforcement_mode(i.mode)))
+            .collect();
+        format!(
+            "{}, {}, {}, {}, policy revision {}",
+            self.configured_mode,
+            if modes.is_empty() {
+                "no interfaces".into()
+            } else {
+                modes.join(", ")
+            },
+            plural(self.ports.len(), "port", "ports"),
+            plural(self.active_grants as usize, "active grant", "active grants"),
+            self.policy_revision
+        )
+    }
+
+    fn detail(&self) -> String {
+        let header = format!(
+            "version:          {}\n\
+             started:          {}\n\
+             configured mode:  {}\n\
+             nftables active:  {}\n\
+             active grants:    {}\n\
+             policy revision:  {}\n",
+            self.version,
+            time(self.started_at.as_ref()),
+            self.configured_mode,
+            yes_no(self.nftables_active),
+            self.active_grants,
+            self.policy_revision
+        );
+        let mut interfaces = table(&["INTERFACE", "ENFORCEMENT", "REASON"]);
+        for i in &self.interfaces {
+            interfaces.add_row(vec![
+                i.name.clone(),
+                convert::enforcement_mode(i.mode),
+                i.reason.clone(),
+            ]);
+        }
+        let mut ports = table(&[
+            "PORT",
+            "ACTIVE GRANTS",
+            "CONNECTIONS",
+            "GRANTS (7 DAYS)",
+            "LAST ACCESS",
+        ]);
+        for p in &self.ports {
+            ports.add_row(vec![
+                port(p.port, p.protocol),
+                p.active_grants.to_string(),
+                p.connections.to_string(),
+                p.grants_last_7_days.to_string(),
+                time(p.last_access.as_ref()),
+            ]);
+        }
+        format!("{header}\n{interfaces}\n\n{ports}\n")
+    }
+}
+
+impl Render for Policy {
+    fn json(&self) -> Value {
+        convert::policy(self)
+    }
+
+    fn summary(&self) -> String {
+        let ports: Vec<String> = self
+            .rules
+            .iter()
+            .map(|r| port(r.port, r.protocol))
+            .collect();
+        format!(
+            "revision {}, {}: {}",
+            self.revision,
+            plural(self.rules.len(), "rule", "rules"),
+            ports.join(" ")
+        )
+    }
+
+    fn detail(&self) -> String {
+        let mut rules = table(&[
+            "PORT",
+            "ALLOWED SOURCES",
+            "MAX DURATION",
+            "JUSTIFICATION",
+            "TICKET",
+        ]);
+        for r in &self.rules {
+            rules.add_row(vec![
+                port(r.port, r.protocol),
+                if r.allowed_source_prefixes.is_empty() {
+                    "any".into()
+                } else {
+                    r.allowed_source_prefixes.join(" ")
+                },
+                r.max_duration
+                    .as_ref()
+                    .map_or_else(|| "3h (default)".into(), convert::duration_text),
+                if r.require_justification {
+                    "required"
+                } else {
+                    "-"
+                }
+                .into(),
+                if r.require_ticket { "required" } else { "-" }.into(),
+            ]);
+        }
+        format!("policy revision {}\n\n{rules}\n", self.revision)
+    }
+}
+
+impl Render for AccessResponse {
+    fn json(&self) -> Value {
+        convert::access(self)
+    }
+
+    fn summary(&self) -> String {
+        let grants: Vec<String> = self
+            .grants
+            .iter()
+            .map(|g| format!("#{} {}", g.id, port(g.port, g.protocol)))
+            .collect();
+        let expires = self
+            .grants
+            .iter()
+            .filter_map(|g| g.expires_at)
+            .max_by_key(|t| (t.seconds, t.nanos));
+        format!(
+            "{}{}: {}, until {}",
+            plural(self.grants.len(), "grant", "grants"),
+            if self.replayed { " (replayed)" } else { "" },
+            grants.join(", "),
+            time(expires.as_ref())
+        )
+    }
+
+    fn detail(&self) -> String {
+        let request = self.grants.first().map_or("", |g| g.request_id.as_str());
+        let note = if self.replayed {
+            " (seen before: these are the grants it created)"
+        } else {
+            ""
+        };
+        format!(
+            "request {request}{note}\n\n{}\n",
+            grants_table(&self.grants)
+        )
+    }
+}
+
+impl Render for RevokeGrantResponse {
+    fn json(&self) -> Value {
+        convert::revoke(self)
+    }
+
+    fn summary(&self) -> String {
+        let state = self.grant.as_ref().map_or_else(
+            || "grant".into(),
+            |g| format!("grant #{} {}", g.id, convert::grant_state(g.state)),
+        );
+        format!(
+            "{state}, {} terminated",
+            plural(
+                self.connections_terminated as usize,
+                "connection",
+                "connections"
+            )
+        )
+    }
+
+    fn detail(&self) -> String {
+        let grants = grants_table(self.grant.as_slice());
+        format!("{grants}\n\n{}\n", self.summary())
+    }
+}
+
+impl Render for ListGrantsResponse {
+    fn json(&self) -> Value {
+        convert::grant_list(self)
+    }
+
+    fn summary(&self) -> String {
+        let active = self
+            .grants
+            .iter()
+            .filter(|g| g.state == jit_gate_agent::proto::GrantState::Active as i32)
+            .count();
+        format!(
+            "{} ({active} active)",
+            plural(self.grants.len(), "grant", "grants")
+        )
+    }
+
+    fn detail(&self) -> String {
+        format!("{}\n", grants_table(&self.grants))
+    }
+}
+
+impl Render for Event {
+    fn json(&self) -> Value {
+        convert::event(self)
+    }
+
+    fn summary(&self) -> String {
+        let grant = match self.grant_id {
+            0 => String::new(),
+            id => format!(" grant #{id}"),
+        };
+        format!(
+            "{}  #{}  {}  {}{grant}  {}",
+            time(self.at.as_ref()),
+            self.sequence,
+            convert::event_kind(self.kind),
+            self.principal,
+            self.message
+        )
+    }
+}
+
+impl Render for ListConnectionsResponse {
+    fn json(&self) -> Value {
+        convert::connection_list(self)
+    }
+
+    fn summary(&self) -> String {
+        plural(self.connections.len(), "connection", "connections")
+    }
+
+    fn detail(&self) -> String {
+        let mut table = table(&["PROTO", "REMOTE", "LOCAL", "GRANT", "OPENED"]);
+        for c in &self.connections {
+            table.add_row(vec![
+                convert::protocol(c.protocol),
+                c.remote.clone(),
+                c.local.clone(),
+                match c.grant_id {
+                    0 => "(pre-existing)".into(),
+                    id => id.to_string(),
+                },
+                time(c.opened_at.as_ref()),
+            ]);
+        }
+        format!("{table}\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use jit_gate_agent::proto::{GrantState, Protocol};
+    use tonic::Code;
+
+    use super::*;
+    use crate::connect::Agent;
+
+    fn grant(id: u64, port: u32) -> Grant {
+        Grant {
+            id,
+            request_id: "req-1".into(),
+            port,
+            protocol: Protocol::Tcp as i32,
+            source: "198.51.100.7".into(),
+            requester: "alice".into(),
+            state: GrantState::Active as i32,
+            expires_at: Some(prost_types::Timestamp {
+                seconds: 1_900_000_000,
+                nanos: 250,
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn json_rows_for_success_and_failure() {
+        let replies = [
+            Reply {
+                agent: "/run/a.sock".parse::<Agent>().unwrap(),
+                result: Ok(ListConnectionsResponse::default()),
+            },
+            Reply {
+                agent: "unix:///run/b.sock".parse().unwrap(),
+                result: Err(CallError {
+                    code: Code::PermissionDenied,
+                    message: "uid 1000 has no role".into(),
+                }),
+            },
+        ];
+        let rows: Vec<Value> = replies.iter().map(json_row).collect();
+        assert_eq!(
+            Value::Array(rows),
+            json!([
+                { "agent": "/run/a.sock", "ok": true, "result": { "connections": [] } },
+                { "agent": "/run/b.sock", "ok": false,
+                  "error": { "code": "PermissionDenied", "message": "uid 1000 has no role" } },
+            ])
+        );
+    }
+
+    #[test]
+    fn error_line_names_agent_and_code() {
+        let error = CallError {
+            code: Code::InvalidArgument,
+            message: "port 0 cannot be protected".into(),
+        };
+        assert_eq!(
+            error_line(&"/run/a.sock".parse::<Agent>().unwrap(), &error),
+            "error: /run/a.sock: InvalidArgument: port 0 cannot be protected"
+        );
+    }
+
+    #[test]
+    fn access_summary_and_detail() {
+        let response = AccessResponse {
+            grants: vec![grant(12, 22), grant(13, 3389)],
+            replayed: true,
+        };
+        assert_eq!(
+            response.summary(),
+            "2 grants (replayed): #12 22/tcp, #13 3389/tcp, until 2030-03-17T17:46:40Z"
+        );
+        let detail = response.detail();
+        assert!(detail.starts_with("request req-1 (seen before"), "{detail}");
+        assert!(detail.contains("3389/tcp"), "{detail}");
+        assert!(detail.contains("2030-03-17T17:46:40Z"), "{detail}");
+    }
+
+    #[test]
+    fn one_line_summaries() {
+        let grants = ListGrantsResponse {
+            grants: vec![
+                grant(1, 22),
+                Grant {
+                    state: GrantState::Expired as i32,
+                    ..grant(2, 22)
+                },
+            ],
+        };
+        assert_eq!(grants.summary(), "2 grants (1 active)");
+        let revoke = RevokeGrantResponse {
+            grant: Some(Grant {
+                state: GrantState::Revoked as i32,
+                ..grant(7, 22)
+            }),
+            connections_terminated: 1,
+        };
+        assert_eq!(
+            revoke.summary(),
+            "grant #7 revoked, 1 connection terminated"
+        );
+        let status = Status {
+            configured_mode: "nftables".into(),
+            active_grants: 1,
+            policy_revision: 3,
+            ..Default::default()
+        };
+        assert_eq!(
+            status.summary(),
+            "nftables, no interfaces, 0 ports, 1 active grant, policy revision 3"
+        );
+    }
+}
