@@ -133,7 +133,7 @@ impl JitGate for FakeAgent {
         request: Request<WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         self.check()?;
-        let after = request.into_inner().after_sequence;
+        let after = request.into_inner().after_sequence.unwrap_or(0);
         let events = (after + 1..=after + 2).map(|sequence| {
             Ok(Event {
                 sequence,

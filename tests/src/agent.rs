@@ -23,7 +23,10 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 pub fn workspace_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("executable path");
     let here = exe.parent().expect("target directory");
-    let candidates = [here.join(name), here.parent().map(|p| p.join(name)).unwrap_or_default()];
+    let candidates = [
+        here.join(name),
+        here.parent().map(|p| p.join(name)).unwrap_or_default(),
+    ];
     candidates
         .iter()
         .find(|p| p.is_file())

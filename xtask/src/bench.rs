@@ -9,7 +9,15 @@ pub fn run(args: &[String]) -> Result<()> {
     cmd::run(cargo().args(["build", "--release", "-p", "jit-gate-agent", "--bins"]))?;
     for bench in ["jit-gate-bench", "jit-gate-control-bench"] {
         let mut command = cargo();
-        command.args(["run", "--release", "-p", "jit-gate-tests", "--bin", bench, "--"]);
+        command.args([
+            "run",
+            "--release",
+            "-p",
+            "jit-gate-tests",
+            "--bin",
+            bench,
+            "--",
+        ]);
         if bench == "jit-gate-bench" {
             command.args(args);
         }

@@ -91,7 +91,10 @@ fn access(id: String, source: IpAddr, seconds: i64) -> proto::AccessRequest {
             protocol: proto::Protocol::Tcp as i32,
             source: source.to_string(),
         }],
-        lifetime: Some(Lifetime::Duration(prost_types::Duration { seconds, nanos: 0 })),
+        lifetime: Some(Lifetime::Duration(prost_types::Duration {
+            seconds,
+            nanos: 0,
+        })),
         requester: "bench".into(),
         justification: String::new(),
         ticket: String::new(),
@@ -142,7 +145,9 @@ struct Latency {
 fn measure_latency(ns: String, socket: PathBuf, samples: usize) -> Result<Latency> {
     std::thread::spawn(move || {
         enter(&ns);
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         runtime.block_on(async {
             let mut api = JitGateClient::new(jit_gate_tests::agent::connect(&socket).await?);
             let mut out = Latency {
@@ -192,7 +197,11 @@ fn expiring_source(i: u32) -> IpAddr {
     IpAddr::V4(Ipv4Addr::from(0xac10_0000 + i))
 }
 
-async fn fill(api: &JitGateClient<Channel>, total: u32, concurrency: u32) -> Result<(f64, Vec<Duration>)> {
+async fn fill(
+    api: &JitGateClient<Channel>,
+    total: u32,
+    concurrency: u32,
+) -> Result<(f64, Vec<Duration>)> {
     let start = Instant::now();
     let mut tasks = Vec::new();
     for worker in 0..concurrency {
@@ -246,7 +255,10 @@ async fn expiry_lateness(api: &mut JitGateClient<Channel>, count: u32) -> Result
             .await?
             .into_inner();
         let g = &grant.grants[0];
-        expires.insert(g.id, SystemTime::try_from(g.expires_at.context("expires_at")?)?);
+        expires.insert(
+            g.id,
+            SystemTime::try_from(g.expires_at.context("expires_at")?)?,
+        );
     }
     let mut lateness = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -265,7 +277,10 @@ async fn expiry_lateness(api: &mut JitGateClient<Channel>, count: u32) -> Result
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    ensure!(args.samples > 0 && args.expiring > 0, "samples and expiring must be positive");
+    ensure!(
+        args.samples > 0 && args.expiring > 0,
+        "samples and expiring must be positive"
+    );
     let topo = Topology::new();
     let files = AgentFiles::new(&topo.gated);
     // The production defaults (reconcile every 5 s), not the tests' 1 s.
@@ -281,12 +296,22 @@ fn main() -> Result<()> {
     )?;
     let client_if = client_interface(&topo.client)?;
     for i in 0..LATENCY_SOURCES {
-        topo.client
-            .exec_ip(&["addr", "add", &format!("{}/24", latency_source(i.into())), "dev", &client_if]);
+        topo.client.exec_ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", latency_source(i.into())),
+            "dev",
+            &client_if,
+        ]);
     }
-    let _servers = [SSH, OPEN_PORT].map(|port| TcpEcho::start(&topo.gated, SocketAddr::new(GATED_V4.into(), port)));
+    let _servers = [SSH, OPEN_PORT]
+        .map(|port| TcpEcho::start(&topo.gated, SocketAddr::new(GATED_V4.into(), port)));
     let agent = Agent::start(&files);
-    println!("agent {} gating {} (XDP + nftables)\n", agent.pid(), topo.gated_if);
+    println!(
+        "agent {} gating {} (XDP + nftables)\n",
+        agent.pid(),
+        topo.gated_if
+    );
 
     let latency = measure_latency(topo.client.name.clone(), files.socket(), args.samples)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -302,7 +327,10 @@ fn main() -> Result<()> {
             .into_inner()
             .active_grants;
         if listed != args.grants {
-            bail!("{listed} active grants after the fill, expected {}", args.grants);
+            bail!(
+                "{listed} active grants after the fill, expected {}",
+                args.grants
+            );
         }
         let (rss, peak) = rss_mib(agent.pid())?;
         let lateness = expiry_lateness(&mut api, args.expiring).await?;
@@ -332,16 +360,37 @@ fn main() -> Result<()> {
 
 fn print_table(args: &Args, r: &Results) {
     let row = |name: &str, p: &Percentiles| {
-        println!("{name:<44} {:>9.0} {:>9.0} {:>9.0}", p.p50_us, p.p99_us, p.max_us);
+        println!(
+            "{name:<44} {:>9.0} {:>9.0} {:>9.0}",
+            p.p50_us, p.p99_us, p.max_us
+        );
     };
-    println!("{:<44} {:>9} {:>9} {:>9}", "latency (µs)", "p50", "p99", "max");
-    row(&format!("RequestAccess RPC ({} samples)", args.samples), &r.grant_rpc);
+    println!(
+        "{:<44} {:>9} {:>9} {:>9}",
+        "latency (µs)", "p50", "p99", "max"
+    );
+    row(
+        &format!("RequestAccess RPC ({} samples)", args.samples),
+        &r.grant_rpc,
+    );
     row("GetPolicy RPC (no-op floor)", &r.noop_rpc);
-    row("grant-to-enforced: RPC return → TCP established", &r.grant_to_enforced);
-    row("TCP handshake to an unprotected port (floor)", &r.handshake_floor);
+    row(
+        "grant-to-enforced: RPC return → TCP established",
+        &r.grant_to_enforced,
+    );
+    row(
+        "TCP handshake to an unprotected port (floor)",
+        &r.handshake_floor,
+    );
     row("RevokeGrant RPC", &r.revoke_rpc);
-    row(&format!("RequestAccess RPC under load (x{})", args.concurrency), &r.throughput_rpc);
-    row(&format!("expiry lateness ({} grants)", args.expiring), &r.expiry_lateness);
+    row(
+        &format!("RequestAccess RPC under load (x{})", args.concurrency),
+        &r.throughput_rpc,
+    );
+    row(
+        &format!("expiry lateness ({} grants)", args.expiring),
+        &r.expiry_lateness,
+    );
     println!(
         "\ngrant-to-enforced p99 / handshake p99: {:.2}x",
         r.grant_to_enforced.p99_us / r.handshake_floor.p99_us
