@@ -90,8 +90,9 @@ pub struct Entry {
 pub struct ActiveGrants {
     by_id: HashMap<u64, ActiveGrant>,
     /// For each target, its grants ordered by (expiry, id): the last is the
-    /// one the kernel entry carries.
-    by_target: BTreeMap<GrantTarget, BTreeSet<(SystemTime, u64)>>,
+    /// one the kernel entry carries. A Vec, not a set: there is usually one
+    /// grant per target, and a set would cost a B-tree node each.
+    by_target: BTreeMap<GrantTarget, Vec<(SystemTime, u64)>>,
     by_expiry: BTreeSet<(SystemTime, u64)>,
 }
 
@@ -117,7 +118,9 @@ impl ActiveGrants {
         if let Some(old) = self.by_id.insert(grant.id, grant) {
             self.unindex(&old);
         }
-        self.by_target.entry(grant.target).or_default().insert(at);
+        let grants = self.by_target.entry(grant.target).or_default();
+        let position = grants.partition_point(|g| *g < at);
+        grants.insert(position, at);
         self.by_expiry.insert(at);
     }
 
@@ -131,7 +134,7 @@ impl ActiveGrants {
         let at = (grant.expires_at, grant.id);
         self.by_expiry.remove(&at);
         if let Some(set) = self.by_target.get_mut(&grant.target) {
-            set.remove(&at);
+            set.retain(|g| *g != at);
             if set.is_empty() {
                 self.by_target.remove(&grant.target);
             }
@@ -163,7 +166,7 @@ impl ActiveGrants {
     fn same_port<'a>(
         &'a self,
         target: &'a GrantTarget,
-    ) -> impl Iterator<Item = (&'a GrantTarget, &'a BTreeSet<(SystemTime, u64)>)> + 'a {
+    ) -> impl Iterator<Item = (&'a GrantTarget, &'a Vec<(SystemTime, u64)>)> + 'a {
         self.by_target
             .iter()
             .filter(move |(t, _)| t.protocol == target.protocol && t.port == target.port)

@@ -41,7 +41,8 @@ mod sets;
 use std::{
     collections::{BTreeMap, BTreeSet},
     ffi::CString,
-    io,
+    fmt, io,
+    sync::Mutex,
     time::Duration,
 };
 
@@ -101,15 +102,62 @@ type Result<T, E = NftError> = std::result::Result<T, E>;
 const READ_ATTEMPTS: usize = 3;
 
 /// The agent's nftables table.
-#[derive(Clone, Debug)]
 pub struct NftGate {
     table: String,
+    /// The netlink socket of the last successful call, reused: closing a
+    /// netfilter socket waits for an RCU grace period (10-20 ms here).
+    socket: Mutex<Option<Socket>>,
+}
+
+impl Clone for NftGate {
+    fn clone(&self) -> Self {
+        NftGate::new(self.table.clone())
+    }
+}
+
+impl fmt::Debug for NftGate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NftGate")
+            .field("table", &self.table)
+            .finish()
+    }
+}
+
+/// A socket lent out of `NftGate::socket` for one call. It goes back only
+/// through `done` with a success: after an error, answers may be queued
+/// in it, so it is closed instead.
+struct Lease<'a> {
+    slot: &'a Mutex<Option<Socket>>,
+    socket: Socket,
+}
+
+impl Lease<'_> {
+    fn done<T>(self, result: Result<T>) -> Result<T> {
+        if result.is_ok() {
+            *self.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(self.socket);
+        }
+        result
+    }
+}
+
+impl std::ops::Deref for Lease<'_> {
+    type Target = Socket;
+    fn deref(&self) -> &Socket {
+        &self.socket
+    }
+}
+
+impl std::ops::DerefMut for Lease<'_> {
+    fn deref_mut(&mut self) -> &mut Socket {
+        &mut self.socket
+    }
 }
 
 impl NftGate {
     pub fn new(table: impl Into<String>) -> Self {
         NftGate {
             table: table.into(),
+            socket: Mutex::new(None),
         }
     }
 
@@ -117,12 +165,23 @@ impl NftGate {
         &self.table
     }
 
-    fn open(&self) -> Result<(GateTable, Socket)> {
+    fn open(&self) -> Result<(GateTable, Lease<'_>)> {
         let name = CString::new(self.table.as_str())
             .ok()
             .filter(|n| (1..=255).contains(&n.as_bytes().len()))
             .ok_or_else(|| NftError::InvalidTableName(self.table.clone()))?;
-        Ok((GateTable::new(&name), Socket::open()?))
+        let cached = self.socket.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let socket = match cached {
+            Some(socket) => socket,
+            None => Socket::open()?,
+        };
+        Ok((
+            GateTable::new(&name),
+            Lease {
+                slot: &self.socket,
+                socket,
+            },
+        ))
     }
 
     /// Atomically (one netlink batch) replaces the table with exactly
@@ -137,7 +196,8 @@ impl NftGate {
             table.push_allow_set(&mut batch, set);
         }
         allowed.push(&table, &mut batch, ElementOp::Add);
-        socket.commit(batch)
+        let result = socket.commit(batch);
+        socket.done(result)
     }
 
     /// Atomically changes the protected set, keeping allowed elements.
@@ -147,7 +207,8 @@ impl NftGate {
         Set::named(table.name(), &c_name(PROTECTED_SET))
             .push_flush(&mut batch, table.what("flush set protected"));
         push_protected(&table, &mut batch, protected);
-        socket.commit(batch)
+        let result = socket.commit(batch);
+        socket.done(result)
     }
 
     /// One batch: adds elements, or refreshes the timeout of ones already
@@ -171,7 +232,8 @@ impl NftGate {
         // timeout since Linux 6.12, and older ones silently keep the old one.
         allowed.push(&table, &mut batch, ElementOp::Destroy);
         allowed.push(&table, &mut batch, ElementOp::Add);
-        socket.commit(batch)
+        let result = socket.commit(batch);
+        socket.done(result)
     }
 
     /// One batch: removes elements; absent ones (or an absent table) are not
@@ -182,16 +244,17 @@ impl NftGate {
         }
         let (table, mut socket) = self.open()?;
         let Some(existing) = allow_sets(&table, &mut socket)? else {
-            return Ok(());
+            return socket.done(Ok(()));
         };
         let mut allowed = Allowed::new(&table, targets.iter().map(|t| (*t, None)));
         allowed.0.retain(|set, _| existing.contains(set));
         let mut batch = Batch::new();
         allowed.push(&table, &mut batch, ElementOp::Destroy);
         if batch.is_empty() {
-            return Ok(());
+            return socket.done(Ok(()));
         }
-        socket.commit(batch)
+        let result = socket.commit(batch);
+        socket.done(result)
     }
 
     /// Reads the table back (netlink dump): protected set and live elements
@@ -199,11 +262,12 @@ impl NftGate {
     pub fn read(&self) -> Result<Option<NftState>> {
         let mut attempts = 1;
         loop {
-            // A fresh socket each time: an interrupted dump leaves answers queued.
+            // An interrupted dump leaves answers queued: the lease closes
+            // that socket and the next attempt opens a fresh one.
             let (table, mut socket) = self.open()?;
             match self.read_once(&table, &mut socket) {
                 Err(NftError::Interrupted) if attempts < READ_ATTEMPTS => attempts += 1,
-                result => return result,
+                result => return socket.done(result),
             }
         }
     }
@@ -248,11 +312,12 @@ impl NftGate {
         let (table, mut socket) = self.open()?;
         let mut batch = Batch::new();
         table.push_delete(&mut batch);
-        match socket.commit(batch) {
+        let result = match socket.commit(batch) {
             Ok(()) => Ok(true),
             Err(e) if e.is_not_found() => Ok(false),
             Err(e) => Err(e),
-        }
+        };
+        socket.done(result)
     }
 }
 

@@ -140,8 +140,10 @@ const OBSERVE_EVERY: Duration = Duration::from_secs(1);
 const FORGET_FLOWS_EVERY: Duration = Duration::from_secs(10);
 /// At most one denied-packet report per source per this long (in the kernel).
 const DENY_REPORT_INTERVAL: Duration = Duration::from_secs(10);
+/// Reconciliation takes at most 1/20 of the engine's time.
+const RECONCILE_TIME_SHARE_INVERSE: u32 = 20;
 /// Audit records kept in the broadcast buffer for slow watchers.
-const EVENT_BUFFER: usize = 4096;
+const EVENT_BUFFER: usize = 1024;
 const CONFIG_POLICY_KEY: &str = "config_policy_digest";
 
 pub struct Engine {
@@ -278,8 +280,18 @@ impl Engine {
                 next_forget = now + FORGET_FLOWS_EVERY;
             }
             if now >= next_reconcile {
+                let started = Instant::now();
                 self.log_failure("reconciling", |e| e.reconcile());
-                next_reconcile = Instant::now() + self.config.reconcile_interval;
+                // Reading every kernel entry back takes time in proportion
+                // to the grants (about 1 s for 100,000): keep it under a
+                // fixed share of the engine's time.
+                let took = started.elapsed();
+                next_reconcile = Instant::now()
+                    + self
+                        .config
+                        .reconcile_interval
+                        .max(took * RECONCILE_TIME_SHARE_INVERSE);
+                release_free_memory();
             }
         }
     }
@@ -580,6 +592,15 @@ impl Engine {
         batch.set_meta(CONFIG_POLICY_KEY, &digest)?;
         batch.commit()?;
         Ok(())
+    }
+}
+
+/// Returns memory freed after a reconciliation (the kernel state read back
+/// for comparison) to the system; glibc keeps it in its arenas otherwise.
+fn release_free_memory() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -36,8 +36,9 @@ struct Args {
     /// Active grants to reach (throughput and memory phase).
     #[arg(long, default_value_t = 100_000)]
     grants: u32,
-    /// Concurrent brokers in the throughput phase.
-    #[arg(long, default_value_t = 16)]
+    /// Concurrent brokers in the throughput phase (the agent commits the
+    /// requests waiting at once in one transaction).
+    #[arg(long, default_value_t = 64)]
     concurrency: u32,
     /// Short grants whose expiry lateness is measured.
     #[arg(long, default_value_t = 500)]
@@ -48,8 +49,9 @@ struct Args {
 
 const SSH: u16 = 22;
 const OPEN_PORT: u16 = 8080;
-/// Client addresses used as fresh sources in the latency loop.
-const LATENCY_SOURCES: u8 = 200;
+/// Client addresses used as fresh sources in the latency loop (192.0.2.10
+/// and up, clear of the topology's own client addresses).
+const LATENCY_SOURCES: u8 = 100;
 
 #[derive(Serialize)]
 struct Percentiles {
