@@ -45,11 +45,23 @@ pub enum Lifetime {
     },
 }
 
+/// The protocol a port is asked for. Untagged, so a request serialises
+/// (and fingerprints) as it did when this was an `Option<Protocol>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum RequestedProtocol {
+    /// Every protocol the port's rule covers.
+    Covered,
+    Only(Protocol),
+    /// A wire value the API does not know: refused by validation, so that
+    /// the refusal is audited like any other.
+    Unknown(i32),
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct PortAccess {
     pub port: u32,
-    /// `None`: every protocol the port's rule covers.
-    pub protocol: Option<Protocol>,
+    pub protocol: RequestedProtocol,
     pub source: String,
 }
 
@@ -94,10 +106,10 @@ impl AccessRequest {
         let expires_at = now + duration;
         let mut specs = Vec::new();
         let mut seen = BTreeSet::new();
-        for access in &self.ports {
+        for (index, access) in self.ports.iter().enumerate() {
             let port = valid_port(access.port)?;
             let source = parse_source(&access.source)?;
-            for protocol in protocols_for(policy, port, access.protocol)? {
+            for protocol in protocols_for(policy, port, access.protocol, index)? {
                 let rule = policy
                     .rule_for(protocol, port)
                     .expect("protocols_for returns covered protocols only");
@@ -233,12 +245,23 @@ fn parse_source(text: &str) -> Result<IpNet, Refusal> {
     Ok(source)
 }
 
-/// The protocols to open on `port`: the one asked for, or all the port's rules cover.
+/// The protocols to open on `port` (named by `ports[index]`): the one asked
+/// for, or all the port's rules cover.
 fn protocols_for(
     policy: &Policy,
     port: u16,
-    asked: Option<Protocol>,
+    asked: RequestedProtocol,
+    index: usize,
 ) -> Result<Vec<Protocol>, Refusal> {
+    let asked = match asked {
+        RequestedProtocol::Covered => None,
+        RequestedProtocol::Only(p) => Some(p),
+        RequestedProtocol::Unknown(value) => {
+            return Err(Refusal::invalid(format!(
+                "ports[{index}]: unknown protocol value {value}"
+            )));
+        }
+    };
     let covered: Vec<Protocol> = policy
         .rules_on(port)
         .flat_map(|r| r.protocol.protocols().iter().copied())
@@ -291,7 +314,7 @@ mod tests {
                 .iter()
                 .map(|(port, protocol, source)| PortAccess {
                     port: *port,
-                    protocol: *protocol,
+                    protocol: protocol.map_or(RequestedProtocol::Covered, RequestedProtocol::Only),
                     source: (*source).into(),
                 })
                 .collect(),
@@ -386,6 +409,18 @@ mod tests {
                 "outside the prefixes",
             ),
             (
+                AccessRequest {
+                    ports: vec![PortAccess {
+                        port: 22,
+                        protocol: RequestedProtocol::Unknown(7),
+                        source: "192.0.2.7".into(),
+                    }],
+                    ..request(&[])
+                },
+                InvalidArgument,
+                "ports[0]: unknown protocol value 7",
+            ),
+            (
                 request(
                     &vec![(22, None, "192.0.2.7"); MAX_PORTS_PER_REQUEST + 1]
                         .iter()
@@ -476,6 +511,20 @@ mod tests {
         req.requester = "bob".into();
         req.request_id = String::new();
         assert!(refusal(&req).message.contains("request_id is empty"));
+    }
+
+    #[test]
+    fn requested_protocols_serialise_as_options_did() {
+        let ports = request(&[
+            (22, None, "192.0.2.7"),
+            (500, Some(Protocol::Udp), "192.0.2.7"),
+        ]);
+        let json = serde_json::to_value(&ports.ports).unwrap();
+        assert_eq!(json[0]["protocol"], serde_json::Value::Null);
+        assert_eq!(
+            json[1]["protocol"],
+            serde_json::to_value(Some(Protocol::Udp)).unwrap()
+        );
     }
 
     #[test]

@@ -6,9 +6,9 @@ use std::{
     time::Duration,
 };
 
-use jit_gate_agent::proto::{self, access_request::Lifetime};
+use jit_gate_agent::proto;
 use jit_gate_tests::{
-    agent::{Agent, AgentFiles, client},
+    agent::{Agent, AgentFiles, access, all_grants, client},
     netns::{CLIENT_V4, GATED_V4, Topology},
     traffic::{TcpEcho, round_trip, tcp_connect},
 };
@@ -16,21 +16,7 @@ use jit_gate_tests::{
 const SSH: u16 = 22;
 
 fn request(id: &str, source: &str, seconds: i64) -> proto::AccessRequest {
-    proto::AccessRequest {
-        request_id: id.into(),
-        ports: vec![proto::PortAccess {
-            port: SSH.into(),
-            protocol: proto::Protocol::Tcp as i32,
-            source: source.into(),
-        }],
-        lifetime: Some(Lifetime::Duration(prost_types::Duration {
-            seconds,
-            nanos: 0,
-        })),
-        requester: "alice".into(),
-        justification: "maintenance".into(),
-        ticket: String::new(),
-    }
+    access(id, &[(SSH, proto::Protocol::Tcp, source)], seconds)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -90,16 +76,7 @@ async fn grant_opens_expiry_closes_new_connections_but_keeps_established_ones() 
     tokio::time::sleep(Duration::from_millis(2500)).await;
     round_trip(&mut second, b"after expiry").expect("session survives expiry");
     tcp_connect(&topo.client, from, ssh).expect_timed_out("after expiry");
-    let grants = api
-        .list_grants(proto::ListGrantsRequest {
-            include_ended: true,
-            port: 0,
-            limit: 0,
-        })
-        .await
-        .expect("list grants")
-        .into_inner()
-        .grants;
+    let grants = all_grants(&mut api).await;
     let states: Vec<i32> = grants.iter().map(|g| g.state).collect();
     assert_eq!(
         states,

@@ -12,7 +12,7 @@ use crate::{
     policy::{DEFAULT_MAX_DURATION, Policy, PortRule, RuleProtocol},
     proto,
     refusal::{Refusal, RefusalKind},
-    request::{AccessRequest, Lifetime, PortAccess},
+    request::{AccessRequest, Lifetime, PortAccess, RequestedProtocol},
 };
 
 pub fn status(refusal: Refusal) -> Status {
@@ -66,15 +66,14 @@ fn rule_protocol_from_wire(value: i32, field: &str) -> Result<RuleProtocol, Stat
     }
 }
 
-/// A request's protocol: unspecified or BOTH mean "every covered one".
-fn access_protocol_from_wire(value: i32, index: usize) -> Result<Option<Protocol>, Status> {
+/// A request's protocol: unspecified or BOTH mean "every covered one"; an
+/// unknown value is left for validation to refuse (and audit).
+fn access_protocol_from_wire(value: i32) -> RequestedProtocol {
     match proto::Protocol::try_from(value) {
-        Ok(proto::Protocol::Unspecified | proto::Protocol::Both) => Ok(None),
-        Ok(proto::Protocol::Tcp) => Ok(Some(Protocol::Tcp)),
-        Ok(proto::Protocol::Udp) => Ok(Some(Protocol::Udp)),
-        Err(_) => Err(invalid(format!(
-            "ports[{index}]: unknown protocol value {value}"
-        ))),
+        Ok(proto::Protocol::Unspecified | proto::Protocol::Both) => RequestedProtocol::Covered,
+        Ok(proto::Protocol::Tcp) => RequestedProtocol::Only(Protocol::Tcp),
+        Ok(proto::Protocol::Udp) => RequestedProtocol::Only(Protocol::Udp),
+        Err(_) => RequestedProtocol::Unknown(value),
     }
 }
 
@@ -147,7 +146,7 @@ pub fn policy_to_wire(policy: &Policy) -> proto::Policy {
     }
 }
 
-pub fn access_request(request: proto::AccessRequest) -> Result<AccessRequest, Status> {
+pub fn access_request(request: proto::AccessRequest) -> AccessRequest {
     let lifetime = match request.lifetime {
         None => Lifetime::Missing,
         Some(proto::access_request::Lifetime::Duration(d)) => Lifetime::For {
@@ -162,23 +161,20 @@ pub fn access_request(request: proto::AccessRequest) -> Result<AccessRequest, St
     let ports = request
         .ports
         .into_iter()
-        .enumerate()
-        .map(|(i, p)| {
-            Ok(PortAccess {
-                port: p.port,
-                protocol: access_protocol_from_wire(p.protocol, i)?,
-                source: p.source,
-            })
+        .map(|p| PortAccess {
+            port: p.port,
+            protocol: access_protocol_from_wire(p.protocol),
+            source: p.source,
         })
-        .collect::<Result<_, Status>>()?;
-    Ok(AccessRequest {
+        .collect();
+    AccessRequest {
         request_id: request.request_id,
         ports,
         lifetime,
         requester: request.requester,
         justification: request.justification,
         ticket: request.ticket,
-    })
+    }
 }
 
 pub fn grant(grant: &Grant) -> proto::Grant {
@@ -309,9 +305,10 @@ mod tests {
             }],
             ..Default::default()
         };
-        let err = access_request(request).unwrap_err();
-        assert_eq!(err.code(), Code::InvalidArgument);
-        assert!(err.message().contains("ports[0]"), "{err:?}");
+        assert_eq!(
+            access_request(request).ports[0].protocol,
+            RequestedProtocol::Unknown(7)
+        );
         let ok = access_request(proto::AccessRequest {
             lifetime: Some(proto::access_request::Lifetime::Duration(
                 prost_types::Duration {
@@ -320,8 +317,7 @@ mod tests {
                 },
             )),
             ..Default::default()
-        })
-        .unwrap();
+        });
         assert_eq!(
             ok.lifetime,
             Lifetime::For {

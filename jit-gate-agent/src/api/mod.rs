@@ -118,7 +118,7 @@ impl JitGate for Service {
         request: Request<proto::AccessRequest>,
     ) -> Result<Response<proto::AccessResponse>, Status> {
         let principal = self.authorize(&request, Role::Broker)?;
-        let access = convert::access_request(request.into_inner())?;
+        let access = convert::access_request(request.into_inner());
         let outcome = self
             .call(|reply| Command::RequestAccess {
                 principal,

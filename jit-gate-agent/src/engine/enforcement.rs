@@ -114,10 +114,9 @@ impl Enforcers {
                         old.mode,
                         InterfaceMode::XdpNative | InterfaceMode::XdpGeneric
                     )
+                    && let Err(e) = xdp.detach(&old.name)
                 {
-                    if let Err(e) = xdp.detach(&old.name) {
-                        tracing::warn!("detaching from {}: {e}", old.name);
-                    }
+                    tracing::warn!("detaching from {}: {e}", old.name);
                 }
             }
         }

@@ -74,6 +74,9 @@ impl Engine {
                             }
                         },
                     };
+                if let Pending::Refused(refusal) = &outcome {
+                    audit_refusal(&mut batch, principal, request, refusal, now)?;
+                }
                 outcomes.push(outcome);
             }
             Ok(batch.commit()?)
@@ -339,8 +342,37 @@ fn replay(
     }
 }
 
+/// Audits the refusal of `request`, whatever refused it (validation or a
+/// reused request id).
+fn audit_refusal(
+    batch: &mut Batch<'_>,
+    principal: &Principal,
+    request: &AccessRequest,
+    refusal: &Refusal,
+    now: SystemTime,
+) -> anyhow::Result<()> {
+    batch.audit(
+        Event::new(
+            Kind::RequestRefused,
+            &principal.name,
+            0,
+            format!(
+                "request {:?} refused: {}",
+                request.request_id, refusal.message
+            ),
+        )
+        .with_details(serde_json::json!({
+            "request_id": request.request_id,
+            "requester": request.requester,
+            "code": format!("{:?}", refusal.kind),
+        })),
+        now,
+    )?;
+    Ok(())
+}
+
 /// Validates `request` and, if acceptable, inserts its grants and audit
-/// records into `batch`; a refusal is audited too.
+/// records into `batch`.
 fn grant_request(
     batch: &mut Batch<'_>,
     policy: &Policy,
@@ -351,26 +383,7 @@ fn grant_request(
 ) -> anyhow::Result<Pending> {
     let specs = match request.validate(policy, now) {
         Ok(specs) => specs,
-        Err(refusal) => {
-            batch.audit(
-                Event::new(
-                    Kind::RequestRefused,
-                    &principal.name,
-                    0,
-                    format!(
-                        "request {:?} refused: {}",
-                        request.request_id, refusal.message
-                    ),
-                )
-                .with_details(serde_json::json!({
-                    "request_id": request.request_id,
-                    "requester": request.requester,
-                    "code": format!("{:?}", refusal.kind),
-                })),
-                now,
-            )?;
-            return Ok(Pending::Refused(refusal));
-        }
+        Err(refusal) => return Ok(Pending::Refused(refusal)),
     };
     let mut grants = Vec::with_capacity(specs.len());
     for spec in specs {
