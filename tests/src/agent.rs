@@ -14,7 +14,10 @@ use hyper_util::rt::TokioIo;
 use jit_gate_agent::proto::{self, access_request::Lifetime, jit_gate_client::JitGateClient};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::{env::PinDir, netns::Netns};
+use crate::{
+    env::PinDir,
+    netns::{Netns, nsenter},
+};
 
 /// How long an agent may take to open its socket.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -156,11 +159,8 @@ impl AgentFiles {
     }
 
     fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new("nsenter");
+        let mut command = nsenter(&self.ns, workspace_binary("jit-gate-agent"));
         command
-            .arg(format!("--net=/run/netns/{}", self.ns))
-            .arg("--")
-            .arg(workspace_binary("jit-gate-agent"))
             .arg("--config")
             .arg(self.config_path())
             .args(args)

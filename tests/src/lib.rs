@@ -3,9 +3,12 @@
 //! on drop.
 
 pub mod agent;
+pub mod cli;
 pub mod env;
 pub mod gated_host;
 pub mod netns;
 pub mod packets;
+pub mod process;
 pub mod reference;
+pub mod ssh;
 pub mod traffic;

@@ -5,6 +5,7 @@
 //! 2001:db8::/64), and live only inside these namespaces.
 
 use std::{
+    ffi::OsStr,
     fs::File,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::AsRawFd,
@@ -19,7 +20,7 @@ pub fn ip(args: &[&str]) {
 }
 
 /// Runs `program` with `args`, panicking with its stderr on failure; returns its stdout.
-fn run(program: &str, args: &[&str]) -> String {
+pub(crate) fn run(program: &str, args: &[&str]) -> String {
     let out = Command::new(program)
         .args(args)
         .output()
@@ -78,6 +79,18 @@ impl Netns {
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })
     }
+}
+
+/// `program` to be run in the named namespace through `nsenter`, which
+/// (unlike `ip netns exec`) keeps the host's /sys, so /sys/fs/bpf stays
+/// visible; nsenter execs the program, so the child's pid is the program's.
+pub fn nsenter(ns: &str, program: impl AsRef<OsStr>) -> Command {
+    let mut command = Command::new("nsenter");
+    command
+        .arg(format!("--net=/run/netns/{ns}"))
+        .arg("--")
+        .arg(program);
+    command
 }
 
 /// Moves the calling thread into the named namespace.

@@ -154,11 +154,11 @@ pub fn terminate(
             .collect(),
         None => BTreeMap::new(),
     };
-    let candidates: BTreeSet<Connection> = host_connections(&ports)
+    let alive: BTreeSet<Connection> = host_connections(&ports)
         .into_iter()
         .filter(|c| covered_by(&target, c))
-        .chain(flows.keys().copied())
         .collect();
+    let candidates: BTreeSet<Connection> = alive.iter().chain(flows.keys()).copied().collect();
     let mut ended = Vec::new();
     for connection in candidates {
         let attributed = flows.get(&connection).copied();
@@ -170,6 +170,10 @@ pub fn terminate(
         }
         if let Some(xdp) = xdp.as_deref_mut() {
             xdp.remove_flow(&connection.flow_key())?;
+        }
+        // A flow entry of a connection that already ended is only forgotten.
+        if !alive.contains(&connection) {
+            continue;
         }
         if let Err(e) = sockets::destroy(&connection) {
             tracing::warn!("destroying the socket of {connection}: {e}");

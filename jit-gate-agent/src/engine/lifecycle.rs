@@ -162,7 +162,10 @@ impl Engine {
                     Kind::ConnectionsTerminated,
                     principal,
                     grant_id,
-                    format!("{} connections of grant {grant_id} terminated", ended.len()),
+                    format!(
+                        "{} connections terminated with grant {grant_id} (opened under it, or from its source and under no other live grant)",
+                        ended.len()
+                    ),
                 )
                 .with_details(serde_json::json!({ "connections": listed })),
             ])
