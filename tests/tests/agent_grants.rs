@@ -6,32 +6,14 @@ use std::{
     time::Duration,
 };
 
-use jit_gate_agent::proto::{self, access_request::Lifetime};
+use jit_gate_agent::proto;
 use jit_gate_tests::{
-    agent::{Agent, AgentFiles, client},
+    agent::{Agent, AgentFiles, client, request},
     netns::{CLIENT_V4, GATED_V4, Topology},
     traffic::{TcpEcho, round_trip, tcp_connect},
 };
 
 const SSH: u16 = 22;
-
-fn request(id: &str, source: &str, seconds: i64) -> proto::AccessRequest {
-    proto::AccessRequest {
-        request_id: id.into(),
-        ports: vec![proto::PortAccess {
-            port: SSH.into(),
-            protocol: proto::Protocol::Tcp as i32,
-            source: source.into(),
-        }],
-        lifetime: Some(Lifetime::Duration(prost_types::Duration {
-            seconds,
-            nanos: 0,
-        })),
-        requester: "alice".into(),
-        justification: "maintenance".into(),
-        ticket: String::new(),
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grant_opens_expiry_closes_new_connections_but_keeps_established_ones() {
@@ -47,7 +29,7 @@ async fn grant_opens_expiry_closes_new_connections_but_keeps_established_ones() 
     tcp_connect(&topo.client, from, ssh).expect_timed_out("before any grant");
 
     let granted = api
-        .request_access(request("r-1", &CLIENT_V4.to_string(), 60))
+        .request_access(request("r-1", SSH, proto::Protocol::Tcp, CLIENT_V4, 60))
         .await
         .expect("request access")
         .into_inner();
@@ -58,7 +40,7 @@ async fn grant_opens_expiry_closes_new_connections_but_keeps_established_ones() 
 
     // A retry of the same request returns the same grant.
     let retry = api
-        .request_access(request("r-1", &CLIENT_V4.to_string(), 60))
+        .request_access(request("r-1", SSH, proto::Protocol::Tcp, CLIENT_V4, 60))
         .await
         .expect("retry")
         .into_inner();
@@ -83,7 +65,7 @@ async fn grant_opens_expiry_closes_new_connections_but_keeps_established_ones() 
     tcp_connect(&topo.client, from, ssh).expect_timed_out("after the revoke");
 
     // A short grant: expires by itself.
-    api.request_access(request("r-2", &CLIENT_V4.to_string(), 2))
+    api.request_access(request("r-2", SSH, proto::Protocol::Tcp, CLIENT_V4, 2))
         .await
         .expect("short grant");
     let mut second = tcp_connect(&topo.client, from, ssh).expect_connected("under the short grant");
