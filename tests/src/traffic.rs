@@ -197,3 +197,97 @@ pub fn udp_send(ns: &Netns, src: IpAddr, dst: SocketAddr, payload: &[u8]) {
     })
     .expect("send UDP datagram");
 }
+
+/// A UDP echo server in a namespace: the replies make each exchange an
+/// established connection for conntrack.
+pub struct UdpEcho {
+    _worker: Worker,
+}
+
+impl UdpEcho {
+    pub fn start(ns: &Netns, addr: SocketAddr) -> Self {
+        let socket = ns.run(|| UdpSocket::bind(addr)).expect("bind UDP echo");
+        socket
+            .set_read_timeout(Some(POLL * 5))
+            .expect("UDP timeout");
+        let worker = Worker::spawn(move |stop| {
+            let mut buf = [0u8; 2048];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                    let _ = socket.send_to(&buf[..n], from);
+                }
+            }
+        });
+        UdpEcho { _worker: worker }
+    }
+}
+
+/// A UDP socket in `ns` bound to `src` and connected to `dst`: one flow.
+pub fn udp_connect(ns: &Netns, src: IpAddr, dst: SocketAddr) -> UdpSocket {
+    ns.run(|| {
+        let socket = UdpSocket::bind(SocketAddr::new(src, 0))?;
+        socket.connect(dst)?;
+        Ok::<_, std::io::Error>(socket)
+    })
+    .expect("UDP client socket")
+}
+
+/// Sends `message` on a connected UDP socket and waits for its echo.
+pub fn udp_round_trip(socket: &UdpSocket, message: &[u8]) -> std::io::Result<()> {
+    socket.set_read_timeout(Some(DROP_TIMEOUT))?;
+    socket.send(message)?;
+    let mut buf = [0u8; 2048];
+    let n = socket.recv(&mut buf)?;
+    if &buf[..n] != message {
+        return Err(std::io::Error::other("echo differs"));
+    }
+    Ok(())
+}
+
+/// Tries TCP connections from `ns`, each `(source, destination, opens)`, all
+/// at once (telling a silent drop takes `DROP_TIMEOUT`); panics listing
+/// every outcome that differs from the expected one.
+pub fn expect_access(ns: &Netns, step: &str, probes: &[(IpAddr, SocketAddr, bool)]) {
+    let outcomes: Vec<Connect> = std::thread::scope(|scope| {
+        let running: Vec<_> = probes
+            .iter()
+            .map(|&(src, dst, _)| scope.spawn(move || tcp_connect(ns, src, dst)))
+            .collect();
+        running
+            .into_iter()
+            .map(|t| t.join().expect("probe thread"))
+            .collect()
+    });
+    let wrong: Vec<String> = probes
+        .iter()
+        .zip(&outcomes)
+        .filter(|((_, _, opens), outcome)| match outcome {
+            Connect::Connected(_) => !opens,
+            Connect::TimedOut => *opens,
+            Connect::Failed(_) => true,
+        })
+        .map(|((src, dst, opens), outcome)| {
+            let expected = if *opens { "a connection" } else { "a drop" };
+            format!("{src} -> {dst}: expected {expected}, got {outcome:?}")
+        })
+        .collect();
+    assert!(wrong.is_empty(), "{step}:\n{}", wrong.join("\n"));
+}
+
+/// Panics unless the peer closed or reset `stream`: a read must end at once
+/// with EOF or a reset, not time out.
+pub fn expect_closed(stream: &mut TcpStream, what: &str) {
+    stream
+        .set_read_timeout(Some(DROP_TIMEOUT))
+        .expect("read timeout");
+    let mut buf = [0u8; 64];
+    match stream.read(&mut buf) {
+        Ok(0) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted
+            ) => {}
+        other => panic!("{what}: expected the session to be closed, read gave {other:?}"),
+    }
+}

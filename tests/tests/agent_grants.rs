@@ -8,16 +8,12 @@ use std::{
 
 use jit_gate_agent::proto;
 use jit_gate_tests::{
-    agent::{Agent, AgentFiles, access, all_grants, client},
+    agent::{Agent, AgentFiles, client, request},
     netns::{CLIENT_V4, GATED_V4, Topology},
     traffic::{TcpEcho, round_trip, tcp_connect},
 };
 
 const SSH: u16 = 22;
-
-fn request(id: &str, source: &str, seconds: i64) -> proto::AccessRequest {
-    access(id, &[(SSH, proto::Protocol::Tcp, source)], seconds)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grant_opens_expiry_closes_new_connections_but_keeps_established_ones() {
@@ -33,7 +29,7 @@ async fn grant_opens_expiry_closes_new_connections_but_keeps_established_ones() 
     tcp_connect(&topo.client, from, ssh).expect_timed_out("before any grant");
 
     let granted = api
-        .request_access(request("r-1", &CLIENT_V4.to_string(), 60))
+        .request_access(request("r-1", SSH, proto::Protocol::Tcp, CLIENT_V4, 60))
         .await
         .expect("request access")
         .into_inner();
@@ -44,7 +40,7 @@ async fn grant_opens_expiry_closes_new_connections_but_keeps_established_ones() 
 
     // A retry of the same request returns the same grant.
     let retry = api
-        .request_access(request("r-1", &CLIENT_V4.to_string(), 60))
+        .request_access(request("r-1", SSH, proto::Protocol::Tcp, CLIENT_V4, 60))
         .await
         .expect("retry")
         .into_inner();
@@ -69,14 +65,23 @@ async fn grant_opens_expiry_closes_new_connections_but_keeps_established_ones() 
     tcp_connect(&topo.client, from, ssh).expect_timed_out("after the revoke");
 
     // A short grant: expires by itself.
-    api.request_access(request("r-2", &CLIENT_V4.to_string(), 2))
+    api.request_access(request("r-2", SSH, proto::Protocol::Tcp, CLIENT_V4, 2))
         .await
         .expect("short grant");
     let mut second = tcp_connect(&topo.client, from, ssh).expect_connected("under the short grant");
     tokio::time::sleep(Duration::from_millis(2500)).await;
     round_trip(&mut second, b"after expiry").expect("session survives expiry");
     tcp_connect(&topo.client, from, ssh).expect_timed_out("after expiry");
-    let grants = all_grants(&mut api).await;
+    let grants = api
+        .list_grants(proto::ListGrantsRequest {
+            include_ended: true,
+            port: 0,
+            limit: 0,
+        })
+        .await
+        .expect("list grants")
+        .into_inner()
+        .grants;
     let states: Vec<i32> = grants.iter().map(|g| g.state).collect();
     assert_eq!(
         states,

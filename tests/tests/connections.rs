@@ -314,3 +314,66 @@ fn conntrack_list_is_empty_where_conntrack_is_inactive() {
         Vec::new()
     );
 }
+
+/// A session from before conntrack was active: `create` records it as
+/// established, so the `ct state established` rule passes its packets.
+#[test]
+fn conntrack_create_records_sessions_that_predate_conntrack() {
+    let topo = Topology::new();
+    let _servers = servers(&topo.gated);
+    let (mut v4, tcp4) = session(&topo, CLIENT_V4.into(), (GATED_V4, SSH).into());
+    let (mut v6, tcp6) = session(&topo, CLIENT_V6.into(), (GATED_V6, SSH).into());
+    for conn in [tcp4, tcp6] {
+        assert!(
+            topo.gated
+                .run(|| conntrack::create(&conn))
+                .expect("conntrack::create"),
+            "{conn}"
+        );
+        assert!(
+            !topo
+                .gated
+                .run(|| conntrack::create(&conn))
+                .expect("create again"),
+            "{conn} exists already"
+        );
+    }
+    let cli = conntrack_cli(&topo.gated);
+    for conn in [tcp4, tcp6] {
+        assert!(
+            cli.lines()
+                .any(|l| cli_lists(l, &conn) && l.contains("ESTABLISHED")),
+            "conntrack -L shows {conn} established:\n{cli}"
+        );
+    }
+    // Only established packets pass from now on.
+    topo.gated.exec(
+        "nft",
+        &["add table inet jgt; \
+           add chain inet jgt input { type filter hook input priority 0; policy drop; }; \
+           add rule inet jgt input ct state established,related accept"],
+    );
+    round_trip(&mut v4, b"v4").expect("IPv4 session after create");
+    round_trip(&mut v6, b"v6").expect("IPv6 session after create");
+}
+
+#[test]
+fn conntrack_list_leaves_out_ended_tcp_connections() {
+    let topo = Topology::new();
+    activate_conntrack(&topo.gated);
+    let _servers = servers(&topo.gated);
+    let (stream, conn) = session(&topo, CLIENT_V4.into(), (GATED_V4, SSH).into());
+    drop(stream);
+    // The echo server notices the close within its 200 ms read timeout.
+    std::thread::sleep(Duration::from_millis(500));
+    let cli = conntrack_cli(&topo.gated);
+    assert!(
+        cli.lines()
+            .any(|l| cli_lists(l, &conn) && l.contains("TIME_WAIT")),
+        "conntrack keeps {conn} in TIME_WAIT:\n{cli}"
+    );
+    assert_eq!(
+        topo.gated.run(|| conntrack::list(&ports())).expect("list"),
+        Vec::new()
+    );
+}

@@ -9,6 +9,7 @@ use std::{
     sync::{Arc, RwLock},
 };
 
+use tokio::sync::watch;
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, transport::server::UdsConnectInfo};
 
@@ -32,11 +33,18 @@ pub struct Service {
     engine: EngineHandle,
     /// Non-root principals, replaced on configuration reload.
     principals: Arc<RwLock<Vec<ConfiguredPrincipal>>>,
+    /// Set when the server stops: event streams end, since a graceful
+    /// shutdown waits for open calls and a watcher's never ends by itself.
+    stopping: watch::Sender<bool>,
 }
 
 impl Service {
     pub fn new(engine: EngineHandle, principals: Arc<RwLock<Vec<ConfiguredPrincipal>>>) -> Self {
-        Service { engine, principals }
+        Service {
+            engine,
+            principals,
+            stopping: watch::Sender::new(false),
+        }
     }
 
     /// The caller, from the Unix socket's peer credentials, if its role
@@ -214,7 +222,9 @@ impl JitGate for Service {
         let wanted = move |record: &AuditRecord| {
             kinds.is_empty() || kinds.contains(&convert::event_kind(record.event.kind))
         };
-        tokio::spawn(async move {
+        let mut stopping = self.stopping.subscribe();
+        let farewell = tx.clone();
+        let forward = async move {
             let mut last = 0;
             if let Some(mut after) = watch.after_sequence {
                 loop {
@@ -264,6 +274,17 @@ impl JitGate for Service {
                         return;
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        };
+        tokio::spawn(async move {
+            tokio::select! {
+                () = forward => {}
+                _ = stopping.wait_for(|stopping| *stopping) => {
+                    // Never waits: a watcher that stopped reading must not hold up the stop.
+                    let _ = farewell.try_send(Err(Status::unavailable(
+                        "the agent is stopping; watch again once it is back",
+                    )));
                 }
             }
         });

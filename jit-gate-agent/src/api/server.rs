@@ -64,7 +64,8 @@ fn group_id(name: &str) -> anyhow::Result<u32> {
     Ok(unsafe { (*entry).gr_gid })
 }
 
-/// Serves until `shutdown` completes.
+/// Serves until `shutdown` completes, then ends event streams and lets
+/// the other open calls finish.
 pub async fn serve(
     listener: UnixListener,
     service: Service,
@@ -77,6 +78,11 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("building the reflection service")?;
+    let stopping = service.stopping.clone();
+    let shutdown = async move {
+        shutdown.await;
+        stopping.send_replace(true);
+    };
     Server::builder()
         .add_service(health_service)
         .add_service(reflection)

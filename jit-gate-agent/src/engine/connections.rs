@@ -1,5 +1,6 @@
-//! Connections to protected ports: seeding the XDP flow map with the ones
-//! that predate the gate (or a port's protection), noticing flows opened
+//! Connections to protected ports: seeding the XDP flow map (and conntrack,
+//! for nftables) with the ones that predate the gate (or, in the flow map, a
+//! port's protection), noticing flows opened
 //! under grants, forgetting dead flows, and ending a revoked grant's
 //! connections. The host's view (sockets, conntrack) and the flow map are
 //! combined here; enforcement never depends on this view being complete.
@@ -38,16 +39,41 @@ pub struct ConnectionInfo {
 /// Connections to `protected` ports the host knows of: sockets and
 /// conntrack entries. Errors are logged; what could be read is returned.
 pub fn host_connections(protected: &BTreeSet<(Protocol, u16)>) -> BTreeSet<Connection> {
-    let mut out = BTreeSet::new();
-    match sockets::inbound(protected) {
-        Ok(found) => out.extend(found),
-        Err(e) => tracing::warn!("listing sockets: {e}"),
-    }
-    match conntrack::list(protected) {
-        Ok(found) => out.extend(found),
-        Err(e) => tracing::warn!("listing conntrack: {e}"),
-    }
+    let (mut out, tracked) = host_view(protected);
+    out.extend(tracked);
     out
+}
+
+/// The host's sockets and conntrack entries of connections to `protected`.
+fn host_view(
+    protected: &BTreeSet<(Protocol, u16)>,
+) -> (BTreeSet<Connection>, BTreeSet<Connection>) {
+    let sockets = sockets::inbound(protected).unwrap_or_else(|e| {
+        tracing::warn!("listing sockets: {e}");
+        Vec::new()
+    });
+    let tracked = conntrack::list(protected).unwrap_or_else(|e| {
+        tracing::warn!("listing conntrack: {e}");
+        Vec::new()
+    });
+    (sockets.into_iter().collect(), tracked.into_iter().collect())
+}
+
+/// Records in conntrack, as established, the connections to `protected`
+/// that have a socket but no conntrack entry, so that nftables' `ct state`
+/// rule lets them continue: conntrack only tracks a namespace once some
+/// rule needs it, and would take their next packets for new connections.
+/// Returns how many were recorded; failures are logged.
+pub fn seed_conntrack(protected: &BTreeSet<(Protocol, u16)>) -> usize {
+    let (sockets, tracked) = host_view(protected);
+    let mut added = 0;
+    for connection in sockets.difference(&tracked) {
+        match conntrack::create(connection) {
+            Ok(created) => added += usize::from(created),
+            Err(e) => tracing::warn!("{e}"),
+        }
+    }
+    added
 }
 
 /// Records every established connection to `protected` in the flow map so
@@ -78,6 +104,21 @@ pub struct FlowWatch {
 }
 
 impl FlowWatch {
+    /// Resumes after an earlier run that audited every flow opened before
+    /// `audited_until`: those are not reported again.
+    pub fn resume(xdp: &XdpGate, audited_until: Option<SystemTime>) -> anyhow::Result<Self> {
+        let Some(until) = audited_until else {
+            return Ok(FlowWatch::default());
+        };
+        let seen = xdp
+            .flows()?
+            .into_iter()
+            .filter(|f| boot_to_wall(f.value.opened_at_boot_ns) < until)
+            .map(|f| (f.key, f.value))
+            .collect();
+        Ok(FlowWatch { seen })
+    }
+
     /// Flows opened under a grant since the last call.
     pub fn new_flows(&mut self, xdp: &XdpGate) -> anyhow::Result<Vec<(Connection, u64)>> {
         let current: HashMap<FlowKey, FlowValue> =
@@ -112,12 +153,19 @@ pub fn forget_dead_flows(
             Protocol::Tcp => TCP_FLOW_GRACE,
             Protocol::Udp => UDP_FLOW_IDLE,
         };
-        let age = Duration::from_nanos(now.saturating_sub(flow.value.opened_at_boot_ns));
-        if age > grace && !alive.contains(&flow.key) && xdp.remove_flow(&flow.key)? {
+        if age(&flow.value, now) > grace
+            && !alive.contains(&flow.key)
+            && xdp.remove_flow(&flow.key)?
+        {
             removed += 1;
         }
     }
     Ok(removed)
+}
+
+/// How long ago the flow was opened, at boot time `now`.
+fn age(flow: &FlowValue, now: u64) -> Duration {
+    Duration::from_nanos(now.saturating_sub(flow.opened_at_boot_ns))
 }
 
 fn covered_by(target: &GrantTarget, connection: &Connection) -> bool {
@@ -186,16 +234,27 @@ pub fn terminate(
     Ok(ended)
 }
 
-/// Connections to protected ports: the host's and the flow map's.
+/// Connections to protected ports: the host's, with the grant their flow
+/// was opened under. A flow the host does not know stands for a
+/// connection only if it is UDP and recent (without conntrack, the host
+/// has no record of a UDP exchange); otherwise it has ended, and waits to
+/// be forgotten.
 pub fn list(
     xdp: Option<&XdpGate>,
     protected: &BTreeSet<(Protocol, u16)>,
     active: &ActiveGrants,
 ) -> anyhow::Result<Vec<ConnectionInfo>> {
+    let host = host_connections(protected);
+    let now = boot_now_ns();
     let mut out: BTreeMap<Connection, ConnectionInfo> = BTreeMap::new();
     if let Some(xdp) = xdp {
         for flow in xdp.flows()? {
-            if let Some(connection) = Connection::from_flow_key(&flow.key) {
+            let Some(connection) = Connection::from_flow_key(&flow.key) else {
+                continue;
+            };
+            let udp_recent =
+                connection.protocol == Protocol::Udp && age(&flow.value, now) <= UDP_FLOW_IDLE;
+            if host.contains(&connection) || udp_recent {
                 out.insert(
                     connection,
                     ConnectionInfo {
@@ -207,7 +266,7 @@ pub fn list(
             }
         }
     }
-    for connection in host_connections(protected) {
+    for connection in host {
         out.entry(connection).or_insert_with(|| ConnectionInfo {
             connection,
             grant_id: active

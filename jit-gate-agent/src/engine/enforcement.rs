@@ -237,6 +237,9 @@ impl Enforcers {
             reconcile_xdp(xdp, active, protected, &mut repairs)?;
         }
         if self.nft.is_none() && self.nft_needed() {
+            // Before the table's `ct state` rule first applies.
+            let seeded = super::connections::seed_conntrack(protected);
+            tracing::info!("{seeded} established connections recorded in conntrack");
             self.nft = Some(NftGate::new(self.nft_table.clone()));
         }
         if let Some(nft) = &self.nft {

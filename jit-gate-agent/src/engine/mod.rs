@@ -145,6 +145,9 @@ const RECONCILE_TIME_SHARE_INVERSE: u32 = 20;
 /// Audit records kept in the broadcast buffer for slow watchers.
 const EVENT_BUFFER: usize = 1024;
 const CONFIG_POLICY_KEY: &str = "config_policy_digest";
+/// Wall-clock milliseconds before which every flow opened under a grant has
+/// been audited, so that a restarted agent does not audit them again.
+const FLOWS_AUDITED_KEY: &str = "flows_audited_until_ms";
 
 pub struct Engine {
     config: Config,
@@ -204,6 +207,14 @@ impl Engine {
             xdp.set_deny_report_interval(DENY_REPORT_INTERVAL)?;
             let seeded = connections::seed(xdp, &protected)?;
             tracing::info!("{seeded} established connections kept open");
+        }
+        if let Some(xdp) = engine.enforcers.xdp() {
+            let audited = engine
+                .store
+                .meta(FLOWS_AUDITED_KEY)?
+                .and_then(|ms| ms.parse().ok())
+                .map(crate::store::from_ms);
+            engine.flow_watch = FlowWatch::resume(xdp, audited)?;
         }
         let mut repairs = engine.enforcers.reconcile(&engine.active, &protected)?;
         engine
@@ -395,6 +406,15 @@ impl Engine {
 
     /// Commits `events` in one transaction and publishes them.
     fn commit_events(&mut self, events: Vec<Event>) -> anyhow::Result<()> {
+        self.commit_events_and_meta(events, None)
+    }
+
+    /// `commit_events`, also setting a meta value in the same transaction.
+    fn commit_events_and_meta(
+        &mut self,
+        events: Vec<Event>,
+        meta: Option<(&str, &str)>,
+    ) -> anyhow::Result<()> {
         if events.is_empty() {
             return Ok(());
         }
@@ -402,6 +422,9 @@ impl Engine {
         let at = SystemTime::now();
         for event in events {
             batch.audit(event, at)?;
+        }
+        if let Some((key, value)) = meta {
+            batch.set_meta(key, value)?;
         }
         let records = batch.commit()?;
         self.publish(records);
@@ -476,8 +499,15 @@ impl Engine {
 
     fn observe(&mut self) -> anyhow::Result<()> {
         let mut events = Vec::new();
+        let mut audited_until = None;
         if let Some(xdp) = self.enforcers.xdp() {
-            for (connection, grant_id) in self.flow_watch.new_flows(xdp)? {
+            // Every flow opened before this instant is in the map read next.
+            let read_at = SystemTime::now();
+            let fresh = self.flow_watch.new_flows(xdp)?;
+            if !fresh.is_empty() {
+                audited_until = Some(crate::store::to_ms(read_at).to_string());
+            }
+            for (connection, grant_id) in fresh {
                 events.push(
                     Event::new(
                         Kind::ConnectionOpened,
@@ -494,7 +524,8 @@ impl Engine {
             }
         }
         events.extend(self.denied_sources());
-        self.commit_events(events)
+        let meta = audited_until.as_deref().map(|ms| (FLOWS_AUDITED_KEY, ms));
+        self.commit_events_and_meta(events, meta)
     }
 
     /// Reports from the kernel's deny-event ring buffer.

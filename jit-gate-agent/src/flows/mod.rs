@@ -1,8 +1,8 @@
 //! The agent's view of connections that already exist on the gated host:
 //! sockets (sock_diag) and conntrack entries (ctnetlink), and their keys in
-//! the XDP flow map. Used to seed the flow map at start (so turning the gate
-//! on never cuts an open session) and to terminate the sessions of a revoked
-//! grant.
+//! the XDP flow map. Used to seed the flow map and conntrack at start (so
+//! turning the gate on never cuts an open session) and to terminate the
+//! sessions of a revoked grant.
 //!
 //! Every function acts in the network namespace of the calling thread: each
 //! call opens its own netlink socket, and a socket belongs to the namespace
@@ -103,6 +103,7 @@ pub enum Operation {
     DestroySocket(Connection),
     ListConntrack,
     DeleteConntrack(Connection),
+    CreateConntrack(Connection),
 }
 
 impl fmt::Display for Operation {
@@ -113,6 +114,9 @@ impl fmt::Display for Operation {
             Operation::ListConntrack => f.write_str("listing conntrack entries (ctnetlink)"),
             Operation::DeleteConntrack(c) => {
                 write!(f, "deleting the conntrack entry of {c} (ctnetlink)")
+            }
+            Operation::CreateConntrack(c) => {
+                write!(f, "creating a conntrack entry for {c} (ctnetlink)")
             }
         }
     }

@@ -4,8 +4,8 @@
 use std::io;
 
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkDeserializable, NetlinkHeader, NetlinkMessage,
-    NetlinkPayload, NetlinkSerializable,
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, NetlinkDeserializable,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NetlinkSerializable,
 };
 use netlink_sys::{Socket, SocketAddr};
 
@@ -34,6 +34,22 @@ where
     match exchange(protocol, op, NLM_F_ACK, request) {
         Ok(_) => Ok(true),
         Err(FlowsError::Kernel { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Sends a request that creates one object and waits for the kernel's
+/// acknowledgement; `Ok(false)` when the object exists already (EEXIST),
+/// which is left as it is.
+pub(super) fn create<I>(protocol: isize, op: Operation, request: I) -> Result<bool, FlowsError>
+where
+    I: NetlinkSerializable + NetlinkDeserializable,
+{
+    match exchange(protocol, op, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, request) {
+        Ok(_) => Ok(true),
+        Err(FlowsError::Kernel { source, .. }) if source.raw_os_error() == Some(libc::EEXIST) => {
             Ok(false)
         }
         Err(e) => Err(e),
