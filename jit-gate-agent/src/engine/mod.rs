@@ -294,8 +294,8 @@ impl Engine {
                 let started = Instant::now();
                 self.log_failure("reconciling", |e| e.reconcile());
                 // Reading every kernel entry back takes time in proportion
-                // to the grants (about 1 s for 100,000): keep it under a
-                // fixed share of the engine's time.
+                // to the grants: keep it under a fixed share of the
+                // engine's time.
                 let took = started.elapsed();
                 next_reconcile = Instant::now()
                     + self
