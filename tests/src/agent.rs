@@ -403,10 +403,13 @@ pub fn request(
     access(id, &[(port, protocol, &source.to_string())], seconds)
 }
 
-/// Every grant the agent knows, ended ones included, newest first.
-pub async fn all_grants(api: &mut JitGateClient<Channel>) -> Vec<proto::Grant> {
+/// Active grants, or every grant (newest first).
+pub async fn list_grants(
+    api: &mut JitGateClient<Channel>,
+    include_ended: bool,
+) -> Vec<proto::Grant> {
     api.list_grants(proto::ListGrantsRequest {
-        include_ended: true,
+        include_ended,
         port: 0,
         limit: 0,
     })
@@ -414,6 +417,11 @@ pub async fn all_grants(api: &mut JitGateClient<Channel>) -> Vec<proto::Grant> {
     .expect("list grants")
     .into_inner()
     .grants
+}
+
+/// Every grant the agent knows, ended ones included, newest first.
+pub async fn all_grants(api: &mut JitGateClient<Channel>) -> Vec<proto::Grant> {
+    list_grants(api, true).await
 }
 
 pub async fn policy(api: &mut JitGateClient<Channel>) -> proto::Policy {
@@ -517,16 +525,7 @@ impl Api {
 
     /// Active grants, or every grant (newest first).
     pub async fn grants(&mut self, include_ended: bool) -> Vec<proto::Grant> {
-        self.client
-            .list_grants(proto::ListGrantsRequest {
-                include_ended,
-                port: 0,
-                limit: 0,
-            })
-            .await
-            .expect("list grants")
-            .into_inner()
-            .grants
+        list_grants(&mut self.client, include_ended).await
     }
 
     pub async fn grant_by_id(&mut self, id: u64) -> proto::Grant {

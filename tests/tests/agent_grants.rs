@@ -8,7 +8,7 @@ use std::{
 
 use jit_gate_agent::proto;
 use jit_gate_tests::{
-    agent::{Agent, AgentFiles, client, request},
+    agent::{Agent, AgentFiles, all_grants, client, request},
     netns::{CLIENT_V4, GATED_V4, Topology},
     traffic::{TcpEcho, round_trip, tcp_connect},
 };
@@ -72,16 +72,7 @@ async fn grant_opens_expiry_closes_new_connections_but_keeps_established_ones() 
     tokio::time::sleep(Duration::from_millis(2500)).await;
     round_trip(&mut second, b"after expiry").expect("session survives expiry");
     tcp_connect(&topo.client, from, ssh).expect_timed_out("after expiry");
-    let grants = api
-        .list_grants(proto::ListGrantsRequest {
-            include_ended: true,
-            port: 0,
-            limit: 0,
-        })
-        .await
-        .expect("list grants")
-        .into_inner()
-        .grants;
+    let grants = all_grants(&mut api).await;
     let states: Vec<i32> = grants.iter().map(|g| g.state).collect();
     assert_eq!(
         states,

@@ -152,8 +152,8 @@ impl Enforcers {
             ),
             Ok(Attachment::Adopted) => {
                 // The link from the previous run; the kernel does not say
-                // which mode it was attached in, so report it as native only
-                // if the driver supports it (veth and most NICs do).
+                // which mode it was attached in. It is reported as native,
+                // with the reason saying it was adopted.
                 status(
                     InterfaceMode::XdpNative,
                     "adopted from the previous run".into(),
@@ -167,6 +167,12 @@ impl Enforcers {
                 )
             }
         }
+    }
+
+    /// Whether nftables is needed (some interface fell back to it) but not
+    /// yet running.
+    pub fn nft_pending(&self) -> bool {
+        self.nft.is_none() && self.nft_needed()
     }
 
     /// nftables runs if the mode asks for it or some interface needs it.

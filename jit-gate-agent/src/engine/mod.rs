@@ -216,11 +216,16 @@ impl Engine {
                 .map(crate::store::from_ms);
             engine.flow_watch = FlowWatch::resume(xdp, audited)?;
         }
+        // Grants go into the maps before the program attaches, so granted
+        // sources are never dropped during start-up.
         let mut repairs = engine.enforcers.reconcile(&engine.active, &protected)?;
         engine
             .enforcers
             .set_interfaces(&engine.config.interfaces.clone());
-        repairs.extend(engine.enforcers.reconcile(&engine.active, &protected)?);
+        // An interface XDP could not take needs nftables, not yet installed.
+        if engine.enforcers.nft_pending() {
+            repairs.extend(engine.enforcers.reconcile(&engine.active, &protected)?);
+        }
         engine.apply_config_policy()?;
         let interfaces: Vec<String> = engine
             .enforcers
