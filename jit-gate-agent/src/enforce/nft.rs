@@ -98,7 +98,8 @@ impl NftError {
 
 type Result<T, E = NftError> = std::result::Result<T, E>;
 
-/// How often `read` starts over when the table changes under a dump.
+/// How often a dump starts over when the kernel flags it as interrupted,
+/// and how many more dumps `read` takes to find two that agree.
 const READ_ATTEMPTS: usize = 3;
 
 /// The agent's nftables table.
@@ -259,7 +260,26 @@ impl NftGate {
 
     /// Reads the table back (netlink dump): protected set and live elements
     /// with remaining timeouts; `Ok(None)` if the table does not exist.
+    ///
+    /// A dump that overlaps the kernel resizing a set's hash table (after
+    /// many elements came or went) can miss elements without flagging the
+    /// dump as interrupted, so the state is taken from two consecutive
+    /// dumps that agree on what the table holds.
     pub fn read(&self) -> Result<Option<NftState>> {
+        let mut previous = self.read_dump()?;
+        for _ in 0..READ_ATTEMPTS {
+            let next = self.read_dump()?;
+            if same_contents(&previous, &next) {
+                return Ok(next);
+            }
+            previous = next;
+        }
+        Err(NftError::Interrupted)
+    }
+
+    /// One dump of the table, started again if the kernel flags it as
+    /// interrupted by a change.
+    fn read_dump(&self) -> Result<Option<NftState>> {
         let mut attempts = 1;
         loop {
             // An interrupted dump leaves answers queued: the lease closes
@@ -318,6 +338,16 @@ impl NftGate {
             Err(e) => Err(e),
         };
         socket.done(result)
+    }
+}
+
+/// Whether two reads saw the same protected set and the same elements
+/// (timeouts count down between them, so they are not compared).
+fn same_contents(a: &Option<NftState>, b: &Option<NftState>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => a.protected == b.protected && a.allowed.keys().eq(b.allowed.keys()),
+        (None, None) => true,
+        _ => false,
     }
 }
 
