@@ -40,6 +40,7 @@ kinds! {
     DriftRepaired = "drift-repaired",
     ConnectionOpened = "connection-opened",
     ConnectionsTerminated = "connections-terminated",
+    CallRefused = "call-refused",
 }
 
 /// An event before it is sealed into the chain.

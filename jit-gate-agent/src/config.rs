@@ -13,6 +13,7 @@ use serde::Deserialize;
 use crate::{
     auth::Role,
     policy::{Policy, PortRule},
+    tls::config::TlsConfig,
 };
 
 pub const DEFAULT_PATH: &str = "/etc/jit-gate/agent.toml";
@@ -69,6 +70,9 @@ pub struct Api {
     /// Group owning the socket (mode 0660); unset: root only (0600).
     #[serde(default)]
     pub socket_group: Option<String>,
+    /// The TCP listener with mutual TLS; unset: none.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for Api {
@@ -77,6 +81,7 @@ impl Default for Api {
             unix_socket: default_socket(),
             principals: Vec::new(),
             socket_group: None,
+            tls: None,
         }
     }
 }
@@ -223,6 +228,14 @@ impl Config {
         }
         if let Some(rules) = &self.policy {
             Policy::validate_rules(rules).or_else(|r| field("policy", r.message))?;
+        }
+        if let Some(tls) = &self.api.tls {
+            tls.validate()?;
+            // Without a [[policy]], the default one applies on a first start.
+            let default_rules = Policy::default().rules;
+            let rules = self.policy.as_deref().unwrap_or(&default_rules);
+            tls.check_policy(rules)
+                .or_else(|r| field("policy", r.message))?;
         }
         Ok(())
     }

@@ -16,3 +16,4 @@ pub mod proto;
 pub mod refusal;
 pub mod request;
 pub mod store;
+pub mod tls;

@@ -264,6 +264,7 @@ pub fn event_kind(kind: Kind) -> proto::EventKind {
         Kind::DriftRepaired => proto::EventKind::DriftRepaired,
         Kind::ConnectionOpened => proto::EventKind::ConnectionOpened,
         Kind::ConnectionsTerminated => proto::EventKind::ConnectionsTerminated,
+        Kind::CallRefused => proto::EventKind::CallRefused,
     }
 }
 

@@ -19,6 +19,7 @@ use crate::{
     config::Principal as ConfiguredPrincipal,
     engine::{Command, EngineHandle, PolicyChange},
     proto::{self, jit_gate_server::JitGate},
+    tls::server::TlsPeer,
 };
 use convert::status;
 
@@ -47,9 +48,17 @@ impl Service {
         }
     }
 
-    /// The caller, from the Unix socket's peer credentials, if its role
-    /// is at least `needed`.
+    /// The caller, from its verified TLS client certificate or the Unix
+    /// socket's peer credentials, if its role is at least `needed`.
     fn authorize<T>(&self, request: &Request<T>, needed: Role) -> Result<Principal, Status> {
+        if let Some(peer) = request.extensions().get::<Arc<TlsPeer>>() {
+            // The request message names the call (AccessRequest, ...).
+            let call = std::any::type_name::<T>()
+                .rsplit("::")
+                .next()
+                .unwrap_or("call");
+            return peer.authorize(needed, call).map_err(status);
+        }
         let uid = request
             .extensions()
             .get::<UdsConnectInfo>()

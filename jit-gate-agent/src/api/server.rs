@@ -1,12 +1,14 @@
-//! Serving the API on the Unix socket: the JitGate service, gRPC health
-//! and server reflection. The socket lives in a directory only root (and
-//! the configured group) can enter; peer credentials are checked per call.
+//! Serving the API on the Unix socket and, if configured, the mutual-TLS
+//! listener: the JitGate service, gRPC health and server reflection. The
+//! socket lives in a directory only root (and the configured group) can
+//! enter; peer credentials or client certificates are checked per call.
 
 use std::{
     ffi::CString,
     future::Future,
     os::unix::fs::{FileTypeExt, PermissionsExt},
     path::Path,
+    sync::Arc,
 };
 
 use anyhow::{Context, bail};
@@ -17,7 +19,12 @@ use tonic::transport::Server;
 use crate::{
     api::Service,
     proto::{FILE_DESCRIPTOR_SET, jit_gate_server::JitGateServer},
+    tls::server::TlsConnection,
 };
+
+/// Verified TLS connections (`tls::server::incoming`).
+pub type TlsIncoming =
+    tokio_stream::wrappers::ReceiverStream<Result<TlsConnection, std::io::Error>>;
 
 /// Largest request accepted (a full request is a few KiB).
 const MAX_MESSAGE: usize = 1 << 20;
@@ -64,10 +71,12 @@ fn group_id(name: &str) -> anyhow::Result<u32> {
     Ok(unsafe { (*entry).gr_gid })
 }
 
-/// Serves until `shutdown` completes, then ends event streams and lets
-/// the other open calls finish.
+/// Serves on the Unix socket and, if given, the TLS listener until
+/// `shutdown` completes, then ends event streams and lets the other open
+/// calls finish.
 pub async fn serve(
     listener: UnixListener,
+    tls: Option<TlsIncoming>,
     service: Service,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
@@ -79,15 +88,38 @@ pub async fn serve(
         .build_v1()
         .context("building the reflection service")?;
     let stopping = service.stopping.clone();
-    let shutdown = async move {
-        shutdown.await;
-        stopping.send_replace(true);
-    };
-    Server::builder()
+    let service = Arc::new(service);
+    let router = Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(JitGateServer::new(service).max_decoding_message_size(MAX_MESSAGE))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
-        .await
-        .context("serving the API")
+        .add_service(JitGateServer::from_arc(service).max_decoding_message_size(MAX_MESSAGE));
+    let stopped = || {
+        let mut stopping = stopping.subscribe();
+        async move {
+            let _ = stopping.wait_for(|stopping| *stopping).await;
+        }
+    };
+    let unix = router
+        .clone()
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopped());
+    let tcp = async {
+        match tls {
+            Some(incoming) => router
+                .serve_with_incoming_shutdown(incoming, stopped())
+                .await
+                .context("serving the API over TLS"),
+            None => Ok(()),
+        }
+    };
+    let signal = async {
+        shutdown.await;
+        stopping.send_replace(true);
+        Ok(())
+    };
+    tokio::try_join!(
+        async { unix.await.context("serving the API on the Unix socket") },
+        tcp,
+        signal
+    )?;
+    Ok(())
 }

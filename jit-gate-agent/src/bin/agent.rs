@@ -16,6 +16,7 @@ use jit_gate_agent::{
     config::{self, Config},
     enforce::{nft::NftGate, xdp::XdpGate},
     engine::{Command, Engine, EngineHandle},
+    tls::{self, server::TlsServer},
 };
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -36,10 +37,48 @@ struct Args {
 enum Action {
     /// Run the agent (the default).
     Run,
-    /// Validate the configuration and exit.
+    /// Validate the configuration (and read the TLS files it names) and exit.
     CheckConfig,
     /// Remove the gate: detach XDP, delete its pins and the nftables table.
     Remove,
+    /// Certificates for the mutual-TLS listener (a first install).
+    #[command(subcommand)]
+    Tls(TlsAction),
+}
+
+#[derive(Subcommand)]
+enum TlsAction {
+    /// Create a CA, a server certificate for this host and client
+    /// certificates (files 0600, never overwritten); print the configuration.
+    Init {
+        /// Directory for the files (created 0700).
+        #[arg(long, default_value = "/etc/jit-gate/tls")]
+        dir: PathBuf,
+        /// A DNS name for the server certificate besides the host name and
+        /// localhost; repeatable.
+        #[arg(long = "name", value_name = "DNS")]
+        names: Vec<String>,
+        /// An address for the server certificate; repeatable. Default: the
+        /// addresses of this host's interfaces.
+        #[arg(long = "address", value_name = "IP")]
+        addresses: Vec<std::net::IpAddr>,
+        /// A client principal to issue a certificate for; repeatable.
+        #[arg(long = "client", value_name = "NAME", default_value = "admin")]
+        clients: Vec<String>,
+        /// Lifetime of the server and client certificates.
+        #[arg(long, default_value = "365days", value_parser = humantime::parse_duration)]
+        lifetime: Duration,
+    },
+    /// Issue more client certificates from the CA `init` made.
+    Client {
+        #[arg(long, default_value = "/etc/jit-gate/tls")]
+        dir: PathBuf,
+        /// Client principals; repeatable.
+        #[arg(required = true, value_name = "NAME")]
+        names: Vec<String>,
+        #[arg(long, default_value = "365days", value_parser = humantime::parse_duration)]
+        lifetime: Duration,
+    },
 }
 
 fn main() -> ExitCode {
@@ -51,20 +90,46 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let config = match Config::load(&args.config) {
-        Ok(config) => config,
+    let action = args.command.unwrap_or(Action::Run);
+    if let Action::Tls(tls) = action {
+        return match tls_action(tls) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("jit-gate-agent: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let loaded = Config::load(&args.config)
+        .map_err(|e| e.to_string())
+        .and_then(|config| {
+            let tls = config
+                .api
+                .tls
+                .as_ref()
+                .map(TlsServer::load)
+                .transpose()
+                .map_err(|e| format!("{}: api.tls: {e}", args.config.display()))?;
+            Ok((config, tls))
+        });
+    let (config, tls) = match loaded {
+        Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("jit-gate-agent: invalid configuration, nothing attached: {e}");
             return ExitCode::from(2);
         }
     };
-    let result = match args.command.unwrap_or(Action::Run) {
+    let result = match action {
         Action::CheckConfig => {
             println!("{}: valid", args.config.display());
             Ok(())
         }
         Action::Remove => remove(&config),
-        Action::Run => run(config, &args.config),
+        Action::Run => run(config, tls, &args.config),
+        Action::Tls(_) => unreachable!("handled above"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -87,6 +152,29 @@ fn limit_malloc_arenas() {
     }
 }
 
+fn tls_action(action: TlsAction) -> anyhow::Result<String> {
+    match action {
+        TlsAction::Init {
+            dir,
+            names,
+            addresses,
+            clients,
+            lifetime,
+        } => tls::init::init(&tls::init::InitOptions {
+            dir,
+            names,
+            addresses,
+            clients,
+            lifetime,
+        }),
+        TlsAction::Client {
+            dir,
+            names,
+            lifetime,
+        } => tls::init::add_clients(&dir, &names, lifetime),
+    }
+}
+
 fn remove(config: &Config) -> anyhow::Result<()> {
     XdpGate::remove(&config.pin_dir).context("removing the XDP gate")?;
     let existed = NftGate::new(config.nft_table.clone())
@@ -101,10 +189,18 @@ fn remove(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
+fn run(config: Config, tls: Option<Arc<TlsServer>>, config_path: &Path) -> anyhow::Result<()> {
     let socket = config.api.unix_socket.clone();
     let group = config.api.socket_group.clone();
     let principals = Arc::new(RwLock::new(config.api.principals.clone()));
+    // Bound before anything is attached: a taken port refuses the start.
+    let tls_listeners = config
+        .api
+        .tls
+        .as_ref()
+        .map(|t| tls::server::bind(&t.listen))
+        .transpose()
+        .context("nothing attached")?;
     let engine = Engine::start(config).context("starting")?;
     let (handle, engine_thread) = engine.spawn()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -115,15 +211,23 @@ fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     runtime.block_on(async {
         let listener = server::bind(&socket, group.as_deref())?;
         let service = Service::new(handle.clone(), principals.clone());
+        let tls_incoming = match (&tls, tls_listeners) {
+            (Some(tls), Some(listeners)) => {
+                tls.set_auditor(audit_through(handle.clone()));
+                Some(tls::server::incoming(tls.clone(), listeners).context("TLS listener")?)
+            }
+            _ => None,
+        };
         tokio::spawn(reload_on_sighup(
             config_path.to_owned(),
             handle.clone(),
             principals,
+            tls,
         ));
         tokio::spawn(watchdog(handle.clone()));
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
         tracing::info!("serving on {}", socket.display());
-        server::serve(listener, service, shutdown_signal()).await
+        server::serve(listener, tls_incoming, service, shutdown_signal()).await
     })?;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     drop(handle);
@@ -150,11 +254,31 @@ async fn shutdown_signal() {
     tracing::info!("stopping");
 }
 
-/// SIGHUP: read and validate the file again; a bad file changes nothing.
+/// Refusals the TLS listener can pin on a caller go to the audit log.
+fn audit_through(engine: EngineHandle) -> tls::server::Auditor {
+    Box::new(move |event| {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            let recorded = engine
+                .call(|reply| Command::Audit {
+                    event: Box::new(event),
+                    reply,
+                })
+                .await;
+            if let Err(e) = recorded {
+                tracing::error!("auditing a refused TLS client: {}", e.message);
+            }
+        });
+    })
+}
+
+/// SIGHUP: read and validate the file again, and the TLS files it names;
+/// anything bad changes nothing.
 async fn reload_on_sighup(
     path: PathBuf,
     engine: EngineHandle,
     principals: Arc<RwLock<Vec<config::Principal>>>,
+    tls: Option<Arc<TlsServer>>,
 ) {
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         tracing::error!("cannot listen for SIGHUP; reload disabled");
@@ -169,6 +293,18 @@ async fn reload_on_sighup(
             }
         };
         let new_principals = config.api.principals.clone();
+        // The listener's addresses cannot change (the engine refuses that);
+        // its files are read again, and must be good, before anything changes.
+        let tls_set = match (&tls, &config.api.tls) {
+            (Some(server), Some(tls_config)) => match server.prepare(tls_config) {
+                Ok(prepared) => Some(prepared),
+                Err(e) => {
+                    tracing::error!("reload refused, running configuration kept: api.tls: {e}");
+                    continue;
+                }
+            },
+            _ => None,
+        };
         match engine
             .call(|reply| Command::Reload {
                 config: Box::new(config),
@@ -178,6 +314,9 @@ async fn reload_on_sighup(
         {
             Ok(()) => {
                 *principals.write().expect("principals lock") = new_principals;
+                if let (Some(server), Some(prepared)) = (&tls, tls_set) {
+                    server.install(prepared);
+                }
                 tracing::info!("configuration reloaded from {}", path.display());
             }
             Err(e) => tracing::error!("reload refused, running configuration kept: {}", e.message),

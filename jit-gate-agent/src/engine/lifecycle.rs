@@ -265,6 +265,9 @@ impl Engine {
             PolicyChange::Remove { port, protocol } => self.policy.without_rule(port, protocol)?,
         };
         Policy::validate_rules(&rules)?;
+        if let Some(tls) = &self.config.api.tls {
+            tls.check_policy(&rules)?;
+        }
         if rules == self.policy.rules {
             return Ok(self.policy.clone());
         }

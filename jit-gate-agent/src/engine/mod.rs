@@ -108,6 +108,11 @@ pub enum Command {
         config: Box<Config>,
         reply: Reply<()>,
     },
+    /// Records an event the API observed (a refused caller).
+    Audit {
+        event: Box<Event>,
+        reply: Reply<()>,
+    },
 }
 
 /// What API handlers hold: the command channel and the audit feed.
@@ -175,6 +180,16 @@ impl Engine {
             Some(policy) => policy,
             None => initial_policy(&mut store, &config)?,
         };
+        if let Some(tls) = &config.api.tls {
+            // A policy changed over the API before the listener was configured.
+            tls.check_policy(&policy.rules).map_err(|refusal| {
+                anyhow::anyhow!(
+                    "the stored policy (changed over the API): {}; remove that rule first \
+                     (`jit-gate policy remove-port`, with api.tls unset meanwhile)",
+                    refusal.message
+                )
+            })?;
+        }
         let now = now_ms();
         let mut active = ActiveGrants::default();
         let mut expired_while_down = Vec::new();
@@ -406,6 +421,12 @@ impl Engine {
             Command::Reload { config, reply } => {
                 let _ = reply.send(self.reload(*config));
             }
+            Command::Audit { event, reply } => {
+                let recorded = self
+                    .commit_events(vec![*event])
+                    .map_err(|e| Refusal::internal("recording an audit event", format!("{e:#}")));
+                let _ = reply.send(recorded);
+            }
         }
     }
 
@@ -589,6 +610,11 @@ impl Engine {
             (
                 "api.unix_socket",
                 config.api.unix_socket == self.config.api.unix_socket,
+            ),
+            (
+                "api.tls.listen",
+                config.api.tls.as_ref().map(|t| &t.listen)
+                    == self.config.api.tls.as_ref().map(|t| &t.listen),
             ),
         ] {
             if !same {
