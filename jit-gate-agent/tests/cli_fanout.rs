@@ -233,6 +233,13 @@ async fn one_row_per_agent_and_exit_1_if_any_failed() {
     assert_eq!(rows[1]["error"]["code"], "InvalidArgument");
     assert_eq!(rows[1]["error"]["message"], "fake agent refuses everything");
     assert!(rows[1].get("result").is_none());
+    assert!(rows.iter().all(|r| r["latency_ms"].as_f64().is_some()), "{rows:?}");
+    // The summary goes to stderr, so stdout stays one JSON document.
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.starts_with("summary: 2 agents: 1 ok, 1 failed, 0 timed out;"),
+        "{stderr}"
+    );
 
     // Table mode: a header and one row per agent.
     let output = jit_gate(args(
@@ -243,7 +250,11 @@ async fn one_row_per_agent_and_exit_1_if_any_failed() {
     assert_eq!(output.status.code(), Some(1), "{output:?}");
     let text = String::from_utf8(output.stdout).unwrap();
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 3, "{text}");
+    assert_eq!(lines.len(), 4, "{text}");
+    assert!(
+        lines[3].starts_with("summary: 2 agents: 1 ok, 1 failed, 0 timed out; latency p50 "),
+        "{text}"
+    );
     assert!(
         lines[1].contains("a.sock") && lines[1].contains(" ok "),
         "{text}"

@@ -8,23 +8,31 @@ use clap::{ArgGroup, Args, Parser, Subcommand};
 use ipnet::IpNet;
 use jit_gate_agent::{net::Protocol, policy::RuleProtocol, proto::EventKind};
 
-use crate::{connect::Agent, convert};
+use crate::{connect::Agent, convert, tls::TlsArgs};
 
 /// Operator client of the jit-gate agent: opens management ports for a
 /// source for a bounded time, and shows and changes the gate's state.
 #[derive(Debug, Parser)]
 #[command(name = "jit-gate", version)]
 pub struct Cli {
-    /// Agent socket (a path, `unix:/path` or `unix:///path`); repeat to run
-    /// the command on several agents at once. Before the subcommand.
+    /// Agent: a socket (a path, `unix:/path` or `unix:///path`) or a
+    /// mutual-TLS listener (`https://host:port`); repeat to run the command
+    /// on several agents at once. Before the subcommand. Default:
+    /// /run/jit-gate/agent.sock unless --agents-file is given.
     // Not global: clap keeps only the values after the subcommand when a
     // global option is given on both sides, which would drop agents.
-    #[arg(
-        long = "agent",
-        value_name = "SOCKET",
-        default_value = "/run/jit-gate/agent.sock"
-    )]
+    #[arg(long = "agent", value_name = "SOCKET|URL")]
     pub agents: Vec<Agent>,
+    /// A file of agents, one per line, as --agent takes them (`#` starts a
+    /// comment); added to the --agent ones. Before the subcommand.
+    #[arg(long, value_name = "FILE")]
+    pub agents_file: Option<PathBuf>,
+    /// Agents contacted at once at most.
+    #[arg(long, value_name = "N", default_value_t = 64, global = true,
+          value_parser = clap::value_parser!(u16).range(1..=4096))]
+    pub concurrency: u16,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// Machine-readable output (JSON).
     #[arg(long, global = true)]
     pub json: bool,
@@ -276,15 +284,48 @@ mod tests {
         }
     }
 
+    fn path(agent: &Agent) -> &Path {
+        match agent {
+            Agent::Unix(path) => path,
+            Agent::Tls(target) => panic!("{target} is not a socket"),
+        }
+    }
+
     #[test]
     fn defaults() {
         let cli = parse(&["status"]).unwrap();
-        assert_eq!(
-            cli.agents.iter().map(Agent::path).collect::<Vec<_>>(),
-            [Path::new("/run/jit-gate/agent.sock")]
-        );
+        assert!(cli.agents.is_empty() && cli.agents_file.is_none());
         assert!(!cli.json);
         assert_eq!(cli.timeout, Duration::from_secs(10));
+        assert_eq!(cli.concurrency, 64);
+    }
+
+    #[test]
+    fn tls_agents_mix_with_sockets() {
+        let cli = parse(&[
+            "--agent",
+            "https://agent-1.example.org:9443",
+            "--agent",
+            "/run/a.sock",
+            "--agent",
+            "https://[2001:db8::7]",
+            "--concurrency",
+            "8",
+            "status",
+        ])
+        .unwrap();
+        let shown: Vec<String> = cli.agents.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "https://agent-1.example.org:9443",
+                "/run/a.sock",
+                "https://[2001:db8::7]:7443"
+            ]
+        );
+        assert_eq!(cli.concurrency, 8);
+        let err = error(&["--concurrency", "0", "status"]);
+        assert!(err.contains("--concurrency"), "{err}");
     }
 
     #[test]
@@ -304,7 +345,7 @@ mod tests {
             "1500ms",
         ])
         .unwrap();
-        let paths: Vec<&Path> = cli.agents.iter().map(Agent::path).collect();
+        let paths: Vec<&Path> = cli.agents.iter().map(path).collect();
         assert_eq!(
             paths,
             ["/run/a.sock", "/run/b.sock", "/run/c.sock", "relative.sock"].map(Path::new)
@@ -320,7 +361,8 @@ mod tests {
     #[test]
     fn bad_agents_are_refused() {
         for (agent, needle) in [
-            ("http://10.0.0.1:50051", "only on a Unix socket"),
+            ("http://10.0.0.1:50051", "plaintext TCP is never used"),
+            ("https://10.0.0.1:7443/x", "without a path"),
             ("unix://host/run/a.sock", "unix:///path"),
             ("unix:", "empty"),
             ("", "empty"),

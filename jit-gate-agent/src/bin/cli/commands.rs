@@ -16,17 +16,34 @@ use serde::Deserialize;
 
 use crate::{
     args::{Cli, Command, PolicyChange, PolicyCommand, RequestArgs},
-    connect::Fleet,
+    connect::{Agent, Fleet, read_agents_file},
     output::report,
     watch,
 };
 
+const DEFAULT_SOCKET: &str = "/run/jit-gate/agent.sock";
+
 /// Runs the command; `Ok(true)` if it succeeded on every agent. `Err` is a
 /// local problem found before any agent was contacted.
 pub async fn run(cli: Cli) -> anyhow::Result<bool> {
+    let mut agents = cli.agents;
+    if let Some(file) = &cli.agents_file {
+        agents.extend(read_agents_file(file)?);
+    }
+    if agents.is_empty() && cli.agents_file.is_none() {
+        agents.push(Agent::Unix(DEFAULT_SOCKET.into()));
+    }
+    anyhow::ensure!(!agents.is_empty(), "no agent to contact");
+    let tls = if agents.iter().any(Agent::is_tls) {
+        Some(cli.tls.client_config()?)
+    } else {
+        None
+    };
     let fleet = Fleet {
-        agents: cli.agents,
+        agents,
         timeout: cli.timeout,
+        concurrency: cli.concurrency.into(),
+        tls,
     };
     let json = cli.json;
     Ok(match cli.command {

@@ -1,16 +1,23 @@
-//! Reaching agents: socket addresses, the gRPC channel over a Unix socket,
-//! and the fan-out that runs one call on every agent at once.
+//! Reaching agents: Unix socket paths and `https://` listeners, the gRPC
+//! channel to each, and the fan-out that runs one call on every agent with
+//! bounded concurrency, timing each.
 
 use std::{
     fmt,
     future::Future,
     path::{Path, PathBuf},
     str::FromStr,
-    time::Duration,
+    sync::Arc,
+    time::{Duration, Instant},
 };
 
+use futures_util::StreamExt as _;
 use hyper_util::rt::TokioIo;
-use jit_gate_agent::proto::jit_gate_client::JitGateClient;
+use jit_gate_agent::{
+    proto::jit_gate_client::JitGateClient,
+    tls::client::{self as tls_client, TlsTarget},
+};
+use rustls::ClientConfig;
 use tokio::net::UnixStream;
 use tonic::{
     Code, Status,
@@ -19,25 +26,34 @@ use tonic::{
 
 pub type Client = JitGateClient<Channel>;
 
-/// An agent's Unix socket.
+/// An agent: its Unix socket, or its mutual-TLS listener.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Agent(PathBuf);
+pub enum Agent {
+    Unix(PathBuf),
+    Tls(TlsTarget),
+}
 
 impl Agent {
-    pub fn path(&self) -> &Path {
-        &self.0
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Agent::Tls(_))
     }
 }
 
 impl fmt::Display for Agent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.display().fmt(f)
+        match self {
+            Agent::Unix(path) => path.display().fmt(f),
+            Agent::Tls(target) => target.fmt(f),
+        }
     }
 }
 
 impl FromStr for Agent {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
+        if s.starts_with("https://") {
+            return s.parse().map(Agent::Tls);
+        }
         let path = match s.strip_prefix("unix:") {
             // `unix:///path` (URI with empty authority) or `unix:/path`.
             Some(rest) => match rest.strip_prefix("//") {
@@ -47,7 +63,8 @@ impl FromStr for Agent {
             },
             None if s.contains("://") => {
                 return Err(format!(
-                    "{s:?}: the agent listens only on a Unix socket (a path, unix:/path or unix:///path)"
+                    "{s:?}: an agent is a Unix socket (a path, unix:/path or unix:///path) or \
+                     a mutual-TLS listener (https://host:port); plaintext TCP is never used"
                 ));
             }
             None => s,
@@ -55,8 +72,26 @@ impl FromStr for Agent {
         if path.is_empty() {
             return Err("empty agent socket path".into());
         }
-        Ok(Agent(PathBuf::from(path)))
+        Ok(Agent::Unix(PathBuf::from(path)))
     }
+}
+
+/// The agents listed in `path`: one per line, as `--agent` takes them;
+/// blank lines and `#` comments are skipped.
+pub fn read_agents_file(path: &Path) -> anyhow::Result<Vec<Agent>> {
+    use anyhow::Context as _;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter_map(|(i, line)| {
+            let line = line.split('#').next().unwrap_or_default().trim();
+            (!line.is_empty()).then(|| {
+                line.parse()
+                    .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1))
+            })
+        })
+        .collect()
 }
 
 /// Why a call on one agent failed: the agent's gRPC status, or the
@@ -103,18 +138,33 @@ impl From<Status> for CallError {
 pub struct Reply<T> {
     pub agent: Agent,
     pub result: Result<T, CallError>,
+    /// From the start of the connection to the answer.
+    pub latency: Duration,
 }
 
-/// The agents a command runs on, and how long each may take.
+impl<T> Reply<T> {
+    /// No answer within the timeout.
+    pub fn timed_out(&self) -> bool {
+        matches!(&self.result, Err(e) if e.code == Code::DeadlineExceeded)
+    }
+}
+
+/// The agents a command runs on, and how.
 pub struct Fleet {
     pub agents: Vec<Agent>,
+    /// Longest wait for each agent.
     pub timeout: Duration,
+    /// Agents contacted at once at most.
+    pub concurrency: usize,
+    /// The client certificate for `https://` agents.
+    pub tls: Option<Arc<ClientConfig>>,
 }
 
 impl Fleet {
-    /// Runs `call` with its own copy of `request` on every agent
-    /// concurrently; replies come in the order the agents were given.
-    /// The timeout covers connecting and the call (for a stream: opening it).
+    /// Runs `call` with its own copy of `request` on every agent, at most
+    /// `concurrency` at a time; replies come in the order the agents were
+    /// given. The timeout covers connecting and the call (for a stream:
+    /// opening it), from the moment that agent's turn comes.
     pub async fn call<Req, T, F, Fut>(&self, request: Req, call: F) -> Vec<Reply<T>>
     where
         Req: Clone,
@@ -123,10 +173,11 @@ impl Fleet {
     {
         let calls = self.agents.iter().map(|agent| {
             let attempt = async {
-                let client = connect(agent).await?;
+                let client = self.connect(agent).await?;
                 Ok(call(client, request.clone()).await?.into_inner())
             };
             async move {
+                let started = Instant::now();
                 let result = tokio::time::timeout(self.timeout, attempt)
                     .await
                     .unwrap_or_else(|_| {
@@ -141,23 +192,28 @@ impl Fleet {
                 Reply {
                     agent: agent.clone(),
                     result,
+                    latency: started.elapsed(),
                 }
             }
         });
-        futures_util::future::join_all(calls).await
+        futures_util::stream::iter(calls)
+            .buffered(self.concurrency.max(1))
+            .collect()
+            .await
     }
-}
 
-async fn connect(agent: &Agent) -> Result<Client, CallError> {
-    let path = agent.path().to_owned();
-    // The URI is required by tonic but unused: the connector ignores it.
-    let channel = Endpoint::from_static("http://[::]:50051")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move { UnixStream::connect(path).await.map(TokioIo::new) }
-        }))
-        .await
-        .map_err(|e| CallError {
+    async fn connect(&self, agent: &Agent) -> Result<Client, CallError> {
+        let channel = match agent {
+            Agent::Unix(path) => unix_channel(path).await,
+            Agent::Tls(target) => {
+                let config = self.tls.clone().ok_or_else(|| CallError {
+                    code: Code::Unauthenticated,
+                    message: "no client certificate for https agents".into(),
+                })?;
+                tls_client::channel(config, target).await
+            }
+        };
+        let channel = channel.map_err(|e| CallError {
             code: Code::Unavailable,
             // Past tonic's generic "transport error" to the io error.
             message: format!(
@@ -165,7 +221,19 @@ async fn connect(agent: &Agent) -> Result<Client, CallError> {
                 std::error::Error::source(&e).map_or_else(|| chain(&e), chain)
             ),
         })?;
-    Ok(JitGateClient::new(channel))
+        Ok(JitGateClient::new(channel))
+    }
+}
+
+async fn unix_channel(path: &Path) -> Result<Channel, tonic::transport::Error> {
+    let path = path.to_owned();
+    // The URI is required by tonic but unused: the connector ignores it.
+    Endpoint::from_static("http://[::]:50051")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move { UnixStream::connect(path).await.map(TokioIo::new) }
+        }))
+        .await
 }
 
 /// An error and its causes, outermost first, without repeats (tonic's

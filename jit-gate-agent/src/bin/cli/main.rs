@@ -1,5 +1,6 @@
 //! `jit-gate`: the operator CLI, a client of the agent's gRPC API over its
-//! Unix socket. One command can run on several agents at once.
+//! Unix socket or its mutual-TLS listener. One command can run on many
+//! agents at once (a fleet, from a file), with bounded concurrency.
 //!
 //! Exit status: 0 if the command succeeded on every agent, 1 if it failed
 //! on any, 2 for a usage error (bad option, unreadable or invalid policy
@@ -10,6 +11,7 @@ mod commands;
 mod connect;
 mod convert;
 mod output;
+mod tls;
 mod watch;
 
 use std::process::ExitCode;

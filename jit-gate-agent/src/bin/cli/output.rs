@@ -9,7 +9,7 @@ use jit_gate_agent::proto::{
 use serde_json::{Value, json};
 
 use crate::{
-    connect::{CallError, Reply},
+    connect::{Agent, CallError, Reply},
     convert,
 };
 
@@ -24,10 +24,19 @@ pub trait Render {
     }
 }
 
-/// Prints the replies in the requested form; true if every agent succeeded.
+/// Prints the replies in the requested form, with a summary line when
+/// there are several (on stderr with `--json`, so stdout stays one JSON
+/// document); true if every agent succeeded.
 pub fn report<T: Render>(replies: &[Reply<T>], json: bool) -> bool {
     if json {
-        let rows: Vec<Value> = replies.iter().map(json_row).collect();
+        let rows: Vec<Value> = replies
+            .iter()
+            .map(|reply| {
+                let mut row = json_row(&reply.agent, &reply.result);
+                row["latency_ms"] = json!(milliseconds(reply.latency));
+                row
+            })
+            .collect();
         println!("{}", pretty(&Value::Array(rows)));
     } else if let [only] = replies {
         match &only.result {
@@ -35,34 +44,83 @@ pub fn report<T: Render>(replies: &[Reply<T>], json: bool) -> bool {
             Err(error) => eprintln!("{}", error_line(&only.agent, error)),
         }
     } else {
-        let mut table = table(&["AGENT", "RESULT", "SUMMARY"]);
+        let mut table = table(&["AGENT", "RESULT", "LATENCY", "SUMMARY"]);
         for reply in replies {
             let (result, summary) = match &reply.result {
                 Ok(result) => ("ok", result.summary()),
+                Err(_) if reply.timed_out() => ("timed out", String::new()),
                 Err(error) => ("error", error.to_string()),
             };
-            table.add_row(vec![reply.agent.to_string(), result.into(), summary]);
+            table.add_row(vec![
+                reply.agent.to_string(),
+                result.into(),
+                format!("{:.1} ms", milliseconds(reply.latency)),
+                summary,
+            ]);
         }
         println!("{table}");
     }
+    if replies.len() > 1 {
+        let line = fleet_summary(replies);
+        if json {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    }
     replies.iter().all(|r| r.result.is_ok())
+}
+
+fn milliseconds(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 10_000.0).round() / 10.0
+}
+
+/// "summary: 50 agents: 47 ok, 2 failed, 1 timed out; latency p50 3.1 ms,
+/// p99 40.2 ms" — latency over the agents that answered (ok or failed).
+pub fn fleet_summary<T>(replies: &[Reply<T>]) -> String {
+    let ok = replies.iter().filter(|r| r.result.is_ok()).count();
+    let timed_out = replies.iter().filter(|r| r.timed_out()).count();
+    let failed = replies.len() - ok - timed_out;
+    let mut answered: Vec<_> = replies
+        .iter()
+        .filter(|r| !r.timed_out())
+        .map(|r| r.latency)
+        .collect();
+    answered.sort();
+    // Nearest rank.
+    let percentile = |p: usize| {
+        answered
+            .get((answered.len() * p).div_ceil(100).saturating_sub(1))
+            .map_or_else(|| "-".to_owned(), |d| format!("{:.1} ms", milliseconds(*d)))
+    };
+    format!(
+        "summary: {} agents: {ok} ok, {failed} failed, {timed_out} timed out; latency p50 {}, p99 {}",
+        replies.len(),
+        percentile(50),
+        percentile(99)
+    )
 }
 
 /// One result on one line, for streams: a compact JSON row (the shape of a
 /// fan-out row), or the summary, after the agent's name if `tagged`.
 /// Failures go to stderr in text mode.
-pub fn print_line<T: Render>(reply: &Reply<T>, json: bool, tagged: bool) {
-    match &reply.result {
-        _ if json => println!("{}", json_row(reply)),
-        Ok(result) if tagged => println!("{}  {}", reply.agent, result.summary()),
+pub fn print_line<T: Render>(
+    agent: &Agent,
+    result: &Result<T, CallError>,
+    json: bool,
+    tagged: bool,
+) {
+    match result {
+        _ if json => println!("{}", json_row(agent, result)),
+        Ok(result) if tagged => println!("{agent}  {}", result.summary()),
         Ok(result) => println!("{}", result.summary()),
-        Err(error) => eprintln!("{}", error_line(&reply.agent, error)),
+        Err(error) => eprintln!("{}", error_line(agent, error)),
     }
 }
 
-fn json_row<T: Render>(reply: &Reply<T>) -> Value {
-    let agent = reply.agent.to_string();
-    match &reply.result {
+fn json_row<T: Render>(agent: &Agent, result: &Result<T, CallError>) -> Value {
+    let agent = agent.to_string();
+    match result {
         Ok(result) => json!({ "agent": agent, "ok": true, "result": result.json() }),
         Err(error) => json!({ "agent": agent, "ok": false, "error": error_json(error) }),
     }
@@ -419,22 +477,31 @@ mod tests {
         }
     }
 
+    fn reply<T>(agent: &str, result: Result<T, CallError>, ms: u64) -> Reply<T> {
+        Reply {
+            agent: agent.parse().unwrap(),
+            result,
+            latency: std::time::Duration::from_millis(ms),
+        }
+    }
+
+    fn failure(code: Code) -> CallError {
+        CallError {
+            code,
+            message: "uid 1000 has no role".into(),
+        }
+    }
+
     #[test]
     fn json_rows_for_success_and_failure() {
         let replies = [
-            Reply {
-                agent: "/run/a.sock".parse::<Agent>().unwrap(),
-                result: Ok(ListConnectionsResponse::default()),
-            },
-            Reply {
-                agent: "unix:///run/b.sock".parse().unwrap(),
-                result: Err(CallError {
-                    code: Code::PermissionDenied,
-                    message: "uid 1000 has no role".into(),
-                }),
-            },
+            reply("/run/a.sock", Ok(ListConnectionsResponse::default()), 1),
+            reply("unix:///run/b.sock", Err(failure(Code::PermissionDenied)), 2),
         ];
-        let rows: Vec<Value> = replies.iter().map(json_row).collect();
+        let rows: Vec<Value> = replies
+            .iter()
+            .map(|r| json_row(&r.agent, &r.result))
+            .collect();
         assert_eq!(
             Value::Array(rows),
             json!([
@@ -443,6 +510,24 @@ mod tests {
                   "error": { "code": "PermissionDenied", "message": "uid 1000 has no role" } },
             ])
         );
+    }
+
+    #[test]
+    fn fleet_summary_counts_and_percentiles() {
+        let mut replies: Vec<Reply<ListConnectionsResponse>> = (1..=97)
+            .map(|ms| reply("https://a:7443", Ok(ListConnectionsResponse::default()), ms))
+            .collect();
+        replies.push(reply("https://b:7443", Err(failure(Code::Unavailable)), 500));
+        replies.push(reply("https://c:7443", Err(failure(Code::DeadlineExceeded)), 3000));
+        replies.push(reply("/run/d.sock", Err(failure(Code::DeadlineExceeded)), 3000));
+        // 98 answered (97 ok, 1 failed): p50 is the 49th, p99 the 98th.
+        assert_eq!(
+            fleet_summary(&replies),
+            "summary: 100 agents: 97 ok, 1 failed, 2 timed out; latency p50 49.0 ms, p99 500.0 ms"
+        );
+        let none: Vec<Reply<ListConnectionsResponse>> =
+            vec![reply("/run/d.sock", Err(failure(Code::DeadlineExceeded)), 3000)];
+        assert!(fleet_summary(&none).ends_with("latency p50 -, p99 -"));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use jit_gate_agent::proto::WatchEventsRequest;
 
 use crate::{
     args::WatchArgs,
-    connect::{Fleet, Reply},
+    connect::Fleet,
     output::print_line,
 };
 
@@ -27,22 +27,12 @@ pub async fn run(fleet: &Fleet, args: WatchArgs, json: bool) -> bool {
         match reply.result {
             Ok(events) => {
                 let agent = reply.agent;
-                streams.push(events.map(move |item| Reply {
-                    agent: agent.clone(),
-                    result: item.map_err(Into::into),
-                }));
+                streams.push(events.map(move |item| (agent.clone(), item.map_err(Into::into))));
             }
             // Could not open this one; the others go on.
             Err(error) => {
                 ok = false;
-                print_line(
-                    &Reply::<jit_gate_agent::proto::Event> {
-                        agent: reply.agent,
-                        result: Err(error),
-                    },
-                    json,
-                    tagged,
-                );
+                print_line::<jit_gate_agent::proto::Event>(&reply.agent, &Err(error), json, tagged);
             }
         }
     }
@@ -54,9 +44,9 @@ pub async fn run(fleet: &Fleet, args: WatchArgs, json: bool) -> bool {
             _ = &mut interrupted => break,
             next = merged.next() => match next {
                 None => break,
-                Some(reply) => {
-                    ok &= reply.result.is_ok();
-                    print_line(&reply, json, tagged);
+                Some((agent, result)) => {
+                    ok &= result.is_ok();
+                    print_line(&agent, &result, json, tagged);
                 }
             }
         }
