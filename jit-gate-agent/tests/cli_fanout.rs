@@ -233,7 +233,10 @@ async fn one_row_per_agent_and_exit_1_if_any_failed() {
     assert_eq!(rows[1]["error"]["code"], "InvalidArgument");
     assert_eq!(rows[1]["error"]["message"], "fake agent refuses everything");
     assert!(rows[1].get("result").is_none());
-    assert!(rows.iter().all(|r| r["latency_ms"].as_f64().is_some()), "{rows:?}");
+    assert!(
+        rows.iter().all(|r| r["latency_ms"].as_f64().is_some()),
+        "{rows:?}"
+    );
     // The summary goes to stderr, so stdout stays one JSON document.
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(

@@ -31,7 +31,16 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "pkg-config",
     "iperf3",
+    // TLS tests: a stock TLS 1.2 client that must be refused, and the Python
+    // gRPC client (from PyPI, below) over mutual TLS.
+    "openssl",
+    "python3",
+    "python3-pip",
 ];
+
+/// Python packages the generic-client tests import (gRPC and its reflection).
+const PYTHON_PACKAGES: &[(&str, &str)] =
+    &[("grpc", "grpcio"), ("grpc_reflection", "grpcio-reflection")];
 
 /// aya-build links the XDP program with this exact bpf-linker.
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -40,7 +49,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 pub fn run() -> Result<bool> {
     ensure_root()?;
     // Non-short-circuiting `|` so every step runs.
-    Ok(debian_packages()? | nightly_rust_src()? | bpf_linker()? | bpffs()?)
+    Ok(debian_packages()? | python_packages()? | nightly_rust_src()? | bpf_linker()? | bpffs()?)
 }
 
 fn ensure_root() -> Result<()> {
@@ -105,6 +114,52 @@ fn missing_debian_packages() -> Result<Vec<&'static str>> {
         .copied()
         .filter(|pkg| !installed.contains(pkg))
         .collect())
+}
+
+fn python_modules_missing() -> Result<Vec<&'static str>> {
+    let mut missing = Vec::new();
+    for (module, package) in PYTHON_PACKAGES {
+        let found = cmd::output(command("python3").args(["-c", &format!("import {module}")]))?;
+        if !found.status.success() {
+            missing.push(*package);
+        }
+    }
+    Ok(missing)
+}
+
+/// The `python3` on PATH (Debian's, or another the machine puts first) must
+/// import grpcio and grpcio-reflection; pip installs what is missing.
+fn python_packages() -> Result<bool> {
+    let missing = python_modules_missing()?;
+    if missing.is_empty() {
+        return Ok(false);
+    }
+    println!(
+        "bootstrap: installing Python packages: {}",
+        missing.join(" ")
+    );
+    let install = |extra: &[&str]| {
+        cmd::run_quiet(
+            command("python3")
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                ])
+                .args(extra)
+                .args(&missing),
+        )
+    };
+    // Debian's own python3 refuses system-wide pip installs (PEP 668)
+    // unless told that this is meant.
+    install(&[]).or_else(|_| install(&["--break-system-packages"]))?;
+    let still = python_modules_missing()?;
+    if !still.is_empty() {
+        bail!("pip did not install: {}", still.join(" "));
+    }
+    Ok(true)
 }
 
 /// `-Z build-std=core` for the bpfel target needs the nightly toolchain's sources.

@@ -82,9 +82,16 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<JitGateServer<Service>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    // v1alpha too: Python's grpcio-reflection (and older grpcurl) speak only that.
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .context("building the reflection service")?;
+    let reflection = reflection()
         .build_v1()
         .context("building the reflection service")?;
     let stopping = service.stopping.clone();
@@ -92,6 +99,7 @@ pub async fn serve(
     let router = Server::builder()
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(JitGateServer::from_arc(service).max_decoding_message_size(MAX_MESSAGE));
     let stopped = || {
         let mut stopping = stopping.subscribe();

@@ -10,11 +10,11 @@ use std::{
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason,
-    RevokedCertParams, SanType, SerialNumber,
+    RevokedCertParams, SanType,
 };
 use time::OffsetDateTime;
 
-pub use rcgen::Error;
+pub use rcgen::{Error, SerialNumber};
 
 /// How `tls init` names a client principal in its certificate (a URI
 /// subject alternative name), and how the configuration refers to it.

@@ -394,12 +394,11 @@ fn rejection_of(error: &io::Error) -> Rejection {
         .and_then(|inner| inner.downcast_ref::<rustls::Error>());
     match tls {
         Some(rustls::Error::NoCertificatesPresented) => Rejection::NoCertificate,
-        Some(rustls::Error::PeerIncompatible(why)) => Rejection::Handshake(format!(
-            "client cannot speak TLS 1.3 with this server ({why:?})"
-        )),
+        Some(rustls::Error::PeerIncompatible(why)) => Rejection::NotTls13(format!("{why:?}")),
         Some(rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. }) => {
-            Rejection::Handshake("not a TLS 1.3 client (plaintext or an old protocol)".into())
+            Rejection::NotTls
         }
+        Some(rustls::Error::AlertReceived(alert)) => Rejection::ClientAlert(format!("{alert:?}")),
         Some(other) => Rejection::Handshake(format!("TLS handshake failed: {other}")),
         None => Rejection::Handshake(format!("connection lost during the handshake: {error}")),
     }

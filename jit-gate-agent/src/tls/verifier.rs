@@ -42,7 +42,13 @@ pub enum Rejection {
     Revoked,
     /// Valid, but not among `pinned_client_certificates`.
     NotPinned,
-    /// Not TLS 1.3, not TLS at all, or broken otherwise.
+    /// The client offers no TLS 1.3 (TLS 1.2 or older).
+    NotTls13(String),
+    /// Not TLS at all (plaintext HTTP/2, for one).
+    NotTls,
+    /// The client ended the handshake (it did not trust the server).
+    ClientAlert(String),
+    /// Anything else that broke the handshake.
     Handshake(String),
 }
 
@@ -56,6 +62,9 @@ impl Rejection {
             Rejection::NotYetValid { .. } => "not-yet-valid",
             Rejection::Revoked => "revoked",
             Rejection::NotPinned => "not-pinned",
+            Rejection::NotTls13(_) => "protocol-version",
+            Rejection::NotTls => "not-tls",
+            Rejection::ClientAlert(_) => "client-alert",
             Rejection::Handshake(_) => "handshake",
         }
     }
@@ -82,6 +91,19 @@ impl fmt::Display for Rejection {
             Rejection::Revoked => f.write_str("client certificate revoked"),
             Rejection::NotPinned => {
                 f.write_str("client certificate not among the pinned fingerprints")
+            }
+            Rejection::NotTls13(why) => {
+                write!(
+                    f,
+                    "client cannot speak TLS 1.3, the only version served ({why})"
+                )
+            }
+            Rejection::NotTls => f.write_str("not a TLS client (plaintext?)"),
+            Rejection::ClientAlert(alert) => {
+                write!(
+                    f,
+                    "client ended the handshake ({alert}): does it trust this server's CA?"
+                )
             }
             Rejection::Handshake(why) => f.write_str(why),
         }

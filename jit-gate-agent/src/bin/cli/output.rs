@@ -496,7 +496,11 @@ mod tests {
     fn json_rows_for_success_and_failure() {
         let replies = [
             reply("/run/a.sock", Ok(ListConnectionsResponse::default()), 1),
-            reply("unix:///run/b.sock", Err(failure(Code::PermissionDenied)), 2),
+            reply(
+                "unix:///run/b.sock",
+                Err(failure(Code::PermissionDenied)),
+                2,
+            ),
         ];
         let rows: Vec<Value> = replies
             .iter()
@@ -517,16 +521,31 @@ mod tests {
         let mut replies: Vec<Reply<ListConnectionsResponse>> = (1..=97)
             .map(|ms| reply("https://a:7443", Ok(ListConnectionsResponse::default()), ms))
             .collect();
-        replies.push(reply("https://b:7443", Err(failure(Code::Unavailable)), 500));
-        replies.push(reply("https://c:7443", Err(failure(Code::DeadlineExceeded)), 3000));
-        replies.push(reply("/run/d.sock", Err(failure(Code::DeadlineExceeded)), 3000));
+        replies.push(reply(
+            "https://b:7443",
+            Err(failure(Code::Unavailable)),
+            500,
+        ));
+        replies.push(reply(
+            "https://c:7443",
+            Err(failure(Code::DeadlineExceeded)),
+            3000,
+        ));
+        replies.push(reply(
+            "/run/d.sock",
+            Err(failure(Code::DeadlineExceeded)),
+            3000,
+        ));
         // 98 answered (97 ok, 1 failed): p50 is the 49th, p99 the 98th.
         assert_eq!(
             fleet_summary(&replies),
             "summary: 100 agents: 97 ok, 1 failed, 2 timed out; latency p50 49.0 ms, p99 500.0 ms"
         );
-        let none: Vec<Reply<ListConnectionsResponse>> =
-            vec![reply("/run/d.sock", Err(failure(Code::DeadlineExceeded)), 3000)];
+        let none: Vec<Reply<ListConnectionsResponse>> = vec![reply(
+            "/run/d.sock",
+            Err(failure(Code::DeadlineExceeded)),
+            3000,
+        )];
         assert!(fleet_summary(&none).ends_with("latency p50 -, p99 -"));
     }
 

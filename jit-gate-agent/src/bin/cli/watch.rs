@@ -4,11 +4,7 @@
 use futures_util::{StreamExt as _, stream};
 use jit_gate_agent::proto::WatchEventsRequest;
 
-use crate::{
-    args::WatchArgs,
-    connect::Fleet,
-    output::print_line,
-};
+use crate::{args::WatchArgs, connect::Fleet, output::print_line};
 
 /// True if no stream failed (an interrupt is a normal end).
 pub async fn run(fleet: &Fleet, args: WatchArgs, json: bool) -> bool {
