@@ -6,6 +6,7 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
+    sync::Arc,
     time::Duration,
 };
 
@@ -16,6 +17,7 @@ use jit_gate_tests::{
     fleet::{BROKER_V4, Fleet, Host, Pki},
     traffic::{TcpEcho, expect_access},
 };
+use rustls::ClientConfig;
 use serde_json::Value;
 use tonic::{Code, transport::Channel};
 
@@ -432,4 +434,288 @@ async fn every_refused_client_gets_its_answer_changes_nothing_and_is_audited_if_
     agent.wait_for_log(&["refused: client certificate not issued by a configured CA"]);
     agent.wait_for_log(&["refused: client cannot speak TLS 1.3"]);
     agent.wait_for_log(&["refused: not a TLS client"]);
+}
+
+/// Waits until the agent's log holds `count` lines containing `needle`.
+fn wait_for_lines(host: &Host, needle: &str, count: usize) {
+    let agent = host.agent.as_ref().expect("agent running");
+    for _ in 0..300 {
+        if agent
+            .log_text()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .count()
+            >= count
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!(
+        "fewer than {count} log lines with {needle:?}:\n{}",
+        agent.log_text()
+    );
+}
+
+/// The SHA-256 of the certificate the agent at `to` presents now.
+async fn served_certificate(fleet: &Fleet, config: Arc<ClientConfig>, to: SocketAddr) -> Vec<u8> {
+    let stream = fleet.broker.tls(config, to).await.expect("TLS connection");
+    let certificate = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .expect("server certificate")[0]
+        .clone();
+    certificate.to_vec()
+}
+
+async fn next_grant(stream: &mut tonic::Streaming<proto::Event>) -> proto::Event {
+    tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("the event arrives")
+        .expect("the stream stays open")
+        .expect("an event")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_rotate_on_sighup_under_an_open_stream_and_a_bad_reload_keeps_serving() {
+    let principals = r#"[{ uri = "urn:jit-gate:broker", role = "broker" }, { uri = "urn:jit-gate:ops", role = "broker" }]"#;
+    let mut fleet = Fleet::new(1, Mode::Nftables, principals);
+    let (ops, ops_serial) = fleet.pki.client_with("client-ops", "ops", |_| {});
+    fleet.start();
+    let host = &fleet.hosts[0];
+    let to = host.tls_address();
+    let broker = fleet.pki.client_config(Some(&fleet.pki.client("broker")));
+    let ops_config = fleet.pki.client_config(Some(&ops));
+
+    let mut watcher = fleet.broker.api(broker.clone(), to).await.expect("connect");
+    let mut stream = watcher
+        .watch_events(proto::WatchEventsRequest {
+            after_sequence: None,
+            kinds: vec![proto::EventKind::GrantCreated as i32],
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut ops_api = fleet
+        .broker
+        .api(ops_config.clone(), to)
+        .await
+        .expect("connect");
+    ops_api
+        .get_status(proto::GetStatusRequest {})
+        .await
+        .expect("ops reads");
+    let first = served_certificate(&fleet, broker.clone(), to).await;
+
+    // Rotate: a new server certificate and key in the same files, and a
+    // revocation list that revokes ops.
+    fleet.pki.server("server-0", host.address);
+    let crl = fleet.pki.write_crl(&[ops_serial], 1);
+    host.configure(
+        Mode::Nftables,
+        &[&fleet.pki.ca_path()],
+        &format!("api.tls.crl = [{crl:?}]\napi.tls.principals = {principals}\n"),
+    );
+    host.agent.as_ref().unwrap().signal(libc::SIGHUP);
+    wait_for_lines(host, "configuration reloaded", 1);
+    let second = served_certificate(&fleet, broker.clone(), to).await;
+    assert_ne!(first, second, "new handshakes get the new certificate");
+
+    let mut fresh = fleet.broker.api(broker.clone(), to).await.expect("connect");
+    let granted = fresh
+        .request_access(request("rot-1", SSH, proto::Protocol::Tcp, BROKER_V4, 600))
+        .await
+        .expect("request after rotation")
+        .into_inner();
+    let event = next_grant(&mut stream).await;
+    assert_eq!(
+        event.grant_id, granted.grants[0].id,
+        "the open stream goes on"
+    );
+    // The watcher's own connection still takes calls.
+    watcher
+        .list_grants(proto::ListGrantsRequest::default())
+        .await
+        .expect("a call on the connection opened before the rotation");
+    // Ops' open connection: its next call is checked against the new set.
+    let refused = ops_api
+        .get_status(proto::GetStatusRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused}");
+    assert!(
+        refused.message().contains("client certificate revoked"),
+        "{refused}"
+    );
+    let err = fleet.broker.handshake(ops_config, to).await.unwrap_err();
+    assert!(err.contains("CertificateRevoked"), "{err}");
+
+    // A bad file: the running set stays, and the log says why.
+    let key = &host.server_cert.key;
+    std::fs::remove_file(key).unwrap();
+    std::fs::write(
+        key,
+        "-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    host.agent.as_ref().unwrap().signal(libc::SIGHUP);
+    wait_for_lines(
+        host,
+        "reload refused, running configuration kept: api.tls:",
+        1,
+    );
+    let log = host.agent.as_ref().unwrap().log_text();
+    assert!(
+        log.contains(&format!("{}: not a usable private key", key.display())),
+        "{log}"
+    );
+    assert_eq!(served_certificate(&fleet, broker.clone(), to).await, second);
+    let granted = fresh
+        .request_access(request("rot-2", SSH, proto::Protocol::Tcp, BROKER_V4, 600))
+        .await
+        .expect("request after a refused reload")
+        .into_inner();
+    let event = next_grant(&mut stream).await;
+    assert_eq!(
+        event.grant_id, granted.grants[0].id,
+        "the stream is still open"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_fans_out_to_fifty_agents_some_down_or_slow() {
+    const HOSTS: usize = 50;
+    let mut fleet = Fleet::new(
+        HOSTS,
+        Mode::Nftables,
+        r#"[{ uri = "urn:jit-gate:broker", role = "broker" }]"#,
+    );
+    fleet.start();
+    let broker = fleet.pki.client("broker");
+    let (down, hung, slow, by_socket) = ([3, 17], [5, 23], 40, 10);
+    for index in down {
+        fleet.hosts[index].agent.take().unwrap().kill();
+    }
+    for index in hung.into_iter().chain([slow]) {
+        fleet.hosts[index]
+            .agent
+            .as_ref()
+            .unwrap()
+            .signal(libc::SIGSTOP);
+    }
+    let list: String = fleet
+        .hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            if i == by_socket {
+                format!("{}\n", h.files.socket().display())
+            } else {
+                format!("{}  # host {i}\n", h.url())
+            }
+        })
+        .collect();
+    let hosts_file = fleet.pki.dir.path().join("agents.txt");
+    std::fs::write(&hosts_file, format!("# the fleet\n\n{list}")).unwrap();
+    let paths = [
+        hosts_file.display().to_string(),
+        fleet.pki.ca_path().display().to_string(),
+        broker.certificate.display().to_string(),
+        broker.key.display().to_string(),
+    ];
+    let run = |global: &[&str], request: &[&str]| {
+        let mut args = vec![
+            "--agents-file",
+            &paths[0],
+            "--ca",
+            &paths[1],
+            "--cert",
+            &paths[2],
+            "--key",
+            &paths[3],
+            "--timeout",
+            "4s",
+        ];
+        args.extend_from_slice(global);
+        args.extend([
+            "request",
+            "22",
+            "--source",
+            "198.18.0.1",
+            "--duration",
+            "10m",
+        ]);
+        args.extend_from_slice(request);
+        fleet.broker.cli(&args)
+    };
+
+    // The slow agent wakes up well within the timeout.
+    let slow_pid = fleet.hosts[slow].agent.as_ref().unwrap().pid();
+    let waker = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        // SAFETY: kill on the pid of an agent this test started.
+        unsafe { libc::kill(slow_pid, libc::SIGCONT) };
+    });
+    let out = run(&["--json"], &[]);
+    waker.join().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let rows: Value = serde_json::from_slice(&out.stdout).expect("JSON rows");
+    let rows = rows.as_array().expect("rows");
+    assert_eq!(rows.len(), HOSTS);
+    let mut request_id = None;
+    for (index, row) in rows.iter().enumerate() {
+        let host = &fleet.hosts[index];
+        let agent = if index == by_socket {
+            host.files.socket().display().to_string()
+        } else {
+            host.url()
+        };
+        assert_eq!(row["agent"], agent.as_str(), "row {index}: {row}");
+        let code = &row["error"]["code"];
+        if down.contains(&index) {
+            assert_eq!(code, "Unavailable", "host {index} is down: {row}");
+        } else if hung.contains(&index) {
+            assert_eq!(code, "DeadlineExceeded", "host {index} hangs: {row}");
+        } else {
+            assert_eq!(row["ok"], true, "host {index}: {row}");
+            let id = row["result"]["grants"][0]["request_id"].clone();
+            assert_eq!(request_id.get_or_insert(id.clone()), &id, "one request id");
+        }
+    }
+    // Stopped for 1.5 s from just before the CLI started.
+    assert!(
+        rows[slow]["latency_ms"].as_f64().unwrap() >= 1000.0,
+        "{}",
+        rows[slow]
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("summary: 50 agents: 46 ok, 2 failed, 2 timed out; latency p50 "),
+        "{stderr}"
+    );
+
+    // A retry with the same request id, once the hung agents are back:
+    // the same grants where they were made, new ones where they were not.
+    for index in hung {
+        fleet.hosts[index]
+            .agent
+            .as_ref()
+            .unwrap()
+            .signal(libc::SIGCONT);
+    }
+    let request_id = request_id.unwrap();
+    let out = run(&[], &["--request-id", request_id.as_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines
+            .last()
+            .unwrap()
+            .starts_with("summary: 50 agents: 48 ok, 2 failed, 0 timed out;"),
+        "{text}"
+    );
+    let replayed = lines.iter().filter(|l| l.contains("(replayed)")).count();
+    assert_eq!(replayed, 46, "{text}");
 }

@@ -185,6 +185,15 @@ fn build(config: &TlsConfig, generation: u64) -> Result<Active, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let chain = material::certificates(&config.certificate)?;
     let key = material::private_key(&config.key)?;
+    provider
+        .key_provider
+        .load_private_key(key.clone_key())
+        .map_err(|e| {
+            invalid(
+                config.key.display().to_string(),
+                format!("not a usable private key: {e}"),
+            )
+        })?;
     let mut roots = RootCertStore::empty();
     for path in &config.client_ca {
         for (i, ca) in material::certificates(path)?.into_iter().enumerate() {
