@@ -1,5 +1,6 @@
 //! `cargo xtask bench`: the benchmarks, in release mode: per-packet costs
-//! of the XDP program, then the control plane through a real agent.
+//! of the XDP program, the control plane through a real agent, then remote
+//! brokers (mutual TLS beside the Unix socket, and fleet fan-outs).
 
 use anyhow::Result;
 
@@ -7,7 +8,7 @@ use crate::cmd::{self, cargo};
 
 pub fn run(args: &[String]) -> Result<()> {
     cmd::run(cargo().args(["build", "--release", "-p", "jit-gate-agent", "--bins"]))?;
-    for bench in ["jit-gate-bench", "jit-gate-control-bench"] {
+    for bench in ["jit-gate-bench", "jit-gate-control-bench", "jit-gate-tls-bench"] {
         let mut command = cargo();
         command.args([
             "run",
