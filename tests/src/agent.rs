@@ -349,9 +349,17 @@ pub async fn client_as(
     .join()
     .expect("connecting thread")?;
     stream.set_nonblocking(true)?;
-    // The channel connects once, over this stream.
-    let stream = Mutex::new(Some(tokio::net::UnixStream::from_std(stream)?));
-    let channel = endpoint()
+    let channel = one_connection(endpoint(), tokio::net::UnixStream::from_std(stream)?).await?;
+    Ok(JitGateClient::new(channel))
+}
+
+/// A gRPC channel over `stream`, connected once (it cannot reconnect).
+pub async fn one_connection<S>(endpoint: Endpoint, stream: S) -> std::io::Result<Channel>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let stream = Mutex::new(Some(stream));
+    endpoint
         .connect_with_connector(tower::service_fn(move |_| {
             let stream = stream.lock().expect("stream lock").take();
             async move {
@@ -361,8 +369,7 @@ pub async fn client_as(
             }
         }))
         .await
-        .map_err(std::io::Error::other)?;
-    Ok(JitGateClient::new(channel))
+        .map_err(std::io::Error::other)
 }
 
 /// An access request for `ports` as (port, protocol, source), lasting

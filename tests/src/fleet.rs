@@ -11,11 +11,10 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Command, Output},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::Duration,
 };
 
-use hyper_util::rt::TokioIo;
 use jit_gate_agent::{
     config::Mode,
     proto::jit_gate_client::JitGateClient,
@@ -29,7 +28,7 @@ use tokio::io::AsyncReadExt as _;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::{
-    agent::{Agent, AgentFiles, workspace_binary},
+    agent::{Agent, AgentFiles, one_connection, workspace_binary},
     env::unique_name,
     netns::{Netns, ip, nsenter},
 };
@@ -222,19 +221,9 @@ impl Broker {
         config: Arc<ClientConfig>,
         to: SocketAddr,
     ) -> std::io::Result<JitGateClient<Channel>> {
-        let stream = Mutex::new(Some(self.tls(config, to).await?));
-        let channel = Endpoint::from_shared(format!("http://{to}"))
-            .expect("endpoint")
-            .connect_with_connector(tower::service_fn(move |_| {
-                let stream = stream.lock().expect("stream lock").take();
-                async move {
-                    stream
-                        .map(TokioIo::new)
-                        .ok_or_else(|| std::io::Error::other("the one connection is used up"))
-                }
-            }))
-            .await
-            .map_err(std::io::Error::other)?;
+        let stream = self.tls(config, to).await?;
+        let endpoint = Endpoint::from_shared(format!("http://{to}")).expect("endpoint");
+        let channel = one_connection(endpoint, stream).await?;
         Ok(JitGateClient::new(channel))
     }
 
@@ -335,13 +324,18 @@ impl Fleet {
         Fleet { hosts, broker, pki }
     }
 
-    /// Starts every agent, in parallel, and waits until each serves.
+    /// Starts every agent and waits until each serves, a batch at a time
+    /// (hundreds starting at once on two cores would outlast the start
+    /// timeout).
     pub fn start(&mut self) {
-        std::thread::scope(|scope| {
-            for host in &mut self.hosts {
-                scope.spawn(|| host.agent = Some(Agent::start(&host.files)));
-            }
-        });
+        const BATCH: usize = 25;
+        for batch in self.hosts.chunks_mut(BATCH) {
+            std::thread::scope(|scope| {
+                for host in batch {
+                    scope.spawn(|| host.agent = Some(Agent::start(&host.files)));
+                }
+            });
+        }
     }
 }
 

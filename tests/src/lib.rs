@@ -7,6 +7,7 @@ pub mod cli;
 pub mod env;
 pub mod fleet;
 pub mod gated_host;
+pub mod measure;
 pub mod netns;
 pub mod packets;
 pub mod process;

@@ -8,7 +8,11 @@ use crate::cmd::{self, cargo};
 
 pub fn run(args: &[String]) -> Result<()> {
     cmd::run(cargo().args(["build", "--release", "-p", "jit-gate-agent", "--bins"]))?;
-    for bench in ["jit-gate-bench", "jit-gate-control-bench", "jit-gate-tls-bench"] {
+    for bench in [
+        "jit-gate-bench",
+        "jit-gate-control-bench",
+        "jit-gate-tls-bench",
+    ] {
         let mut command = cargo();
         command.args([
             "run",

@@ -201,7 +201,7 @@ impl Ca {
                 .collect(),
             key_identifier_method: KeyIdMethod::Sha256,
         };
-        Ok(params.signed_by(&self.issuer)?.pem()?)
+        params.signed_by(&self.issuer)?.pem()
     }
 }
 

@@ -360,7 +360,9 @@ mod tests {
         let (revoked, serial) = client(&ca, "revoked", None);
         let crl = ca.revocation_list(&[serial], 1, HOUR).unwrap();
         let plain = verifier(&ca, Some(crl), Vec::new());
-        plain.check(&[good.clone()], SystemTime::now()).unwrap();
+        plain
+            .check(std::slice::from_ref(&good), SystemTime::now())
+            .unwrap();
 
         let two_hours = time::Duration::hours(2);
         let (expired, _) = client(&ca, "expired", Some(-two_hours));
@@ -379,7 +381,9 @@ mod tests {
         }
 
         let pinned = verifier(&ca, None, vec![sha256(&good)]);
-        pinned.check(&[good.clone()], SystemTime::now()).unwrap();
+        pinned
+            .check(std::slice::from_ref(&good), SystemTime::now())
+            .unwrap();
         assert_eq!(
             refusal(&pinned, &revoked),
             ("not-pinned", Some("uri:urn:jit-gate:revoked".to_owned()))

@@ -11,7 +11,7 @@
 //!   grant's expiry to the agent's GRANT_EXPIRED record.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
     time::{Duration, Instant, SystemTime},
 };
@@ -21,6 +21,7 @@ use clap::Parser;
 use jit_gate_agent::proto::{self, access_request::Lifetime, jit_gate_client::JitGateClient};
 use jit_gate_tests::{
     agent::{Agent, AgentFiles, client},
+    measure::{Percentiles, connect_time, percentiles},
     netns::{GATED_V4, Netns, Topology, enter},
     traffic::TcpEcho,
 };
@@ -52,23 +53,6 @@ const OPEN_PORT: u16 = 8080;
 /// Client addresses used as fresh sources in the latency loop (192.0.2.10
 /// and up, clear of the topology's own client addresses).
 const LATENCY_SOURCES: u8 = 100;
-
-#[derive(Serialize)]
-struct Percentiles {
-    p50_us: f64,
-    p99_us: f64,
-    max_us: f64,
-}
-
-fn percentiles(mut xs: Vec<Duration>) -> Percentiles {
-    xs.sort();
-    let at = |q: f64| xs[((xs.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e6;
-    Percentiles {
-        p50_us: at(0.5),
-        p99_us: at(0.99),
-        max_us: at(1.0),
-    }
-}
 
 #[derive(Serialize)]
 struct Results {
@@ -118,20 +102,6 @@ fn client_interface(ns: &Netns) -> Result<String> {
 
 fn latency_source(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(192, 0, 2, 10 + (i % usize::from(LATENCY_SOURCES)) as u8)
-}
-
-/// Times a TCP handshake from `src`; fails if it does not complete in 1 s.
-fn connect_time(src: IpAddr, dst: SocketAddr) -> Result<Duration> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-    socket.bind(&SocketAddr::new(src, 0).into())?;
-    let start = Instant::now();
-    socket
-        .connect_timeout(&dst.into(), Duration::from_secs(1))
-        .with_context(|| format!("connect from {src} to {dst}"))?;
-    let took = start.elapsed();
-    drop(TcpStream::from(socket));
-    Ok(took)
 }
 
 struct Latency {

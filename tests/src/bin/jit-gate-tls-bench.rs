@@ -12,7 +12,7 @@
 //!   JSON rows) and the CLI's wall time.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
@@ -28,6 +28,7 @@ use jit_gate_agent::{
 use jit_gate_tests::{
     agent::{connect, workspace_binary},
     fleet::{ClientCert, Fleet},
+    measure::{Percentiles, connect_time, percentiles},
     netns::{enter, nsenter},
     traffic::TcpEcho,
 };
@@ -52,23 +53,6 @@ struct Args {
 
 const SSH: u16 = 22;
 const PRINCIPALS: &str = r#"[{ uri = "urn:jit-gate:bench", role = "broker" }]"#;
-
-#[derive(Serialize, Clone, Copy)]
-struct Percentiles {
-    p50_us: f64,
-    p99_us: f64,
-    max_us: f64,
-}
-
-fn percentiles(mut xs: Vec<Duration>) -> Percentiles {
-    xs.sort();
-    let at = |q: f64| xs[((xs.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e6;
-    Percentiles {
-        p50_us: at(0.5),
-        p99_us: at(0.99),
-        max_us: at(1.0),
-    }
-}
 
 #[derive(Serialize)]
 struct PerCall {
@@ -120,20 +104,6 @@ fn source(i: usize) -> Ipv4Addr {
     Ipv4Addr::from(0xc613_0000 + u32::try_from(i).expect("sample") + 1)
 }
 
-/// Times a TCP handshake from `src`; fails if it does not complete in 1 s.
-fn connect_time(src: IpAddr, dst: SocketAddr) -> Result<Duration> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-    socket.bind(&SocketAddr::new(src, 0).into())?;
-    let start = Instant::now();
-    socket
-        .connect_timeout(&dst.into(), Duration::from_secs(1))
-        .with_context(|| format!("connect from {src} to {dst}"))?;
-    let took = start.elapsed();
-    drop(TcpStream::from(socket));
-    Ok(took)
-}
-
 /// The per-call loop, on a thread inside the broker namespace.
 fn per_call(
     broker_ns: String,
@@ -149,8 +119,7 @@ fn per_call(
             .build()?;
         runtime.block_on(async {
             let mut unix = JitGateClient::new(connect(&socket).await?);
-            let mut mtls: JitGateClient<Channel> =
-                JitGateClient::new(channel(tls, &target).await?);
+            let mut mtls: JitGateClient<Channel> = JitGateClient::new(channel(tls, &target).await?);
             let ssh = SocketAddr::new(target.host.parse()?, SSH);
             let mut times: [Vec<Duration>; 6] = Default::default();
             // Warm both connections up before timing.
@@ -171,8 +140,14 @@ fn per_call(
                     times[4 + offset].push(connect_time(src, ssh)?);
                 }
             }
-            let [noop_unix, noop_mtls, request_unix, request_mtls, enforced_unix, enforced_mtls] =
-                times.map(percentiles);
+            let [
+                noop_unix,
+                noop_mtls,
+                request_unix,
+                request_mtls,
+                enforced_unix,
+                enforced_mtls,
+            ] = times.map(percentiles);
             Ok(PerCall {
                 noop_unix,
                 noop_mtls,
@@ -188,7 +163,11 @@ fn per_call(
 }
 
 /// One fan-out by the CLI: per-agent latencies and the wall time.
-fn fan_out(fleet: &Fleet, agents: &[String], client: &ClientCert) -> Result<(Vec<Duration>, Duration)> {
+fn fan_out(
+    fleet: &Fleet,
+    agents: &[String],
+    client: &ClientCert,
+) -> Result<(Vec<Duration>, Duration)> {
     let file = fleet.pki.dir.path().join("bench-agents.txt");
     std::fs::write(&file, agents.join("\n"))?;
     let started = Instant::now();
@@ -201,7 +180,15 @@ fn fan_out(fleet: &Fleet, agents: &[String], client: &ClientCert) -> Result<(Vec
         .arg(&client.certificate)
         .arg("--key")
         .arg(&client.key)
-        .args(["--json", "request", "22", "--source", "198.18.0.1", "--duration", "10m"])
+        .args([
+            "--json",
+            "request",
+            "22",
+            "--source",
+            "198.18.0.1",
+            "--duration",
+            "10m",
+        ])
         .output()
         .context("run jit-gate")?;
     let wall = started.elapsed();
@@ -224,14 +211,20 @@ fn fan_out(fleet: &Fleet, agents: &[String], client: &ClientCert) -> Result<(Vec
 fn median_ms(mut walls: Vec<Duration>) -> (f64, f64) {
     walls.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    (ms(walls[walls.len() / 2]), ms(*walls.last().expect("rounds")))
+    (
+        ms(walls[walls.len() / 2]),
+        ms(*walls.last().expect("rounds")),
+    )
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
     let client_name = "bench";
 
-    println!("per call: one agent (xdp+nftables), {} samples per transport", args.samples);
+    println!(
+        "per call: one agent (xdp+nftables), {} samples per transport",
+        args.samples
+    );
     let per_call = {
         let mut fleet = Fleet::new(1, Mode::XdpAndNftables, PRINCIPALS);
         fleet.start();
@@ -262,7 +255,13 @@ fn main() -> Result<()> {
         for &size in &args.fleets {
             let hosts = &fleet.hosts[..size];
             let lists = [
-                ("unix", hosts.iter().map(|h| h.files.socket().display().to_string()).collect::<Vec<_>>()),
+                (
+                    "unix",
+                    hosts
+                        .iter()
+                        .map(|h| h.files.socket().display().to_string())
+                        .collect::<Vec<_>>(),
+                ),
                 ("mtls", hosts.iter().map(|h| h.url()).collect()),
             ];
             let mut samples: [(Vec<Duration>, Vec<Duration>); 2] = Default::default();
@@ -303,7 +302,9 @@ fn main() -> Result<()> {
         per_call.noop_mtls.p99_us - per_call.noop_unix.p99_us,
         per_call.request_mtls.p99_us - per_call.request_unix.p99_us
     );
-    println!("\nfan-out of one request            per agent ms: p50      p99   wall ms: median      max");
+    println!(
+        "\nfan-out of one request            per agent ms: p50      p99   wall ms: median      max"
+    );
     for f in &fan_outs {
         println!(
             "{:>4} agents, {:<5}                     {:>8.1} {:>8.1}          {:>8.0} {:>8.0}",

@@ -1,0 +1,42 @@
+//! What the benchmarks measure with: latency percentiles, and the time a
+//! TCP handshake from a given source takes.
+
+use std::{
+    net::{IpAddr, SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use serde::Serialize;
+
+#[derive(Clone, Copy, Serialize)]
+pub struct Percentiles {
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub max_us: f64,
+}
+
+/// Percentiles of `xs` (nearest rank), in microseconds.
+pub fn percentiles(mut xs: Vec<Duration>) -> Percentiles {
+    xs.sort();
+    let at = |q: f64| xs[((xs.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e6;
+    Percentiles {
+        p50_us: at(0.5),
+        p99_us: at(0.99),
+        max_us: at(1.0),
+    }
+}
+
+/// Times a TCP handshake from `src`; fails if it does not complete in 1 s.
+pub fn connect_time(src: IpAddr, dst: SocketAddr) -> Result<Duration> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+    socket.bind(&SocketAddr::new(src, 0).into())?;
+    let start = Instant::now();
+    socket
+        .connect_timeout(&dst.into(), Duration::from_secs(1))
+        .with_context(|| format!("connect from {src} to {dst}"))?;
+    let took = start.elapsed();
+    drop(TcpStream::from(socket));
+    Ok(took)
+}
