@@ -581,4 +581,11 @@ async fn certificates_rotate_on_sighup_under_an_open_stream_and_a_bad_reload_kee
         event.grant_id, granted.grants[0].id,
         "the stream is still open"
     );
+    // A graceful stop ends the stream and the listener.
+    let status = fleet.hosts[0].agent.take().unwrap().stop();
+    assert!(status.success(), "{status}");
+    let ended = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("the stream ends with the agent");
+    assert_eq!(ended.unwrap_err().code(), Code::Unavailable);
 }
