@@ -79,6 +79,8 @@ pub fn status(s: &Status) -> Value {
         "ports": s.ports.iter().map(port_status).collect::<Vec<_>>(),
         "active_grants": s.active_grants,
         "policy_revision": s.policy_revision,
+        "audit_chain_intact": s.audit_chain_intact,
+        "audit_problem": s.audit_problem,
     })
 }
 
@@ -153,7 +155,10 @@ pub fn revoke(r: &RevokeGrantResponse) -> Value {
 }
 
 pub fn grant_list(r: &ListGrantsResponse) -> Value {
-    json!({ "grants": grants(&r.grants) })
+    json!({
+        "grants": grants(&r.grants),
+        "more": !r.next_page_token.is_empty(),
+    })
 }
 
 fn connection(c: &Connection) -> Value {
@@ -185,6 +190,8 @@ pub fn event(e: &Event) -> Value {
         "grant_id": id(e.grant_id),
         "message": e.message,
         "details": details,
+        "payload_sha256": e.payload_sha256,
+        "pruned": e.pruned,
         "hash": e.hash,
     })
 }

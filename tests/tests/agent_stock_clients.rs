@@ -1,0 +1,62 @@
+//! Stock gRPC clients in another language reach the agent with their
+//! default options: Python's grpcio (health, reflection, then the JitGate
+//! service found through reflection) on the Unix socket, whatever
+//! `:authority` it sends for a `unix:` target.
+
+use std::process::Command;
+
+use jit_gate_tests::{
+    agent::{Agent, AgentFiles},
+    netns::Topology,
+};
+use serde_json::Value;
+
+/// Runs tests/python/stock_client.py against the agent's socket and returns
+/// its steps by name.
+fn python_steps(files: &AgentFiles) -> std::collections::BTreeMap<String, Value> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/stock_client.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(files.socket())
+        .output()
+        .expect("python3 (`cargo xtask bootstrap` installs grpcio)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the stock Python client failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .map(|line| {
+            let step: Value = serde_json::from_str(line).expect("one JSON object per line");
+            (step["step"].as_str().expect("step name").to_owned(), step)
+        })
+        .collect()
+}
+
+#[test]
+fn python_grpcio_with_default_options_uses_health_reflection_and_the_api() {
+    let topo = Topology::new();
+    let files = AgentFiles::new(&topo.gated);
+    files.write_config(&[&topo.gated_if], "");
+    let _agent = Agent::start(&files);
+
+    let steps = python_steps(&files);
+    // grpc.health.v1.HealthCheckResponse.SERVING
+    assert_eq!(steps["health"]["status"], 1, "{steps:?}");
+    let services = steps["reflection"]["services"].as_array().expect("services");
+    for wanted in ["jitgate.v1.JitGate", "grpc.health.v1.Health"] {
+        assert!(services.iter().any(|s| s == wanted), "{services:?}");
+    }
+    assert_eq!(
+        steps["GetStatus"]["version"],
+        env!("CARGO_PKG_VERSION"),
+        "{steps:?}"
+    );
+    assert_eq!(steps["GetStatus"]["configured_mode"], "xdp+nftables");
+    // An error status reaches the stock client intact, code and message.
+    assert_eq!(steps["RevokeGrant"]["code"], "NOT_FOUND", "{steps:?}");
+    assert_eq!(steps["RevokeGrant"]["message"], "no grant 424242");
+}
