@@ -133,7 +133,7 @@ pub fn verify_log<E>(
     let mut verifier = Verifier::default();
     let mut out = Verification::default();
     for checkpoint in checkpoints {
-        if !checkpoint.signed_by(&public) {
+        if !checkpoint.signed_by(public) {
             out.broken = Some(Broken {
                 sequence: checkpoint.sequence,
                 problem: "a checkpoint for it is not signed by this agent's key".into(),

@@ -403,20 +403,30 @@ pub fn request(
     access(id, &[(port, protocol, &source.to_string())], seconds)
 }
 
-/// Active grants, or every grant (newest first).
+/// Active grants, or every grant (newest first), every page.
 pub async fn list_grants(
     api: &mut JitGateClient<Channel>,
     include_ended: bool,
 ) -> Vec<proto::Grant> {
-    api.list_grants(proto::ListGrantsRequest {
-        include_ended,
-        port: 0,
-        limit: 0,
-    })
-    .await
-    .expect("list grants")
-    .into_inner()
-    .grants
+    let mut grants = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = api
+            .list_grants(proto::ListGrantsRequest {
+                include_ended,
+                page_size: 1000,
+                page_token,
+                ..Default::default()
+            })
+            .await
+            .expect("list grants")
+            .into_inner();
+        grants.extend(page.grants);
+        if page.next_page_token.is_empty() {
+            return grants;
+        }
+        page_token = page.next_page_token;
+    }
 }
 
 /// Every grant the agent knows, ended ones included, newest first.

@@ -289,6 +289,8 @@ mod tests {
             }],
             active_grants: 2,
             policy_revision: 4,
+            audit_chain_intact: true,
+            audit_problem: String::new(),
         };
         let v = status(&s);
         assert_eq!(v["started_at"], "1970-01-01T00:00:00Z");
@@ -340,6 +342,8 @@ mod tests {
             message: "denied 203.0.113.9 -> 22/tcp".into(),
             details_json: r#"{"count":3}"#.into(),
             hash: "ab".into(),
+            payload_sha256: "cd".into(),
+            pruned: false,
         };
         let v = event(&e);
         assert_eq!(v["kind"], "access-denied");

@@ -481,6 +481,18 @@ mod tests {
     }
 
     #[test]
+    fn text_from_agents_cannot_reach_the_terminal_raw() {
+        assert_eq!(printable("plain"), "plain");
+        assert_eq!(printable("a\u{1b}[2Jb\nc"), "a\\u{1b}[2Jb\\nc");
+        let event = Event {
+            message: "x\u{1b}]0;owned\u{7}".into(),
+            principal: "uid:0".into(),
+            ..Default::default()
+        };
+        assert!(!event.summary().chars().any(char::is_control), "{}", event.summary());
+    }
+
+    #[test]
     fn error_line_names_agent_and_code() {
         let error = CallError {
             code: Code::InvalidArgument,
@@ -511,6 +523,7 @@ mod tests {
     #[test]
     fn one_line_summaries() {
         let grants = ListGrantsResponse {
+            next_page_token: String::new(),
             grants: vec![
                 grant(1, 22),
                 Grant {
