@@ -305,14 +305,24 @@ mod tests {
 
         // Dropping a record leaves a gap.
         let gap = [chain[0].clone(), chain[2].clone()];
-        assert!(verify(&gap).unwrap_err().problem.contains("expected sequence 2"));
+        assert!(
+            verify(&gap)
+                .unwrap_err()
+                .problem
+                .contains("expected sequence 2")
+        );
 
         // A pruned access-denied payload still verifies; other kinds do not.
         let mut pruned = chain.clone();
         pruned[1].payload = None;
         assert_eq!(verify(&pruned).unwrap().pruned, 1);
         pruned[2].payload = None;
-        assert!(verify(&pruned).unwrap_err().problem.contains("grant-created"));
+        assert!(
+            verify(&pruned)
+                .unwrap_err()
+                .problem
+                .contains("grant-created")
+        );
     }
 
     #[test]

@@ -119,9 +119,8 @@ mod tests {
             uid: 1001,
             role: Role::Auditor,
         }];
-        let resolve = |uid: Option<u32>| {
-            Principal::resolve(uid.map(Identity::UnixUid).as_ref(), &configured)
-        };
+        let resolve =
+            |uid: Option<u32>| Principal::resolve(uid.map(Identity::UnixUid).as_ref(), &configured);
         let root = resolve(Some(0)).unwrap();
         root.require(Role::Admin).unwrap();
         let auditor = resolve(Some(1001)).unwrap();
@@ -135,7 +134,10 @@ mod tests {
             resolve(Some(1002)).unwrap_err().kind,
             RefusalKind::PermissionDenied
         );
-        assert_eq!(resolve(None).unwrap_err().kind, RefusalKind::Unauthenticated);
+        assert_eq!(
+            resolve(None).unwrap_err().kind,
+            RefusalKind::Unauthenticated
+        );
     }
 
     #[test]

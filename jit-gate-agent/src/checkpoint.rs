@@ -122,8 +122,8 @@ impl CheckpointKey {
     }
 
     pub fn sign(&self, sequence: u64, hash: &str, at_ms: i64) -> Checkpoint {
-        let bytes = Checkpoint::signed_bytes(sequence, hash, at_ms)
-            .expect("audit hashes are 32-byte hex");
+        let bytes =
+            Checkpoint::signed_bytes(sequence, hash, at_ms).expect("audit hashes are 32-byte hex");
         Checkpoint {
             sequence,
             hash: hash.to_owned(),

@@ -277,7 +277,10 @@ impl Config {
         if !(Duration::from_secs(1)..=Duration::from_secs(3600))
             .contains(&self.api.stream_stall_timeout)
         {
-            return field("api.stream_stall_timeout", "must be between 1s and 1h".into());
+            return field(
+                "api.stream_stall_timeout",
+                "must be between 1s and 1h".into(),
+            );
         }
         if !(1..=1_000_000).contains(&self.audit.checkpoint_every_records) {
             return field(
@@ -288,7 +291,10 @@ impl Config {
         if !(Duration::from_secs(1)..=Duration::from_secs(24 * 3600))
             .contains(&self.audit.checkpoint_interval)
         {
-            return field("audit.checkpoint_interval", "must be between 1s and 24h".into());
+            return field(
+                "audit.checkpoint_interval",
+                "must be between 1s and 24h".into(),
+            );
         }
         if self.audit.denied_retention < Duration::from_secs(1) {
             return field("audit.denied_retention", "must be at least 1s".into());

@@ -85,7 +85,10 @@ fn check_database(config: &Config, reinitialize: bool) -> anyhow::Result<Option<
             config.database.display()
         );
     }
-    tracing::warn!("{REINITIALIZE_FLAG}: creating {} although {found}", config.database.display());
+    tracing::warn!(
+        "{REINITIALIZE_FLAG}: creating {} although {found}",
+        config.database.display()
+    );
     Ok(Some(found))
 }
 
@@ -271,7 +274,8 @@ pub fn bind(path: &Path, group: Option<&str>) -> anyhow::Result<UnixListener> {
         Ok(_) => bail!("{} exists and is not a socket", path.display()),
         Err(_) => {}
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     let mode = if gid.is_some() { 0o660 } else { 0o600 };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("restricting {}", path.display()))?;

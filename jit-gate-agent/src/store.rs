@@ -214,9 +214,7 @@ impl Store {
         };
         grants_where(
             &self.conn,
-            &format!(
-                "{state} AND {port_filter} AND id < ?2 ORDER BY id DESC LIMIT ?3"
-            ),
+            &format!("{state} AND {port_filter} AND id < ?2 ORDER BY id DESC LIMIT ?3"),
             params![port, before.map_or(i64::MAX, |b| b as i64), limit],
         )
     }
@@ -244,7 +242,6 @@ impl Store {
         }
         Ok(out)
     }
-
 }
 
 fn grants_where(
@@ -478,15 +475,26 @@ mod tests {
         batch.commit().unwrap();
         assert_eq!(store.active_grants().unwrap().len(), 1);
         assert_eq!(store.grant(a).unwrap().unwrap().state, GrantState::Revoked);
-        assert_eq!(store.list_grants(true, Some(22), None, 10).unwrap().len(), 2);
+        assert_eq!(
+            store.list_grants(true, Some(22), None, 10).unwrap().len(),
+            2
+        );
         assert_eq!(store.list_grants(false, None, None, 10).unwrap().len(), 1);
-        assert_eq!(store.list_grants(true, Some(23), None, 10).unwrap().len(), 0);
+        assert_eq!(
+            store.list_grants(true, Some(23), None, 10).unwrap().len(),
+            0
+        );
         // Pages: newest first, then below the last id seen.
         let page = store.list_grants(true, None, None, 1).unwrap();
         assert_eq!(page[0].id, b);
         let next = store.list_grants(true, None, Some(b), 1).unwrap();
         assert_eq!(next[0].id, a);
-        assert!(store.list_grants(true, None, Some(a), 1).unwrap().is_empty());
+        assert!(
+            store
+                .list_grants(true, None, Some(a), 1)
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]
@@ -512,7 +520,10 @@ mod tests {
         conn.pragma_update(None, "user_version", 1).unwrap();
         drop(conn);
         let err = Store::open(&path).err().unwrap().to_string();
-        assert!(err.contains("schema 1") && err.contains("--reinitialize"), "{err}");
+        assert!(
+            err.contains("schema 1") && err.contains("--reinitialize"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -45,9 +45,12 @@ pub fn address_or_prefix(text: &str) -> Result<IpNet, String> {
     if let Ok(address) = text.parse::<IpAddr>() {
         return Ok(IpNet::from(address));
     }
-    let net = text
-        .parse::<IpNet>()
-        .map_err(|_| format!("\"{}\" is not an IPv4/IPv6 address or prefix", excerpt(text)))?;
+    let net = text.parse::<IpNet>().map_err(|_| {
+        format!(
+            "\"{}\" is not an IPv4/IPv6 address or prefix",
+            excerpt(text)
+        )
+    })?;
     prefix(net)
 }
 
@@ -165,7 +168,12 @@ mod tests {
             let err = grantable_source(source.parse().unwrap()).unwrap_err();
             assert!(err.contains(needle), "{source}: {err}");
         }
-        for fine in ["192.0.2.7/32", "198.51.100.0/24", "2001:db8::/48", "10.0.0.0/16"] {
+        for fine in [
+            "192.0.2.7/32",
+            "198.51.100.0/24",
+            "2001:db8::/48",
+            "10.0.0.0/16",
+        ] {
             grantable_source(fine.parse().unwrap()).unwrap();
         }
         assert!(
@@ -178,8 +186,16 @@ mod tests {
     #[test]
     fn text_bounds_and_excerpts() {
         text("reason", "fine", 10).unwrap();
-        assert!(text("reason", "x".repeat(11).as_str(), 10).unwrap_err().contains("longer than 10"));
-        assert!(text("reason", "a\u{1b}[2J", 10).unwrap_err().contains("control"));
+        assert!(
+            text("reason", "x".repeat(11).as_str(), 10)
+                .unwrap_err()
+                .contains("longer than 10")
+        );
+        assert!(
+            text("reason", "a\u{1b}[2J", 10)
+                .unwrap_err()
+                .contains("control")
+        );
         assert_eq!(excerpt("a\u{1b}[2J"), "a\\u{1b}[2J");
         let long = excerpt(&"y".repeat(1_000_000));
         assert!(long.ends_with("… (1000000 characters)"), "{long}");

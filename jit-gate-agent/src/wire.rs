@@ -68,7 +68,6 @@ impl From<RuleProtocol> for proto::Protocol {
     }
 }
 
-
 fn rule_protocol_from_wire(value: i32, field: &str) -> Result<RuleProtocol, Status> {
     match proto::Protocol::try_from(value) {
         Ok(proto::Protocol::Tcp) => Ok(RuleProtocol::Tcp),
@@ -141,11 +140,7 @@ impl From<&PortRule> for proto::PortRule {
         proto::PortRule {
             port: u32::from(r.port),
             protocol: proto::Protocol::from(r.protocol) as i32,
-            allowed_source_prefixes: r
-                .allowed_sources
-                .iter()
-                .map(ToString::to_string)
-                .collect(),
+            allowed_source_prefixes: r.allowed_sources.iter().map(ToString::to_string).collect(),
             max_duration: Some(duration(r.max_duration)),
             require_justification: r.require_justification,
             require_ticket: r.require_ticket,
@@ -310,10 +305,9 @@ pub fn checkpoint(checkpoint: &Checkpoint, public_key: &str) -> proto::AuditChec
 impl TryFrom<&proto::AuditCheckpoint> for Checkpoint {
     type Error = Status;
     fn try_from(c: &proto::AuditCheckpoint) -> Result<Self, Status> {
-        let at = c
-            .at
-            .and_then(|t| SystemTime::try_from(t).ok())
-            .ok_or_else(|| invalid(format!("checkpoint {}: no valid time", c.sequence)))?;
+        let at =
+            c.at.and_then(|t| SystemTime::try_from(t).ok())
+                .ok_or_else(|| invalid(format!("checkpoint {}: no valid time", c.sequence)))?;
         Ok(Checkpoint {
             sequence: c.sequence,
             hash: c.hash.clone(),

@@ -325,6 +325,11 @@ pub async fn client_as(
     uid: u32,
     gid: u32,
 ) -> std::io::Result<JitGateClient<Channel>> {
+    Ok(JitGateClient::new(channel_as(files, uid, gid).await?))
+}
+
+/// The channel behind `client_as`, for other services (health, reflection).
+pub async fn channel_as(files: &AgentFiles, uid: u32, gid: u32) -> std::io::Result<Channel> {
     let path = files.socket();
     let stream = std::thread::spawn(move || {
         let check = |rc: libc::c_long| {
@@ -351,7 +356,7 @@ pub async fn client_as(
     stream.set_nonblocking(true)?;
     // The channel connects once, over this stream.
     let stream = Mutex::new(Some(tokio::net::UnixStream::from_std(stream)?));
-    let channel = endpoint()
+    endpoint()
         .connect_with_connector(tower::service_fn(move |_| {
             let stream = stream.lock().expect("stream lock").take();
             async move {
@@ -361,8 +366,7 @@ pub async fn client_as(
             }
         }))
         .await
-        .map_err(std::io::Error::other)?;
-    Ok(JitGateClient::new(channel))
+        .map_err(std::io::Error::other)
 }
 
 /// An access request for `ports` as (port, protocol, source), lasting
@@ -897,4 +901,28 @@ fn report(step: &str, grants: &[proto::Grant], problems: Vec<String>) {
             .join(", "),
         problems.join("\n")
     );
+}
+
+/// Runs `tests/python/<script>` with `args` and returns the JSON objects it
+/// prints, one per line; panics, with its output, if it fails.
+pub fn python(script: &str, args: &[&std::ffi::OsStr]) -> Vec<serde_json::Value> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("python")
+        .join(script);
+    let out = Command::new("python3")
+        .arg(&path)
+        .args(args)
+        .output()
+        .expect("python3 (`cargo xtask bootstrap` installs grpcio)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{script} failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("one JSON object per line"))
+        .collect()
 }

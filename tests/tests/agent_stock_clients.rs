@@ -3,10 +3,8 @@
 //! service found through reflection) on the Unix socket, whatever
 //! `:authority` it sends for a `unix:` target.
 
-use std::process::Command;
-
 use jit_gate_tests::{
-    agent::{Agent, AgentFiles},
+    agent::{Agent, AgentFiles, python},
     netns::Topology,
 };
 use serde_json::Value;
@@ -14,25 +12,9 @@ use serde_json::Value;
 /// Runs tests/python/stock_client.py against the agent's socket and returns
 /// its steps by name.
 fn python_steps(files: &AgentFiles) -> std::collections::BTreeMap<String, Value> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/stock_client.py");
-    let out = Command::new("python3")
-        .arg(script)
-        .arg(files.socket())
-        .output()
-        .expect("python3 (`cargo xtask bootstrap` installs grpcio)");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "the stock Python client failed ({}):\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-        .lines()
-        .map(|line| {
-            let step: Value = serde_json::from_str(line).expect("one JSON object per line");
-            (step["step"].as_str().expect("step name").to_owned(), step)
-        })
+    python("stock_client.py", &[files.socket().as_os_str()])
+        .into_iter()
+        .map(|step| (step["step"].as_str().expect("step name").to_owned(), step))
         .collect()
 }
 
@@ -46,7 +28,9 @@ fn python_grpcio_with_default_options_uses_health_reflection_and_the_api() {
     let steps = python_steps(&files);
     // grpc.health.v1.HealthCheckResponse.SERVING
     assert_eq!(steps["health"]["status"], 1, "{steps:?}");
-    let services = steps["reflection"]["services"].as_array().expect("services");
+    let services = steps["reflection"]["services"]
+        .as_array()
+        .expect("services");
     for wanted in ["jitgate.v1.JitGate", "grpc.health.v1.Health"] {
         assert!(services.iter().any(|s| s == wanted), "{services:?}");
     }

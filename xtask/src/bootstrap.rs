@@ -99,10 +99,19 @@ fn python_packages() -> Result<bool> {
     if missing.is_empty() {
         return Ok(false);
     }
-    println!("bootstrap: installing Python packages: {}", missing.join(" "));
+    println!(
+        "bootstrap: installing Python packages: {}",
+        missing.join(" ")
+    );
     cmd::run_quiet(
         command("python3")
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
             .args(&missing),
     )?;
     if let Some((module, package)) = PYTHON_PACKAGES.iter().find(|(m, _)| !importable(m)) {

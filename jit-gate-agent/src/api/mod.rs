@@ -71,8 +71,11 @@ impl Service {
         method: &str,
         needed: Role,
     ) -> Result<crate::auth::Principal, Status> {
-        self.gate
-            .authorize(request.extensions(), &format!("/jitgate.v1.JitGate/{method}"), needed)
+        self.gate.authorize(
+            request.extensions(),
+            &format!("/jitgate.v1.JitGate/{method}"),
+            needed,
+        )
     }
 
     async fn call<T>(

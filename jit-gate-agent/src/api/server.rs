@@ -7,7 +7,7 @@ use std::future::Future;
 use anyhow::Context;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
-use tonic::{Request, Status, transport::Server};
+use tonic::{Request, Status, service::interceptor::InterceptedService, transport::Server};
 
 use crate::{
     api::{Service, WireErrorsLayer},
@@ -29,23 +29,34 @@ pub async fn serve(
     let listener = UnixListener::from_std(listener).context("adopting the API socket")?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<JitGateServer<Service>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Both reflection versions: v1, and v1alpha that many stock clients
+    // (Python's grpcio-reflection, grpcurl) still ask.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
         .build_v1()
         .context("building the reflection service")?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .context("building the reflection service")?;
     let gate = service.gate();
-    let reflection_gate = gate.clone();
-    let reflection = tonic::service::interceptor::InterceptedService::new(
-        reflection,
+    let needs_role = |method: &'static str| {
+        let gate = gate.clone();
         move |request: Request<()>| -> Result<Request<()>, Status> {
-            reflection_gate.authorize(
-                request.extensions(),
-                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-                Role::Auditor,
-            )?;
+            gate.authorize(request.extensions(), method, Role::Auditor)?;
             Ok(request)
-        },
+        }
+    };
+    let reflection_v1 = InterceptedService::new(
+        reflection_v1,
+        needs_role("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),
+    );
+    let reflection_v1alpha = InterceptedService::new(
+        reflection_v1alpha,
+        needs_role("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"),
     );
     let stopping = service.stopping.clone();
     let shutdown = async move {
@@ -55,7 +66,8 @@ pub async fn serve(
     Server::builder()
         .layer(WireErrorsLayer(gate))
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(JitGateServer::new(service).max_decoding_message_size(MAX_MESSAGE))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await

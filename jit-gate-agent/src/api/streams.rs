@@ -119,8 +119,9 @@ pub fn open(
             *said.lock().expect("farewell lock") = Some(status);
         }
     });
-    let last = futures_util::stream::once(async move { farewell.lock().expect("farewell lock").take() })
-        .filter_map(|status| std::future::ready(status.map(Err)));
+    let last =
+        futures_util::stream::once(async move { farewell.lock().expect("farewell lock").take() })
+            .filter_map(|status| std::future::ready(status.map(Err)));
     Box::pin(ReceiverStream::new(rx).chain(last))
 }
 
@@ -154,7 +155,11 @@ async fn produce(
     if after.is_some() {
         loop {
             let page = {
-                let _turn = limits.reads.acquire().await.expect("semaphore never closes");
+                let _turn = limits
+                    .reads
+                    .acquire()
+                    .await
+                    .expect("semaphore never closes");
                 let reader = reader.clone();
                 let filter = filter.clone();
                 tokio::task::spawn_blocking(move || reader.page(&filter, last, PAGE))

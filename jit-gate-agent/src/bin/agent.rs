@@ -117,8 +117,8 @@ fn remove(config: &Config) -> anyhow::Result<()> {
 
 fn run(config: Config, config_path: &Path, reinitialize: bool) -> anyhow::Result<()> {
     // Everything that can fail is checked before anything is attached.
-    let (prepared, listener) = startup::prepare(&config, reinitialize)
-        .context("nothing attached, nothing changed")?;
+    let (prepared, listener) =
+        startup::prepare(&config, reinitialize).context("nothing attached, nothing changed")?;
     let reader = AuditReader::open(&config.database)?;
     let public_key = prepared.key.verifying_key();
     let api = config.api.clone();

@@ -360,10 +360,10 @@ impl Engine {
                 next_prune,
                 next_checkpoint,
             ]
-                .into_iter()
-                .chain(self.next_expiry_instant())
-                .min()
-                .expect("at least one timer");
+            .into_iter()
+            .chain(self.next_expiry_instant())
+            .min()
+            .expect("at least one timer");
             match commands.recv_timeout(wake.saturating_duration_since(Instant::now())) {
                 Ok(first) => {
                     let mut batch = vec![first];

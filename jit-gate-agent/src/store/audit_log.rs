@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS audit_checkpoints (
 );
 ";
 
-const COLUMNS: &str = "seq, at_ms, kind, principal, grant_id, message, details, payload_sha256, hash";
+const COLUMNS: &str =
+    "seq, at_ms, kind, principal, grant_id, message, details, payload_sha256, hash";
 
 pub(super) fn head(conn: &Connection) -> rusqlite::Result<(u64, String)> {
     Ok(conn
@@ -184,7 +185,10 @@ impl Batch<'_> {
     pub fn audit(&mut self, event: Event, at: SystemTime) -> Result<()> {
         let sequence = self.head.0 + 1;
         let record = audit::seal(sequence, at, event, &self.head.1);
-        let payload = record.payload.as_ref().expect("a new record has its payload");
+        let payload = record
+            .payload
+            .as_ref()
+            .expect("a new record has its payload");
         let mut stmt = self.tx.prepare_cached(&format!(
             "INSERT INTO audit ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
         ))?;

@@ -28,9 +28,10 @@ pub async fn run(fleet: &Fleet, command: AuditCommand, json: bool) -> anyhow::Re
                 kept.extend(read_checkpoints(file)?);
             }
             let replies = fleet
-                .call(VerifyAuditRequest { checkpoints: kept }, |mut c, r| async move {
-                    c.verify_audit(r).await
-                })
+                .call(
+                    VerifyAuditRequest { checkpoints: kept },
+                    |mut c, r| async move { c.verify_audit(r).await },
+                )
                 .await;
             let ok = report(&replies, json);
             let broken = replies
@@ -78,9 +79,14 @@ fn read_checkpoints(path: &Path) -> anyhow::Result<Vec<AuditCheckpoint>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut out = Vec::new();
-    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (n, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         let here = || format!("{}:{}", path.display(), n + 1);
-        let value: Value = serde_json::from_str(line).with_context(|| format!("{}: not JSON", here()))?;
+        let value: Value =
+            serde_json::from_str(line).with_context(|| format!("{}: not JSON", here()))?;
         let value = value.get("result").cloned().unwrap_or(value);
         let text = |key: &str| -> anyhow::Result<String> {
             value[key]

@@ -33,7 +33,11 @@ pub enum Outcome {
 
 impl From<bool> for Outcome {
     fn from(ok: bool) -> Self {
-        if ok { Outcome::Success } else { Outcome::Failure }
+        if ok {
+            Outcome::Success
+        } else {
+            Outcome::Failure
+        }
     }
 }
 
@@ -102,9 +106,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             };
             let wanted = args.limit.map_or(usize::MAX, |n| n as usize);
             report(
-                &fleet
-                    .call(request, |c, r| all_pages(c, r, wanted))
-                    .await,
+                &fleet.call(request, |c, r| all_pages(c, r, wanted)).await,
                 json,
             )
         }
@@ -221,7 +223,6 @@ fn read_policy_file(path: &Path) -> anyhow::Result<Vec<policy::PortRule>> {
         .map_err(|r| anyhow::anyhow!("{}: {}", path.display(), r.message))?;
     Ok(file.policy)
 }
-
 
 fn access_request(args: RequestArgs) -> AccessRequest {
     // An address goes out as an address, a prefix in canonical form.

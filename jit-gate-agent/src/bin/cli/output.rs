@@ -489,7 +489,11 @@ mod tests {
             principal: "uid:0".into(),
             ..Default::default()
         };
-        assert!(!event.summary().chars().any(char::is_control), "{}", event.summary());
+        assert!(
+            !event.summary().chars().any(char::is_control),
+            "{}",
+            event.summary()
+        );
     }
 
     #[test]
