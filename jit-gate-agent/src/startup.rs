@@ -174,7 +174,7 @@ pub fn verify_log<E>(
     let end = verifier.head().0;
     if let Some(beyond) = checkpoints.iter().find(|c| c.sequence > end) {
         out.broken = Some(Broken {
-            sequence: end + 1,
+            sequence: beyond.sequence,
             problem: format!(
                 "the log ends at record {end}, but a signed checkpoint covers record {}: records were removed from the end",
                 beyond.sequence
