@@ -190,7 +190,22 @@ impl AgentFiles {
     }
 
     fn command(&self, args: &[&str]) -> Command {
-        let mut command = nsenter(&self.ns, workspace_binary("jit-gate-agent"));
+        self.command_via(&[], args)
+    }
+
+    /// `jit-gate-agent --config … <args>` in the namespace, started through
+    /// `launcher` (a program and its arguments that exec the agent, like
+    /// systemd-socket-activate) if given.
+    pub fn command_via(&self, launcher: &[&str], args: &[&str]) -> Command {
+        let agent = workspace_binary("jit-gate-agent");
+        let mut command = match launcher {
+            [] => nsenter(&self.ns, &agent),
+            [program, rest @ ..] => {
+                let mut command = nsenter(&self.ns, program);
+                command.args(rest).arg(&agent);
+                command
+            }
+        };
         command
             .arg("--config")
             .arg(self.config_path())
@@ -209,14 +224,18 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent and waits until its API answers.
     pub fn start(files: &AgentFiles) -> Agent {
+        Agent::start_command(files, files.command(&[]))
+    }
+
+    /// Starts the agent as `command` (see `AgentFiles::command_via`).
+    pub fn start_command(files: &AgentFiles, mut command: Command) -> Agent {
         let log = files.dir.path().join("agent.log");
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .expect("agent log");
-        let child = files
-            .command(&[])
+        let child = command
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()

@@ -31,6 +31,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "pkg-config",
     "iperf3",
+    // systemd-socket-activate, to pass the API socket as systemd does.
+    "systemd",
 ];
 
 /// Python modules of the stock gRPC client the end-to-end tests drive the agent
