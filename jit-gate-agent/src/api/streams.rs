@@ -24,9 +24,9 @@ use crate::{
 };
 
 /// Events a stream holds ready for its reader.
-const BUFFER: usize = 16;
+const BUFFER: usize = 4;
 /// Records read from the store at once per stream.
-const PAGE: u32 = 64;
+const PAGE: u32 = 8;
 /// Page reads running at once, over all streams.
 const CONCURRENT_READS: usize = 2;
 
