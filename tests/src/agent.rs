@@ -945,3 +945,20 @@ pub fn python(script: &str, args: &[&std::ffi::OsStr]) -> Vec<serde_json::Value>
         .map(|line| serde_json::from_str(line).expect("one JSON object per line"))
         .collect()
 }
+
+/// Every stored event `request` selects (ExportAudit), oldest first.
+pub async fn export_events(
+    api: &mut JitGateClient<Channel>,
+    request: proto::ExportAuditRequest,
+) -> Vec<proto::Event> {
+    let mut stream = api
+        .export_audit(request)
+        .await
+        .expect("export")
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(event) = stream.message().await.expect("export stream") {
+        events.push(event);
+    }
+    events
+}

@@ -15,7 +15,7 @@ use std::{
 
 use jit_gate_agent::proto::{self, Protocol, jit_gate_client::JitGateClient};
 use jit_gate_tests::{
-    agent::{Agent, AgentFiles, access, client, python},
+    agent::{Agent, AgentFiles, access, client, export_events, python},
     cli::Cli,
     netns::{CLIENT_V4, CLIENT_V4_OUTSIDE, GATED_V4, Topology},
     traffic::tcp_connect,
@@ -50,19 +50,6 @@ async fn verify(api: &mut Api, kept: &[proto::AuditCheckpoint]) -> proto::AuditV
     .await
     .expect("verify audit")
     .into_inner()
-}
-
-async fn export(api: &mut Api, request: proto::ExportAuditRequest) -> Vec<proto::Event> {
-    let mut stream = api
-        .export_audit(request)
-        .await
-        .expect("export")
-        .into_inner();
-    let mut events = Vec::new();
-    while let Some(event) = stream.message().await.expect("export stream") {
-        events.push(event);
-    }
-    events
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,7 +87,7 @@ async fn the_audit_log_proves_itself() {
     // The denial is recorded, then its payload pruned past retention.
     let deadline = Instant::now() + Duration::from_secs(20);
     let pruned = loop {
-        let denied = export(
+        let denied = export_events(
             &mut api,
             proto::ExportAuditRequest {
                 kinds: vec![proto::EventKind::AccessDenied as i32],
@@ -129,7 +116,7 @@ async fn the_audit_log_proves_itself() {
     assert!(theirs["pruned"].as_u64().unwrap() >= 1, "{theirs}");
 
     // Export: JSON lines and CSV, filtered by port and kind.
-    let by_port = export(
+    let by_port = export_events(
         &mut api,
         proto::ExportAuditRequest {
             port: 22,
@@ -244,7 +231,7 @@ async fn the_audit_log_proves_itself() {
         .into_inner();
     assert!(!status.audit_chain_intact, "{status:?}");
     assert!(status.audit_problem.contains("record 2"), "{status:?}");
-    let broken = export(
+    let broken = export_events(
         &mut api,
         proto::ExportAuditRequest {
             kinds: vec![proto::EventKind::AuditChainBroken as i32],

@@ -9,7 +9,9 @@ use std::{collections::BTreeSet, os::unix::fs::PermissionsExt};
 
 use jit_gate_agent::proto::{self, Protocol};
 use jit_gate_tests::{
-    agent::{Agent, AgentFiles, access, all_grants, channel_as, client, client_as, python},
+    agent::{
+        Agent, AgentFiles, access, all_grants, channel_as, client, client_as, export_events, python,
+    },
     netns::{CLIENT_V4, Topology},
 };
 use tonic::{Code, transport::Channel};
@@ -50,19 +52,11 @@ async fn events_of(
     api: &mut proto::jit_gate_client::JitGateClient<Channel>,
     kind: proto::EventKind,
 ) -> Vec<proto::Event> {
-    let mut stream = api
-        .export_audit(proto::ExportAuditRequest {
-            kinds: vec![kind as i32],
-            ..Default::default()
-        })
-        .await
-        .expect("export")
-        .into_inner();
-    let mut events = Vec::new();
-    while let Some(event) = stream.message().await.expect("export stream") {
-        events.push(event);
-    }
-    events
+    let request = proto::ExportAuditRequest {
+        kinds: vec![kind as i32],
+        ..Default::default()
+    };
+    export_events(api, request).await
 }
 
 fn code(status: Result<impl std::fmt::Debug, tonic::Status>) -> (Code, String) {

@@ -85,6 +85,22 @@ impl Service {
         self.engine.call(command).await.map_err(status)
     }
 
+    /// Opens an event stream for `principal`, within its stream limit.
+    fn stream(
+        &self,
+        principal: &crate::auth::Principal,
+        plan: Plan,
+    ) -> Result<Response<EventStream>, Status> {
+        let slot = self.limits.acquire(&principal.name)?;
+        Ok(Response::new(streams::open(
+            plan,
+            self.reader.clone(),
+            self.limits.clone(),
+            slot,
+            self.stopping.subscribe(),
+        )))
+    }
+
     fn public_hex(&self) -> String {
         hex::encode(self.public_key.as_bytes())
     }
@@ -275,20 +291,15 @@ impl JitGate for Service {
             kinds: kinds(&watch.kinds)?,
             ..AuditFilter::default()
         };
-        let slot = self.limits.acquire(&principal.name)?;
         // Subscribe before replaying so nothing falls between the two.
-        let plan = Plan {
-            filter,
-            after: watch.after_sequence,
-            live: Some(self.engine.subscribe()),
-        };
-        Ok(Response::new(streams::open(
-            plan,
-            self.reader.clone(),
-            self.limits.clone(),
-            slot,
-            self.stopping.subscribe(),
-        )))
+        self.stream(
+            &principal,
+            Plan {
+                filter,
+                after: watch.after_sequence,
+                live: Some(self.engine.subscribe()),
+            },
+        )
     }
 
     type ExportAuditStream = EventStream;
@@ -309,19 +320,14 @@ impl JitGate for Service {
                 p => Some(convert::port(p, "port")?),
             },
         };
-        let slot = self.limits.acquire(&principal.name)?;
-        let plan = Plan {
-            filter,
-            after: Some(0),
-            live: None,
-        };
-        Ok(Response::new(streams::open(
-            plan,
-            self.reader.clone(),
-            self.limits.clone(),
-            slot,
-            self.stopping.subscribe(),
-        )))
+        self.stream(
+            &principal,
+            Plan {
+                filter,
+                after: Some(0),
+                live: None,
+            },
+        )
     }
 
     async fn verify_audit(
