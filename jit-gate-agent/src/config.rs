@@ -94,8 +94,9 @@ fn default_stall_timeout() -> Duration {
 #[serde(deny_unknown_fields)]
 pub struct Audit {
     /// Ed25519 key signing checkpoints; generated at first start (0600).
-    #[serde(default = "default_signing_key")]
-    pub signing_key: PathBuf,
+    /// Unset: `audit-signing.key` beside the database.
+    #[serde(default)]
+    pub signing_key: Option<PathBuf>,
     /// A checkpoint after this many new records...
     #[serde(default = "default_checkpoint_records")]
     pub checkpoint_every_records: u64,
@@ -111,7 +112,7 @@ pub struct Audit {
 impl Default for Audit {
     fn default() -> Self {
         Audit {
-            signing_key: default_signing_key(),
+            signing_key: None,
             checkpoint_every_records: default_checkpoint_records(),
             checkpoint_interval: default_checkpoint_interval(),
             denied_retention: default_denied_retention(),
@@ -119,9 +120,6 @@ impl Default for Audit {
     }
 }
 
-fn default_signing_key() -> PathBuf {
-    PathBuf::from("/var/lib/jit-gate/audit-signing.key")
-}
 fn default_checkpoint_records() -> u64 {
     1000
 }
@@ -260,11 +258,18 @@ impl Config {
             ("database", &self.database),
             ("pin_dir", &self.pin_dir),
             ("api.unix_socket", &self.api.unix_socket),
-            ("audit.signing_key", &self.audit.signing_key),
         ] {
             if !path.is_absolute() {
                 return field(name, format!("{} is not an absolute path", path.display()));
             }
+        }
+        if let Some(key) = &self.audit.signing_key
+            && !key.is_absolute()
+        {
+            return field(
+                "audit.signing_key",
+                format!("{} is not an absolute path", key.display()),
+            );
         }
         if let Some(group) = &self.api.socket_group
             && let Err(problem) = group_id(group)
@@ -312,6 +317,16 @@ impl Config {
             Policy::validate_rules(rules).or_else(|r| field("policy", r.message))?;
         }
         Ok(())
+    }
+}
+
+impl Config {
+    /// The audit signing key's path: configured, or beside the database.
+    pub fn signing_key(&self) -> PathBuf {
+        self.audit
+            .signing_key
+            .clone()
+            .unwrap_or_else(|| self.database.with_file_name("audit-signing.key"))
     }
 }
 

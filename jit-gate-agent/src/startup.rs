@@ -36,7 +36,7 @@ pub const REINITIALIZE_FLAG: &str = "--reinitialize";
 pub fn prepare(config: &Config, reinitialize: bool) -> anyhow::Result<(Prepared, UnixListener)> {
     let reinitialized = check_database(config, reinitialize)?;
     let store = Store::open(&config.database).context("opening the database")?;
-    let key = open_key(&config.audit.signing_key)?;
+    let key = open_key(&config.signing_key())?;
     let chain = verify_store(&store, &key).context("reading the audit log")?;
     let listener = listener(config).context("opening the API socket")?;
     Ok((
@@ -204,7 +204,7 @@ fn listener(config: &Config) -> anyhow::Result<UnixListener> {
             .local_addr()
             .context("the socket passed by systemd is not a Unix stream socket")?;
         tracing::info!(
-            "serving on the socket passed by systemd ({:?})",
+            "using the socket passed by systemd ({:?})",
             address.as_pathname()
         );
         if address.as_pathname() != Some(config.api.unix_socket.as_path()) {

@@ -227,9 +227,13 @@ impl Agent {
         Agent::start_command(files, files.command(&[]))
     }
 
-    /// Starts the agent as `command` (see `AgentFiles::command_via`).
+    /// Starts the agent as `command` (see `AgentFiles::command_via`) and
+    /// waits until it serves: its socket may accept connections (queued)
+    /// before the gate is attached, so readiness is the agent's own
+    /// "serving on" line, new in its log.
     pub fn start_command(files: &AgentFiles, mut command: Command) -> Agent {
         let log = files.dir.path().join("agent.log");
+        let served_before = serving_lines(&log);
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -242,8 +246,11 @@ impl Agent {
             .expect("start jit-gate-agent (nsenter from util-linux)");
         let mut agent = Agent { child, log };
         let deadline = Instant::now() + START_TIMEOUT;
-        // Connecting, not the path existing: a stopped agent leaves its socket.
-        while std::os::unix::net::UnixStream::connect(files.socket()).is_err() {
+        // Connecting (which also starts a socket-activated agent), then the
+        // agent saying it serves: a stopped agent leaves its socket.
+        while std::os::unix::net::UnixStream::connect(files.socket()).is_err()
+            || serving_lines(&agent.log) <= served_before
+        {
             if let Some(status) = agent.child.try_wait().expect("agent status") {
                 panic!(
                     "agent exited with {status} before serving:\n{}",
@@ -323,6 +330,15 @@ impl Drop for Agent {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// How many times the log at `path` says the agent serves.
+fn serving_lines(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| line.contains("serving on"))
+        .count()
 }
 
 /// A gRPC client of the agent at `files`.

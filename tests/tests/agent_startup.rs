@@ -136,5 +136,5 @@ async fn the_agent_serves_on_a_socket_passed_by_systemd() {
         .expect("served on the passed socket")
         .into_inner();
     assert_eq!(status.configured_mode, "xdp+nftables");
-    agent.wait_for_log(&["serving on the socket passed by systemd"]);
+    agent.wait_for_log(&["using the socket passed by systemd"]);
 }
