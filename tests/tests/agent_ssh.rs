@@ -113,7 +113,7 @@ fn ssh_session_survives_expiry_while_new_logins_are_dropped() {
                 "created_at": listed["created_at"],
                 "expires_at": listed["expires_at"],
                 "ended_at": null,
-            }]},
+            }], "more": false },
         }])
     );
     assert_eq!(*listed, grant, "request and grants disagree");

@@ -157,8 +157,10 @@ const RECONCILE_TIME_SHARE_INVERSE: u32 = 20;
 /// Audit records kept in the broadcast buffer for slow watchers.
 const EVENT_BUFFER: usize = 1024;
 const CONFIG_POLICY_KEY: &str = "config_policy_digest";
-/// How often old ACCESS_DENIED payloads are pruned, and how many at most at once.
-const PRUNE_EVERY: Duration = Duration::from_secs(1);
+/// Old ACCESS_DENIED payloads are pruned every half retention, at most
+/// this often and at least every `PRUNE_EVERY_MAX`, this many at once.
+const PRUNE_EVERY_MIN: Duration = Duration::from_secs(1);
+const PRUNE_EVERY_MAX: Duration = Duration::from_secs(60);
 const PRUNE_BATCH: u32 = 10_000;
 /// Events whose commit failed, kept for the next attempt, at most (the
 /// oldest are never dropped: new ones are refused with an error log).
@@ -385,7 +387,9 @@ impl Engine {
             }
             if now >= next_prune {
                 self.log_failure("pruning old denial records", |e| e.prune_denied());
-                next_prune = now + PRUNE_EVERY;
+                next_prune = now
+                    + (self.config.audit.denied_retention / 2)
+                        .clamp(PRUNE_EVERY_MIN, PRUNE_EVERY_MAX);
             }
             let due = self.last_checkpoint.as_ref().map_or(0, |c| c.sequence)
                 + self.config.audit.checkpoint_every_records;
