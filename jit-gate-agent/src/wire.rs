@@ -107,8 +107,12 @@ pub fn rule_from_wire(rule: &proto::PortRule, field: &str) -> Result<PortRule, S
         .allowed_source_prefixes
         .iter()
         .map(|p| {
-            p.parse()
-                .map_err(|_| invalid(format!("{field}: {p:?} is not an IPv4/IPv6 prefix")))
+            p.parse().map_err(|_| {
+                invalid(format!(
+                    "{field}: \"{}\" is not an IPv4/IPv6 prefix",
+                    crate::validate::excerpt(p)
+                ))
+            })
         })
         .collect::<Result<_, _>>()?;
     let max_duration = match &rule.max_duration {
