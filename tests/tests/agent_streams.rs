@@ -1,7 +1,8 @@
 //! Event streams cost bounded memory: a read-only caller opening 1,000
 //! WatchEvents streams that replay the whole log and never read does not
 //! grow the agent by more than tens of MB, other calls stay fast meanwhile,
-//! the per-principal stream limit holds, and memory comes back after.
+//! the per-principal stream limit holds, and memory comes back after; a
+//! reader that stalls is ended with a status saying where to resume.
 
 use std::time::{Duration, Instant};
 
@@ -112,4 +113,61 @@ async fn stalled_replaying_streams_cost_bounded_memory_and_other_calls_stay_fast
         "{STREAMS} stalled streams grew the agent from {before} KiB to {during} KiB"
     );
     assert!(slowest < FAST, "calls during the stall took {slowest:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_stalls_is_ended_with_where_to_resume() {
+    let topo = Topology::new();
+    let files = AgentFiles::new(&topo.gated);
+    files.write_config(&[&topo.gated_if], "api.stream_stall_timeout = \"1s\"");
+    let _agent = Agent::start(&files);
+    let mut api = client(&files).await;
+    let justification = "j".repeat(1000);
+    for i in 0..300 {
+        let source = format!("198.18.{}.{}", i / 256, i % 256);
+        let mut request = access(&format!("r{i}"), &[(22, Protocol::Tcp, &source)], 3600);
+        request.justification.clone_from(&justification);
+        api.request_access(request).await.expect("grant");
+    }
+    // A client with 64 KiB flow-control windows: the agent can send it
+    // only that much until it reads.
+    let socket = files.socket();
+    let channel = tonic::transport::Endpoint::from_static("http://agent.invalid")
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .connect_with_connector(tower::service_fn(move |_| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
+        }))
+        .await
+        .expect("connect");
+    let mut stream = proto::jit_gate_client::JitGateClient::new(channel)
+        .watch_events(proto::WatchEventsRequest {
+            after_sequence: Some(0),
+            kinds: Vec::new(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut received = 0u64;
+    let ended = loop {
+        match stream.message().await {
+            Ok(Some(event)) => received = event.sequence,
+            Ok(None) => panic!("the stream ended without a status after {received}"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), Code::ResourceExhausted, "{ended}");
+    assert!(
+        ended
+            .message()
+            .contains(&format!("resume with after_sequence = {received}")),
+        "{ended} (last received {received})"
+    );
+    assert!(received > 0 && received < 300, "{received}");
 }
