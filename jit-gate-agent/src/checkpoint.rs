@@ -1,7 +1,8 @@
 //! Signed audit checkpoints: the agent's Ed25519 key (generated at first
 //! start, file mode 0600) signs (sequence, head hash, time) every so often,
 //! so that whoever keeps a checkpoint can later tell that the log was cut
-//! short or re-hashed. README "Audit log" documents the signed bytes:
+//! short or re-hashed; and the verification of a log against its chain and
+//! such checkpoints. README "Audit log" documents the signed bytes:
 //! `"jit-gate audit checkpoint v1" ‖ u64 sequence ‖ head hash (32 bytes) ‖
 //! i64 at_ms`, big-endian.
 
@@ -11,7 +12,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier as _, VerifyingKey};
+
+use crate::audit::{AuditRecord, Broken, Verifier};
 
 const DOMAIN: &[u8] = b"jit-gate audit checkpoint v1";
 
@@ -133,6 +136,86 @@ impl CheckpointKey {
     }
 }
 
+/// The outcome of verifying a log.
+#[derive(Clone, Debug, Default)]
+pub struct Verification {
+    pub records: u64,
+    pub pruned: u64,
+    /// Head verified: sequence and hash.
+    pub head: (u64, String),
+    pub checkpoints_checked: u64,
+    pub broken: Option<Broken>,
+}
+
+/// Verifies the log read page by page through `page(after)`, and that each
+/// of `checkpoints` is signed by `key` and matches the log (a checkpoint
+/// beyond the end means records were cut off; one whose hash differs means
+/// the chain was re-hashed).
+pub fn verify_log<E>(
+    mut page: impl FnMut(u64) -> Result<Vec<AuditRecord>, E>,
+    checkpoints: &[Checkpoint],
+    public: &VerifyingKey,
+) -> Result<Verification, E> {
+    let mut verifier = Verifier::default();
+    let mut out = Verification::default();
+    for checkpoint in checkpoints {
+        if !checkpoint.signed_by(public) {
+            out.broken = Some(Broken {
+                sequence: checkpoint.sequence,
+                problem: "a checkpoint for it is not signed by this agent's key".into(),
+            });
+            return Ok(finish(out, &verifier));
+        }
+    }
+    let mut after = 0;
+    loop {
+        let records = page(after)?;
+        let Some(last) = records.last().map(|r| r.sequence) else {
+            break;
+        };
+        for record in &records {
+            if let Err(broken) = verifier.check(record) {
+                out.broken = Some(broken);
+                return Ok(finish(out, &verifier));
+            }
+            for checkpoint in checkpoints.iter().filter(|c| c.sequence == record.sequence) {
+                out.checkpoints_checked += 1;
+                if checkpoint.hash != record.hash {
+                    out.broken = Some(Broken {
+                        sequence: record.sequence,
+                        problem: format!(
+                            "a signed checkpoint says its hash is {}, the log says {}: the chain was re-hashed",
+                            checkpoint.hash, record.hash
+                        ),
+                    });
+                    return Ok(finish(out, &verifier));
+                }
+            }
+        }
+        after = last;
+    }
+    let end = verifier.head().0;
+    if let Some(beyond) = checkpoints.iter().find(|c| c.sequence > end) {
+        out.broken = Some(Broken {
+            sequence: beyond.sequence,
+            problem: format!(
+                "the log ends at record {end}, but a signed checkpoint covers record {}: records were removed from the end",
+                beyond.sequence
+            ),
+        });
+    }
+    out.checkpoints_checked += checkpoints.iter().filter(|c| c.sequence == 0).count() as u64;
+    Ok(finish(out, &verifier))
+}
+
+fn finish(mut out: Verification, verifier: &Verifier) -> Verification {
+    out.records = verifier.records;
+    out.pruned = verifier.pruned;
+    let (sequence, hash) = verifier.head();
+    out.head = (sequence, hash.to_owned());
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
@@ -155,6 +238,50 @@ mod tests {
         let mut forged = checkpoint.clone();
         forged.sequence = 6;
         assert!(!forged.signed_by(&key.verifying_key()));
+
+        // A log checked against kept checkpoints: cut short, re-hashed.
+        let mut log = Vec::new();
+        let mut previous = crate::audit::GENESIS_HASH.to_owned();
+        for sequence in 1..=3 {
+            let event =
+                crate::audit::Event::new(crate::audit::Kind::PolicyChanged, "uid:0", 0, "x");
+            let record =
+                crate::audit::seal(sequence, std::time::SystemTime::now(), event, &previous);
+            previous.clone_from(&record.hash);
+            log.push(record);
+        }
+        let public = key.verifying_key();
+        let kept = key.sign(3, &log[2].hash, 0);
+        let pages = |records: Vec<AuditRecord>| {
+            move |after: u64| -> Result<Vec<AuditRecord>, ()> {
+                Ok(records
+                    .iter()
+                    .filter(|r| r.sequence > after)
+                    .cloned()
+                    .collect())
+            }
+        };
+        let whole = verify_log(pages(log.clone()), std::slice::from_ref(&kept), &public).unwrap();
+        assert!(
+            whole.broken.is_none() && whole.checkpoints_checked == 1,
+            "{whole:?}"
+        );
+        let cut = verify_log(
+            pages(log[..2].to_vec()),
+            std::slice::from_ref(&kept),
+            &public,
+        )
+        .unwrap();
+        assert!(cut.broken.unwrap().problem.contains("removed from the end"));
+        let mut rehashed = log.clone();
+        rehashed[2] = crate::audit::seal(
+            3,
+            std::time::SystemTime::now(),
+            crate::audit::Event::new(crate::audit::Kind::PolicyChanged, "uid:0", 0, "forged"),
+            &log[1].hash,
+        );
+        let forged = verify_log(pages(rehashed), std::slice::from_ref(&kept), &public).unwrap();
+        assert!(forged.broken.unwrap().problem.contains("re-hashed"));
 
         std::fs::write(&path, "not a key").unwrap();
         assert!(matches!(

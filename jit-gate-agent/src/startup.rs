@@ -16,11 +16,10 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use ed25519_dalek::VerifyingKey;
 
 use crate::{
-    audit::{AuditRecord, Broken, Verifier},
-    checkpoint::{Checkpoint, CheckpointKey},
+    audit::Broken,
+    checkpoint::{CheckpointKey, verify_log},
     config::{self, Config},
     enforce::nft::NftGate,
     engine::Prepared,
@@ -111,86 +110,6 @@ fn verify_store(store: &Store, key: &CheckpointKey) -> anyhow::Result<Result<(),
         Some(broken) => Err(broken),
         None => Ok(()),
     })
-}
-
-/// The outcome of verifying a log.
-#[derive(Clone, Debug, Default)]
-pub struct Verification {
-    pub records: u64,
-    pub pruned: u64,
-    /// Head verified: sequence and hash.
-    pub head: (u64, String),
-    pub checkpoints_checked: u64,
-    pub broken: Option<Broken>,
-}
-
-/// Verifies the log read page by page through `page(after)`, and that each
-/// of `checkpoints` is signed by `key` and matches the log (a checkpoint
-/// beyond the end means records were cut off; one whose hash differs means
-/// the chain was re-hashed).
-pub fn verify_log<E>(
-    mut page: impl FnMut(u64) -> Result<Vec<AuditRecord>, E>,
-    checkpoints: &[Checkpoint],
-    public: &VerifyingKey,
-) -> Result<Verification, E> {
-    let mut verifier = Verifier::default();
-    let mut out = Verification::default();
-    for checkpoint in checkpoints {
-        if !checkpoint.signed_by(public) {
-            out.broken = Some(Broken {
-                sequence: checkpoint.sequence,
-                problem: "a checkpoint for it is not signed by this agent's key".into(),
-            });
-            return Ok(finish(out, &verifier));
-        }
-    }
-    let mut after = 0;
-    loop {
-        let records = page(after)?;
-        let Some(last) = records.last().map(|r| r.sequence) else {
-            break;
-        };
-        for record in &records {
-            if let Err(broken) = verifier.check(record) {
-                out.broken = Some(broken);
-                return Ok(finish(out, &verifier));
-            }
-            for checkpoint in checkpoints.iter().filter(|c| c.sequence == record.sequence) {
-                out.checkpoints_checked += 1;
-                if checkpoint.hash != record.hash {
-                    out.broken = Some(Broken {
-                        sequence: record.sequence,
-                        problem: format!(
-                            "a signed checkpoint says its hash is {}, the log says {}: the chain was re-hashed",
-                            checkpoint.hash, record.hash
-                        ),
-                    });
-                    return Ok(finish(out, &verifier));
-                }
-            }
-        }
-        after = last;
-    }
-    let end = verifier.head().0;
-    if let Some(beyond) = checkpoints.iter().find(|c| c.sequence > end) {
-        out.broken = Some(Broken {
-            sequence: beyond.sequence,
-            problem: format!(
-                "the log ends at record {end}, but a signed checkpoint covers record {}: records were removed from the end",
-                beyond.sequence
-            ),
-        });
-    }
-    out.checkpoints_checked += checkpoints.iter().filter(|c| c.sequence == 0).count() as u64;
-    Ok(finish(out, &verifier))
-}
-
-fn finish(mut out: Verification, verifier: &Verifier) -> Verification {
-    out.records = verifier.records;
-    out.pruned = verifier.pruned;
-    let (sequence, hash) = verifier.head();
-    out.head = (sequence, hash.to_owned());
-    out
 }
 
 /// The socket systemd passed (socket activation: `LISTEN_PID` is this

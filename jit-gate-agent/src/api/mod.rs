@@ -17,11 +17,10 @@ use streams::{EventStream, Plan, StreamLimits};
 
 use crate::{
     auth::{Role, UidRole},
-    checkpoint::Checkpoint,
+    checkpoint::{Checkpoint, verify_log},
     config::Api as ApiConfig,
     engine::{Command, EngineHandle, PolicyChange},
     proto::{self, jit_gate_server::JitGate},
-    startup::verify_log,
     store::{AuditFilter, AuditReader},
     wire::{self as convert, status},
 };
