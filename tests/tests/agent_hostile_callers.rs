@@ -333,6 +333,17 @@ async fn grant_lists_page_and_never_cut_silently() {
         .expect("default")
         .into_inner();
     assert_eq!(default.grants.len(), 100);
+    // The deprecated `limit` gets at most a full page, and says more follow.
+    let old_style = api
+        .list_grants(proto::ListGrantsRequest {
+            limit: 5000,
+            ..page(0, "")
+        })
+        .await
+        .expect("limit")
+        .into_inner();
+    assert_eq!(old_style.grants.len(), 1000);
+    assert!(!old_style.next_page_token.is_empty());
     for (request, needle) in [
         (page(1001, ""), "over the maximum of 1000"),
         (page(10, "x"), "page_token"),

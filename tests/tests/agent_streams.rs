@@ -170,4 +170,19 @@ async fn a_reader_that_stalls_is_ended_with_where_to_resume() {
         "{ended} (last received {received})"
     );
     assert!(received > 0 && received < 300, "{received}");
+
+    // Streams whose readers left free their slots at once, even when
+    // nothing happens: the default limit (16) is available again.
+    for round in 0..2 {
+        let mut open = Vec::new();
+        for i in 0..16 {
+            let stream = api
+                .watch_events(proto::WatchEventsRequest::default())
+                .await
+                .unwrap_or_else(|e| panic!("round {round}, stream {i}: {e}"));
+            open.push(stream);
+        }
+        drop(open);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }

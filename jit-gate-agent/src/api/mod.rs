@@ -232,7 +232,10 @@ impl JitGate for Service {
         };
         let page_size = match (list.page_size, list.limit) {
             (0, 0) => DEFAULT_PAGE,
-            (0, n) | (n, _) if n <= MAX_PAGE => n,
+            // The deprecated `limit` asked for up to 10,000 at once: the
+            // largest page, with a next_page_token when more follow.
+            (0, limit) => limit.min(MAX_PAGE),
+            (n, _) if n <= MAX_PAGE => n,
             (n, _) => {
                 return Err(Status::invalid_argument(format!(
                     "page_size {n} is over the maximum of {MAX_PAGE}; page with page_token"

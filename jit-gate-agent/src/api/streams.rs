@@ -182,7 +182,12 @@ async fn produce(
     };
     let wanted = |kind: Kind| filter.kinds.is_empty() || filter.kinds.contains(&kind);
     loop {
-        match live.recv().await {
+        // A reader that left frees its slot at once, even while nothing happens.
+        let next = tokio::select! {
+            next = live.recv() => next,
+            () = tx.closed() => return Err(Status::cancelled("the reader closed the stream")),
+        };
+        match next {
             Ok(record) if record.sequence <= last => {}
             Ok(record) => {
                 if wanted(record.kind) {
