@@ -31,16 +31,19 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "pkg-config",
     "iperf3",
-    // TLS tests: a stock TLS 1.2 client that must be refused, and the Python
-    // gRPC client (from PyPI, below) over mutual TLS.
+    // systemd-socket-activate, to pass the API socket as systemd does.
+    "systemd",
+    // A stock TLS 1.2 client, which the mutual-TLS listener must refuse.
     "openssl",
-    "python3",
-    "python3-pip",
 ];
 
-/// Python packages the generic-client tests import (gRPC and its reflection).
-const PYTHON_PACKAGES: &[(&str, &str)] =
-    &[("grpc", "grpcio"), ("grpc_reflection", "grpcio-reflection")];
+/// Python modules of the stock gRPC client the end-to-end tests drive the agent
+/// with (module name, PyPI package).
+const PYTHON_PACKAGES: &[(&str, &str)] = &[
+    ("grpc", "grpcio"),
+    ("grpc_reflection", "grpcio-reflection"),
+    ("grpc_health", "grpcio-health-checking"),
+];
 
 /// aya-build links the XDP program with this exact bpf-linker.
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -86,6 +89,41 @@ fn debian_packages() -> Result<bool> {
     Ok(true)
 }
 
+/// Installs the Python modules that `python3` cannot import, with pip.
+fn python_packages() -> Result<bool> {
+    let importable = |module: &str| {
+        cmd::output(command("python3").args(["-c", &format!("import {module}")]))
+            .is_ok_and(|out| out.status.success())
+    };
+    let missing: Vec<&str> = PYTHON_PACKAGES
+        .iter()
+        .filter(|(module, _)| !importable(module))
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(false);
+    }
+    println!(
+        "bootstrap: installing Python packages: {}",
+        missing.join(" ")
+    );
+    cmd::run_quiet(
+        command("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(&missing),
+    )?;
+    if let Some((module, package)) = PYTHON_PACKAGES.iter().find(|(m, _)| !importable(m)) {
+        bail!("pip installed {package} but python3 still cannot import {module}");
+    }
+    Ok(true)
+}
+
 fn apt_get() -> std::process::Command {
     let mut cmd = command("apt-get");
     // CI has no terminal: never let debconf ask a question.
@@ -114,52 +152,6 @@ fn missing_debian_packages() -> Result<Vec<&'static str>> {
         .copied()
         .filter(|pkg| !installed.contains(pkg))
         .collect())
-}
-
-fn python_modules_missing() -> Result<Vec<&'static str>> {
-    let mut missing = Vec::new();
-    for (module, package) in PYTHON_PACKAGES {
-        let found = cmd::output(command("python3").args(["-c", &format!("import {module}")]))?;
-        if !found.status.success() {
-            missing.push(*package);
-        }
-    }
-    Ok(missing)
-}
-
-/// The `python3` on PATH (Debian's, or another the machine puts first) must
-/// import grpcio and grpcio-reflection; pip installs what is missing.
-fn python_packages() -> Result<bool> {
-    let missing = python_modules_missing()?;
-    if missing.is_empty() {
-        return Ok(false);
-    }
-    println!(
-        "bootstrap: installing Python packages: {}",
-        missing.join(" ")
-    );
-    let install = |extra: &[&str]| {
-        cmd::run_quiet(
-            command("python3")
-                .args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                ])
-                .args(extra)
-                .args(&missing),
-        )
-    };
-    // Debian's own python3 refuses system-wide pip installs (PEP 668)
-    // unless told that this is meant.
-    install(&[]).or_else(|_| install(&["--break-system-packages"]))?;
-    let still = python_modules_missing()?;
-    if !still.is_empty() {
-        bail!("pip did not install: {}", still.join(" "));
-    }
-    Ok(true)
 }
 
 /// `-Z build-std=core` for the bpfel target needs the nightly toolchain's sources.

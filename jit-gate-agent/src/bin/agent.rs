@@ -13,9 +13,12 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use jit_gate_agent::{
     api::{Service, server},
+    auth::UidRole,
     config::{self, Config},
     enforce::{nft::NftGate, xdp::XdpGate},
     engine::{Command, Engine, EngineHandle},
+    startup,
+    store::AuditReader,
     tls::{self, server::TlsServer},
 };
 use tokio::signal::unix::{SignalKind, signal};
@@ -29,6 +32,11 @@ struct Args {
     /// Configuration file.
     #[arg(long, default_value = config::DEFAULT_PATH)]
     config: PathBuf,
+    /// Create a missing database although pinned XDP state or the nftables
+    /// table exist (the database was lost): a new audit chain starts, its
+    /// first record saying so. Refused if the database exists.
+    #[arg(long)]
+    reinitialize: bool,
     #[command(subcommand)]
     command: Option<Action>,
 }
@@ -83,6 +91,12 @@ enum TlsAction {
 
 fn main() -> ExitCode {
     limit_malloc_arenas();
+    // Every file the agent creates (database, WAL, key, socket) is its own,
+    // whatever umask it was started with.
+    // SAFETY: umask only sets this process's file-creation mask.
+    unsafe {
+        libc::umask(0o077);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -128,7 +142,7 @@ fn main() -> ExitCode {
             Ok(())
         }
         Action::Remove => remove(&config),
-        Action::Run => run(config, tls, &args.config),
+        Action::Run => run(config, tls, &args.config, args.reinitialize),
         Action::Tls(_) => unreachable!("handled above"),
     };
     match result {
@@ -189,19 +203,28 @@ fn remove(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run(config: Config, tls: Option<Arc<TlsServer>>, config_path: &Path) -> anyhow::Result<()> {
-    let socket = config.api.unix_socket.clone();
-    let group = config.api.socket_group.clone();
-    let principals = Arc::new(RwLock::new(config.api.principals.clone()));
-    // Bound before anything is attached: a taken port refuses the start.
+fn run(
+    config: Config,
+    tls: Option<Arc<TlsServer>>,
+    config_path: &Path,
+    reinitialize: bool,
+) -> anyhow::Result<()> {
+    // Everything that can fail is checked before anything is attached: the
+    // TLS material was read with the configuration; its ports are bound here.
+    let (prepared, listener) =
+        startup::prepare(&config, reinitialize).context("nothing attached, nothing changed")?;
     let tls_listeners = config
         .api
         .tls
         .as_ref()
         .map(|t| tls::server::bind(&t.listen))
         .transpose()
-        .context("nothing attached")?;
-    let engine = Engine::start(config).context("starting")?;
+        .context("nothing attached, nothing changed")?;
+    let reader = AuditReader::open(&config.database)?;
+    let public_key = prepared.key.verifying_key();
+    let api = config.api.clone();
+    let principals = Arc::new(RwLock::new(config.api.principals.clone()));
+    let engine = Engine::start(config, prepared).context("starting")?;
     let (handle, engine_thread) = engine.spawn()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -209,8 +232,7 @@ fn run(config: Config, tls: Option<Arc<TlsServer>>, config_path: &Path) -> anyho
         .build()
         .context("starting the runtime")?;
     runtime.block_on(async {
-        let listener = server::bind(&socket, group.as_deref())?;
-        let service = Service::new(handle.clone(), principals.clone());
+        let service = Service::new(handle.clone(), principals.clone(), reader, public_key, &api);
         let tls_incoming = match (&tls, tls_listeners) {
             (Some(tls), Some(listeners)) => {
                 tls.set_auditor(audit_through(handle.clone()));
@@ -226,7 +248,7 @@ fn run(config: Config, tls: Option<Arc<TlsServer>>, config_path: &Path) -> anyho
         ));
         tokio::spawn(watchdog(handle.clone()));
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-        tracing::info!("serving on {}", socket.display());
+        tracing::info!("serving on {}", api.unix_socket.display());
         server::serve(listener, tls_incoming, service, shutdown_signal()).await
     })?;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
@@ -259,12 +281,7 @@ fn audit_through(engine: EngineHandle) -> tls::server::Auditor {
     Box::new(move |event| {
         let engine = engine.clone();
         tokio::spawn(async move {
-            let recorded = engine
-                .call(|reply| Command::Audit {
-                    event: Box::new(event),
-                    reply,
-                })
-                .await;
+            let recorded = engine.call(|reply| Command::Record { event, reply }).await;
             if let Err(e) = recorded {
                 tracing::error!("auditing a refused TLS client: {}", e.message);
             }
@@ -277,7 +294,7 @@ fn audit_through(engine: EngineHandle) -> tls::server::Auditor {
 async fn reload_on_sighup(
     path: PathBuf,
     engine: EngineHandle,
-    principals: Arc<RwLock<Vec<config::Principal>>>,
+    principals: Arc<RwLock<Vec<UidRole>>>,
     tls: Option<Arc<TlsServer>>,
 ) {
     let Ok(mut hup) = signal(SignalKind::hangup()) else {

@@ -32,7 +32,7 @@ use tonic::transport::server::Connected;
 
 use crate::{
     audit::{Event, Kind},
-    auth::{Principal, Role},
+    auth::Principal,
     refusal::{Refusal, RefusalKind},
     tls::{
         config::{CertPrincipal, TlsConfig},
@@ -424,21 +424,20 @@ pub struct TlsPeer {
 }
 
 impl TlsPeer {
-    /// The caller's principal if its certificate is (still) accepted and
-    /// its role is at least `needed`; refusals are logged and audited.
-    pub fn authorize(&self, needed: Role, call: &str) -> Result<Principal, Refusal> {
+    /// The caller's principal, if its certificate is still accepted: after
+    /// a reload its chain is checked against the new set once, and its
+    /// expiry on every call; the role comes from the current principals.
+    pub fn principal(&self) -> Result<Principal, Refusal> {
         let active = self.server.current();
         let now = SystemTime::now();
         if self.checked_generation.load(Ordering::Acquire) != active.generation {
             if let Err(refused) = active.verifier.check(&self.chain, now) {
-                return Err(self.refuse(
+                return Err(Refusal::new(
                     RefusalKind::Unauthenticated,
-                    refused.rejection.code(),
                     format!(
                         "{}; the agent's TLS configuration changed since this connection opened",
                         refused.rejection
                     ),
-                    call,
                 ));
             }
             self.checked_generation
@@ -448,49 +447,24 @@ impl TlsPeer {
             let rejection = Rejection::Expired {
                 not_after: self.identity.not_after,
             };
-            return Err(self.refuse(
+            return Err(Refusal::new(
                 RefusalKind::Unauthenticated,
-                rejection.code(),
                 format!("{rejection} while this connection was open; reconnect with a valid one"),
-                call,
             ));
         }
-        let Some((identity, role)) = self.identity.role_in(&active.principals) else {
-            return Err(self.refuse(
+        let (identity, role) = self.identity.role_in(&active.principals).ok_or_else(|| {
+            Refusal::new(
                 RefusalKind::PermissionDenied,
-                "no-role",
                 format!(
                     "certificate principal {} has no role (api.tls.principals)",
                     self.identity.name()
                 ),
-                call,
-            ));
-        };
-        let principal = Principal {
+            )
+        })?;
+        Ok(Principal {
             name: identity.to_string(),
             role,
-        };
-        principal
-            .require(needed)
-            .map_err(|refusal| self.refuse(refusal.kind, "role", refusal.message, call))?;
-        Ok(principal)
-    }
-
-    fn refuse(
-        &self,
-        kind: RefusalKind,
-        code: &'static str,
-        message: String,
-        call: &str,
-    ) -> Refusal {
-        let principal = self.identity.name();
-        self.server.report(
-            self.remote,
-            code,
-            &format!("{call}: {message}"),
-            Some(&principal),
-        );
-        Refusal::new(kind, message)
+        })
     }
 }
 
