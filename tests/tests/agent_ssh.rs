@@ -81,7 +81,11 @@ fn ssh_session_survives_expiry_while_new_logins_are_dropped() {
     // with every field.
     let out = gate.cli.run(&["--json", "grants"]);
     assert!(out.status.success(), "{out:?}");
-    let rows: Value = serde_json::from_slice(&out.stdout).expect("JSON output");
+    let mut rows: Value = serde_json::from_slice(&out.stdout).expect("JSON output");
+    let latency = rows[0]
+        .as_object_mut()
+        .and_then(|row| row.remove("latency_ms"));
+    assert!(latency.is_some_and(|l| l.is_f64()), "{rows}");
     let listed = &rows[0]["result"]["grants"][0];
     assert!(grant_id(listed) > 0, "{listed}");
     let created = time(&listed["created_at"]);
@@ -175,17 +179,35 @@ fn fan_out_to_two_agents_reports_one_row_each_and_fails_if_one_fails() {
         .lines()
         .map(|l| l.split_whitespace().collect())
         .collect();
-    assert_eq!(lines.len(), 3, "a header and one row per agent:\n{text}");
-    assert_eq!(lines[0], ["AGENT", "RESULT", "SUMMARY"], "{text}");
-    assert_eq!(lines[1][..3], [&socket, "ok", "xdp+nftables,"], "{text}");
+    assert_eq!(
+        lines.len(),
+        4,
+        "a header, one row per agent, a summary:\n{text}"
+    );
+    assert_eq!(
+        lines[0],
+        ["AGENT", "RESULT", "LATENCY", "SUMMARY"],
+        "{text}"
+    );
+    assert_eq!(lines[1][..2], [&socket, "ok"], "{text}");
+    assert_eq!(lines[1][3..5], ["ms", "xdp+nftables,"], "{text}");
     assert_eq!(lines[2][..2], [&missing, "error"], "{text}");
+    assert_eq!(
+        lines[3][..6],
+        ["summary:", "2", "agents:", "1", "ok,", "1"],
+        "{text}"
+    );
 
     let out = both()
         .args(["--json", "grants"])
         .output()
         .expect("run jit-gate");
     assert_eq!(out.status.code(), Some(1), "{out:?}");
-    let rows: Value = serde_json::from_slice(&out.stdout).expect("JSON output");
+    let mut rows: Value = serde_json::from_slice(&out.stdout).expect("JSON output");
+    for row in rows.as_array_mut().expect("rows") {
+        let latency = row.as_object_mut().and_then(|r| r.remove("latency_ms"));
+        assert!(latency.is_some_and(|l| l.is_f64()), "{row}");
+    }
     assert_eq!(
         rows[0],
         json!({ "agent": socket, "ok": true, "result": { "grants": [], "more": false } })
