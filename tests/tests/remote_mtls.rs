@@ -402,9 +402,7 @@ async fn every_refused_client_gets_its_answer_changes_nothing_and_is_audited_if_
         .iter()
         .map(|e| {
             let why = detail(e, "reason");
-            let why = why
-                .as_str()
-                .map_or_else(|| detail(e, "code"), |r| Value::from(r));
+            let why = why.as_str().map_or_else(|| detail(e, "code"), Value::from);
             (
                 e.principal.clone(),
                 why.as_str().unwrap_or_default().to_owned(),
