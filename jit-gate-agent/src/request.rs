@@ -79,7 +79,10 @@ pub struct AccessRequest {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GrantSpec {
     pub target: GrantTarget,
-    pub expires_at: SystemTime,
+    /// How long it lasts. An end time is turned into a duration once, here,
+    /// against the wall clock at validation: a later wall-clock step changes
+    /// neither the duration nor the boot-clock deadline derived from it.
+    pub duration: Duration,
 }
 
 impl AccessRequest {
@@ -103,7 +106,6 @@ impl AccessRequest {
             )));
         }
         let duration = self.duration(now)?;
-        let expires_at = now + duration;
         let mut specs = Vec::new();
         let mut seen = BTreeSet::new();
         for (index, access) in self.ports.iter().enumerate() {
@@ -144,7 +146,7 @@ impl AccessRequest {
                         protocol,
                         port,
                     },
-                    expires_at,
+                    duration,
                 });
             }
         }
@@ -347,11 +349,7 @@ mod tests {
                 "2001:db8::/64 -> 500/udp"
             ]
         );
-        assert!(
-            specs
-                .iter()
-                .all(|s| s.expires_at == now + Duration::from_secs(300))
-        );
+        assert!(specs.iter().all(|s| s.duration == Duration::from_secs(300)));
     }
 
     #[test]
@@ -491,7 +489,7 @@ mod tests {
             nanos: secs.subsec_nanos() as i32,
         };
         let specs = req.validate(&policy(), now).unwrap();
-        assert_eq!(specs[0].expires_at, end);
+        assert_eq!(specs[0].duration, Duration::from_secs(120));
     }
 
     #[test]

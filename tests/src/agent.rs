@@ -85,6 +85,8 @@ pub struct AgentFiles {
     pub dir: tempfile::TempDir,
     pub pins: PinDir,
     pub ns: String,
+    /// Environment given to the agent process (e.g. a fake wall clock).
+    pub env: Vec<(String, String)>,
 }
 
 impl AgentFiles {
@@ -93,6 +95,7 @@ impl AgentFiles {
             dir: tempfile::tempdir().expect("temporary directory"),
             pins: PinDir::new(),
             ns: ns.name.clone(),
+            env: Vec::new(),
         }
     }
 
@@ -106,6 +109,7 @@ impl AgentFiles {
             dir,
             pins,
             ns: ns.name.clone(),
+            env: Vec::new(),
         }
     }
 
@@ -195,7 +199,8 @@ impl AgentFiles {
             .arg("--config")
             .arg(self.config_path())
             .args(args)
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         command
     }
 }

@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod cli;
 pub mod env;
+pub mod fake_clock;
 pub mod gated_host;
 pub mod netns;
 pub mod packets;

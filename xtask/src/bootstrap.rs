@@ -31,6 +31,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "pkg-config",
     "iperf3",
+    // libfaketime: the clock tests step the agent's wall clock alone.
+    "faketime",
 ];
 
 /// aya-build links the XDP program with this exact bpf-linker.

@@ -198,6 +198,7 @@ pub fn grant(grant: &Grant) -> proto::Grant {
         expires_at: Some(timestamp(grant.expires_at)),
         state: state as i32,
         ended_at: grant.ended_at.map(timestamp),
+        remaining: Some(duration(grant.remaining())),
     }
 }
 

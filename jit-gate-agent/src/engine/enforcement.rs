@@ -5,13 +5,13 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use aya::maps::{MapData, RingBuf};
 
 use crate::{
-    clock::wall_to_boot_ns,
+    clock::Deadline,
     config::{Config, Mode},
     enforce::{
         nft::{NftGate, NftState},
@@ -38,11 +38,12 @@ pub struct InterfaceStatus {
     pub reason: String,
 }
 
-/// A kernel XDP entry may differ from the computed one by this much (two
-/// conversions of the same wall-clock instant to boot time).
-const XDP_EXPIRY_TOLERANCE: Duration = Duration::from_millis(100);
-/// nftables keeps timeouts in milliseconds and counts them down on its own.
-const NFT_EXPIRY_TOLERANCE: Duration = Duration::from_secs(2);
+/// nftables keeps timeouts in milliseconds and counts them down on its own
+/// clock (jiffies, which stand still during suspend): an element may time
+/// out this much later than its grant's deadline before it is rewritten...
+const NFT_LATER_TOLERANCE: Duration = Duration::from_millis(100);
+/// ...and this much earlier (harmless to the gate, but a grant cut short).
+const NFT_EARLIER_TOLERANCE: Duration = Duration::from_secs(2);
 
 pub struct Enforcers {
     mode: Mode,
@@ -213,7 +214,7 @@ impl Enforcers {
             }
         }
         if let Some(nft) = &self.nft {
-            let now = SystemTime::now();
+            let now = Deadline::now();
             let (mut add, mut remove) = (Vec::new(), Vec::new());
             for target in targets {
                 match nft_entry(active, target, now) {
@@ -261,9 +262,7 @@ fn write_xdp_entry(
     active: &ActiveGrants,
 ) -> anyhow::Result<()> {
     match active.xdp_entry(target) {
-        Some(entry) => {
-            xdp.upsert_grant(target, wall_to_boot_ns(entry.expires_at), entry.grant_id)?
-        }
+        Some(entry) => xdp.upsert_grant(target, entry.deadline.boot_ns(), entry.grant_id)?,
         None => {
             xdp.remove_grant(target)?;
         }
@@ -271,11 +270,12 @@ fn write_xdp_entry(
     Ok(())
 }
 
-/// Time left for the nftables element of `target`, if it should exist.
-fn nft_entry(active: &ActiveGrants, target: &GrantTarget, now: SystemTime) -> Option<Duration> {
+/// Time left for the nftables element of `target` at boot-clock `now`,
+/// if it should exist: the element times out at the grant's deadline.
+fn nft_entry(active: &ActiveGrants, target: &GrantTarget, now: Deadline) -> Option<Duration> {
     active
         .own_entry(target)
-        .and_then(|e| e.expires_at.duration_since(now).ok())
+        .map(|e| Duration::from_nanos(e.deadline.boot_ns().saturating_sub(now.boot_ns())))
         .filter(|left| !left.is_zero())
 }
 
@@ -303,16 +303,15 @@ fn reconcile_xdp(
         .into_iter()
         .map(|e| (e.target, (e.expires_at_boot_ns, e.grant_id)))
         .collect();
-    let tolerance = XDP_EXPIRY_TOLERANCE.as_nanos() as u64;
     let (mut written, mut removed) = (0usize, 0usize);
     for target in active.targets() {
         let Some(entry) = active.xdp_entry(target) else {
             continue;
         };
-        let expires = wall_to_boot_ns(entry.expires_at);
+        let expires = entry.deadline.boot_ns();
         let ok = kernel
             .get(target)
-            .is_some_and(|(at, id)| *id == entry.grant_id && at.abs_diff(expires) <= tolerance);
+            .is_some_and(|(at, id)| *id == entry.grant_id && *at == expires);
         if !ok {
             xdp.upsert_grant(target, expires, entry.grant_id)?;
             written += 1;
@@ -338,7 +337,7 @@ fn reconcile_nft(
     protected: &BTreeSet<(Protocol, u16)>,
     repairs: &mut Vec<String>,
 ) -> anyhow::Result<()> {
-    let now = SystemTime::now();
+    let now = Deadline::now();
     let desired: BTreeMap<GrantTarget, Duration> = active
         .targets()
         .filter_map(|t| nft_entry(active, t, now).map(|left| (*t, left)))
@@ -358,10 +357,9 @@ fn reconcile_nft(
     let stale: Vec<(GrantTarget, Duration)> = desired
         .iter()
         .filter(|(t, left)| {
-            current
-                .allowed
-                .get(t)
-                .is_none_or(|have| have.abs_diff(**left) > NFT_EXPIRY_TOLERANCE)
+            current.allowed.get(t).is_none_or(|have| {
+                *have > **left + NFT_LATER_TOLERANCE || *have + NFT_EARLIER_TOLERANCE < **left
+            })
         })
         .map(|(t, left)| (*t, *left))
         .collect();

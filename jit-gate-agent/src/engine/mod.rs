@@ -24,7 +24,7 @@ use crate::{
     audit::{AGENT, AuditRecord, Event, Kind},
     auth::Principal,
     config::{Config, Mode},
-    grants::{ActiveGrant, ActiveGrants, Grant, GrantState},
+    grants::{ActiveGrants, Grant, GrantState},
     net::{GrantTarget, Protocol},
     policy::{Policy, PortRule, RuleProtocol},
     refusal::{Refusal, RefusalKind},
@@ -148,8 +148,17 @@ const CONFIG_POLICY_KEY: &str = "config_policy_digest";
 /// Wall-clock milliseconds before which every flow opened under a grant has
 /// been audited, so that a restarted agent does not audit them again.
 const FLOWS_AUDITED_KEY: &str = "flows_audited_until_ms";
+/// The last boot-clock reading recorded (`clock::BootWitness`, JSON).
+const BOOT_WITNESS_KEY: &str = "boot_clock_witness";
+/// How often the boot clock is recorded: what a reboot can cost a grant at
+/// most, when the wall clock cannot be trusted to shorten it.
+const WITNESS_EVERY: Duration = Duration::from_secs(30);
 
 pub struct Engine {
+    /// This boot's id: every deadline the engine holds is on its clock.
+    boot_id: String,
+    /// When the boot clock was last recorded in the store.
+    witnessed_at: Instant,
     config: Config,
     store: Store,
     policy: Policy,
@@ -175,22 +184,16 @@ impl Engine {
             Some(policy) => policy,
             None => initial_policy(&mut store, &config)?,
         };
-        let now = now_ms();
+        let boot_id = crate::clock::boot_id().context("reading this boot's id")?;
+        let restored = restore_grants(&store, &boot_id)?;
         let mut active = ActiveGrants::default();
-        let mut expired_while_down = Vec::new();
-        for grant in store.active_grants()? {
-            if grant.expires_at <= now {
-                expired_while_down.push(grant);
-            } else {
-                active.insert(ActiveGrant {
-                    id: grant.id,
-                    target: grant.target,
-                    expires_at: grant.expires_at,
-                });
-            }
+        for grant in &restored.live {
+            active.insert(grant.active());
         }
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let mut engine = Engine {
+            boot_id,
+            witnessed_at: Instant::now(),
             enforcers: Enforcers::open(&config),
             config,
             store,
@@ -200,7 +203,7 @@ impl Engine {
             events,
             started_at: SystemTime::now(),
         };
-        engine.record_expired_while_down(&expired_while_down)?;
+        engine.record_restored(&restored)?;
         let protected = engine.policy.protected();
         if let Some(xdp) = engine.enforcers.xdp_mut() {
             xdp.set_protected_ports(&protected)?;
@@ -247,6 +250,7 @@ impl Engine {
             .with_details(serde_json::json!({
                 "interfaces": interfaces,
                 "restored": repairs,
+                "carried_across_reboot": restored.carried_summary(),
             })),
         ])?;
         Ok(engine)
@@ -283,7 +287,10 @@ impl Engine {
                     self.handle(batch);
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    self.log_failure("recording the boot clock", |e| e.witness_boot_clock());
+                    return;
+                }
             }
             self.log_failure("expiring grants", |e| e.expire_due());
             let now = Instant::now();
@@ -309,6 +316,9 @@ impl Engine {
                         .max(took * RECONCILE_TIME_SHARE_INVERSE);
                 release_free_memory();
             }
+            if self.witnessed_at.elapsed() >= WITNESS_EVERY {
+                self.log_failure("recording the boot clock", |e| e.witness_boot_clock());
+            }
         }
     }
 
@@ -318,10 +328,21 @@ impl Engine {
         }
     }
 
+    /// When the next grant ends, on the monotonic clock the engine sleeps
+    /// on; it wakes then and checks the boot clock.
     fn next_expiry_instant(&self) -> Option<Instant> {
-        let at = self.active.next_expiry()?;
-        let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
-        Some(Instant::now() + wait)
+        Some(Instant::now() + self.active.next_deadline()?.remaining())
+    }
+
+    /// Records how far this boot's clock has got, for a restart after a
+    /// reboot (`clock::carry_across_reboot`).
+    fn witness_boot_clock(&mut self) -> anyhow::Result<()> {
+        let witness = crate::clock::BootWitness::now(&self.boot_id);
+        let mut batch = self.store.batch()?;
+        batch.set_meta(BOOT_WITNESS_KEY, &serde_json::to_string(&witness)?)?;
+        batch.commit()?;
+        self.witnessed_at = Instant::now();
+        Ok(())
     }
 
     /// Applies commands in arrival order; consecutive requests share one
@@ -383,6 +404,10 @@ impl Engine {
                 let listed = self
                     .store
                     .list_grants(include_ended, port, limit)
+                    .map(|mut grants| {
+                        grants.iter_mut().for_each(Grant::refresh_display);
+                        grants
+                    })
                     .map_err(|e| Refusal::internal("listing grants", e));
                 let _ = reply.send(listed);
             }
@@ -631,6 +656,75 @@ impl Engine {
     }
 }
 
+/// The stored active grants, sorted out at start.
+struct Restored {
+    /// Still live, on this boot's clock.
+    live: Vec<Grant>,
+    /// Set on an earlier boot and moved to this one (live or not).
+    carried: Vec<Grant>,
+    /// Ended while the agent was down; `expires_at` is the end.
+    ended: Vec<Grant>,
+}
+
+impl Restored {
+    fn carried_summary(&self) -> Vec<serde_json::Value> {
+        self.carried
+            .iter()
+            .map(|g| {
+                serde_json::json!({
+                    "grant_id": g.id,
+                    "remaining_ms": u64::try_from(g.remaining().as_millis()).unwrap_or(u64::MAX),
+                })
+            })
+            .collect()
+    }
+}
+
+/// Sorts the stored active grants: a deadline set on an earlier boot (or
+/// on an unknown one: databases from before boot-time deadlines) is carried
+/// to this boot, never later than it could be; what has passed has ended.
+fn restore_grants(store: &Store, boot_id: &str) -> anyhow::Result<Restored> {
+    let witness: Option<crate::clock::BootWitness> = store
+        .meta(BOOT_WITNESS_KEY)?
+        .and_then(|json| serde_json::from_str(&json).ok());
+    let wall_now = now_ms();
+    let mut restored = Restored {
+        live: Vec::new(),
+        carried: Vec::new(),
+        ended: Vec::new(),
+    };
+    for mut grant in store.active_grants()? {
+        if grant.boot_id != boot_id {
+            let earlier = crate::clock::EarlierBoot {
+                deadline: grant.deadline,
+                granted: grant.granted,
+                witnessed_ns: witness
+                    .as_ref()
+                    .filter(|w| !grant.boot_id.is_empty() && w.boot_id == grant.boot_id)
+                    .map(|w| w.boot_ns),
+                wall_deadline: grant.expires_at,
+            };
+            let left = crate::clock::carry_across_reboot(&earlier, wall_now);
+            grant.deadline = crate::clock::Deadline::after(left);
+            grant.boot_id = boot_id.to_owned();
+            grant.expires_at = grant.expires_at.min(wall_now + left);
+            restored.carried.push(grant.clone());
+            if left.is_zero() {
+                restored.ended.push(grant);
+                continue;
+            }
+        }
+        if grant.deadline.has_passed() {
+            let end = grant.deadline.to_wall_near(grant.expires_at);
+            grant.expires_at = crate::store::from_ms(crate::store::to_ms(end));
+            restored.ended.push(grant);
+        } else {
+            restored.live.push(grant);
+        }
+    }
+    Ok(restored)
+}
+
 /// Returns memory freed after a reconciliation (the kernel state read back
 /// for comparison) to the system; glibc keeps it in its arenas otherwise.
 fn release_free_memory() {
@@ -679,12 +773,15 @@ impl Engine {
         }
     }
 
-    fn record_expired_while_down(&mut self, grants: &[Grant]) -> anyhow::Result<()> {
-        if grants.is_empty() {
-            return Ok(());
-        }
+    /// Stores what restoring the grants found: deadlines carried to this
+    /// boot, grants that ended while the agent was down (audited), and this
+    /// boot's clock reading.
+    fn record_restored(&mut self, restored: &Restored) -> anyhow::Result<()> {
         let mut batch = self.store.batch()?;
-        for grant in grants {
+        for grant in &restored.carried {
+            batch.set_deadline(grant.id, &self.boot_id, grant.deadline, grant.expires_at)?;
+        }
+        for grant in &restored.ended {
             batch.end_grant(grant.id, GrantState::Expired, grant.expires_at)?;
             batch.audit(
                 Event::new(
@@ -699,7 +796,10 @@ impl Engine {
                 SystemTime::now(),
             )?;
         }
+        let witness = crate::clock::BootWitness::now(&self.boot_id);
+        batch.set_meta(BOOT_WITNESS_KEY, &serde_json::to_string(&witness)?)?;
         let records = batch.commit()?;
+        self.witnessed_at = Instant::now();
         self.publish(records);
         Ok(())
     }
