@@ -90,9 +90,14 @@ fn default_socket() -> PathBuf {
 pub struct Config {
     #[serde(default)]
     pub mode: Mode,
-    /// Interfaces XDP attaches to.
-    #[serde(default)]
+    /// Interfaces XDP attaches to: names, or patterns (`*`, `?`, `[…]`;
+    /// `"all"` is `"*"`) that also cover interfaces created later.
+    #[serde(default = "default_interfaces")]
     pub interfaces: Vec<String>,
+    /// Interfaces (names or patterns) XDP leaves alone even if `interfaces`
+    /// covers them; reported as not covered by XDP.
+    #[serde(default)]
+    pub exclude_interfaces: Vec<String>,
     #[serde(default = "default_database")]
     pub database: PathBuf,
     #[serde(default = "default_pin_dir")]
@@ -109,6 +114,15 @@ pub struct Config {
     #[serde(default)]
     pub policy: Option<Vec<PortRule>>,
 }
+
+/// Every interface, also those created later: a path into the host that
+/// the configuration forgot is a way around the gate.
+fn default_interfaces() -> Vec<String> {
+    vec![ALL_INTERFACES.to_owned()]
+}
+
+/// The word for every interface in `interfaces`.
+const ALL_INTERFACES: &str = "all";
 
 fn default_database() -> PathBuf {
     PathBuf::from("/var/lib/jit-gate/agent.db")
@@ -171,20 +185,33 @@ impl Config {
         if self.mode.uses_xdp() && self.interfaces.is_empty() {
             return field(
                 "interfaces",
-                format!("mode \"{}\" needs at least one interface", self.mode.name()),
+                format!(
+                    "mode \"{}\" needs at least one interface or pattern (default: \"all\")",
+                    self.mode.name()
+                ),
             );
         }
-        let mut seen = BTreeSet::new();
-        for (i, name) in self.interfaces.iter().enumerate() {
-            let here = format!("interfaces[{i}]");
-            if !seen.insert(name) {
-                return field(&here, format!("{name:?} is listed twice"));
-            }
-            if interface_index(name).is_none() {
-                return field(
-                    &here,
-                    format!("no interface named {name:?} in this network namespace"),
-                );
+        for (key, list) in [
+            ("interfaces", &self.interfaces),
+            ("exclude_interfaces", &self.exclude_interfaces),
+        ] {
+            let mut seen = BTreeSet::new();
+            for (i, name) in list.iter().enumerate() {
+                let here = format!("{key}[{i}]");
+                if !seen.insert(name) {
+                    return field(&here, format!("{name:?} is listed twice"));
+                }
+                match InterfacePattern::parse(name) {
+                    Err(problem) => return field(&here, problem),
+                    // A plain name must exist: most likely a typo otherwise.
+                    Ok(InterfacePattern::Name(_)) if interface_index(name).is_none() => {
+                        return field(
+                            &here,
+                            format!("no interface named {name:?} in this network namespace"),
+                        );
+                    }
+                    Ok(_) => {}
+                }
             }
         }
         if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&self.reconcile_interval)
@@ -228,6 +255,81 @@ impl Config {
     }
 }
 
+/// One entry of `interfaces` or `exclude_interfaces`.
+#[derive(Clone, Debug)]
+enum InterfacePattern {
+    Name(String),
+    Pattern(glob::Pattern),
+}
+
+impl InterfacePattern {
+    fn parse(text: &str) -> Result<Self, String> {
+        if text.is_empty() || text.len() > 64 || text.contains(['/', '\0']) {
+            return Err(format!("{text:?} is not an interface name or pattern"));
+        }
+        if text == ALL_INTERFACES {
+            return Ok(InterfacePattern::Pattern(
+                glob::Pattern::new("*").expect("a valid pattern"),
+            ));
+        }
+        if text.contains(['*', '?', '[']) {
+            return glob::Pattern::new(text)
+                .map(InterfacePattern::Pattern)
+                .map_err(|e| format!("pattern {text:?}: {e}"));
+        }
+        Ok(InterfacePattern::Name(text.to_owned()))
+    }
+
+    fn matches(&self, name: &str) -> bool {
+        match self {
+            InterfacePattern::Name(n) => n == name,
+            InterfacePattern::Pattern(p) => p.matches(name),
+        }
+    }
+}
+
+/// Whether the configuration puts an interface under XDP, and why not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Coverage {
+    Covered,
+    /// No entry of `interfaces` matches it.
+    NotListed,
+    /// An entry of `exclude_interfaces` matches it.
+    Excluded,
+    /// Loopback, matched by a pattern only: it carries this host's own
+    /// traffic, which is inside the gate already. Naming it puts it under XDP.
+    Loopback,
+}
+
+impl Config {
+    /// Whether XDP should gate interface `name` (a loopback one if `loopback`).
+    pub fn coverage(&self, name: &str, loopback: bool) -> Coverage {
+        let entries = |list: &[String]| -> Vec<InterfacePattern> {
+            list.iter()
+                .filter_map(|text| InterfacePattern::parse(text).ok())
+                .collect()
+        };
+        if entries(&self.exclude_interfaces)
+            .iter()
+            .any(|p| p.matches(name))
+        {
+            return Coverage::Excluded;
+        }
+        let include = entries(&self.interfaces);
+        if include
+            .iter()
+            .any(|p| matches!(p, InterfacePattern::Name(n) if n == name))
+        {
+            return Coverage::Covered;
+        }
+        match include.iter().any(|p| p.matches(name)) {
+            false => Coverage::NotListed,
+            true if loopback => Coverage::Loopback,
+            true => Coverage::Covered,
+        }
+    }
+}
+
 /// The kernel's index of interface `name` in this namespace, if it exists.
 pub fn interface_index(name: &str) -> Option<u32> {
     let c_name = CString::new(name).ok()?;
@@ -255,6 +357,21 @@ mod tests {
         assert_eq!(config.nft_table, "jit_gate");
         assert_eq!(config.reconcile_interval, Duration::from_secs(5));
         assert!(config.policy.is_none());
+    }
+
+    #[test]
+    fn every_interface_is_covered_by_default_but_loopback() {
+        let config = parse("").unwrap();
+        assert_eq!(config.interfaces, ["all"]);
+        assert_eq!(config.coverage("eth0", false), Coverage::Covered);
+        assert_eq!(config.coverage("vxlan7", false), Coverage::Covered);
+        assert_eq!(config.coverage("lo", true), Coverage::Loopback);
+        let config =
+            parse("interfaces = [\"veth*\", \"lo\"]\nexclude_interfaces = [\"veth9*\"]").unwrap();
+        assert_eq!(config.coverage("veth1", false), Coverage::Covered);
+        assert_eq!(config.coverage("veth91", false), Coverage::Excluded);
+        assert_eq!(config.coverage("eth0", false), Coverage::NotListed);
+        assert_eq!(config.coverage("lo", true), Coverage::Covered, "named");
     }
 
     #[test]
@@ -301,6 +418,11 @@ mod tests {
     fn errors_name_the_field() {
         for (text, needle) in [
             ("interfaces = []", "field `interfaces`"),
+            ("interfaces = [\"eth[\"]", "field `interfaces[0]`: pattern"),
+            (
+                "exclude_interfaces = [\"nosuch0\"]",
+                "field `exclude_interfaces[0]`: no interface named",
+            ),
             (
                 "interfaces = [\"nosuch0\"]",
                 "field `interfaces[0]`: no interface named",

@@ -49,6 +49,7 @@ impl JitGate for FakeAgent {
                 name: "eth0".into(),
                 mode: 1,
                 reason: String::new(),
+                ..Default::default()
             }],
             active_grants: 1,
             policy_revision: 3,

@@ -424,9 +424,10 @@ pub async fn list_grants(
     .grants
 }
 
-/// Every grant the agent knows, ended ones included, newest first.
+/// Every grant the agent knows, ended ones included, newest first, less
+/// the time each has left (so that two listings compare equal).
 pub async fn all_grants(api: &mut JitGateClient<Channel>) -> Vec<proto::Grant> {
-    list_grants(api, true).await
+    without_remaining(list_grants(api, true).await)
 }
 
 pub async fn policy(api: &mut JitGateClient<Channel>) -> proto::Policy {
@@ -462,6 +463,18 @@ pub async fn events_until(
         }
     }
     events
+}
+
+/// Grants as listed, less the time each has left (which changes between
+/// two listings of the same grants).
+pub fn without_remaining(grants: Vec<proto::Grant>) -> Vec<proto::Grant> {
+    grants
+        .into_iter()
+        .map(|g| proto::Grant {
+            remaining: None,
+            ..g
+        })
+        .collect()
 }
 
 /// A timestamp of the API as wall-clock time.
@@ -805,7 +818,7 @@ impl AgentHost {
         for _ in 0..3 {
             let before = api.grants(false).await;
             let problems = self.mismatches(&before);
-            if api.grants(false).await == before {
+            if without_remaining(api.grants(false).await) == without_remaining(before.clone()) {
                 return report(step, &before, problems);
             }
         }

@@ -407,8 +407,9 @@ async fn policy_changes_apply_live_and_removing_a_rule_ends_only_its_grants() {
         .expect("grant")
         .into_inner()
         .grants;
-    let grant_on = |port: u16| {
-        granted
+    let grant_on = |port: u16| proto::Grant {
+        remaining: None,
+        ..granted
             .iter()
             .find(|g| g.port == u32::from(port))
             .expect("grant per port")

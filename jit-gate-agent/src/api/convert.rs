@@ -6,7 +6,10 @@ use tonic::{Code, Status};
 
 use crate::{
     audit::{AuditRecord, Kind},
-    engine::{ConnectionInfo, InterfaceMode, InterfaceStatus, PortReport, StatusReport},
+    engine::{
+        ConnectionInfo, InterfaceMode, InterfaceStatus, LayerHealth, PortReport, Repair,
+        StatusReport,
+    },
     grants::{Grant, GrantState},
     net::Protocol,
     policy::{DEFAULT_MAX_DURATION, Policy, PortRule, RuleProtocol},
@@ -218,11 +221,30 @@ fn interface(status: &InterfaceStatus) -> proto::InterfaceStatus {
         InterfaceMode::XdpGeneric => proto::EnforcementMode::XdpGeneric,
         InterfaceMode::NftablesOnly => proto::EnforcementMode::NftablesOnly,
         InterfaceMode::Unsupported => proto::EnforcementMode::Unsupported,
+        InterfaceMode::Uncovered => proto::EnforcementMode::Uncovered,
     };
     proto::InterfaceStatus {
         name: status.name.clone(),
         mode: mode as i32,
         reason: status.reason.clone(),
+        kind: status.kind.clone(),
+        problem: status.problem.clone().unwrap_or_default(),
+        last_repair: status.last_repair.as_ref().map(repair),
+    }
+}
+
+fn repair(repair: &Repair) -> proto::Repair {
+    proto::Repair {
+        at: Some(timestamp(repair.at)),
+        what: repair.what.clone(),
+    }
+}
+
+fn layer(active: bool, health: &LayerHealth) -> proto::LayerHealth {
+    proto::LayerHealth {
+        active,
+        problem: health.problem.clone().unwrap_or_default(),
+        last_repair: health.last_repair.as_ref().map(repair),
     }
 }
 
@@ -239,15 +261,24 @@ fn port_status(report: &PortReport) -> proto::PortStatus {
 }
 
 pub fn status_report(report: &StatusReport) -> proto::Status {
+    let enforcement = &report.enforcement;
     proto::Status {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         started_at: Some(timestamp(report.started_at)),
         configured_mode: report.configured_mode.name().to_owned(),
         nftables_active: report.nftables_active,
-        interfaces: report.interfaces.iter().map(interface).collect(),
+        interfaces: enforcement.interfaces.iter().map(interface).collect(),
         ports: report.ports.iter().map(port_status).collect(),
         active_grants: u32::try_from(report.active_grants).unwrap_or(u32::MAX),
         policy_revision: report.policy_revision,
+        xdp: Some(layer(report.xdp_active, &enforcement.xdp)),
+        nftables: Some(layer(report.nftables_active, &enforcement.nftables)),
+        healthy: enforcement.xdp.problem.is_none()
+            && enforcement.nftables.problem.is_none()
+            && enforcement
+                .interfaces
+                .iter()
+                .all(|i| i.problem.is_none() && i.mode != InterfaceMode::Uncovered),
     }
 }
 

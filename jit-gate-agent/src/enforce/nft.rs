@@ -37,6 +37,7 @@ mod keys;
 mod netlink;
 mod ruleset;
 mod sets;
+mod structure;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -325,6 +326,18 @@ impl NftGate {
             }
         }
         Ok(Some(state))
+    }
+
+    /// What differs between the table's structure in the kernel (table
+    /// flags, chains with hooks, priorities and policies, rules by content,
+    /// set definitions) and what `install` creates; `None` if nothing does.
+    pub fn check_structure(&self) -> Result<Option<String>> {
+        let (table, mut socket) = self.open()?;
+        let result = structure::Structure::read(&table, &mut socket);
+        let have = socket.done(result)?;
+        let wanted = structure::wanted(&table, have.allow_sets());
+        let differences = have.differences(&wanted);
+        Ok((!differences.is_empty()).then(|| differences.join("; ")))
     }
 
     /// Deletes the table; returns whether it existed.

@@ -5,37 +5,48 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use aya::maps::{MapData, RingBuf};
 
+use super::interfaces::{InterfaceStatus, Interfaces, Repair};
 use crate::{
     clock::Deadline,
     config::{Config, Mode},
     enforce::{
         nft::{NftGate, NftState},
-        xdp::{AttachMode, Attachment, XdpGate},
+        xdp::XdpGate,
     },
     grants::ActiveGrants,
     net::{GrantTarget, Protocol},
 };
 
-/// How an interface is enforced.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum InterfaceMode {
-    XdpNative,
-    XdpGeneric,
-    NftablesOnly,
-    Unsupported,
+/// The health of one enforcement layer: what is wrong now, and the last
+/// repair.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LayerHealth {
+    pub problem: Option<String>,
+    pub last_repair: Option<Repair>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct InterfaceStatus {
-    pub name: String,
-    pub mode: InterfaceMode,
-    /// Why the mode is not XDP; empty otherwise.
-    pub reason: String,
+impl LayerHealth {
+    fn repaired(&mut self, what: &[String]) {
+        if !what.is_empty() {
+            self.last_repair = Some(Repair {
+                at: SystemTime::now(),
+                what: what.join("; "),
+            });
+        }
+    }
+}
+
+/// Enforcement as it stands: per interface, and per layer.
+#[derive(Clone, Debug)]
+pub struct EnforcementStatus {
+    pub interfaces: Vec<InterfaceStatus>,
+    pub xdp: LayerHealth,
+    pub nftables: LayerHealth,
 }
 
 /// nftables keeps timeouts in milliseconds and counts them down on its own
@@ -46,6 +57,8 @@ const NFT_LATER_TOLERANCE: Duration = Duration::from_millis(100);
 const NFT_EARLIER_TOLERANCE: Duration = Duration::from_secs(2);
 
 pub struct Enforcers {
+    /// The configuration (mode, interfaces) enforcement follows.
+    config: Config,
     mode: Mode,
     xdp: Option<XdpGate>,
     /// Why XDP could not be loaded at all, if it could not.
@@ -54,7 +67,11 @@ pub struct Enforcers {
     deny_events: Option<RingBuf<MapData>>,
     nft: Option<NftGate>,
     nft_table: String,
-    interfaces: Vec<InterfaceStatus>,
+    interfaces: Interfaces,
+    /// Some covered interface can only be gated by nftables.
+    nft_wanted: bool,
+    xdp_health: LayerHealth,
+    nft_health: LayerHealth,
 }
 
 impl Enforcers {
@@ -74,13 +91,17 @@ impl Enforcers {
         };
         let deny_events = xdp.as_mut().and_then(XdpGate::take_deny_events);
         Enforcers {
+            config: config.clone(),
             mode: config.mode,
             deny_events,
             xdp,
             xdp_unavailable,
             nft: None,
             nft_table: config.nft_table.clone(),
-            interfaces: Vec::new(),
+            interfaces: Interfaces::default(),
+            nft_wanted: false,
+            xdp_health: LayerHealth::default(),
+            nft_health: LayerHealth::default(),
         }
     }
 
@@ -100,89 +121,57 @@ impl Enforcers {
         self.nft.is_some()
     }
 
-    pub fn interfaces(&self) -> &[InterfaceStatus] {
-        &self.interfaces
-    }
-
-    /// Attaches XDP to `names` (and detaches from interfaces no longer
-    /// listed); where it cannot, nftables becomes the enforcer.
-    pub fn set_interfaces(&mut self, names: &[String]) {
-        if let Some(xdp) = self.xdp.as_mut() {
-            for old in &self.interfaces {
-                let keep = names.contains(&old.name);
-                if !keep
-                    && matches!(
-                        old.mode,
-                        InterfaceMode::XdpNative | InterfaceMode::XdpGeneric
-                    )
-                    && let Err(e) = xdp.detach(&old.name)
-                {
-                    tracing::warn!("detaching from {}: {e}", old.name);
-                }
-            }
-        }
-        self.interfaces = names.iter().map(|name| self.attach(name)).collect();
-    }
-
-    fn attach(&mut self, name: &str) -> InterfaceStatus {
-        let status = |mode, reason: String| InterfaceStatus {
-            name: name.to_owned(),
-            mode,
-            reason,
-        };
-        if !self.mode.uses_xdp() {
-            return status(
-                InterfaceMode::NftablesOnly,
-                "configured mode is nftables".into(),
-            );
-        }
-        let Some(xdp) = self.xdp.as_mut() else {
-            let why = self.xdp_unavailable.clone().unwrap_or_default();
-            return status(
-                InterfaceMode::NftablesOnly,
-                format!("XDP unavailable: {why}"),
-            );
-        };
-        match xdp.attach(name) {
-            Ok(Attachment::Attached(AttachMode::Native)) => {
-                status(InterfaceMode::XdpNative, String::new())
-            }
-            Ok(Attachment::Attached(AttachMode::Generic)) => status(
-                InterfaceMode::XdpGeneric,
-                "driver has no native XDP; generic mode".into(),
-            ),
-            Ok(Attachment::Adopted) => {
-                // The link from the previous run; the kernel does not say
-                // which mode it was attached in. It is reported as native,
-                // with the reason saying it was adopted.
-                status(
-                    InterfaceMode::XdpNative,
-                    "adopted from the previous run".into(),
-                )
-            }
-            Err(e) => {
-                tracing::error!("XDP cannot attach to {name}; nftables enforces it: {e}");
-                status(
-                    InterfaceMode::NftablesOnly,
-                    format!("XDP cannot attach: {e}"),
-                )
-            }
+    /// Enforcement as last checked and repaired.
+    pub fn status(&self) -> EnforcementStatus {
+        EnforcementStatus {
+            interfaces: self.interfaces.statuses(self.nft.is_some()),
+            xdp: self.xdp_health.clone(),
+            nftables: self.nft_health.clone(),
         }
     }
 
-    /// Whether nftables is needed (some interface fell back to it) but not
-    /// yet running.
-    pub fn nft_pending(&self) -> bool {
-        self.nft.is_none() && self.nft_needed()
+    /// Enforcement as the kernel holds it now: what is missing since the
+    /// last check shows at once (the next reconciliation repairs it).
+    pub fn check(&self) -> anyhow::Result<EnforcementStatus> {
+        let mut status = self.status();
+        status.interfaces =
+            self.interfaces
+                .check(&self.config, self.xdp.as_ref(), self.nft.is_some())?;
+        if let Some(xdp) = &self.xdp {
+            let missing = xdp.missing_pins();
+            status.xdp.problem =
+                (!missing.is_empty()).then(|| format!("pins missing: {}", missing.join(", ")));
+        }
+        if let Some(nft) = &self.nft {
+            status.nftables.problem = nft.check_structure()?;
+        } else if self.nft_needed() {
+            status.nftables.problem = Some("needed but not installed yet".into());
+        }
+        Ok(status)
+    }
+
+    /// Follows a changed configuration (interfaces covered).
+    pub fn set_config(&mut self, config: &Config) {
+        self.config = config.clone();
+    }
+
+    /// Attaches XDP wherever the configuration covers an interface and it
+    /// does not run, lets go of interfaces gone or no longer covered; where
+    /// XDP cannot gate a covered interface, nftables becomes its enforcer.
+    /// Returns the repairs (drift found on interfaces the gate held).
+    pub fn scan_interfaces(&mut self) -> anyhow::Result<Vec<String>> {
+        let scan = self.interfaces.scan(
+            &self.config,
+            self.xdp.as_mut(),
+            self.xdp_unavailable.as_deref(),
+        )?;
+        self.nft_wanted = scan.needs_nftables;
+        Ok(scan.repairs)
     }
 
     /// nftables runs if the mode asks for it or some interface needs it.
     fn nft_needed(&self) -> bool {
-        self.mode.uses_nftables()
-            || self
-                .interfaces
-                .iter()
-                .any(|i| i.mode != InterfaceMode::XdpNative && i.mode != InterfaceMode::XdpGeneric)
+        self.mode.uses_nftables() || self.nft_wanted || self.xdp.is_none()
     }
 
     /// Makes exactly `protected` protected in every active enforcer.
@@ -242,7 +231,19 @@ impl Enforcers {
         let mut repairs = Vec::new();
         if let Some(xdp) = self.xdp.as_mut() {
             reconcile_xdp(xdp, active, protected, &mut repairs)?;
+            let missing = xdp.repin()?;
+            if !missing.is_empty() {
+                repairs.push(format!(
+                    "XDP: pins missing ({}); pinned again from the agent's handles",
+                    missing.join(", ")
+                ));
+            }
         }
+        if self.mode.uses_xdp() {
+            repairs.extend(self.scan_interfaces()?);
+        }
+        self.xdp_health.repaired(&repairs);
+        let xdp_repairs = repairs.len();
         if self.nft.is_none() && self.nft_needed() {
             // Before the table's `ct state` rule first applies.
             let seeded = super::connections::seed_conntrack(protected);
@@ -252,6 +253,7 @@ impl Enforcers {
         if let Some(nft) = &self.nft {
             reconcile_nft(nft, active, protected, &mut repairs)?;
         }
+        self.nft_health.repaired(&repairs[xdp_repairs..]);
         Ok(repairs)
     }
 }
@@ -342,13 +344,24 @@ fn reconcile_nft(
         .targets()
         .filter_map(|t| nft_entry(active, t, now).map(|left| (*t, left)))
         .collect();
-    let Some(current) = nft.read()? else {
+    // Anything wrong in the table's structure: the whole table is
+    // installed again, elements and all, in one transaction.
+    if let Some(differences) = nft.check_structure()? {
         nft.install(&NftState {
             protected: protected.clone(),
             allowed: desired,
         })?;
-        repairs.push(format!("nftables: table {} was missing", nft.table()));
+        repairs.push(format!(
+            "nftables: {differences}; table {} installed again",
+            nft.table()
+        ));
         return Ok(());
+    }
+    let Some(current) = nft.read()? else {
+        return Err(anyhow::anyhow!(
+            "table {} vanished while reconciling",
+            nft.table()
+        ));
     };
     if current.protected != *protected {
         nft.set_protected(protected)?;

@@ -6,6 +6,7 @@
 
 mod connections;
 mod enforcement;
+mod interfaces;
 mod lifecycle;
 
 use std::{
@@ -18,7 +19,8 @@ use anyhow::Context;
 use tokio::sync::{broadcast, oneshot};
 
 pub use connections::ConnectionInfo;
-pub use enforcement::{InterfaceMode, InterfaceStatus};
+pub use enforcement::{EnforcementStatus, LayerHealth};
+pub use interfaces::{InterfaceMode, InterfaceStatus, Repair};
 
 use crate::{
     audit::{AGENT, AuditRecord, Event, Kind},
@@ -65,7 +67,8 @@ pub struct StatusReport {
     pub started_at: SystemTime,
     pub configured_mode: Mode,
     pub nftables_active: bool,
-    pub interfaces: Vec<InterfaceStatus>,
+    pub xdp_active: bool,
+    pub enforcement: EnforcementStatus,
     pub ports: Vec<PortReport>,
     pub active_grants: usize,
     pub policy_revision: u64,
@@ -108,13 +111,29 @@ pub enum Command {
         config: Box<Config>,
         reply: Reply<()>,
     },
+    /// The kernel announced a change to the namespace's interfaces.
+    LinksChanged,
+    /// Every handle is gone: stop.
+    Stop,
 }
 
-/// What API handlers hold: the command channel and the audit feed.
+/// What API handlers hold: the command channel and the audit feed. The
+/// engine stops when the last handle is dropped.
 #[derive(Clone)]
 pub struct EngineHandle {
     commands: mpsc::Sender<Command>,
     events: broadcast::Sender<AuditRecord>,
+    _stop: std::sync::Arc<StopOnDrop>,
+}
+
+/// Tells the engine to stop when dropped: the link watcher holds a sender
+/// too, so the channel alone would never close.
+struct StopOnDrop(mpsc::Sender<Command>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.send(Command::Stop);
+    }
 }
 
 impl EngineHandle {
@@ -219,20 +238,15 @@ impl Engine {
                 .map(crate::store::from_ms);
             engine.flow_watch = FlowWatch::resume(xdp, audited)?;
         }
-        // Grants go into the maps before the program attaches, so granted
-        // sources are never dropped during start-up.
-        let mut repairs = engine.enforcers.reconcile(&engine.active, &protected)?;
-        engine
-            .enforcers
-            .set_interfaces(&engine.config.interfaces.clone());
-        // An interface XDP could not take needs nftables, not yet installed.
-        if engine.enforcers.nft_pending() {
-            repairs.extend(engine.enforcers.reconcile(&engine.active, &protected)?);
-        }
+        // Grants go into the maps before the program attaches (in the same
+        // reconciliation), so granted sources are never dropped during
+        // start-up; nftables goes in after, where an interface needs it.
+        let repairs = engine.enforcers.reconcile(&engine.active, &protected)?;
         engine.apply_config_policy()?;
         let interfaces: Vec<String> = engine
             .enforcers
-            .interfaces()
+            .status()
+            .interfaces
             .iter()
             .map(|i| format!("{}: {:?} {}", i.name, i.mode, i.reason))
             .collect();
@@ -260,9 +274,13 @@ impl Engine {
     pub fn spawn(self) -> anyhow::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
         let (commands, receiver) = mpsc::channel();
         let handle = EngineHandle {
-            commands,
+            commands: commands.clone(),
             events: self.events.clone(),
+            _stop: std::sync::Arc::new(StopOnDrop(commands.clone())),
         };
+        if self.config.mode.uses_xdp() {
+            spawn_link_watcher(commands)?;
+        }
         let thread = std::thread::Builder::new()
             .name("jit-gate-engine".into())
             .spawn(move || self.run(receiver))
@@ -281,6 +299,10 @@ impl Engine {
                 .min()
                 .expect("at least one timer");
             match commands.recv_timeout(wake.saturating_duration_since(Instant::now())) {
+                Ok(Command::Stop) => {
+                    self.log_failure("recording the boot clock", |e| e.witness_boot_clock());
+                    return;
+                }
                 Ok(first) => {
                     let mut batch = vec![first];
                     batch.extend(commands.try_iter().take(MAX_BATCH - 1));
@@ -431,6 +453,14 @@ impl Engine {
             Command::Reload { config, reply } => {
                 let _ = reply.send(self.reload(*config));
             }
+            Command::LinksChanged => {
+                self.log_failure("gating new interfaces", |e| {
+                    let repairs = e.enforcers.scan_interfaces()?;
+                    e.record_drift(repairs)
+                });
+            }
+            // Seen by the loop itself.
+            Command::Stop => {}
         }
     }
 
@@ -506,7 +536,11 @@ impl Engine {
             started_at: self.started_at,
             configured_mode: self.config.mode,
             nftables_active: self.enforcers.nftables_active(),
-            interfaces: self.enforcers.interfaces().to_vec(),
+            xdp_active: self.enforcers.xdp().is_some(),
+            enforcement: self
+                .enforcers
+                .check()
+                .map_err(|e| Refusal::internal("checking enforcement", format!("{e:#}")))?,
             ports,
             active_grants: self.active.len(),
             policy_revision: self.policy.revision,
@@ -517,6 +551,11 @@ impl Engine {
         let repairs = self
             .enforcers
             .reconcile(&self.active, &self.policy.protected())?;
+        self.record_drift(repairs)
+    }
+
+    /// Logs and audits repairs of drift.
+    fn record_drift(&mut self, repairs: Vec<String>) -> anyhow::Result<()> {
         if !repairs.is_empty() {
             tracing::warn!("drift repaired: {}", repairs.join("; "));
             self.commit_events(vec![
@@ -623,11 +662,17 @@ impl Engine {
                 ));
             }
         }
-        let interfaces_changed = config.interfaces != self.config.interfaces;
+        let interfaces_changed = (&config.interfaces, &config.exclude_interfaces)
+            != (&self.config.interfaces, &self.config.exclude_interfaces);
         self.config = config;
         if interfaces_changed {
-            let interfaces = self.config.interfaces.clone();
-            self.enforcers.set_interfaces(&interfaces);
+            self.enforcers.set_config(&self.config);
+            let repairs = self
+                .enforcers
+                .scan_interfaces()
+                .map_err(|e| Refusal::internal("gating the interfaces", format!("{e:#}")))?;
+            self.record_drift(repairs)
+                .map_err(|e| Refusal::internal("recording drift", format!("{e:#}")))?;
         }
         self.apply_config_policy()
             .map_err(|e| Refusal::internal("applying the configured policy", e))?;
@@ -723,6 +768,25 @@ fn restore_grants(store: &Store, boot_id: &str) -> anyhow::Result<Restored> {
         }
     }
     Ok(restored)
+}
+
+/// Watches the namespace's interfaces on a thread of its own and tells the
+/// engine of every change, so that a new interface is gated at once (the
+/// reconciliation would find it too, later).
+fn spawn_link_watcher(commands: mpsc::Sender<Command>) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("jit-gate-links".into())
+        .spawn(move || {
+            let watched =
+                crate::enforce::links::watch(|| commands.send(Command::LinksChanged).is_ok());
+            if let Err(e) = watched {
+                tracing::error!(
+                    "watching interfaces stopped (reconciliation still finds new ones): {e}"
+                );
+            }
+        })
+        .context("starting the interface watcher")?;
+    Ok(())
 }
 
 /// Returns memory freed after a reconciliation (the kernel state read back

@@ -9,7 +9,7 @@
 //! of the thread that created it.
 
 pub mod conntrack;
-mod netlink;
+pub(crate) mod netlink;
 pub mod sockets;
 
 use std::{
@@ -104,6 +104,12 @@ pub enum Operation {
     ListConntrack,
     DeleteConntrack(Connection),
     CreateConntrack(Connection),
+    /// Listing the namespace's network interfaces (rtnetlink).
+    ListLinks,
+    /// Removing an XDP program that is not the gate's from an interface.
+    DetachXdp {
+        ifindex: u32,
+    },
 }
 
 impl fmt::Display for Operation {
@@ -117,6 +123,13 @@ impl fmt::Display for Operation {
             }
             Operation::CreateConntrack(c) => {
                 write!(f, "creating a conntrack entry for {c} (ctnetlink)")
+            }
+            Operation::ListLinks => f.write_str("listing network interfaces (rtnetlink)"),
+            Operation::DetachXdp { ifindex } => {
+                write!(
+                    f,
+                    "removing the XDP program of interface {ifindex} (rtnetlink)"
+                )
             }
         }
     }

@@ -4,8 +4,8 @@
 
 use jit_gate_agent::proto::{
     AccessResponse, Connection, EnforcementMode, Event, EventKind, Grant, GrantState,
-    InterfaceStatus, ListConnectionsResponse, ListGrantsResponse, Policy, PortRule, PortStatus,
-    Protocol, RevokeGrantResponse, Status,
+    InterfaceStatus, LayerHealth, ListConnectionsResponse, ListGrantsResponse, Policy, PortRule,
+    PortStatus, Protocol, Repair, RevokeGrantResponse, Status,
 };
 use serde_json::{Value, json};
 
@@ -79,15 +79,33 @@ pub fn status(s: &Status) -> Value {
         "ports": s.ports.iter().map(port_status).collect::<Vec<_>>(),
         "active_grants": s.active_grants,
         "policy_revision": s.policy_revision,
+        "healthy": s.healthy,
+        "xdp": s.xdp.as_ref().map(layer),
+        "nftables": s.nftables.as_ref().map(layer),
     })
 }
 
 fn interface(i: &InterfaceStatus) -> Value {
     json!({
         "name": i.name,
+        "kind": i.kind,
         "mode": enforcement_mode(i.mode),
         "reason": i.reason,
+        "problem": i.problem,
+        "last_repair": i.last_repair.as_ref().map(repair),
     })
+}
+
+fn layer(l: &LayerHealth) -> Value {
+    json!({
+        "active": l.active,
+        "problem": l.problem,
+        "last_repair": l.last_repair.as_ref().map(repair),
+    })
+}
+
+fn repair(r: &Repair) -> Value {
+    json!({ "at": timestamp(r.at.as_ref()), "what": r.what })
 }
 
 fn port_status(p: &PortStatus) -> Value {
@@ -134,6 +152,7 @@ fn grant(g: &Grant) -> Value {
         "created_at": timestamp(g.created_at.as_ref()),
         "expires_at": timestamp(g.expires_at.as_ref()),
         "ended_at": timestamp(g.ended_at.as_ref()),
+        "remaining": duration(g.remaining.as_ref()),
     })
 }
 
@@ -239,6 +258,10 @@ mod tests {
             }),
             state: GrantState::Active as i32,
             ended_at: None,
+            remaining: Some(prost_types::Duration {
+                seconds: 90,
+                nanos: 0,
+            }),
         };
         assert_eq!(
             grant(&g),
@@ -256,6 +279,7 @@ mod tests {
                 "created_at": "2030-03-17T17:46:40Z",
                 "expires_at": "2030-03-17T20:46:40.500Z",
                 "ended_at": null,
+                "remaining": "1m 30s",
             })
         );
     }
@@ -271,6 +295,9 @@ mod tests {
                 name: "eth0".into(),
                 mode: EnforcementMode::XdpGeneric as i32,
                 reason: "driver has no native XDP".into(),
+                kind: "veth".into(),
+                problem: "no XDP program runs on it".into(),
+                last_repair: None,
             }],
             ports: vec![PortStatus {
                 port: 22,
@@ -282,8 +309,22 @@ mod tests {
             }],
             active_grants: 2,
             policy_revision: 4,
+            xdp: Some(LayerHealth {
+                active: true,
+                problem: String::new(),
+                last_repair: Some(Repair {
+                    at: at(60),
+                    what: "XDP: pins missing".into(),
+                }),
+            }),
+            nftables: None,
+            healthy: false,
         };
         let v = status(&s);
+        assert_eq!(v["healthy"], false);
+        assert_eq!(v["interfaces"][0]["problem"], "no XDP program runs on it");
+        assert_eq!(v["xdp"]["last_repair"]["what"], "XDP: pins missing");
+        assert_eq!(v["xdp"]["last_repair"]["at"], "1970-01-01T00:01:00Z");
         assert_eq!(v["started_at"], "1970-01-01T00:00:00Z");
         assert_eq!(v["interfaces"][0]["mode"], "xdp-generic");
         assert_eq!(

@@ -107,10 +107,6 @@ fn port(port: u32, protocol: i32) -> String {
     format!("{port}/{}", convert::protocol(protocol))
 }
 
-fn yes_no(flag: bool) -> &'static str {
-    if flag { "yes" } else { "no" }
-}
-
 fn plural(n: usize, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
 }
@@ -138,6 +134,27 @@ fn grants_table(grants: &[Grant]) -> Table {
         ]);
     }
     table
+}
+
+/// A layer's state in one line: inactive, or its health.
+fn layer(layer: Option<&jit_gate_agent::proto::LayerHealth>) -> String {
+    match layer {
+        Some(l) if l.active => health(&l.problem, l.last_repair.as_ref()),
+        _ => "not active".into(),
+    }
+}
+
+/// "ok", or what is wrong; with the last repair, if any.
+fn health(problem: &str, last_repair: Option<&jit_gate_agent::proto::Repair>) -> String {
+    let now = if problem.is_empty() {
+        "ok".to_owned()
+    } else {
+        format!("DEGRADED: {problem}")
+    };
+    match last_repair {
+        Some(r) => format!("{now} (repaired {}: {})", time(r.at.as_ref()), r.what),
+        None => now,
+    }
 }
 
 impl Render for Status {
@@ -170,22 +187,28 @@ impl Render for Status {
             "version:          {}\n\
              started:          {}\n\
              configured mode:  {}\n\
-             nftables active:  {}\n\
+             health:           {}\n\
+             XDP:              {}\n\
+             nftables:         {}\n\
              active grants:    {}\n\
              policy revision:  {}\n",
             self.version,
             time(self.started_at.as_ref()),
             self.configured_mode,
-            yes_no(self.nftables_active),
+            if self.healthy { "ok" } else { "DEGRADED" },
+            layer(self.xdp.as_ref()),
+            layer(self.nftables.as_ref()),
             self.active_grants,
             self.policy_revision
         );
-        let mut interfaces = table(&["INTERFACE", "ENFORCEMENT", "REASON"]);
+        let mut interfaces = table(&["INTERFACE", "KIND", "ENFORCEMENT", "REASON", "HEALTH"]);
         for i in &self.interfaces {
             interfaces.add_row(vec![
                 i.name.clone(),
+                i.kind.clone(),
                 convert::enforcement_mode(i.mode),
                 i.reason.clone(),
+                health(&i.problem, i.last_repair.as_ref()),
             ]);
         }
         let mut ports = table(&[

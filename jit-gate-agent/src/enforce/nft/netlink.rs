@@ -127,6 +127,11 @@ impl Batch {
         self.what.is_empty()
     }
 
+    /// The messages pushed so far (after the batch begin).
+    pub(super) fn messages(&self) -> impl Iterator<Item = Received<'_>> {
+        Messages(&self.buf).skip(1)
+    }
+
     fn finish(mut self) -> (Vec<u8>, Vec<String>) {
         append(&mut self.buf, &BatchEnd, self.what.len() as u32 + 1);
         (self.buf, self.what)
@@ -382,7 +387,7 @@ impl Received<'_> {
         self.0.as_ptr().cast()
     }
 
-    fn msg_type(&self) -> c_int {
+    pub(super) fn msg_type(&self) -> c_int {
         c_int::from(u16::from_ne_bytes([self.0[4], self.0[5]]))
     }
 

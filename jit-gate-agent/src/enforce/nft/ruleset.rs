@@ -47,7 +47,7 @@ use super::{
 
 const INPUT_CHAIN: &CStr = c"input";
 const GATE_CHAIN: &CStr = c"gate";
-const ALLOW_CHAIN: &CStr = c"allow";
+pub(super) const ALLOW_CHAIN: &CStr = c"allow";
 
 /// `filter - 10`: after conntrack (-200), so `ct state` is known, and ahead
 /// of the usual filter chains at 0. Order is not what makes the gate hold:

@@ -105,6 +105,20 @@ impl Set {
         })
     }
 
+    /// The definition of a set read back: key type, key length, flags.
+    pub(super) fn definition(&self) -> String {
+        let get = |attr: u32| {
+            // SAFETY: a valid set; an absent attribute reads as 0.
+            unsafe { sys::nftnl_set_get_u32(self.ptr(), attr as u16) }
+        };
+        format!(
+            "type {:#x} length {} flags {:#x}",
+            get(sys::NFTNL_SET_KEY_TYPE),
+            get(sys::NFTNL_SET_KEY_LEN),
+            get(sys::NFTNL_SET_FLAGS)
+        )
+    }
+
     /// Adds an element with `key`, expiring after `timeout_ms` if given.
     pub(super) fn add_element(&mut self, key: &[u8], timeout_ms: Option<u64>) {
         // SAFETY: allocation only; null (out of memory) is checked.
