@@ -296,8 +296,8 @@ pub enum Coverage {
     NotListed,
     /// An entry of `exclude_interfaces` matches it.
     Excluded,
-    /// Loopback, matched by a pattern only: it carries this host's own
-    /// traffic, which is inside the gate already. Naming it puts it under XDP.
+    /// Loopback, not named: it carries this host's own traffic, which is
+    /// inside the gate already. Naming it puts it under XDP.
     Loopback,
 }
 
@@ -322,10 +322,12 @@ impl Config {
         {
             return Coverage::Covered;
         }
-        match include.iter().any(|p| p.matches(name)) {
-            false => Coverage::NotListed,
-            true if loopback => Coverage::Loopback,
-            true => Coverage::Covered,
+        if loopback {
+            Coverage::Loopback
+        } else if include.iter().any(|p| p.matches(name)) {
+            Coverage::Covered
+        } else {
+            Coverage::NotListed
         }
     }
 }

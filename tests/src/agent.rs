@@ -162,8 +162,14 @@ impl AgentFiles {
     /// (top-level keys first, then tables; `[api]` keys as dotted keys,
     /// `api.socket_group = ...`).
     pub fn write_config(&self, interfaces: &[&str], extra: &str) {
+        // A test may choose its own interval in `extra`; 1 s otherwise.
+        let reconcile = if extra.contains("reconcile_interval") {
+            ""
+        } else {
+            "reconcile_interval = \"1s\"\n"
+        };
         let text = format!(
-            "interfaces = {interfaces:?}\ndatabase = {:?}\npin_dir = {:?}\nreconcile_interval = \"1s\"\napi.unix_socket = {:?}\n{extra}\n",
+            "interfaces = {interfaces:?}\ndatabase = {:?}\npin_dir = {:?}\n{reconcile}api.unix_socket = {:?}\n{extra}\n",
             self.database(),
             self.pins.path,
             self.socket(),

@@ -273,12 +273,7 @@ pub fn status_report(report: &StatusReport) -> proto::Status {
         policy_revision: report.policy_revision,
         xdp: Some(layer(report.xdp_active, &enforcement.xdp)),
         nftables: Some(layer(report.nftables_active, &enforcement.nftables)),
-        healthy: enforcement.xdp.problem.is_none()
-            && enforcement.nftables.problem.is_none()
-            && enforcement
-                .interfaces
-                .iter()
-                .all(|i| i.problem.is_none() && i.mode != InterfaceMode::Uncovered),
+        healthy: enforcement.healthy(),
     }
 }
 

@@ -49,6 +49,15 @@ pub struct EnforcementStatus {
     pub nftables: LayerHealth,
 }
 
+impl EnforcementStatus {
+    /// Nothing wrong in any layer, and no path into the host ungated.
+    pub fn healthy(&self) -> bool {
+        self.xdp.problem.is_none()
+            && self.nftables.problem.is_none()
+            && self.interfaces.iter().all(InterfaceStatus::is_sound)
+    }
+}
+
 /// nftables keeps timeouts in milliseconds and counts them down on its own
 /// clock (jiffies, which stand still during suspend): an element may time
 /// out this much later than its grant's deadline before it is rewritten...

@@ -33,6 +33,14 @@ impl InterfaceMode {
     }
 }
 
+impl InterfaceStatus {
+    /// Whether it is a path into the host that nothing gates, or one where
+    /// the gate is not what it should be.
+    pub fn is_sound(&self) -> bool {
+        self.problem.is_none() && (self.mode != InterfaceMode::Uncovered || self.loopback)
+    }
+}
+
 /// A repair and when it was made.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Repair {
@@ -45,6 +53,9 @@ pub struct InterfaceStatus {
     pub name: String,
     /// The driver kind (`veth`, `vxlan`, …), if any.
     pub kind: String,
+    /// Loopback carries only this host's own traffic: not covered by
+    /// default, and no path around the gate.
+    pub loopback: bool,
     pub mode: InterfaceMode,
     /// Why the mode is not XDP; empty otherwise.
     pub reason: String,
@@ -176,6 +187,7 @@ fn status(link: &Link, mode: InterfaceMode, reason: String) -> InterfaceStatus {
     InterfaceStatus {
         name: link.name.clone(),
         kind: link.kind.clone().unwrap_or_default(),
+        loopback: link.loopback,
         mode,
         reason,
         problem: None,

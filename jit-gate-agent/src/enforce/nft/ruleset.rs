@@ -275,6 +275,9 @@ impl Expression for Lookup {
         // SAFETY: a valid lookup expression; libnftnl copies the name.
         unsafe {
             sys::nftnl_expr_set_u32(expr.as_ptr(), sys::NFTNL_EXPR_LOOKUP_SREG as u16, KEY_START);
+            // The kernel reports the flags whether set or not: set them, so
+            // the rule reads back as written (`structure`).
+            sys::nftnl_expr_set_u32(expr.as_ptr(), sys::NFTNL_EXPR_LOOKUP_FLAGS as u16, 0);
             sys::nftnl_expr_set_str(
                 expr.as_ptr(),
                 sys::NFTNL_EXPR_LOOKUP_SET as u16,

@@ -132,15 +132,58 @@ impl Structure {
                 want.sort();
             }
             if have != want {
-                out.push(format!(
-                    "chain {chain} holds {} rules, not the gate's {}",
-                    have.len(),
-                    want.len()
-                ));
+                let missing: Vec<&String> = want.iter().filter(|r| !have.contains(r)).collect();
+                let extra: Vec<&String> = have.iter().filter(|r| !want.contains(r)).collect();
+                out.push(match (missing.is_empty(), extra.is_empty()) {
+                    (true, true) => format!("chain {chain} holds the gate's rules out of order"),
+                    _ => format!(
+                        "chain {chain} lacks {} of the gate's rules{} and holds {} others{}",
+                        missing.len(),
+                        listed(&missing),
+                        extra.len(),
+                        listed(&extra)
+                    ),
+                });
             }
         }
         out
     }
+}
+
+/// ` [a | b]`, or nothing for no rules.
+fn listed(rules: &[&String]) -> String {
+    if rules.is_empty() {
+        String::new()
+    } else {
+        let texts: Vec<&str> = rules.iter().map(|r| r.as_str()).collect();
+        format!(" [{}]", texts.join(" | "))
+    }
+}
+
+/// Register numbers as the kernel reports them: the 4-byte registers
+/// that start a 16-byte one (`NFT_REG32_00`, 04, 08, 12) read back as
+/// that register (`NFT_REG_1` to 4), the others as written.
+fn kernel_register(reg: u32) -> u32 {
+    match reg {
+        8..=23 if (reg - 8).is_multiple_of(4) => 1 + (reg - 8) / 4,
+        _ => reg,
+    }
+}
+
+/// `text` with every `reg N` written as the kernel reports it.
+fn normalise_registers(text: &str) -> String {
+    let mut out = Vec::new();
+    let mut words = text.split(' ').peekable();
+    while let Some(word) = words.next() {
+        out.push(word.to_owned());
+        if word == "reg"
+            && let Some(n) = words.peek().and_then(|n| n.parse::<u32>().ok())
+        {
+            out.push(kernel_register(n).to_string());
+            words.next();
+        }
+    }
+    out.join(" ")
 }
 
 fn compare_named(
@@ -319,7 +362,7 @@ fn rule_text(rule: &Object<sys::nftnl_rule>) -> (String, String) {
         }
         sys::nftnl_expr_iter_destroy(iter);
     }
-    (chain, parts.join(" ; "))
+    (chain, normalise_registers(&parts.join(" ; ")))
 }
 
 #[derive(Clone, Copy)]
@@ -381,5 +424,51 @@ unsafe impl Message for Request<'_> {
                 Get::Sets => Set::any_of(name).list_request().write(buf, seq),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registers_read_back_as_the_kernel_reports_them() {
+        assert_eq!(
+            normalise_registers("lookup reg 8 set protected ; load => reg 9 ; cmp reg 12 x"),
+            "lookup reg 1 set protected ; load => reg 9 ; cmp reg 2 x"
+        );
+        assert_eq!(
+            normalise_registers("immediate reg 0 accept"),
+            "immediate reg 0 accept"
+        );
+    }
+
+    #[test]
+    fn differences_name_what_is_missing() {
+        let mut wanted = Structure {
+            table_flags: Some(0),
+            ..Structure::default()
+        };
+        wanted.chains.insert("gate".into(), String::new());
+        wanted
+            .rules
+            .insert("gate".into(), vec!["accept".into(), "drop".into()]);
+        assert!(wanted.differences(&wanted).is_empty());
+        let mut flushed = wanted.clone();
+        flushed.rules.insert("gate".into(), Vec::new());
+        flushed.table_flags = Some(1);
+        flushed.chains.insert("evil".into(), String::new());
+        let found = flushed.differences(&wanted).join("; ");
+        for needle in [
+            "table flags are 0x1",
+            "chain evil is not the gate's",
+            "lacks 2 of the gate's rules [accept | drop]",
+        ] {
+            assert!(found.contains(needle), "{found}");
+        }
+        assert_eq!(
+            Structure::default().differences(&wanted),
+            ["the table is missing"]
+        );
     }
 }
