@@ -16,7 +16,7 @@ use jit_gate_agent::{config::Mode, proto};
 use jit_gate_tests::{
     agent::{AgentHost, Api, Events},
     env::PinDir,
-    netns::{CLIENT_V4, CLIENT_V4_OUTSIDE, GATED_V4},
+    netns::{CLIENT_V4, CLIENT_V4_OUTSIDE, GATED_V4, nsenter},
     traffic::{TcpEcho, expect_access},
 };
 
@@ -158,10 +158,13 @@ async fn xdp_pins_removed_links_detached_and_foreign_programs_are_repaired() {
     let at = Instant::now();
     let out = run("bpftool", &["link", "detach", "id", &link_id(&link_pin)]);
     assert!(out.status.success(), "bpftool link detach: {out:?}");
-    let program = foreign.path.join("program").display().to_string();
-    host.topo
-        .gated
-        .exec_ip(&["link", "set", "dev", &ifname, "xdp", "pinned", &program]);
+    // Through nsenter: `ip -n` remounts /sys, hiding bpffs.
+    let out = nsenter(&host.topo.gated.name, "ip")
+        .args(["link", "set", "dev", &ifname, "xdp", "pinned"])
+        .arg(foreign.path.join("program"))
+        .output()
+        .expect("run ip");
+    assert!(out.status.success(), "attaching a foreign program: {out:?}");
     repaired(
         &mut events,
         "foreign program attached",
