@@ -109,6 +109,9 @@ pub struct NftGate {
     /// The netlink socket of the last successful call, reused: closing a
     /// netfilter socket waits for an RCU grace period (10-20 ms here).
     socket: Mutex<Option<Socket>>,
+    /// The structure `install` creates, for the allow sets it was built
+    /// for: building it takes a while, and it rarely changes.
+    wanted: Mutex<Option<(Vec<AllowSet>, structure::Structure)>>,
 }
 
 impl Clone for NftGate {
@@ -160,6 +163,7 @@ impl NftGate {
         NftGate {
             table: table.into(),
             socket: Mutex::new(None),
+            wanted: Mutex::new(None),
         }
     }
 
@@ -335,8 +339,14 @@ impl NftGate {
         let (table, mut socket) = self.open()?;
         let result = structure::Structure::read(&table, &mut socket);
         let have = socket.done(result)?;
-        let wanted = structure::wanted(&table, have.allow_sets());
-        let differences = have.differences(&wanted);
+        let allow_sets: Vec<AllowSet> = have.allow_sets().collect();
+        let mut cached = self.wanted.lock().unwrap_or_else(|e| e.into_inner());
+        if cached.as_ref().is_none_or(|(sets, _)| *sets != allow_sets) {
+            let wanted = structure::wanted(&table, allow_sets.iter().copied());
+            *cached = Some((allow_sets, wanted));
+        }
+        let (_, wanted) = cached.as_ref().expect("just filled");
+        let differences = have.differences(wanted);
         Ok((!differences.is_empty()).then(|| differences.join("; ")))
     }
 

@@ -248,9 +248,7 @@ impl Enforcers {
                 ));
             }
         }
-        if self.mode.uses_xdp() {
-            repairs.extend(self.scan_interfaces()?);
-        }
+        repairs.extend(self.scan_interfaces()?);
         self.xdp_health.repaired(&repairs);
         let xdp_repairs = repairs.len();
         if self.nft.is_none() && self.nft_needed() {

@@ -98,16 +98,27 @@ impl Interfaces {
                 Some(gate) if config.mode.uses_xdp() => {
                     gate_link(config, gate, link, previous.as_ref(), &mut scan)
                 }
-                _ => {
-                    let reason = match xdp_unavailable {
-                        Some(why) if config.mode.uses_xdp() => format!("XDP unavailable: {why}"),
-                        _ => "configured mode is nftables".to_owned(),
-                    };
-                    if config.coverage(&link.name, link.loopback) == Coverage::Covered {
+                _ if !config.mode.uses_xdp() => status(
+                    link,
+                    InterfaceMode::NftablesOnly,
+                    "configured mode is nftables".into(),
+                ),
+                _ => match config.coverage(&link.name, link.loopback) {
+                    Coverage::Covered => {
                         scan.needs_nftables = true;
+                        let why = xdp_unavailable.unwrap_or_default();
+                        status(
+                            link,
+                            InterfaceMode::NftablesOnly,
+                            format!("XDP unavailable: {why}"),
+                        )
                     }
-                    status(link, InterfaceMode::NftablesOnly, reason)
-                }
+                    other => status(
+                        link,
+                        InterfaceMode::Uncovered,
+                        uncovered_reason(other).into(),
+                    ),
+                },
             };
             if previous.as_ref().is_none_or(|p| p.mode != status.mode) {
                 announce(&status);
@@ -250,11 +261,7 @@ fn gate_link(
             {
                 tracing::warn!("detaching from {name}: {e}");
             }
-            return uncovered(match other {
-                Coverage::Excluded => "excluded by `exclude_interfaces`",
-                Coverage::NotListed => "not in `interfaces`",
-                _ => "loopback: carries only this host's own traffic",
-            });
+            return uncovered(uncovered_reason(other));
         }
     }
     if !link.ethernet {
@@ -321,6 +328,15 @@ fn gate_link(
     InterfaceStatus {
         last_repair,
         ..xdp_status(link, mode)
+    }
+}
+
+/// Why the configuration leaves an interface out of XDP.
+fn uncovered_reason(coverage: Coverage) -> &'static str {
+    match coverage {
+        Coverage::Excluded => "excluded by `exclude_interfaces`",
+        Coverage::NotListed => "not in `interfaces`",
+        Coverage::Loopback | Coverage::Covered => "loopback: carries only this host's own traffic",
     }
 }
 

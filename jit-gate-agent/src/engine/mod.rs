@@ -331,6 +331,7 @@ impl Engine {
                 // to the grants: keep it under a fixed share of the
                 // engine's time.
                 let took = started.elapsed();
+                tracing::debug!("reconciled in {took:?}");
                 next_reconcile = Instant::now()
                     + self
                         .config
@@ -866,5 +867,96 @@ impl Engine {
         self.witnessed_at = Instant::now();
         self.publish(records);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::{BootWitness, Deadline};
+
+    fn stored(
+        store: &mut Store,
+        source: &str,
+        boot_id: &str,
+        deadline_s: u64,
+        wall_left: Duration,
+    ) -> u64 {
+        let now = now_ms();
+        let grant = Grant {
+            id: 0,
+            request_id: source.into(),
+            target: GrantTarget {
+                source: format!("{source}/32").parse().unwrap(),
+                protocol: Protocol::Tcp,
+                port: 22,
+            },
+            requester: "alice".into(),
+            justification: String::new(),
+            ticket: String::new(),
+            principal: "uid:0".into(),
+            created_at: now,
+            granted: Duration::from_secs(600),
+            deadline: Deadline::from_boot_ns(deadline_s * 1_000_000_000),
+            boot_id: boot_id.into(),
+            expires_at: now + wall_left,
+            state: GrantState::Active,
+            ended_at: None,
+        };
+        let mut batch = store.batch().unwrap();
+        let id = batch.insert_grant(&grant, "fp").unwrap();
+        batch.commit().unwrap();
+        id
+    }
+
+    #[test]
+    fn grants_of_an_earlier_boot_are_carried_over_never_lengthened() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("agent.db")).unwrap();
+        let boot_id = crate::clock::boot_id().unwrap();
+        let minute = Duration::from_secs(60);
+        // The old boot's clock was last seen at 70 s.
+        let mut batch = store.batch().unwrap();
+        let witness = BootWitness {
+            boot_id: "earlier".into(),
+            boot_ns: 70_000_000_000,
+        };
+        batch
+            .set_meta(BOOT_WITNESS_KEY, &serde_json::to_string(&witness).unwrap())
+            .unwrap();
+        batch.commit().unwrap();
+        // 30 s were left on the old clock; the wall clock (stepped back
+        // while down) claims 20 minutes.
+        let carried = stored(&mut store, "192.0.2.1", "earlier", 100, 20 * minute);
+        // Past on the old clock already.
+        let gone = stored(&mut store, "192.0.2.2", "earlier", 50, 20 * minute);
+        // This boot's: kept as it is.
+        let deadline_here = Deadline::after(minute).boot_ns() / 1_000_000_000 + 1;
+        let here = stored(&mut store, "192.0.2.3", &boot_id, deadline_here, minute);
+        // Unknown boot (older database): at most what the wall clock says.
+        let legacy = stored(&mut store, "192.0.2.4", "", 0, Duration::from_secs(40));
+
+        let restored = restore_grants(&store, &boot_id).unwrap();
+        let live: BTreeSet<u64> = restored.live.iter().map(|g| g.id).collect();
+        assert_eq!(live, BTreeSet::from([carried, here, legacy]));
+        assert_eq!(
+            restored.ended.iter().map(|g| g.id).collect::<Vec<_>>(),
+            [gone]
+        );
+        let left = |id| {
+            restored
+                .live
+                .iter()
+                .find(|g| g.id == id)
+                .unwrap()
+                .deadline
+                .remaining()
+        };
+        assert!(
+            left(carried) <= Duration::from_secs(30) && left(carried) > Duration::from_secs(29)
+        );
+        assert!(left(legacy) <= Duration::from_secs(40) && left(legacy) > Duration::from_secs(39));
+        assert!(restored.live.iter().all(|g| g.boot_id == boot_id));
+        assert_eq!(restored.carried.len(), 3, "carried, gone and legacy");
     }
 }

@@ -152,7 +152,10 @@ fn grant(g: &Grant) -> Value {
         "created_at": timestamp(g.created_at.as_ref()),
         "expires_at": timestamp(g.expires_at.as_ref()),
         "ended_at": timestamp(g.ended_at.as_ref()),
-        "remaining": duration(g.remaining.as_ref()),
+        "remaining": g.remaining.as_ref().map(|d| duration_text(&prost_types::Duration {
+            seconds: d.seconds,
+            nanos: 0,
+        })),
     })
 }
 
