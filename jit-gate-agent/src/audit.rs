@@ -64,7 +64,7 @@ impl Event {
             principal: principal.to_owned(),
             grant_id,
             message: message.into(),
-            details: serde_json::Value::Object(Default::default()),
+            details: serde_json::Value::Object(serde_json::Map::default()),
         }
     }
 

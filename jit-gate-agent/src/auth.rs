@@ -1,5 +1,5 @@
 //! Who is calling and what they may do. On the Unix socket the principal is
-//! the peer's uid, read from the socket (SO_PEERCRED), never from the
+//! the peer's uid, read from the socket (`SO_PEERCRED`), never from the
 //! request: root is `admin`, other uids only as configured.
 
 use serde::Deserialize;

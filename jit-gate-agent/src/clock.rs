@@ -19,7 +19,7 @@ pub fn boot_now_ns() -> u64 {
         tv_nsec: 0,
     };
     // SAFETY: `ts` is a valid, writable timespec; CLOCK_BOOTTIME always exists on Linux.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &raw mut ts) };
     assert_eq!(rc, 0, "clock_gettime(CLOCK_BOOTTIME) failed");
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
@@ -176,7 +176,7 @@ mod tests {
 
     #[test]
     fn future_instants_map_that_far_ahead_of_boot_now() {
-        let boot = wall_to_boot_ns(SystemTime::now() + Duration::from_secs(3600));
+        let boot = wall_to_boot_ns(SystemTime::now() + Duration::from_hours(1));
         let ahead = boot - boot_now_ns();
         assert!(
             ahead > 3_599_000_000_000 && ahead <= 3_600_000_000_000,
@@ -186,7 +186,7 @@ mod tests {
 
     #[test]
     fn boot_to_wall_inverts_wall_to_boot() {
-        let at = SystemTime::now() + Duration::from_secs(60);
+        let at = SystemTime::now() + Duration::from_mins(1);
         let back = boot_to_wall(wall_to_boot_ns(at));
         let diff = match back.duration_since(at) {
             Ok(d) => d,
@@ -197,9 +197,9 @@ mod tests {
 
     #[test]
     fn deadlines_count_down_on_the_boot_clock() {
-        let deadline = Deadline::after(Duration::from_secs(60));
+        let deadline = Deadline::after(Duration::from_mins(1));
         let left = deadline.remaining();
-        assert!(left <= Duration::from_secs(60) && left > Duration::from_secs(59));
+        assert!(left <= Duration::from_mins(1) && left > Duration::from_secs(59));
         assert!(!deadline.has_passed());
         assert!(Deadline::from_boot_ns(1).has_passed());
         assert_eq!(Deadline::from_boot_ns(1).remaining(), Duration::ZERO);
@@ -207,11 +207,11 @@ mod tests {
 
     #[test]
     fn display_keeps_the_recorded_instant_unless_the_wall_clock_moved() {
-        let deadline = Deadline::after(Duration::from_secs(60));
+        let deadline = Deadline::after(Duration::from_mins(1));
         let recorded = deadline.to_wall() + Duration::from_millis(3);
         assert_eq!(deadline.to_wall_near(recorded), recorded);
         // As if the wall clock had been stepped back an hour since.
-        let stepped = recorded + Duration::from_secs(3600);
+        let stepped = recorded + Duration::from_hours(1);
         let shown = deadline.to_wall_near(stepped);
         assert!(shown < recorded + Duration::from_millis(20), "{shown:?}");
     }
@@ -219,7 +219,7 @@ mod tests {
     #[test]
     fn a_reboot_never_lengthens_a_grant() {
         let wall_now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let minute = Duration::from_secs(60);
+        let minute = Duration::from_mins(1);
         let earlier = EarlierBoot {
             deadline: Deadline::from_boot_ns(100 * 1_000_000_000),
             granted: 10 * minute,

@@ -214,8 +214,7 @@ impl Config {
                 }
             }
         }
-        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&self.reconcile_interval)
-        {
+        if !(Duration::from_secs(1)..=Duration::from_hours(1)).contains(&self.reconcile_interval) {
             return field("reconcile_interval", "must be between 1s and 1h".into());
         }
         let table_ok = !self.nft_table.is_empty()
@@ -399,7 +398,7 @@ mod tests {
         )
         .unwrap();
         let rules = config.policy.unwrap();
-        assert_eq!(rules[0].max_duration, Duration::from_secs(3600));
+        assert_eq!(rules[0].max_duration, Duration::from_hours(1));
         assert_eq!(rules[1].max_duration, crate::policy::DEFAULT_MAX_DURATION);
         assert!(rules[1].require_ticket);
         assert_eq!(config.api.principals[0].role, Role::Broker);

@@ -298,7 +298,7 @@ mod tests {
         strict.allowed_sources = vec!["198.51.100.0/24".parse().unwrap()];
         strict.require_justification = true;
         strict.require_ticket = true;
-        strict.max_duration = Duration::from_secs(600);
+        strict.max_duration = Duration::from_mins(10);
         Policy {
             rules: vec![
                 PortRule::open(22, RuleProtocol::Tcp),
@@ -349,7 +349,7 @@ mod tests {
                 "2001:db8::/64 -> 500/udp"
             ]
         );
-        assert!(specs.iter().all(|s| s.duration == Duration::from_secs(300)));
+        assert!(specs.iter().all(|s| s.duration == Duration::from_mins(5)));
     }
 
     #[test]
@@ -482,14 +482,14 @@ mod tests {
             assert!(r.message.contains(needle), "{lifetime:?} → {r}");
         }
         let now = SystemTime::now();
-        let end = now + Duration::from_secs(120);
+        let end = now + Duration::from_mins(2);
         let secs = end.duration_since(UNIX_EPOCH).unwrap();
         req.lifetime = Lifetime::Until {
             seconds: secs.as_secs() as i64,
             nanos: secs.subsec_nanos() as i32,
         };
         let specs = req.validate(&policy(), now).unwrap();
-        assert_eq!(specs[0].duration, Duration::from_secs(120));
+        assert_eq!(specs[0].duration, Duration::from_mins(2));
     }
 
     #[test]

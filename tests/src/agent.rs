@@ -189,13 +189,12 @@ impl AgentFiles {
         let pid = child.id() as i32;
         let (done, outcome) = mpsc::channel();
         std::thread::spawn(move || done.send(child.wait_with_output()));
-        match outcome.recv_timeout(START_TIMEOUT) {
-            Ok(output) => output.expect("wait for jit-gate-agent"),
-            Err(_) => {
-                // SAFETY: kill on the pid of our own child, not yet reaped.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-                panic!("jit-gate-agent {args:?} still running after {START_TIMEOUT:?}");
-            }
+        if let Ok(output) = outcome.recv_timeout(START_TIMEOUT) {
+            output.expect("wait for jit-gate-agent")
+        } else {
+            // SAFETY: kill on the pid of our own child, not yet reaped.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("jit-gate-agent {args:?} still running after {START_TIMEOUT:?}");
         }
     }
 
@@ -443,7 +442,7 @@ pub async fn policy(api: &mut JitGateClient<Channel>) -> proto::Policy {
         .into_inner()
 }
 
-/// Replays the audit log from the start (after_sequence = 0), following it
+/// Replays the audit log from the start (`after_sequence` = 0), following it
 /// live, until `done` holds for the events of `kinds` received so far;
 /// panics if that takes longer than `EVENT_TIMEOUT`.
 pub async fn events_until(
@@ -465,7 +464,7 @@ pub async fn events_until(
         match tokio::time::timeout_at(deadline, stream.message()).await {
             Ok(Ok(Some(event))) => events.push(event),
             Ok(other) => panic!("event stream ended: {other:?}; got {events:#?}"),
-            Err(_) => panic!("timed out waiting for events; got {events:#?}"),
+            Err(elapsed) => panic!("waiting for events: {elapsed}; got {events:#?}"),
         }
     }
     events
@@ -600,7 +599,7 @@ impl Api {
 /// How long an event stream must stay silent to count as drained.
 const QUIET: Duration = Duration::from_millis(500);
 
-/// A WatchEvents stream.
+/// A `WatchEvents` stream.
 pub struct Events(tonic::Streaming<proto::Event>);
 
 impl Events {
@@ -690,11 +689,11 @@ impl PinnedGrants {
             port,
         };
         let mut out = BTreeMap::new();
-        for item in self.exact_v4.iter() {
+        for item in &self.exact_v4 {
             let (k, v) = item.expect(names::GRANTS_V4);
             out.insert(target(IpAddr::from(k.addr).into(), k.protocol, k.port), v);
         }
-        for item in self.exact_v6.iter() {
+        for item in &self.exact_v6 {
             let (k, v) = item.expect(names::GRANTS_V6);
             out.insert(target(IpAddr::from(k.addr).into(), k.protocol, k.port), v);
         }
@@ -704,12 +703,12 @@ impl PinnedGrants {
             let port = u16::from_be_bytes([key[1], key[2]]);
             target(IpNet::new(addr, len).expect("prefix length"), key[0], port)
         };
-        for item in self.cidr_v4.iter() {
+        for item in &self.cidr_v4 {
             let (k, v) = item.expect(names::CIDR_GRANTS_V4);
             let addr: [u8; 4] = k.data()[3..].try_into().expect("IPv4 address");
             out.insert(cidr(&k.data(), k.prefix_len(), addr.into()), v);
         }
-        for item in self.cidr_v6.iter() {
+        for item in &self.cidr_v6 {
             let (k, v) = item.expect(names::CIDR_GRANTS_V6);
             let addr: [u8; 16] = k.data()[3..].try_into().expect("IPv6 address");
             out.insert(cidr(&k.data(), k.prefix_len(), addr.into()), v);
@@ -814,7 +813,7 @@ impl AgentHost {
     /// these tests never nest prefixes on one port, so an entry carries its
     /// own grants' expiry only.
     pub fn assert_enforces(&self, grants: &[proto::Grant], step: &str) {
-        report(step, grants, self.mismatches(grants));
+        report(step, grants, &self.mismatches(grants));
     }
 
     /// `assert_enforces` with the active grants the agent lists, listed
@@ -825,7 +824,7 @@ impl AgentHost {
             let before = api.grants(false).await;
             let problems = self.mismatches(&before);
             if without_remaining(api.grants(false).await) == without_remaining(before.clone()) {
-                return report(step, &before, problems);
+                return report(step, &before, &problems);
             }
         }
         panic!("{step}: the active grants kept changing");
@@ -851,7 +850,8 @@ impl AgentHost {
                         // moment before the agent's timer ends the grant.
                         None if read_at >= *expires => {}
                         None => {
-                            problems.push(format!("nftables: no element for {target} (grant {id})"))
+                            problems
+                                .push(format!("nftables: no element for {target} (grant {id})"));
                         }
                         Some(left) => {
                             let want = expires.duration_since(now).unwrap_or_default();
@@ -900,7 +900,7 @@ impl AgentHost {
     }
 }
 
-fn report(step: &str, grants: &[proto::Grant], problems: Vec<String>) {
+fn report(step: &str, grants: &[proto::Grant], problems: &[String]) {
     assert!(
         problems.is_empty(),
         "{step}: the kernel does not enforce the active grants [{}]:\n{}",

@@ -37,7 +37,7 @@ impl FakeClock {
     }
 
     /// The environment that puts a process on this clock: only
-    /// CLOCK_REALTIME (and what derives from it) is offset, and the file is
+    /// `CLOCK_REALTIME` (and what derives from it) is offset, and the file is
     /// read again on every call, so a step applies at once.
     pub fn env(&self) -> Vec<(String, String)> {
         [
@@ -72,7 +72,7 @@ impl FakeClock {
                 tv_nsec: 0,
             };
             // SAFETY: a valid, writable timespec.
-            assert_eq!(unsafe { libc::clock_gettime(clock, &mut ts) }, 0);
+            assert_eq!(unsafe { libc::clock_gettime(clock, &raw mut ts) }, 0);
             i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
         };
         let before = [

@@ -5,6 +5,11 @@
 //! neither later nor earlier, in the XDP layer and in the nftables layer;
 //! the oracle is the kernel: a real TCP connection from the client namespace.
 
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
+
 use std::{
     net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
@@ -100,7 +105,7 @@ async fn wall_clock_steps_do_not_bend_grants(mode: Mode) {
     );
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_remaining(&mut api, first_id, first_latest, "an hour back").await;
-    sleep_until(first_earliest - OPEN_UNTIL).await;
+    sleep_until(first_earliest.checked_sub(OPEN_UNTIL).unwrap()).await;
     expect_access(
         client,
         &format!("{mode:?}: wall clock an hour back, before the first grant's end"),
@@ -130,7 +135,7 @@ async fn wall_clock_steps_do_not_bend_grants(mode: Mode) {
         proto::GrantState::Active as i32,
         "{mode:?}: the forward step ended the grant: {listed:?}"
     );
-    sleep_until(second_earliest - OPEN_UNTIL).await;
+    sleep_until(second_earliest.checked_sub(OPEN_UNTIL).unwrap()).await;
     expect_access(
         client,
         &format!("{mode:?}: wall clock an hour ahead, before the second grant's end"),

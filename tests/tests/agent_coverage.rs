@@ -5,6 +5,11 @@
 //! configuration leaves out is reported as an ungated path. The oracle is
 //! the kernel: real TCP connections from the client namespace.
 
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
+
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     time::{Duration, Instant},

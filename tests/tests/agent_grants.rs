@@ -1,6 +1,11 @@
 //! The agent end to end: a broker's calls over the Unix socket open and
 //! close real TCP access through the kernel, in namespaces.
 
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
+
 use std::{
     net::{IpAddr, SocketAddr},
     time::Duration,

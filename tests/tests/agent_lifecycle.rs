@@ -3,6 +3,11 @@
 //! namespace. After every step the kernel (the nftables table and the
 //! pinned XDP maps) must hold exactly the grants the agent lists as active.
 
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
+
 use std::{
     net::{IpAddr, SocketAddr},
     time::{Duration, SystemTime},
@@ -46,7 +51,7 @@ fn host() -> AgentHost {
 /// agent's promise: kernel entries gone within 1 s of expiry).
 async fn sleep_past(at: SystemTime) {
     let left = at.duration_since(SystemTime::now()).unwrap_or_default();
-    tokio::time::sleep(left + Duration::from_millis(1000)).await;
+    tokio::time::sleep(left + Duration::from_secs(1)).await;
 }
 
 async fn assert_state(api: &mut Api, grant: &proto::Grant, state: proto::GrantState) {

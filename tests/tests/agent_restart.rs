@@ -3,6 +3,11 @@
 //! kernel keeps enforcing while the agent is down; a restarted agent takes
 //! its grants up again without opening or closing anything.
 
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
+
 use std::{
     net::{IpAddr, SocketAddr},
     time::{Duration, SystemTime},

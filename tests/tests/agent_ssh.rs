@@ -3,6 +3,11 @@
 //! new logins are dropped, `revoke --terminate` cuts a live session, the
 //! CLI's JSON, and one command fanned out to several agents.
 
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
+
 use std::time::{Duration, SystemTime};
 
 use jit_gate_tests::{

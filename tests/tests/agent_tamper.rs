@@ -6,6 +6,11 @@
 //! then. The oracle is the kernel: a real TCP connection from the client
 //! namespace, from a granted source and from an ungranted one.
 
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
+
 use std::{
     net::SocketAddr,
     process::Command,
@@ -80,7 +85,7 @@ fn run(program: &str, args: &[&str]) -> std::process::Output {
         .unwrap_or_else(|e| panic!("run {program} (`cargo xtask bootstrap` installs it): {e}"))
 }
 
-/// The id of the bpf_link pinned at `path`.
+/// The id of the `bpf_link` pinned at `path`.
 fn link_id(path: &std::path::Path) -> String {
     let out = run(
         "bpftool",

@@ -39,7 +39,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Runs every step; returns whether anything had to be installed or mounted.
-pub fn run() -> Result<bool> {
+pub(crate) fn run() -> Result<bool> {
     ensure_root()?;
     // Non-short-circuiting `|` so every step runs.
     Ok(debian_packages()? | nightly_rust_src()? | bpf_linker()? | bpffs()?)

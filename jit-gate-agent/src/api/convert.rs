@@ -18,7 +18,7 @@ use crate::{
     request::{AccessRequest, Lifetime, PortAccess, RequestedProtocol},
 };
 
-pub fn status(refusal: Refusal) -> Status {
+pub(super) fn status(refusal: Refusal) -> Status {
     let code = match refusal.kind {
         RefusalKind::InvalidArgument => Code::InvalidArgument,
         RefusalKind::NotFound => Code::NotFound,
@@ -35,7 +35,7 @@ fn invalid(message: String) -> Status {
     Status::invalid_argument(message)
 }
 
-pub fn timestamp(t: SystemTime) -> prost_types::Timestamp {
+pub(super) fn timestamp(t: SystemTime) -> prost_types::Timestamp {
     t.into()
 }
 
@@ -80,21 +80,21 @@ fn access_protocol_from_wire(value: i32) -> RequestedProtocol {
     }
 }
 
-pub fn port(value: u32, field: &str) -> Result<u16, Status> {
+pub(super) fn port(value: u32, field: &str) -> Result<u16, Status> {
     u16::try_from(value)
         .ok()
         .filter(|p| *p != 0)
         .ok_or_else(|| invalid(format!("{field}: port {value} is not in 1..=65535")))
 }
 
-pub fn rule_key(key: &proto::RuleKey) -> Result<(u16, RuleProtocol), Status> {
+pub(super) fn rule_key(key: &proto::RuleKey) -> Result<(u16, RuleProtocol), Status> {
     Ok((
         port(key.port, "remove_rule")?,
         rule_protocol_from_wire(key.protocol, "remove_rule")?,
     ))
 }
 
-pub fn rule_from_wire(rule: &proto::PortRule, field: &str) -> Result<PortRule, Status> {
+pub(super) fn rule_from_wire(rule: &proto::PortRule, field: &str) -> Result<PortRule, Status> {
     let allowed_sources = rule
         .allowed_source_prefixes
         .iter()
@@ -118,7 +118,7 @@ pub fn rule_from_wire(rule: &proto::PortRule, field: &str) -> Result<PortRule, S
     })
 }
 
-pub fn rules_from_wire(policy: &proto::Policy) -> Result<Vec<PortRule>, Status> {
+pub(super) fn rules_from_wire(policy: &proto::Policy) -> Result<Vec<PortRule>, Status> {
     policy
         .rules
         .iter()
@@ -127,7 +127,7 @@ pub fn rules_from_wire(policy: &proto::Policy) -> Result<Vec<PortRule>, Status> 
         .collect()
 }
 
-pub fn policy_to_wire(policy: &Policy) -> proto::Policy {
+pub(super) fn policy_to_wire(policy: &Policy) -> proto::Policy {
     proto::Policy {
         rules: policy
             .rules
@@ -149,7 +149,7 @@ pub fn policy_to_wire(policy: &Policy) -> proto::Policy {
     }
 }
 
-pub fn access_request(request: proto::AccessRequest) -> AccessRequest {
+pub(super) fn access_request(request: proto::AccessRequest) -> AccessRequest {
     let lifetime = match request.lifetime {
         None => Lifetime::Missing,
         Some(proto::access_request::Lifetime::Duration(d)) => Lifetime::For {
@@ -180,7 +180,7 @@ pub fn access_request(request: proto::AccessRequest) -> AccessRequest {
     }
 }
 
-pub fn grant(grant: &Grant) -> proto::Grant {
+pub(super) fn grant(grant: &Grant) -> proto::Grant {
     let state = match grant.state {
         GrantState::Active => proto::GrantState::Active,
         GrantState::Expired => proto::GrantState::Expired,
@@ -205,7 +205,7 @@ pub fn grant(grant: &Grant) -> proto::Grant {
     }
 }
 
-pub fn connection(info: &ConnectionInfo) -> proto::Connection {
+pub(super) fn connection(info: &ConnectionInfo) -> proto::Connection {
     proto::Connection {
         protocol: protocol_to_wire(info.connection.protocol) as i32,
         remote: info.connection.remote.to_string(),
@@ -260,7 +260,7 @@ fn port_status(report: &PortReport) -> proto::PortStatus {
     }
 }
 
-pub fn status_report(report: &StatusReport) -> proto::Status {
+pub(super) fn status_report(report: &StatusReport) -> proto::Status {
     let enforcement = &report.enforcement;
     proto::Status {
         version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -277,7 +277,7 @@ pub fn status_report(report: &StatusReport) -> proto::Status {
     }
 }
 
-pub fn event_kind(kind: Kind) -> proto::EventKind {
+pub(super) fn event_kind(kind: Kind) -> proto::EventKind {
     match kind {
         Kind::GrantCreated => proto::EventKind::GrantCreated,
         Kind::RequestRefused => proto::EventKind::RequestRefused,
@@ -294,7 +294,7 @@ pub fn event_kind(kind: Kind) -> proto::EventKind {
     }
 }
 
-pub fn event(record: &AuditRecord) -> proto::Event {
+pub(super) fn event(record: &AuditRecord) -> proto::Event {
     proto::Event {
         sequence: record.sequence,
         at: Some(timestamp(record.at)),

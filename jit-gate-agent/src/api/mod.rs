@@ -22,7 +22,7 @@ use crate::{
 };
 use convert::status;
 
-/// Most grants one ListGrants returns.
+/// Most grants one `ListGrants` returns.
 const MAX_LIST: u32 = 10_000;
 /// Stored events read per page when replaying to a watcher.
 const REPLAY_PAGE: u32 = 1000;

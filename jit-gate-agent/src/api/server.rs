@@ -1,4 +1,4 @@
-//! Serving the API on the Unix socket: the JitGate service, gRPC health
+//! Serving the API on the Unix socket: the `JitGate` service, gRPC health
 //! and server reflection. The socket lives in a directory only root (and
 //! the configured group) can enter; peer credentials are checked per call.
 

@@ -17,7 +17,7 @@ use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
 use crate::flows::{FlowsError, Operation, netlink};
 
-/// `XDP_FLAGS_SKB_MODE` and `XDP_FLAGS_DRV_MODE` (linux/if_link.h).
+/// `XDP_FLAGS_SKB_MODE` and `XDP_FLAGS_DRV_MODE` (`linux/if_link.h`).
 const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
 const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
 /// The rtnetlink multicast group of link changes (`RTMGRP_LINK`).
@@ -145,7 +145,7 @@ fn kind_name(kind: &InfoKind) -> String {
 
 /// Removes the XDP program attached (without a link) in `slot` of
 /// interface `index`. The kernel refuses to remove a program attached
-/// through a bpf_link, such as the gate's.
+/// through a `bpf_link`, such as the gate's.
 pub fn detach_foreign(index: u32, slot: XdpSlot) -> Result<(), FlowsError> {
     let mut message = LinkMessage::default();
     message.header.index = index;
@@ -179,16 +179,14 @@ pub fn watch(mut changed: impl FnMut() -> bool) -> io::Result<()> {
             continue;
         }
         let announces_a_link = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&datagram)
-            .map(|m| {
+            .map_or(true, |m| {
                 matches!(
                     m.payload,
                     NetlinkPayload::InnerMessage(
                         RouteNetlinkMessage::NewLink(_) | RouteNetlinkMessage::DelLink(_)
                     )
                 )
-            })
-            // A message this crate cannot read still means something changed.
-            .unwrap_or(true);
+            });
         if announces_a_link && !changed() {
             return Ok(());
         }

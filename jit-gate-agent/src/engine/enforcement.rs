@@ -65,7 +65,7 @@ const NFT_LATER_TOLERANCE: Duration = Duration::from_millis(100);
 /// ...and this much earlier (harmless to the gate, but a grant cut short).
 const NFT_EARLIER_TOLERANCE: Duration = Duration::from_secs(2);
 
-pub struct Enforcers {
+pub(super) struct Enforcers {
     /// The configuration (mode, interfaces) enforcement follows.
     config: Config,
     mode: Mode,
@@ -86,7 +86,7 @@ pub struct Enforcers {
 impl Enforcers {
     /// Loads the XDP program (not yet attached) if the mode uses it. A
     /// failure to load is not fatal: nftables takes over, reported.
-    pub fn open(config: &Config) -> Enforcers {
+    pub(super) fn open(config: &Config) -> Enforcers {
         let (mut xdp, xdp_unavailable) = if config.mode.uses_xdp() {
             match XdpGate::open(&config.pin_dir) {
                 Ok(gate) => (Some(gate), None),
@@ -114,24 +114,24 @@ impl Enforcers {
         }
     }
 
-    pub fn xdp(&self) -> Option<&XdpGate> {
+    pub(super) fn xdp(&self) -> Option<&XdpGate> {
         self.xdp.as_ref()
     }
 
-    pub fn xdp_mut(&mut self) -> Option<&mut XdpGate> {
+    pub(super) fn xdp_mut(&mut self) -> Option<&mut XdpGate> {
         self.xdp.as_mut()
     }
 
-    pub fn deny_events(&mut self) -> Option<&mut RingBuf<MapData>> {
+    pub(super) fn deny_events(&mut self) -> Option<&mut RingBuf<MapData>> {
         self.deny_events.as_mut()
     }
 
-    pub fn nftables_active(&self) -> bool {
+    pub(super) fn nftables_active(&self) -> bool {
         self.nft.is_some()
     }
 
     /// Enforcement as last checked and repaired.
-    pub fn status(&self) -> EnforcementStatus {
+    pub(super) fn status(&self) -> EnforcementStatus {
         EnforcementStatus {
             interfaces: self.interfaces.statuses(self.nft.is_some()),
             xdp: self.xdp_health.clone(),
@@ -141,7 +141,7 @@ impl Enforcers {
 
     /// Enforcement as the kernel holds it now: what is missing since the
     /// last check shows at once (the next reconciliation repairs it).
-    pub fn check(&self) -> anyhow::Result<EnforcementStatus> {
+    pub(super) fn check(&self) -> anyhow::Result<EnforcementStatus> {
         let mut status = self.status();
         status.interfaces =
             self.interfaces
@@ -160,7 +160,7 @@ impl Enforcers {
     }
 
     /// Follows a changed configuration (interfaces covered).
-    pub fn set_config(&mut self, config: &Config) {
+    pub(super) fn set_config(&mut self, config: &Config) {
         self.config = config.clone();
     }
 
@@ -168,7 +168,7 @@ impl Enforcers {
     /// does not run, lets go of interfaces gone or no longer covered; where
     /// XDP cannot gate a covered interface, nftables becomes its enforcer.
     /// Returns the repairs (drift found on interfaces the gate held).
-    pub fn scan_interfaces(&mut self) -> anyhow::Result<Vec<String>> {
+    pub(super) fn scan_interfaces(&mut self) -> anyhow::Result<Vec<String>> {
         let scan = self.interfaces.scan(
             &self.config,
             self.xdp.as_mut(),
@@ -184,7 +184,10 @@ impl Enforcers {
     }
 
     /// Makes exactly `protected` protected in every active enforcer.
-    pub fn set_protected(&mut self, protected: &BTreeSet<(Protocol, u16)>) -> anyhow::Result<()> {
+    pub(super) fn set_protected(
+        &mut self,
+        protected: &BTreeSet<(Protocol, u16)>,
+    ) -> anyhow::Result<()> {
         if let Some(xdp) = self.xdp.as_mut() {
             xdp.set_protected_ports(protected)?;
         }
@@ -196,7 +199,7 @@ impl Enforcers {
 
     /// Brings the entries for `targets` (and, in XDP, the narrower prefixes
     /// depending on them) in line with `active`.
-    pub fn apply(
+    pub(super) fn apply(
         &mut self,
         targets: &BTreeSet<GrantTarget>,
         active: &ActiveGrants,
@@ -232,7 +235,7 @@ impl Enforcers {
 
     /// Compares every enforcer with `active` and `protected`, repairs what
     /// differs, and describes each repair (empty: nothing had drifted).
-    pub fn reconcile(
+    pub(super) fn reconcile(
         &mut self,
         active: &ActiveGrants,
         protected: &BTreeSet<(Protocol, u16)>,

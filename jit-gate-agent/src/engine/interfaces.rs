@@ -67,7 +67,7 @@ pub struct InterfaceStatus {
 
 /// What one pass over the interfaces did.
 #[derive(Debug, Default)]
-pub struct Scan {
+pub(super) struct Scan {
     /// Drift found and repaired, one line each.
     pub repairs: Vec<String>,
     /// Some covered interface can only be gated by nftables.
@@ -76,14 +76,14 @@ pub struct Scan {
 
 /// The interfaces as last checked.
 #[derive(Debug, Default)]
-pub struct Interfaces {
+pub(super) struct Interfaces {
     statuses: BTreeMap<String, InterfaceStatus>,
 }
 
 impl Interfaces {
     /// Classifies every interface, attaches XDP where it should run and is
     /// missing, lets go of interfaces that are gone or no longer covered.
-    pub fn scan(
+    pub(super) fn scan(
         &mut self,
         config: &Config,
         mut xdp: Option<&mut XdpGate>,
@@ -142,7 +142,7 @@ impl Interfaces {
 
     /// The statuses as last checked; interfaces XDP leaves alone count as
     /// enforced by nftables if it runs.
-    pub fn statuses(&self, nftables_active: bool) -> Vec<InterfaceStatus> {
+    pub(super) fn statuses(&self, nftables_active: bool) -> Vec<InterfaceStatus> {
         self.statuses
             .values()
             .map(|s| match s.mode {
@@ -157,7 +157,7 @@ impl Interfaces {
 
     /// The statuses with what is wrong right now, read from the kernel
     /// without repairing anything (the next scan repairs).
-    pub fn check(
+    pub(super) fn check(
         &self,
         config: &Config,
         xdp: Option<&XdpGate>,

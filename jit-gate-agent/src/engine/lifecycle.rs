@@ -56,11 +56,10 @@ impl Engine {
                                 Pending::Refused(_) => Vec::new(),
                             })
                         }
-                        None => match batch.request(&request.request_id)? {
-                            Some((seen, grants)) => {
+                        None => {
+                            if let Some((seen, grants)) = batch.request(&request.request_id)? {
                                 replay(&seen, &fingerprint, &request.request_id, || grants)
-                            }
-                            None => {
+                            } else {
                                 let outcome = grant_request(
                                     &mut batch,
                                     &self.policy,
@@ -81,7 +80,7 @@ impl Engine {
                                 }
                                 outcome
                             }
-                        },
+                        }
                     };
                 if let Pending::Refused(refusal) = &outcome {
                     audit_refusal(&mut batch, principal, request, refusal, now)?;
@@ -109,7 +108,7 @@ impl Engine {
                 }
             }
         }
-        self.enforce(touched);
+        self.enforce(&touched);
         self.publish(records);
         for ((_, _, reply), outcome) in requests.into_iter().zip(outcomes) {
             let _ = reply.send(match outcome {
@@ -247,7 +246,7 @@ impl Engine {
             self.active.remove(grant.id);
             touched.insert(grant.target);
         }
-        self.enforce(touched);
+        self.enforce(&touched);
         self.publish(records);
         Ok(())
     }
@@ -386,6 +385,7 @@ fn audit_refusal(
 }
 
 /// Who asks for what.
+#[derive(Clone, Copy)]
 struct Caller<'a> {
     principal: &'a Principal,
     request: &'a AccessRequest,
@@ -393,6 +393,7 @@ struct Caller<'a> {
 }
 
 /// The instant a batch of requests is granted at, on both clocks.
+#[derive(Clone, Copy)]
 struct Now<'a> {
     wall: SystemTime,
     boot: Deadline,

@@ -279,12 +279,12 @@ impl Engine {
         }
         let thread = std::thread::Builder::new()
             .name("jit-gate-engine".into())
-            .spawn(move || self.run(receiver))
+            .spawn(move || self.run(&receiver))
             .context("starting the engine thread")?;
         Ok((handle, thread))
     }
 
-    fn run(mut self, commands: mpsc::Receiver<Command>) {
+    fn run(mut self, commands: &mpsc::Receiver<Command>) {
         let mut next_observe = Instant::now() + OBSERVE_EVERY;
         let mut next_forget = Instant::now() + FORGET_FLOWS_EVERY;
         let mut next_reconcile = Instant::now() + self.config.reconcile_interval;
@@ -296,7 +296,7 @@ impl Engine {
                 .expect("at least one timer");
             match commands.recv_timeout(wake.saturating_duration_since(Instant::now())) {
                 Ok(Command::Stop) => {
-                    self.log_failure("recording the boot clock", |e| e.witness_boot_clock());
+                    self.log_failure("recording the boot clock", Engine::witness_boot_clock);
                     return;
                 }
                 Ok(first) => {
@@ -306,23 +306,23 @@ impl Engine {
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    self.log_failure("recording the boot clock", |e| e.witness_boot_clock());
+                    self.log_failure("recording the boot clock", Engine::witness_boot_clock);
                     return;
                 }
             }
-            self.log_failure("expiring grants", |e| e.expire_due());
+            self.log_failure("expiring grants", Engine::expire_due);
             let now = Instant::now();
             if now >= next_observe {
-                self.log_failure("observing flows and denials", |e| e.observe());
+                self.log_failure("observing flows and denials", Engine::observe);
                 next_observe = now + OBSERVE_EVERY;
             }
             if now >= next_forget {
-                self.log_failure("forgetting dead flows", |e| e.forget_dead_flows());
+                self.log_failure("forgetting dead flows", Engine::forget_dead_flows);
                 next_forget = now + FORGET_FLOWS_EVERY;
             }
             if now >= next_reconcile {
                 let started = Instant::now();
-                self.log_failure("reconciling", |e| e.reconcile());
+                self.log_failure("reconciling", Engine::reconcile);
                 // Reading every kernel entry back takes time in proportion
                 // to the grants: keep it under a fixed share of the
                 // engine's time.
@@ -336,7 +336,7 @@ impl Engine {
                 release_free_memory();
             }
             if self.witnessed_at.elapsed() >= WITNESS_EVERY {
-                self.log_failure("recording the boot clock", |e| e.witness_boot_clock());
+                self.log_failure("recording the boot clock", Engine::witness_boot_clock);
             }
         }
     }
@@ -442,7 +442,7 @@ impl Engine {
             Command::LinksChanged => {
                 self.log_failure("gating new interfaces", |e| {
                     let repairs = e.enforcers.scan_interfaces()?;
-                    e.record_drift(repairs)
+                    e.record_drift(&repairs)
                 });
             }
             // Seen by the loop itself.
@@ -485,7 +485,7 @@ impl Engine {
     }
 
     fn status(&self) -> Result<StatusReport, Refusal> {
-        let week_ago = SystemTime::now() - Duration::from_secs(7 * 24 * 3600);
+        let week_ago = SystemTime::now() - Duration::from_hours(168);
         let activity = self
             .store
             .port_activity(week_ago)
@@ -537,11 +537,11 @@ impl Engine {
         let repairs = self
             .enforcers
             .reconcile(&self.active, &self.policy.protected())?;
-        self.record_drift(repairs)
+        self.record_drift(&repairs)
     }
 
     /// Logs and audits repairs of drift.
-    fn record_drift(&mut self, repairs: Vec<String>) -> anyhow::Result<()> {
+    fn record_drift(&mut self, repairs: &[String]) -> anyhow::Result<()> {
         if !repairs.is_empty() {
             tracing::warn!("drift repaired: {}", repairs.join("; "));
             self.commit_events(vec![
@@ -657,7 +657,7 @@ impl Engine {
                 .enforcers
                 .scan_interfaces()
                 .map_err(|e| Refusal::internal("gating the interfaces", format!("{e:#}")))?;
-            self.record_drift(repairs)
+            self.record_drift(&repairs)
                 .map_err(|e| Refusal::internal("recording drift", format!("{e:#}")))?;
         }
         self.apply_config_policy()
@@ -747,8 +747,8 @@ fn initial_policy(store: &mut Store, config: &Config) -> anyhow::Result<Policy> 
 
 impl Engine {
     /// Targets whose enforcement must be recomputed after grants changed.
-    fn enforce(&mut self, targets: BTreeSet<GrantTarget>) {
-        if let Err(e) = self.enforcers.apply(&targets, &self.active) {
+    fn enforce(&mut self, targets: &BTreeSet<GrantTarget>) {
+        if let Err(e) = self.enforcers.apply(targets, &self.active) {
             // The store is the truth; the next reconciliation retries.
             tracing::error!("programming enforcers (reconciliation will retry): {e:#}");
         }

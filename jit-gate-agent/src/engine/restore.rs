@@ -114,7 +114,7 @@ pub(super) fn restore_grants(store: &Store, boot_id: &str) -> anyhow::Result<Res
             };
             let left = carry_across_reboot(&earlier, wall_now);
             grant.deadline = Deadline::after(left);
-            grant.boot_id = boot_id.to_owned();
+            boot_id.clone_into(&mut grant.boot_id);
             grant.expires_at = grant.expires_at.min(wall_now + left);
             restored.carried.push(grant.clone());
             if left.is_zero() {
@@ -161,7 +161,7 @@ mod tests {
             ticket: String::new(),
             principal: "uid:0".into(),
             created_at: now,
-            granted: Duration::from_secs(600),
+            granted: Duration::from_mins(10),
             deadline: Deadline::from_boot_ns(deadline_s * 1_000_000_000),
             boot_id: boot_id.into(),
             expires_at: now + wall_left,
@@ -179,7 +179,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(&dir.path().join("agent.db")).unwrap();
         let boot_id = crate::clock::boot_id().unwrap();
-        let minute = Duration::from_secs(60);
+        let minute = Duration::from_mins(1);
         // The old boot's clock was last seen at 70 s.
         let mut batch = store.batch().unwrap();
         let witness = BootWitness {

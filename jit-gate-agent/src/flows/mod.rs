@@ -1,5 +1,5 @@
 //! The agent's view of connections that already exist on the gated host:
-//! sockets (sock_diag) and conntrack entries (ctnetlink), and their keys in
+//! sockets (`sock_diag`) and conntrack entries (ctnetlink), and their keys in
 //! the XDP flow map. Used to seed the flow map and conntrack at start (so
 //! turning the gate on never cuts an open session) and to terminate the
 //! sessions of a revoked grant.

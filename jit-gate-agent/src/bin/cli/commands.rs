@@ -23,7 +23,7 @@ use crate::{
 
 /// Runs the command; `Ok(true)` if it succeeded on every agent. `Err` is a
 /// local problem found before any agent was contacted.
-pub async fn run(cli: Cli) -> anyhow::Result<bool> {
+pub(crate) async fn run(cli: Cli) -> anyhow::Result<bool> {
     let fleet = Fleet {
         agents: cli.agents,
         timeout: cli.timeout,
@@ -101,7 +101,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
     })
 }
 
-/// The UpdatePolicy request for `policy set|add-port|remove-port`.
+/// The `UpdatePolicy` request for `policy set|add-port|remove-port`.
 fn policy_change(command: PolicyChange) -> anyhow::Result<UpdatePolicyRequest> {
     let (change, revision) = match command {
         PolicyChange::Set { file, revision } => {
@@ -177,7 +177,11 @@ fn rule_to_proto(rule: &policy::PortRule) -> proto::PortRule {
     proto::PortRule {
         port: rule.port.into(),
         protocol: rule_protocol(rule.protocol) as i32,
-        allowed_source_prefixes: rule.allowed_sources.iter().map(|p| p.to_string()).collect(),
+        allowed_source_prefixes: rule
+            .allowed_sources
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
         max_duration: Some(duration_to_proto(rule.max_duration)),
         require_justification: rule.require_justification,
         require_ticket: rule.require_ticket,

@@ -28,19 +28,19 @@ fn enum_name<E: TryFrom<i32>>(
     }
 }
 
-pub fn protocol(raw: i32) -> String {
+pub(crate) fn protocol(raw: i32) -> String {
     enum_name(raw, "PROTOCOL_", Protocol::as_str_name)
 }
 
-pub fn grant_state(raw: i32) -> String {
+pub(crate) fn grant_state(raw: i32) -> String {
     enum_name(raw, "GRANT_STATE_", GrantState::as_str_name)
 }
 
-pub fn enforcement_mode(raw: i32) -> String {
+pub(crate) fn enforcement_mode(raw: i32) -> String {
     enum_name(raw, "ENFORCEMENT_MODE_", EnforcementMode::as_str_name)
 }
 
-pub fn event_kind(raw: i32) -> String {
+pub(crate) fn event_kind(raw: i32) -> String {
     enum_name(raw, "EVENT_KIND_", EventKind::as_str_name)
 }
 
@@ -52,7 +52,7 @@ fn duration(d: Option<&prost_types::Duration>) -> Value {
     d.map_or(Value::Null, |d| Value::String(duration_text(d)))
 }
 
-pub fn duration_text(d: &prost_types::Duration) -> String {
+pub(crate) fn duration_text(d: &prost_types::Duration) -> String {
     match std::time::Duration::try_from(*d) {
         Ok(d) => humantime::format_duration(d).to_string(),
         // Negative: not a valid answer, but show it rather than hide it.
@@ -69,7 +69,7 @@ fn id(value: u64) -> Value {
     }
 }
 
-pub fn status(s: &Status) -> Value {
+pub(crate) fn status(s: &Status) -> Value {
     json!({
         "version": s.version,
         "started_at": timestamp(s.started_at.as_ref()),
@@ -119,7 +119,7 @@ fn port_status(p: &PortStatus) -> Value {
     })
 }
 
-pub fn policy(p: &Policy) -> Value {
+pub(crate) fn policy(p: &Policy) -> Value {
     json!({
         "revision": p.revision,
         "rules": p.rules.iter().map(rule).collect::<Vec<_>>(),
@@ -163,18 +163,18 @@ fn grants(list: &[Grant]) -> Vec<Value> {
     list.iter().map(grant).collect()
 }
 
-pub fn access(r: &AccessResponse) -> Value {
+pub(crate) fn access(r: &AccessResponse) -> Value {
     json!({ "grants": grants(&r.grants), "replayed": r.replayed })
 }
 
-pub fn revoke(r: &RevokeGrantResponse) -> Value {
+pub(crate) fn revoke(r: &RevokeGrantResponse) -> Value {
     json!({
         "grant": r.grant.as_ref().map_or(Value::Null, grant),
         "connections_terminated": r.connections_terminated,
     })
 }
 
-pub fn grant_list(r: &ListGrantsResponse) -> Value {
+pub(crate) fn grant_list(r: &ListGrantsResponse) -> Value {
     json!({ "grants": grants(&r.grants) })
 }
 
@@ -188,11 +188,11 @@ fn connection(c: &Connection) -> Value {
     })
 }
 
-pub fn connection_list(r: &ListConnectionsResponse) -> Value {
+pub(crate) fn connection_list(r: &ListConnectionsResponse) -> Value {
     json!({ "connections": r.connections.iter().map(connection).collect::<Vec<_>>() })
 }
 
-pub fn event(e: &Event) -> Value {
+pub(crate) fn event(e: &Event) -> Value {
     // The details are a JSON object on the wire; embed it as such, and keep
     // the text if an agent ever sends something else.
     let details = match e.details_json.as_str() {

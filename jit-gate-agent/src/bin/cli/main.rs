@@ -5,6 +5,11 @@
 //! on any, 2 for a usage error (bad option, unreadable or invalid policy
 //! file), found before any agent is contacted.
 
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
+
 mod args;
 mod commands;
 mod connect;

@@ -14,7 +14,7 @@ use crate::{
 };
 
 /// How a call's result is shown.
-pub trait Render {
+pub(crate) trait Render {
     fn json(&self) -> Value;
     /// One line, for the row of its agent when a command ran on several.
     fn summary(&self) -> String;
@@ -25,7 +25,7 @@ pub trait Render {
 }
 
 /// Prints the replies in the requested form; true if every agent succeeded.
-pub fn report<T: Render>(replies: &[Reply<T>], json: bool) -> bool {
+pub(crate) fn report<T: Render>(replies: &[Reply<T>], json: bool) -> bool {
     if json {
         let rows: Vec<Value> = replies.iter().map(json_row).collect();
         println!("{}", pretty(&Value::Array(rows)));
@@ -51,7 +51,7 @@ pub fn report<T: Render>(replies: &[Reply<T>], json: bool) -> bool {
 /// One result on one line, for streams: a compact JSON row (the shape of a
 /// fan-out row), or the summary, after the agent's name if `tagged`.
 /// Failures go to stderr in text mode.
-pub fn print_line<T: Render>(reply: &Reply<T>, json: bool, tagged: bool) {
+pub(crate) fn print_line<T: Render>(reply: &Reply<T>, json: bool, tagged: bool) {
     match &reply.result {
         _ if json => println!("{}", json_row(reply)),
         Ok(result) if tagged => println!("{}  {}", reply.agent, result.summary()),

@@ -1,4 +1,4 @@
-//! The nf_tables netlink transport: batches (one kernel transaction each,
+//! The `nf_tables` netlink transport: batches (one kernel transaction each,
 //! checked message by message) and dump requests. The socket is opened in
 //! the network namespace of the calling thread.
 
@@ -371,7 +371,7 @@ enum Answer {
     Error { errno: i32, seq: u32 },
     /// The end of a dump, which failed if errno is not 0.
     Done { errno: i32 },
-    /// An nf_tables object.
+    /// An `nf_tables` object.
     Data,
 }
 
@@ -395,7 +395,7 @@ impl Received<'_> {
         u16::from_ne_bytes([self.0[6], self.0[7]])
     }
 
-    /// The error number (positive) in an NLMSG_ERROR or NLMSG_DONE payload.
+    /// The error number (positive) in an `NLMSG_ERROR` or `NLMSG_DONE` payload.
     fn errno(&self) -> Option<i32> {
         let bytes = self.0.get(NLMSG_HDRLEN..NLMSG_HDRLEN + 4)?;
         Some(-i32::from_ne_bytes(bytes.try_into().expect("4 bytes")))

@@ -182,7 +182,7 @@ impl GateTable {
         self.push_rule(batch, &rule, &format!("add rule for set {}", allow.name()));
     }
 
-    fn push_rule(&self, batch: &mut Batch, rule: &Rule, what: &str) {
+    fn push_rule(&self, batch: &mut Batch, rule: &Rule<'_>, what: &str) {
         batch.push(&Op(rule, MsgType::Add), self.what(what));
     }
 
@@ -223,7 +223,7 @@ impl Load {
 }
 
 impl Expression for Load {
-    fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
+    fn to_expr(&self, _rule: &Rule<'_>) -> NonNull<sys::nftnl_expr> {
         let set = |expr: NonNull<sys::nftnl_expr>, attr: u32, value: u32| {
             // SAFETY: a valid expression of the kind the attribute belongs to.
             unsafe { sys::nftnl_expr_set_u32(expr.as_ptr(), attr as u16, value) }
@@ -270,7 +270,7 @@ impl Lookup {
 }
 
 impl Expression for Lookup {
-    fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
+    fn to_expr(&self, _rule: &Rule<'_>) -> NonNull<sys::nftnl_expr> {
         let expr = alloc_expr(c"lookup");
         // SAFETY: a valid lookup expression; libnftnl copies the name.
         unsafe {

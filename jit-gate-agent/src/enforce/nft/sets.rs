@@ -148,7 +148,8 @@ impl Set {
             // SAFETY: a valid element of this set; the key lives as long as
             // the element and is `len` bytes long.
             let key = unsafe {
-                let data = sys::nftnl_set_elem_get(elem, sys::NFTNL_SET_ELEM_KEY as u16, &mut len);
+                let data =
+                    sys::nftnl_set_elem_get(elem, sys::NFTNL_SET_ELEM_KEY as u16, &raw mut len);
                 if data.is_null() {
                     Vec::new()
                 } else {

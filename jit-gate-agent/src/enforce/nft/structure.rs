@@ -21,7 +21,7 @@ use super::{
     sets::Set,
 };
 
-/// nf_tables messages carry the subsystem in the high byte of their type.
+/// `nf_tables` messages carry the subsystem in the high byte of their type.
 const NFNL_SUBSYS_NFTABLES: i32 = 10;
 
 /// What a table holds apart from set elements.
@@ -196,7 +196,7 @@ fn compare_named(
         match have.get(name) {
             None => out.push(format!("{what} {name} is missing")),
             Some(d) if d != definition => {
-                out.push(format!("{what} {name} is {d}, not {definition}"))
+                out.push(format!("{what} {name} is {d}, not {definition}"));
             }
             Some(_) => {}
         }
@@ -348,7 +348,7 @@ fn rule_text(rule: &Object<sys::nftnl_rule>) -> (String, String) {
             if name == "counter" {
                 parts.push(name);
             } else {
-                let mut buf = [0 as c_char; 512];
+                let mut buf: [c_char; 512] = [0; 512];
                 sys::nftnl_expr_snprintf(
                     buf.as_mut_ptr(),
                     buf.len(),

@@ -145,7 +145,7 @@ pub struct DeniedPacket {
 
 /// Decodes one ring-buffer record; `None` if it is not a deny event.
 pub fn parse_deny_event(record: &[u8]) -> Option<DeniedPacket> {
-    if record.len() < std::mem::size_of::<DenyEvent>() {
+    if record.len() < size_of::<DenyEvent>() {
         return None;
     }
     // SAFETY: the record holds at least one DenyEvent, a plain-old-data
@@ -447,23 +447,23 @@ impl XdpGate {
                 grant_id: value.grant_id,
             })
         };
-        for item in self.maps.grants_v4.iter() {
+        for item in &self.maps.grants_v4 {
             let (k, v) = item.map_err(map_err(names::GRANTS_V4))?;
             let source = IpNet::from(IpAddr::from(k.addr));
             out.extend(entry(source, k.protocol, k.port, v));
         }
-        for item in self.maps.grants_v6.iter() {
+        for item in &self.maps.grants_v6 {
             let (k, v) = item.map_err(map_err(names::GRANTS_V6))?;
             let source = IpNet::from(IpAddr::from(k.addr));
             out.extend(entry(source, k.protocol, k.port, v));
         }
-        for item in self.maps.cidr_v4.iter() {
+        for item in &self.maps.cidr_v4 {
             let (k, v) = item.map_err(map_err(names::CIDR_GRANTS_V4))?;
             let (protocol, port, addr, len) = split_cidr_key::<7, 4>(&k);
             let source = IpNet::new(IpAddr::from(addr), len).expect("trie prefix fits the family");
             out.extend(entry(source, protocol, port, v));
         }
-        for item in self.maps.cidr_v6.iter() {
+        for item in &self.maps.cidr_v6 {
             let (k, v) = item.map_err(map_err(names::CIDR_GRANTS_V6))?;
             let (protocol, port, addr, len) = split_cidr_key::<19, 16>(&k);
             let source = IpNet::new(IpAddr::from(addr), len).expect("trie prefix fits the family");
@@ -626,7 +626,7 @@ fn attached_interfaces(pin_dir: &Path) -> Result<Vec<String>> {
         source,
     })?;
     let mut out: Vec<String> = entries
-        .filter_map(|e| e.ok())
+        .filter_map(std::result::Result::ok)
         .filter_map(|e| {
             e.file_name()
                 .to_str()
@@ -663,8 +663,13 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
     })?;
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid NUL-terminated path and writable statfs buffer.
-    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };
-    if rc != 0 || stat.f_type as i64 != BPF_FS_MAGIC {
+    let rc = unsafe { libc::statfs(c_path.as_ptr(), &raw mut stat) };
+    #[allow(
+        trivial_numeric_casts,
+        reason = "f_type's type differs between architectures"
+    )]
+    let f_type = stat.f_type as i64;
+    if rc != 0 || f_type != BPF_FS_MAGIC {
         return Err(XdpError::NoBpffs {
             path: pin_dir.into(),
         });

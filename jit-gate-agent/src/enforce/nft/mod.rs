@@ -124,7 +124,7 @@ impl fmt::Debug for NftGate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NftGate")
             .field("table", &self.table)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -139,7 +139,10 @@ struct Lease<'a> {
 impl Lease<'_> {
     fn done<T>(self, result: Result<T>) -> Result<T> {
         if result.is_ok() {
-            *self.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(self.socket);
+            *self
+                .slot
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(self.socket);
         }
         result
     }
@@ -176,7 +179,11 @@ impl NftGate {
             .ok()
             .filter(|n| (1..=255).contains(&n.as_bytes().len()))
             .ok_or_else(|| NftError::InvalidTableName(self.table.clone()))?;
-        let cached = self.socket.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let cached = self
+            .socket
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
         let socket = match cached {
             Some(socket) => socket,
             None => Socket::open()?,
@@ -274,7 +281,7 @@ impl NftGate {
         let mut previous = self.read_dump()?;
         for _ in 0..READ_ATTEMPTS {
             let next = self.read_dump()?;
-            if same_contents(&previous, &next) {
+            if same_contents(previous.as_ref(), next.as_ref()) {
                 return Ok(next);
             }
             previous = next;
@@ -340,7 +347,10 @@ impl NftGate {
         let result = structure::Structure::read(&table, &mut socket);
         let have = socket.done(result)?;
         let allow_sets: Vec<AllowSet> = have.allow_sets().collect();
-        let mut cached = self.wanted.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cached = self
+            .wanted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if cached.as_ref().is_none_or(|(sets, _)| *sets != allow_sets) {
             let wanted = structure::wanted(&table, allow_sets.iter().copied());
             *cached = Some((allow_sets, wanted));
@@ -366,7 +376,7 @@ impl NftGate {
 
 /// Whether two reads saw the same protected set and the same elements
 /// (timeouts count down between them, so they are not compared).
-fn same_contents(a: &Option<NftState>, b: &Option<NftState>) -> bool {
+fn same_contents(a: Option<&NftState>, b: Option<&NftState>) -> bool {
     match (a, b) {
         (Some(a), Some(b)) => a.protected == b.protected && a.allowed.keys().eq(b.allowed.keys()),
         (None, None) => true,
