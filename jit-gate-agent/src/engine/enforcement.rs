@@ -141,22 +141,30 @@ impl Enforcers {
 
     /// Enforcement as the kernel holds it now: what is missing since the
     /// last check shows at once (the next reconciliation repairs it).
-    pub(super) fn check(&self) -> anyhow::Result<EnforcementStatus> {
+    /// A kernel that cannot be read shows as the problem of its layer.
+    pub(super) fn check(&self) -> EnforcementStatus {
         let mut status = self.status();
-        status.interfaces =
-            self.interfaces
-                .check(&self.config, self.xdp.as_ref(), self.nft.is_some())?;
+        match self
+            .interfaces
+            .check(&self.config, self.xdp.as_ref(), self.nft.is_some())
+        {
+            Ok(interfaces) => status.interfaces = interfaces,
+            Err(e) => status.xdp.problem = Some(format!("cannot read the interfaces: {e:#}")),
+        }
         if let Some(xdp) = &self.xdp {
             let missing = xdp.missing_pins();
-            status.xdp.problem =
-                (!missing.is_empty()).then(|| format!("pins missing: {}", missing.join(", ")));
+            if !missing.is_empty() {
+                status.xdp.problem = Some(format!("pins missing: {}", missing.join(", ")));
+            }
         }
         if let Some(nft) = &self.nft {
-            status.nftables.problem = nft.check_structure()?;
+            status.nftables.problem = nft
+                .check_structure()
+                .unwrap_or_else(|e| Some(format!("cannot read the table: {e}")));
         } else if self.nft_needed() {
             status.nftables.problem = Some("needed but not installed yet".into());
         }
-        Ok(status)
+        status
     }
 
     /// Follows a changed configuration (interfaces covered).

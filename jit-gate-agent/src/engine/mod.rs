@@ -355,8 +355,11 @@ impl Engine {
 
     /// Applies commands in arrival order; consecutive requests share one
     /// store transaction.
+    /// A burst of interface changes (creating one interface announces it
+    /// several times) is scanned for once, after the batch.
     fn handle(&mut self, batch: Vec<Command>) {
         let mut requests = Vec::new();
+        let mut links_changed = false;
         for command in batch {
             match command {
                 Command::RequestAccess {
@@ -364,6 +367,7 @@ impl Engine {
                     request,
                     reply,
                 } => requests.push((principal, request, reply)),
+                Command::LinksChanged => links_changed = true,
                 other => {
                     self.request_access(std::mem::take(&mut requests));
                     self.handle_one(other);
@@ -371,6 +375,9 @@ impl Engine {
             }
         }
         self.request_access(requests);
+        if links_changed {
+            self.handle_one(Command::LinksChanged);
+        }
     }
 
     fn handle_one(&mut self, command: Command) {
@@ -523,10 +530,7 @@ impl Engine {
             configured_mode: self.config.mode,
             nftables_active: self.enforcers.nftables_active(),
             xdp_active: self.enforcers.xdp().is_some(),
-            enforcement: self
-                .enforcers
-                .check()
-                .map_err(|e| Refusal::internal("checking enforcement", format!("{e:#}")))?,
+            enforcement: self.enforcers.check(),
             ports,
             active_grants: self.active.len(),
             policy_revision: self.policy.revision,
