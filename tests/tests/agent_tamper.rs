@@ -19,7 +19,7 @@ use std::{
 
 use jit_gate_agent::{config::Mode, proto};
 use jit_gate_tests::{
-    agent::{AgentHost, Api, Events},
+    agent::{Agent, AgentHost, Api, Events},
     env::PinDir,
     netns::{CLIENT_V4, CLIENT_V4_OUTSIDE, GATED_V4, nsenter},
     traffic::{TcpEcho, expect_access},
@@ -29,8 +29,10 @@ const SSH: u16 = 22;
 /// Long enough that a tamper made right after one reconciliation can be
 /// seen in `status` before the next.
 const RECONCILE: Duration = Duration::from_secs(3);
-/// A repair must come within one reconciliation (plus the time to do it).
-const REPAIRED_WITHIN: Duration = Duration::from_millis(4500);
+/// A repair must come at the next reconciliation: within one interval,
+/// plus the time to make it and the slack of a loaded machine (the agent
+/// stretches its interval when reconciling takes long, see README).
+const REPAIRED_WITHIN: Duration = Duration::from_secs(6);
 
 fn ssh() -> SocketAddr {
     SocketAddr::new(GATED_V4.into(), SSH)
@@ -56,15 +58,27 @@ fn gate_holds(host: &AgentHost, step: &str) {
 }
 
 /// Waits for the drift repair that follows a tamper made at `at`; returns
-/// how long it took.
-async fn repaired(events: &mut Events, what: &str, layer: &str, at: Instant) -> Duration {
-    let event = events
-        .expect(
-            proto::EventKind::DriftRepaired,
-            SystemTime::now() + REPAIRED_WITHIN,
-            |_| true,
-        )
-        .await;
+/// how long it took. Panics with the agent's log if it does not come.
+async fn repaired(
+    agent: &Agent,
+    events: &mut Events,
+    what: &str,
+    layer: &str,
+    at: Instant,
+) -> Duration {
+    let awaited = events.expect(
+        proto::EventKind::DriftRepaired,
+        SystemTime::now() + 2 * REPAIRED_WITHIN,
+        |_| true,
+    );
+    let event = tokio::time::timeout(REPAIRED_WITHIN, awaited)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "{what}: not repaired within {REPAIRED_WITHIN:?}; agent log:\n{}",
+                agent.log_text()
+            )
+        });
     let took = at.elapsed();
     assert!(
         event.message.contains(layer),
@@ -126,7 +140,14 @@ async fn xdp_pins_removed_links_detached_and_foreign_programs_are_repaired() {
     let at = Instant::now();
     std::fs::remove_dir_all(&pins).expect("rm -rf the pin directory");
     gate_holds(&host, "pin directory removed");
-    repaired(&mut events, "pin directory removed", "pins missing", at).await;
+    repaired(
+        &agent,
+        &mut events,
+        "pin directory removed",
+        "pins missing",
+        at,
+    )
+    .await;
     for pin in ["program", "GRANTS_V4", "PROTECTED_PORTS"] {
         assert!(pins.join(pin).exists(), "{pin} not pinned again");
     }
@@ -144,7 +165,7 @@ async fn xdp_pins_removed_links_detached_and_foreign_programs_are_repaired() {
         "status while the link is detached: {meanwhile:?}"
     );
     assert!(!api.status().await.healthy);
-    repaired(&mut events, "link detached", &ifname, at).await;
+    repaired(&agent, &mut events, "link detached", &ifname, at).await;
     gate_holds(&host, "link detached, repaired");
     let after = interface_status(&mut api, &ifname).await;
     assert!(after.problem.is_empty(), "{after:?}");
@@ -171,6 +192,7 @@ async fn xdp_pins_removed_links_detached_and_foreign_programs_are_repaired() {
         .expect("run ip");
     assert!(out.status.success(), "attaching a foreign program: {out:?}");
     repaired(
+        &agent,
         &mut events,
         "foreign program attached",
         "instead of the gate's",
@@ -203,7 +225,7 @@ async fn xdp_pins_removed_links_detached_and_foreign_programs_are_repaired() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nftables_table_tampering_is_repaired_whole() {
     let host = host(Mode::Nftables);
-    let (_agent, mut api) = host.start().await;
+    let (agent, mut api) = host.start().await;
     let _server = TcpEcho::start(&host.topo.gated, ssh());
     let mut events = api.watch(None).await;
     api.grant("g", SSH, proto::Protocol::Tcp, CLIENT_V4, 600)
@@ -245,7 +267,7 @@ async fn nftables_table_tampering_is_repaired_whole() {
             );
         }
         first = false;
-        repaired(&mut events, what, "nftables", at).await;
+        repaired(&agent, &mut events, what, "nftables", at).await;
         gate_holds(&host, &format!("{what}, repaired"));
         host.assert_enforced(&mut api, what).await;
     }
