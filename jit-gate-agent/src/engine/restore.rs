@@ -124,7 +124,7 @@ pub(super) fn restore_grants(store: &Store, boot_id: &str) -> anyhow::Result<Res
         }
         if grant.deadline.has_passed() {
             let end = grant.deadline.to_wall_near(grant.expires_at);
-            grant.expires_at = crate::store::from_ms(crate::store::to_ms(end));
+            grant.expires_at = crate::time::truncate_ms(end);
             restored.ended.push(grant);
         } else {
             restored.live.push(grant);
