@@ -11,7 +11,7 @@
 //!   u64 grant_id ‖ payload_sha256 (32 bytes))`
 //!
 //! The chain covers each payload through its digest, so retention can drop
-//! the payload of an old ACCESS_DENIED record (message and details become
+//! the payload of an old `ACCESS_DENIED` record (message and details become
 //! NULL) and the chain still verifies; no other kind may lose its payload.
 
 use std::time::SystemTime;

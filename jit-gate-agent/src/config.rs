@@ -62,7 +62,7 @@ pub struct Api {
     /// Group owning the socket (mode 0660); unset: root only (0600).
     #[serde(default)]
     pub socket_group: Option<String>,
-    /// Event streams (WatchEvents, ExportAudit) one principal may hold open.
+    /// Event streams (`WatchEvents`, `ExportAudit`) one principal may hold open.
     #[serde(default = "default_streams_per_principal")]
     pub max_streams_per_principal: u32,
     /// A stream whose reader takes nothing for this long is ended.
@@ -103,7 +103,7 @@ pub struct Audit {
     /// ...or this long after the last one, if the log grew.
     #[serde(with = "humantime_serde", default = "default_checkpoint_interval")]
     pub checkpoint_interval: Duration,
-    /// ACCESS_DENIED records older than this lose their payload (the chain
+    /// `ACCESS_DENIED` records older than this lose their payload (the chain
     /// keeps its digest).
     #[serde(with = "humantime_serde", default = "default_denied_retention")]
     pub denied_retention: Duration,
@@ -124,10 +124,10 @@ fn default_checkpoint_records() -> u64 {
     1000
 }
 fn default_checkpoint_interval() -> Duration {
-    Duration::from_secs(600)
+    Duration::from_mins(10)
 }
 fn default_denied_retention() -> Duration {
-    Duration::from_secs(30 * 24 * 3600)
+    Duration::from_hours(720)
 }
 
 fn default_socket() -> PathBuf {
@@ -305,7 +305,7 @@ impl Config {
         if !(1..=4096).contains(&self.api.max_streams_per_principal) {
             return field("api.max_streams_per_principal", "must be 1 to 4096".into());
         }
-        if !(Duration::from_secs(1)..=Duration::from_secs(3600))
+        if !(Duration::from_secs(1)..=Duration::from_hours(1))
             .contains(&self.api.stream_stall_timeout)
         {
             return field(
@@ -319,7 +319,7 @@ impl Config {
                 "must be 1 to 1000000".into(),
             );
         }
-        if !(Duration::from_secs(1)..=Duration::from_secs(24 * 3600))
+        if !(Duration::from_secs(1)..=Duration::from_hours(24))
             .contains(&self.audit.checkpoint_interval)
         {
             return field(

@@ -5,8 +5,8 @@
 // notification, the CLI's arguments, tables, connections and request ids):
 // a package has one dependency list for its library and binaries.
 use {
-    clap as _, comfy_table as _, futures_util as _, hyper_util as _, rand as _, sd_notify as _,
-    tower as _, tracing_subscriber as _,
+    clap as _, comfy_table as _, csv as _, futures_util as _, hyper_util as _, rand as _,
+    sd_notify as _, tower as _, tracing_subscriber as _,
 };
 
 pub mod api;

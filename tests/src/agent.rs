@@ -986,7 +986,7 @@ pub fn python(script: &str, args: &[&std::ffi::OsStr]) -> Vec<serde_json::Value>
         .collect()
 }
 
-/// Every stored event `request` selects (ExportAudit), oldest first.
+/// Every stored event `request` selects (`ExportAudit`), oldest first.
 pub async fn export_events(
     api: &mut JitGateClient<Channel>,
     request: proto::ExportAuditRequest,

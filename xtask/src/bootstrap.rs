@@ -38,7 +38,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
 ];
 
 /// Python modules of the stock gRPC client the end-to-end tests drive the agent
-/// with (module name, PyPI package).
+/// with (module name, `PyPI` package).
 const PYTHON_PACKAGES: &[(&str, &str)] = &[
     ("grpc", "grpcio"),
     ("grpc_reflection", "grpcio-reflection"),

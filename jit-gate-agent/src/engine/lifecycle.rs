@@ -136,8 +136,7 @@ impl Engine {
         terminate: bool,
         reason: &str,
     ) -> Result<RevokeOutcome, Refusal> {
-        crate::validate::text("reason", reason, crate::validate::MAX_REASON_LEN)
-            .map_err(Refusal::invalid)?;
+        validate::text("reason", reason, validate::MAX_REASON_LEN).map_err(Refusal::invalid)?;
         let principal = caller.name.as_str();
         if let Some(grant) = self.active.get(grant_id) {
             let owner = self

@@ -178,10 +178,10 @@ const RECONCILE_TIME_SHARE_INVERSE: u32 = 20;
 /// Audit records kept in the broadcast buffer for slow watchers.
 const EVENT_BUFFER: usize = 1024;
 const CONFIG_POLICY_KEY: &str = "config_policy_digest";
-/// Old ACCESS_DENIED payloads are pruned every half retention, at most
+/// Old `ACCESS_DENIED` payloads are pruned every half retention, at most
 /// this often and at least every `PRUNE_EVERY_MAX`, this many at once.
 const PRUNE_EVERY_MIN: Duration = Duration::from_secs(1);
-const PRUNE_EVERY_MAX: Duration = Duration::from_secs(60);
+const PRUNE_EVERY_MAX: Duration = Duration::from_mins(1);
 const PRUNE_BATCH: u32 = 10_000;
 /// Events whose commit failed, kept for the next attempt, at most (the
 /// oldest are never dropped: new ones are refused with an error log).
@@ -411,7 +411,7 @@ impl Engine {
                 next_forget = now + FORGET_FLOWS_EVERY;
             }
             if now >= next_prune {
-                self.log_failure("pruning old denial records", |e| e.prune_denied());
+                self.log_failure("pruning old denial records", Engine::prune_denied);
                 next_prune = now
                     + (self.config.audit.denied_retention / 2)
                         .clamp(PRUNE_EVERY_MIN, PRUNE_EVERY_MAX);
@@ -635,7 +635,7 @@ impl Engine {
         Ok(checkpoint)
     }
 
-    /// Drops the payload of ACCESS_DENIED records past their retention.
+    /// Drops the payload of `ACCESS_DENIED` records past their retention.
     fn prune_denied(&mut self) -> anyhow::Result<()> {
         let before = SystemTime::now()
             .checked_sub(self.config.audit.denied_retention)

@@ -58,7 +58,7 @@ pub(crate) enum Command {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum AuditCommand {
+pub(crate) enum AuditCommand {
     /// Verify the hash chain and any kept checkpoints. Exit status 3 if the
     /// log is broken (1 if the agent could not be asked).
     Verify {
@@ -74,14 +74,14 @@ pub enum AuditCommand {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ExportFormat {
+pub(crate) enum ExportFormat {
     Csv,
     /// One JSON object per line.
     Json,
 }
 
 #[derive(Debug, Args)]
-pub struct ExportArgs {
+pub(crate) struct ExportArgs {
     #[arg(long, value_enum, default_value = "csv")]
     pub format: ExportFormat,
     /// Events at or after this time (RFC 3339).

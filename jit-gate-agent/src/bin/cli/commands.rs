@@ -23,7 +23,7 @@ use crate::{
 };
 
 /// How a command ended, beyond "every agent answered".
-pub enum Outcome {
+pub(crate) enum Outcome {
     Success,
     /// A call failed on some agent.
     Failure,
@@ -43,7 +43,7 @@ impl From<bool> for Outcome {
 
 /// Runs the command. `Err` is a local problem found before any agent was
 /// contacted.
-pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
+pub(crate) async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     let fleet = Fleet {
         agents: cli.agents,
         timeout: cli.timeout,

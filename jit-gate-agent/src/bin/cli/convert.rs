@@ -176,7 +176,7 @@ pub(crate) fn revoke(r: &RevokeGrantResponse) -> Value {
     })
 }
 
-pub fn grant_list(r: &ListGrantsResponse) -> Value {
+pub(crate) fn grant_list(r: &ListGrantsResponse) -> Value {
     json!({
         "grants": grants(&r.grants),
         "more": !r.next_page_token.is_empty(),

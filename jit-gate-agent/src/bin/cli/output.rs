@@ -83,7 +83,7 @@ fn pretty(value: &Value) -> String {
 /// Text from an agent as it may reach a terminal: control characters
 /// (escape sequences, newlines) escaped, so a record cannot move the cursor,
 /// recolour or clear the screen, or fake a line.
-pub fn printable(text: &str) -> String {
+pub(crate) fn printable(text: &str) -> String {
     if text.chars().any(char::is_control) {
         text.chars()
             .flat_map(|c| {

@@ -1,5 +1,5 @@
-//! Persistence: grants, policy and the audit log in SQLite (WAL mode,
-//! synchronous=FULL, bundled SQLite). Every change goes through a `Batch`,
+//! Persistence: grants, policy and the audit log in `SQLite` (WAL mode,
+//! synchronous=FULL, bundled `SQLite`). Every change goes through a `Batch`,
 //! one transaction, so a request's grants and their audit records are
 //! committed together or not at all. The audit tables are in `audit_log`.
 
@@ -402,7 +402,7 @@ fn add_grant_columns(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// A boot-clock instant as SQLite's signed integer (it fits: 2^63 ns is
+/// A boot-clock instant as `SQLite`'s signed integer (it fits: 2^63 ns is
 /// 292 years of uptime).
 fn boot_ns_column(deadline: Deadline) -> i64 {
     i64::try_from(deadline.boot_ns()).unwrap_or(i64::MAX)
@@ -541,10 +541,10 @@ mod tests {
             ticket: String::new(),
             principal: "uid:0".into(),
             created_at: now,
-            granted: Duration::from_secs(60),
+            granted: Duration::from_mins(1),
             deadline: Deadline::from_boot_ns(123_000_000_000),
             boot_id: "boot-a".into(),
-            expires_at: now + Duration::from_secs(60),
+            expires_at: now + Duration::from_mins(1),
             state: GrantState::Active,
             ended_at: None,
         }
@@ -561,7 +561,7 @@ mod tests {
         let stored = store.grant(id).unwrap().unwrap();
         assert_eq!(stored.deadline, Deadline::from_boot_ns(123_000_000_000));
         assert_eq!(stored.boot_id, "boot-a");
-        assert_eq!(stored.granted, Duration::from_secs(60));
+        assert_eq!(stored.granted, Duration::from_mins(1));
 
         let shown = from_ms(to_ms(SystemTime::now()));
         let mut batch = store.batch().unwrap();
