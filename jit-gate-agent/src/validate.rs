@@ -3,8 +3,7 @@
 //! sources a grant may name, and bounded text. Each returns the message a
 //! person can act on; callers wrap it in their own error type.
 
-use std::fmt::Write as _;
-use std::net::IpAddr;
+use std::{fmt::Write as _, net::IpAddr};
 
 use ipnet::IpNet;
 
