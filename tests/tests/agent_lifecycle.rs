@@ -349,12 +349,14 @@ async fn drift_in_nftables_and_xdp_is_repaired_within_the_reconcile_period() {
     host.assert_enforced(&mut api, "granted").await;
 
     // Each change behind the agent's back, checked to have happened, must be
-    // undone within 3 s (reconcile_interval is 1 s) and reported.
+    // undone within 5 s and reported: reconcile_interval is 1 s, stretched
+    // when reconciling takes long (it may take at most 5% of the agent's
+    // time), as it does on a loaded machine.
     let mut repaired = async |what: &str, layer: &str| {
         let event = events
             .expect(
                 proto::EventKind::DriftRepaired,
-                SystemTime::now() + Duration::from_secs(3),
+                SystemTime::now() + Duration::from_secs(5),
                 |_| true,
             )
             .await;
