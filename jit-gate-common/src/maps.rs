@@ -262,7 +262,10 @@ pub struct GateConfig {
 
 #[cfg(feature = "user")]
 mod pod {
-    use super::*;
+    use super::{
+        DenyEvent, DenyRateValue, FlowKey, FlowValue, GateConfig, GrantKeyV4, GrantKeyV6,
+        GrantValue, PortCounters, SourceKey,
+    };
     // SAFETY: all of these are `#[repr(C)]`, made of integers and byte
     // arrays, with no implicit padding (checked by the size tests below).
     unsafe impl aya::Pod for GrantKeyV4 {}

@@ -66,7 +66,7 @@ impl Reason {
         }
     }
 
-    /// A stable snake_case name, for metrics and logs.
+    /// A stable `snake_case` name, for metrics and logs.
     pub const fn name(self) -> &'static str {
         match self {
             Reason::PassNotIp => "pass_not_ip",

@@ -35,7 +35,7 @@ use crate::{
 
 pub const BROKER_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 pub const TLS_PORT: u16 = 7443;
-const DAY: Duration = Duration::from_secs(24 * 3600);
+const DAY: Duration = Duration::from_hours(24);
 
 /// The address of gated host `index`.
 pub fn agent_address(index: usize) -> Ipv4Addr {

@@ -1,10 +1,16 @@
 //! Helpers for the kernel and end-to-end tests: environment checks that fail
 //! loudly, unique bpffs pin directories and network namespaces that clean up
 //! on drop.
+// Dependencies of the package's binaries (benchmarks, installer) alone.
+use {anyhow as _, clap as _, serde as _, tokio_stream as _};
+// And of the integration tests alone (dev-dependencies).
+#[cfg(test)]
+use {prost as _, tonic_health as _, tonic_reflection as _};
 
 pub mod agent;
 pub mod cli;
 pub mod env;
+pub mod fake_clock;
 pub mod fleet;
 pub mod gated_host;
 pub mod measure;

@@ -36,7 +36,7 @@ pub fn syn_ack_rst_fin_combinations() -> impl Iterator<Item = u8> {
     })
 }
 
-/// VLAN tag stacks, outermost first: none, single, QinQ, and triple-tagged.
+/// VLAN tag stacks, outermost first: none, single, `QinQ`, and triple-tagged.
 pub const VLAN_STACKS: [&[EtherType]; 8] = [
     &[],
     &[EtherType::VLAN_TAGGED_FRAME],
@@ -581,7 +581,7 @@ impl Frame {
     }
 }
 
-/// Random bytes behind a random EtherType (IPv4, IPv6, a VLAN tag, or any),
+/// Random bytes behind a random `EtherType` (IPv4, IPv6, a VLAN tag, or any),
 /// with the IP version nibble right half of the time, so some of them get
 /// past the first checks.
 pub fn random_frame(rng: &mut StdRng, max_len: usize) -> Vec<u8> {

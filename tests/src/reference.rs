@@ -205,7 +205,7 @@ fn truncated_transport(protocol: u8, bytes: &[u8]) -> Upper {
 
 /// Byte 13 of the TCP header, rebuilt from etherparse's flag accessors
 /// (bit 0 FIN up to bit 7 CWR).
-fn tcp_flags_byte(tcp: &TcpHeaderSlice) -> u8 {
+fn tcp_flags_byte(tcp: &TcpHeaderSlice<'_>) -> u8 {
     [
         tcp.fin(),
         tcp.syn(),

@@ -6,6 +6,11 @@
 //! in plain collections. The action, the reason counted and the flow recorded
 //! must agree for every frame.
 
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
@@ -77,7 +82,7 @@ enum Expiry {
     Expired,
 }
 
-const LIVE_FOR: Duration = Duration::from_secs(60);
+const LIVE_FOR: Duration = Duration::from_mins(1);
 const EXPIRED_FOR: Duration = Duration::from_millis(1);
 
 /// (source, protocol, port, expiry, grant id). Full-length prefixes are exact grants.

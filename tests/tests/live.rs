@@ -1,6 +1,11 @@
 //! Live traffic through the attached gate: real TCP and UDP sockets in two
 //! namespaces joined by veth, over IPv4 and IPv6.
 
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
+
 use std::{
     net::{IpAddr, SocketAddr},
     time::Duration,
@@ -90,14 +95,14 @@ fn exact_grant_opens_tcp_and_udp_for_that_source_only() {
             host_net(src),
             Protocol::Tcp,
             SSH,
-            Duration::from_secs(60),
+            Duration::from_mins(1),
             id,
         );
         host.grant(
             host_net(src),
             Protocol::Udp,
             SYSLOG,
-            Duration::from_secs(60),
+            Duration::from_mins(1),
             id,
         );
         let mut s = tcp_connect(&host.topo.client, src, SocketAddr::new(gated, SSH))
@@ -133,14 +138,14 @@ fn cidr_grant_opens_inside_the_prefix_only() {
         "192.0.2.0/25".parse().unwrap(),
         Protocol::Tcp,
         SSH,
-        Duration::from_secs(60),
+        Duration::from_mins(1),
         1,
     );
     host.grant(
         "2001:db8::/112".parse().unwrap(),
         Protocol::Tcp,
         SSH,
-        Duration::from_secs(60),
+        Duration::from_mins(1),
         2,
     );
     let cases = [

@@ -2,6 +2,11 @@
 //! program with `BPF_PROG_TEST_RUN`: removing grants and flows, wall-clock
 //! expiries, and the rate-limited deny-event ring buffer.
 
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
+
 use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr},
@@ -120,7 +125,7 @@ fn deny_events_are_rate_limited_per_source_without_losing_the_count() {
     let pins = PinDir::new();
     let mut gate = gate(&pins);
     let mut ring = gate.take_deny_events().expect("deny event ring buffer");
-    gate.set_deny_report_interval(Duration::from_secs(3600))
+    gate.set_deny_report_interval(Duration::from_hours(1))
         .expect("interval");
 
     for _ in 0..5 {

@@ -2,6 +2,11 @@
 //! reuses the maps (grants and flows intact) and replaces the program inside
 //! the pinned link, so the interface is never without the gate.
 
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
+
 use std::{net::SocketAddr, time::Duration};
 
 use jit_gate_agent::{
@@ -25,7 +30,7 @@ fn reopening_the_pins_keeps_grants_flows_and_enforcement() {
         std::net::IpAddr::from(CLIENT_V4).into(),
         Protocol::Tcp,
         SSH,
-        Duration::from_secs(60),
+        Duration::from_mins(1),
         7,
     );
     let mut session =

@@ -3,6 +3,11 @@
 //! or slow — one row per agent, one request id, the exit status and the
 //! summary line; then a retry with the same id.
 
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
+
 use std::time::Duration;
 
 use jit_gate_agent::config::Mode;

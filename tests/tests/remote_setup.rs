@@ -3,6 +3,11 @@
 //! anything is attached; the listener's port can never be protected; and
 //! the listener itself is closed to networks outside `allowed_networks`.
 
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
+
 use jit_gate_agent::{config::Mode, proto};
 use jit_gate_tests::{
     agent::{Agent, client, workspace_binary},
@@ -111,7 +116,7 @@ fn missing_or_bad_tls_material_refuses_the_start_before_anything_is_attached() {
             );
         }
         assert!(host.files.nft_table().is_none(), "nftables table created");
-        let pinned = std::fs::read_dir(&host.files.pins.path).map_or(0, |d| d.count());
+        let pinned = std::fs::read_dir(&host.files.pins.path).map_or(0, Iterator::count);
         assert_eq!(pinned, 0, "something was pinned");
     }
 }

@@ -2,6 +2,11 @@
 //! live: the pinned program keeps enforcing, and the grant still closes on
 //! time because its expiry is checked in the kernel.
 
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
+
 use std::{
     io::{BufRead, BufReader},
     net::{IpAddr, SocketAddr},

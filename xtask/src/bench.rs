@@ -6,7 +6,7 @@ use anyhow::Result;
 
 use crate::cmd::{self, cargo};
 
-pub fn run(args: &[String]) -> Result<()> {
+pub(crate) fn run(args: &[String]) -> Result<()> {
     cmd::run(cargo().args(["build", "--release", "-p", "jit-gate-agent", "--bins"]))?;
     for bench in [
         "jit-gate-bench",

@@ -27,7 +27,7 @@ use crate::{
 /// Refused calls recorded per caller and window; the rest are counted and
 /// the count goes into the next record.
 const RECORDED_PER_WINDOW: u32 = 5;
-const WINDOW: Duration = Duration::from_secs(60);
+const WINDOW: Duration = Duration::from_mins(1);
 /// Callers tracked at once (uids reaching the socket are few; this bounds
 /// the table whatever happens).
 const MAX_CALLERS: usize = 4096;
@@ -46,7 +46,7 @@ pub struct Gate {
 }
 
 /// The caller as the transport identifies it.
-pub fn identity(extensions: &http::Extensions) -> Option<Identity> {
+pub(super) fn identity(extensions: &http::Extensions) -> Option<Identity> {
     extensions
         .get::<UdsConnectInfo>()
         .and_then(|info| info.peer_cred)
@@ -80,12 +80,11 @@ impl Gate {
         method: &str,
         needed: Role,
     ) -> Result<Principal, Status> {
-        let principal = match extensions.get::<Arc<TlsPeer>>() {
-            Some(peer) => peer.principal(),
-            None => {
-                let principals = self.principals.read().expect("principals lock").clone();
-                Principal::resolve(identity(extensions).as_ref(), &principals)
-            }
+        let principal = if let Some(peer) = extensions.get::<Arc<TlsPeer>>() {
+            peer.principal()
+        } else {
+            let principals = self.principals.read().expect("principals lock").clone();
+            Principal::resolve(identity(extensions).as_ref(), &principals)
         };
         principal
             .and_then(|p| p.require(needed).map(|()| p))
@@ -149,7 +148,7 @@ impl Gate {
 }
 
 /// The status a wire-level failure deserves, if `status` is one: tonic
-/// calls an undecodable message INTERNAL and an oversize one OUT_OF_RANGE.
+/// calls an undecodable message INTERNAL and an oversize one `OUT_OF_RANGE`.
 fn precise(status: &Status) -> Option<Status> {
     let message = status.message();
     match status.code() {

@@ -1,5 +1,5 @@
 //! Serving the API on the Unix socket and, if configured, the mutual-TLS
-//! listener: the JitGate service, gRPC health (for anyone who can reach the
+//! listener: the `JitGate` service, gRPC health (for anyone who can reach the
 //! socket or complete the handshake) and server reflection (for principals
 //! with a role), every wire-level failure with its precise code.
 
@@ -22,7 +22,7 @@ pub type TlsIncoming =
     tokio_stream::wrappers::ReceiverStream<Result<TlsConnection, std::io::Error>>;
 
 /// Largest request accepted (a full request is a few KiB; a policy of
-/// hundreds of rules some hundred KiB). Larger: RESOURCE_EXHAUSTED.
+/// hundreds of rules some hundred KiB). Larger: `RESOURCE_EXHAUSTED`.
 pub const MAX_MESSAGE: usize = 1 << 20;
 
 /// Serves on the Unix socket and, if given, the TLS listener until

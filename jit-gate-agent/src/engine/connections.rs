@@ -25,7 +25,7 @@ use crate::{
 const TCP_FLOW_GRACE: Duration = Duration::from_secs(30);
 /// A UDP flow neither conntrack nor a connected socket shows is forgotten
 /// this long after it was opened.
-const UDP_FLOW_IDLE: Duration = Duration::from_secs(120);
+const UDP_FLOW_IDLE: Duration = Duration::from_mins(2);
 
 /// A connection as listed by the API.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,7 +38,7 @@ pub struct ConnectionInfo {
 
 /// Connections to `protected` ports the host knows of: sockets and
 /// conntrack entries. Errors are logged; what could be read is returned.
-pub fn host_connections(protected: &BTreeSet<(Protocol, u16)>) -> BTreeSet<Connection> {
+pub(super) fn host_connections(protected: &BTreeSet<(Protocol, u16)>) -> BTreeSet<Connection> {
     let (mut out, tracked) = host_view(protected);
     out.extend(tracked);
     out
@@ -64,7 +64,7 @@ fn host_view(
 /// rule lets them continue: conntrack only tracks a namespace once some
 /// rule needs it, and would take their next packets for new connections.
 /// Returns how many were recorded; failures are logged.
-pub fn seed_conntrack(protected: &BTreeSet<(Protocol, u16)>) -> usize {
+pub(super) fn seed_conntrack(protected: &BTreeSet<(Protocol, u16)>) -> usize {
     let (sockets, tracked) = host_view(protected);
     let mut added = 0;
     for connection in sockets.difference(&tracked) {
@@ -78,7 +78,10 @@ pub fn seed_conntrack(protected: &BTreeSet<(Protocol, u16)>) -> usize {
 
 /// Records every established connection to `protected` in the flow map so
 /// that the gate lets it continue; returns how many were added.
-pub fn seed(xdp: &mut XdpGate, protected: &BTreeSet<(Protocol, u16)>) -> anyhow::Result<usize> {
+pub(super) fn seed(
+    xdp: &mut XdpGate,
+    protected: &BTreeSet<(Protocol, u16)>,
+) -> anyhow::Result<usize> {
     let tracked: BTreeSet<FlowKey> = xdp.flows()?.into_iter().map(|f| f.key).collect();
     let mut added = 0;
     for connection in host_connections(protected) {
@@ -99,14 +102,14 @@ pub fn seed(xdp: &mut XdpGate, protected: &BTreeSet<(Protocol, u16)>) -> anyhow:
 
 /// Flows already reported, so each new one is audited once.
 #[derive(Default)]
-pub struct FlowWatch {
+pub(super) struct FlowWatch {
     seen: HashMap<FlowKey, FlowValue>,
 }
 
 impl FlowWatch {
     /// Resumes after an earlier run that audited every flow opened before
     /// `audited_until`: those are not reported again.
-    pub fn resume(xdp: &XdpGate, audited_until: Option<SystemTime>) -> anyhow::Result<Self> {
+    pub(super) fn resume(xdp: &XdpGate, audited_until: Option<SystemTime>) -> anyhow::Result<Self> {
         let Some(until) = audited_until else {
             return Ok(FlowWatch::default());
         };
@@ -120,7 +123,7 @@ impl FlowWatch {
     }
 
     /// Flows opened under a grant since the last call.
-    pub fn new_flows(&mut self, xdp: &XdpGate) -> anyhow::Result<Vec<(Connection, u64)>> {
+    pub(super) fn new_flows(&mut self, xdp: &XdpGate) -> anyhow::Result<Vec<(Connection, u64)>> {
         let current: HashMap<FlowKey, FlowValue> =
             xdp.flows()?.into_iter().map(|f| (f.key, f.value)).collect();
         let fresh = current
@@ -135,7 +138,7 @@ impl FlowWatch {
 
 /// Removes flows the host no longer knows (past their grace period);
 /// returns how many.
-pub fn forget_dead_flows(
+pub(super) fn forget_dead_flows(
     xdp: &mut XdpGate,
     protected: &BTreeSet<(Protocol, u16)>,
 ) -> anyhow::Result<usize> {
@@ -186,7 +189,7 @@ fn target_of(connection: &Connection) -> GrantTarget {
 /// opened under it, and those from its source that no other active grant
 /// accounts for. Flow entries go first so no packet re-opens anything, then
 /// sockets are destroyed (TCP resets the peer), then conntrack entries.
-pub fn terminate(
+pub(super) fn terminate(
     mut xdp: Option<&mut XdpGate>,
     revoked: &ActiveGrant,
     active: &ActiveGrants,
@@ -239,7 +242,7 @@ pub fn terminate(
 /// connection only if it is UDP and recent (without conntrack, the host
 /// has no record of a UDP exchange); otherwise it has ended, and waits to
 /// be forgotten.
-pub fn list(
+pub(super) fn list(
     xdp: Option<&XdpGate>,
     protected: &BTreeSet<(Protocol, u16)>,
     active: &ActiveGrants,

@@ -6,7 +6,9 @@
 
 mod connections;
 mod enforcement;
+mod interfaces;
 mod lifecycle;
+mod restore;
 
 use std::{
     collections::BTreeSet,
@@ -18,14 +20,15 @@ use anyhow::Context;
 use tokio::sync::{broadcast, oneshot};
 
 pub use connections::ConnectionInfo;
-pub use enforcement::{InterfaceMode, InterfaceStatus};
+pub use enforcement::{EnforcementStatus, LayerHealth};
+pub use interfaces::{InterfaceMode, InterfaceStatus, Repair};
 
 use crate::{
     audit::{AGENT, AuditRecord, Broken, Event, Kind},
     auth::Principal,
     checkpoint::{Checkpoint, CheckpointKey},
     config::{Config, Mode},
-    grants::{ActiveGrant, ActiveGrants, Grant, GrantState},
+    grants::{ActiveGrants, Grant},
     net::{GrantTarget, Protocol},
     policy::{Policy, PortRule, RuleProtocol},
     refusal::{Refusal, RefusalKind},
@@ -34,6 +37,7 @@ use crate::{
 };
 use connections::FlowWatch;
 use enforcement::Enforcers;
+use restore::{WITNESS_EVERY, restore_grants};
 
 pub type Reply<T> = oneshot::Sender<Result<T, Refusal>>;
 
@@ -73,7 +77,8 @@ pub struct StatusReport {
     pub started_at: SystemTime,
     pub configured_mode: Mode,
     pub nftables_active: bool,
-    pub interfaces: Vec<InterfaceStatus>,
+    pub xdp_active: bool,
+    pub enforcement: EnforcementStatus,
     pub ports: Vec<PortReport>,
     pub active_grants: usize,
     pub policy_revision: u64,
@@ -120,13 +125,29 @@ pub enum Command {
         config: Box<Config>,
         reply: Reply<()>,
     },
+    /// The kernel announced a change to the namespace's interfaces.
+    LinksChanged,
+    /// Every handle is gone: stop.
+    Stop,
 }
 
-/// What API handlers hold: the command channel and the audit feed.
+/// What API handlers hold: the command channel and the audit feed. The
+/// engine stops when the last handle is dropped.
 #[derive(Clone)]
 pub struct EngineHandle {
     commands: mpsc::Sender<Command>,
     events: broadcast::Sender<AuditRecord>,
+    _stop: std::sync::Arc<StopOnDrop>,
+}
+
+/// Tells the engine to stop when dropped: the link watcher holds a sender
+/// too, so the channel alone would never close.
+struct StopOnDrop(mpsc::Sender<Command>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.send(Command::Stop);
+    }
 }
 
 impl EngineHandle {
@@ -157,10 +178,10 @@ const RECONCILE_TIME_SHARE_INVERSE: u32 = 20;
 /// Audit records kept in the broadcast buffer for slow watchers.
 const EVENT_BUFFER: usize = 1024;
 const CONFIG_POLICY_KEY: &str = "config_policy_digest";
-/// Old ACCESS_DENIED payloads are pruned every half retention, at most
+/// Old `ACCESS_DENIED` payloads are pruned every half retention, at most
 /// this often and at least every `PRUNE_EVERY_MAX`, this many at once.
 const PRUNE_EVERY_MIN: Duration = Duration::from_secs(1);
-const PRUNE_EVERY_MAX: Duration = Duration::from_secs(60);
+const PRUNE_EVERY_MAX: Duration = Duration::from_mins(1);
 const PRUNE_BATCH: u32 = 10_000;
 /// Events whose commit failed, kept for the next attempt, at most (the
 /// oldest are never dropped: new ones are refused with an error log).
@@ -168,8 +189,11 @@ const MAX_UNRECORDED: usize = 100_000;
 /// Wall-clock milliseconds before which every flow opened under a grant has
 /// been audited, so that a restarted agent does not audit them again.
 const FLOWS_AUDITED_KEY: &str = "flows_audited_until_ms";
-
 pub struct Engine {
+    /// This boot's id: every deadline the engine holds is on its clock.
+    boot_id: String,
+    /// When the boot clock was last recorded in the store.
+    witnessed_at: Instant,
     config: Config,
     store: Store,
     policy: Policy,
@@ -261,22 +285,16 @@ impl Engine {
                 )
             })?;
         }
-        let now = now_ms();
+        let boot_id = crate::clock::boot_id().context("reading this boot's id")?;
+        let restored = restore_grants(&store, &boot_id)?;
         let mut active = ActiveGrants::default();
-        let mut expired_while_down = Vec::new();
-        for grant in store.active_grants()? {
-            if grant.expires_at <= now {
-                expired_while_down.push(grant);
-            } else {
-                active.insert(ActiveGrant {
-                    id: grant.id,
-                    target: grant.target,
-                    expires_at: grant.expires_at,
-                });
-            }
+        for grant in &restored.live {
+            active.insert(grant.active());
         }
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let mut engine = Engine {
+            boot_id,
+            witnessed_at: Instant::now(),
             enforcers: Enforcers::open(&config),
             config,
             store,
@@ -292,7 +310,7 @@ impl Engine {
             last_checkpoint,
             unrecorded: Vec::new(),
         };
-        engine.record_expired_while_down(&expired_while_down)?;
+        engine.record_restored(&restored)?;
         let protected = engine.policy.protected();
         if let Some(xdp) = engine.enforcers.xdp_mut() {
             xdp.set_protected_ports(&protected)?;
@@ -308,20 +326,15 @@ impl Engine {
                 .map(crate::time::from_ms);
             engine.flow_watch = FlowWatch::resume(xdp, audited)?;
         }
-        // Grants go into the maps before the program attaches, so granted
-        // sources are never dropped during start-up.
-        let mut repairs = engine.enforcers.reconcile(&engine.active, &protected)?;
-        engine
-            .enforcers
-            .set_interfaces(&engine.config.interfaces.clone());
-        // An interface XDP could not take needs nftables, not yet installed.
-        if engine.enforcers.nft_pending() {
-            repairs.extend(engine.enforcers.reconcile(&engine.active, &protected)?);
-        }
+        // Grants go into the maps before the program attaches (in the same
+        // reconciliation), so granted sources are never dropped during
+        // start-up; nftables goes in after, where an interface needs it.
+        let repairs = engine.enforcers.reconcile(&engine.active, &protected)?;
         engine.apply_config_policy()?;
         let interfaces: Vec<String> = engine
             .enforcers
-            .interfaces()
+            .status()
+            .interfaces
             .iter()
             .map(|i| format!("{}: {:?} {}", i.name, i.mode, i.reason))
             .collect();
@@ -339,6 +352,7 @@ impl Engine {
             .with_details(serde_json::json!({
                 "interfaces": interfaces,
                 "restored": repairs,
+                "carried_across_reboot": restored.carried_summary(),
             })),
         ])?;
         Ok(engine)
@@ -348,17 +362,21 @@ impl Engine {
     pub fn spawn(self) -> anyhow::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
         let (commands, receiver) = mpsc::channel();
         let handle = EngineHandle {
-            commands,
+            commands: commands.clone(),
             events: self.events.clone(),
+            _stop: std::sync::Arc::new(StopOnDrop(commands.clone())),
         };
+        if self.config.mode.uses_xdp() {
+            spawn_link_watcher(commands)?;
+        }
         let thread = std::thread::Builder::new()
             .name("jit-gate-engine".into())
-            .spawn(move || self.run(receiver))
+            .spawn(move || self.run(&receiver))
             .context("starting the engine thread")?;
         Ok((handle, thread))
     }
 
-    fn run(mut self, commands: mpsc::Receiver<Command>) {
+    fn run(mut self, commands: &mpsc::Receiver<Command>) {
         let mut next_observe = Instant::now() + OBSERVE_EVERY;
         let mut next_forget = Instant::now() + FORGET_FLOWS_EVERY;
         let mut next_reconcile = Instant::now() + self.config.reconcile_interval;
@@ -377,26 +395,33 @@ impl Engine {
             .min()
             .expect("at least one timer");
             match commands.recv_timeout(wake.saturating_duration_since(Instant::now())) {
+                Ok(Command::Stop) => {
+                    self.log_failure("recording the boot clock", Engine::witness_boot_clock);
+                    return;
+                }
                 Ok(first) => {
                     let mut batch = vec![first];
                     batch.extend(commands.try_iter().take(MAX_BATCH - 1));
                     self.handle(batch);
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    self.log_failure("recording the boot clock", Engine::witness_boot_clock);
+                    return;
+                }
             }
-            self.log_failure("expiring grants", |e| e.expire_due());
+            self.log_failure("expiring grants", Engine::expire_due);
             let now = Instant::now();
             if now >= next_observe {
-                self.log_failure("observing flows and denials", |e| e.observe());
+                self.log_failure("observing flows and denials", Engine::observe);
                 next_observe = now + OBSERVE_EVERY;
             }
             if now >= next_forget {
-                self.log_failure("forgetting dead flows", |e| e.forget_dead_flows());
+                self.log_failure("forgetting dead flows", Engine::forget_dead_flows);
                 next_forget = now + FORGET_FLOWS_EVERY;
             }
             if now >= next_prune {
-                self.log_failure("pruning old denial records", |e| e.prune_denied());
+                self.log_failure("pruning old denial records", Engine::prune_denied);
                 next_prune = now
                     + (self.config.audit.denied_retention / 2)
                         .clamp(PRUNE_EVERY_MIN, PRUNE_EVERY_MAX);
@@ -409,17 +434,21 @@ impl Engine {
             }
             if now >= next_reconcile {
                 let started = Instant::now();
-                self.log_failure("reconciling", |e| e.reconcile());
+                self.log_failure("reconciling", Engine::reconcile);
                 // Reading every kernel entry back takes time in proportion
                 // to the grants: keep it under a fixed share of the
                 // engine's time.
                 let took = started.elapsed();
+                tracing::debug!("reconciled in {took:?}");
                 next_reconcile = Instant::now()
                     + self
                         .config
                         .reconcile_interval
                         .max(took * RECONCILE_TIME_SHARE_INVERSE);
                 release_free_memory();
+            }
+            if self.witnessed_at.elapsed() >= WITNESS_EVERY {
+                self.log_failure("recording the boot clock", Engine::witness_boot_clock);
             }
         }
     }
@@ -430,16 +459,19 @@ impl Engine {
         }
     }
 
+    /// When the next grant ends, on the monotonic clock the engine sleeps
+    /// on; it wakes then and checks the boot clock.
     fn next_expiry_instant(&self) -> Option<Instant> {
-        let at = self.active.next_expiry()?;
-        let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
-        Some(Instant::now() + wait)
+        Some(Instant::now() + self.active.next_deadline()?.remaining())
     }
 
     /// Applies commands in arrival order; consecutive requests share one
     /// store transaction.
+    /// A burst of interface changes (creating one interface announces it
+    /// several times) is scanned for once, after the batch.
     fn handle(&mut self, batch: Vec<Command>) {
         let mut requests = Vec::new();
+        let mut links_changed = false;
         for command in batch {
             match command {
                 Command::RequestAccess {
@@ -447,6 +479,7 @@ impl Engine {
                     request,
                     reply,
                 } => requests.push((principal, request, reply)),
+                Command::LinksChanged => links_changed = true,
                 other => {
                     self.request_access(std::mem::take(&mut requests));
                     self.handle_one(other);
@@ -454,6 +487,9 @@ impl Engine {
             }
         }
         self.request_access(requests);
+        if links_changed {
+            self.handle_one(Command::LinksChanged);
+        }
     }
 
     fn handle_one(&mut self, command: Command) {
@@ -496,6 +532,10 @@ impl Engine {
                 let listed = self
                     .store
                     .list_grants(include_ended, port, before, limit)
+                    .map(|mut grants| {
+                        grants.iter_mut().for_each(Grant::refresh_display);
+                        grants
+                    })
                     .map_err(|e| Refusal::unavailable("listing grants", e));
                 let _ = reply.send(listed);
             }
@@ -520,6 +560,14 @@ impl Engine {
             Command::Reload { config, reply } => {
                 let _ = reply.send(self.reload(*config));
             }
+            Command::LinksChanged => {
+                self.log_failure("gating new interfaces", |e| {
+                    let repairs = e.enforcers.scan_interfaces()?;
+                    e.record_drift(&repairs)
+                });
+            }
+            // Seen by the loop itself.
+            Command::Stop => {}
         }
     }
 
@@ -597,7 +645,7 @@ impl Engine {
         Ok(checkpoint)
     }
 
-    /// Drops the payload of ACCESS_DENIED records past their retention.
+    /// Drops the payload of `ACCESS_DENIED` records past their retention.
     fn prune_denied(&mut self) -> anyhow::Result<()> {
         let before = SystemTime::now()
             .checked_sub(self.config.audit.denied_retention)
@@ -617,7 +665,7 @@ impl Engine {
     }
 
     fn status(&self) -> Result<StatusReport, Refusal> {
-        let week_ago = SystemTime::now() - Duration::from_secs(7 * 24 * 3600);
+        let week_ago = SystemTime::now() - Duration::from_hours(168);
         let activity = self
             .store
             .port_activity(week_ago)
@@ -655,7 +703,8 @@ impl Engine {
             started_at: self.started_at,
             configured_mode: self.config.mode,
             nftables_active: self.enforcers.nftables_active(),
-            interfaces: self.enforcers.interfaces().to_vec(),
+            xdp_active: self.enforcers.xdp().is_some(),
+            enforcement: self.enforcers.check(),
             ports,
             active_grants: self.active.len(),
             policy_revision: self.policy.revision,
@@ -666,6 +715,11 @@ impl Engine {
         let repairs = self
             .enforcers
             .reconcile(&self.active, &self.policy.protected())?;
+        self.record_drift(&repairs)
+    }
+
+    /// Logs and audits repairs of drift.
+    fn record_drift(&mut self, repairs: &[String]) -> anyhow::Result<()> {
         if !repairs.is_empty() {
             tracing::warn!("drift repaired: {}", repairs.join("; "));
             self.commit_events(vec![
@@ -789,11 +843,17 @@ impl Engine {
                 ));
             }
         }
-        let interfaces_changed = config.interfaces != self.config.interfaces;
+        let interfaces_changed = (&config.interfaces, &config.exclude_interfaces)
+            != (&self.config.interfaces, &self.config.exclude_interfaces);
         self.config = config;
         if interfaces_changed {
-            let interfaces = self.config.interfaces.clone();
-            self.enforcers.set_interfaces(&interfaces);
+            self.enforcers.set_config(&self.config);
+            let repairs = self
+                .enforcers
+                .scan_interfaces()
+                .map_err(|e| Refusal::internal("gating the interfaces", format!("{e:#}")))?;
+            self.record_drift(&repairs)
+                .map_err(|e| Refusal::internal("recording drift", format!("{e:#}")))?;
         }
         self.apply_config_policy()
             .map_err(|e| Refusal::internal("applying the configured policy", e))?;
@@ -820,6 +880,25 @@ impl Engine {
         batch.commit()?;
         Ok(())
     }
+}
+
+/// Watches the namespace's interfaces on a thread of its own and tells the
+/// engine of every change, so that a new interface is gated at once (the
+/// reconciliation would find it too, later).
+fn spawn_link_watcher(commands: mpsc::Sender<Command>) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("jit-gate-links".into())
+        .spawn(move || {
+            let watched =
+                crate::enforce::links::watch(|| commands.send(Command::LinksChanged).is_ok());
+            if let Err(e) = watched {
+                tracing::error!(
+                    "watching interfaces stopped (reconciliation still finds new ones): {e}"
+                );
+            }
+        })
+        .context("starting the interface watcher")?;
+    Ok(())
 }
 
 /// Returns memory freed after a reconciliation (the kernel state read back
@@ -863,35 +942,10 @@ fn initial_policy(store: &mut Store, config: &Config) -> anyhow::Result<Policy> 
 
 impl Engine {
     /// Targets whose enforcement must be recomputed after grants changed.
-    fn enforce(&mut self, targets: BTreeSet<GrantTarget>) {
-        if let Err(e) = self.enforcers.apply(&targets, &self.active) {
+    fn enforce(&mut self, targets: &BTreeSet<GrantTarget>) {
+        if let Err(e) = self.enforcers.apply(targets, &self.active) {
             // The store is the truth; the next reconciliation retries.
             tracing::error!("programming enforcers (reconciliation will retry): {e:#}");
         }
-    }
-
-    fn record_expired_while_down(&mut self, grants: &[Grant]) -> anyhow::Result<()> {
-        if grants.is_empty() {
-            return Ok(());
-        }
-        let mut batch = self.store.batch()?;
-        for grant in grants {
-            batch.end_grant(grant.id, GrantState::Expired, grant.expires_at)?;
-            batch.audit(
-                Event::new(
-                    Kind::GrantExpired,
-                    AGENT,
-                    grant.id,
-                    format!(
-                        "grant {} for {} expired while the agent was down",
-                        grant.id, grant.target
-                    ),
-                ),
-                SystemTime::now(),
-            )?;
-        }
-        let records = batch.commit()?;
-        self.publish(records);
-        Ok(())
     }
 }

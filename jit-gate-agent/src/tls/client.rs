@@ -77,7 +77,7 @@ pub fn client_config(
         roots.add(cert).map_err(|e| {
             invalid(
                 ca.display().to_string(),
-                format!("certificate {} is not a usable CA: {e}", i + 1),
+                &format!("certificate {} is not a usable CA: {e}", i + 1),
             )
         })?;
     }
@@ -93,7 +93,7 @@ pub fn client_config(
             .map_err(|e| {
                 invalid(
                     format!("{} and {}", certificate.display(), key.display()),
-                    e,
+                    &e,
                 )
             })?;
     config.alpn_protocols = vec![b"h2".to_vec()];

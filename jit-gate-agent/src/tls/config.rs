@@ -81,7 +81,7 @@ pub enum Identity {
     Uri(String),
     /// A DNS subject alternative name, lower case.
     Dns(String),
-    /// SHA-256 of the certificate's SubjectPublicKeyInfo.
+    /// SHA-256 of the certificate's `SubjectPublicKeyInfo`.
     Spki([u8; 32]),
 }
 

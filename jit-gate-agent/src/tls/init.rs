@@ -17,7 +17,7 @@ use crate::tls::{
     pki::{Ca, Leaf, Usage, client_uri, valid_client_name, write_private},
 };
 
-const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+const CA_LIFETIME: Duration = Duration::from_hours(10 * 365 * 24);
 
 pub struct InitOptions {
     pub dir: PathBuf,
@@ -158,19 +158,19 @@ fn issue_clients(
 }
 
 fn client_usage(dir: &Path, clients: &[String]) -> String {
+    use std::fmt::Write as _;
     let (ca_pem, _) = pair(dir, "ca");
-    clients
-        .iter()
-        .map(|client| {
-            let (cert, key) = pair(dir, &format!("client-{client}"));
-            format!(
-                "# Client {client}: jit-gate --ca {} --cert {} --key {} --agent https://HOST:{DEFAULT_PORT} status\n",
-                ca_pem.display(),
-                cert.display(),
-                key.display()
-            )
-        })
-        .collect()
+    clients.iter().fold(String::new(), |mut out, client| {
+        let (cert, key) = pair(dir, &format!("client-{client}"));
+        let _ = writeln!(
+            out,
+            "# Client {client}: jit-gate --ca {} --cert {} --key {} --agent https://HOST:{DEFAULT_PORT} status",
+            ca_pem.display(),
+            cert.display(),
+            key.display()
+        );
+        out
+    })
 }
 
 fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
@@ -220,11 +220,11 @@ fn local_addresses() -> anyhow::Result<Vec<IpAddr>> {
         let address = unsafe {
             match i32::from((*entry.ifa_addr).sa_family) {
                 libc::AF_INET => {
-                    let v4 = &*entry.ifa_addr.cast::<libc::sockaddr_in>();
+                    let v4 = std::ptr::read_unaligned(entry.ifa_addr.cast::<libc::sockaddr_in>());
                     IpAddr::from(v4.sin_addr.s_addr.to_ne_bytes())
                 }
                 libc::AF_INET6 => {
-                    let v6 = &*entry.ifa_addr.cast::<libc::sockaddr_in6>();
+                    let v6 = std::ptr::read_unaligned(entry.ifa_addr.cast::<libc::sockaddr_in6>());
                     IpAddr::from(v6.sin6_addr.s6_addr)
                 }
                 _ => continue,
@@ -255,7 +255,7 @@ mod tests {
             names: vec!["agent.example.org".into()],
             addresses: vec!["192.0.2.1".parse().unwrap()],
             clients: vec!["broker-1".into()],
-            lifetime: Duration::from_secs(3600),
+            lifetime: Duration::from_hours(1),
         };
         let snippet = init(&options).unwrap();
         assert!(
@@ -301,9 +301,9 @@ mod tests {
         let err = init(&options).unwrap_err().to_string();
         assert!(err.contains("never overwrites"), "{err}");
         // More clients from the same CA.
-        add_clients(&tls, &["ops".into()], Duration::from_secs(3600)).unwrap();
+        add_clients(&tls, &["ops".into()], Duration::from_hours(1)).unwrap();
         assert!(tls.join("client-ops.pem").exists());
-        let err = add_clients(&tls, &["ops".into()], Duration::from_secs(3600)).unwrap_err();
+        let err = add_clients(&tls, &["ops".into()], Duration::from_hours(1)).unwrap_err();
         assert!(format!("{err:#}").contains("never overwritten"), "{err:#}");
         let err = init(&InitOptions {
             clients: vec!["a b".into()],

@@ -77,7 +77,7 @@ impl Leaf {
             addresses: Vec::new(),
             uris: Vec::new(),
             usage,
-            not_before: now - Duration::from_secs(60),
+            not_before: now - Duration::from_mins(1),
             not_after: now + lifetime,
         }
     }
@@ -106,7 +106,7 @@ impl Ca {
         ];
         params.key_identifier_method = KeyIdMethod::Sha256;
         let now = OffsetDateTime::now_utc();
-        params.not_before = now - Duration::from_secs(60);
+        params.not_before = now - Duration::from_mins(1);
         params.not_after = now + lifetime;
         params.serial_number = Some(random_serial());
         let certificate = params.self_signed(&key)?.pem();
@@ -186,7 +186,7 @@ impl Ca {
     ) -> Result<String, Error> {
         let now = OffsetDateTime::now_utc();
         let params = CertificateRevocationListParams {
-            this_update: now - Duration::from_secs(60),
+            this_update: now - Duration::from_mins(1),
             next_update: now + lifetime,
             crl_number: SerialNumber::from(number),
             issuing_distribution_point: None,
@@ -194,7 +194,7 @@ impl Ca {
                 .iter()
                 .map(|serial| RevokedCertParams {
                     serial_number: serial.clone(),
-                    revocation_time: now - Duration::from_secs(60),
+                    revocation_time: now - Duration::from_mins(1),
                     reason_code: Some(RevocationReason::KeyCompromise),
                     invalidity_date: None,
                 })
@@ -228,7 +228,7 @@ mod tests {
     #[test]
     fn issued_certificates_chain_to_the_ca_and_a_loaded_ca_issues_more() {
         let dir = tempfile::tempdir().unwrap();
-        let ca = Ca::generate("test CA", Duration::from_secs(3600)).unwrap();
+        let ca = Ca::generate("test CA", Duration::from_hours(1)).unwrap();
         let ca_pem = dir.path().join("ca.pem");
         let ca_key = dir.path().join("ca.key");
         write_private(&ca_pem, ca.certificate_pem()).unwrap();
@@ -239,7 +239,7 @@ mod tests {
         assert_eq!(again.kind(), std::io::ErrorKind::AlreadyExists);
 
         let loaded = Ca::load(&ca_pem, &ca_key).unwrap();
-        let mut leaf = Leaf::new("broker-1", Usage::Client, Duration::from_secs(600));
+        let mut leaf = Leaf::new("broker-1", Usage::Client, Duration::from_mins(10));
         leaf.uris.push(client_uri("broker-1"));
         let issued = loaded.issue(&leaf).unwrap();
         let der = CertificateDer::from_pem_slice(issued.certificate.as_bytes()).unwrap();

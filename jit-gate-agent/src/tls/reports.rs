@@ -9,7 +9,7 @@ use std::{
 };
 
 const LOG_EVERY: Duration = Duration::from_secs(10);
-const AUDIT_EVERY: Duration = Duration::from_secs(60);
+const AUDIT_EVERY: Duration = Duration::from_mins(1);
 /// Principals tracked at once; a certificate beyond them is logged only.
 const MAX_AUDITED: usize = 1024;
 
@@ -50,7 +50,7 @@ fn admit<K: std::hash::Hash + Eq>(
 }
 
 #[derive(Default)]
-pub struct Reports {
+pub(super) struct Reports {
     logged: HashMap<&'static str, Slot>,
     audited: HashMap<(String, &'static str), Slot>,
 }
@@ -58,12 +58,17 @@ pub struct Reports {
 impl Reports {
     /// Whether to log a refusal of kind `code` now; `Some(n)`: yes, and `n`
     /// similar ones went unlogged since the last line.
-    pub fn log(&mut self, code: &'static str, now: Instant) -> Option<u64> {
+    pub(super) fn log(&mut self, code: &'static str, now: Instant) -> Option<u64> {
         admit(&mut self.logged, code, LOG_EVERY, now)
     }
 
     /// Whether to audit a refusal of kind `code` for `principal` now.
-    pub fn audit(&mut self, principal: &str, code: &'static str, now: Instant) -> Option<u64> {
+    pub(super) fn audit(
+        &mut self,
+        principal: &str,
+        code: &'static str,
+        now: Instant,
+    ) -> Option<u64> {
         if self.audited.len() >= MAX_AUDITED {
             self.audited
                 .retain(|_, slot| now.duration_since(slot.last) < AUDIT_EVERY);

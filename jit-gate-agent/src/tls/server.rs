@@ -51,7 +51,7 @@ const MAX_HANDSHAKES: usize = 256;
 const ACCEPTED_QUEUE: usize = 64;
 /// Pending TCP connections per listening socket.
 const BACKLOG: i32 = 1024;
-const KEEPALIVE: Duration = Duration::from_secs(60);
+const KEEPALIVE: Duration = Duration::from_mins(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -61,7 +61,7 @@ pub enum TlsError {
     Invalid { what: String, problem: String },
 }
 
-pub(crate) fn invalid(what: impl Into<String>, problem: impl ToString) -> TlsError {
+pub(crate) fn invalid(what: impl Into<String>, problem: &dyn std::fmt::Display) -> TlsError {
     TlsError::Invalid {
         what: what.into(),
         problem: problem.to_string(),
@@ -191,7 +191,7 @@ fn build(config: &TlsConfig, generation: u64) -> Result<Active, TlsError> {
         .map_err(|e| {
             invalid(
                 config.key.display().to_string(),
-                format!("not a usable private key: {e}"),
+                &format!("not a usable private key: {e}"),
             )
         })?;
     let mut roots = RootCertStore::empty();
@@ -200,7 +200,7 @@ fn build(config: &TlsConfig, generation: u64) -> Result<Active, TlsError> {
             roots.add(ca).map_err(|e| {
                 invalid(
                     path.display().to_string(),
-                    format!("certificate {} is not a usable CA: {e}", i + 1),
+                    &format!("certificate {} is not a usable CA: {e}", i + 1),
                 )
             })?;
         }
@@ -216,7 +216,7 @@ fn build(config: &TlsConfig, generation: u64) -> Result<Active, TlsError> {
         .collect();
     let verifier = Arc::new(
         ClientVerifier::new(provider.clone(), roots, crls, pinned)
-            .map_err(|e| invalid("api.tls.client_ca/crl", e))?,
+            .map_err(|e| invalid("api.tls.client_ca/crl", &e))?,
     );
     let mut server = server_config(provider, verifier.clone(), chain, key).map_err(|e| {
         invalid(
@@ -225,7 +225,7 @@ fn build(config: &TlsConfig, generation: u64) -> Result<Active, TlsError> {
                 config.certificate.display(),
                 config.key.display()
             ),
-            e,
+            &e,
         )
     })?;
     server.alpn_protocols = vec![b"h2".to_vec()];
@@ -276,7 +276,7 @@ pub fn bind(addresses: &[SocketAddr]) -> anyhow::Result<Vec<std::net::TcpListene
 
 /// The verified connections of every listener, for `serve_with_incoming`.
 pub fn incoming(
-    server: Arc<TlsServer>,
+    server: &Arc<TlsServer>,
     listeners: Vec<std::net::TcpListener>,
 ) -> io::Result<ReceiverStream<Result<TlsConnection, io::Error>>> {
     let (accepted, queue) = mpsc::channel(ACCEPTED_QUEUE);
@@ -356,13 +356,10 @@ async fn handshake(
     let _ = socket2::SockRef::from(&tcp)
         .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(KEEPALIVE));
     let attempt = noting_refusal(active.acceptor.accept(tcp));
-    let (outcome, refused) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt).await {
-        Ok(done) => done,
-        Err(_) => {
-            let message = format!("no complete handshake within {HANDSHAKE_TIMEOUT:?}");
-            server.report(remote, "timeout", &message, None);
-            return None;
-        }
+    let Ok((outcome, refused)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt).await else {
+        let message = format!("no complete handshake within {HANDSHAKE_TIMEOUT:?}");
+        server.report(remote, "timeout", &message, None);
+        return None;
     };
     let stream = match outcome {
         Ok(stream) => stream,

@@ -308,7 +308,7 @@ mod tests {
     use super::*;
     use crate::tls::pki::{Ca, Leaf, Usage};
 
-    const HOUR: Duration = Duration::from_secs(3600);
+    const HOUR: Duration = Duration::from_hours(1);
 
     fn der(pem: &str) -> CertificateDer<'static> {
         CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()

@@ -1,9 +1,14 @@
 //! `cargo xtask bench`: per-packet cost of each verdict path of the loaded
-//! gate through `BPF_PROG_TEST_RUN`, beside bare XDP_PASS/XDP_DROP programs
+//! gate through `BPF_PROG_TEST_RUN`, beside bare `XDP_PASS/XDP_DROP` programs
 //! (the floor) measured in the same run, with 1, 10,000 and 1,000,000 exact
 //! grants loaded. Rounds interleave all programs so machine noise hits each
 //! alike; the median of the rounds is reported, as ns/packet and as a ratio
 //! to the floor of the same verdict.
+
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
 
 use std::{
     collections::BTreeSet,
@@ -34,7 +39,7 @@ static FLOOR_OBJECT: &[u8] =
 
 #[derive(Parser)]
 struct Args {
-    /// Packets per measurement (BPF_PROG_TEST_RUN repeat count).
+    /// Packets per measurement (`BPF_PROG_TEST_RUN` repeat count).
     #[arg(long, default_value_t = 200_000)]
     repeat: u32,
     /// Interleaved rounds; the median is reported.
@@ -159,7 +164,7 @@ fn fill_grants(gate: &mut XdpGate, have: u32, total: u32, expires: u64) -> Resul
     for i in have..total {
         let addr = Ipv4Addr::from(0x0a00_0000u32 + i);
         let target = GrantTarget {
-            source: std::net::IpAddr::V4(addr).into(),
+            source: IpAddr::V4(addr).into(),
             protocol: Protocol::Tcp,
             port: SSH,
         };
@@ -172,7 +177,7 @@ fn setup(gate: &mut XdpGate) -> Result<u64> {
     gate.set_protected_ports(&BTreeSet::from([(Protocol::Tcp, SSH)]))?;
     gate.set_deny_report_interval(Duration::from_secs(1))?;
     let expires = boot_now_ns() + 3_600_000_000_000;
-    let grant = |source: std::net::IpAddr| GrantTarget {
+    let grant = |source: IpAddr| GrantTarget {
         source: source.into(),
         protocol: Protocol::Tcp,
         port: SSH,

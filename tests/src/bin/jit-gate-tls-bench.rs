@@ -1,15 +1,21 @@
 //! `cargo xtask bench`, remote brokers: the API over mutual TLS beside the
 //! Unix socket, in the same run.
 //!
-//! - per call, one connection reused: a no-op RPC (GetPolicy), RequestAccess,
-//!   and grant-to-enforced (RequestAccess returns → a TCP connection from the
-//!   newly granted source is established), alternating Unix socket and mTLS
+//! - per call, one connection reused: a no-op RPC (`GetPolicy`),
+//!   `RequestAccess`, and grant-to-enforced (`RequestAccess` returns → a TCP
+//!   connection from the newly granted source is established), alternating
+//!   Unix socket and mTLS
 //!   sample by sample, from a broker namespace to a release-built agent in
 //!   mode xdp+nftables;
 //! - fan-out: the release-built `jit-gate` CLI sends one request to 50 and to
 //!   200 agents (mode nftables, each in its own namespace), over mTLS and
 //!   over their Unix sockets, alternating; per-agent latency (from the CLI's
 //!   JSON rows) and the CLI's wall time.
+
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -27,7 +33,7 @@ use jit_gate_agent::{
 };
 use jit_gate_tests::{
     agent::{connect, workspace_binary},
-    fleet::{ClientCert, Fleet},
+    fleet::{ClientCert, Fleet, Host},
     measure::{Percentiles, connect_time, percentiles},
     netns::{enter, nsenter},
     traffic::TcpEcho,
@@ -262,7 +268,7 @@ fn main() -> Result<()> {
                         .map(|h| h.files.socket().display().to_string())
                         .collect::<Vec<_>>(),
                 ),
-                ("mtls", hosts.iter().map(|h| h.url()).collect()),
+                ("mtls", hosts.iter().map(Host::url).collect()),
             ];
             let mut samples: [(Vec<Duration>, Vec<Duration>); 2] = Default::default();
             for _ in 0..args.rounds {

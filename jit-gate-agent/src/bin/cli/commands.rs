@@ -25,7 +25,7 @@ use crate::{
 const DEFAULT_SOCKET: &str = "/run/jit-gate/agent.sock";
 
 /// How a command ended, beyond "every agent answered".
-pub enum Outcome {
+pub(crate) enum Outcome {
     Success,
     /// A call failed on some agent.
     Failure,
@@ -45,7 +45,7 @@ impl From<bool> for Outcome {
 
 /// Runs the command. `Err` is a local problem found before any agent was
 /// contacted.
-pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
+pub(crate) async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     let mut agents = cli.agents;
     if let Some(file) = &cli.agents_file {
         agents.extend(read_agents_file(file)?);
@@ -169,7 +169,7 @@ async fn all_pages(
     Ok(tonic::Response::new(all))
 }
 
-/// The UpdatePolicy request for `policy set|add-port|remove-port`.
+/// The `UpdatePolicy` request for `policy set|add-port|remove-port`.
 fn policy_change(command: PolicyChange) -> anyhow::Result<UpdatePolicyRequest> {
     let (change, revision) = match command {
         PolicyChange::Set { file, revision } => {

@@ -24,17 +24,17 @@ use tonic::{
     transport::{Channel, Endpoint, Uri},
 };
 
-pub type Client = JitGateClient<Channel>;
+pub(crate) type Client = JitGateClient<Channel>;
 
 /// An agent: its Unix socket, or its mutual-TLS listener.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Agent {
+pub(crate) enum Agent {
     Unix(PathBuf),
     Tls(TlsTarget),
 }
 
 impl Agent {
-    pub fn is_tls(&self) -> bool {
+    pub(crate) fn is_tls(&self) -> bool {
         matches!(self, Agent::Tls(_))
     }
 }
@@ -78,7 +78,7 @@ impl FromStr for Agent {
 
 /// The agents listed in `path`: one per line, as `--agent` takes them;
 /// blank lines and `#` comments are skipped.
-pub fn read_agents_file(path: &Path) -> anyhow::Result<Vec<Agent>> {
+pub(crate) fn read_agents_file(path: &Path) -> anyhow::Result<Vec<Agent>> {
     use anyhow::Context as _;
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -97,14 +97,14 @@ pub fn read_agents_file(path: &Path) -> anyhow::Result<Vec<Agent>> {
 /// Why a call on one agent failed: the agent's gRPC status, or the
 /// client's own (`Unavailable` for no connection, `DeadlineExceeded`).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CallError {
+pub(crate) struct CallError {
     pub code: Code,
     pub message: String,
 }
 
 impl CallError {
-    /// The code's name as in tonic and the gRPC docs ("InvalidArgument").
-    pub fn code_name(&self) -> String {
+    /// The code's name as in tonic and the gRPC docs ("`InvalidArgument`").
+    pub(crate) fn code_name(&self) -> String {
         format!("{:?}", self.code)
     }
 }
@@ -135,7 +135,7 @@ impl From<Status> for CallError {
 }
 
 /// One agent's answer to a fanned-out call.
-pub struct Reply<T> {
+pub(crate) struct Reply<T> {
     pub agent: Agent,
     pub result: Result<T, CallError>,
     /// From the start of the connection to the answer.
@@ -144,13 +144,13 @@ pub struct Reply<T> {
 
 impl<T> Reply<T> {
     /// No answer within the timeout.
-    pub fn timed_out(&self) -> bool {
+    pub(crate) fn timed_out(&self) -> bool {
         matches!(&self.result, Err(e) if e.code == Code::DeadlineExceeded)
     }
 }
 
 /// The agents a command runs on, and how.
-pub struct Fleet {
+pub(crate) struct Fleet {
     pub agents: Vec<Agent>,
     /// Longest wait for each agent.
     pub timeout: Duration,
@@ -165,7 +165,7 @@ impl Fleet {
     /// `concurrency` at a time; replies come in the order the agents were
     /// given. The timeout covers connecting and the call (for a stream:
     /// opening it), from the moment that agent's turn comes.
-    pub async fn call<Req, T, F, Fut>(&self, request: Req, call: F) -> Vec<Reply<T>>
+    pub(crate) async fn call<Req, T, F, Fut>(&self, request: Req, call: F) -> Vec<Reply<T>>
     where
         Req: Clone,
         F: Fn(Client, Req) -> Fut,

@@ -15,7 +15,7 @@ use rustls::ClientConfig;
 use serde::Deserialize;
 
 #[derive(Debug, Default, Args)]
-pub struct TlsArgs {
+pub(crate) struct TlsArgs {
     /// PEM file of the CA that signed the agents' server certificates.
     #[arg(long, value_name = "PEM", env = "JIT_GATE_CA", global = true)]
     pub ca: Option<PathBuf>,
@@ -73,7 +73,7 @@ fn default_client_file() -> Option<PathBuf> {
 
 impl TlsArgs {
     /// The TLS client configuration, read before any agent is contacted.
-    pub fn client_config(&self) -> anyhow::Result<Arc<ClientConfig>> {
+    pub(crate) fn client_config(&self) -> anyhow::Result<Arc<ClientConfig>> {
         let file = match self.client_config.clone().or_else(default_client_file) {
             Some(path) => ClientFile::read(&path)?,
             None => ClientFile::default(),

@@ -7,7 +7,7 @@ use jit_gate_agent::proto::WatchEventsRequest;
 use crate::{args::WatchArgs, connect::Fleet, output::print_line};
 
 /// True if no stream failed (an interrupt is a normal end).
-pub async fn run(fleet: &Fleet, args: WatchArgs, json: bool) -> bool {
+pub(crate) async fn run(fleet: &Fleet, args: WatchArgs, json: bool) -> bool {
     let request = WatchEventsRequest {
         after_sequence: args.after,
         kinds: args.kinds.iter().map(|k| *k as i32).collect(),

@@ -19,11 +19,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::{
-        ProgramError, Xdp, XdpMode,
-        links::{FdLink, LinkError, PinnedLink},
-        xdp::XdpLink,
-    },
+    programs::{ProgramError, Xdp, links::LinkError},
 };
 use ipnet::IpNet;
 use jit_gate_common::{
@@ -37,6 +33,8 @@ use jit_gate_common::{
 };
 
 use crate::net::{GrantTarget, Protocol};
+
+mod attach;
 
 /// The compiled XDP object, built by build.rs.
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/jit-gate"));
@@ -72,6 +70,8 @@ pub enum XdpError {
     },
     #[error("map {map}: {source}")]
     Map { map: &'static str, source: MapError },
+    #[error("no interface named {ifname} in this network namespace")]
+    NoInterface { ifname: String },
     #[error("map {0} missing from the program object")]
     MissingMap(&'static str),
     #[error("interface {ifname}: cannot attach in native ({native}) or generic ({generic}) mode")]
@@ -145,7 +145,7 @@ pub struct DeniedPacket {
 
 /// Decodes one ring-buffer record; `None` if it is not a deny event.
 pub fn parse_deny_event(record: &[u8]) -> Option<DeniedPacket> {
-    if record.len() < std::mem::size_of::<DenyEvent>() {
+    if record.len() < size_of::<DenyEvent>() {
         return None;
     }
     // SAFETY: the record holds at least one DenyEvent, a plain-old-data
@@ -190,6 +190,10 @@ pub struct XdpGate {
     pin_dir: PathBuf,
     ebpf: Ebpf,
     maps: Maps,
+    /// The kernel's id of each pinned map, to pin it again from.
+    map_ids: Vec<(&'static str, u32)>,
+    /// The links the agent holds, by interface name.
+    links: BTreeMap<String, attach::HeldLink>,
 }
 
 fn take<T: TryFrom<Map, Error = MapError>>(ebpf: &mut Ebpf, name: &'static str) -> Result<T> {
@@ -236,10 +240,23 @@ impl XdpGate {
             config: take(&mut ebpf, names::CONFIG)?,
             deny_events: Some(take(&mut ebpf, names::DENY_EVENTS)?),
         };
+        let map_ids = names::ALL
+            .iter()
+            .map(|&name| {
+                let path = pin_dir.join(name);
+                let id = MapData::from_pin(&path)
+                    .and_then(|map| map.info())
+                    .map_err(map_err(name))?
+                    .id();
+                Ok((name, id))
+            })
+            .collect::<Result<_>>()?;
         let mut gate = XdpGate {
             pin_dir,
             ebpf,
             maps,
+            map_ids,
+            links: BTreeMap::new(),
         };
         gate.recount_cidr_entries()?;
         Ok(gate)
@@ -251,71 +268,6 @@ impl XdpGate {
             .program(PROGRAM_NAME)
             .and_then(|p| <&Xdp>::try_from(p).ok())
             .expect("the program was checked to be XDP in open()")
-    }
-
-    /// Attaches the program to `ifname` and pins the link. If a link pinned
-    /// by an earlier run exists, the new program replaces the old one in it
-    /// atomically (`bpf_link_update`); otherwise native mode is tried first,
-    /// then generic.
-    pub fn attach(&mut self, ifname: &str) -> Result<Attachment> {
-        let link_pin = self.link_pin(ifname);
-        let program = xdp_program(&mut self.ebpf)?;
-        if link_pin.exists() {
-            let pinned = PinnedLink::from_pin(&link_pin).map_err(|source| XdpError::Link {
-                what: format!("open {}", link_pin.display()),
-                source,
-            })?;
-            let link =
-                XdpLink::try_from(FdLink::from(pinned)).map_err(|source| XdpError::Link {
-                    what: format!("adopt {}", link_pin.display()),
-                    source,
-                })?;
-            let id = program
-                .attach_to_link(link)
-                .map_err(|source| XdpError::Program {
-                    what: format!("replace in link on {ifname}"),
-                    source: Box::new(source),
-                })?;
-            // The link is already pinned; dropping our handle keeps it attached.
-            let _ = program.take_link(id);
-            return Ok(Attachment::Adopted);
-        }
-        let (id, mode) = match program.attach(ifname, XdpMode::Driver) {
-            Ok(id) => (id, AttachMode::Native),
-            Err(native) => match program.attach(ifname, XdpMode::Skb) {
-                Ok(id) => (id, AttachMode::Generic),
-                Err(generic) => {
-                    return Err(XdpError::Attach {
-                        ifname: ifname.into(),
-                        native: Box::new(native),
-                        generic: Box::new(generic),
-                    });
-                }
-            },
-        };
-        let link = program.take_link(id).map_err(|source| XdpError::Program {
-            what: format!("take link on {ifname}"),
-            source: Box::new(source),
-        })?;
-        let fd_link = FdLink::try_from(link).map_err(|source| XdpError::Link {
-            what: format!("on {ifname} is not a bpf_link (kernel too old?)"),
-            source,
-        })?;
-        fd_link.pin(&link_pin).map_err(|source| XdpError::Pin {
-            path: link_pin,
-            source,
-        })?;
-        Ok(Attachment::Attached(mode))
-    }
-
-    /// Interfaces with a pinned link.
-    pub fn attached_interfaces(&self) -> Result<Vec<String>> {
-        attached_interfaces(&self.pin_dir)
-    }
-
-    /// Detaches from one interface (removes its link pin).
-    pub fn detach(&mut self, ifname: &str) -> Result<()> {
-        remove_if_exists(&self.link_pin(ifname))
     }
 
     fn link_pin(&self, ifname: &str) -> PathBuf {
@@ -495,23 +447,23 @@ impl XdpGate {
                 grant_id: value.grant_id,
             })
         };
-        for item in self.maps.grants_v4.iter() {
+        for item in &self.maps.grants_v4 {
             let (k, v) = item.map_err(map_err(names::GRANTS_V4))?;
             let source = IpNet::from(IpAddr::from(k.addr));
             out.extend(entry(source, k.protocol, k.port, v));
         }
-        for item in self.maps.grants_v6.iter() {
+        for item in &self.maps.grants_v6 {
             let (k, v) = item.map_err(map_err(names::GRANTS_V6))?;
             let source = IpNet::from(IpAddr::from(k.addr));
             out.extend(entry(source, k.protocol, k.port, v));
         }
-        for item in self.maps.cidr_v4.iter() {
+        for item in &self.maps.cidr_v4 {
             let (k, v) = item.map_err(map_err(names::CIDR_GRANTS_V4))?;
             let (protocol, port, addr, len) = split_cidr_key::<7, 4>(&k);
             let source = IpNet::new(IpAddr::from(addr), len).expect("trie prefix fits the family");
             out.extend(entry(source, protocol, port, v));
         }
-        for item in self.maps.cidr_v6.iter() {
+        for item in &self.maps.cidr_v6 {
             let (k, v) = item.map_err(map_err(names::CIDR_GRANTS_V6))?;
             let (protocol, port, addr, len) = split_cidr_key::<19, 16>(&k);
             let source = IpNet::new(IpAddr::from(addr), len).expect("trie prefix fits the family");
@@ -674,7 +626,7 @@ fn attached_interfaces(pin_dir: &Path) -> Result<Vec<String>> {
         source,
     })?;
     let mut out: Vec<String> = entries
-        .filter_map(|e| e.ok())
+        .filter_map(std::result::Result::ok)
         .filter_map(|e| {
             e.file_name()
                 .to_str()
@@ -711,8 +663,13 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
     })?;
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid NUL-terminated path and writable statfs buffer.
-    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };
-    if rc != 0 || stat.f_type as i64 != BPF_FS_MAGIC {
+    let rc = unsafe { libc::statfs(c_path.as_ptr(), &raw mut stat) };
+    #[allow(
+        trivial_numeric_casts,
+        reason = "f_type's type differs between architectures"
+    )]
+    let f_type = stat.f_type as i64;
+    if rc != 0 || f_type != BPF_FS_MAGIC {
         return Err(XdpError::NoBpffs {
             path: pin_dir.into(),
         });
