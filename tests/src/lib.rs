@@ -2,10 +2,10 @@
 //! loudly, unique bpffs pin directories and network namespaces that clean up
 //! on drop.
 // Dependencies of the package's binaries (benchmarks, installer) alone.
-use {anyhow as _, clap as _, serde as _, tokio_stream as _};
+use {anyhow as _, clap as _, serde as _, tokio_stream as _, tonic_health as _};
 // And of the integration tests alone (dev-dependencies).
 #[cfg(test)]
-use {prost as _, tonic_health as _, tonic_reflection as _};
+use {prost as _, tonic_reflection as _};
 
 pub mod agent;
 pub mod cli;

@@ -1,8 +1,9 @@
 //! `cargo xtask bench`, remote brokers: the API over mutual TLS beside the
 //! Unix socket, in the same run.
 //!
-//! - per call, one connection reused: a no-op RPC (`GetPolicy`),
-//!   `RequestAccess`, and grant-to-enforced (`RequestAccess` returns → a TCP
+//! - per call, one connection reused: the health check (the transport
+//!   alone: it does not reach the engine), a no-op RPC (`GetPolicy`, which
+//!   waits for the engine thread), `RequestAccess`, and grant-to-enforced (`RequestAccess` returns → a TCP
 //!   connection from the newly granted source is established), alternating
 //!   Unix socket and mTLS
 //!   sample by sample, from a broker namespace to a release-built agent in
@@ -41,12 +42,14 @@ use jit_gate_tests::{
 use rustls::ClientConfig;
 use serde::Serialize;
 use tonic::transport::Channel;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 #[derive(Parser)]
 struct Args {
-    /// Per-call samples for each transport.
-    #[arg(long, default_value_t = 300)]
-    samples: usize,
+    /// Per-call samples for each transport (each takes a fresh source
+    /// address: the gated host's neighbour table holds 1024).
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u16).range(1..=500))]
+    samples: u16,
     /// Fan-out sizes.
     #[arg(long, value_delimiter = ',', default_value = "50,200")]
     fleets: Vec<usize>,
@@ -62,6 +65,8 @@ const PRINCIPALS: &str = r#"[{ uri = "urn:jit-gate:bench", role = "broker" }]"#;
 
 #[derive(Serialize)]
 struct PerCall {
+    health_unix: Percentiles,
+    health_mtls: Percentiles,
     noop_unix: Percentiles,
     noop_mtls: Percentiles,
     request_unix: Percentiles,
@@ -124,10 +129,16 @@ fn per_call(
             .enable_all()
             .build()?;
         runtime.block_on(async {
-            let mut unix = JitGateClient::new(connect(&socket).await?);
-            let mut mtls: JitGateClient<Channel> = JitGateClient::new(channel(tls, &target).await?);
+            let unix_channel = connect(&socket).await?;
+            let mtls_channel: Channel = channel(tls, &target).await?;
+            let mut unix = JitGateClient::new(unix_channel.clone());
+            let mut mtls = JitGateClient::new(mtls_channel.clone());
+            let mut health = [
+                HealthClient::new(unix_channel),
+                HealthClient::new(mtls_channel),
+            ];
             let ssh = SocketAddr::new(target.host.parse()?, SSH);
-            let mut times: [Vec<Duration>; 6] = Default::default();
+            let mut times: [Vec<Duration>; 8] = Default::default();
             // Warm both connections up before timing.
             for _ in 0..20 {
                 unix.get_policy(proto::GetPolicyRequest {}).await?;
@@ -135,6 +146,9 @@ fn per_call(
             }
             for i in 0..samples {
                 for (offset, api) in [(0, &mut unix), (1, &mut mtls)] {
+                    let start = Instant::now();
+                    health[offset].check(HealthCheckRequest::default()).await?;
+                    times[6 + offset].push(start.elapsed());
                     let start = Instant::now();
                     api.get_policy(proto::GetPolicyRequest {}).await?;
                     times[offset].push(start.elapsed());
@@ -153,8 +167,12 @@ fn per_call(
                 request_mtls,
                 enforced_unix,
                 enforced_mtls,
+                health_unix,
+                health_mtls,
             ] = times.map(percentiles);
             Ok(PerCall {
+                health_unix,
+                health_mtls,
                 noop_unix,
                 noop_mtls,
                 request_unix,
@@ -247,7 +265,7 @@ fn main() -> Result<()> {
             host.files.socket(),
             fleet.pki.client_config(Some(&client)),
             host.url().parse().map_err(anyhow::Error::msg)?,
-            args.samples,
+            args.samples.into(),
         )?
     };
 
@@ -294,6 +312,8 @@ fn main() -> Result<()> {
     let us = |p: &Percentiles| format!("{:>8.0} {:>8.0} {:>8.0}", p.p50_us, p.p99_us, p.max_us);
     println!("\nper call, µs (one connection reused)      p50      p99      max");
     for (what, p) in [
+        ("health check, Unix socket", &per_call.health_unix),
+        ("health check, mTLS", &per_call.health_mtls),
         ("GetPolicy, Unix socket", &per_call.noop_unix),
         ("GetPolicy, mTLS", &per_call.noop_mtls),
         ("RequestAccess, Unix socket", &per_call.request_unix),
@@ -304,7 +324,9 @@ fn main() -> Result<()> {
         println!("{what:<40} {}", us(p));
     }
     println!(
-        "mTLS adds {:.0} µs p99 to a no-op call and {:.0} µs p99 to RequestAccess",
+        "mTLS adds {:.0} µs p50 and {:.0} µs p99 to the transport alone (health check), {:.0} µs p99 to a no-op call and {:.0} µs p99 to RequestAccess",
+        per_call.health_mtls.p50_us - per_call.health_unix.p50_us,
+        per_call.health_mtls.p99_us - per_call.health_unix.p99_us,
         per_call.noop_mtls.p99_us - per_call.noop_unix.p99_us,
         per_call.request_mtls.p99_us - per_call.request_unix.p99_us
     );
