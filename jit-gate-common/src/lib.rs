@@ -8,6 +8,12 @@
 pub mod maps;
 pub mod verdict;
 
+/// Version of the kernel state's layout: the maps' definitions and the
+/// meaning of their contents. Pins stamped with another version (or none)
+/// are never reused: the agent rebuilds the state from its store. Raise it
+/// with every change to a map, key, value or counter index.
+pub const LAYOUT_VERSION: u32 = 2;
+
 /// IP protocol numbers the gate understands.
 pub mod ip_proto {
     pub const TCP: u8 = 6;

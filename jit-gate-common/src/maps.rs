@@ -16,41 +16,64 @@ pub mod names {
     pub const CIDR_GRANTS_V4: &str = "CIDR_GRANTS_V4";
     pub const CIDR_GRANTS_V6: &str = "CIDR_GRANTS_V6";
     pub const FLOWS: &str = "FLOWS";
+    pub const GRANT_OPENS: &str = "GRANT_OPENS";
+    pub const GRANT_CLOSES: &str = "GRANT_CLOSES";
     pub const REASON_COUNTERS: &str = "REASON_COUNTERS";
     pub const PORT_COUNTERS: &str = "PORT_COUNTERS";
     pub const DENY_EVENTS: &str = "DENY_EVENTS";
-    pub const DENY_RATE: &str = "DENY_RATE";
+    pub const DENY_BUDGET: &str = "DENY_BUDGET";
     pub const CONFIG: &str = "CONFIG";
-    /// Every map, for pinning and removal.
-    pub const ALL: [&str; 11] = [
+    /// Written by user space only: the layout version the pins were made for.
+    pub const LAYOUT: &str = "LAYOUT";
+    /// Every map of the program, for pinning and removal.
+    pub const ALL: [&str; 14] = [
         PROTECTED_PORTS,
         GRANTS_V4,
         GRANTS_V6,
         CIDR_GRANTS_V4,
         CIDR_GRANTS_V6,
         FLOWS,
+        GRANT_OPENS,
+        GRANT_CLOSES,
         REASON_COUNTERS,
         PORT_COUNTERS,
         DENY_EVENTS,
-        DENY_RATE,
+        DENY_BUDGET,
         CONFIG,
+        LAYOUT,
     ];
 }
 
 /// Name of the XDP program in the object file.
 pub const PROGRAM_NAME: &str = "jit_gate";
 
-/// Capacities. Grants are sized for a busy bastion fleet host; flows for the
-/// sessions such a host keeps open.
+/// Capacities. Grants are sized for a busy bastion fleet host. The flow
+/// table's size is a default: the agent sets it from its configuration when
+/// it loads the program.
 pub mod capacity {
     pub const PORTS: u32 = 65_536;
     pub const EXACT_GRANTS: u32 = 1_048_576;
     pub const CIDR_GRANTS: u32 = 65_536;
-    pub const FLOWS: u32 = 65_536;
+    pub const FLOWS: u32 = 262_144;
+    /// Grants with flow counters at once: every grant that opened a flow
+    /// and still has one, or is still live.
+    pub const GRANT_COUNTERS: u32 = 1_048_576;
     /// Distinct protected (port) counter slots.
     pub const PORT_COUNTER_SLOTS: u32 = 1_024;
-    pub const DENY_RATE_SOURCES: u32 = 16_384;
     pub const DENY_EVENT_BYTES: u32 = 256 * 1024;
+}
+
+/// Per-grant flow limits unless configured otherwise.
+pub mod defaults {
+    /// Connections a grant may hold open at once.
+    pub const FLOW_QUOTA: u32 = 64;
+    /// A TCP flow whose handshake has not completed this long after its
+    /// SYN is no longer honoured (nanoseconds).
+    pub const HALF_OPEN_TIMEOUT_NS: u64 = 30_000_000_000;
+    /// Deny events each CPU may send per window.
+    pub const DENY_EVENTS_PER_WINDOW: u32 = 32;
+    /// The deny-event budget window (nanoseconds).
+    pub const DENY_WINDOW_NS: u64 = 1_000_000_000;
 }
 
 /// Value of `PROTECTED_PORTS[port]`: which protocols are protected on the
@@ -131,7 +154,9 @@ impl GrantKeyV6 {
     }
 }
 
-/// Value of every grant map: the latest expiry among the grants for the key.
+/// Value of every grant map: the latest expiry among the grants for the
+/// key, the grant it belongs to, and that grant's flow limits (carried here
+/// so the program needs no other lookup to apply them).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GrantValue {
@@ -139,6 +164,10 @@ pub struct GrantValue {
     pub expires_at_boot_ns: u64,
     /// The grant whose expiry this is; recorded in the flows it opens.
     pub grant_id: u64,
+    /// Flows the grant may hold at once (opened minus closed).
+    pub flow_quota: u32,
+    /// Flows the grant may ever open; 0: no limit (a single-use grant has 1).
+    pub max_opens: u32,
 }
 
 /// Bits of an LPM key that precede the address: protocol (8) and port (16).
@@ -199,30 +228,42 @@ impl FlowKey {
     }
 }
 
+/// Bits of `FlowValue::state`.
+pub mod flow_state {
+    /// TCP: the client sent an ACK without SYN (the handshake completed).
+    /// UDP flows and flows seeded from the host's connections start with it.
+    pub const ESTABLISHED: u32 = 1 << 0;
+    /// A FIN was seen from the client (spoofable: only a hint to the agent).
+    pub const FIN_SEEN: u32 = 1 << 1;
+    /// A RST was seen from the client (spoofable: only a hint to the agent).
+    pub const RST_SEEN: u32 = 1 << 2;
+}
+
 /// Value of the flow map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowValue {
+    /// The grant it was opened under; 0 for a connection that predates the gate.
     pub grant_id: u64,
+    /// When its SYN (or first datagram) passed; a SYN under a live grant
+    /// restarts it while the handshake is incomplete.
     pub opened_at_boot_ns: u64,
+    /// When a packet of the flow last passed, to the second.
+    pub last_seen_boot_ns: u64,
+    /// `flow_state` bits.
+    pub state: u32,
+    pub _pad: u32,
 }
 
-/// Key of the per-source deny-report rate limiter.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct SourceKey {
-    pub addr: [u8; 16],
-    pub family: u8,
-    pub _pad: [u8; 7],
-}
-
-/// Value of the per-source deny-report rate limiter.
+/// Value of `GRANT_OPENS`, keyed by grant id; written by the program only
+/// (atomically), so user space never races it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct DenyRateValue {
-    pub last_report_boot_ns: u64,
-    /// Denied packets from this source since the last report.
-    pub suppressed: u64,
+pub struct GrantOpens {
+    /// Flows ever opened under the grant.
+    pub opened: u64,
+    /// New connections refused (quota, max opens, flow table full).
+    pub refused: u64,
 }
 
 /// A denied packet, as reported through the `DENY_EVENTS` ring buffer.
@@ -235,9 +276,16 @@ pub struct DenyEvent {
     pub dst_port: u16,
     pub reason: u32,
     pub at_boot_ns: u64,
-    /// Denied packets from the same source that were not reported
-    /// individually since the previous event (rate limiting).
-    pub suppressed_before: u64,
+    /// For a refused new connection: the grant whose limit refused it; else 0.
+    pub grant_id: u64,
+}
+
+/// Per-CPU state of the deny-event budget: events sent in the current window.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DenyBudget {
+    pub window_start_boot_ns: u64,
+    pub sent: u64,
 }
 
 /// Per protected (port, protocol) counters.
@@ -246,6 +294,8 @@ pub struct DenyEvent {
 pub struct PortCounters {
     pub passed: u64,
     pub dropped: u64,
+    /// Of `dropped`: new connections refused by a grant's limits or a full flow table.
+    pub refused: u64,
 }
 
 /// The single entry of the `CONFIG` array.
@@ -256,8 +306,27 @@ pub struct GateConfig {
     pub cidr_v4_entries: u32,
     /// Number of entries in the IPv6 CIDR trie; zero skips the trie lookup.
     pub cidr_v6_entries: u32,
-    /// Minimum gap between two deny events for one source.
-    pub deny_report_interval_ns: u64,
+    /// See `defaults::HALF_OPEN_TIMEOUT_NS`.
+    pub half_open_timeout_ns: u64,
+    /// See `defaults::DENY_WINDOW_NS`.
+    pub deny_window_ns: u64,
+    /// See `defaults::DENY_EVENTS_PER_WINDOW`.
+    pub deny_events_per_window: u32,
+    pub _pad: u32,
+}
+
+impl GateConfig {
+    /// The configuration of a freshly loaded gate.
+    pub const fn initial() -> Self {
+        GateConfig {
+            cidr_v4_entries: 0,
+            cidr_v6_entries: 0,
+            half_open_timeout_ns: defaults::HALF_OPEN_TIMEOUT_NS,
+            deny_window_ns: defaults::DENY_WINDOW_NS,
+            deny_events_per_window: defaults::DENY_EVENTS_PER_WINDOW,
+            _pad: 0,
+        }
+    }
 }
 
 #[cfg(feature = "user")]
@@ -270,9 +339,9 @@ mod pod {
     unsafe impl aya::Pod for GrantValue {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
-    unsafe impl aya::Pod for SourceKey {}
-    unsafe impl aya::Pod for DenyRateValue {}
+    unsafe impl aya::Pod for GrantOpens {}
     unsafe impl aya::Pod for DenyEvent {}
+    unsafe impl aya::Pod for DenyBudget {}
     unsafe impl aya::Pod for PortCounters {}
     unsafe impl aya::Pod for GateConfig {}
 }
@@ -286,12 +355,14 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<GrantKeyV4>(), 4 + 2 + 1 + 1);
         assert_eq!(size_of::<GrantKeyV6>(), 16 + 2 + 1 + 1);
-        assert_eq!(size_of::<GrantValue>(), 16);
+        assert_eq!(size_of::<GrantValue>(), 8 + 8 + 4 + 4);
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 1 + 2);
-        assert_eq!(size_of::<FlowValue>(), 16);
-        assert_eq!(size_of::<SourceKey>(), 24);
+        assert_eq!(size_of::<FlowValue>(), 8 + 8 + 8 + 4 + 4);
+        assert_eq!(size_of::<GrantOpens>(), 16);
         assert_eq!(size_of::<DenyEvent>(), 16 + 1 + 1 + 2 + 4 + 8 + 8);
-        assert_eq!(size_of::<GateConfig>(), 16);
+        assert_eq!(size_of::<DenyBudget>(), 16);
+        assert_eq!(size_of::<PortCounters>(), 24);
+        assert_eq!(size_of::<GateConfig>(), 4 + 4 + 8 + 8 + 4 + 4);
     }
 
     #[test]

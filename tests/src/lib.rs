@@ -3,12 +3,14 @@
 //! on drop.
 
 pub mod agent;
+pub mod cases;
 pub mod cli;
 pub mod env;
 pub mod gated_host;
 pub mod netns;
 pub mod packets;
 pub mod process;
-pub mod reference;
+pub mod scenario;
+pub mod spec;
 pub mod ssh;
 pub mod traffic;

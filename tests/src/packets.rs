@@ -36,7 +36,8 @@ pub fn syn_ack_rst_fin_combinations() -> impl Iterator<Item = u8> {
     })
 }
 
-/// VLAN tag stacks, outermost first: none, single, QinQ, and triple-tagged.
+/// VLAN tag stacks, outermost first: none, single, QinQ, and triple-tagged
+/// (the builder gives them VLAN IDs from 100 up).
 pub const VLAN_STACKS: [&[EtherType]; 8] = [
     &[],
     &[EtherType::VLAN_TAGGED_FRAME],
@@ -109,6 +110,9 @@ pub enum Extension {
     Auth {
         icv_words: u8,
     },
+    /// An 8-byte authentication header (payload length 0: no sequence
+    /// number, no ICV), shorter than RFC 4302 allows.
+    ShortAuth,
 }
 
 impl Extension {
@@ -116,7 +120,7 @@ impl Extension {
         match self {
             Extension::Options { kind, .. } => kind,
             Extension::Fragment { .. } => IpNumber::IPV6_FRAGMENTATION_HEADER,
-            Extension::Auth { .. } => IpNumber::AUTHENTICATION_HEADER,
+            Extension::Auth { .. } | Extension::ShortAuth => IpNumber::AUTHENTICATION_HEADER,
         }
     }
 
@@ -140,6 +144,7 @@ impl Extension {
                     .unwrap_or_else(|e| panic!("authentication header: {e}"));
                 (header.to_bytes().to_vec(), Some(1))
             }
+            Extension::ShortAuth => (vec![next_header.0, 0, 0, 0, 0, 0, 1, 0], Some(1)),
         }
     }
 }
@@ -256,12 +261,16 @@ pub struct Packet {
     src: IpAddr,
     dst: IpAddr,
     layer4: Layer4,
-    vlan_tags: Vec<EtherType>,
+    /// (tag protocol, VLAN ID), outermost first.
+    vlan_tags: Vec<(EtherType, u16)>,
     ipv4_option_words: u8,
     ipv4_fragment: (u16, bool),
     extensions: Vec<Extension>,
     ip_payload_len: Option<usize>,
     padding: usize,
+    /// (source, destination) MAC addresses.
+    macs: ([u8; 6], [u8; 6]),
+    ipv4_id: u16,
 }
 
 /// The source port of built TCP and UDP packets unless set otherwise.
@@ -311,7 +320,30 @@ impl Packet {
             extensions: Vec::new(),
             ip_payload_len: None,
             padding: 0,
+            macs: ([0x02, 0, 0, 0, 0, 0x01], [0x02, 0, 0, 0, 0, 0x02]),
+            ipv4_id: 0,
         }
+    }
+
+    /// The Ethernet addresses (default 02:00:00:00:00:01 → :02).
+    pub fn macs(mut self, source: [u8; 6], destination: [u8; 6]) -> Self {
+        self.macs = (source, destination);
+        self
+    }
+
+    /// The IPv4 identification (fragments of one datagram share it).
+    pub fn ipv4_id(mut self, id: u16) -> Self {
+        self.ipv4_id = id;
+        self
+    }
+
+    /// The TCP flags.
+    pub fn flags(mut self, new: u8) -> Self {
+        match &mut self.layer4 {
+            Layer4::Tcp { flags, .. } => *flags = new,
+            _ => panic!("only TCP has flags"),
+        }
+        self
     }
 
     pub fn src_port(mut self, port: u16) -> Self {
@@ -322,10 +354,24 @@ impl Packet {
         self
     }
 
-    /// VLAN tags between the Ethernet header and the IP header, outermost first.
+    /// VLAN tags between the Ethernet header and the IP header, outermost
+    /// first, with VLAN IDs 100, 101, ...
     pub fn vlan(mut self, tags: &[EtherType]) -> Self {
+        self.vlan_tags = tags.iter().copied().zip(100..).collect();
+        self
+    }
+
+    /// VLAN tags with the given IDs (0: a priority tag), outermost first.
+    pub fn vlan_ids(mut self, tags: &[(EtherType, u16)]) -> Self {
         self.vlan_tags = tags.to_vec();
         self
+    }
+
+    /// `count` priority tags (802.1Q, VLAN ID 0): what the kernel strips
+    /// one after another without any VLAN device.
+    pub fn priority_tags(self, count: usize) -> Self {
+        let tags = vec![(EtherType::VLAN_TAGGED_FRAME, 0); count];
+        self.vlan_ids(&tags)
     }
 
     /// IPv4 options (NOPs) of `words` × 4 bytes: IHL 5 + `words`.
@@ -345,9 +391,16 @@ impl Packet {
         self
     }
 
-    /// IPv6 extension headers after those already added.
+    /// IPv6 extension headers (IPv4: authentication headers only) after
+    /// those already added.
     pub fn extensions(mut self, chain: &[Extension]) -> Self {
-        assert!(self.src.is_ipv6(), "extension headers are IPv6 only");
+        assert!(
+            self.src.is_ipv6()
+                || chain
+                    .iter()
+                    .all(|e| matches!(e, Extension::Auth { .. } | Extension::ShortAuth)),
+            "IPv4 carries authentication headers only"
+        );
         self.extensions.extend_from_slice(chain);
         self
     }
@@ -396,6 +449,9 @@ impl Packet {
                     IpFragOffset::try_new(offset).expect("fragment offset fits 13 bits");
                 header.more_fragments = more;
                 header.dont_fragment = false;
+                header.identification = self.ipv4_id;
+                // The kernel discards an IPv4 header whose checksum is wrong.
+                header.header_checksum = header.calc_header_checksum();
                 length_fields.push(LengthField::LowNibble(ip_start));
                 length_fields.push(LengthField::Word(ip_start + 2));
                 bytes.extend_from_slice(&header.to_bytes());
@@ -432,16 +488,20 @@ impl Packet {
             EtherType::IPV6
         };
         // Each header's EtherType announces the next header.
-        let mut types = self.vlan_tags.iter().copied().chain([ip_type]);
+        let mut types = self
+            .vlan_tags
+            .iter()
+            .map(|(tpid, _)| *tpid)
+            .chain([ip_type]);
         let ethernet = Ethernet2Header {
-            source: [0x02, 0, 0, 0, 0, 0x01],
-            destination: [0x02, 0, 0, 0, 0, 0x02],
+            source: self.macs.0,
+            destination: self.macs.1,
             ether_type: types.next().expect("at least the IP EtherType"),
         };
         let mut bytes = ethernet.to_bytes().to_vec();
-        for (vlan_id, ether_type) in (100..).zip(types) {
+        for ((_, vlan_id), ether_type) in self.vlan_tags.iter().zip(types) {
             let tag = SingleVlanHeader {
-                vlan_id: VlanId::try_new(vlan_id).expect("small VLAN id"),
+                vlan_id: VlanId::try_new(*vlan_id).expect("a 12-bit VLAN id"),
                 ether_type,
                 ..Default::default()
             };
@@ -505,12 +565,60 @@ impl Packet {
             payload.extend_from_slice(&header);
         }
         length_fields.extend(layer4_length.map(|f| f.shifted(payload.len())));
+        let mut layer4 = layer4;
+        if let Some(at) = checksum_offset(layer4_protocol) {
+            let sum = transport_checksum(self.src, self.dst, layer4_protocol, &layer4);
+            layer4[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+        }
         payload.extend_from_slice(&layer4);
         let first_header = self
             .extensions
             .first()
             .map_or(layer4_protocol, |e| e.kind());
         (first_header, payload, length_fields)
+    }
+}
+
+/// Where the checksum of a TCP or UDP header is.
+fn checksum_offset(protocol: IpNumber) -> Option<usize> {
+    match protocol {
+        IpNumber::TCP => Some(16),
+        IpNumber::UDP => Some(6),
+        _ => None,
+    }
+}
+
+/// The Internet checksum of a TCP or UDP header (and empty payload) with
+/// its pseudo-header, so that the stack accepts what the gate passes.
+fn transport_checksum(src: IpAddr, dst: IpAddr, protocol: IpNumber, segment: &[u8]) -> u16 {
+    let mut bytes = Vec::new();
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            bytes.extend_from_slice(&s.octets());
+            bytes.extend_from_slice(&d.octets());
+            bytes.extend_from_slice(&[0, protocol.0]);
+            bytes.extend_from_slice(&(segment.len() as u16).to_be_bytes());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            bytes.extend_from_slice(&s.octets());
+            bytes.extend_from_slice(&d.octets());
+            bytes.extend_from_slice(&(segment.len() as u32).to_be_bytes());
+            bytes.extend_from_slice(&[0, 0, 0, protocol.0]);
+        }
+        _ => unreachable!("Packet::new checks the families match"),
+    }
+    bytes.extend_from_slice(segment);
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    match !(sum as u16) {
+        // UDP sends a computed 0 as all ones (0 means "no checksum").
+        0 if protocol == IpNumber::UDP => 0xffff,
+        checksum => checksum,
     }
 }
 

@@ -6,7 +6,9 @@ use tonic::{Code, Status};
 
 use crate::{
     audit::{AuditRecord, Kind},
-    engine::{ConnectionInfo, InterfaceMode, InterfaceStatus, PortReport, StatusReport},
+    engine::{
+        ConnectionInfo, FlowTableReport, InterfaceMode, InterfaceStatus, PortReport, StatusReport,
+    },
     grants::{Grant, GrantState},
     net::Protocol,
     policy::{DEFAULT_MAX_DURATION, Policy, PortRule, RuleProtocol},
@@ -234,6 +236,19 @@ fn port_status(report: &PortReport) -> proto::PortStatus {
         connections: count(report.connections),
         grants_last_7_days: report.grants_last_7_days,
         last_access: report.last_access.map(timestamp),
+        dropped_packets: report.dropped,
+        refused_connections: report.refused_connections,
+    }
+}
+
+fn flow_table(report: &FlowTableReport) -> proto::FlowTable {
+    proto::FlowTable {
+        capacity: report.capacity,
+        tracked: u32::try_from(report.tracked).unwrap_or(u32::MAX),
+        per_grant_quota: report.per_grant_quota,
+        refused_quota: report.refused_quota,
+        refused_opens_exhausted: report.refused_opens_exhausted,
+        refused_table_full: report.refused_table_full,
     }
 }
 
@@ -247,6 +262,7 @@ pub fn status_report(report: &StatusReport) -> proto::Status {
         ports: report.ports.iter().map(port_status).collect(),
         active_grants: u32::try_from(report.active_grants).unwrap_or(u32::MAX),
         policy_revision: report.policy_revision,
+        flows: report.flows.as_ref().map(flow_table),
     }
 }
 

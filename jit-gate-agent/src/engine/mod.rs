@@ -5,6 +5,7 @@
 //! flows and denied sources, and reconciles the enforcers.
 
 mod connections;
+mod denials;
 mod enforcement;
 mod lifecycle;
 
@@ -19,6 +20,7 @@ use tokio::sync::{broadcast, oneshot};
 
 pub use connections::ConnectionInfo;
 pub use enforcement::{InterfaceMode, InterfaceStatus};
+use jit_gate_common::verdict::Reason;
 
 use crate::{
     audit::{AGENT, AuditRecord, Event, Kind},
@@ -32,6 +34,7 @@ use crate::{
     store::Store,
 };
 use connections::FlowWatch;
+use denials::{CounterSnapshot, Denials};
 use enforcement::Enforcers;
 
 pub type Reply<T> = oneshot::Sender<Result<T, Refusal>>;
@@ -59,6 +62,22 @@ pub struct PortReport {
     pub connections: usize,
     pub grants_last_7_days: u32,
     pub last_access: Option<SystemTime>,
+    /// Packets the XDP gate dropped since its state was created.
+    pub dropped: u64,
+    /// Of those, new connections refused by a grant's limits or a full
+    /// flow table.
+    pub refused_connections: u64,
+}
+
+/// The XDP flow table.
+pub struct FlowTableReport {
+    pub capacity: u32,
+    pub tracked: usize,
+    pub per_grant_quota: u32,
+    /// New connections refused since the gate's state was created, by why.
+    pub refused_quota: u64,
+    pub refused_opens_exhausted: u64,
+    pub refused_table_full: u64,
 }
 
 pub struct StatusReport {
@@ -69,6 +88,8 @@ pub struct StatusReport {
     pub ports: Vec<PortReport>,
     pub active_grants: usize,
     pub policy_revision: u64,
+    /// `None` without XDP.
+    pub flows: Option<FlowTableReport>,
 }
 
 pub enum Command {
@@ -134,12 +155,10 @@ impl EngineHandle {
 
 /// Commands applied together at most (one store transaction).
 const MAX_BATCH: usize = 1024;
-/// How often new flows and denied sources are audited.
+/// How often new flows are audited and deny events collected.
 const OBSERVE_EVERY: Duration = Duration::from_secs(1);
 /// How often flows of ended connections are forgotten.
 const FORGET_FLOWS_EVERY: Duration = Duration::from_secs(10);
-/// At most one denied-packet report per source per this long (in the kernel).
-const DENY_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 /// Reconciliation takes at most 1/20 of the engine's time.
 const RECONCILE_TIME_SHARE_INVERSE: u32 = 20;
 /// Audit records kept in the broadcast buffer for slow watchers.
@@ -148,6 +167,8 @@ const CONFIG_POLICY_KEY: &str = "config_policy_digest";
 /// Wall-clock milliseconds before which every flow opened under a grant has
 /// been audited, so that a restarted agent does not audit them again.
 const FLOWS_AUDITED_KEY: &str = "flows_audited_until_ms";
+/// The kernel's drop counters as of the last stored denial summaries.
+const DENIALS_SUMMARIZED_KEY: &str = "denial_counters_summarized";
 
 pub struct Engine {
     config: Config,
@@ -156,6 +177,7 @@ pub struct Engine {
     active: ActiveGrants,
     enforcers: Enforcers,
     flow_watch: FlowWatch,
+    denials: Denials,
     events: broadcast::Sender<AuditRecord>,
     started_at: SystemTime,
 }
@@ -190,21 +212,35 @@ impl Engine {
             }
         }
         let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let enforcers = Enforcers::open(&config);
+        let summarized: Option<CounterSnapshot> = store
+            .meta(DENIALS_SUMMARIZED_KEY)?
+            .and_then(|json| serde_json::from_str(&json).ok());
+        let denials = Denials::resume(
+            config.denials.summary_interval,
+            summarized,
+            drop_counters(&enforcers, &policy.protected())?,
+        );
         let mut engine = Engine {
-            enforcers: Enforcers::open(&config),
+            enforcers,
             config,
             store,
             policy,
             active,
             flow_watch: FlowWatch::default(),
+            denials,
             events,
             started_at: SystemTime::now(),
         };
         engine.record_expired_while_down(&expired_while_down)?;
         let protected = engine.policy.protected();
+        let mut rebuilt = None;
         if let Some(xdp) = engine.enforcers.xdp_mut() {
+            if let Some(why) = xdp.rebuilt() {
+                tracing::warn!("kernel state rebuilt from the store: {why}");
+                rebuilt = Some(why.to_owned());
+            }
             xdp.set_protected_ports(&protected)?;
-            xdp.set_deny_report_interval(DENY_REPORT_INTERVAL)?;
             let seeded = connections::seed(xdp, &protected)?;
             tracing::info!("{seeded} established connections kept open");
         }
@@ -222,6 +258,13 @@ impl Engine {
         engine
             .enforcers
             .set_interfaces(&engine.config.interfaces.clone());
+        if rebuilt.is_some()
+            && let Some(xdp) = engine.enforcers.xdp_mut()
+        {
+            // Connections opened under the previous program, into its maps,
+            // while the new maps were being filled.
+            connections::seed(xdp, &protected)?;
+        }
         // An interface XDP could not take needs nftables, not yet installed.
         if engine.enforcers.nft_pending() {
             repairs.extend(engine.enforcers.reconcile(&engine.active, &protected)?);
@@ -247,6 +290,7 @@ impl Engine {
             .with_details(serde_json::json!({
                 "interfaces": interfaces,
                 "restored": repairs,
+                "kernel_state_rebuilt": rebuilt,
             })),
         ])?;
         Ok(engine)
@@ -411,14 +455,14 @@ impl Engine {
 
     /// Commits `events` in one transaction and publishes them.
     fn commit_events(&mut self, events: Vec<Event>) -> anyhow::Result<()> {
-        self.commit_events_and_meta(events, None)
+        self.commit_events_and_meta(events, &[])
     }
 
-    /// `commit_events`, also setting a meta value in the same transaction.
+    /// `commit_events`, also setting meta values in the same transaction.
     fn commit_events_and_meta(
         &mut self,
         events: Vec<Event>,
-        meta: Option<(&str, &str)>,
+        meta: &[(&str, String)],
     ) -> anyhow::Result<()> {
         if events.is_empty() {
             return Ok(());
@@ -428,7 +472,7 @@ impl Engine {
         for event in events {
             batch.audit(event, at)?;
         }
-        if let Some((key, value)) = meta {
+        for (key, value) in meta {
             batch.set_meta(key, value)?;
         }
         let records = batch.commit()?;
@@ -452,6 +496,25 @@ impl Engine {
         let protected = self.policy.protected();
         let connections = connections::list(self.enforcers.xdp(), &protected, &self.active)
             .map_err(|e| Refusal::internal("listing connections", e))?;
+        let (counters, flows) = match self.enforcers.xdp() {
+            Some(xdp) => {
+                let read = || -> anyhow::Result<_> {
+                    let counters = xdp.counters(&protected)?;
+                    let refused = |reason| counters.by_reason.get(&reason).copied().unwrap_or(0);
+                    let flows = FlowTableReport {
+                        capacity: xdp.flow_capacity(),
+                        tracked: xdp.flows()?.len(),
+                        per_grant_quota: xdp.options().flow_quota,
+                        refused_quota: refused(Reason::DropFlowQuota),
+                        refused_opens_exhausted: refused(Reason::DropOpensExhausted),
+                        refused_table_full: refused(Reason::DropFlowTableFull),
+                    };
+                    Ok((counters, Some(flows)))
+                };
+                read().map_err(|e| Refusal::internal("reading the XDP counters", e))?
+            }
+            None => (Default::default(), None),
+        };
         let ports = protected
             .iter()
             .map(|&(protocol, port)| {
@@ -474,6 +537,14 @@ impl Engine {
                         .count(),
                     grants_last_7_days: history.map_or(0, |h| h.2),
                     last_access: history.map(|h| h.3),
+                    dropped: counters
+                        .by_port
+                        .get(&(protocol, port))
+                        .map_or(0, |c| c.dropped),
+                    refused_connections: counters
+                        .by_port
+                        .get(&(protocol, port))
+                        .map_or(0, |c| c.refused),
                 }
             })
             .collect();
@@ -485,6 +556,7 @@ impl Engine {
             ports,
             active_grants: self.active.len(),
             policy_revision: self.policy.revision,
+            flows,
         })
     }
 
@@ -502,77 +574,88 @@ impl Engine {
         Ok(())
     }
 
+    /// Audits the flows opened under grants since the last call, collects
+    /// deny events, and at the end of each interval stores the denial
+    /// summaries. Nothing is marked audited unless its records are stored.
     fn observe(&mut self) -> anyhow::Result<()> {
         let mut events = Vec::new();
-        let mut audited_until = None;
+        let mut meta = Vec::new();
+        let mut flows_seen = None;
         if let Some(xdp) = self.enforcers.xdp() {
             // Every flow opened before this instant is in the map read next.
             let read_at = SystemTime::now();
-            let fresh = self.flow_watch.new_flows(xdp)?;
+            let (fresh, snapshot) = self.flow_watch.new_flows(xdp)?;
             if !fresh.is_empty() {
-                audited_until = Some(crate::store::to_ms(read_at).to_string());
+                meta.push((FLOWS_AUDITED_KEY, crate::store::to_ms(read_at).to_string()));
             }
-            for (connection, grant_id) in fresh {
-                events.push(
-                    Event::new(
-                        Kind::ConnectionOpened,
-                        AGENT,
-                        grant_id,
-                        format!("connection {connection} opened under grant {grant_id}"),
-                    )
-                    .with_details(serde_json::json!({
-                        "protocol": connection.protocol.name(),
-                        "remote": connection.remote.to_string(),
-                        "local": connection.local.to_string(),
-                    })),
-                );
-            }
-        }
-        events.extend(self.denied_sources());
-        let meta = audited_until.as_deref().map(|ms| (FLOWS_AUDITED_KEY, ms));
-        self.commit_events_and_meta(events, meta)
-    }
-
-    /// Reports from the kernel's deny-event ring buffer.
-    fn denied_sources(&mut self) -> Vec<Event> {
-        let Some(ring) = self.enforcers.deny_events() else {
-            return Vec::new();
-        };
-        let mut events = Vec::new();
-        while let Some(item) = ring.next() {
-            let Some(denied) = crate::enforce::xdp::parse_deny_event(&item) else {
-                continue;
-            };
-            events.push(
+            flows_seen = Some(snapshot);
+            events.extend(fresh.into_iter().map(|(connection, grant_id)| {
                 Event::new(
-                    Kind::AccessDenied,
+                    Kind::ConnectionOpened,
                     AGENT,
-                    0,
-                    format!(
-                        "denied {} -> {}/{} ({}), {} more since the previous report",
-                        denied.source,
-                        denied.port,
-                        denied.protocol,
-                        denied.reason,
-                        denied.suppressed_before
-                    ),
+                    grant_id,
+                    format!("connection {connection} opened under grant {grant_id}"),
                 )
                 .with_details(serde_json::json!({
-                    "source": denied.source.to_string(),
-                    "protocol": denied.protocol,
-                    "port": denied.port,
-                    "reason": denied.reason,
-                    "suppressed_before": denied.suppressed_before,
-                })),
-            );
+                    "protocol": connection.protocol.name(),
+                    "remote": connection.remote.to_string(),
+                    "local": connection.local.to_string(),
+                }))
+            }));
         }
-        events
+        let summaries = self.collect_denials()?;
+        if let Some(summaries) = &summaries {
+            events.extend(summaries.events.iter().cloned());
+            meta.push((
+                DENIALS_SUMMARIZED_KEY,
+                serde_json::to_string(&summaries.counters)?,
+            ));
+        }
+        let stored = self.commit_events_and_meta(events, &meta);
+        if let Some(summaries) = summaries {
+            match &stored {
+                Ok(()) => self.denials.stored(summaries),
+                Err(_) => self.denials.not_stored(),
+            }
+        }
+        if stored.is_ok()
+            && let Some(snapshot) = flows_seen
+        {
+            self.flow_watch.mark_audited(snapshot);
+        }
+        stored
+    }
+
+    /// Samples the deny events; at the end of the interval, the summaries.
+    fn collect_denials(&mut self) -> anyhow::Result<Option<denials::Summaries>> {
+        let protected = self.policy.protected();
+        if let Some(ring) = self.enforcers.deny_events() {
+            while let Some(item) = ring.next() {
+                if let Some(denied) = crate::enforce::xdp::parse_deny_event(&item) {
+                    let to_protected = denied
+                        .protocol
+                        .is_some_and(|p| protected.contains(&(p, denied.port)));
+                    self.denials.sample(&denied, to_protected);
+                }
+            }
+        }
+        if !self.denials.due(Instant::now()) {
+            return Ok(None);
+        }
+        let counters = drop_counters(&self.enforcers, &protected)?;
+        let active = &self.active;
+        Ok(Some(self.denials.summarize(counters, |grant| {
+            active
+                .get(grant)
+                .map(|g| (g.target.protocol, g.target.port))
+        })))
     }
 
     fn forget_dead_flows(&mut self) -> anyhow::Result<()> {
         let protected = self.policy.protected();
+        let active = &self.active;
         if let Some(xdp) = self.enforcers.xdp_mut() {
-            let forgotten = connections::forget_dead_flows(xdp, &protected)?;
+            let forgotten = connections::forget_dead_flows(xdp, &protected, active)?;
             if forgotten > 0 {
                 tracing::debug!("forgot {forgotten} flows of ended connections");
             }
@@ -586,6 +669,8 @@ impl Engine {
             ("database", config.database == self.config.database),
             ("pin_dir", config.pin_dir == self.config.pin_dir),
             ("nft_table", config.nft_table == self.config.nft_table),
+            ("flows", config.flows == self.config.flows),
+            ("denials", config.denials == self.config.denials),
             (
                 "api.unix_socket",
                 config.api.unix_socket == self.config.api.unix_socket,
@@ -629,6 +714,20 @@ impl Engine {
         batch.commit()?;
         Ok(())
     }
+}
+
+/// The kernel's drop counters (zero without XDP).
+fn drop_counters(
+    enforcers: &Enforcers,
+    protected: &BTreeSet<(Protocol, u16)>,
+) -> anyhow::Result<CounterSnapshot> {
+    let Some(xdp) = enforcers.xdp() else {
+        return Ok(CounterSnapshot::default());
+    };
+    Ok(CounterSnapshot::new(
+        &xdp.counters(protected)?,
+        &xdp.grant_flow_counts()?,
+    ))
 }
 
 /// Returns memory freed after a reconciliation (the kernel state read back

@@ -25,7 +25,7 @@ use jit_gate_agent::{
     enforce::xdp::XdpGate,
     net::{GrantTarget, Protocol},
 };
-use jit_gate_common::maps::{FlowKey, FlowValue};
+use jit_gate_common::maps::{FlowKey, FlowValue, flow_state};
 use jit_gate_common::verdict::{Address, Transport, tcp_flags};
 use jit_gate_tests::{env::PinDir, packets::Packet};
 
@@ -170,7 +170,6 @@ fn fill_grants(gate: &mut XdpGate, have: u32, total: u32, expires: u64) -> Resul
 
 fn setup(gate: &mut XdpGate) -> Result<u64> {
     gate.set_protected_ports(&BTreeSet::from([(Protocol::Tcp, SSH)]))?;
-    gate.set_deny_report_interval(Duration::from_secs(1))?;
     let expires = boot_now_ns() + 3_600_000_000_000;
     let grant = |source: std::net::IpAddr| GrantTarget {
         source: source.into(),
@@ -201,6 +200,9 @@ fn setup(gate: &mut XdpGate) -> Result<u64> {
         FlowValue {
             grant_id: 4,
             opened_at_boot_ns: boot_now_ns(),
+            last_seen_boot_ns: boot_now_ns(),
+            state: flow_state::ESTABLISHED,
+            _pad: 0,
         },
     )?;
     Ok(expires)
