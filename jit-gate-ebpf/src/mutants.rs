@@ -16,11 +16,10 @@ use jit_gate_common::{
     verdict::{Reason, Rules, Transport},
 };
 
-/// Follows two VLAN tags only (the bound before priority-tag chains were
-/// followed).
-struct VlanBoundTwo;
-impl Rules for VlanBoundTwo {
-    const VLAN_TAGS: usize = 2;
+/// Follows three VLAN tags only, so longer priority-tag chains drop.
+struct VlanBoundThree;
+impl Rules for VlanBoundThree {
+    const VLAN_TAGS: usize = 3;
 }
 
 /// Takes TCP behind an IPv4 authentication header for another protocol.
@@ -107,7 +106,7 @@ macro_rules! mutants {
 }
 
 mutants! {
-    mutant_vlan_bound_two: VlanBoundTwo,
+    mutant_vlan_bound_three: VlanBoundThree,
     mutant_ipv4_ah_not_walked: Ipv4AhNotWalked,
     mutant_short_header_walk: ShortHeaderWalk,
     mutant_grants_outlive_expiry: GrantsOutliveExpiry,
