@@ -6,6 +6,7 @@ pub mod agent;
 pub mod cases;
 pub mod cli;
 pub mod env;
+pub mod frames;
 pub mod gated_host;
 pub mod netns;
 pub mod packets;
