@@ -78,10 +78,26 @@ pub struct PacketSocket {
     ifindex: i32,
 }
 
+/// PACKET_IGNORE_OUTGOING (linux/if_packet.h): receive incoming frames only.
+const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
+
 impl PacketSocket {
-    /// Opens the socket on `ifname` in `ns`. It sends frames as they are,
-    /// and receives every frame crossing the interface (both directions).
-    pub fn open(ns: &Netns, ifname: &str) -> Self {
+    /// A socket that sends frames on `ifname` in `ns` as they are, and
+    /// receives nothing.
+    pub fn sender(ns: &Netns, ifname: &str) -> Self {
+        Self::open(ns, ifname, 0)
+    }
+
+    /// A socket that receives every frame arriving on `ifname` in `ns`
+    /// (and can send too).
+    pub fn capture(ns: &Netns, ifname: &str) -> Self {
+        let socket = Self::open(ns, ifname, ALL_PROTOCOLS);
+        set_option(&socket.fd, libc::SOL_PACKET, PACKET_IGNORE_OUTGOING, 1);
+        set_option(&socket.fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 16 << 20);
+        socket
+    }
+
+    fn open(ns: &Netns, ifname: &str, protocol: u16) -> Self {
         let name = std::ffi::CString::new(ifname).expect("interface name");
         ns.run(|| {
             // SAFETY: plain socket creation; the fd is owned at once.
@@ -90,7 +106,7 @@ impl PacketSocket {
                     libc::socket(
                         libc::AF_PACKET,
                         libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                        ALL_PROTOCOLS.into(),
+                        protocol.into(),
                     )
                 },
                 "socket(AF_PACKET)",
@@ -104,7 +120,7 @@ impl PacketSocket {
             // SAFETY: zeroed sockaddr_ll is valid; the fields set follow.
             let mut addr: libc::sockaddr_ll = unsafe { zeroed() };
             addr.sll_family = libc::AF_PACKET as u16;
-            addr.sll_protocol = ALL_PROTOCOLS;
+            addr.sll_protocol = protocol;
             addr.sll_ifindex = ifindex;
             // SAFETY: a valid socket and address of the size given.
             check(
@@ -155,7 +171,8 @@ impl PacketSocket {
         }
     }
 
-    /// Frames received until nothing arrives for `quiet`.
+    /// Frames received (see [`PacketSocket::capture`]) until nothing arrives
+    /// for `quiet`.
     pub fn drain(&self, quiet: Duration) -> Vec<Vec<u8>> {
         std::iter::from_fn(|| receive(&self.fd, quiet).map(|(frame, _)| frame)).collect()
     }
@@ -272,14 +289,34 @@ pub fn mac_of(ns: &Netns, ifname: &str) -> [u8; 6] {
     bytes.try_into().unwrap_or_else(|_| panic!("MAC {text:?}"))
 }
 
-/// Frames `ifname` in `ns` received, and dropped, so far.
-pub fn rx_counts(ns: &Netns, ifname: &str) -> (u64, u64) {
-    let read = |name: &str| {
-        let path = format!("/sys/class/net/{ifname}/statistics/{name}");
-        let text = ns.exec("cat", &[&path]);
-        text.trim()
-            .parse::<u64>()
-            .unwrap_or_else(|e| panic!("{path}: {text:?}: {e}"))
-    };
-    (read("rx_packets"), read("rx_dropped"))
+/// An interface's packet counters, as the kernel's `/proc/net/dev` has them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IfCounts {
+    pub rx_packets: u64,
+    pub rx_dropped: u64,
+    pub tx_packets: u64,
+    pub tx_dropped: u64,
+}
+
+/// The counters of `ifname` in `ns`.
+pub fn if_counts(ns: &Netns, ifname: &str) -> IfCounts {
+    // /proc/thread-self/net is the network namespace of the reading thread.
+    let text = ns
+        .run(|| std::fs::read_to_string("/proc/thread-self/net/dev"))
+        .unwrap_or_else(|e| panic!("/proc/net/dev in {}: {e}", ns.name));
+    let line = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(&format!("{ifname}:")))
+        .unwrap_or_else(|| panic!("{ifname} not in /proc/net/dev:\n{text}"));
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or_else(|e| panic!("{line:?}: {e}")))
+        .collect();
+    // rx: bytes packets errs drop fifo frame compressed multicast; tx: bytes packets errs drop ...
+    IfCounts {
+        rx_packets: fields[1],
+        rx_dropped: fields[3],
+        tx_packets: fields[9],
+        tx_dropped: fields[11],
+    }
 }

@@ -4,10 +4,13 @@
 
 pub mod agent;
 pub mod cases;
+pub mod checksum;
 pub mod cli;
 pub mod env;
+pub mod fragments;
 pub mod frames;
 pub mod gated_host;
+pub mod mutate;
 pub mod netns;
 pub mod packets;
 pub mod process;

@@ -1,7 +1,8 @@
-//! Frames for the differential test: a builder for TCP, UDP and other IP
-//! packets (VLAN tags, IPv4 options and fragments, IPv6 extension header
-//! chains, IP packets cut short or followed by padding), corruptions of built
-//! frames, and random frames.
+//! Frames for the kernel tests: a builder for TCP, UDP and other IP packets
+//! (VLAN tags, IPv4 options, fragments and authentication headers, IPv6
+//! extension header chains, IP packets cut short or followed by padding).
+//! Corruptions and random frames are in `mutate`, fragment sequences in
+//! `fragments`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -12,6 +13,11 @@ use etherparse::{
 };
 use ipnet::IpNet;
 use rand::{Rng, rngs::StdRng, seq::IndexedRandom};
+
+use crate::{
+    checksum::{checksum_offset, transport_checksum},
+    mutate::LengthField,
+};
 
 /// `BPF_PROG_TEST_RUN` rejects XDP frames shorter than an Ethernet header.
 pub const MIN_FRAME_LEN: usize = 14;
@@ -178,82 +184,6 @@ pub fn random_extension_chain(rng: &mut StdRng, len: usize) -> Vec<Extension> {
         .collect()
 }
 
-/// A length field of a built frame, for mutations that make lengths lie.
-#[derive(Clone, Copy, Debug)]
-enum LengthField {
-    /// A big-endian 16-bit length (IPv4 total length, IPv6 payload length, UDP length).
-    Word(usize),
-    /// An 8-bit length (IPv6 extension headers).
-    Byte(usize),
-    /// The low nibble of a byte (IPv4 IHL).
-    LowNibble(usize),
-    /// The high nibble of a byte (TCP data offset).
-    HighNibble(usize),
-}
-
-impl LengthField {
-    fn shifted(self, by: usize) -> Self {
-        match self {
-            LengthField::Word(at) => LengthField::Word(at + by),
-            LengthField::Byte(at) => LengthField::Byte(at + by),
-            LengthField::LowNibble(at) => LengthField::LowNibble(at + by),
-            LengthField::HighNibble(at) => LengthField::HighNibble(at + by),
-        }
-    }
-
-    /// One past the field's last byte.
-    fn end(self) -> usize {
-        match self {
-            LengthField::Word(at) => at + 2,
-            LengthField::Byte(at) | LengthField::LowNibble(at) | LengthField::HighNibble(at) => {
-                at + 1
-            }
-        }
-    }
-
-    /// Moves the field by a small step or sets it to a random value.
-    fn perturb(self, bytes: &mut [u8], rng: &mut StdRng) {
-        let delta: i8 = rng.random_range(1..=4) * if rng.random() { 1 } else { -1 };
-        let random = rng.random_bool(0.25);
-        match self {
-            LengthField::Word(at) if at + 2 <= bytes.len() => {
-                let old = u16::from_be_bytes([bytes[at], bytes[at + 1]]);
-                let new = if random {
-                    rng.random()
-                } else {
-                    old.wrapping_add_signed(delta.into())
-                };
-                bytes[at..at + 2].copy_from_slice(&new.to_be_bytes());
-            }
-            LengthField::Byte(at) if at < bytes.len() => {
-                bytes[at] = if random {
-                    rng.random()
-                } else {
-                    bytes[at].wrapping_add_signed(delta)
-                };
-            }
-            LengthField::LowNibble(at) if at < bytes.len() => {
-                let nibble = if random {
-                    rng.random()
-                } else {
-                    bytes[at].wrapping_add_signed(delta)
-                };
-                bytes[at] = (bytes[at] & 0xf0) | (nibble & 0x0f);
-            }
-            LengthField::HighNibble(at) if at < bytes.len() => {
-                let nibble = if random {
-                    rng.random()
-                } else {
-                    (bytes[at] >> 4).wrapping_add_signed(delta)
-                };
-                bytes[at] = (nibble << 4) | (bytes[at] & 0x0f);
-            }
-            // The field was cut off by an earlier truncation.
-            _ => {}
-        }
-    }
-}
-
 /// A packet to build. Start with [`Packet::tcp`], [`Packet::udp`] or
 /// [`Packet::other`]; source and destination must be of the same family.
 #[derive(Clone, Debug)]
@@ -270,6 +200,8 @@ pub struct Packet {
     padding: usize,
     /// (source, destination) MAC addresses.
     macs: ([u8; 6], [u8; 6]),
+    /// Bytes after the TCP or UDP header.
+    data: Vec<u8>,
     ipv4_id: u16,
 }
 
@@ -322,7 +254,14 @@ impl Packet {
             padding: 0,
             macs: ([0x02, 0, 0, 0, 0, 0x01], [0x02, 0, 0, 0, 0, 0x02]),
             ipv4_id: 0,
+            data: Vec::new(),
         }
+    }
+
+    /// Bytes after the TCP or UDP header.
+    pub fn data(mut self, data: &[u8]) -> Self {
+        self.data = data.to_vec();
+        self
     }
 
     /// The Ethernet addresses (default 02:00:00:00:00:01 → :02).
@@ -533,7 +472,7 @@ impl Packet {
                 let udp = UdpHeader {
                     source_port: src_port,
                     destination_port: dst_port,
-                    length: UdpHeader::LEN_U16,
+                    length: UdpHeader::LEN_U16 + self.data.len() as u16,
                     checksum: 0,
                 };
                 (
@@ -566,6 +505,9 @@ impl Packet {
         }
         length_fields.extend(layer4_length.map(|f| f.shifted(payload.len())));
         let mut layer4 = layer4;
+        if !matches!(self.layer4, Layer4::Other(_)) {
+            layer4.extend_from_slice(&self.data);
+        }
         if let Some(at) = checksum_offset(layer4_protocol) {
             let sum = transport_checksum(self.src, self.dst, layer4_protocol, &layer4);
             layer4[at..at + 2].copy_from_slice(&sum.to_be_bytes());
@@ -579,55 +521,12 @@ impl Packet {
     }
 }
 
-/// Where the checksum of a TCP or UDP header is.
-fn checksum_offset(protocol: IpNumber) -> Option<usize> {
-    match protocol {
-        IpNumber::TCP => Some(16),
-        IpNumber::UDP => Some(6),
-        _ => None,
-    }
-}
-
-/// The Internet checksum of a TCP or UDP header (and empty payload) with
-/// its pseudo-header, so that the stack accepts what the gate passes.
-fn transport_checksum(src: IpAddr, dst: IpAddr, protocol: IpNumber, segment: &[u8]) -> u16 {
-    let mut bytes = Vec::new();
-    match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            bytes.extend_from_slice(&s.octets());
-            bytes.extend_from_slice(&d.octets());
-            bytes.extend_from_slice(&[0, protocol.0]);
-            bytes.extend_from_slice(&(segment.len() as u16).to_be_bytes());
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            bytes.extend_from_slice(&s.octets());
-            bytes.extend_from_slice(&d.octets());
-            bytes.extend_from_slice(&(segment.len() as u32).to_be_bytes());
-            bytes.extend_from_slice(&[0, 0, 0, protocol.0]);
-        }
-        _ => unreachable!("Packet::new checks the families match"),
-    }
-    bytes.extend_from_slice(segment);
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    match !(sum as u16) {
-        // UDP sends a computed 0 as all ones (0 means "no checksum").
-        0 if protocol == IpNumber::UDP => 0xffff,
-        checksum => checksum,
-    }
-}
-
-/// A built frame, with what corruptions need to know about it.
+/// A built frame, with what corruptions (`mutate`) need to know about it.
 #[derive(Clone, Debug)]
 pub struct Frame {
     pub bytes: Vec<u8>,
-    ip_start: usize,
-    length_fields: Vec<LengthField>,
+    pub(crate) ip_start: usize,
+    pub(crate) length_fields: Vec<LengthField>,
 }
 
 impl Frame {
@@ -646,11 +545,6 @@ impl Frame {
         u16::from_be_bytes([self.bytes[at], self.bytes[at + 1]])
     }
 
-    /// Every prefix of the frame from [`MIN_FRAME_LEN`] bytes up to the whole.
-    pub fn truncations(&self) -> impl Iterator<Item = Vec<u8>> + '_ {
-        (MIN_FRAME_LEN..=self.bytes.len()).map(|len| self.bytes[..len].to_vec())
-    }
-
     /// The frame with its IPv4 total length or IPv6 payload length set to `len`.
     pub fn with_ip_length(&self, len: u16) -> Vec<u8> {
         let at = self.ip_length_at();
@@ -666,54 +560,5 @@ impl Frame {
         bytes[self.ip_start] = 0x40 | (ihl & 0x0f);
         bytes
     }
-
-    /// One to three random corruptions: bit flips, truncations, and length
-    /// fields moved a little or set at random.
-    pub fn mutated(&self, rng: &mut StdRng) -> Vec<u8> {
-        let mut bytes = self.bytes.clone();
-        for _ in 0..rng.random_range(1..=3) {
-            match rng.random_range(0..3) {
-                0 => {
-                    let at = rng.random_range(0..bytes.len());
-                    bytes[at] ^= 1 << rng.random_range(0..8);
-                }
-                1 => bytes.truncate(rng.random_range(MIN_FRAME_LEN..=bytes.len())),
-                _ => {
-                    if let Some(field) = self.length_fields.choose(rng) {
-                        field.perturb(&mut bytes, rng);
-                    }
-                }
-            }
-        }
-        bytes
-    }
 }
 
-/// Random bytes behind a random EtherType (IPv4, IPv6, a VLAN tag, or any),
-/// with the IP version nibble right half of the time, so some of them get
-/// past the first checks.
-pub fn random_frame(rng: &mut StdRng, max_len: usize) -> Vec<u8> {
-    let len = rng.random_range(MIN_FRAME_LEN..=max_len);
-    let mut bytes: Vec<u8> = (0..len).map(|_| rng.random()).collect();
-    let ether_type = *[
-        EtherType::IPV4,
-        EtherType::IPV6,
-        EtherType::VLAN_TAGGED_FRAME,
-        EtherType::PROVIDER_BRIDGING,
-        EtherType(rng.random()),
-    ]
-    .choose(rng)
-    .expect("non-empty");
-    bytes[12..14].copy_from_slice(&ether_type.0.to_be_bytes());
-    let version = match ether_type {
-        EtherType::IPV4 => Some(4),
-        EtherType::IPV6 => Some(6),
-        _ => None,
-    };
-    if let (Some(version), Some(first)) = (version, bytes.get_mut(MIN_FRAME_LEN))
-        && rng.random()
-    {
-        *first = (version << 4) | (*first & 0x0f);
-    }
-    bytes
-}

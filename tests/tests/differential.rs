@@ -20,8 +20,9 @@ use jit_gate_agent::{
 use jit_gate_tests::{
     cases::cases,
     env::PinDir,
+    mutate::random_frame,
     packets::{
-        Extension, Frame, Packet, VLAN_STACKS, prefix_edges, random_extension_chain, random_frame,
+        Extension, Frame, Packet, VLAN_STACKS, prefix_edges, random_extension_chain,
         syn_ack_rst_fin_combinations,
         tcp_flag::{ACK, FIN, RST, SYN},
     },

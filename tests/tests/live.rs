@@ -206,7 +206,7 @@ struct RawClient {
 impl RawClient {
     fn new(host: &GatedHost) -> Self {
         RawClient {
-            socket: PacketSocket::open(&host.topo.client, &host.topo.client_if),
+            socket: PacketSocket::capture(&host.topo.client, &host.topo.client_if),
             macs: (
                 mac_of(&host.topo.client, &host.topo.client_if),
                 mac_of(&host.topo.gated, &host.topo.gated_if),

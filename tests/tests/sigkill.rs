@@ -90,7 +90,7 @@ fn half_open_flows_of_an_expired_grant_let_no_syn_in_with_the_installer_dead() {
     // Under the grant, bare SYNs from chosen ports: no handshake completes
     // (the client has no socket and resets the SYN-ACKs), the flows stay
     // half-open in the kernel.
-    let raw = PacketSocket::open(&topo.client, &topo.client_if);
+    let raw = PacketSocket::sender(&topo.client, &topo.client_if);
     let macs = (
         mac_of(&topo.client, &topo.client_if),
         mac_of(&topo.gated, &topo.gated_if),

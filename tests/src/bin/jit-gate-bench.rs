@@ -9,7 +9,6 @@ use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr},
     path::PathBuf,
-    time::Duration,
 };
 
 use serde::Serialize;
