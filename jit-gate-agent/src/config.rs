@@ -307,10 +307,7 @@ impl Config {
         let field = |name: &str, problem: String| Err((name.to_owned(), problem));
         let flows = &self.flows;
         if !(1_024..=16_777_216).contains(&flows.capacity) {
-            return field(
-                "flows.capacity",
-                "must be between 1024 and 16777216".into(),
-            );
+            return field("flows.capacity", "must be between 1024 and 16777216".into());
         }
         if !(1..=flows.capacity).contains(&flows.per_grant_quota) {
             return field(
@@ -318,8 +315,7 @@ impl Config {
                 format!("must be between 1 and flows.capacity ({})", flows.capacity),
             );
         }
-        if !(Duration::from_secs(1)..=Duration::from_secs(300)).contains(&flows.half_open_timeout)
-        {
+        if !(Duration::from_secs(1)..=Duration::from_secs(300)).contains(&flows.half_open_timeout) {
             return field(
                 "flows.half_open_timeout",
                 "must be between 1s and 5m".into(),

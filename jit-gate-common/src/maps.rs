@@ -13,6 +13,7 @@ pub mod names {
     pub const PROTECTED_PORTS: &str = "PROTECTED_PORTS";
     pub const GRANTS_V4: &str = "GRANTS_V4";
     pub const GRANTS_V6: &str = "GRANTS_V6";
+    pub const SOURCE_FILTER: &str = "SOURCE_FILTER";
     pub const CIDR_GRANTS_V4: &str = "CIDR_GRANTS_V4";
     pub const CIDR_GRANTS_V6: &str = "CIDR_GRANTS_V6";
     pub const FLOWS: &str = "FLOWS";
@@ -26,10 +27,11 @@ pub mod names {
     /// Written by user space only: the layout version the pins were made for.
     pub const LAYOUT: &str = "LAYOUT";
     /// Every map of the program, for pinning and removal.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         PROTECTED_PORTS,
         GRANTS_V4,
         GRANTS_V6,
+        SOURCE_FILTER,
         CIDR_GRANTS_V4,
         CIDR_GRANTS_V6,
         FLOWS,
@@ -61,6 +63,53 @@ pub mod capacity {
     /// Distinct protected (port) counter slots.
     pub const PORT_COUNTER_SLOTS: u32 = 1_024;
     pub const DENY_EVENT_BYTES: u32 = 256 * 1024;
+}
+
+/// A bitmap over source addresses in front of the exact-grant maps: a
+/// source whose bit is clear holds no exact grant, so the program skips the
+/// hash lookup. 2^20 bits (128 KiB) stay in the CPU's cache where a table of
+/// a million buckets does not, which makes a flood from random sources cost
+/// what a flood from one source costs. User space sets a source's bit before
+/// it writes the source's grant entry, and clears bits only by rebuilding
+/// the bitmap from the entries: a stale bit costs a lookup, never a grant.
+pub mod source_filter {
+    use crate::family;
+
+    pub const BITS_LOG2: u32 = 20;
+    /// 64-bit words of the bitmap.
+    pub const WORDS: u32 = 1 << (BITS_LOG2 - 6);
+
+    /// The bit of a source address (multiplicative hashing of its 32-bit
+    /// words: a few instructions in the program).
+    #[inline(always)]
+    pub const fn bit(addr: &[u8; 16], fam: u8) -> u32 {
+        let words = if fam == family::V4 { 1 } else { 4 };
+        let mut hash: u32 = 0x811c_9dc5 ^ fam as u32;
+        let mut i = 0;
+        while i < 4 {
+            if i < words {
+                let word = u32::from_le_bytes([
+                    addr[4 * i],
+                    addr[4 * i + 1],
+                    addr[4 * i + 2],
+                    addr[4 * i + 3],
+                ]);
+                hash = (hash ^ word).wrapping_mul(0x9e37_79b1).rotate_left(13);
+            }
+            i += 1;
+        }
+        hash.wrapping_mul(0x85eb_ca6b) >> (32 - BITS_LOG2)
+    }
+
+    /// The index of the bit's word in the bitmap.
+    pub const fn word(bit: u32) -> u32 {
+        bit >> 6
+    }
+
+    /// The bit within its word.
+    pub const fn mask(bit: u32) -> u64 {
+        1 << (bit & 63)
+    }
 }
 
 /// Per-grant flow limits unless configured otherwise.
@@ -348,6 +397,7 @@ mod pod {
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
     use super::*;
     use core::mem::size_of;
 
@@ -372,6 +422,25 @@ mod tests {
         let data: CidrDataV6 = cidr_data(17, 0x1234, &[0xfe; 16]);
         assert_eq!(&data[..3], &[17, 0x12, 0x34]);
         assert_eq!(&data[3..], &[0xfe; 16]);
+    }
+
+    #[test]
+    fn source_bits_spread_over_the_bitmap() {
+        let mut seen = std::collections::BTreeSet::new();
+        for i in 0..4_096u32 {
+            let mut addr = [0u8; 16];
+            addr[..4].copy_from_slice(&(0x0a00_0000 + i).to_be_bytes());
+            let bit = source_filter::bit(&addr, crate::family::V4);
+            assert!(bit < 1 << source_filter::BITS_LOG2);
+            seen.insert(bit);
+        }
+        // Consecutive addresses rarely share a bit.
+        assert!(seen.len() > 4_000, "{}", seen.len());
+        let v6 = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        assert_ne!(
+            source_filter::bit(&v6, crate::family::V6),
+            source_filter::bit(&[0; 16], crate::family::V6)
+        );
     }
 
     #[test]

@@ -231,7 +231,10 @@ pub enum FlowAction {
     None,
     /// Record a new flow in `state` under this grant entry if [`admit`]
     /// allows it (the packet drops with the refusal's reason otherwise).
-    Open { grant: GrantValue, state: u32 },
+    Open {
+        grant: GrantValue,
+        state: u32,
+    },
     /// The packet's flow exists: add `set_state` bits, refresh its last-seen
     /// time, and if `restart_handshake`, its opening time (a SYN under a
     /// live grant for a flow whose handshake never completed).
@@ -706,7 +709,10 @@ mod tests {
             (PacketFacts::VlanTooDeep, Reason::DropVlanTooDeep),
             (PacketFacts::NonFirstFragment, Reason::PassNonFirstFragment),
             (PacketFacts::MalformedIp, Reason::DropMalformedIp),
-            (PacketFacts::HeaderChainTooLong, Reason::DropHeaderChainTooLong),
+            (
+                PacketFacts::HeaderChainTooLong,
+                Reason::DropHeaderChainTooLong,
+            ),
         ] {
             assert_eq!(decide(&facts, &f, NOW).reason, reason);
         }

@@ -16,10 +16,10 @@ use jit_gate_common::{
     verdict::{Reason, Rules, Transport},
 };
 
-/// Follows three VLAN tags only, so longer priority-tag chains drop.
-struct VlanBoundThree;
-impl Rules for VlanBoundThree {
-    const VLAN_TAGS: usize = 3;
+/// Follows four VLAN tags only, so longer priority-tag chains drop.
+struct VlanBoundFour;
+impl Rules for VlanBoundFour {
+    const VLAN_TAGS: usize = 4;
 }
 
 /// Takes TCP behind an IPv4 authentication header for another protocol.
@@ -106,7 +106,7 @@ macro_rules! mutants {
 }
 
 mutants! {
-    mutant_vlan_bound_three: VlanBoundThree,
+    mutant_vlan_bound_four: VlanBoundFour,
     mutant_ipv4_ah_not_walked: Ipv4AhNotWalked,
     mutant_short_header_walk: ShortHeaderWalk,
     mutant_grants_outlive_expiry: GrantsOutliveExpiry,

@@ -155,7 +155,10 @@ fn layer_two(t: &mut Table, s: &Sources) {
         "1: nine tags then ARP",
         vec![(tagged(9, 0x0806), DROP_VLAN_TOO_DEEP)],
     );
-    t.case("1: eight tags then ARP", vec![(tagged(8, 0x0806), PASS_NOT_IP)]);
+    t.case(
+        "1: eight tags then ARP",
+        vec![(tagged(8, 0x0806), PASS_NOT_IP)],
+    );
     let three = t.ssh(s.stranger[0], SYN).priority_tags(3).build().bytes;
     t.case(
         "1: a frame ending inside its third tag",
@@ -177,7 +180,10 @@ fn layer_three(t: &mut Table, s: &Sources) {
     );
     t.case(
         "2: IPv4 non-first fragment to 22/tcp",
-        vec![(t.ssh(v4, SYN).fragment(1, false).build().bytes, PASS_NON_FIRST_FRAGMENT)],
+        vec![(
+            t.ssh(v4, SYN).fragment(1, false).build().bytes,
+            PASS_NON_FIRST_FRAGMENT,
+        )],
     );
     t.case(
         "2: IPv4 with 40 bytes of options, SYN to 22/tcp from a stranger",
@@ -196,7 +202,10 @@ fn layer_three(t: &mut Table, s: &Sources) {
     t.case(
         "2: IPv4 8-byte authentication header (length 0), then SYN to 22/tcp from a stranger",
         vec![(
-            t.ssh(v4, SYN).extensions(&[Extension::ShortAuth]).build().bytes,
+            t.ssh(v4, SYN)
+                .extensions(&[Extension::ShortAuth])
+                .build()
+                .bytes,
             DROP_NO_GRANT,
         )],
     );
@@ -217,7 +226,11 @@ fn layer_three(t: &mut Table, s: &Sources) {
     t.case(
         "2: IPv4 authentication header cut short by the IP length",
         vec![(
-            t.ssh(v4, SYN).extensions(&[ah]).cut_ip_payload(4).build().bytes,
+            t.ssh(v4, SYN)
+                .extensions(&[ah])
+                .cut_ip_payload(4)
+                .build()
+                .bytes,
             DROP_MALFORMED,
         )],
     );
@@ -232,7 +245,10 @@ fn layer_three(t: &mut Table, s: &Sources) {
     let chain8 = [hop, dest, dest, dest, ah, dest, dest, dest];
     t.case(
         "2: IPv6 eight extension headers, then SYN to 22/tcp from a stranger",
-        vec![(t.ssh(v6, SYN).extensions(&chain8).build().bytes, DROP_NO_GRANT)],
+        vec![(
+            t.ssh(v6, SYN).extensions(&chain8).build().bytes,
+            DROP_NO_GRANT,
+        )],
     );
     t.case(
         "2: IPv6 eight extension headers, then SYN to 22/tcp from a grantee",
@@ -254,11 +270,17 @@ fn layer_three(t: &mut Table, s: &Sources) {
     );
     t.case(
         "2: IPv6 authentication header, then SYN to 22/tcp from a stranger",
-        vec![(t.ssh(v6, SYN).extensions(&[ah]).build().bytes, DROP_NO_GRANT)],
+        vec![(
+            t.ssh(v6, SYN).extensions(&[ah]).build().bytes,
+            DROP_NO_GRANT,
+        )],
     );
     t.case(
         "2: IPv6 non-first fragment to 22/tcp",
-        vec![(t.ssh(v6, SYN).fragment(1, true).build().bytes, PASS_NON_FIRST_FRAGMENT)],
+        vec![(
+            t.ssh(v6, SYN).fragment(1, true).build().bytes,
+            PASS_NON_FIRST_FRAGMENT,
+        )],
     );
     let syn6 = t.ssh(v6, SYN).build();
     t.case(
@@ -280,7 +302,10 @@ fn upper_layer(t: &mut Table, s: &Sources) {
     let host = IpAddr::from(HOST_V4);
     t.case(
         "3: ICMP",
-        vec![(Packet::other(v4, host, IpNumber::ICMP).build().bytes, PASS_NOT_TCP_UDP)],
+        vec![(
+            Packet::other(v4, host, IpNumber::ICMP).build().bytes,
+            PASS_NOT_TCP_UDP,
+        )],
     );
     t.case(
         "3: ESP",
@@ -312,18 +337,28 @@ fn upper_layer(t: &mut Table, s: &Sources) {
     t.case(
         "3: a tiny first fragment: 8 bytes of TCP to 22/tcp, more fragments follow",
         vec![(
-            t.ssh(v4, SYN).fragment(0, true).cut_ip_payload(8).build().bytes,
+            t.ssh(v4, SYN)
+                .fragment(0, true)
+                .cut_ip_payload(8)
+                .build()
+                .bytes,
             DROP_TRUNCATED,
         )],
     );
     t.case(
         "3: a UDP header cut after 4 bytes to 5353/udp",
-        vec![(udp(v4, 5353).cut_ip_payload(4).build().bytes, DROP_TRUNCATED)],
+        vec![(
+            udp(v4, 5353).cut_ip_payload(4).build().bytes,
+            DROP_TRUNCATED,
+        )],
     );
     for (packet, what) in [
         (tcp(v4, 80, SYN), "SYN to 80/tcp"),
         (udp(v4, 22), "UDP to 22/udp (only TCP is protected)"),
-        (tcp(v4, 5353, SYN), "SYN to 5353/tcp (only UDP is protected)"),
+        (
+            tcp(v4, 5353, SYN),
+            "SYN to 5353/tcp (only UDP is protected)",
+        ),
     ] {
         t.case(
             format!("4: {what}"),
@@ -362,7 +397,11 @@ fn new_connections(t: &mut Table, s: &Sources) {
             "the expired 10.1.2.0/24 nested in the live /8",
             DROP_NO_GRANT,
         ),
-        ("10.20.0.5", "the live 10.20.0.0/16 in the /8", PASS_CIDR_GRANT),
+        (
+            "10.20.0.5",
+            "the live 10.20.0.0/16 in the /8",
+            PASS_CIDR_GRANT,
+        ),
         (
             "2001:db8:aa:1::5",
             "the expired /64 nested in a live /48",
@@ -402,7 +441,10 @@ fn new_connections(t: &mut Table, s: &Sources) {
         };
         t.case(
             format!("5: SYN on the tuple of {what}, no live grant"),
-            vec![(tcp(ip(src), 22, SYN).src_port(port).build().bytes, DROP_NO_GRANT)],
+            vec![(
+                tcp(ip(src), 22, SYN).src_port(port).build().bytes,
+                DROP_NO_GRANT,
+            )],
         );
     }
     let quota_two = ip("198.51.100.50");
@@ -430,9 +472,8 @@ fn new_connections(t: &mut Table, s: &Sources) {
 
 /// Decision 6: packets of connections, and datagrams.
 fn packets_of_connections(t: &mut Table, s: &Sources) {
-    let seeded = |src: &str, port: u16, flags: u8| {
-        tcp(ip(src), 22, flags).src_port(port).build().bytes
-    };
+    let seeded =
+        |src: &str, port: u16, flags: u8| tcp(ip(src), 22, flags).src_port(port).build().bytes;
     t.case(
         "6: ACK of an established flow whose grant expired",
         vec![(seeded("198.51.100.11", 50_022, ACK), PASS_TRACKED_FLOW)],
@@ -447,7 +488,10 @@ fn packets_of_connections(t: &mut Table, s: &Sources) {
         "6: a young half-open flow without grant: its ACK, then FIN|ACK",
         vec![
             (seeded("198.51.100.60", 50_024, ACK), PASS_TRACKED_FLOW),
-            (seeded("198.51.100.60", 50_024, FIN | ACK), PASS_TRACKED_FLOW),
+            (
+                seeded("198.51.100.60", 50_024, FIN | ACK),
+                PASS_TRACKED_FLOW,
+            ),
         ],
     );
     t.case(
@@ -491,21 +535,30 @@ fn packets_of_connections(t: &mut Table, s: &Sources) {
     t.case(
         "6: UDP on a tracked flow of a source without grant",
         vec![(
-            udp(ip("198.51.100.99"), 5353).src_port(50_053).build().bytes,
+            udp(ip("198.51.100.99"), 5353)
+                .src_port(50_053)
+                .build()
+                .bytes,
             PASS_TRACKED_FLOW,
         )],
     );
     t.case(
         "6: UDP from a live CIDR grant",
         vec![(
-            udp(ip("203.0.113.77"), 5353).src_port(t.ports.next()).build().bytes,
+            udp(ip("203.0.113.77"), 5353)
+                .src_port(t.ports.next())
+                .build()
+                .bytes,
             PASS_CIDR_GRANT,
         )],
     );
     t.case(
         "6: UDP from a stranger",
         vec![(
-            udp(s.stranger[1], 5353).src_port(t.ports.next()).build().bytes,
+            udp(s.stranger[1], 5353)
+                .src_port(t.ports.next())
+                .build()
+                .bytes,
             DROP_NO_GRANT,
         )],
     );

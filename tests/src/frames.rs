@@ -268,7 +268,8 @@ fn delivered(
         (source, bytes.get(header_len..)?.to_vec())
     } else {
         // SAFETY: an AF_INET6 socket fills a sockaddr_in6.
-        let from: &libc::sockaddr_in6 = unsafe { &*(from as *const _ as *const libc::sockaddr_in6) };
+        let from: &libc::sockaddr_in6 =
+            unsafe { &*(from as *const _ as *const libc::sockaddr_in6) };
         (IpAddr::from(from.sin6_addr.s6_addr), bytes.to_vec())
     };
     Some(Delivered {

@@ -90,9 +90,25 @@ pub const GRANTS: [Grant; 27] = [
     ("2001:db8:1::10/128", Tcp, 22, Expiry::Live, 8, QUOTA, 0),
     ("2001:db8:1::11/128", Tcp, 22, Expiry::Expired, 9, QUOTA, 0),
     ("2001:db8:1::12/128", Udp, 5353, Expiry::Live, 10, QUOTA, 0),
-    ("2001:db8:1::13/128", Tcp, 3389, Expiry::Expired, 11, QUOTA, 0),
+    (
+        "2001:db8:1::13/128",
+        Tcp,
+        3389,
+        Expiry::Expired,
+        11,
+        QUOTA,
+        0,
+    ),
     // An IPv6 grant for an IPv4-mapped address; 198.51.100.15 itself has none.
-    ("::ffff:198.51.100.15/128", Tcp, 22, Expiry::Live, 12, QUOTA, 0),
+    (
+        "::ffff:198.51.100.15/128",
+        Tcp,
+        22,
+        Expiry::Live,
+        12,
+        QUOTA,
+        0,
+    ),
     // Flow limits: a quota of two, a single-use grant, a UDP quota of one.
     ("198.51.100.50/32", Tcp, 22, Expiry::Live, 40, 2, 0),
     ("198.51.100.51/32", Tcp, 22, Expiry::Live, 41, QUOTA, 1),
@@ -110,7 +126,15 @@ pub const GRANTS: [Grant; 27] = [
     ("2001:db8:aa:2::/64", Tcp, 22, Expiry::Live, 32, QUOTA, 0),
     ("2001:db8:bb::/127", Udp, 5353, Expiry::Live, 33, QUOTA, 0),
     ("2001:db8:cc::/56", Tcp, 5985, Expiry::Live, 34, QUOTA, 0),
-    ("2001:db8:8000::/33", Tcp, 3389, Expiry::Expired, 35, QUOTA, 0),
+    (
+        "2001:db8:8000::/33",
+        Tcp,
+        3389,
+        Expiry::Expired,
+        35,
+        QUOTA,
+        0,
+    ),
 ];
 
 /// Where a seeded flow's handshake stands.
@@ -129,14 +153,42 @@ pub enum Handshake {
 /// alone.
 pub const SEEDED_FLOWS: [(&str, u16, Protocol, u16, u64, Handshake); 8] = [
     // The grant expired; the session lives on.
-    ("198.51.100.11", 50_022, Tcp, 22, 100, Handshake::Established),
-    ("2001:db8:1::11", 50_022, Tcp, 22, 101, Handshake::Established),
+    (
+        "198.51.100.11",
+        50_022,
+        Tcp,
+        22,
+        100,
+        Handshake::Established,
+    ),
+    (
+        "2001:db8:1::11",
+        50_022,
+        Tcp,
+        22,
+        101,
+        Handshake::Established,
+    ),
     // Under the expired nested /24.
     ("10.1.2.3", 50_022, Tcp, 22, 102, Handshake::Established),
     // No grant at all.
-    ("198.51.100.99", 50_053, Udp, 5353, 103, Handshake::Established),
+    (
+        "198.51.100.99",
+        50_053,
+        Udp,
+        5353,
+        103,
+        Handshake::Established,
+    ),
     // Live grant 3: a UDP flow keeps the grant it was first recorded under.
-    ("198.51.100.10", 50_053, Udp, 5353, 104, Handshake::Established),
+    (
+        "198.51.100.10",
+        50_053,
+        Udp,
+        5353,
+        104,
+        Handshake::Established,
+    ),
     // Half-open, the grant expired: SYNs left behind by a grantee.
     ("198.51.100.11", 50_023, Tcp, 22, 2, Handshake::Stale),
     ("2001:db8:1::11", 50_023, Tcp, 22, 9, Handshake::Stale),
@@ -305,7 +357,11 @@ impl Sides {
         for flow in gate.flows().expect("reading flows") {
             gate.remove_flow(&flow.key).expect("removing a flow");
         }
-        for grant_id in gate.grant_flow_counts().expect("grant counters").into_keys() {
+        for grant_id in gate
+            .grant_flow_counts()
+            .expect("grant counters")
+            .into_keys()
+        {
             gate.forget_grant_counters(grant_id)
                 .expect("removing grant counters");
         }

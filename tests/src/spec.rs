@@ -47,7 +47,6 @@ impl Outcome {
     }
 }
 
-
 /// What a frame is, as far as the verdict is concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Parsed {
@@ -55,7 +54,10 @@ enum Parsed {
     /// A complete TCP or UDP header of a first fragment or unfragmented packet.
     Segment(Segment),
     /// TCP or UDP whose header is cut short: its destination port, if readable.
-    Truncated { protocol: u8, port: Option<u16> },
+    Truncated {
+        protocol: u8,
+        port: Option<u16>,
+    },
 }
 
 /// The fields of a TCP or UDP packet the verdict reads.
@@ -308,7 +310,10 @@ impl State {
             }
             Parsed::Segment(segment) => segment,
         };
-        if !self.protected.contains(&(segment.protocol, segment.dst_port)) {
+        if !self
+            .protected
+            .contains(&(segment.protocol, segment.dst_port))
+        {
             return Outcome::pass("pass_not_protected");
         }
         let id: FlowId = (
@@ -330,7 +335,9 @@ impl State {
                 }
                 return Outcome::pass(reason);
             }
-            return self.open(id, &grant, false, now_ns).unwrap_or(Outcome::pass(reason));
+            return self
+                .open(id, &grant, false, now_ns)
+                .unwrap_or(Outcome::pass(reason));
         }
         // Decision 6: a packet of a connection, or a datagram.
         let timeout = self.half_open_timeout_ns;
@@ -345,7 +352,9 @@ impl State {
                 return Outcome::drop("drop_no_grant");
             };
             if !tcp && !self.flows.contains_key(&id) {
-                return self.open(id, &grant, true, now_ns).unwrap_or(Outcome::pass(reason));
+                return self
+                    .open(id, &grant, true, now_ns)
+                    .unwrap_or(Outcome::pass(reason));
             }
             Outcome::pass(reason)
         };

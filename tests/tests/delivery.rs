@@ -23,7 +23,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use etherparse::{EtherType, IpNumber, Ipv4Header, Ipv6Header, NetSlice, SlicedPacket, TransportSlice};
+use etherparse::{
+    EtherType, IpNumber, Ipv4Header, Ipv6Header, NetSlice, SlicedPacket, TransportSlice,
+};
 use jit_gate_agent::{
     clock::boot_now_ns,
     enforce::xdp::GrantLimits,
@@ -35,7 +37,9 @@ use jit_gate_tests::{
     frames::{Delivered, DeliveryTap, PacketSocket, if_counts, mac_of},
     gated_host::GatedHost,
     mutate::random_frame,
-    netns::{CLIENT_V4, CLIENT_V4_OUTSIDE, CLIENT_V6, CLIENT_V6_OUTSIDE, GATED_V4, GATED_V6, Topology},
+    netns::{
+        CLIENT_V4, CLIENT_V4_OUTSIDE, CLIENT_V6, CLIENT_V6_OUTSIDE, GATED_V4, GATED_V6, Topology,
+    },
     packets::{Extension, Frame, Packet, random_extension_chain, tcp_flag::*},
 };
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
@@ -202,8 +206,16 @@ fn retarget(base: &Packet, tcp_port: u16, udp_port: u16) -> Packet {
     }
 }
 
-fn extension_chains(rng: &mut StdRng, bases: &[Packet], lengths: std::ops::RangeInclusive<usize>, count: usize) -> Vec<Vec<u8>> {
-    let v6: Vec<&Packet> = bases.iter().filter(|p| p.build().bytes[12..14] == [0x86, 0xdd]).collect();
+fn extension_chains(
+    rng: &mut StdRng,
+    bases: &[Packet],
+    lengths: std::ops::RangeInclusive<usize>,
+    count: usize,
+) -> Vec<Vec<u8>> {
+    let v6: Vec<&Packet> = bases
+        .iter()
+        .filter(|p| p.build().bytes[12..14] == [0x86, 0xdd])
+        .collect();
     (0..count)
         .map(|_| {
             let len = rng.random_range(lengths.clone());
@@ -234,8 +246,15 @@ fn auth_chains(rng: &mut StdRng, bases: &[Packet]) -> Vec<Vec<u8>> {
 fn random_transports(rng: &mut StdRng, count: usize) -> Vec<Vec<u8>> {
     (0..count)
         .map(|_| {
-            let src = *GRANTED.iter().chain(&STRANGERS).collect::<Vec<_>>().choose(rng).expect("sources");
-            let protocol = *[IpNumber::TCP, IpNumber::UDP].choose(rng).expect("protocols");
+            let src = *GRANTED
+                .iter()
+                .chain(&STRANGERS)
+                .collect::<Vec<_>>()
+                .choose(rng)
+                .expect("sources");
+            let protocol = *[IpNumber::TCP, IpNumber::UDP]
+                .choose(rng)
+                .expect("protocols");
             let mut payload: Vec<u8> = (0..rng.random_range(0..60)).map(|_| rng.random()).collect();
             if payload.len() >= 4 && rng.random_bool(0.7) {
                 let (_, port) = *PROTECTED.choose(rng).expect("ports");
@@ -245,8 +264,9 @@ fn random_transports(rng: &mut StdRng, count: usize) -> Vec<Vec<u8>> {
             match (*src, gated_for(*src)) {
                 (IpAddr::V4(s), IpAddr::V4(d)) => {
                     frame.extend([0x08, 0x00]);
-                    let mut header = Ipv4Header::new(payload.len() as u16, 64, protocol, s.octets(), d.octets())
-                        .expect("small payload");
+                    let mut header =
+                        Ipv4Header::new(payload.len() as u16, 64, protocol, s.octets(), d.octets())
+                            .expect("small payload");
                     header.header_checksum = header.calc_header_checksum();
                     frame.extend_from_slice(&header.to_bytes());
                 }
@@ -325,7 +345,13 @@ fn corpus(seed: u64) -> Vec<Category> {
             frames: bare
                 .iter()
                 .step_by(3)
-                .flat_map(|p| p.clone().priority_tags(1).build().truncations().collect::<Vec<_>>())
+                .flat_map(|p| {
+                    p.clone()
+                        .priority_tags(1)
+                        .build()
+                        .truncations()
+                        .collect::<Vec<_>>()
+                })
                 .collect(),
             all_deliverable: true,
         },
@@ -343,7 +369,13 @@ fn corpus(seed: u64) -> Vec<Category> {
     let sources: Vec<Frame> = bases
         .iter()
         .chain(&bare)
-        .flat_map(|p| [p.build(), p.clone().priority_tags(3).build(), p.clone().vlan(&[EtherType::PROVIDER_BRIDGING]).build()])
+        .flat_map(|p| {
+            [
+                p.build(),
+                p.clone().priority_tags(3).build(),
+                p.clone().vlan(&[EtherType::PROVIDER_BRIDGING]).build(),
+            ]
+        })
         .collect();
     let mutations = (0..7_000)
         .map(|_| {
@@ -502,17 +534,28 @@ fn nothing_reaches_a_protected_port_without_a_grant_and_nothing_granted_is_lost(
         categories.iter().zip(&baseline).zip(&denied).zip(&allowed)
     {
         for d in denied.delivered.iter().filter(|d| to_protected(d)) {
-            violations.push(format!("[{}] no grant: {} delivered", category.name, describe(d)));
+            violations.push(format!(
+                "[{}] no grant: {} delivered",
+                category.name,
+                describe(d)
+            ));
         }
         for answer in &denied.answers {
-            violations.push(format!("[{}] no grant: the host answered ({answer})", category.name));
+            violations.push(format!(
+                "[{}] no grant: the host answered ({answer})",
+                category.name
+            ));
         }
         for d in allowed
             .delivered
             .iter()
             .filter(|d| to_protected(d) && !GRANTED.contains(&d.source))
         {
-            violations.push(format!("[{}] grants of others: {} delivered", category.name, describe(d)));
+            violations.push(format!(
+                "[{}] grants of others: {} delivered",
+                category.name,
+                describe(d)
+            ));
         }
         if !category.all_deliverable {
             continue;
@@ -528,7 +571,11 @@ fn nothing_reaches_a_protected_port_without_a_grant_and_nothing_granted_is_lost(
         {
             match have.get_mut(d) {
                 Some(n) if *n > 0 => *n -= 1,
-                _ => false_drops.push(format!("[{}] granted: {} not delivered", category.name, describe(d))),
+                _ => false_drops.push(format!(
+                    "[{}] granted: {} not delivered",
+                    category.name,
+                    describe(d)
+                )),
             }
         }
     }
@@ -554,16 +601,32 @@ fn nothing_reaches_a_protected_port_without_a_grant_and_nothing_granted_is_lost(
         started.elapsed(),
         delivered(&baseline),
         delivered(&denied),
-        denied.iter().flat_map(|o| &o.delivered).filter(|d| to_protected(d)).count(),
+        denied
+            .iter()
+            .flat_map(|o| &o.delivered)
+            .filter(|d| to_protected(d))
+            .count(),
         delivered(&allowed),
     );
-    let protected_baseline = baseline.iter().flat_map(|o| &o.delivered).filter(|d| to_protected(d)).count();
+    let protected_baseline = baseline
+        .iter()
+        .flat_map(|o| &o.delivered)
+        .filter(|d| to_protected(d))
+        .count();
     assert!(
         protected_baseline > 1_000,
         "the kernel delivered only {protected_baseline} packets to protected ports on its own: the corpus does not test much"
     );
     let shown: BTreeSet<&String> = violations.iter().take(30).collect();
-    assert!(violations.is_empty(), "{} deliveries past the gate:\n{shown:#?}", violations.len());
+    assert!(
+        violations.is_empty(),
+        "{} deliveries past the gate:\n{shown:#?}",
+        violations.len()
+    );
     let shown: BTreeSet<&String> = false_drops.iter().take(30).collect();
-    assert!(false_drops.is_empty(), "{} granted packets lost:\n{shown:#?}", false_drops.len());
+    assert!(
+        false_drops.is_empty(),
+        "{} granted packets lost:\n{shown:#?}",
+        false_drops.len()
+    );
 }

@@ -1,24 +1,23 @@
 //! A flood of SYNs from random spoofed sources at a gated port, against a
 //! real agent (mode xdp): the audit log grows by a bounded number of
 //! denial summaries per interval, whatever the number of sources, and the
-//! packets they count add up to what the kernel dropped.
+//! packets they count add up to what the kernel dropped. Connections
+//! refused by a grant's quota show in the status and the summaries.
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
 use aya::maps::{Map, MapData, PerCpuArray};
 use jit_gate_agent::{config::Mode, proto};
-use jit_gate_common::{
-    maps::names,
-    verdict::Reason,
-};
+use jit_gate_common::{maps::names, verdict::Reason};
 use jit_gate_tests::{
     agent::AgentHost,
     frames::{PacketSocket, if_counts, mac_of},
-    netns::GATED_V4,
+    netns::{CLIENT_V4, GATED_V4},
     packets::{Packet, tcp_flag::SYN},
+    traffic::{TcpEcho, tcp_connect},
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
@@ -50,7 +49,13 @@ fn kernel_drops(pin_dir: &std::path::Path) -> u64 {
     Reason::ALL
         .into_iter()
         .filter(|r| !r.is_pass())
-        .map(|r| counters.get(&(r as u32), 0).expect("counter").iter().sum::<u64>())
+        .map(|r| {
+            counters
+                .get(&(r as u32), 0)
+                .expect("counter")
+                .iter()
+                .sum::<u64>()
+        })
         .sum()
 }
 
@@ -153,18 +158,87 @@ async fn a_random_source_flood_is_summarized_in_bounded_records_that_add_up() {
          (bound {bound}), database +{:.3} MB",
         growth as f64 / 1e6
     );
-    assert!(new_records <= bound, "{new_records} records for {sent} denials");
+    assert!(
+        new_records <= bound,
+        "{new_records} records for {sent} denials"
+    );
     let last = records
         .iter()
         .rev()
         .find(|d| d["port"] == "22/tcp")
         .expect("a summary of 22/tcp");
-    let estimate = last["distinct_sources_estimate"].as_u64().expect("estimate");
+    let estimate = last["distinct_sources_estimate"]
+        .as_u64()
+        .expect("estimate");
     let sampled = last["sampled"].as_u64().expect("sampled");
     assert!(sampled > 0, "no deny event was sampled: {last}");
     assert!(
         estimate >= sampled / 2,
         "a random-source flood is estimated at {estimate} sources from {sampled} samples: {last}"
     );
-    assert!(!last["top_sources"].as_array().expect("top sources").is_empty());
+    assert!(
+        !last["top_sources"]
+            .as_array()
+            .expect("top sources")
+            .is_empty()
+    );
+}
+
+/// A grantee over its quota: the new connection is refused, the status
+/// counts it, and the port's denial summary names the grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_hits_show_in_the_status_and_the_audit_log() {
+    let host = AgentHost::new(
+        Mode::Xdp,
+        "[flows]\nper_grant_quota = 2\n[denials]\nsummary_interval = \"1s\"",
+    );
+    let (_agent, mut api) = host.start().await;
+    let _server = TcpEcho::start(&host.topo.gated, SocketAddr::new(GATED_V4.into(), SSH));
+    let ssh = SocketAddr::new(GATED_V4.into(), SSH);
+    let grant = api
+        .grant("g", SSH, proto::Protocol::Tcp, CLIENT_V4, 120)
+        .await;
+    let _sessions: Vec<_> = (0..2)
+        .map(|_| {
+            tcp_connect(&host.topo.client, CLIENT_V4.into(), ssh)
+                .expect_connected("within the quota")
+        })
+        .collect();
+    tcp_connect(&host.topo.client, CLIENT_V4.into(), ssh).expect_timed_out("over the quota");
+
+    let status = api.status().await;
+    let flows = status.flows.expect("the flow table in the status");
+    assert_eq!(flows.per_grant_quota, 2);
+    assert!(flows.refused_quota >= 1, "{flows:?}");
+    let port = status
+        .ports
+        .iter()
+        .find(|p| p.port == u32::from(SSH))
+        .expect("22/tcp");
+    assert_eq!(port.refused_connections, flows.refused_quota);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let refused: u64 = denials(&api.audit_log().await)
+            .iter()
+            .filter(|d| d["port"] == "22/tcp")
+            .flat_map(|d| {
+                d["refused_by_grant"]["grants"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .filter(|g| g["grant_id"] == grant.id)
+            .map(|g| g["refused"].as_u64().expect("refused"))
+            .sum();
+        if refused == flows.refused_quota {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the audit log counts {refused} refusals under grant {}, the kernel {}",
+            grant.id,
+            flows.refused_quota
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

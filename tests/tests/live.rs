@@ -268,7 +268,13 @@ fn priority_tagged_syns_are_gated_like_untagged_ones() {
         }
     }
     for (i, (src, _)) in FAMILIES.into_iter().enumerate() {
-        host.grant(host_net(src), Protocol::Tcp, SSH, Duration::from_secs(60), i as u64 + 1);
+        host.grant(
+            host_net(src),
+            Protocol::Tcp,
+            SSH,
+            Duration::from_secs(60),
+            i as u64 + 1,
+        );
     }
     for tags in [0, 3, 6] {
         for (src, gated) in FAMILIES {
@@ -285,7 +291,13 @@ fn a_flooding_grantee_never_evicts_another_users_session() {
     let mut host = GatedHost::new(&PROTECTED);
     let _servers = servers(&host);
     let victim_grant = Duration::from_secs(3);
-    host.grant(host_net(CLIENT_V4.into()), Protocol::Tcp, SSH, victim_grant, 1);
+    host.grant(
+        host_net(CLIENT_V4.into()),
+        Protocol::Tcp,
+        SSH,
+        victim_grant,
+        1,
+    );
     let granted_at = Instant::now();
     let ssh = SocketAddr::new(GATED_V4.into(), SSH);
     let mut session =

@@ -33,8 +33,7 @@ fn protected() -> BTreeSet<(Protocol, u16)> {
 fn gate_with(pins: &PinDir, options: GateOptions) -> XdpGate {
     let mut gate = XdpGate::open_with(&pins.path, options)
         .unwrap_or_else(|e| panic!("loading the XDP program: {e}"));
-    gate.set_protected_ports(&protected())
-        .expect("protect SSH");
+    gate.set_protected_ports(&protected()).expect("protect SSH");
     gate
 }
 
@@ -144,7 +143,10 @@ fn a_grants_quota_bounds_its_open_flows_and_closed_ones_free_it() {
     gate.upsert_grant_with_limits(&ssh_from("198.51.100.7/32"), live, 9, limits)
         .expect("grant");
     for port in 1..=3 {
-        assert!(passes_from(&gate, CLIENT, port, tcp_flags::SYN), "tuple {port}");
+        assert!(
+            passes_from(&gate, CLIENT, port, tcp_flags::SYN),
+            "tuple {port}"
+        );
     }
     assert!(
         !passes_from(&gate, CLIENT, 4, tcp_flags::SYN),
@@ -163,8 +165,7 @@ fn a_grants_quota_bounds_its_open_flows_and_closed_ones_free_it() {
     assert_eq!(gate.grant_flow_counts().expect("counts")[&9].closed, 1);
     assert!(passes_from(&gate, CLIENT, 4, tcp_flags::SYN), "room again");
     assert!(!passes_from(&gate, CLIENT, 5, tcp_flags::SYN), "full again");
-    let port_counts = gate.counters(&protected()).expect("counters").by_port
-        [&(Protocol::Tcp, SSH)];
+    let port_counts = gate.counters(&protected()).expect("counters").by_port[&(Protocol::Tcp, SSH)];
     assert_eq!((port_counts.dropped, port_counts.refused), (2, 2));
 }
 
@@ -247,7 +248,12 @@ fn stay_on_one_cpu() {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(0, &mut set);
         let rc = libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
-        assert_eq!(rc, 0, "sched_setaffinity: {}", std::io::Error::last_os_error());
+        assert_eq!(
+            rc,
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 

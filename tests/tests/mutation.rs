@@ -6,20 +6,33 @@
 use aya::{EbpfLoader, programs::Xdp};
 use jit_gate_tests::{cases::cases, env::PinDir, scenario::Sides};
 
-static MUTANTS_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(
-    env!("JIT_GATE_EBPF_OBJECTS"),
-    "/jit-gate-mutants"
-));
+static MUTANTS_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("JIT_GATE_EBPF_OBJECTS"), "/jit-gate-mutants"));
 
 /// Every program of the mutants object, with the rule it breaks.
 const MUTANTS: [(&str, &str); 10] = [
-    ("mutant_vlan_bound_three", "VLAN tags followed: three"),
-    ("mutant_ipv4_ah_not_walked", "IPv4 authentication headers not walked"),
+    ("mutant_vlan_bound_four", "VLAN tags followed: four"),
+    (
+        "mutant_ipv4_ah_not_walked",
+        "IPv4 authentication headers not walked",
+    ),
     ("mutant_short_header_walk", "extension headers walked: four"),
-    ("mutant_grants_outlive_expiry", "grants live an hour past expiry"),
-    ("mutant_syn_passes_as_flow", "a SYN passes as a tracked flow"),
-    ("mutant_half_open_forever", "half-open flows honoured forever"),
-    ("mutant_never_established", "no flow is ever marked established"),
+    (
+        "mutant_grants_outlive_expiry",
+        "grants live an hour past expiry",
+    ),
+    (
+        "mutant_syn_passes_as_flow",
+        "a SYN passes as a tracked flow",
+    ),
+    (
+        "mutant_half_open_forever",
+        "half-open flows honoured forever",
+    ),
+    (
+        "mutant_never_established",
+        "no flow is ever marked established",
+    ),
     ("mutant_no_flow_limits", "no quota, no single use"),
     ("mutant_max_opens_ignored", "single use ignored"),
     ("mutant_udp_flows_not_recorded", "UDP flows not recorded"),
@@ -51,7 +64,10 @@ fn every_mutant_fails_readmes_cases() {
         .default_map_pin_directory(&pins.path)
         .load(MUTANTS_OBJECT)
         .unwrap_or_else(|e| panic!("loading the mutants object: {e}"));
-    let in_object: Vec<String> = mutants.programs().map(|(name, _)| name.to_owned()).collect();
+    let in_object: Vec<String> = mutants
+        .programs()
+        .map(|(name, _)| name.to_owned())
+        .collect();
     assert_eq!(
         in_object.len(),
         MUTANTS.len(),
@@ -71,7 +87,11 @@ fn every_mutant_fails_readmes_cases() {
         if caught.is_empty() {
             survivors.push(format!("{name} ({rule})"));
         } else {
-            println!("{name} ({rule}) caught by {} cases, first: {}", caught.len(), caught[0]);
+            println!(
+                "{name} ({rule}) caught by {} cases, first: {}",
+                caught.len(),
+                caught[0]
+            );
         }
     }
     assert!(

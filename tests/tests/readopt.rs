@@ -144,7 +144,10 @@ fn reopen_on_stale_pins(stale: Stale) {
     let flows = MapInfo::from_pin(host.pins.path.join(names::FLOWS)).expect("flow table");
     assert!(matches!(flows.map_type(), Ok(MapType::Hash)));
     assert_eq!(flows.max_entries(), options.flow_capacity);
-    assert_eq!(layout_pin(&host.pins.path).get(&0, 0).expect("stamp"), LAYOUT_VERSION);
+    assert_eq!(
+        layout_pin(&host.pins.path).get(&0, 0).expect("stamp"),
+        LAYOUT_VERSION
+    );
     // Until the new program replaces the old in the link, the old one and
     // its maps enforce: the outside address still connects.
     tcp_connect(&host.topo.client, CLIENT_V4_OUTSIDE.into(), ssh)
@@ -175,7 +178,10 @@ fn reopen_on_stale_pins(stale: Stale) {
     expect_access(
         &host.topo.client,
         &format!("{stale:?}: after the swap"),
-        &[(CLIENT_V4.into(), ssh, true), (CLIENT_V4_OUTSIDE.into(), ssh, false)],
+        &[
+            (CLIENT_V4.into(), ssh, true),
+            (CLIENT_V4_OUTSIDE.into(), ssh, false),
+        ],
     );
 }
 
@@ -236,7 +242,10 @@ async fn the_agent_rebuilds_stale_kernel_state_from_its_store() {
     expect_access(
         &host.topo.client,
         "after the rebuild",
-        &[(CLIENT_V4.into(), ssh, true), (CLIENT_V4_OUTSIDE.into(), ssh, false)],
+        &[
+            (CLIENT_V4.into(), ssh, true),
+            (CLIENT_V4_OUTSIDE.into(), ssh, false),
+        ],
     );
     // The session was seeded into the new flow table: it outlives its grant.
     api.revoke(grant.id, false).await;

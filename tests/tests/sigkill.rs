@@ -105,10 +105,11 @@ fn half_open_flows_of_an_expired_grant_let_no_syn_in_with_the_installer_dead() {
         raw.send(&syn);
     }
     std::thread::sleep(Duration::from_millis(300));
-    let flows: HashMap<MapData, FlowKey, FlowValue> = MapData::from_pin(pins.path.join(names::FLOWS))
-        .and_then(Map::from_map_data)
-        .and_then(HashMap::try_from)
-        .expect("the pinned flow table");
+    let flows: HashMap<MapData, FlowKey, FlowValue> =
+        MapData::from_pin(pins.path.join(names::FLOWS))
+            .and_then(Map::from_map_data)
+            .and_then(HashMap::try_from)
+            .expect("the pinned flow table");
     let half_open = flows
         .iter()
         .filter_map(Result::ok)

@@ -11,6 +11,7 @@
 
 mod flows;
 mod pins;
+mod source_filter;
 
 pub use flows::{Counters, DeniedPacket, Flow, GrantFlowCounts, parse_deny_event};
 
@@ -36,9 +37,9 @@ use ipnet::IpNet;
 use jit_gate_common::{
     family,
     maps::{
-        CIDR_KEY_FIXED_BITS, CidrDataV4, CidrDataV6, FlowKey, FlowValue, GateConfig,
-        GrantKeyV4, GrantKeyV6, GrantOpens, GrantValue, PROGRAM_NAME, PortCounters, capacity,
-        cidr_data, defaults, names, protected,
+        CIDR_KEY_FIXED_BITS, CidrDataV4, CidrDataV6, FlowKey, FlowValue, GateConfig, GrantKeyV4,
+        GrantKeyV6, GrantOpens, GrantValue, PROGRAM_NAME, PortCounters, capacity, cidr_data,
+        defaults, names, protected,
     },
 };
 
@@ -170,6 +171,7 @@ struct Maps {
     protected_ports: Array<MapData, u32>,
     grants_v4: HashMap<MapData, GrantKeyV4, GrantValue>,
     grants_v6: HashMap<MapData, GrantKeyV6, GrantValue>,
+    source_filter: Array<MapData, u64>,
     cidr_v4: LpmTrie<MapData, CidrDataV4, GrantValue>,
     cidr_v6: LpmTrie<MapData, CidrDataV6, GrantValue>,
     flows: HashMap<MapData, FlowKey, FlowValue>,
@@ -190,6 +192,8 @@ pub struct XdpGate {
     options: GateOptions,
     /// Why the pinned state was not reused, if it was not.
     rebuilt: Option<String>,
+    /// Removals of exact entries before the source filter is rebuilt.
+    filter_removals_left: usize,
 }
 
 fn take<T: TryFrom<Map, Error = MapError>>(ebpf: &mut Ebpf, name: &'static str) -> Result<T> {
@@ -239,6 +243,7 @@ impl XdpGate {
             protected_ports: take(&mut ebpf, names::PROTECTED_PORTS)?,
             grants_v4: take(&mut ebpf, names::GRANTS_V4)?,
             grants_v6: take(&mut ebpf, names::GRANTS_V6)?,
+            source_filter: take(&mut ebpf, names::SOURCE_FILTER)?,
             cidr_v4: take(&mut ebpf, names::CIDR_GRANTS_V4)?,
             cidr_v6: take(&mut ebpf, names::CIDR_GRANTS_V6)?,
             flows: take(&mut ebpf, names::FLOWS)?,
@@ -256,7 +261,9 @@ impl XdpGate {
             maps,
             options,
             rebuilt,
+            filter_removals_left: 0,
         };
+        gate.rebuild_source_filter()?;
         gate.configure()?;
         gate.apply_flow_quota()?;
         pins::stamp(&mut gate.maps.layout)?;
@@ -461,6 +468,11 @@ impl XdpGate {
             max_opens: limits.max_opens,
         };
         let (protocol, port) = (target.protocol.number(), target.port);
+        if target.is_exact() {
+            // Before the entry: the program looks a source up only if its
+            // bit is set.
+            self.admit_source(target.source.addr())?;
+        }
         match (target.source, target.is_exact()) {
             (IpNet::V4(net), true) => self
                 .maps
@@ -534,7 +546,11 @@ impl XdpGate {
                 removed
             }
         };
-        existed(removed).map_err(map_err("grants"))
+        let existed = existed(removed).map_err(map_err("grants"))?;
+        if existed && target.is_exact() {
+            self.source_removed()?;
+        }
+        Ok(existed)
     }
 
     /// Every grant entry in the kernel.

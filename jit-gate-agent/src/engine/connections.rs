@@ -158,7 +158,13 @@ impl FlowWatch {
 }
 
 /// Why a flow is removed, if it is.
-fn dead(flow: &FlowValue, connection: &Connection, alive: bool, now: u64, half_open: Duration) -> bool {
+fn dead(
+    flow: &FlowValue,
+    connection: &Connection,
+    alive: bool,
+    now: u64,
+    half_open: Duration,
+) -> bool {
     match connection.protocol {
         Protocol::Tcp if flow.state & flow_state::ESTABLISHED == 0 => {
             // The program no longer honours it; it only holds quota.
@@ -194,8 +200,13 @@ pub fn forget_dead_flows(
         let Some(connection) = Connection::from_flow_key(&flow.key) else {
             continue;
         };
-        if dead(&flow.value, &connection, alive.contains(&flow.key), now, half_open)
-            && xdp.remove_flow(&flow.key)?
+        if dead(
+            &flow.value,
+            &connection,
+            alive.contains(&flow.key),
+            now,
+            half_open,
+        ) && xdp.remove_flow(&flow.key)?
         {
             removed += 1;
         } else {

@@ -107,8 +107,8 @@ impl Sample {
     fn add(&mut self, denied: &DeniedPacket) {
         self.events += 1;
         *self.by_reason.entry(denied.reason).or_default() += 1;
-        let known = self.by_source.len() < MAX_SOURCES
-            || self.by_source.contains_key(&denied.source);
+        let known =
+            self.by_source.len() < MAX_SOURCES || self.by_source.contains_key(&denied.source);
         if known {
             *self.by_source.entry(denied.source).or_default() += 1;
         } else {
@@ -123,8 +123,9 @@ impl Sample {
     fn distinct_estimate(&self, total: u64) -> u64 {
         let seen = |times| self.by_source.values().filter(|n| **n == times).count() as u64;
         let (f1, f2) = (seen(1), seen(2));
-        let estimate =
-            self.by_source.len() as u64 + f1 * f1.saturating_sub(1) / (2 * (f2 + 1)) + self.untracked;
+        let estimate = self.by_source.len() as u64
+            + f1 * f1.saturating_sub(1) / (2 * (f2 + 1))
+            + self.untracked;
         estimate.min(total).max(self.by_source.len().min(1) as u64)
     }
 
@@ -217,7 +218,12 @@ impl Denials {
         let mut refused_by_port: BTreeMap<Option<(Protocol, u16)>, Vec<(u64, u64)>> =
             BTreeMap::new();
         for (grant, refused) in &current.refused_by_grant {
-            let before = self.baseline.refused_by_grant.get(grant).copied().unwrap_or(0);
+            let before = self
+                .baseline
+                .refused_by_grant
+                .get(grant)
+                .copied()
+                .unwrap_or(0);
             let refused = growth(*refused, before);
             if refused > 0 {
                 refused_by_port
@@ -258,7 +264,12 @@ impl Denials {
             .dropped_by_reason
             .iter()
             .map(|(reason, n)| {
-                let before = self.baseline.dropped_by_reason.get(reason).copied().unwrap_or(0);
+                let before = self
+                    .baseline
+                    .dropped_by_reason
+                    .get(reason)
+                    .copied()
+                    .unwrap_or(0);
                 (reason.as_str(), growth(*n, before))
             })
             .filter(|(_, n)| *n > 0)
@@ -342,7 +353,12 @@ mod tests {
         }
     }
 
-    fn snapshot(dropped_22: u64, refused_22: u64, no_grant: u64, malformed: u64) -> CounterSnapshot {
+    fn snapshot(
+        dropped_22: u64,
+        refused_22: u64,
+        no_grant: u64,
+        malformed: u64,
+    ) -> CounterSnapshot {
         CounterSnapshot {
             dropped_by_reason: [
                 ("drop_no_grant".to_owned(), no_grant),

@@ -9,12 +9,15 @@ use jit_gate_common::{
     family,
     maps::{
         CIDR_KEY_FIXED_BITS, FlowKey, FlowValue, GrantKeyV4, GrantKeyV6, GrantValue, cidr_data,
-        defaults, protected,
+        defaults, protected, source_filter,
     },
     verdict::{Address, GateLookups},
 };
 
-use super::{CIDR_GRANTS_V4, CIDR_GRANTS_V6, CONFIG, FLOWS, GRANTS_V4, GRANTS_V6, PROTECTED_PORTS};
+use super::{
+    CIDR_GRANTS_V4, CIDR_GRANTS_V6, CONFIG, FLOWS, GRANTS_V4, GRANTS_V6, PROTECTED_PORTS,
+    SOURCE_FILTER,
+};
 
 pub struct MapLookups {
     /// The entry the last `flow` lookup found; null if none.
@@ -52,13 +55,19 @@ impl GateLookups for MapLookups {
 
     #[inline(always)]
     fn exact_grant(&self, src: &Address, protocol: u8, port: u16) -> Option<GrantValue> {
+        // A clear bit: no exact grant for the source, no hash lookup.
+        let bit = source_filter::bit(&src.bytes, src.family);
+        let word = SOURCE_FILTER.get(source_filter::word(bit)).copied()?;
+        if word & source_filter::mask(bit) == 0 {
+            return None;
+        }
         // SAFETY: the maps are not preallocated: a found entry is never reused.
         if src.family == family::V4 {
             let key = GrantKeyV4::new(v4_octets(src), protocol, port);
-            unsafe { GRANTS_V4.get(&key) }.copied()
+            unsafe { GRANTS_V4.get(key) }.copied()
         } else {
             let key = GrantKeyV6::new(src.bytes, protocol, port);
-            unsafe { GRANTS_V6.get(&key) }.copied()
+            unsafe { GRANTS_V6.get(key) }.copied()
         }
     }
 

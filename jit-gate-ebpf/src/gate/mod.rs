@@ -16,8 +16,8 @@ use aya_ebpf::{
 };
 use jit_gate_common::{
     maps::{
-        CidrDataV4, CidrDataV6, DenyBudget, FlowKey, FlowValue, GateConfig, GrantKeyV4,
-        GrantKeyV6, GrantOpens, GrantValue, PortCounters, capacity,
+        CidrDataV4, CidrDataV6, DenyBudget, FlowKey, FlowValue, GateConfig, GrantKeyV4, GrantKeyV6,
+        GrantOpens, GrantValue, PortCounters, capacity, source_filter,
     },
     verdict::{GateLookups, PacketFacts, Reason, Rules, Upper, decide_by},
 };
@@ -30,6 +30,9 @@ static GRANTS_V4: HashMap<GrantKeyV4, GrantValue> =
 #[map]
 static GRANTS_V6: HashMap<GrantKeyV6, GrantValue> =
     HashMap::pinned(capacity::EXACT_GRANTS, BPF_F_NO_PREALLOC);
+/// Sources that may hold an exact grant (see `maps::source_filter`).
+#[map]
+static SOURCE_FILTER: Array<u64> = Array::pinned(source_filter::WORDS, 0);
 #[map]
 static CIDR_GRANTS_V4: LpmTrie<CidrDataV4, GrantValue> = LpmTrie::pinned(capacity::CIDR_GRANTS, 0);
 #[map]

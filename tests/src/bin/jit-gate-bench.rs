@@ -4,6 +4,11 @@
 //! grants loaded. Rounds interleave all programs so machine noise hits each
 //! alike; the median of the rounds is reported, as ns/packet and as a ratio
 //! to the floor of the same verdict.
+//!
+//! Then the drop path under a flood: denied SYNs from one source against
+//! SYNs from a new random source each, one frame per run (the program must
+//! see each source once, as a spoofed flood makes it), beside the floor
+//! measured the same way.
 
 use std::{
     collections::BTreeSet,
@@ -27,6 +32,7 @@ use jit_gate_agent::{
 use jit_gate_common::maps::{FlowKey, FlowValue, flow_state};
 use jit_gate_common::verdict::{Address, Transport, tcp_flags};
 use jit_gate_tests::{env::PinDir, packets::Packet};
+use rand::{Rng, SeedableRng, rngs::StdRng};
 
 static FLOOR_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("JIT_GATE_EBPF_OBJECTS"), "/jit-gate-floor"));
@@ -42,6 +48,9 @@ struct Args {
     /// Grant-table sizes to measure with.
     #[arg(long, value_delimiter = ',', default_values_t = [1u32, 10_000, 1_000_000])]
     grants: Vec<u32>,
+    /// Frames per round of the flood measurement (one BPF_PROG_TEST_RUN each).
+    #[arg(long, default_value_t = 20_000)]
+    flood_frames: usize,
     /// Where the machine-readable results go.
     #[arg(long, default_value = "target/bench/xdp.json")]
     output: PathBuf,
@@ -105,6 +114,11 @@ fn paths() -> Vec<Path> {
             false,
         ),
         path(
+            "drop: no grant (ACK)",
+            tcp(STRANGER.into(), SSH, false),
+            false,
+        ),
+        path(
             "pass: exact grant v4",
             tcp(GRANTED.into(), SSH, false),
             true,
@@ -137,6 +151,24 @@ struct Row {
     ratio: f64,
 }
 
+/// The flood measurement.
+#[derive(Serialize)]
+struct Flood {
+    grants: u32,
+    frames_per_round: usize,
+    one_source_ns: f64,
+    random_sources_ns: f64,
+    floor_ns: f64,
+    /// Random sources against one source: the cost of a spoofed flood.
+    random_over_one: f64,
+}
+
+#[derive(Serialize)]
+struct Results {
+    paths: Vec<Row>,
+    flood: Flood,
+}
+
 fn run(program: &Xdp, frame: &[u8], repeat: u32) -> Result<(f64, bool), ProgramError> {
     let result = program.test_run(TestRunOptions {
         data_in: Some(frame),
@@ -145,6 +177,34 @@ fn run(program: &Xdp, frame: &[u8], repeat: u32) -> Result<(f64, bool), ProgramE
     })?;
     // The kernel reports the mean duration of one repetition.
     Ok((result.duration.as_nanos() as f64, result.return_value == 2))
+}
+
+/// Mean ns per packet over `frames`, one run each.
+fn per_frame(program: &Xdp, frames: &[Vec<u8>], expect_pass: bool) -> Result<f64> {
+    let mut total = 0.0;
+    for frame in frames {
+        let (ns, passed) = run(program, frame, 1)?;
+        ensure!(passed == expect_pass, "a flood frame got the wrong verdict");
+        total += ns;
+    }
+    Ok(total / frames.len() as f64)
+}
+
+/// Denied SYNs from one source, and each from a new source of 100.64.0.0/10
+/// (outside every granted range) on a random port.
+fn flood_frames(count: usize) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    let mut rng = StdRng::seed_from_u64(1);
+    let one = vec![tcp(STRANGER.into(), SSH, true); count];
+    let random = (0..count)
+        .map(|_| {
+            let source = Ipv4Addr::from(0x6440_0000 | (rng.random::<u32>() >> 10));
+            Packet::tcp(source.into(), GATED.into(), SSH, tcp_flags::SYN)
+                .src_port(rng.random_range(1024..=65_535))
+                .build()
+                .bytes
+        })
+        .collect();
+    (one, random)
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -279,11 +339,44 @@ fn main() -> Result<()> {
             });
         }
     }
+    let flood = measure_flood(&gate, floor_drop, loaded, &args)?;
     if let Some(dir) = args.output.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(&args.output, serde_json::to_string_pretty(&rows)?)
+    let results = Results { paths: rows, flood };
+    std::fs::write(&args.output, serde_json::to_string_pretty(&results)?)
         .with_context(|| format!("write {}", args.output.display()))?;
     println!("\nresults written to {}", args.output.display());
     Ok(())
+}
+
+fn measure_flood(gate: &XdpGate, floor_drop: &Xdp, grants: u32, args: &Args) -> Result<Flood> {
+    let (one, random) = flood_frames(args.flood_frames);
+    let (mut floor, mut one_ns, mut random_ns) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..args.rounds {
+        floor.push(per_frame(floor_drop, &one, false)?);
+        one_ns.push(per_frame(gate.program(), &one, false)?);
+        random_ns.push(per_frame(gate.program(), &random, false)?);
+    }
+    let flood = Flood {
+        grants,
+        frames_per_round: args.flood_frames,
+        one_source_ns: median(one_ns),
+        random_sources_ns: median(random_ns),
+        floor_ns: median(floor),
+        random_over_one: 0.0,
+    };
+    let flood = Flood {
+        random_over_one: flood.random_sources_ns / flood.one_source_ns,
+        ..flood
+    };
+    println!(
+        "\ndrop path under a flood, {} grants, one frame per run, {} frames per round, median of {} rounds:",
+        grants, args.flood_frames, args.rounds
+    );
+    println!(
+        "  one source {:.1} ns, random sources {:.1} ns, floor {:.1} ns: random/one {:.2}x",
+        flood.one_source_ns, flood.random_sources_ns, flood.floor_ns, flood.random_over_one
+    );
+    Ok(flood)
 }

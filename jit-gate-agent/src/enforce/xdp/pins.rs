@@ -9,7 +9,9 @@ use std::{fs, path::Path};
 use aya::maps::{Array, Map, MapData, MapInfo};
 use jit_gate_common::{LAYOUT_VERSION, maps::names};
 
-use super::{GateOptions, LINK_PIN_PREFIX, PROGRAM_PIN, Result, XdpError, map_err, remove_if_exists};
+use super::{
+    GateOptions, LINK_PIN_PREFIX, PROGRAM_PIN, Result, XdpError, map_err, remove_if_exists,
+};
 
 /// Unpins the maps under `pin_dir` unless they were made for this layout
 /// and match the maps `object` defines (with `options` applied); returns
