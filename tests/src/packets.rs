@@ -285,6 +285,19 @@ impl Packet {
         self
     }
 
+    /// Whether the packet carries TCP.
+    pub fn is_tcp(&self) -> bool {
+        matches!(self.layer4, Layer4::Tcp { .. })
+    }
+
+    pub fn dst_port(mut self, port: u16) -> Self {
+        match &mut self.layer4 {
+            Layer4::Tcp { dst_port, .. } | Layer4::Udp { dst_port, .. } => *dst_port = port,
+            Layer4::Other(_) => panic!("only TCP and UDP have ports"),
+        }
+        self
+    }
+
     pub fn src_port(mut self, port: u16) -> Self {
         match &mut self.layer4 {
             Layer4::Tcp { src_port, .. } | Layer4::Udp { src_port, .. } => *src_port = port,

@@ -292,6 +292,9 @@ impl From<&FlowValue> for FlowState {
     }
 }
 
+/// A grant's flows opened and connections refused.
+pub type OpenedRefused = (u64, u64);
+
 /// What running one packet did, or should have done.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Observed {
@@ -497,9 +500,9 @@ impl Sides {
             .collect()
     }
 
-    /// The grants whose flow counters (opened, refused) differ between the
-    /// sides: (grant id, kernel's, spec's).
-    pub fn differing_grant_counts(&self) -> Vec<(u64, (u64, u64), (u64, u64))> {
+    /// The grants whose flow counters differ between the sides: (grant id,
+    /// kernel's, spec's).
+    pub fn differing_grant_counts(&self) -> Vec<(u64, OpenedRefused, OpenedRefused)> {
         let kernel: BTreeMap<u64, (u64, u64)> = self
             .gate
             .grant_flow_counts()

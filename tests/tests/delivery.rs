@@ -23,9 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use etherparse::{
-    EtherType, IpNumber, Ipv4Header, Ipv6Header, NetSlice, SlicedPacket, TransportSlice,
-};
+use etherparse::{EtherType, IpNumber, Ipv4Header, Ipv6Header, SlicedPacket, TransportSlice};
 use jit_gate_agent::{
     clock::boot_now_ns,
     enforce::xdp::GrantLimits,
@@ -183,27 +181,8 @@ fn tiny_and_overlapping_fragments(bases: &[Packet], ids: &mut u32) -> Vec<Vec<u8
 
 /// `base` aimed at an open port of its protocol.
 fn retarget(base: &Packet, tcp_port: u16, udp_port: u16) -> Packet {
-    let frame = base.build();
-    let bytes = &frame.bytes;
-    let packet = SlicedPacket::from_ethernet(bytes).expect("a built packet parses");
-    let (src, dst) = match &packet.net {
-        Some(NetSlice::Ipv4(ip)) => (
-            IpAddr::from(ip.header().source_addr()),
-            IpAddr::from(ip.header().destination_addr()),
-        ),
-        Some(NetSlice::Ipv6(ip)) => (
-            IpAddr::from(ip.header().source_addr()),
-            IpAddr::from(ip.header().destination_addr()),
-        ),
-        _ => panic!("not IP"),
-    };
-    match &packet.transport {
-        Some(TransportSlice::Tcp(tcp)) => {
-            let flags = u8::from(tcp.syn()) * SYN | u8::from(tcp.ack()) * ACK;
-            Packet::tcp(src, dst, tcp_port, flags).data(&[0x5a; 32])
-        }
-        _ => Packet::udp(src, dst, udp_port).data(&[0x5a; 32]),
-    }
+    let port = if base.is_tcp() { tcp_port } else { udp_port };
+    base.clone().dst_port(port)
 }
 
 fn extension_chains(

@@ -312,3 +312,38 @@ fn a_refused_connection_is_reported_with_its_grant() {
     assert_eq!(events[0].reason, Reason::DropFlowQuota as u32);
     assert_eq!(events[0].grant_id, 77);
 }
+
+#[test]
+fn the_source_filter_keeps_every_granted_source_through_removals_and_rebuilds() {
+    let pins = PinDir::new();
+    let mut gate = gate(&pins);
+    let live = boot_now_ns() + MINUTE_NS;
+    let source = |i: u32| IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
+    let target = |i: u32| GrantTarget {
+        source: source(i).into(),
+        protocol: Protocol::Tcp,
+        port: SSH,
+    };
+    // More removals than the filter takes before it is rebuilt.
+    for i in 0..6_000 {
+        gate.upsert_grant(&target(i), live, u64::from(i) + 1)
+            .expect("grant");
+    }
+    for i in 0..5_990 {
+        assert!(gate.remove_grant(&target(i)).expect("remove"));
+    }
+    for i in 5_990..6_000 {
+        assert!(
+            passes_from(&gate, source(i), 40_000, tcp_flags::SYN),
+            "granted source {} refused after the rebuild",
+            source(i)
+        );
+    }
+    for i in (0..5_990).step_by(599) {
+        assert!(!passes_from(&gate, source(i), 40_000, tcp_flags::SYN));
+    }
+    // A restart rebuilds it from the entries, whatever it held.
+    drop(gate);
+    let gate = XdpGate::open(&pins.path).expect("reopen");
+    assert!(passes_from(&gate, source(5_995), 40_000, tcp_flags::SYN));
+}

@@ -13,6 +13,8 @@ mod flows;
 mod pins;
 mod source_filter;
 
+use source_filter::SourceFilter;
+
 pub use flows::{Counters, DeniedPacket, Flow, GrantFlowCounts, parse_deny_event};
 
 use std::{
@@ -97,6 +99,11 @@ pub enum XdpError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("map {map}: mapping it into memory: {source}")]
+    MapMemory {
+        map: &'static str,
+        source: std::io::Error,
+    },
     #[error("counting the possible CPUs: {0}")]
     Cpus(std::io::Error),
     #[error("the program object does not parse: {0}")]
@@ -171,7 +178,6 @@ struct Maps {
     protected_ports: Array<MapData, u32>,
     grants_v4: HashMap<MapData, GrantKeyV4, GrantValue>,
     grants_v6: HashMap<MapData, GrantKeyV6, GrantValue>,
-    source_filter: Array<MapData, u64>,
     cidr_v4: LpmTrie<MapData, CidrDataV4, GrantValue>,
     cidr_v6: LpmTrie<MapData, CidrDataV6, GrantValue>,
     flows: HashMap<MapData, FlowKey, FlowValue>,
@@ -189,6 +195,7 @@ pub struct XdpGate {
     pin_dir: PathBuf,
     ebpf: Ebpf,
     maps: Maps,
+    source_filter: SourceFilter,
     options: GateOptions,
     /// Why the pinned state was not reused, if it was not.
     rebuilt: Option<String>,
@@ -243,7 +250,6 @@ impl XdpGate {
             protected_ports: take(&mut ebpf, names::PROTECTED_PORTS)?,
             grants_v4: take(&mut ebpf, names::GRANTS_V4)?,
             grants_v6: take(&mut ebpf, names::GRANTS_V6)?,
-            source_filter: take(&mut ebpf, names::SOURCE_FILTER)?,
             cidr_v4: take(&mut ebpf, names::CIDR_GRANTS_V4)?,
             cidr_v6: take(&mut ebpf, names::CIDR_GRANTS_V6)?,
             flows: take(&mut ebpf, names::FLOWS)?,
@@ -255,10 +261,15 @@ impl XdpGate {
             layout: take(&mut ebpf, names::LAYOUT)?,
             deny_events: Some(take(&mut ebpf, names::DENY_EVENTS)?),
         };
+        let source_filter = SourceFilter::map(
+            ebpf.take_map(names::SOURCE_FILTER)
+                .ok_or(XdpError::MissingMap(names::SOURCE_FILTER))?,
+        )?;
         let mut gate = XdpGate {
             pin_dir,
             ebpf,
             maps,
+            source_filter,
             options,
             rebuilt,
             filter_removals_left: 0,
@@ -471,7 +482,7 @@ impl XdpGate {
         if target.is_exact() {
             // Before the entry: the program looks a source up only if its
             // bit is set.
-            self.admit_source(target.source.addr())?;
+            self.admit_source(target.source.addr());
         }
         match (target.source, target.is_exact()) {
             (IpNet::V4(net), true) => self

@@ -93,6 +93,11 @@ fn growth(now: u64, before: u64) -> u64 {
     if now >= before { now - before } else { now }
 }
 
+/// A protected (protocol, port), or `None` for drops at no protected port.
+type PortKey = Option<(Protocol, u16)>;
+/// (grant id, connections refused).
+type Refusals = Vec<(u64, u64)>;
+
 /// The deny events of one port (or of no protected port) in an interval.
 #[derive(Default)]
 struct Sample {
@@ -160,7 +165,7 @@ pub struct Denials {
     /// The counters as of the last stored summaries.
     baseline: CounterSnapshot,
     /// Samples per protected (protocol, port); `None`: no protected port.
-    samples: BTreeMap<Option<(Protocol, u16)>, Sample>,
+    samples: BTreeMap<PortKey, Sample>,
 }
 
 /// Summaries ready to store, with the counters they bring the baseline to.
@@ -215,8 +220,7 @@ impl Denials {
             "from": crate::store::to_ms(self.from),
             "to": crate::store::to_ms(to),
         });
-        let mut refused_by_port: BTreeMap<Option<(Protocol, u16)>, Vec<(u64, u64)>> =
-            BTreeMap::new();
+        let mut refused_by_port: BTreeMap<PortKey, Refusals> = BTreeMap::new();
         for (grant, refused) in &current.refused_by_grant {
             let before = self
                 .baseline
@@ -322,12 +326,12 @@ impl Denials {
 }
 
 /// "22/tcp" back to its key.
-fn parse_port_name(name: &str) -> Option<(Protocol, u16)> {
+fn parse_port_name(name: &str) -> PortKey {
     let (port, protocol) = name.split_once('/')?;
     Some((protocol.parse().ok()?, port.parse().ok()?))
 }
 
-fn top_grants(refused: Option<Vec<(u64, u64)>>) -> serde_json::Value {
+fn top_grants(refused: Option<Refusals>) -> serde_json::Value {
     let mut refused = refused.unwrap_or_default();
     refused.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     let shown: Vec<serde_json::Value> = refused

@@ -8,7 +8,7 @@ mod lookups;
 mod parse;
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, xdp_action},
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, xdp_action},
     helpers::bpf_ktime_get_boot_ns,
     macros::map,
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
@@ -32,7 +32,7 @@ static GRANTS_V6: HashMap<GrantKeyV6, GrantValue> =
     HashMap::pinned(capacity::EXACT_GRANTS, BPF_F_NO_PREALLOC);
 /// Sources that may hold an exact grant (see `maps::source_filter`).
 #[map]
-static SOURCE_FILTER: Array<u64> = Array::pinned(source_filter::WORDS, 0);
+static SOURCE_FILTER: Array<u64> = Array::pinned(source_filter::WORDS, BPF_F_MMAPABLE);
 #[map]
 static CIDR_GRANTS_V4: LpmTrie<CidrDataV4, GrantValue> = LpmTrie::pinned(capacity::CIDR_GRANTS, 0);
 #[map]

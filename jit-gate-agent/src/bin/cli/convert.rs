@@ -279,9 +279,11 @@ mod tests {
                 connections: 1,
                 grants_last_7_days: 9,
                 last_access: None,
+                ..PortStatus::default()
             }],
             active_grants: 2,
             policy_revision: 4,
+            ..Status::default()
         };
         let v = status(&s);
         assert_eq!(v["started_at"], "1970-01-01T00:00:00Z");

@@ -1,22 +1,82 @@
 //! The source filter in front of the exact-grant maps (see
-//! `jit_gate_common::maps::source_filter`): a source's bit is set before its
-//! grant entry is written; bits are cleared only by rebuilding the bitmap
-//! from the entries, at open and once removals have left many stale bits.
-//! A stale bit costs the program a lookup; a missing one would refuse a
-//! granted source, so nothing but a rebuild ever clears one.
+//! `jit_gate_common::maps::source_filter`), mapped into the agent's memory:
+//! a source's bit is set before its grant entry is written; bits are
+//! cleared only by rebuilding the bitmap from the entries, at open and once
+//! removals have left many stale bits. A stale bit costs the program a
+//! lookup; a missing one would refuse a granted source, so nothing but a
+//! rebuild ever clears one, and a rebuild sets before it clears.
 
-use std::net::IpAddr;
+use std::{
+    net::IpAddr,
+    os::fd::{AsFd, AsRawFd},
+    ptr::NonNull,
+    sync::atomic::{AtomicU64, Ordering},
+};
 
-use aya::maps::MapError;
+use aya::maps::{Map, MapData};
 use jit_gate_common::{
     family,
     maps::{names, source_filter},
 };
 
-use super::{Result, XdpGate, map_err};
+use super::{Result, XdpError, XdpGate, map_err};
 
 /// Removals of exact entries that trigger a rebuild, at least.
 const REBUILD_AFTER_REMOVALS: usize = 4_096;
+const BYTES: usize = source_filter::WORDS as usize * 8;
+
+/// The bitmap array, mapped shared with the kernel.
+pub(super) struct SourceFilter {
+    words: NonNull<AtomicU64>,
+    /// Keeps the map (and so the mapping's object) alive.
+    _map: MapData,
+}
+
+// SAFETY: the mapping is plain shared memory, accessed only through atomics.
+unsafe impl Send for SourceFilter {}
+
+impl SourceFilter {
+    pub(super) fn map(map: Map) -> Result<Self> {
+        let Map::Array(map) = map else {
+            return Err(XdpError::MissingMap(names::SOURCE_FILTER));
+        };
+        // SAFETY: a shared read-write mapping of the whole array of a
+        // BPF_F_MMAPABLE map; the kernel keeps it valid until munmap.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                BYTES,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(XdpError::MapMemory {
+                map: names::SOURCE_FILTER,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(SourceFilter {
+            words: NonNull::new(ptr.cast()).expect("mmap returned a mapping"),
+            _map: map,
+        })
+    }
+
+    fn word(&self, index: u32) -> &AtomicU64 {
+        assert!(index < source_filter::WORDS);
+        // SAFETY: within the mapping, which lives as long as `self`.
+        unsafe { &*self.words.as_ptr().add(index as usize) }
+    }
+}
+
+impl Drop for SourceFilter {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, of that length.
+        unsafe { libc::munmap(self.words.as_ptr().cast(), BYTES) };
+    }
+}
 
 fn bit_of(addr: IpAddr) -> u32 {
     let (bytes, fam) = match addr {
@@ -32,17 +92,11 @@ fn bit_of(addr: IpAddr) -> u32 {
 
 impl XdpGate {
     /// Sets the bit of `source`.
-    pub(super) fn admit_source(&mut self, source: IpAddr) -> Result<()> {
+    pub(super) fn admit_source(&mut self, source: IpAddr) {
         let bit = bit_of(source);
-        let index = source_filter::word(bit);
-        let word = self.filter_word(index)?;
-        if word & source_filter::mask(bit) == 0 {
-            self.maps
-                .source_filter
-                .set(index, word | source_filter::mask(bit), 0)
-                .map_err(map_err(names::SOURCE_FILTER))?;
-        }
-        Ok(())
+        self.source_filter
+            .word(source_filter::word(bit))
+            .fetch_or(source_filter::mask(bit), Ordering::SeqCst);
     }
 
     /// Counts the removal of an exact entry; rebuilds the filter once the
@@ -57,47 +111,27 @@ impl XdpGate {
     }
 
     /// Rewrites the filter from the exact entries: their bits set, every
-    /// other clear. Words are written only where they change, setting bits
-    /// before clearing any.
+    /// other clear, setting missing bits before clearing stale ones.
     pub(super) fn rebuild_source_filter(&mut self) -> Result<()> {
         let mut wanted = vec![0u64; source_filter::WORDS as usize];
-        let mut sources = Vec::new();
+        let mut sources = 0;
+        let mut note = |source: IpAddr| {
+            let bit = bit_of(source);
+            wanted[source_filter::word(bit) as usize] |= source_filter::mask(bit);
+            sources += 1;
+        };
         for key in self.maps.grants_v4.keys() {
-            sources.push(IpAddr::from(key.map_err(map_err(names::GRANTS_V4))?.addr));
+            note(IpAddr::from(key.map_err(map_err(names::GRANTS_V4))?.addr));
         }
         for key in self.maps.grants_v6.keys() {
-            sources.push(IpAddr::from(key.map_err(map_err(names::GRANTS_V6))?.addr));
-        }
-        for source in &sources {
-            let bit = bit_of(*source);
-            wanted[source_filter::word(bit) as usize] |= source_filter::mask(bit);
+            note(IpAddr::from(key.map_err(map_err(names::GRANTS_V6))?.addr));
         }
         for (index, want) in (0..).zip(wanted) {
-            let have = self.filter_word(index)?;
-            if have != want {
-                // A word only ever gains the bits it must keep.
-                if have | want != have {
-                    self.write_filter_word(index, have | want)?;
-                }
-                self.write_filter_word(index, want)?;
-            }
+            let word = self.source_filter.word(index);
+            word.fetch_or(want, Ordering::SeqCst);
+            word.store(want, Ordering::SeqCst);
         }
-        self.filter_removals_left = sources.len().max(REBUILD_AFTER_REMOVALS);
+        self.filter_removals_left = sources.max(REBUILD_AFTER_REMOVALS);
         Ok(())
-    }
-
-    fn filter_word(&self, index: u32) -> Result<u64> {
-        match self.maps.source_filter.get(&index, 0) {
-            Ok(word) => Ok(word),
-            Err(MapError::KeyNotFound) => Ok(0),
-            Err(e) => Err(map_err(names::SOURCE_FILTER)(e)),
-        }
-    }
-
-    fn write_filter_word(&mut self, index: u32, word: u64) -> Result<()> {
-        self.maps
-            .source_filter
-            .set(index, word, 0)
-            .map_err(map_err(names::SOURCE_FILTER))
     }
 }
