@@ -67,17 +67,19 @@ pub mod capacity {
 
 /// A bitmap over source addresses in front of the exact-grant maps: a
 /// source whose bit is clear holds no exact grant, so the program skips the
-/// hash lookup. 2^23 bits (1 MiB, about one bit in nine set with a million
-/// grants) mostly stay in the CPU's caches where a table of a million
-/// buckets does not, which keeps a flood from random sources close to the
-/// cost of a flood from one source. User space (which maps the array into
-/// its memory) sets a source's bit before it writes the source's grant
-/// entry, and clears bits only by rebuilding the bitmap from the entries: a
-/// stale bit costs a lookup, never a grant.
+/// hash lookup. 2^20 bits (128 KiB) stay in the CPU's cache where a table
+/// of a million buckets does not, which makes a flood from random sources
+/// cost about what a flood from one source costs, as long as few bits are
+/// set (one in a hundred with 10,000 grants; with a million grants most
+/// are, and the filter saves little). A larger bitmap misses the cache
+/// itself. User space (which maps the array into its memory) sets a
+/// source's bit before it writes the source's grant entry, and clears bits
+/// only by rebuilding the bitmap from the entries: a stale bit costs a
+/// lookup, never a grant.
 pub mod source_filter {
     use crate::family;
 
-    pub const BITS_LOG2: u32 = 23;
+    pub const BITS_LOG2: u32 = 20;
     /// 64-bit words of the bitmap.
     pub const WORDS: u32 = 1 << (BITS_LOG2 - 6);
 

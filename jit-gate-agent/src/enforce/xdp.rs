@@ -561,21 +561,24 @@ fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
 }
 
 fn attached_interfaces(pin_dir: &Path) -> Result<Vec<String>> {
+    Ok(pin_names(pin_dir)?
+        .into_iter()
+        .filter_map(|n| n.strip_prefix(LINK_PIN_PREFIX).map(str::to_owned))
+        .collect())
+}
+
+/// The names of the pins under `pin_dir`, sorted.
+fn pin_names(pin_dir: &Path) -> Result<Vec<String>> {
     let entries = fs::read_dir(pin_dir).map_err(|source| XdpError::PinDir {
         path: pin_dir.into(),
         source,
     })?;
-    let mut out: Vec<String> = entries
+    let mut names: Vec<String> = entries
         .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            e.file_name()
-                .to_str()
-                .and_then(|n| n.strip_prefix(LINK_PIN_PREFIX))
-                .map(str::to_owned)
-        })
+        .filter_map(|e| e.file_name().into_string().ok())
         .collect();
-    out.sort();
-    Ok(out)
+    names.sort();
+    Ok(names)
 }
 
 fn remove_if_exists(path: &Path) -> Result<()> {

@@ -166,7 +166,7 @@ struct Flood {
 #[derive(Serialize)]
 struct Results {
     paths: Vec<Row>,
-    flood: Flood,
+    flood: Vec<Flood>,
 }
 
 fn run(program: &Xdp, frame: &[u8], repeat: u32) -> Result<(f64, bool), ProgramError> {
@@ -290,6 +290,7 @@ fn main() -> Result<()> {
     let probe = tcp(STRANGER.into(), SSH, true);
 
     let mut rows = Vec::new();
+    let mut floods = Vec::new();
     let mut loaded = 2u32; // the v4 and v6 exact grants of setup()
     println!(
         "BPF_PROG_TEST_RUN, {} packets per run, median of {} interleaved rounds\n",
@@ -338,12 +339,29 @@ fn main() -> Result<()> {
                 ratio: ns / floor,
             });
         }
+        floods.push(measure_flood(&gate, floor_drop, loaded, &args)?);
     }
-    let flood = measure_flood(&gate, floor_drop, loaded, &args)?;
+    for flood in &floods {
+        println!(
+            "\ndrop path under a flood, {} grants, one frame per run, {} frames per round, \
+             median of {} rounds: one source {:.1} ns, random sources {:.1} ns, floor {:.1} ns, \
+             random/one {:.2}x",
+            flood.grants,
+            flood.frames_per_round,
+            args.rounds,
+            flood.one_source_ns,
+            flood.random_sources_ns,
+            flood.floor_ns,
+            flood.random_over_one
+        );
+    }
     if let Some(dir) = args.output.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let results = Results { paths: rows, flood };
+    let results = Results {
+        paths: rows,
+        flood: floods,
+    };
     std::fs::write(&args.output, serde_json::to_string_pretty(&results)?)
         .with_context(|| format!("write {}", args.output.display()))?;
     println!("\nresults written to {}", args.output.display());
@@ -366,17 +384,8 @@ fn measure_flood(gate: &XdpGate, floor_drop: &Xdp, grants: u32, args: &Args) -> 
         floor_ns: median(floor),
         random_over_one: 0.0,
     };
-    let flood = Flood {
+    Ok(Flood {
         random_over_one: flood.random_sources_ns / flood.one_source_ns,
         ..flood
-    };
-    println!(
-        "\ndrop path under a flood, {} grants, one frame per run, {} frames per round, median of {} rounds:",
-        grants, args.flood_frames, args.rounds
-    );
-    println!(
-        "  one source {:.1} ns, random sources {:.1} ns, floor {:.1} ns: random/one {:.2}x",
-        flood.one_source_ns, flood.random_sources_ns, flood.floor_ns, flood.random_over_one
-    );
-    Ok(flood)
+    })
 }

@@ -4,13 +4,13 @@
 //! unpinned (the program still attached keeps them until a new one replaces
 //! it in its link) and the loader creates fresh maps.
 
-use std::{fs, path::Path};
+use std::path::Path;
 
 use aya::maps::{Array, Map, MapData, MapInfo};
 use jit_gate_common::{LAYOUT_VERSION, maps::names};
 
 use super::{
-    GateOptions, LINK_PIN_PREFIX, PROGRAM_PIN, Result, XdpError, map_err, remove_if_exists,
+    GateOptions, LINK_PIN_PREFIX, PROGRAM_PIN, Result, map_err, pin_names, remove_if_exists,
 };
 
 /// Unpins the maps under `pin_dir` unless they were made for this layout
@@ -111,15 +111,8 @@ pub(super) fn remove_map_pins(pin_dir: &Path) -> Result<()> {
 /// The pins under `pin_dir` that are neither the program nor a link: the
 /// maps, of whatever layout.
 fn map_pins(pin_dir: &Path) -> Result<Vec<String>> {
-    let entries = fs::read_dir(pin_dir).map_err(|source| XdpError::PinDir {
-        path: pin_dir.into(),
-        source,
-    })?;
-    let mut names: Vec<String> = entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().into_string().ok())
+    Ok(pin_names(pin_dir)?
+        .into_iter()
         .filter(|n| n != PROGRAM_PIN && !n.starts_with(LINK_PIN_PREFIX))
-        .collect();
-    names.sort();
-    Ok(names)
+        .collect())
 }
