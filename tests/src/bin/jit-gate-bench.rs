@@ -119,17 +119,17 @@ fn paths() -> Vec<Path> {
             false,
         ),
         path(
-            "pass: exact grant v4",
+            "pass: exact grant v4 (ACK, no flow)",
             tcp(GRANTED.into(), SSH, false),
             true,
         ),
         path(
-            "pass: exact grant v6",
+            "pass: exact grant v6 (ACK, no flow)",
             tcp(GRANTED_V6.into(), SSH, false),
             true,
         ),
         path(
-            "pass: CIDR grant v4",
+            "pass: CIDR grant v4 (ACK, no flow)",
             tcp(CIDR_SOURCE.into(), SSH, false),
             true,
         ),
@@ -297,7 +297,7 @@ fn main() -> Result<()> {
         args.repeat, args.rounds
     );
     println!(
-        "{:>9}  {:<24} {:>9} {:>9} {:>9}",
+        "{:>9}  {:<36} {:>9} {:>9} {:>9}",
         "grants", "path", "ns/pkt", "floor", "ratio"
     );
     for &total in &args.grants {
@@ -324,7 +324,7 @@ fn main() -> Result<()> {
                 drop_floor
             };
             println!(
-                "{:>9}  {:<24} {:>9.1} {:>9.1} {:>8.2}x",
+                "{:>9}  {:<36} {:>9.1} {:>9.1} {:>8.2}x",
                 loaded,
                 path.name,
                 ns,
