@@ -1,5 +1,5 @@
 //! Types shared by the XDP program and user space: map layouts, verdict
-//! reasons, and the pure reference model of the packet verdict.
+//! reasons, the layout version, and the packet verdict as a pure function.
 //!
 //! Everything here is `no_std` and allocation-free so the eBPF program can use
 //! it; `aya::Pod` impls live behind the `user` feature.
