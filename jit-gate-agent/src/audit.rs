@@ -1,14 +1,26 @@
-//! Audit records: what happened, who did it, hash-chained so that changing
-//! or deleting a stored record is detectable. `store` persists them; the API
-//! streams them to watchers.
+//! Audit records and their hash chain: what happened, who did it, sealed so
+//! that changing, inserting or deleting a stored record is detectable. The
+//! chain covers the stored bytes; README "Audit log" documents the layout
+//! so that anyone can verify it. `store` persists records; the API streams
+//! and exports them.
+//!
+//! Layout (all integers big-endian, `len` a u64 byte count, text UTF-8):
+//! - `payload_sha256 = SHA-256(len(message) ‖ message ‖ len(details) ‖ details)`
+//! - `hash = SHA-256(previous hash (32 bytes, zeros for the first record) ‖
+//!   u64 sequence ‖ i64 at_ms ‖ len(kind) ‖ kind ‖ len(principal) ‖ principal ‖
+//!   u64 grant_id ‖ payload_sha256 (32 bytes))`
+//!
+//! The chain covers each payload through its digest, so retention can drop
+//! the payload of an old ACCESS_DENIED record (message and details become
+//! NULL) and the chain still verifies; no other kind may lose its payload.
 
 use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
 
-use crate::store::to_ms;
+use crate::time::{from_ms, to_ms};
 
-/// The hash the first record chains to.
+/// The hash the first record chains to (hex of 32 zero bytes).
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 macro_rules! kinds {
@@ -40,6 +52,16 @@ kinds! {
     DriftRepaired = "drift-repaired",
     ConnectionOpened = "connection-opened",
     ConnectionsTerminated = "connections-terminated",
+    CallRefused = "call-refused",
+    AuditChainBroken = "audit-chain-broken",
+    DatabaseReinitialized = "database-reinitialized",
+}
+
+impl Kind {
+    /// Whether retention may drop the payload of records of this kind.
+    pub fn prunable(self) -> bool {
+        self == Kind::AccessDenied
+    }
 }
 
 /// An event before it is sealed into the chain.
@@ -74,66 +96,168 @@ impl Event {
     }
 }
 
+/// What a record says, as stored: the message and the details' JSON text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Payload {
+    pub message: String,
+    pub details: String,
+}
+
+impl Payload {
+    /// Hex SHA-256 over the payload's stored bytes (layout above).
+    pub fn sha256(&self) -> String {
+        let mut hasher = Sha256::new();
+        for part in [self.message.as_bytes(), self.details.as_bytes()] {
+            hasher.update((part.len() as u64).to_be_bytes());
+            hasher.update(part);
+        }
+        hex::encode(hasher.finalize())
+    }
+}
+
 /// A stored record.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AuditRecord {
     pub sequence: u64,
-    pub at: SystemTime,
-    pub event: Event,
-    /// Hex SHA-256 over the previous hash and this record's fields.
+    /// Milliseconds since the epoch, as stored and hashed.
+    pub at_ms: i64,
+    pub kind: Kind,
+    pub principal: String,
+    pub grant_id: u64,
+    /// `None` once retention dropped it.
+    pub payload: Option<Payload>,
+    /// Hex SHA-256 of the payload, kept when the payload is dropped.
+    pub payload_sha256: String,
+    /// Hex SHA-256 chaining this record to the previous one.
     pub hash: String,
 }
 
-fn chain_hash(previous: &str, sequence: u64, at_ms: i64, event: &Event) -> String {
-    let mut hasher = Sha256::new();
-    for part in [
-        previous.as_bytes(),
-        &sequence.to_be_bytes(),
-        &at_ms.to_be_bytes(),
-        event.kind.name().as_bytes(),
-        event.principal.as_bytes(),
-        &event.grant_id.to_be_bytes(),
-        event.message.as_bytes(),
-        event.details.to_string().as_bytes(),
-    ] {
-        // Length-prefixed so that field boundaries cannot be shifted.
-        hasher.update((part.len() as u64).to_be_bytes());
-        hasher.update(part);
+impl AuditRecord {
+    pub fn at(&self) -> SystemTime {
+        from_ms(self.at_ms)
     }
-    hex::encode(hasher.finalize())
-}
 
-/// Seals `event` as record `sequence`, chained to `previous`. The time is
-/// kept at millisecond precision, as stored.
-pub fn seal(sequence: u64, at: SystemTime, event: Event, previous: &str) -> AuditRecord {
-    let at_ms = to_ms(at);
-    AuditRecord {
-        sequence,
-        at: crate::store::from_ms(at_ms),
-        hash: chain_hash(previous, sequence, at_ms, &event),
-        event,
-    }
-}
-
-/// Checks that `records` (consecutive, oldest first) chain from `previous`;
-/// `Err(sequence)` names the first record that does not.
-pub fn verify_chain(records: &[AuditRecord], previous: &str) -> Result<(), u64> {
-    let mut previous = previous.to_owned();
-    for record in records {
-        if chain_hash(&previous, record.sequence, to_ms(record.at), &record.event) != record.hash {
-            return Err(record.sequence);
+    /// The hash this record must carry if it follows `previous` (hex).
+    pub fn expected_hash(&self, previous: &str) -> Option<String> {
+        let previous = hex::decode(previous).ok()?;
+        let payload = hex::decode(&self.payload_sha256).ok()?;
+        if previous.len() != 32 || payload.len() != 32 {
+            return None;
         }
-        previous.clone_from(&record.hash);
+        let mut hasher = Sha256::new();
+        hasher.update(&previous);
+        hasher.update(self.sequence.to_be_bytes());
+        hasher.update(self.at_ms.to_be_bytes());
+        for part in [self.kind.name().as_bytes(), self.principal.as_bytes()] {
+            hasher.update((part.len() as u64).to_be_bytes());
+            hasher.update(part);
+        }
+        hasher.update(self.grant_id.to_be_bytes());
+        hasher.update(&payload);
+        Some(hex::encode(hasher.finalize()))
     }
-    Ok(())
+}
+
+/// Seals `event` as record `sequence` at `at` (kept to the millisecond),
+/// chained to `previous`.
+pub fn seal(sequence: u64, at: SystemTime, event: Event, previous: &str) -> AuditRecord {
+    let payload = Payload {
+        message: event.message,
+        details: event.details.to_string(),
+    };
+    let mut record = AuditRecord {
+        sequence,
+        at_ms: to_ms(at),
+        kind: event.kind,
+        principal: event.principal,
+        grant_id: event.grant_id,
+        payload_sha256: payload.sha256(),
+        payload: Some(payload),
+        hash: String::new(),
+    };
+    record.hash = record
+        .expected_hash(previous)
+        .expect("previous hashes are 32-byte hex");
+    record
+}
+
+/// Where and why a chain does not verify.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("record {sequence}: {problem}")]
+pub struct Broken {
+    pub sequence: u64,
+    pub problem: String,
+}
+
+/// Checks records fed oldest first, from the first one.
+#[derive(Clone, Debug)]
+pub struct Verifier {
+    previous: String,
+    next_sequence: u64,
+    /// Records checked, and how many of them had their payload dropped.
+    pub records: u64,
+    pub pruned: u64,
+}
+
+impl Default for Verifier {
+    fn default() -> Self {
+        Verifier {
+            previous: GENESIS_HASH.to_owned(),
+            next_sequence: 1,
+            records: 0,
+            pruned: 0,
+        }
+    }
+}
+
+impl Verifier {
+    pub fn check(&mut self, record: &AuditRecord) -> Result<(), Broken> {
+        let broken = |problem: String| Broken {
+            sequence: record.sequence,
+            problem,
+        };
+        if record.sequence != self.next_sequence {
+            return Err(broken(format!(
+                "expected sequence {} here: records are missing or out of place",
+                self.next_sequence
+            )));
+        }
+        match &record.payload {
+            Some(payload) if payload.sha256() != record.payload_sha256 => {
+                return Err(broken("its message or details were changed".into()));
+            }
+            Some(_) => {}
+            None if record.kind.prunable() => self.pruned += 1,
+            None => {
+                return Err(broken(format!(
+                    "the payload of a {} record was removed; only access-denied payloads are pruned",
+                    record.kind.name()
+                )));
+            }
+        }
+        if record.expected_hash(&self.previous).as_deref() != Some(record.hash.as_str()) {
+            return Err(broken(
+                "its hash does not chain to the previous record (a field was changed, or records before it)"
+                    .into(),
+            ));
+        }
+        self.previous.clone_from(&record.hash);
+        self.next_sequence += 1;
+        self.records += 1;
+        Ok(())
+    }
+
+    /// The head verified so far: (sequence, hash); (0, genesis) if none.
+    pub fn head(&self) -> (u64, &str) {
+        (self.next_sequence - 1, &self.previous)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn chain_detects_changed_fields() {
+    fn chain() -> Vec<AuditRecord> {
         let now = SystemTime::now();
         let first = seal(
             1,
@@ -144,16 +268,61 @@ mod tests {
         let second = seal(
             2,
             now,
-            Event::new(Kind::GrantCreated, "uid:0", 7, "granted"),
+            Event::new(Kind::AccessDenied, AGENT, 0, "denied")
+                .with_details(serde_json::json!({ "port": 22 })),
             &first.hash,
         );
-        let chain = vec![first, second];
-        verify_chain(&chain, GENESIS_HASH).unwrap();
+        let third = seal(
+            3,
+            now,
+            Event::new(Kind::GrantCreated, "uid:0", 7, "granted"),
+            &second.hash,
+        );
+        vec![first, second, third]
+    }
+
+    fn verify(records: &[AuditRecord]) -> Result<Verifier, Broken> {
+        let mut verifier = Verifier::default();
+        for record in records {
+            verifier.check(record)?;
+        }
+        Ok(verifier)
+    }
+
+    #[test]
+    fn chain_detects_changes_gaps_and_removed_payloads() {
+        let chain = chain();
+        let verifier = verify(&chain).unwrap();
+        assert_eq!(verifier.head(), (3, chain[2].hash.as_str()));
+
         let mut forged = chain.clone();
-        forged[1].event.grant_id = 8;
-        assert_eq!(verify_chain(&forged, GENESIS_HASH), Err(2));
-        // Dropping a record breaks the link of the next one.
-        assert_eq!(verify_chain(&chain[1..], GENESIS_HASH), Err(2));
+        forged[2].grant_id = 8;
+        assert_eq!(verify(&forged).unwrap_err().sequence, 3);
+
+        let mut forged = chain.clone();
+        forged[0].payload.as_mut().unwrap().message = "down".into();
+        assert!(verify(&forged).unwrap_err().problem.contains("changed"));
+
+        // Dropping a record leaves a gap.
+        let gap = [chain[0].clone(), chain[2].clone()];
+        assert!(
+            verify(&gap)
+                .unwrap_err()
+                .problem
+                .contains("expected sequence 2")
+        );
+
+        // A pruned access-denied payload still verifies; other kinds do not.
+        let mut pruned = chain.clone();
+        pruned[1].payload = None;
+        assert_eq!(verify(&pruned).unwrap().pruned, 1);
+        pruned[2].payload = None;
+        assert!(
+            verify(&pruned)
+                .unwrap_err()
+                .problem
+                .contains("grant-created")
+        );
     }
 
     #[test]

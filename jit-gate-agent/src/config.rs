@@ -11,7 +11,7 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
-    auth::Role,
+    auth::UidRole,
     enforce::xdp::GateOptions,
     policy::{Policy, PortRule},
 };
@@ -53,23 +53,22 @@ impl Mode {
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Principal {
-    pub uid: u32,
-    pub role: Role,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Api {
     #[serde(default = "default_socket")]
     pub unix_socket: PathBuf,
     /// Unix users other than root allowed on the socket, with their role.
     /// The socket's group must let them connect (`socket_group`).
     #[serde(default)]
-    pub principals: Vec<Principal>,
+    pub principals: Vec<UidRole>,
     /// Group owning the socket (mode 0660); unset: root only (0600).
     #[serde(default)]
     pub socket_group: Option<String>,
+    /// Event streams (WatchEvents, ExportAudit) one principal may hold open.
+    #[serde(default = "default_streams_per_principal")]
+    pub max_streams_per_principal: u32,
+    /// A stream whose reader takes nothing for this long is ended.
+    #[serde(with = "humantime_serde", default = "default_stall_timeout")]
+    pub stream_stall_timeout: Duration,
 }
 
 impl Default for Api {
@@ -78,8 +77,58 @@ impl Default for Api {
             unix_socket: default_socket(),
             principals: Vec::new(),
             socket_group: None,
+            max_streams_per_principal: default_streams_per_principal(),
+            stream_stall_timeout: default_stall_timeout(),
         }
     }
+}
+
+fn default_streams_per_principal() -> u32 {
+    16
+}
+fn default_stall_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// The audit log's signing key, checkpoints and retention.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Audit {
+    /// Ed25519 key signing checkpoints; generated at first start (0600).
+    /// Unset: `audit-signing.key` beside the database.
+    #[serde(default)]
+    pub signing_key: Option<PathBuf>,
+    /// A checkpoint after this many new records...
+    #[serde(default = "default_checkpoint_records")]
+    pub checkpoint_every_records: u64,
+    /// ...or this long after the last one, if the log grew.
+    #[serde(with = "humantime_serde", default = "default_checkpoint_interval")]
+    pub checkpoint_interval: Duration,
+    /// ACCESS_DENIED records older than this lose their payload (the chain
+    /// keeps its digest).
+    #[serde(with = "humantime_serde", default = "default_denied_retention")]
+    pub denied_retention: Duration,
+}
+
+impl Default for Audit {
+    fn default() -> Self {
+        Audit {
+            signing_key: None,
+            checkpoint_every_records: default_checkpoint_records(),
+            checkpoint_interval: default_checkpoint_interval(),
+            denied_retention: default_denied_retention(),
+        }
+    }
+}
+
+fn default_checkpoint_records() -> u64 {
+    1000
+}
+fn default_checkpoint_interval() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_denied_retention() -> Duration {
+    Duration::from_secs(30 * 24 * 3600)
 }
 
 fn default_socket() -> PathBuf {
@@ -105,6 +154,8 @@ pub struct Config {
     pub reconcile_interval: Duration,
     #[serde(default)]
     pub api: Api,
+    #[serde(default)]
+    pub audit: Audit,
     #[serde(default)]
     pub flows: Flows,
     #[serde(default)]
@@ -288,6 +339,47 @@ impl Config {
                 return field(name, format!("{} is not an absolute path", path.display()));
             }
         }
+        if let Some(key) = &self.audit.signing_key
+            && !key.is_absolute()
+        {
+            return field(
+                "audit.signing_key",
+                format!("{} is not an absolute path", key.display()),
+            );
+        }
+        if let Some(group) = &self.api.socket_group
+            && let Err(problem) = group_id(group)
+        {
+            return field("api.socket_group", problem);
+        }
+        if !(1..=4096).contains(&self.api.max_streams_per_principal) {
+            return field("api.max_streams_per_principal", "must be 1 to 4096".into());
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600))
+            .contains(&self.api.stream_stall_timeout)
+        {
+            return field(
+                "api.stream_stall_timeout",
+                "must be between 1s and 1h".into(),
+            );
+        }
+        if !(1..=1_000_000).contains(&self.audit.checkpoint_every_records) {
+            return field(
+                "audit.checkpoint_every_records",
+                "must be 1 to 1000000".into(),
+            );
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(24 * 3600))
+            .contains(&self.audit.checkpoint_interval)
+        {
+            return field(
+                "audit.checkpoint_interval",
+                "must be between 1s and 24h".into(),
+            );
+        }
+        if self.audit.denied_retention < Duration::from_secs(1) {
+            return field("audit.denied_retention", "must be at least 1s".into());
+        }
         let mut uids = BTreeSet::new();
         for (i, principal) in self.api.principals.iter().enumerate() {
             if principal.uid == 0 || !uids.insert(principal.uid) {
@@ -333,6 +425,30 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The audit signing key's path: configured, or beside the database.
+    pub fn signing_key(&self) -> PathBuf {
+        self.audit
+            .signing_key
+            .clone()
+            .unwrap_or_else(|| self.database.with_file_name("audit-signing.key"))
+    }
+}
+
+/// The id of group `name`, or why there is none.
+pub fn group_id(name: &str) -> Result<u32, String> {
+    let c_name = CString::new(name).map_err(|_| format!("{name:?} contains NUL"))?;
+    // SAFETY: getgrnam reads a NUL-terminated string and returns a pointer
+    // to static storage or null; the gid is copied out at once (the agent
+    // calls it from one thread at start and reload).
+    let entry = unsafe { libc::getgrnam(c_name.as_ptr()) };
+    if entry.is_null() {
+        return Err(format!("no group named {name:?} on this host"));
+    }
+    // SAFETY: non-null pointer to a valid struct group, see above.
+    Ok(unsafe { (*entry).gr_gid })
+}
+
 /// The kernel's index of interface `name` in this namespace, if it exists.
 pub fn interface_index(name: &str) -> Option<u32> {
     let c_name = CString::new(name).ok()?;
@@ -344,6 +460,7 @@ pub fn interface_index(name: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::Role;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("/etc/jit-gate/agent.toml"))
@@ -450,6 +567,14 @@ mod tests {
             (
                 "interfaces = [\"lo\"]\n[api]\nprincipals = [{ uid = 5, role = \"god\" }]",
                 "unknown variant `god`",
+            ),
+            (
+                "interfaces = [\"lo\"]\n[api]\nsocket_group = \"no-such-group-here\"",
+                "field `api.socket_group`: no group named \"no-such-group-here\"",
+            ),
+            (
+                "interfaces = [\"lo\"]\n[audit]\nsigning_key = \"key\"",
+                "field `audit.signing_key`",
             ),
             (
                 "interfaces = [\"lo\"]\n[flows]\ncapacity = 10",

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod audit;
 pub mod auth;
+pub mod checkpoint;
 pub mod clock;
 pub mod config;
 pub mod enforce;
@@ -15,4 +16,8 @@ pub mod policy;
 pub mod proto;
 pub mod refusal;
 pub mod request;
+pub mod startup;
 pub mod store;
+pub mod time;
+pub mod validate;
+pub mod wire;

@@ -123,11 +123,8 @@ impl PortRule {
     /// Checks the rule on its own; `Err` names the problem.
     pub fn validate(&self) -> Result<(), Refusal> {
         let here = format!("rule {}/{}", self.port, self.protocol);
-        if self.port == 0 {
-            return Err(Refusal::invalid(format!(
-                "{here}: port 0 cannot be protected"
-            )));
-        }
+        crate::validate::port(u32::from(self.port))
+            .map_err(|e| Refusal::invalid(format!("{here}: {e}")))?;
         if self.max_duration < DURATION_FLOOR || self.max_duration > DURATION_CEILING {
             return Err(Refusal::invalid(format!(
                 "{here}: max_duration {} is outside 1m..=24h",
@@ -141,12 +138,8 @@ impl PortRule {
             )));
         }
         for prefix in &self.allowed_sources {
-            if prefix.trunc() != *prefix {
-                return Err(Refusal::invalid(format!(
-                    "{here}: allowed prefix {prefix} has host bits set (did you mean {}?)",
-                    prefix.trunc()
-                )));
-            }
+            crate::validate::prefix(*prefix)
+                .map_err(|e| Refusal::invalid(format!("{here}: allowed prefix {e}")))?;
         }
         Ok(())
     }

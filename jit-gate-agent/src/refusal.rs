@@ -18,7 +18,12 @@ pub enum RefusalKind {
     Unauthenticated,
     /// The state is not what the call assumed (policy revision, ended grant).
     FailedPrecondition,
-    /// The agent could not do it (store or enforcer failure).
+    /// A limit was reached (message size, open streams).
+    ResourceExhausted,
+    /// The agent could not record it now (store failure, disk full); nothing
+    /// changed and the same call may be retried.
+    Unavailable,
+    /// The agent could not do it (enforcer failure).
     Internal,
 }
 
@@ -42,6 +47,14 @@ impl Refusal {
 
     pub fn internal(context: &str, error: impl fmt::Display) -> Self {
         Refusal::new(RefusalKind::Internal, format!("{context}: {error}"))
+    }
+
+    /// The store failed: nothing was recorded, so nothing changed.
+    pub fn unavailable(context: &str, error: impl fmt::Display) -> Self {
+        Refusal::new(
+            RefusalKind::Unavailable,
+            format!("{context}: {error}; nothing changed, retry later"),
+        )
     }
 }
 

@@ -5,7 +5,6 @@
 
 use std::{
     collections::BTreeSet,
-    net::IpAddr,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -17,17 +16,13 @@ use crate::{
     net::{GrantTarget, Protocol},
     policy::Policy,
     refusal::{Refusal, RefusalKind},
+    validate::{
+        self, MAX_JUSTIFICATION_LEN, MAX_REQUEST_ID_LEN, MAX_REQUESTER_LEN, MAX_TICKET_LEN,
+    },
 };
 
 /// Ports one request may name.
 pub const MAX_PORTS_PER_REQUEST: usize = 64;
-pub const MAX_REQUEST_ID_LEN: usize = 128;
-pub const MAX_REQUESTER_LEN: usize = 256;
-pub const MAX_JUSTIFICATION_LEN: usize = 1024;
-pub const MAX_TICKET_LEN: usize = 256;
-/// Broadest source prefix a request may open a port for, per family.
-pub const BROADEST_PREFIX_V4: u8 = 16;
-pub const BROADEST_PREFIX_V6: u8 = 48;
 
 /// How long the access should last, as the client sent it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -53,6 +48,9 @@ pub enum RequestedProtocol {
     /// Every protocol the port's rule covers.
     Covered,
     Only(Protocol),
+    /// BOTH, which names a rule's coverage, not what to open: refused by
+    /// validation (leave the protocol unset for every covered one).
+    Both,
     /// A wire value the API does not know: refused by validation, so that
     /// the refusal is audited like any other.
     Unknown(i32),
@@ -161,16 +159,7 @@ impl AccessRequest {
             ("justification", &self.justification, MAX_JUSTIFICATION_LEN),
             ("ticket", &self.ticket, MAX_TICKET_LEN),
         ] {
-            if value.chars().count() > max {
-                return Err(Refusal::invalid(format!(
-                    "{field} is longer than {max} characters"
-                )));
-            }
-            if value.chars().any(char::is_control) {
-                return Err(Refusal::invalid(format!(
-                    "{field} contains control characters"
-                )));
-            }
+            validate::text(field, value, max).map_err(Refusal::invalid)?;
         }
         if self.requester.trim().is_empty() {
             return Err(Refusal::invalid("requester is empty"));
@@ -211,38 +200,14 @@ impl AccessRequest {
 }
 
 fn valid_port(port: u32) -> Result<u16, Refusal> {
-    u16::try_from(port)
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| Refusal::invalid(format!("port {port} is not in 1..=65535")))
+    validate::port(port).map_err(Refusal::invalid)
 }
 
-/// A source address or canonical prefix, no broader than the per-family limit.
+/// A source address or canonical prefix a grant may name.
 fn parse_source(text: &str) -> Result<IpNet, Refusal> {
-    let source = match text.parse::<IpNet>() {
-        Ok(net) => net,
-        Err(_) => text.parse::<IpAddr>().map(IpNet::from).map_err(|_| {
-            Refusal::invalid(format!(
-                "source {text:?} is not an IPv4/IPv6 address or prefix"
-            ))
-        })?,
-    };
-    if source.trunc() != source {
-        return Err(Refusal::invalid(format!(
-            "source {source} has host bits set (did you mean {}?)",
-            source.trunc()
-        )));
-    }
-    let broadest = match source {
-        IpNet::V4(_) => BROADEST_PREFIX_V4,
-        IpNet::V6(_) => BROADEST_PREFIX_V6,
-    };
-    if source.prefix_len() < broadest {
-        return Err(Refusal::invalid(format!(
-            "source {source} is too broad: at most /{broadest} for this family"
-        )));
-    }
-    Ok(source)
+    validate::address_or_prefix(text)
+        .and_then(validate::grantable_source)
+        .map_err(Refusal::invalid)
 }
 
 /// The protocols to open on `port` (named by `ports[index]`): the one asked
@@ -256,6 +221,11 @@ fn protocols_for(
     let asked = match asked {
         RequestedProtocol::Covered => None,
         RequestedProtocol::Only(p) => Some(p),
+        RequestedProtocol::Both => {
+            return Err(Refusal::invalid(format!(
+                "ports[{index}]: BOTH names a rule's protocols; ask for TCP or UDP, or leave the protocol unset for every protocol the rule covers"
+            )));
+        }
         RequestedProtocol::Unknown(value) => {
             return Err(Refusal::invalid(format!(
                 "ports[{index}]: unknown protocol value {value}"
@@ -385,6 +355,28 @@ mod tests {
                 "too broad",
             ),
             (request(&[(22, None, "::/0")]), InvalidArgument, "too broad"),
+            (
+                request(&[(22, None, "0.0.0.0/16")]),
+                InvalidArgument,
+                "special-purpose",
+            ),
+            (
+                request(&[(22, None, "::ffff:0:0/96")]),
+                InvalidArgument,
+                "IPv4-mapped",
+            ),
+            (
+                AccessRequest {
+                    ports: vec![PortAccess {
+                        port: 22,
+                        protocol: RequestedProtocol::Both,
+                        source: "192.0.2.7".into(),
+                    }],
+                    ..request(&[])
+                },
+                InvalidArgument,
+                "ports[0]: BOTH names a rule's protocols",
+            ),
             (
                 request(&[(0, None, "192.0.2.7")]),
                 InvalidArgument,

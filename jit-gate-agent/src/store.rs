@@ -1,21 +1,27 @@
 //! Persistence: grants, policy and the audit log in SQLite (WAL mode,
 //! synchronous=FULL, bundled SQLite). Every change goes through a `Batch`,
 //! one transaction, so a request's grants and their audit records are
-//! committed together or not at all.
+//! committed together or not at all. The audit tables are in `audit_log`.
+
+mod audit_log;
 
 use std::{
+    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime},
 };
 
 use ipnet::IpNet;
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 
+pub use audit_log::{AuditFilter, AuditReader};
+
 use crate::{
-    audit::{self, AuditRecord, Event},
+    audit::AuditRecord,
     grants::{Grant, GrantState},
     net::{GrantTarget, Protocol},
     policy::Policy,
+    time::{from_ms, to_ms},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +42,15 @@ pub enum StoreError {
     Corrupt { what: &'static str, value: String },
     #[error("stored policy: {0}")]
     Policy(#[from] serde_json::Error),
+    #[error(
+        "database {path} was made by an earlier development version (schema {found}, this agent needs {SCHEMA_VERSION}); move it aside and start with --reinitialize"
+    )]
+    OldSchema { path: PathBuf, found: i64 },
 }
+
+/// `PRAGMA user_version` of databases this agent writes: 2 is the audit
+/// layout of README "Audit log" (payload digests).
+const SCHEMA_VERSION: i64 = 2;
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -58,19 +72,9 @@ CREATE TABLE IF NOT EXISTS grants (
     state TEXT NOT NULL,
     ended_ms INTEGER
 );
-CREATE INDEX IF NOT EXISTS grants_by_request ON grants (request_id);
+CREATE INDEX IF NOT EXISTS grants_by_request ON grants (principal, request_id);
 CREATE INDEX IF NOT EXISTS grants_active ON grants (state) WHERE state = 'active';
 CREATE INDEX IF NOT EXISTS grants_by_port ON grants (port, created_ms);
-CREATE TABLE IF NOT EXISTS audit (
-    seq INTEGER PRIMARY KEY,
-    at_ms INTEGER NOT NULL,
-    kind TEXT NOT NULL,
-    principal TEXT NOT NULL,
-    grant_id INTEGER NOT NULL,
-    message TEXT NOT NULL,
-    details TEXT NOT NULL,
-    hash TEXT NOT NULL
-);
 ";
 
 const POLICY_KEY: &str = "policy";
@@ -79,21 +83,6 @@ pub struct Store {
     conn: Connection,
     /// Sequence and hash of the last audit record: the chain's head.
     audit_head: (u64, String),
-}
-
-pub fn to_ms(t: SystemTime) -> i64 {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
-        Err(e) => -i64::try_from(e.duration().as_millis()).unwrap_or(i64::MAX),
-    }
-}
-
-pub fn from_ms(ms: i64) -> SystemTime {
-    if ms >= 0 {
-        UNIX_EPOCH + Duration::from_millis(ms as u64)
-    } else {
-        UNIX_EPOCH - Duration::from_millis(ms.unsigned_abs())
-    }
 }
 
 impl Store {
@@ -116,17 +105,48 @@ impl Store {
             .map_err(open_err)?;
         conn.busy_timeout(Duration::from_secs(5))
             .map_err(open_err)?;
-        conn.execute_batch(SCHEMA).map_err(open_err)?;
-        let audit_head = conn
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(open_err)?;
+        let has_tables: bool = conn
             .query_row(
-                "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
+                "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'grants')",
                 [],
-                |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
+                |r| r.get(0),
             )
-            .optional()
-            .map_err(open_err)?
-            .unwrap_or((0, audit::GENESIS_HASH.to_owned()));
+            .map_err(open_err)?;
+        if has_tables && version != SCHEMA_VERSION {
+            return Err(StoreError::OldSchema {
+                path: path.to_owned(),
+                found: version,
+            });
+        }
+        conn.execute_batch(SCHEMA).map_err(open_err)?;
+        conn.execute_batch(audit_log::SCHEMA).map_err(open_err)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(open_err)?;
+        // The database, its WAL and shared-memory files: the agent's alone,
+        // whatever the umask was when they were created.
+        for suffix in ["", "-wal", "-shm"] {
+            let mut file = path.as_os_str().to_owned();
+            file.push(suffix);
+            if let Err(source) =
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+                && source.kind() != std::io::ErrorKind::NotFound
+            {
+                return Err(StoreError::Dir {
+                    path: file.into(),
+                    source,
+                });
+            }
+        }
+        let audit_head = audit_log::head(&conn).map_err(open_err)?;
         Ok(Store { conn, audit_head })
+    }
+
+    /// The last audit record's sequence and hash ((0, genesis) if none).
+    pub fn audit_head(&self) -> (u64, String) {
+        self.audit_head.clone()
     }
 
     /// Starts a transaction; nothing is visible until `Batch::commit`.
@@ -157,9 +177,14 @@ impl Store {
         grants_where(&self.conn, "state = 'active'", params![])
     }
 
-    /// The fingerprint and grants of an earlier request with this id.
-    pub fn request(&self, request_id: &str) -> Result<Option<(String, Vec<Grant>)>> {
-        request(&self.conn, request_id)
+    /// The fingerprint and grants of an earlier request with this id by
+    /// this principal (idempotency keys are per principal).
+    pub fn request(
+        &self,
+        principal: &str,
+        request_id: &str,
+    ) -> Result<Option<(String, Vec<Grant>)>> {
+        request(&self.conn, principal, request_id)
     }
 
     pub fn grant(&self, id: u64) -> Result<Option<Grant>> {
@@ -168,11 +193,13 @@ impl Store {
             .next())
     }
 
-    /// Grants, newest first: active only, or every state; on one port or all.
+    /// Grants, newest first: active only, or every state; on one port or
+    /// all; with an id below `before` if given; at most `limit`.
     pub fn list_grants(
         &self,
         include_ended: bool,
         port: Option<u16>,
+        before: Option<u64>,
         limit: u32,
     ) -> Result<Vec<Grant>> {
         let state = if include_ended {
@@ -187,8 +214,8 @@ impl Store {
         };
         grants_where(
             &self.conn,
-            &format!("{state} AND {port_filter} ORDER BY id DESC LIMIT ?2"),
-            params![port, limit],
+            &format!("{state} AND {port_filter} AND id < ?2 ORDER BY id DESC LIMIT ?3"),
+            params![port, before.map_or(i64::MAX, |b| b as i64), limit],
         )
     }
 
@@ -215,46 +242,6 @@ impl Store {
         }
         Ok(out)
     }
-
-    /// Audit records with sequence above `after`, oldest first, at most `limit`.
-    pub fn audit_after(&self, after: u64, limit: u32) -> Result<Vec<AuditRecord>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, at_ms, kind, principal, grant_id, message, details, hash FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-        )?;
-        let rows = stmt.query_map(params![after as i64, limit], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, i64>(4)?,
-                r.get::<_, String>(5)?,
-                r.get::<_, String>(6)?,
-                r.get::<_, String>(7)?,
-            ))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (seq, at, kind, principal, grant_id, message, details, hash) = row?;
-            let kind = audit::Kind::from_name(&kind).ok_or(StoreError::Corrupt {
-                what: "audit kind",
-                value: kind,
-            })?;
-            out.push(AuditRecord {
-                sequence: seq as u64,
-                at: from_ms(at),
-                event: Event {
-                    kind,
-                    principal,
-                    grant_id: grant_id as u64,
-                    message,
-                    details: serde_json::from_str(&details)?,
-                },
-                hash,
-            });
-        }
-        Ok(out)
-    }
 }
 
 fn grants_where(
@@ -272,18 +259,26 @@ fn grants_where(
     raw.into_iter().map(RawGrant::into_grant).collect()
 }
 
-fn request(conn: &Connection, request_id: &str) -> Result<Option<(String, Vec<Grant>)>> {
+fn request(
+    conn: &Connection,
+    principal: &str,
+    request_id: &str,
+) -> Result<Option<(String, Vec<Grant>)>> {
     let fingerprint: Option<String> = conn
         .query_row(
-            "SELECT request_fingerprint FROM grants WHERE request_id = ?1 LIMIT 1",
-            [request_id],
+            "SELECT request_fingerprint FROM grants WHERE principal = ?1 AND request_id = ?2 LIMIT 1",
+            [principal, request_id],
             |r| r.get(0),
         )
         .optional()?;
     let Some(fingerprint) = fingerprint else {
         return Ok(None);
     };
-    let grants = grants_where(conn, "request_id = ?1 ORDER BY id", params![request_id])?;
+    let grants = grants_where(
+        conn,
+        "principal = ?1 AND request_id = ?2 ORDER BY id",
+        params![principal, request_id],
+    )?;
     Ok(Some((fingerprint, grants)))
 }
 
@@ -354,8 +349,12 @@ pub struct Batch<'a> {
 
 impl Batch<'_> {
     /// Like `Store::request`, seeing this transaction's inserts.
-    pub fn request(&self, request_id: &str) -> Result<Option<(String, Vec<Grant>)>> {
-        request(&self.tx, request_id)
+    pub fn request(
+        &self,
+        principal: &str,
+        request_id: &str,
+    ) -> Result<Option<(String, Vec<Grant>)>> {
+        request(&self.tx, principal, request_id)
     }
 
     /// Inserts a grant (its `id` is ignored) and returns the id assigned.
@@ -404,29 +403,6 @@ impl Batch<'_> {
         Ok(())
     }
 
-    /// Appends an audit record chained to the previous one.
-    pub fn audit(&mut self, event: Event, at: SystemTime) -> Result<()> {
-        let sequence = self.head.0 + 1;
-        let record = audit::seal(sequence, at, event, &self.head.1);
-        let mut stmt = self.tx.prepare_cached(
-            "INSERT INTO audit (seq, at_ms, kind, principal, grant_id, message, details, hash) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        )?;
-        stmt.execute(params![
-            sequence as i64,
-            to_ms(record.at),
-            record.event.kind.name(),
-            record.event.principal,
-            record.event.grant_id as i64,
-            record.event.message,
-            record.event.details.to_string(),
-            record.hash,
-        ])?;
-        self.head = (sequence, record.hash.clone());
-        self.appended.push(record);
-        Ok(())
-    }
-
     /// Commits; returns the audit records it appended, for watchers.
     pub fn commit(self) -> Result<Vec<AuditRecord>> {
         self.tx.commit()?;
@@ -438,7 +414,6 @@ impl Batch<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::Kind;
 
     fn temp_db() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
@@ -447,7 +422,7 @@ mod tests {
     }
 
     fn grant(request_id: &str, source: &str) -> Grant {
-        let now = from_ms(to_ms(SystemTime::now()));
+        let now = crate::time::now_ms();
         Grant {
             id: 0,
             request_id: request_id.into(),
@@ -478,11 +453,13 @@ mod tests {
             .unwrap();
         batch.commit().unwrap();
         assert!(b > a);
-        let (fp, grants) = store.request("r1").unwrap().unwrap();
+        let (fp, grants) = store.request("uid:0", "r1").unwrap().unwrap();
         assert_eq!(fp, "fp1");
         assert_eq!(grants.len(), 2);
         assert_eq!(grants[0], Grant { id: a, ..first });
-        assert!(store.request("r2").unwrap().is_none());
+        assert!(store.request("uid:0", "r2").unwrap().is_none());
+        // Idempotency keys are per principal.
+        assert!(store.request("uid:1001", "r1").unwrap().is_none());
 
         let mut batch = store.batch().unwrap();
         assert!(
@@ -498,9 +475,26 @@ mod tests {
         batch.commit().unwrap();
         assert_eq!(store.active_grants().unwrap().len(), 1);
         assert_eq!(store.grant(a).unwrap().unwrap().state, GrantState::Revoked);
-        assert_eq!(store.list_grants(true, Some(22), 10).unwrap().len(), 2);
-        assert_eq!(store.list_grants(false, None, 10).unwrap().len(), 1);
-        assert_eq!(store.list_grants(true, Some(23), 10).unwrap().len(), 0);
+        assert_eq!(
+            store.list_grants(true, Some(22), None, 10).unwrap().len(),
+            2
+        );
+        assert_eq!(store.list_grants(false, None, None, 10).unwrap().len(), 1);
+        assert_eq!(
+            store.list_grants(true, Some(23), None, 10).unwrap().len(),
+            0
+        );
+        // Pages: newest first, then below the last id seen.
+        let page = store.list_grants(true, None, None, 1).unwrap();
+        assert_eq!(page[0].id, b);
+        let next = store.list_grants(true, None, Some(b), 1).unwrap();
+        assert_eq!(next[0].id, a);
+        assert!(
+            store
+                .list_grants(true, None, Some(a), 1)
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]
@@ -511,52 +505,25 @@ mod tests {
             batch
                 .insert_grant(&grant("r1", "192.0.2.7/32"), "fp")
                 .unwrap();
-            batch
-                .audit(
-                    Event::new(Kind::GrantCreated, "uid:0", 1, "x"),
-                    SystemTime::now(),
-                )
-                .unwrap();
         }
         assert!(store.active_grants().unwrap().is_empty());
-        assert!(store.audit_after(0, 10).unwrap().is_empty());
-        // The chain head did not move either.
-        let mut batch = store.batch().unwrap();
-        batch
-            .audit(
-                Event::new(Kind::AgentStarted, "agent", 0, "y"),
-                SystemTime::now(),
-            )
-            .unwrap();
-        let appended = batch.commit().unwrap();
-        assert_eq!(appended[0].sequence, 1);
     }
 
     #[test]
-    fn audit_chain_survives_reopen_and_detects_tampering() {
+    fn files_are_private_and_old_schemas_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.db");
-        for i in 0..2 {
-            let mut store = Store::open(&path).unwrap();
-            let mut batch = store.batch().unwrap();
-            batch
-                .audit(
-                    Event::new(Kind::PolicyChanged, "uid:0", 0, format!("change {i}")),
-                    SystemTime::now(),
-                )
-                .unwrap();
-            batch.commit().unwrap();
-        }
-        let store = Store::open(&path).unwrap();
-        let records = store.audit_after(0, 10).unwrap();
-        assert_eq!(records.len(), 2);
-        audit::verify_chain(&records, audit::GENESIS_HASH).unwrap();
-        store
-            .conn
-            .execute("UPDATE audit SET message = 'forged' WHERE seq = 1", [])
-            .unwrap();
-        let records = store.audit_after(0, 10).unwrap();
-        assert_eq!(audit::verify_chain(&records, audit::GENESIS_HASH), Err(1));
+        drop(Store::open(&path).unwrap());
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        drop(conn);
+        let err = Store::open(&path).err().unwrap().to_string();
+        assert!(
+            err.contains("schema 1") && err.contains("--reinitialize"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -125,6 +125,29 @@ impl JitGate for FakeAgent {
         Err(Status::unimplemented("not faked"))
     }
 
+    async fn verify_audit(
+        &self,
+        _: Request<jit_gate_agent::proto::VerifyAuditRequest>,
+    ) -> Result<Response<jit_gate_agent::proto::AuditVerification>, Status> {
+        Err(Status::unimplemented("not faked"))
+    }
+
+    async fn get_audit_checkpoint(
+        &self,
+        _: Request<jit_gate_agent::proto::GetAuditCheckpointRequest>,
+    ) -> Result<Response<jit_gate_agent::proto::AuditCheckpoint>, Status> {
+        Err(Status::unimplemented("not faked"))
+    }
+
+    type ExportAuditStream = Pin<Box<dyn Stream<Item = Result<Event, Status>> + Send>>;
+
+    async fn export_audit(
+        &self,
+        _: Request<jit_gate_agent::proto::ExportAuditRequest>,
+    ) -> Result<Response<Self::ExportAuditStream>, Status> {
+        Err(Status::unimplemented("not faked"))
+    }
+
     type WatchEventsStream = Pin<Box<dyn Stream<Item = Result<Event, Status>> + Send>>;
 
     /// Two events, then the stream ends.

@@ -190,7 +190,22 @@ impl AgentFiles {
     }
 
     fn command(&self, args: &[&str]) -> Command {
-        let mut command = nsenter(&self.ns, workspace_binary("jit-gate-agent"));
+        self.command_via(&[], args)
+    }
+
+    /// `jit-gate-agent --config … <args>` in the namespace, started through
+    /// `launcher` (a program and its arguments that exec the agent, like
+    /// systemd-socket-activate) if given.
+    pub fn command_via(&self, launcher: &[&str], args: &[&str]) -> Command {
+        let agent = workspace_binary("jit-gate-agent");
+        let mut command = match launcher {
+            [] => nsenter(&self.ns, &agent),
+            [program, rest @ ..] => {
+                let mut command = nsenter(&self.ns, program);
+                command.args(rest).arg(&agent);
+                command
+            }
+        };
         command
             .arg("--config")
             .arg(self.config_path())
@@ -209,22 +224,33 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent and waits until its API answers.
     pub fn start(files: &AgentFiles) -> Agent {
+        Agent::start_command(files, files.command(&[]))
+    }
+
+    /// Starts the agent as `command` (see `AgentFiles::command_via`) and
+    /// waits until it serves: its socket may accept connections (queued)
+    /// before the gate is attached, so readiness is the agent's own
+    /// "serving on" line, new in its log.
+    pub fn start_command(files: &AgentFiles, mut command: Command) -> Agent {
         let log = files.dir.path().join("agent.log");
+        let served_before = serving_lines(&log);
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .expect("agent log");
-        let child = files
-            .command(&[])
+        let child = command
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
             .expect("start jit-gate-agent (nsenter from util-linux)");
         let mut agent = Agent { child, log };
         let deadline = Instant::now() + START_TIMEOUT;
-        // Connecting, not the path existing: a stopped agent leaves its socket.
-        while std::os::unix::net::UnixStream::connect(files.socket()).is_err() {
+        // Connecting (which also starts a socket-activated agent), then the
+        // agent saying it serves: a stopped agent leaves its socket.
+        while std::os::unix::net::UnixStream::connect(files.socket()).is_err()
+            || serving_lines(&agent.log) <= served_before
+        {
             if let Some(status) = agent.child.try_wait().expect("agent status") {
                 panic!(
                     "agent exited with {status} before serving:\n{}",
@@ -306,6 +332,15 @@ impl Drop for Agent {
     }
 }
 
+/// How many times the log at `path` says the agent serves.
+fn serving_lines(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| line.contains("serving on"))
+        .count()
+}
+
 /// A gRPC client of the agent at `files`.
 pub async fn client(files: &AgentFiles) -> JitGateClient<Channel> {
     let channel = connect(&files.socket())
@@ -325,6 +360,11 @@ pub async fn client_as(
     uid: u32,
     gid: u32,
 ) -> std::io::Result<JitGateClient<Channel>> {
+    Ok(JitGateClient::new(channel_as(files, uid, gid).await?))
+}
+
+/// The channel behind `client_as`, for other services (health, reflection).
+pub async fn channel_as(files: &AgentFiles, uid: u32, gid: u32) -> std::io::Result<Channel> {
     let path = files.socket();
     let stream = std::thread::spawn(move || {
         let check = |rc: libc::c_long| {
@@ -351,7 +391,7 @@ pub async fn client_as(
     stream.set_nonblocking(true)?;
     // The channel connects once, over this stream.
     let stream = Mutex::new(Some(tokio::net::UnixStream::from_std(stream)?));
-    let channel = endpoint()
+    endpoint()
         .connect_with_connector(tower::service_fn(move |_| {
             let stream = stream.lock().expect("stream lock").take();
             async move {
@@ -361,8 +401,7 @@ pub async fn client_as(
             }
         }))
         .await
-        .map_err(std::io::Error::other)?;
-    Ok(JitGateClient::new(channel))
+        .map_err(std::io::Error::other)
 }
 
 /// An access request for `ports` as (port, protocol, source), lasting
@@ -403,20 +442,30 @@ pub fn request(
     access(id, &[(port, protocol, &source.to_string())], seconds)
 }
 
-/// Active grants, or every grant (newest first).
+/// Active grants, or every grant (newest first), every page.
 pub async fn list_grants(
     api: &mut JitGateClient<Channel>,
     include_ended: bool,
 ) -> Vec<proto::Grant> {
-    api.list_grants(proto::ListGrantsRequest {
-        include_ended,
-        port: 0,
-        limit: 0,
-    })
-    .await
-    .expect("list grants")
-    .into_inner()
-    .grants
+    let mut grants = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = api
+            .list_grants(proto::ListGrantsRequest {
+                include_ended,
+                page_size: 1000,
+                page_token,
+                ..Default::default()
+            })
+            .await
+            .expect("list grants")
+            .into_inner();
+        grants.extend(page.grants);
+        if page.next_page_token.is_empty() {
+            return grants;
+        }
+        page_token = page.next_page_token;
+    }
 }
 
 /// Every grant the agent knows, ended ones included, newest first.
@@ -887,4 +936,45 @@ fn report(step: &str, grants: &[proto::Grant], problems: Vec<String>) {
             .join(", "),
         problems.join("\n")
     );
+}
+
+/// Runs `tests/python/<script>` with `args` and returns the JSON objects it
+/// prints, one per line; panics, with its output, if it fails.
+pub fn python(script: &str, args: &[&std::ffi::OsStr]) -> Vec<serde_json::Value> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("python")
+        .join(script);
+    let out = Command::new("python3")
+        .arg(&path)
+        .args(args)
+        .output()
+        .expect("python3 (`cargo xtask bootstrap` installs grpcio)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{script} failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("one JSON object per line"))
+        .collect()
+}
+
+/// Every stored event `request` selects (ExportAudit), oldest first.
+pub async fn export_events(
+    api: &mut JitGateClient<Channel>,
+    request: proto::ExportAuditRequest,
+) -> Vec<proto::Event> {
+    let mut stream = api
+        .export_audit(request)
+        .await
+        .expect("export")
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(event) = stream.message().await.expect("export stream") {
+        events.push(event);
+    }
+    events
 }

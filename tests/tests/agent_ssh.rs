@@ -113,7 +113,7 @@ fn ssh_session_survives_expiry_while_new_logins_are_dropped() {
                 "created_at": listed["created_at"],
                 "expires_at": listed["expires_at"],
                 "ended_at": null,
-            }]},
+            }], "more": false },
         }])
     );
     assert_eq!(*listed, grant, "request and grants disagree");
@@ -188,7 +188,7 @@ fn fan_out_to_two_agents_reports_one_row_each_and_fails_if_one_fails() {
     let rows: Value = serde_json::from_slice(&out.stdout).expect("JSON output");
     assert_eq!(
         rows[0],
-        json!({ "agent": socket, "ok": true, "result": { "grants": [] } })
+        json!({ "agent": socket, "ok": true, "result": { "grants": [], "more": false } })
     );
     assert_eq!(rows[1]["agent"], missing, "{rows}");
     assert_eq!(rows[1]["ok"], false, "{rows}");

@@ -31,6 +31,16 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "pkg-config",
     "iperf3",
+    // systemd-socket-activate, to pass the API socket as systemd does.
+    "systemd",
+];
+
+/// Python modules of the stock gRPC client the end-to-end tests drive the agent
+/// with (module name, PyPI package).
+const PYTHON_PACKAGES: &[(&str, &str)] = &[
+    ("grpc", "grpcio"),
+    ("grpc_reflection", "grpcio-reflection"),
+    ("grpc_health", "grpcio-health-checking"),
 ];
 
 /// aya-build links the XDP program with this exact bpf-linker.
@@ -40,7 +50,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 pub fn run() -> Result<bool> {
     ensure_root()?;
     // Non-short-circuiting `|` so every step runs.
-    Ok(debian_packages()? | nightly_components()? | bpf_linker()? | bpffs()?)
+    Ok(debian_packages()? | python_packages()? | nightly_components()? | bpf_linker()? | bpffs()?)
 }
 
 fn ensure_root() -> Result<()> {
@@ -73,6 +83,41 @@ fn debian_packages() -> Result<bool> {
     let still = missing_debian_packages()?;
     if !still.is_empty() {
         bail!("apt-get did not install: {}", still.join(" "));
+    }
+    Ok(true)
+}
+
+/// Installs the Python modules that `python3` cannot import, with pip.
+fn python_packages() -> Result<bool> {
+    let importable = |module: &str| {
+        cmd::output(command("python3").args(["-c", &format!("import {module}")]))
+            .is_ok_and(|out| out.status.success())
+    };
+    let missing: Vec<&str> = PYTHON_PACKAGES
+        .iter()
+        .filter(|(module, _)| !importable(module))
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(false);
+    }
+    println!(
+        "bootstrap: installing Python packages: {}",
+        missing.join(" ")
+    );
+    cmd::run_quiet(
+        command("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(&missing),
+    )?;
+    if let Some((module, package)) = PYTHON_PACKAGES.iter().find(|(m, _)| !importable(m)) {
+        bail!("pip installed {package} but python3 still cannot import {module}");
     }
     Ok(true)
 }

@@ -1,64 +1,80 @@
 //! The gRPC service: authenticates the caller, converts the wire types and
-//! hands the call to the engine. It never touches kernel state itself.
+//! hands the call to the engine (reads of the audit log go to a read-only
+//! store connection). It never touches kernel state itself.
 
-mod convert;
+mod gate;
 pub mod server;
+mod streams;
 
-use std::{
-    pin::Pin,
-    sync::{Arc, RwLock},
-};
+use std::sync::{Arc, RwLock};
 
+use ed25519_dalek::VerifyingKey;
 use tokio::sync::watch;
-use tokio_stream::{Stream, wrappers::ReceiverStream};
-use tonic::{Request, Response, Status, transport::server::UdsConnectInfo};
+use tonic::{Request, Response, Status};
+
+pub use gate::{Gate, WireErrorsLayer};
+use streams::{EventStream, Plan, StreamLimits};
 
 use crate::{
-    audit::AuditRecord,
-    auth::{Principal, Role},
-    config::Principal as ConfiguredPrincipal,
+    auth::{Role, UidRole},
+    checkpoint::{Checkpoint, verify_log},
+    config::Api as ApiConfig,
     engine::{Command, EngineHandle, PolicyChange},
     proto::{self, jit_gate_server::JitGate},
+    store::{AuditFilter, AuditReader},
+    wire::{self as convert, status},
 };
-use convert::status;
 
-/// Most grants one ListGrants returns.
-const MAX_LIST: u32 = 10_000;
-/// Stored events read per page when replaying to a watcher.
-const REPLAY_PAGE: u32 = 1000;
-/// Events queued per watcher before it is cut off as too slow.
-const WATCH_QUEUE: usize = 1024;
+/// Grants per ListGrants page unless the caller asks; at most `MAX_PAGE`.
+const DEFAULT_PAGE: u32 = 100;
+const MAX_PAGE: u32 = 1000;
+/// Records read at once when verifying the log.
+const VERIFY_PAGE: u32 = 1000;
 
 pub struct Service {
     engine: EngineHandle,
-    /// Non-root principals, replaced on configuration reload.
-    principals: Arc<RwLock<Vec<ConfiguredPrincipal>>>,
+    gate: Arc<Gate>,
+    reader: AuditReader,
+    public_key: VerifyingKey,
+    limits: Arc<StreamLimits>,
     /// Set when the server stops: event streams end, since a graceful
     /// shutdown waits for open calls and a watcher's never ends by itself.
     stopping: watch::Sender<bool>,
 }
 
 impl Service {
-    pub fn new(engine: EngineHandle, principals: Arc<RwLock<Vec<ConfiguredPrincipal>>>) -> Self {
+    pub fn new(
+        engine: EngineHandle,
+        principals: Arc<RwLock<Vec<UidRole>>>,
+        reader: AuditReader,
+        public_key: VerifyingKey,
+        api: &ApiConfig,
+    ) -> Self {
         Service {
+            gate: Arc::new(Gate::new(principals, engine.clone())),
             engine,
-            principals,
+            reader,
+            public_key,
+            limits: StreamLimits::new(api.max_streams_per_principal, api.stream_stall_timeout),
             stopping: watch::Sender::new(false),
         }
     }
 
-    /// The caller, from the Unix socket's peer credentials, if its role
-    /// is at least `needed`.
-    fn authorize<T>(&self, request: &Request<T>, needed: Role) -> Result<Principal, Status> {
-        let uid = request
-            .extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|info| info.peer_cred)
-            .map(|cred| cred.uid());
-        let principals = self.principals.read().expect("principals lock");
-        let principal = Principal::from_uid(uid, &principals).map_err(status)?;
-        principal.require(needed).map_err(status)?;
-        Ok(principal)
+    pub fn gate(&self) -> Arc<Gate> {
+        self.gate.clone()
+    }
+
+    fn authorize<T>(
+        &self,
+        request: &Request<T>,
+        method: &str,
+        needed: Role,
+    ) -> Result<crate::auth::Principal, Status> {
+        self.gate.authorize(
+            request.extensions(),
+            &format!("/jitgate.v1.JitGate/{method}"),
+            needed,
+        )
     }
 
     async fn call<T>(
@@ -67,9 +83,51 @@ impl Service {
     ) -> Result<T, Status> {
         self.engine.call(command).await.map_err(status)
     }
+
+    /// Opens an event stream for `principal`, within its stream limit.
+    fn stream(
+        &self,
+        principal: &crate::auth::Principal,
+        plan: Plan,
+    ) -> Result<Response<EventStream>, Status> {
+        let slot = self.limits.acquire(&principal.name)?;
+        Ok(Response::new(streams::open(
+            plan,
+            self.reader.clone(),
+            self.limits.clone(),
+            slot,
+            self.stopping.subscribe(),
+        )))
+    }
+
+    fn public_hex(&self) -> String {
+        hex::encode(self.public_key.as_bytes())
+    }
+
+    async fn signed_head(&self) -> Result<proto::AuditCheckpoint, Status> {
+        let checkpoint = self.call(Command::Checkpoint).await?;
+        Ok(convert::checkpoint(&checkpoint, &self.public_hex()))
+    }
 }
 
-type EventStream = Pin<Box<dyn Stream<Item = Result<proto::Event, Status>> + Send>>;
+/// Kinds named on the wire; UNSPECIFIED and unknown values are refused.
+fn kinds(wire: &[i32]) -> Result<Vec<crate::audit::Kind>, Status> {
+    wire.iter()
+        .map(|k| {
+            convert::kind_from_wire(*k)
+                .ok_or_else(|| Status::invalid_argument(format!("unknown event kind {k}")))
+        })
+        .collect()
+}
+
+fn ms(at: Option<prost_types::Timestamp>, field: &str) -> Result<Option<i64>, Status> {
+    at.map(|t| {
+        std::time::SystemTime::try_from(t)
+            .map(crate::time::to_ms)
+            .map_err(|_| Status::invalid_argument(format!("{field} is not a valid time")))
+    })
+    .transpose()
+}
 
 #[tonic::async_trait]
 impl JitGate for Service {
@@ -77,7 +135,7 @@ impl JitGate for Service {
         &self,
         request: Request<proto::GetStatusRequest>,
     ) -> Result<Response<proto::Status>, Status> {
-        self.authorize(&request, Role::Auditor)?;
+        self.authorize(&request, "GetStatus", Role::Auditor)?;
         let report = self.call(Command::Status).await?;
         Ok(Response::new(convert::status_report(&report)))
     }
@@ -86,7 +144,7 @@ impl JitGate for Service {
         &self,
         request: Request<proto::GetPolicyRequest>,
     ) -> Result<Response<proto::Policy>, Status> {
-        self.authorize(&request, Role::Auditor)?;
+        self.authorize(&request, "GetPolicy", Role::Auditor)?;
         let policy = self.call(Command::Policy).await?;
         Ok(Response::new(convert::policy_to_wire(&policy)))
     }
@@ -95,7 +153,7 @@ impl JitGate for Service {
         &self,
         request: Request<proto::UpdatePolicyRequest>,
     ) -> Result<Response<proto::Policy>, Status> {
-        let principal = self.authorize(&request, Role::Admin)?;
+        let principal = self.authorize(&request, "UpdatePolicy", Role::Admin)?;
         let update = request.into_inner();
         let change = match update.change {
             None => return Err(Status::invalid_argument("no change given")),
@@ -125,7 +183,7 @@ impl JitGate for Service {
         &self,
         request: Request<proto::AccessRequest>,
     ) -> Result<Response<proto::AccessResponse>, Status> {
-        let principal = self.authorize(&request, Role::Broker)?;
+        let principal = self.authorize(&request, "RequestAccess", Role::Broker)?;
         let access = convert::access_request(request.into_inner());
         let outcome = self
             .call(|reply| Command::RequestAccess {
@@ -144,7 +202,7 @@ impl JitGate for Service {
         &self,
         request: Request<proto::RevokeGrantRequest>,
     ) -> Result<Response<proto::RevokeGrantResponse>, Status> {
-        let principal = self.authorize(&request, Role::Broker)?;
+        let principal = self.authorize(&request, "RevokeGrant", Role::Broker)?;
         let revoke = request.into_inner();
         let outcome = self
             .call(|reply| Command::Revoke {
@@ -166,26 +224,49 @@ impl JitGate for Service {
         &self,
         request: Request<proto::ListGrantsRequest>,
     ) -> Result<Response<proto::ListGrantsResponse>, Status> {
-        self.authorize(&request, Role::Auditor)?;
+        self.authorize(&request, "ListGrants", Role::Auditor)?;
         let list = request.into_inner();
         let port = match list.port {
             0 => None,
             p => Some(convert::port(p, "port")?),
         };
-        let limit = match list.limit {
-            0 => 1000,
-            n => n.min(MAX_LIST),
+        let page_size = match (list.page_size, list.limit) {
+            (0, 0) => DEFAULT_PAGE,
+            // The deprecated `limit` asked for up to 10,000 at once: the
+            // largest page, with a next_page_token when more follow.
+            (0, limit) => limit.min(MAX_PAGE),
+            (n, _) if n <= MAX_PAGE => n,
+            (n, _) => {
+                return Err(Status::invalid_argument(format!(
+                    "page_size {n} is over the maximum of {MAX_PAGE}; page with page_token"
+                )));
+            }
         };
-        let grants = self
+        let before = match list.page_token.as_str() {
+            "" => None,
+            token => Some(token.parse::<u64>().map_err(|_| {
+                Status::invalid_argument("page_token is not one this agent gave (next_page_token)")
+            })?),
+        };
+        // One more than asked for tells whether another page follows.
+        let mut grants = self
             .call(|reply| Command::ListGrants {
                 include_ended: list.include_ended,
                 port,
-                limit,
+                before,
+                limit: page_size + 1,
                 reply,
             })
             .await?;
+        let more = grants.len() > page_size as usize;
+        grants.truncate(page_size as usize);
+        let next_page_token = match grants.last() {
+            Some(last) if more => last.id.to_string(),
+            _ => String::new(),
+        };
         Ok(Response::new(proto::ListGrantsResponse {
             grants: grants.iter().map(convert::grant).collect(),
+            next_page_token,
         }))
     }
 
@@ -193,7 +274,7 @@ impl JitGate for Service {
         &self,
         request: Request<proto::ListConnectionsRequest>,
     ) -> Result<Response<proto::ListConnectionsResponse>, Status> {
-        self.authorize(&request, Role::Auditor)?;
+        self.authorize(&request, "ListConnections", Role::Auditor)?;
         let connections = self.call(Command::ListConnections).await?;
         Ok(Response::new(proto::ListConnectionsResponse {
             connections: connections.iter().map(convert::connection).collect(),
@@ -206,88 +287,92 @@ impl JitGate for Service {
         &self,
         request: Request<proto::WatchEventsRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        self.authorize(&request, Role::Auditor)?;
+        let principal = self.authorize(&request, "WatchEvents", Role::Auditor)?;
         let watch = request.into_inner();
-        let mut kinds = Vec::new();
-        for k in &watch.kinds {
-            match proto::EventKind::try_from(*k) {
-                Ok(kind) if kind != proto::EventKind::Unspecified => kinds.push(kind),
-                _ => return Err(Status::invalid_argument(format!("unknown event kind {k}"))),
-            }
-        }
+        let filter = AuditFilter {
+            kinds: kinds(&watch.kinds)?,
+            ..AuditFilter::default()
+        };
         // Subscribe before replaying so nothing falls between the two.
-        let mut live = self.engine.subscribe();
-        let (tx, rx) = tokio::sync::mpsc::channel(WATCH_QUEUE);
-        let engine = self.engine.clone();
-        let wanted = move |record: &AuditRecord| {
-            kinds.is_empty() || kinds.contains(&convert::event_kind(record.event.kind))
+        self.stream(
+            &principal,
+            Plan {
+                filter,
+                after: watch.after_sequence,
+                live: Some(self.engine.subscribe()),
+            },
+        )
+    }
+
+    type ExportAuditStream = EventStream;
+
+    async fn export_audit(
+        &self,
+        request: Request<proto::ExportAuditRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let principal = self.authorize(&request, "ExportAudit", Role::Auditor)?;
+        let export = request.into_inner();
+        let filter = AuditFilter {
+            kinds: kinds(&export.kinds)?,
+            since_ms: ms(export.since, "since")?,
+            until_ms: ms(export.until, "until")?,
+            principal: Some(export.principal).filter(|p| !p.is_empty()),
+            port: match export.port {
+                0 => None,
+                p => Some(convert::port(p, "port")?),
+            },
         };
-        let mut stopping = self.stopping.subscribe();
-        let farewell = tx.clone();
-        let forward = async move {
-            let mut last = 0;
-            if let Some(mut after) = watch.after_sequence {
-                loop {
-                    let page = match engine
-                        .call(|reply| Command::AuditAfter {
-                            after,
-                            limit: REPLAY_PAGE,
-                            reply,
-                        })
-                        .await
-                    {
-                        Ok(page) => page,
-                        Err(refusal) => {
-                            let _ = tx.send(Err(status(refusal))).await;
-                            return;
-                        }
-                    };
-                    let Some(end) = page.last().map(|r| r.sequence) else {
-                        break;
-                    };
-                    for record in page.iter().filter(|r| wanted(r)) {
-                        if tx.send(Ok(convert::event(record))).await.is_err() {
-                            return;
-                        }
-                    }
-                    after = end;
-                    last = end;
-                }
-            }
-            loop {
-                match live.recv().await {
-                    Ok(record) => {
-                        if record.sequence <= last {
-                            continue;
-                        }
-                        last = record.sequence;
-                        if wanted(&record) && tx.send(Ok(convert::event(&record))).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        let _ = tx
-                            .send(Err(Status::aborted(format!(
-                                "watcher fell behind; resume with after_sequence = {last}"
-                            ))))
-                            .await;
-                        return;
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-                }
-            }
-        };
-        tokio::spawn(async move {
-            tokio::select! {
-                () = forward => {}
-                _ = stopping.wait_for(|stopping| *stopping) => {
-                    // Never waits: a watcher that stopped reading must not hold up the stop.
-                    let _ = farewell.try_send(Err(Status::unavailable(
-                        "the agent is stopping; watch again once it is back",
-                    )));
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        self.stream(
+            &principal,
+            Plan {
+                filter,
+                after: Some(0),
+                live: None,
+            },
+        )
+    }
+
+    async fn verify_audit(
+        &self,
+        request: Request<proto::VerifyAuditRequest>,
+    ) -> Result<Response<proto::AuditVerification>, Status> {
+        self.authorize(&request, "VerifyAudit", Role::Auditor)?;
+        let kept = request
+            .into_inner()
+            .checkpoints
+            .iter()
+            .map(Checkpoint::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        let reader = self.reader.clone();
+        let key = self.public_key;
+        let report = tokio::task::spawn_blocking(move || {
+            let mut checkpoints = reader.checkpoints()?;
+            checkpoints.extend(kept);
+            verify_log(
+                |after| reader.page(&AuditFilter::default(), after, VERIFY_PAGE),
+                &checkpoints,
+                &key,
+            )
+        })
+        .await
+        .map_err(|e| Status::internal(format!("verifying the audit log: {e}")))?
+        .map_err(|e| Status::unavailable(format!("reading the audit log: {e}")))?;
+        Ok(Response::new(proto::AuditVerification {
+            intact: report.broken.is_none(),
+            broken_sequence: report.broken.as_ref().map_or(0, |b| b.sequence),
+            problem: report.broken.map(|b| b.problem).unwrap_or_default(),
+            records: report.records,
+            pruned: report.pruned,
+            checkpoints_checked: report.checkpoints_checked,
+            head: Some(self.signed_head().await?),
+        }))
+    }
+
+    async fn get_audit_checkpoint(
+        &self,
+        request: Request<proto::GetAuditCheckpointRequest>,
+    ) -> Result<Response<proto::AuditCheckpoint>, Status> {
+        self.authorize(&request, "GetAuditCheckpoint", Role::Auditor)?;
+        Ok(Response::new(self.signed_head().await?))
     }
 }

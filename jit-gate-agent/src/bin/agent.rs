@@ -13,9 +13,12 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use jit_gate_agent::{
     api::{Service, server},
+    auth::UidRole,
     config::{self, Config},
     enforce::{nft::NftGate, xdp::XdpGate},
     engine::{Command, Engine, EngineHandle},
+    startup,
+    store::AuditReader,
 };
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -28,6 +31,11 @@ struct Args {
     /// Configuration file.
     #[arg(long, default_value = config::DEFAULT_PATH)]
     config: PathBuf,
+    /// Create a missing database although pinned XDP state or the nftables
+    /// table exist (the database was lost): a new audit chain starts, its
+    /// first record saying so. Refused if the database exists.
+    #[arg(long)]
+    reinitialize: bool,
     #[command(subcommand)]
     command: Option<Action>,
 }
@@ -44,6 +52,12 @@ enum Action {
 
 fn main() -> ExitCode {
     limit_malloc_arenas();
+    // Every file the agent creates (database, WAL, key, socket) is its own,
+    // whatever umask it was started with.
+    // SAFETY: umask only sets this process's file-creation mask.
+    unsafe {
+        libc::umask(0o077);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -64,7 +78,7 @@ fn main() -> ExitCode {
             Ok(())
         }
         Action::Remove => remove(&config),
-        Action::Run => run(config, &args.config),
+        Action::Run => run(config, &args.config, args.reinitialize),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -101,11 +115,15 @@ fn remove(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
-    let socket = config.api.unix_socket.clone();
-    let group = config.api.socket_group.clone();
+fn run(config: Config, config_path: &Path, reinitialize: bool) -> anyhow::Result<()> {
+    // Everything that can fail is checked before anything is attached.
+    let (prepared, listener) =
+        startup::prepare(&config, reinitialize).context("nothing attached, nothing changed")?;
+    let reader = AuditReader::open(&config.database)?;
+    let public_key = prepared.key.verifying_key();
+    let api = config.api.clone();
     let principals = Arc::new(RwLock::new(config.api.principals.clone()));
-    let engine = Engine::start(config).context("starting")?;
+    let engine = Engine::start(config, prepared).context("starting")?;
     let (handle, engine_thread) = engine.spawn()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -113,8 +131,7 @@ fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         .build()
         .context("starting the runtime")?;
     runtime.block_on(async {
-        let listener = server::bind(&socket, group.as_deref())?;
-        let service = Service::new(handle.clone(), principals.clone());
+        let service = Service::new(handle.clone(), principals.clone(), reader, public_key, &api);
         tokio::spawn(reload_on_sighup(
             config_path.to_owned(),
             handle.clone(),
@@ -122,7 +139,7 @@ fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         ));
         tokio::spawn(watchdog(handle.clone()));
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-        tracing::info!("serving on {}", socket.display());
+        tracing::info!("serving on {}", api.unix_socket.display());
         server::serve(listener, service, shutdown_signal()).await
     })?;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
@@ -154,7 +171,7 @@ async fn shutdown_signal() {
 async fn reload_on_sighup(
     path: PathBuf,
     engine: EngineHandle,
-    principals: Arc<RwLock<Vec<config::Principal>>>,
+    principals: Arc<RwLock<Vec<UidRole>>>,
 ) {
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         tracing::error!("cannot listen for SIGHUP; reload disabled");

@@ -217,8 +217,8 @@ impl Denials {
         let to = SystemTime::now();
         let seconds = to.duration_since(self.from).unwrap_or_default().as_secs();
         let window = serde_json::json!({
-            "from": crate::store::to_ms(self.from),
-            "to": crate::store::to_ms(to),
+            "from": crate::time::to_ms(self.from),
+            "to": crate::time::to_ms(to),
         });
         let mut refused_by_port: BTreeMap<PortKey, Refusals> = BTreeMap::new();
         for (grant, refused) in &current.refused_by_grant {

@@ -16,6 +16,7 @@ use crate::{
     refusal::{Refusal, RefusalKind},
     request::AccessRequest,
     store::Batch,
+    validate,
 };
 
 /// One request's outcome before the transaction commits.
@@ -39,12 +40,14 @@ impl Engine {
         let mut outcomes = Vec::with_capacity(requests.len());
         let result = (|| -> anyhow::Result<Vec<crate::audit::AuditRecord>> {
             let mut batch = self.store.batch()?;
-            // Ids first seen in this batch: (fingerprint, index in outcomes).
-            let mut in_batch: HashMap<&str, (String, usize)> = HashMap::new();
+            // (principal, id) first seen in this batch: (fingerprint, index
+            // in outcomes). Idempotency keys are per principal.
+            let mut in_batch: HashMap<(&str, &str), (String, usize)> = HashMap::new();
             for (principal, request, _) in &requests {
                 let fingerprint = request.fingerprint();
+                let key = (principal.name.as_str(), request.request_id.as_str());
                 let outcome =
-                    match in_batch.get(request.request_id.as_str()) {
+                    match in_batch.get(&key) {
                         Some((seen, index)) => {
                             replay(seen, &fingerprint, &request.request_id, || match &outcomes
                                 [*index]
@@ -53,7 +56,7 @@ impl Engine {
                                 Pending::Refused(_) => Vec::new(),
                             })
                         }
-                        None => match batch.request(&request.request_id)? {
+                        None => match batch.request(&principal.name, &request.request_id)? {
                             Some((seen, grants)) => {
                                 replay(&seen, &fingerprint, &request.request_id, || grants)
                             }
@@ -67,8 +70,7 @@ impl Engine {
                                     now,
                                 )?;
                                 if !matches!(outcome, Pending::Refused(_)) {
-                                    in_batch
-                                        .insert(&request.request_id, (fingerprint, outcomes.len()));
+                                    in_batch.insert(key, (fingerprint, outcomes.len()));
                                 }
                                 outcome
                             }
@@ -84,7 +86,7 @@ impl Engine {
         let records = match result {
             Ok(records) => records,
             Err(e) => {
-                let refusal = Refusal::internal("recording the request", format!("{e:#}"));
+                let refusal = Refusal::unavailable("recording the request", format!("{e:#}"));
                 for (_, _, reply) in requests {
                     let _ = reply.send(Err(refusal.clone()));
                 }
@@ -123,11 +125,23 @@ impl Engine {
 
     pub(super) fn revoke(
         &mut self,
-        principal: &str,
+        caller: &Principal,
         grant_id: u64,
         terminate: bool,
         reason: &str,
     ) -> Result<RevokeOutcome, Refusal> {
+        crate::validate::text("reason", reason, crate::validate::MAX_REASON_LEN)
+            .map_err(Refusal::invalid)?;
+        let principal = caller.name.as_str();
+        if let Some(grant) = self.active.get(grant_id) {
+            let owner = self
+                .store
+                .grant(grant.id)
+                .map_err(|e| Refusal::unavailable("reading the grant", e))?
+                .map(|g| g.principal)
+                .unwrap_or_default();
+            caller.require_owner_or_admin(&owner, grant_id)?;
+        }
         let Some(revoked) = self.active.get(grant_id).copied() else {
             return Err(match self.store.grant(grant_id) {
                 Ok(Some(grant)) => Refusal::new(
@@ -135,7 +149,7 @@ impl Engine {
                     format!("grant {grant_id} already ended ({})", grant.state),
                 ),
                 Ok(None) => Refusal::new(RefusalKind::NotFound, format!("no grant {grant_id}")),
-                Err(e) => Refusal::internal("reading the grant", e),
+                Err(e) => Refusal::unavailable("reading the grant", e),
             });
         };
         let now = now_ms();
@@ -151,7 +165,7 @@ impl Engine {
             principal,
             &format!("revoked by {principal}: {reason}"),
         )
-        .map_err(|e| Refusal::internal("recording the revoke", format!("{e:#}")))?;
+        .map_err(|e| Refusal::unavailable("recording the revoke", format!("{e:#}")))?;
         let mut ended = Vec::new();
         if terminate {
             ended = connections::terminate(self.enforcers.xdp_mut(), &revoked, &self.active)
@@ -296,7 +310,7 @@ impl Engine {
             Ok(records) => self.publish(records),
             Err(e) => {
                 self.policy = old;
-                return Err(Refusal::internal("storing the policy", format!("{e:#}")));
+                return Err(Refusal::unavailable("storing the policy", format!("{e:#}")));
             }
         }
         let newly: BTreeSet<_> = new_protected
@@ -354,19 +368,19 @@ fn audit_refusal(
     refusal: &Refusal,
     now: SystemTime,
 ) -> anyhow::Result<()> {
+    // What the caller sent is kept as a bounded, escaped excerpt: a refused
+    // request may carry anything.
+    let request_id = validate::excerpt(&request.request_id);
     batch.audit(
         Event::new(
             Kind::RequestRefused,
             &principal.name,
             0,
-            format!(
-                "request {:?} refused: {}",
-                request.request_id, refusal.message
-            ),
+            format!("request \"{request_id}\" refused: {}", refusal.message),
         )
         .with_details(serde_json::json!({
-            "request_id": request.request_id,
-            "requester": request.requester,
+            "request_id": request_id,
+            "requester": validate::excerpt(&request.requester),
             "code": format!("{:?}", refusal.kind),
         })),
         now,
@@ -399,7 +413,7 @@ fn grant_request(
             ticket: request.ticket.clone(),
             principal: principal.name.clone(),
             created_at: now,
-            expires_at: crate::store::from_ms(crate::store::to_ms(spec.expires_at)),
+            expires_at: crate::time::truncate_ms(spec.expires_at),
             state: GrantState::Active,
             ended_at: None,
         };

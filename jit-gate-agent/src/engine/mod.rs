@@ -23,8 +23,9 @@ pub use enforcement::{InterfaceMode, InterfaceStatus};
 use jit_gate_common::verdict::Reason;
 
 use crate::{
-    audit::{AGENT, AuditRecord, Event, Kind},
+    audit::{AGENT, AuditRecord, Broken, Event, Kind},
     auth::Principal,
+    checkpoint::{Checkpoint, CheckpointKey},
     config::{Config, Mode},
     grants::{ActiveGrant, ActiveGrants, Grant, GrantState},
     net::{GrantTarget, Protocol},
@@ -80,7 +81,14 @@ pub struct FlowTableReport {
     pub refused_table_full: u64,
 }
 
+/// Whether the audit chain verified at start (and the problem if not).
+#[derive(Clone, Debug, Default)]
+pub struct AuditHealth {
+    pub broken: Option<Broken>,
+}
+
 pub struct StatusReport {
+    pub audit: AuditHealth,
     pub started_at: SystemTime,
     pub configured_mode: Mode,
     pub nftables_active: bool,
@@ -116,19 +124,32 @@ pub enum Command {
     ListGrants {
         include_ended: bool,
         port: Option<u16>,
+        /// Only grants with a smaller id (the page token).
+        before: Option<u64>,
         limit: u32,
         reply: Reply<Vec<Grant>>,
     },
     ListConnections(Reply<Vec<ConnectionInfo>>),
-    AuditAfter {
-        after: u64,
-        limit: u32,
-        reply: Reply<Vec<AuditRecord>>,
+    /// Records an event the API saw (a refused call).
+    Record {
+        event: Event,
+        reply: Reply<()>,
     },
+    /// Signs a checkpoint of the current head if the last one is older.
+    Checkpoint(Reply<Checkpoint>),
     Reload {
         config: Box<Config>,
         reply: Reply<()>,
     },
+}
+
+/// Whether events a failed commit leaves behind are kept for the next one.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Recorded {
+    /// Kept: nothing else would record them.
+    Once,
+    /// Dropped: they are made again from the kernel's state next time.
+    AgainIfLost,
 }
 
 /// What API handlers hold: the command channel and the audit feed.
@@ -164,6 +185,14 @@ const RECONCILE_TIME_SHARE_INVERSE: u32 = 20;
 /// Audit records kept in the broadcast buffer for slow watchers.
 const EVENT_BUFFER: usize = 1024;
 const CONFIG_POLICY_KEY: &str = "config_policy_digest";
+/// Old ACCESS_DENIED payloads are pruned every half retention, at most
+/// this often and at least every `PRUNE_EVERY_MAX`, this many at once.
+const PRUNE_EVERY_MIN: Duration = Duration::from_secs(1);
+const PRUNE_EVERY_MAX: Duration = Duration::from_secs(60);
+const PRUNE_BATCH: u32 = 10_000;
+/// Events whose commit failed, kept for the next attempt, at most (the
+/// oldest are never dropped: new ones are refused with an error log).
+const MAX_UNRECORDED: usize = 100_000;
 /// Wall-clock milliseconds before which every flow opened under a grant has
 /// been audited, so that a restarted agent does not audit them again.
 const FLOWS_AUDITED_KEY: &str = "flows_audited_until_ms";
@@ -180,19 +209,75 @@ pub struct Engine {
     denials: Denials,
     events: broadcast::Sender<AuditRecord>,
     started_at: SystemTime,
+    audit: AuditHealth,
+    key: CheckpointKey,
+    last_checkpoint: Option<Checkpoint>,
+    /// Events whose commit failed (disk full), retried first next time.
+    unrecorded: Vec<Event>,
+}
+
+/// What start-up checked and opened before anything is attached.
+pub struct Prepared {
+    pub store: Store,
+    pub key: CheckpointKey,
+    /// The audit chain's verification at start.
+    pub chain: Result<(), Broken>,
+    /// Set when the database was created anew although enforcement state
+    /// existed (the recovery flag): what was found.
+    pub reinitialized: Option<String>,
 }
 
 /// A time with the store's millisecond precision, so memory and disk agree.
 fn now_ms() -> SystemTime {
-    crate::store::from_ms(crate::store::to_ms(SystemTime::now()))
+    crate::time::now_ms()
 }
 
 impl Engine {
     /// Opens the store, restores policy and grants, programs the enforcers
     /// and attaches to the interfaces. Nothing is attached if this fails
     /// before the enforcers are opened.
-    pub fn start(config: Config) -> anyhow::Result<Engine> {
-        let mut store = Store::open(&config.database)?;
+    pub fn start(config: Config, prepared: Prepared) -> anyhow::Result<Engine> {
+        let Prepared {
+            mut store,
+            key,
+            chain,
+            reinitialized,
+        } = prepared;
+        let mut first_events = Vec::new();
+        if let Some(found) = reinitialized {
+            first_events.push(
+                Event::new(
+                    Kind::DatabaseReinitialized,
+                    AGENT,
+                    0,
+                    format!("database re-initialised with --reinitialize: a new audit chain starts here; found: {found}"),
+                )
+                .with_details(serde_json::json!({ "found": found })),
+            );
+        }
+        if let Err(broken) = &chain {
+            tracing::error!("AUDIT CHAIN BROKEN at {broken}; the agent runs, status reports it");
+            first_events.push(
+                Event::new(
+                    Kind::AuditChainBroken,
+                    AGENT,
+                    0,
+                    format!("the audit chain does not verify at start: {broken}"),
+                )
+                .with_details(serde_json::json!({
+                    "sequence": broken.sequence,
+                    "problem": broken.problem,
+                })),
+            );
+        }
+        if !first_events.is_empty() {
+            let mut batch = store.batch()?;
+            for event in first_events {
+                batch.audit(event, SystemTime::now())?;
+            }
+            batch.commit()?;
+        }
+        let last_checkpoint = store.checkpoints()?.pop();
         let policy = match store.policy()? {
             Some(policy) => policy,
             None => initial_policy(&mut store, &config)?,
@@ -231,6 +316,12 @@ impl Engine {
             denials,
             events,
             started_at: SystemTime::now(),
+            audit: AuditHealth {
+                broken: chain.err(),
+            },
+            key,
+            last_checkpoint,
+            unrecorded: Vec::new(),
         };
         engine.record_expired_while_down(&expired_while_down)?;
         let protected = engine.policy.protected();
@@ -249,7 +340,7 @@ impl Engine {
                 .store
                 .meta(FLOWS_AUDITED_KEY)?
                 .and_then(|ms| ms.parse().ok())
-                .map(crate::store::from_ms);
+                .map(crate::time::from_ms);
             engine.flow_watch = FlowWatch::resume(xdp, audited)?;
         }
         // Grants go into the maps before the program attaches, so granted
@@ -314,12 +405,20 @@ impl Engine {
         let mut next_observe = Instant::now() + OBSERVE_EVERY;
         let mut next_forget = Instant::now() + FORGET_FLOWS_EVERY;
         let mut next_reconcile = Instant::now() + self.config.reconcile_interval;
+        let mut next_prune = Instant::now();
+        let mut next_checkpoint = Instant::now() + self.config.audit.checkpoint_interval;
         loop {
-            let wake = [next_observe, next_forget, next_reconcile]
-                .into_iter()
-                .chain(self.next_expiry_instant())
-                .min()
-                .expect("at least one timer");
+            let wake = [
+                next_observe,
+                next_forget,
+                next_reconcile,
+                next_prune,
+                next_checkpoint,
+            ]
+            .into_iter()
+            .chain(self.next_expiry_instant())
+            .min()
+            .expect("at least one timer");
             match commands.recv_timeout(wake.saturating_duration_since(Instant::now())) {
                 Ok(first) => {
                     let mut batch = vec![first];
@@ -338,6 +437,18 @@ impl Engine {
             if now >= next_forget {
                 self.log_failure("forgetting dead flows", |e| e.forget_dead_flows());
                 next_forget = now + FORGET_FLOWS_EVERY;
+            }
+            if now >= next_prune {
+                self.log_failure("pruning old denial records", |e| e.prune_denied());
+                next_prune = now
+                    + (self.config.audit.denied_retention / 2)
+                        .clamp(PRUNE_EVERY_MIN, PRUNE_EVERY_MAX);
+            }
+            let due = self.last_checkpoint.as_ref().map_or(0, |c| c.sequence)
+                + self.config.audit.checkpoint_every_records;
+            if now >= next_checkpoint || self.store.audit_head().0 >= due {
+                self.log_failure("signing an audit checkpoint", |e| e.checkpoint().map(drop));
+                next_checkpoint = now + self.config.audit.checkpoint_interval;
             }
             if now >= next_reconcile {
                 let started = Instant::now();
@@ -416,18 +527,19 @@ impl Engine {
                 reason,
                 reply,
             } => {
-                let _ = reply.send(self.revoke(&principal.name, grant_id, terminate, &reason));
+                let _ = reply.send(self.revoke(&principal, grant_id, terminate, &reason));
             }
             Command::ListGrants {
                 include_ended,
                 port,
+                before,
                 limit,
                 reply,
             } => {
                 let listed = self
                     .store
-                    .list_grants(include_ended, port, limit)
-                    .map_err(|e| Refusal::internal("listing grants", e));
+                    .list_grants(include_ended, port, before, limit)
+                    .map_err(|e| Refusal::unavailable("listing grants", e));
                 let _ = reply.send(listed);
             }
             Command::ListConnections(reply) => {
@@ -436,16 +548,17 @@ impl Engine {
                         .map_err(|e| Refusal::internal("listing connections", e));
                 let _ = reply.send(listed);
             }
-            Command::AuditAfter {
-                after,
-                limit,
-                reply,
-            } => {
-                let records = self
-                    .store
-                    .audit_after(after, limit)
-                    .map_err(|e| Refusal::internal("reading the audit log", e));
-                let _ = reply.send(records);
+            Command::Record { event, reply } => {
+                let recorded = self
+                    .commit_events(vec![event])
+                    .map_err(|e| Refusal::unavailable("recording the event", format!("{e:#}")));
+                let _ = reply.send(recorded);
+            }
+            Command::Checkpoint(reply) => {
+                let signed = self
+                    .checkpoint()
+                    .map_err(|e| Refusal::unavailable("signing a checkpoint", format!("{e:#}")));
+                let _ = reply.send(signed);
             }
             Command::Reload { config, reply } => {
                 let _ = reply.send(self.reload(*config));
@@ -455,28 +568,94 @@ impl Engine {
 
     /// Commits `events` in one transaction and publishes them.
     fn commit_events(&mut self, events: Vec<Event>) -> anyhow::Result<()> {
-        self.commit_events_and_meta(events, &[])
+        self.commit_events_and_meta(events, &[], Recorded::Once)
     }
 
     /// `commit_events`, also setting meta values in the same transaction.
+    /// Events that cannot be committed (disk full) are kept and committed
+    /// first next time, so none is lost while the agent runs; events made
+    /// again from the kernel's state next time are not kept (they would be
+    /// recorded twice).
     fn commit_events_and_meta(
         &mut self,
         events: Vec<Event>,
         meta: &[(&str, String)],
+        recorded: Recorded,
     ) -> anyhow::Result<()> {
-        if events.is_empty() {
+        let mut pending = std::mem::take(&mut self.unrecorded);
+        let kept = pending.len();
+        pending.extend(events);
+        if pending.is_empty() && meta.is_empty() {
             return Ok(());
         }
-        let mut batch = self.store.batch()?;
-        let at = SystemTime::now();
-        for event in events {
-            batch.audit(event, at)?;
+        let attempt = (|| -> anyhow::Result<Vec<AuditRecord>> {
+            let mut batch = self.store.batch()?;
+            let at = SystemTime::now();
+            for event in &pending {
+                batch.audit(event.clone(), at)?;
+            }
+            for (key, value) in meta {
+                batch.set_meta(key, value)?;
+            }
+            Ok(batch.commit()?)
+        })();
+        match attempt {
+            Ok(records) => {
+                self.publish(records);
+                Ok(())
+            }
+            Err(e) => {
+                if recorded == Recorded::AgainIfLost {
+                    pending.truncate(kept);
+                }
+                if pending.len() > MAX_UNRECORDED {
+                    tracing::error!(
+                        "{} audit events wait for the store; dropping the newest {} of them",
+                        pending.len(),
+                        pending.len() - MAX_UNRECORDED
+                    );
+                    pending.truncate(MAX_UNRECORDED);
+                }
+                self.unrecorded = pending;
+                Err(e)
+            }
         }
-        for (key, value) in meta {
-            batch.set_meta(key, value)?;
+    }
+
+    /// Signs the current head unless the last checkpoint already covers it;
+    /// stores it and writes it to the log.
+    fn checkpoint(&mut self) -> anyhow::Result<Checkpoint> {
+        let (sequence, hash) = self.store.audit_head();
+        if let Some(last) = &self.last_checkpoint
+            && last.sequence == sequence
+        {
+            return Ok(last.clone());
         }
-        let records = batch.commit()?;
-        self.publish(records);
+        let checkpoint = self
+            .key
+            .sign(sequence, &hash, crate::time::to_ms(SystemTime::now()));
+        self.store.save_checkpoint(&checkpoint)?;
+        tracing::info!(
+            sequence = checkpoint.sequence,
+            hash = %checkpoint.hash,
+            at_ms = checkpoint.at_ms,
+            signature = %checkpoint.signature,
+            public_key = %self.key.public_hex(),
+            "audit checkpoint"
+        );
+        self.last_checkpoint = Some(checkpoint.clone());
+        Ok(checkpoint)
+    }
+
+    /// Drops the payload of ACCESS_DENIED records past their retention.
+    fn prune_denied(&mut self) -> anyhow::Result<()> {
+        let before = SystemTime::now()
+            .checked_sub(self.config.audit.denied_retention)
+            .unwrap_or(std::time::UNIX_EPOCH);
+        let pruned = self.store.prune_denied(before, PRUNE_BATCH)?;
+        if pruned > 0 {
+            tracing::info!("pruned the payload of {pruned} access-denied records past retention");
+        }
         Ok(())
     }
 
@@ -492,7 +671,7 @@ impl Engine {
         let activity = self
             .store
             .port_activity(week_ago)
-            .map_err(|e| Refusal::internal("reading grant history", e))?;
+            .map_err(|e| Refusal::unavailable("reading grant history", e))?;
         let protected = self.policy.protected();
         let connections = connections::list(self.enforcers.xdp(), &protected, &self.active)
             .map_err(|e| Refusal::internal("listing connections", e))?;
@@ -549,6 +728,7 @@ impl Engine {
             })
             .collect();
         Ok(StatusReport {
+            audit: self.audit.clone(),
             started_at: self.started_at,
             configured_mode: self.config.mode,
             nftables_active: self.enforcers.nftables_active(),
@@ -586,7 +766,7 @@ impl Engine {
             let read_at = SystemTime::now();
             let (fresh, snapshot) = self.flow_watch.new_flows(xdp)?;
             if !fresh.is_empty() {
-                meta.push((FLOWS_AUDITED_KEY, crate::store::to_ms(read_at).to_string()));
+                meta.push((FLOWS_AUDITED_KEY, crate::time::to_ms(read_at).to_string()));
             }
             flows_seen = Some(snapshot);
             events.extend(fresh.into_iter().map(|(connection, grant_id)| {
@@ -611,7 +791,7 @@ impl Engine {
                 serde_json::to_string(&summaries.counters)?,
             ));
         }
-        let stored = self.commit_events_and_meta(events, &meta);
+        let stored = self.commit_events_and_meta(events, &meta, Recorded::AgainIfLost);
         if let Some(summaries) = summaries {
             match &stored {
                 Ok(()) => self.denials.stored(summaries),
@@ -674,6 +854,18 @@ impl Engine {
             (
                 "api.unix_socket",
                 config.api.unix_socket == self.config.api.unix_socket,
+            ),
+            (
+                "api.max_streams_per_principal",
+                config.api.max_streams_per_principal == self.config.api.max_streams_per_principal,
+            ),
+            (
+                "api.stream_stall_timeout",
+                config.api.stream_stall_timeout == self.config.api.stream_stall_timeout,
+            ),
+            (
+                "audit.signing_key",
+                config.audit.signing_key == self.config.audit.signing_key,
             ),
         ] {
             if !same {

@@ -2,11 +2,11 @@
 //! their text into typed values so mistakes are reported before any agent
 //! is contacted (clap exits with status 2).
 
-use std::{net::IpAddr, path::PathBuf, str::FromStr, time::Duration};
+use std::{path::PathBuf, str::FromStr, time::Duration};
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
 use ipnet::IpNet;
-use jit_gate_agent::{net::Protocol, policy::RuleProtocol, proto::EventKind};
+use jit_gate_agent::{net::Protocol, policy::RuleProtocol, proto::EventKind, validate};
 
 use crate::{connect::Agent, convert};
 
@@ -52,6 +52,53 @@ pub enum Command {
     Connections,
     /// Stream audit events until interrupted.
     Watch(WatchArgs),
+    /// Verify, checkpoint or export the audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Verify the hash chain and any kept checkpoints. Exit status 3 if the
+    /// log is broken (1 if the agent could not be asked).
+    Verify {
+        /// A file of checkpoints kept from `audit checkpoint` (one JSON
+        /// object per line); repeatable.
+        #[arg(long = "checkpoint", value_name = "FILE")]
+        checkpoints: Vec<PathBuf>,
+    },
+    /// Print a signed checkpoint of the log's head as one JSON line, to keep.
+    Checkpoint,
+    /// Print stored events matching the filters, then exit.
+    Export(ExportArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    Csv,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[arg(long, value_enum, default_value = "csv")]
+    pub format: ExportFormat,
+    /// Events at or after this time (RFC 3339).
+    #[arg(long, value_name = "RFC3339", value_parser = parse_timestamp)]
+    pub since: Option<prost_types::Timestamp>,
+    /// Events before this time (RFC 3339).
+    #[arg(long, value_name = "RFC3339", value_parser = parse_timestamp)]
+    pub until: Option<prost_types::Timestamp>,
+    /// Events about this port.
+    #[arg(long, value_name = "N", value_parser = parse_port)]
+    pub port: Option<u16>,
+    /// Events of this principal ("uid:1001", "agent").
+    #[arg(long, value_name = "NAME")]
+    pub principal: Option<String>,
+    /// Only events of this kind; repeatable.
+    #[arg(long = "kind", value_name = "KIND", value_parser = parse_event_kind)]
+    pub kinds: Vec<EventKind>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -165,7 +212,7 @@ pub struct GrantsArgs {
     /// Only grants on this port.
     #[arg(long, value_name = "N", value_parser = parse_port)]
     pub port: Option<u16>,
-    /// At most this many grants (agent default: 1000).
+    /// At most this many grants (default: all, read page by page).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub limit: Option<u32>,
 }
@@ -202,27 +249,15 @@ impl FromStr for PortSpec {
 }
 
 fn parse_port(s: &str) -> Result<u16, String> {
-    match s.parse::<u16>() {
-        Ok(port) if port != 0 => Ok(port),
-        _ => Err(format!("{s:?} is not a port (1 to 65535)")),
-    }
+    let value = s
+        .parse::<u32>()
+        .map_err(|_| format!("{s:?} is not a port (1 to 65535)"))?;
+    validate::port(value).map_err(|e| format!("{e} (1 to 65535)"))
 }
 
 /// An address (taken as a host prefix) or a prefix without host bits.
 fn parse_prefix(s: &str) -> Result<IpNet, String> {
-    if let Ok(address) = s.parse::<IpAddr>() {
-        return Ok(IpNet::from(address));
-    }
-    let prefix: IpNet = s
-        .parse()
-        .map_err(|_| format!("{s:?} is not an IP address or prefix"))?;
-    if prefix.trunc() != prefix {
-        return Err(format!(
-            "{s} has host bits set (did you mean {}?)",
-            prefix.trunc()
-        ));
-    }
-    Ok(prefix)
+    validate::address_or_prefix(s)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -367,8 +402,8 @@ mod tests {
     #[test]
     fn bad_ports_and_sources_say_what_is_wrong() {
         for (args, needle) in [
-            (&["0"][..], "\"0\" is not a port (1 to 65535)"),
-            (&["65536"], "\"65536\" is not a port"),
+            (&["0"][..], "port 0 is not in 1..=65535 (1 to 65535)"),
+            (&["65536"], "port 65536 is not in 1..=65535"),
             (&["ssh"], "\"ssh\" is not a port"),
             (&["22/sctp"], "unknown protocol \"sctp\""),
             (&["22/"], "unknown protocol \"\""),
@@ -380,7 +415,7 @@ mod tests {
             assert!(err.contains(needle), "{args:?}: {err}");
         }
         for (source, needle) in [
-            ("10.0.0.300", "is not an IP address or prefix"),
+            ("10.0.0.300", "is not an IPv4/IPv6 address or prefix"),
             (
                 "198.51.100.7/24",
                 "host bits set (did you mean 198.51.100.0/24?)",

@@ -4,26 +4,46 @@ use std::path::Path;
 
 use anyhow::Context as _;
 use jit_gate_agent::{
-    net,
-    policy::{self, RuleProtocol},
+    policy,
     proto::{
         self, AccessRequest, GetPolicyRequest, GetStatusRequest, ListConnectionsRequest,
         ListGrantsRequest, PortAccess, RevokeGrantRequest, RuleKey, UpdatePolicyRequest,
         access_request::Lifetime, update_policy_request::Change,
     },
+    wire,
 };
 use serde::Deserialize;
 
 use crate::{
     args::{Cli, Command, PolicyChange, PolicyCommand, RequestArgs},
+    audit,
     connect::Fleet,
     output::report,
     watch,
 };
 
-/// Runs the command; `Ok(true)` if it succeeded on every agent. `Err` is a
-/// local problem found before any agent was contacted.
-pub async fn run(cli: Cli) -> anyhow::Result<bool> {
+/// How a command ended, beyond "every agent answered".
+pub enum Outcome {
+    Success,
+    /// A call failed on some agent.
+    Failure,
+    /// An agent's audit log does not verify.
+    AuditBroken,
+}
+
+impl From<bool> for Outcome {
+    fn from(ok: bool) -> Self {
+        if ok {
+            Outcome::Success
+        } else {
+            Outcome::Failure
+        }
+    }
+}
+
+/// Runs the command. `Err` is a local problem found before any agent was
+/// contacted.
+pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     let fleet = Fleet {
         agents: cli.agents,
         timeout: cli.timeout,
@@ -80,15 +100,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
             let request = ListGrantsRequest {
                 include_ended: args.all,
                 port: args.port.map_or(0, u32::from),
-                limit: args.limit.unwrap_or(0),
+                limit: 0,
+                page_size: 0,
+                page_token: String::new(),
             };
+            let wanted = args.limit.map_or(usize::MAX, |n| n as usize);
             report(
-                &fleet
-                    .call(request, |mut c, r| async move { c.list_grants(r).await })
-                    .await,
+                &fleet.call(request, |c, r| all_pages(c, r, wanted)).await,
                 json,
             )
         }
+        Command::Audit(command) => return audit::run(&fleet, command, json).await,
         Command::Connections => report(
             &fleet
                 .call(ListConnectionsRequest {}, |mut c, r| async move {
@@ -98,7 +120,36 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
             json,
         ),
         Command::Watch(args) => watch::run(&fleet, args, json).await,
-    })
+    }
+    .into())
+}
+
+/// Grants page after page until `wanted` or the last page; the response's
+/// `next_page_token` is set if `wanted` cut the list short.
+async fn all_pages(
+    mut client: crate::connect::Client,
+    mut request: ListGrantsRequest,
+    wanted: usize,
+) -> Result<tonic::Response<proto::ListGrantsResponse>, tonic::Status> {
+    let mut all = proto::ListGrantsResponse::default();
+    loop {
+        let page = client.list_grants(request.clone()).await?.into_inner();
+        all.grants.extend(page.grants);
+        all.next_page_token = page.next_page_token;
+        if all.grants.len() >= wanted {
+            // A cut list says so: the last page token stays set.
+            if all.grants.len() > wanted {
+                all.next_page_token = all.grants[wanted - 1].id.to_string();
+                all.grants.truncate(wanted);
+            }
+            break;
+        }
+        if all.next_page_token.is_empty() {
+            break;
+        }
+        request.page_token.clone_from(&all.next_page_token);
+    }
+    Ok(tonic::Response::new(all))
 }
 
 /// The UpdatePolicy request for `policy set|add-port|remove-port`.
@@ -107,7 +158,7 @@ fn policy_change(command: PolicyChange) -> anyhow::Result<UpdatePolicyRequest> {
         PolicyChange::Set { file, revision } => {
             let rules = read_policy_file(&file)?;
             let replace = proto::Policy {
-                rules: rules.iter().map(rule_to_proto).collect(),
+                rules: rules.iter().map(proto::PortRule::from).collect(),
                 revision: 0,
             };
             (Change::Replace(replace), revision)
@@ -131,7 +182,7 @@ fn policy_change(command: PolicyChange) -> anyhow::Result<UpdatePolicyRequest> {
             // Same checks as the agent, so a bad rule is refused once here
             // rather than once per agent.
             rule.validate().map_err(|r| anyhow::anyhow!(r.message))?;
-            (Change::UpsertRule(rule_to_proto(&rule)), revision)
+            (Change::UpsertRule(proto::PortRule::from(&rule)), revision)
         }
         PolicyChange::RemovePort {
             port,
@@ -140,7 +191,7 @@ fn policy_change(command: PolicyChange) -> anyhow::Result<UpdatePolicyRequest> {
         } => {
             let key = RuleKey {
                 port: port.into(),
-                protocol: rule_protocol(protocol) as i32,
+                protocol: proto::Protocol::from(protocol) as i32,
             };
             (Change::RemoveRule(key), revision)
         }
@@ -173,29 +224,6 @@ fn read_policy_file(path: &Path) -> anyhow::Result<Vec<policy::PortRule>> {
     Ok(file.policy)
 }
 
-fn rule_to_proto(rule: &policy::PortRule) -> proto::PortRule {
-    proto::PortRule {
-        port: rule.port.into(),
-        protocol: rule_protocol(rule.protocol) as i32,
-        allowed_source_prefixes: rule.allowed_sources.iter().map(|p| p.to_string()).collect(),
-        max_duration: Some(duration_to_proto(rule.max_duration)),
-        require_justification: rule.require_justification,
-        require_ticket: rule.require_ticket,
-    }
-}
-
-fn rule_protocol(protocol: RuleProtocol) -> proto::Protocol {
-    match protocol {
-        RuleProtocol::Tcp => proto::Protocol::Tcp,
-        RuleProtocol::Udp => proto::Protocol::Udp,
-        RuleProtocol::Both => proto::Protocol::Both,
-    }
-}
-
-fn duration_to_proto(d: std::time::Duration) -> prost_types::Duration {
-    prost_types::Duration::try_from(d).expect("CLI durations fit in a protobuf Duration")
-}
-
 fn access_request(args: RequestArgs) -> AccessRequest {
     // An address goes out as an address, a prefix in canonical form.
     let source = if args.source.prefix_len() == args.source.max_prefix_len() {
@@ -214,17 +242,15 @@ fn access_request(args: RequestArgs) -> AccessRequest {
                 port: spec.port.into(),
                 protocol: spec
                     .protocol
-                    .map_or(proto::Protocol::Unspecified, |p| match p {
-                        net::Protocol::Tcp => proto::Protocol::Tcp,
-                        net::Protocol::Udp => proto::Protocol::Udp,
-                    }) as i32,
+                    .map_or(proto::Protocol::Unspecified, proto::Protocol::from)
+                    as i32,
                 source: source.clone(),
             })
             .collect(),
         // clap lets exactly one of the two through.
         lifetime: args
             .duration
-            .map(|d| Lifetime::Duration(duration_to_proto(d)))
+            .map(|d| Lifetime::Duration(wire::duration(d)))
             .or(args.until.map(Lifetime::EndTime)),
         requester: args.requester.unwrap_or_else(default_requester),
         justification: args.justification.unwrap_or_default(),

@@ -79,6 +79,8 @@ pub fn status(s: &Status) -> Value {
         "ports": s.ports.iter().map(port_status).collect::<Vec<_>>(),
         "active_grants": s.active_grants,
         "policy_revision": s.policy_revision,
+        "audit_chain_intact": s.audit_chain_intact,
+        "audit_problem": s.audit_problem,
     })
 }
 
@@ -153,7 +155,10 @@ pub fn revoke(r: &RevokeGrantResponse) -> Value {
 }
 
 pub fn grant_list(r: &ListGrantsResponse) -> Value {
-    json!({ "grants": grants(&r.grants) })
+    json!({
+        "grants": grants(&r.grants),
+        "more": !r.next_page_token.is_empty(),
+    })
 }
 
 fn connection(c: &Connection) -> Value {
@@ -185,6 +190,8 @@ pub fn event(e: &Event) -> Value {
         "grant_id": id(e.grant_id),
         "message": e.message,
         "details": details,
+        "payload_sha256": e.payload_sha256,
+        "pruned": e.pruned,
         "hash": e.hash,
     })
 }
@@ -283,6 +290,8 @@ mod tests {
             }],
             active_grants: 2,
             policy_revision: 4,
+            audit_chain_intact: true,
+            audit_problem: String::new(),
             ..Status::default()
         };
         let v = status(&s);
@@ -335,6 +344,8 @@ mod tests {
             message: "denied 203.0.113.9 -> 22/tcp".into(),
             details_json: r#"{"count":3}"#.into(),
             hash: "ab".into(),
+            payload_sha256: "cd".into(),
+            pruned: false,
         };
         let v = event(&e);
         assert_eq!(v["kind"], "access-denied");

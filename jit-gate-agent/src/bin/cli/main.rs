@@ -3,9 +3,11 @@
 //!
 //! Exit status: 0 if the command succeeded on every agent, 1 if it failed
 //! on any, 2 for a usage error (bad option, unreadable or invalid policy
-//! file), found before any agent is contacted.
+//! file), found before any agent is contacted, 3 if `audit verify` found a
+//! broken audit log.
 
 mod args;
+mod audit;
 mod commands;
 mod connect;
 mod convert;
@@ -35,8 +37,9 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(commands::run(cli)) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
+        Ok(commands::Outcome::Success) => ExitCode::SUCCESS,
+        Ok(commands::Outcome::Failure) => ExitCode::FAILURE,
+        Ok(commands::Outcome::AuditBroken) => ExitCode::from(3),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)

@@ -80,6 +80,26 @@ fn pretty(value: &Value) -> String {
     serde_json::to_string_pretty(value).expect("JSON values always serialize")
 }
 
+/// Text from an agent as it may reach a terminal: control characters
+/// (escape sequences, newlines) escaped, so a record cannot move the cursor,
+/// recolour or clear the screen, or fake a line.
+pub fn printable(text: &str) -> String {
+    if text.chars().any(char::is_control) {
+        text.chars()
+            .flat_map(|c| {
+                let escaped: Vec<char> = if c.is_control() {
+                    c.escape_debug().collect()
+                } else {
+                    vec![c]
+                };
+                escaped
+            })
+            .collect()
+    } else {
+        text.to_owned()
+    }
+}
+
 /// A borderless table with a header: easy to read and to grep.
 fn table(header: &[&str]) -> Table {
     let mut table = Table::new();
@@ -130,8 +150,8 @@ fn grants_table(grants: &[Grant]) -> Table {
         table.add_row(vec![
             g.id.to_string(),
             port(g.port, g.protocol),
-            g.source.clone(),
-            g.requester.clone(),
+            printable(&g.source),
+            printable(&g.requester),
             convert::grant_state(g.state),
             time(g.expires_at.as_ref()),
             time(g.ended_at.as_ref()),
@@ -166,13 +186,19 @@ impl Render for Status {
     }
 
     fn detail(&self) -> String {
+        let audit = if self.audit_chain_intact {
+            "intact at start".to_owned()
+        } else {
+            format!("BROKEN: {}", printable(&self.audit_problem))
+        };
         let header = format!(
             "version:          {}\n\
              started:          {}\n\
              configured mode:  {}\n\
              nftables active:  {}\n\
              active grants:    {}\n\
-             policy revision:  {}\n",
+             policy revision:  {}\n\
+             audit chain:      {audit}\n",
             self.version,
             time(self.started_at.as_ref()),
             self.configured_mode,
@@ -183,9 +209,9 @@ impl Render for Status {
         let mut interfaces = table(&["INTERFACE", "ENFORCEMENT", "REASON"]);
         for i in &self.interfaces {
             interfaces.add_row(vec![
-                i.name.clone(),
+                printable(&i.name),
                 convert::enforcement_mode(i.mode),
-                i.reason.clone(),
+                printable(&i.reason),
             ]);
         }
         let mut ports = table(&[
@@ -342,7 +368,12 @@ impl Render for ListGrantsResponse {
     }
 
     fn detail(&self) -> String {
-        format!("{}\n", grants_table(&self.grants))
+        let more = if self.next_page_token.is_empty() {
+            String::new()
+        } else {
+            format!("(more grants follow; shown: {})\n", self.grants.len())
+        };
+        format!("{}\n{more}", grants_table(&self.grants))
     }
 }
 
@@ -356,13 +387,17 @@ impl Render for Event {
             0 => String::new(),
             id => format!(" grant #{id}"),
         };
+        let message = if self.pruned {
+            "(payload pruned by retention)".to_owned()
+        } else {
+            printable(&self.message)
+        };
         format!(
-            "{}  #{}  {}  {}{grant}  {}",
+            "{}  #{}  {}  {}{grant}  {message}",
             time(self.at.as_ref()),
             self.sequence,
             convert::event_kind(self.kind),
-            self.principal,
-            self.message
+            printable(&self.principal),
         )
     }
 }
@@ -446,6 +481,22 @@ mod tests {
     }
 
     #[test]
+    fn text_from_agents_cannot_reach_the_terminal_raw() {
+        assert_eq!(printable("plain"), "plain");
+        assert_eq!(printable("a\u{1b}[2Jb\nc"), "a\\u{1b}[2Jb\\nc");
+        let event = Event {
+            message: "x\u{1b}]0;owned\u{7}".into(),
+            principal: "uid:0".into(),
+            ..Default::default()
+        };
+        assert!(
+            !event.summary().chars().any(char::is_control),
+            "{}",
+            event.summary()
+        );
+    }
+
+    #[test]
     fn error_line_names_agent_and_code() {
         let error = CallError {
             code: Code::InvalidArgument,
@@ -476,6 +527,7 @@ mod tests {
     #[test]
     fn one_line_summaries() {
         let grants = ListGrantsResponse {
+            next_page_token: String::new(),
             grants: vec![
                 grant(1, 22),
                 Grant {

@@ -1,4 +1,6 @@
-//! Conversions between the wire types (`proto`) and the agent's own.
+//! Conversions between the wire types (`proto`) and the agent's own, in
+//! one place for the server and the CLI (`From`/`TryFrom` where the
+//! conversion is total or fails with a message).
 
 use std::time::{Duration, SystemTime};
 
@@ -6,6 +8,7 @@ use tonic::{Code, Status};
 
 use crate::{
     audit::{AuditRecord, Kind},
+    checkpoint::Checkpoint,
     engine::{
         ConnectionInfo, FlowTableReport, InterfaceMode, InterfaceStatus, PortReport, StatusReport,
     },
@@ -25,6 +28,8 @@ pub fn status(refusal: Refusal) -> Status {
         RefusalKind::PermissionDenied => Code::PermissionDenied,
         RefusalKind::Unauthenticated => Code::Unauthenticated,
         RefusalKind::FailedPrecondition => Code::FailedPrecondition,
+        RefusalKind::ResourceExhausted => Code::ResourceExhausted,
+        RefusalKind::Unavailable => Code::Unavailable,
         RefusalKind::Internal => Code::Internal,
     };
     Status::new(code, refusal.message)
@@ -38,22 +43,30 @@ pub fn timestamp(t: SystemTime) -> prost_types::Timestamp {
     t.into()
 }
 
-fn duration(d: Duration) -> prost_types::Duration {
-    prost_types::Duration::try_from(d).unwrap_or_default()
+/// A duration on the wire; saturates at protobuf's maximum (about 10,000 years).
+pub fn duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration::try_from(d).unwrap_or(prost_types::Duration {
+        seconds: 315_576_000_000,
+        nanos: 0,
+    })
 }
 
-fn protocol_to_wire(p: Protocol) -> proto::Protocol {
-    match p {
-        Protocol::Tcp => proto::Protocol::Tcp,
-        Protocol::Udp => proto::Protocol::Udp,
+impl From<Protocol> for proto::Protocol {
+    fn from(p: Protocol) -> Self {
+        match p {
+            Protocol::Tcp => proto::Protocol::Tcp,
+            Protocol::Udp => proto::Protocol::Udp,
+        }
     }
 }
 
-fn rule_protocol_to_wire(p: RuleProtocol) -> proto::Protocol {
-    match p {
-        RuleProtocol::Tcp => proto::Protocol::Tcp,
-        RuleProtocol::Udp => proto::Protocol::Udp,
-        RuleProtocol::Both => proto::Protocol::Both,
+impl From<RuleProtocol> for proto::Protocol {
+    fn from(p: RuleProtocol) -> Self {
+        match p {
+            RuleProtocol::Tcp => proto::Protocol::Tcp,
+            RuleProtocol::Udp => proto::Protocol::Udp,
+            RuleProtocol::Both => proto::Protocol::Both,
+        }
     }
 }
 
@@ -68,11 +81,12 @@ fn rule_protocol_from_wire(value: i32, field: &str) -> Result<RuleProtocol, Stat
     }
 }
 
-/// A request's protocol: unspecified or BOTH mean "every covered one"; an
-/// unknown value is left for validation to refuse (and audit).
+/// A request's protocol: unspecified means "every covered one"; BOTH and
+/// unknown values are left for validation to refuse (and audit).
 fn access_protocol_from_wire(value: i32) -> RequestedProtocol {
     match proto::Protocol::try_from(value) {
-        Ok(proto::Protocol::Unspecified | proto::Protocol::Both) => RequestedProtocol::Covered,
+        Ok(proto::Protocol::Unspecified) => RequestedProtocol::Covered,
+        Ok(proto::Protocol::Both) => RequestedProtocol::Both,
         Ok(proto::Protocol::Tcp) => RequestedProtocol::Only(Protocol::Tcp),
         Ok(proto::Protocol::Udp) => RequestedProtocol::Only(Protocol::Udp),
         Err(_) => RequestedProtocol::Unknown(value),
@@ -80,10 +94,7 @@ fn access_protocol_from_wire(value: i32) -> RequestedProtocol {
 }
 
 pub fn port(value: u32, field: &str) -> Result<u16, Status> {
-    u16::try_from(value)
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| invalid(format!("{field}: port {value} is not in 1..=65535")))
+    crate::validate::port(value).map_err(|e| invalid(format!("{field}: {e}")))
 }
 
 pub fn rule_key(key: &proto::RuleKey) -> Result<(u16, RuleProtocol), Status> {
@@ -98,8 +109,12 @@ pub fn rule_from_wire(rule: &proto::PortRule, field: &str) -> Result<PortRule, S
         .allowed_source_prefixes
         .iter()
         .map(|p| {
-            p.parse()
-                .map_err(|_| invalid(format!("{field}: {p:?} is not an IPv4/IPv6 prefix")))
+            p.parse().map_err(|_| {
+                invalid(format!(
+                    "{field}: \"{}\" is not an IPv4/IPv6 prefix",
+                    crate::validate::excerpt(p)
+                ))
+            })
         })
         .collect::<Result<_, _>>()?;
     let max_duration = match &rule.max_duration {
@@ -126,24 +141,22 @@ pub fn rules_from_wire(policy: &proto::Policy) -> Result<Vec<PortRule>, Status> 
         .collect()
 }
 
+impl From<&PortRule> for proto::PortRule {
+    fn from(r: &PortRule) -> Self {
+        proto::PortRule {
+            port: u32::from(r.port),
+            protocol: proto::Protocol::from(r.protocol) as i32,
+            allowed_source_prefixes: r.allowed_sources.iter().map(ToString::to_string).collect(),
+            max_duration: Some(duration(r.max_duration)),
+            require_justification: r.require_justification,
+            require_ticket: r.require_ticket,
+        }
+    }
+}
+
 pub fn policy_to_wire(policy: &Policy) -> proto::Policy {
     proto::Policy {
-        rules: policy
-            .rules
-            .iter()
-            .map(|r| proto::PortRule {
-                port: u32::from(r.port),
-                protocol: rule_protocol_to_wire(r.protocol) as i32,
-                allowed_source_prefixes: r
-                    .allowed_sources
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect(),
-                max_duration: Some(duration(r.max_duration)),
-                require_justification: r.require_justification,
-                require_ticket: r.require_ticket,
-            })
-            .collect(),
+        rules: policy.rules.iter().map(proto::PortRule::from).collect(),
         revision: policy.revision,
     }
 }
@@ -190,7 +203,7 @@ pub fn grant(grant: &Grant) -> proto::Grant {
         id: grant.id,
         request_id: grant.request_id.clone(),
         port: u32::from(grant.target.port),
-        protocol: protocol_to_wire(grant.target.protocol) as i32,
+        protocol: proto::Protocol::from(grant.target.protocol) as i32,
         source: grant.target.source.to_string(),
         requester: grant.requester.clone(),
         justification: grant.justification.clone(),
@@ -205,7 +218,7 @@ pub fn grant(grant: &Grant) -> proto::Grant {
 
 pub fn connection(info: &ConnectionInfo) -> proto::Connection {
     proto::Connection {
-        protocol: protocol_to_wire(info.connection.protocol) as i32,
+        protocol: proto::Protocol::from(info.connection.protocol) as i32,
         remote: info.connection.remote.to_string(),
         local: info.connection.local.to_string(),
         grant_id: info.grant_id,
@@ -231,7 +244,7 @@ fn port_status(report: &PortReport) -> proto::PortStatus {
     let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
     proto::PortStatus {
         port: u32::from(report.port),
-        protocol: protocol_to_wire(report.protocol) as i32,
+        protocol: proto::Protocol::from(report.protocol) as i32,
         active_grants: count(report.active_grants),
         connections: count(report.connections),
         grants_last_7_days: report.grants_last_7_days,
@@ -263,6 +276,13 @@ pub fn status_report(report: &StatusReport) -> proto::Status {
         active_grants: u32::try_from(report.active_grants).unwrap_or(u32::MAX),
         policy_revision: report.policy_revision,
         flows: report.flows.as_ref().map(flow_table),
+        audit_chain_intact: report.audit.broken.is_none(),
+        audit_problem: report
+            .audit
+            .broken
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
     }
 }
 
@@ -280,19 +300,60 @@ pub fn event_kind(kind: Kind) -> proto::EventKind {
         Kind::DriftRepaired => proto::EventKind::DriftRepaired,
         Kind::ConnectionOpened => proto::EventKind::ConnectionOpened,
         Kind::ConnectionsTerminated => proto::EventKind::ConnectionsTerminated,
+        Kind::CallRefused => proto::EventKind::CallRefused,
+        Kind::AuditChainBroken => proto::EventKind::AuditChainBroken,
+        Kind::DatabaseReinitialized => proto::EventKind::DatabaseReinitialized,
+    }
+}
+
+/// The agent's kind for a wire kind (`None` for UNSPECIFIED or unknown).
+pub fn kind_from_wire(value: i32) -> Option<Kind> {
+    let wire = proto::EventKind::try_from(value).ok()?;
+    Kind::ALL.iter().copied().find(|k| event_kind(*k) == wire)
+}
+
+pub fn checkpoint(checkpoint: &Checkpoint, public_key: &str) -> proto::AuditCheckpoint {
+    proto::AuditCheckpoint {
+        sequence: checkpoint.sequence,
+        hash: checkpoint.hash.clone(),
+        at: Some(timestamp(crate::time::from_ms(checkpoint.at_ms))),
+        signature: checkpoint.signature.clone(),
+        public_key: public_key.to_owned(),
+    }
+}
+
+impl TryFrom<&proto::AuditCheckpoint> for Checkpoint {
+    type Error = Status;
+    fn try_from(c: &proto::AuditCheckpoint) -> Result<Self, Status> {
+        let at =
+            c.at.and_then(|t| SystemTime::try_from(t).ok())
+                .ok_or_else(|| invalid(format!("checkpoint {}: no valid time", c.sequence)))?;
+        Ok(Checkpoint {
+            sequence: c.sequence,
+            hash: c.hash.clone(),
+            at_ms: crate::time::to_ms(at),
+            signature: c.signature.clone(),
+        })
     }
 }
 
 pub fn event(record: &AuditRecord) -> proto::Event {
+    let (message, details_json) = record
+        .payload
+        .as_ref()
+        .map(|p| (p.message.clone(), p.details.clone()))
+        .unwrap_or_default();
     proto::Event {
         sequence: record.sequence,
-        at: Some(timestamp(record.at)),
-        kind: event_kind(record.event.kind) as i32,
-        principal: record.event.principal.clone(),
-        grant_id: record.event.grant_id,
-        message: record.event.message.clone(),
-        details_json: record.event.details.to_string(),
+        at: Some(timestamp(record.at())),
+        kind: event_kind(record.kind) as i32,
+        principal: record.principal.clone(),
+        grant_id: record.grant_id,
+        message,
+        details_json,
         hash: record.hash.clone(),
+        payload_sha256: record.payload_sha256.clone(),
+        pruned: record.payload.is_none(),
     }
 }
 

@@ -1,0 +1,113 @@
+//! A full disk loses nothing and acknowledges nothing it did not record:
+//! with the agent's files on a small tmpfs filled to the last block, a
+//! request fails with the retryable UNAVAILABLE and nothing is enforced;
+//! once space is back the same request succeeds and is enforced, and the
+//! audit chain still verifies.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use jit_gate_agent::proto::{self, Protocol};
+use jit_gate_tests::{
+    agent::{Agent, AgentFiles, access, client},
+    netns::{CLIENT_V4, GATED_V4, Topology},
+    traffic::{TcpEcho, tcp_connect},
+};
+use tonic::Code;
+
+/// A tmpfs mounted over a directory; unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        let status = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .expect("mount (util-linux)");
+        assert!(status.success(), "mounting a tmpfs on {}", dir.display());
+        Tmpfs(dir.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Writes zeros to `path` until the file system is full.
+fn fill(path: &Path) {
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=64k"])
+        .arg(format!("of={}", path.display()))
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("dd");
+}
+
+/// Moves the agent's WAL into the database and empties it, so that the
+/// next commit needs new blocks (as a busy agent's would).
+fn checkpoint_wal(database: &Path) {
+    let status = Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3, sys; sqlite3.connect(sys.argv[1]).execute('PRAGMA wal_checkpoint(TRUNCATE)')",
+        ])
+        .arg(database)
+        .status()
+        .expect("python3");
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_with_unavailable_and_enforces_nothing() {
+    let topo = Topology::new();
+    let files = AgentFiles::new(&topo.gated);
+    let _tmpfs = Tmpfs::mount(files.dir.path(), "16m");
+    files.write_config(&[&topo.gated_if], "");
+    let agent = Agent::start(&files);
+    let mut api = client(&files).await;
+    let gated = SocketAddr::new(GATED_V4.into(), 22);
+    let _ssh = TcpEcho::start(&topo.gated, gated);
+
+    checkpoint_wal(&files.database());
+    let filler = files.dir.path().join("filler");
+    fill(&filler);
+    let source = CLIENT_V4.to_string();
+    let request = access("on-a-full-disk", &[(22, Protocol::Tcp, &source)], 600);
+    let refused = api
+        .request_access(request.clone())
+        .await
+        .expect_err("nothing can be recorded");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused}");
+    assert!(refused.message().contains("retry"), "{refused}");
+    assert!(files.nft_granted().is_empty(), "enforced without a record");
+    tcp_connect(&topo.client, CLIENT_V4.into(), gated).expect_timed_out("nothing enforced");
+
+    std::fs::remove_file(&filler).expect("free the space");
+    let granted = api
+        .request_access(request)
+        .await
+        .expect("the same request once space is back")
+        .into_inner();
+    assert!(!granted.replayed, "the refused attempt recorded nothing");
+    tcp_connect(&topo.client, CLIENT_V4.into(), gated).expect_connected("enforced");
+    let report = api
+        .verify_audit(proto::VerifyAuditRequest::default())
+        .await
+        .expect("verify")
+        .into_inner();
+    assert!(report.intact, "{report:?}");
+    drop(api);
+    agent.kill();
+}
