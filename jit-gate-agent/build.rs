@@ -1,6 +1,6 @@
 //! Builds the XDP program (jit-gate-ebpf) for the BPF target with the nightly
-//! toolchain and bpf-linker, and places the objects in OUT_DIR; compiles the
-//! gRPC contract (proto/jit_gate.proto) with protoc.
+//! toolchain and bpf-linker, and places the objects in `OUT_DIR`; compiles the
+//! gRPC contract (`proto/jit_gate.proto`) with protoc.
 use std::path::{Path, PathBuf};
 
 fn main() -> anyhow::Result<()> {

@@ -11,7 +11,7 @@
 //!   u64 grant_id ‖ payload_sha256 (32 bytes))`
 //!
 //! The chain covers each payload through its digest, so retention can drop
-//! the payload of an old ACCESS_DENIED record (message and details become
+//! the payload of an old `ACCESS_DENIED` record (message and details become
 //! NULL) and the chain still verifies; no other kind may lose its payload.
 
 use std::time::SystemTime;
@@ -86,7 +86,7 @@ impl Event {
             principal: principal.to_owned(),
             grant_id,
             message: message.into(),
-            details: serde_json::Value::Object(Default::default()),
+            details: serde_json::Value::Object(serde_json::Map::default()),
         }
     }
 

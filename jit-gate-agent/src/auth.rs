@@ -1,6 +1,6 @@
 //! Who is calling and what they may do, independent of the transport: an
 //! `Identity` the transport vouches for (a Unix socket peer's uid today,
-//! SO_PEERCRED, never the request) maps to a `Principal` — a name and a
+//! `SO_PEERCRED`, never the request) maps to a `Principal` — a name and a
 //! role — and every call's role check is `Principal::require`.
 
 use serde::Deserialize;

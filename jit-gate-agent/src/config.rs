@@ -63,7 +63,7 @@ pub struct Api {
     /// Group owning the socket (mode 0660); unset: root only (0600).
     #[serde(default)]
     pub socket_group: Option<String>,
-    /// Event streams (WatchEvents, ExportAudit) one principal may hold open.
+    /// Event streams (`WatchEvents`, `ExportAudit`) one principal may hold open.
     #[serde(default = "default_streams_per_principal")]
     pub max_streams_per_principal: u32,
     /// A stream whose reader takes nothing for this long is ended.
@@ -104,7 +104,7 @@ pub struct Audit {
     /// ...or this long after the last one, if the log grew.
     #[serde(with = "humantime_serde", default = "default_checkpoint_interval")]
     pub checkpoint_interval: Duration,
-    /// ACCESS_DENIED records older than this lose their payload (the chain
+    /// `ACCESS_DENIED` records older than this lose their payload (the chain
     /// keeps its digest).
     #[serde(with = "humantime_serde", default = "default_denied_retention")]
     pub denied_retention: Duration,
@@ -125,10 +125,10 @@ fn default_checkpoint_records() -> u64 {
     1000
 }
 fn default_checkpoint_interval() -> Duration {
-    Duration::from_secs(600)
+    Duration::from_mins(10)
 }
 fn default_denied_retention() -> Duration {
-    Duration::from_secs(30 * 24 * 3600)
+    Duration::from_hours(720)
 }
 
 fn default_socket() -> PathBuf {
@@ -140,9 +140,14 @@ fn default_socket() -> PathBuf {
 pub struct Config {
     #[serde(default)]
     pub mode: Mode,
-    /// Interfaces XDP attaches to.
-    #[serde(default)]
+    /// Interfaces XDP attaches to: names, or patterns (`*`, `?`, `[…]`;
+    /// `"all"` is `"*"`) that also cover interfaces created later.
+    #[serde(default = "default_interfaces")]
     pub interfaces: Vec<String>,
+    /// Interfaces (names or patterns) XDP leaves alone even if `interfaces`
+    /// covers them; reported as not covered by XDP.
+    #[serde(default)]
+    pub exclude_interfaces: Vec<String>,
     #[serde(default = "default_database")]
     pub database: PathBuf,
     #[serde(default = "default_pin_dir")]
@@ -165,6 +170,15 @@ pub struct Config {
     #[serde(default)]
     pub policy: Option<Vec<PortRule>>,
 }
+
+/// Every interface, also those created later: a path into the host that
+/// the configuration forgot is a way around the gate.
+fn default_interfaces() -> Vec<String> {
+    vec![ALL_INTERFACES.to_owned()]
+}
+
+/// The word for every interface in `interfaces`.
+const ALL_INTERFACES: &str = "all";
 
 fn default_database() -> PathBuf {
     PathBuf::from("/var/lib/jit-gate/agent.db")
@@ -247,7 +261,7 @@ impl Default for Denials {
 }
 
 fn default_summary_interval() -> Duration {
-    Duration::from_secs(60)
+    Duration::from_mins(1)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -298,24 +312,36 @@ impl Config {
         if self.mode.uses_xdp() && self.interfaces.is_empty() {
             return field(
                 "interfaces",
-                format!("mode \"{}\" needs at least one interface", self.mode.name()),
+                format!(
+                    "mode \"{}\" needs at least one interface or pattern (default: \"all\")",
+                    self.mode.name()
+                ),
             );
         }
-        let mut seen = BTreeSet::new();
-        for (i, name) in self.interfaces.iter().enumerate() {
-            let here = format!("interfaces[{i}]");
-            if !seen.insert(name) {
-                return field(&here, format!("{name:?} is listed twice"));
-            }
-            if interface_index(name).is_none() {
-                return field(
-                    &here,
-                    format!("no interface named {name:?} in this network namespace"),
-                );
+        for (key, list) in [
+            ("interfaces", &self.interfaces),
+            ("exclude_interfaces", &self.exclude_interfaces),
+        ] {
+            let mut seen = BTreeSet::new();
+            for (i, name) in list.iter().enumerate() {
+                let here = format!("{key}[{i}]");
+                if !seen.insert(name) {
+                    return field(&here, format!("{name:?} is listed twice"));
+                }
+                match InterfacePattern::parse(name) {
+                    Err(problem) => return field(&here, problem),
+                    // A plain name must exist: most likely a typo otherwise.
+                    Ok(InterfacePattern::Name(_)) if interface_index(name).is_none() => {
+                        return field(
+                            &here,
+                            format!("no interface named {name:?} in this network namespace"),
+                        );
+                    }
+                    Ok(_) => {}
+                }
             }
         }
-        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&self.reconcile_interval)
-        {
+        if !(Duration::from_secs(1)..=Duration::from_hours(1)).contains(&self.reconcile_interval) {
             return field("reconcile_interval", "must be between 1s and 1h".into());
         }
         let table_ok = !self.nft_table.is_empty()
@@ -355,7 +381,7 @@ impl Config {
         if !(1..=4096).contains(&self.api.max_streams_per_principal) {
             return field("api.max_streams_per_principal", "must be 1 to 4096".into());
         }
-        if !(Duration::from_secs(1)..=Duration::from_secs(3600))
+        if !(Duration::from_secs(1)..=Duration::from_hours(1))
             .contains(&self.api.stream_stall_timeout)
         {
             return field(
@@ -369,7 +395,7 @@ impl Config {
                 "must be 1 to 1000000".into(),
             );
         }
-        if !(Duration::from_secs(1)..=Duration::from_secs(24 * 3600))
+        if !(Duration::from_secs(1)..=Duration::from_hours(24))
             .contains(&self.audit.checkpoint_interval)
         {
             return field(
@@ -407,13 +433,13 @@ impl Config {
                 format!("must be between 1 and flows.capacity ({})", flows.capacity),
             );
         }
-        if !(Duration::from_secs(1)..=Duration::from_secs(300)).contains(&flows.half_open_timeout) {
+        if !(Duration::from_secs(1)..=Duration::from_mins(5)).contains(&flows.half_open_timeout) {
             return field(
                 "flows.half_open_timeout",
                 "must be between 1s and 5m".into(),
             );
         }
-        if !(Duration::from_secs(1)..=Duration::from_secs(3600))
+        if !(Duration::from_secs(1)..=Duration::from_hours(1))
             .contains(&self.denials.summary_interval)
         {
             return field(
@@ -422,6 +448,83 @@ impl Config {
             );
         }
         Ok(())
+    }
+}
+
+/// One entry of `interfaces` or `exclude_interfaces`.
+#[derive(Clone, Debug)]
+enum InterfacePattern {
+    Name(String),
+    Pattern(glob::Pattern),
+}
+
+impl InterfacePattern {
+    fn parse(text: &str) -> Result<Self, String> {
+        if text.is_empty() || text.len() > 64 || text.contains(['/', '\0']) {
+            return Err(format!("{text:?} is not an interface name or pattern"));
+        }
+        if text == ALL_INTERFACES {
+            return Ok(InterfacePattern::Pattern(
+                glob::Pattern::new("*").expect("a valid pattern"),
+            ));
+        }
+        if text.contains(['*', '?', '[']) {
+            return glob::Pattern::new(text)
+                .map(InterfacePattern::Pattern)
+                .map_err(|e| format!("pattern {text:?}: {e}"));
+        }
+        Ok(InterfacePattern::Name(text.to_owned()))
+    }
+
+    fn matches(&self, name: &str) -> bool {
+        match self {
+            InterfacePattern::Name(n) => n == name,
+            InterfacePattern::Pattern(p) => p.matches(name),
+        }
+    }
+}
+
+/// Whether the configuration puts an interface under XDP, and why not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Coverage {
+    Covered,
+    /// No entry of `interfaces` matches it.
+    NotListed,
+    /// An entry of `exclude_interfaces` matches it.
+    Excluded,
+    /// Loopback, not named: it carries this host's own traffic, which is
+    /// inside the gate already. Naming it puts it under XDP.
+    Loopback,
+}
+
+impl Config {
+    /// Whether XDP should gate interface `name` (a loopback one if `loopback`).
+    pub fn coverage(&self, name: &str, loopback: bool) -> Coverage {
+        let entries = |list: &[String]| -> Vec<InterfacePattern> {
+            list.iter()
+                .filter_map(|text| InterfacePattern::parse(text).ok())
+                .collect()
+        };
+        if entries(&self.exclude_interfaces)
+            .iter()
+            .any(|p| p.matches(name))
+        {
+            return Coverage::Excluded;
+        }
+        let include = entries(&self.interfaces);
+        if include
+            .iter()
+            .any(|p| matches!(p, InterfacePattern::Name(n) if n == name))
+        {
+            return Coverage::Covered;
+        }
+        if loopback {
+            Coverage::Loopback
+        } else if include.iter().any(|p| p.matches(name)) {
+            Coverage::Covered
+        } else {
+            Coverage::NotListed
+        }
     }
 }
 
@@ -480,7 +583,22 @@ mod tests {
         assert_eq!(config.flows.capacity, 262_144);
         assert_eq!(config.flows.per_grant_quota, 64);
         assert_eq!(config.flows.half_open_timeout, Duration::from_secs(30));
-        assert_eq!(config.denials.summary_interval, Duration::from_secs(60));
+        assert_eq!(config.denials.summary_interval, Duration::from_mins(1));
+    }
+
+    #[test]
+    fn every_interface_is_covered_by_default_but_loopback() {
+        let config = parse("").unwrap();
+        assert_eq!(config.interfaces, ["all"]);
+        assert_eq!(config.coverage("eth0", false), Coverage::Covered);
+        assert_eq!(config.coverage("vxlan7", false), Coverage::Covered);
+        assert_eq!(config.coverage("lo", true), Coverage::Loopback);
+        let config =
+            parse("interfaces = [\"veth*\", \"lo\"]\nexclude_interfaces = [\"veth9*\"]").unwrap();
+        assert_eq!(config.coverage("veth1", false), Coverage::Covered);
+        assert_eq!(config.coverage("veth91", false), Coverage::Excluded);
+        assert_eq!(config.coverage("eth0", false), Coverage::NotListed);
+        assert_eq!(config.coverage("lo", true), Coverage::Covered, "named");
     }
 
     #[test]
@@ -506,7 +624,7 @@ mod tests {
         )
         .unwrap();
         let rules = config.policy.unwrap();
-        assert_eq!(rules[0].max_duration, Duration::from_secs(3600));
+        assert_eq!(rules[0].max_duration, Duration::from_hours(1));
         assert_eq!(rules[1].max_duration, crate::policy::DEFAULT_MAX_DURATION);
         assert!(rules[1].require_ticket);
         assert_eq!(config.api.principals[0].role, Role::Broker);
@@ -515,11 +633,9 @@ mod tests {
     #[test]
     fn the_shipped_example_is_valid() {
         let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../dist/agent.toml"));
-        // The example names eth0; this machine's namespace may not have it.
-        let text = std::fs::read_to_string(path)
-            .unwrap()
-            .replace("[\"eth0\"]", "[\"lo\"]");
+        let text = std::fs::read_to_string(path).unwrap();
         let config = Config::parse(&text, path).unwrap();
+        assert_eq!(config.interfaces, ["all"]);
         assert_eq!(config.policy.unwrap().len(), 4);
     }
 
@@ -527,6 +643,11 @@ mod tests {
     fn errors_name_the_field() {
         for (text, needle) in [
             ("interfaces = []", "field `interfaces`"),
+            ("interfaces = [\"eth[\"]", "field `interfaces[0]`: pattern"),
+            (
+                "exclude_interfaces = [\"nosuch0\"]",
+                "field `exclude_interfaces[0]`: no interface named",
+            ),
             (
                 "interfaces = [\"nosuch0\"]",
                 "field `interfaces[0]`: no interface named",

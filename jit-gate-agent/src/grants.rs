@@ -10,10 +10,10 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
-use crate::net::GrantTarget;
+use crate::{clock::Deadline, net::GrantTarget};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum GrantState {
@@ -64,9 +64,43 @@ pub struct Grant {
     /// The API principal that asked for it.
     pub principal: String,
     pub created_at: SystemTime,
+    /// How long it was given for.
+    pub granted: Duration,
+    /// When it ends: the one deadline every layer derives its expiry from.
+    pub deadline: Deadline,
+    /// The boot whose clock `deadline` is on (empty: unknown, from a
+    /// database that predates boot-time deadlines).
+    pub boot_id: String,
+    /// `deadline` on the wall clock, as last shown; for display only.
     pub expires_at: SystemTime,
     pub state: GrantState,
     pub ended_at: Option<SystemTime>,
+}
+
+impl Grant {
+    /// Time left of an active grant, from its deadline.
+    pub fn remaining(&self) -> Duration {
+        match self.state {
+            GrantState::Active => self.deadline.remaining(),
+            _ => Duration::ZERO,
+        }
+    }
+
+    /// Derives `expires_at` from the deadline again (an active grant's end
+    /// moves on the wall clock when the wall clock is stepped).
+    pub fn refresh_display(&mut self) {
+        if self.state == GrantState::Active {
+            self.expires_at = self.deadline.to_wall_near(self.expires_at);
+        }
+    }
+
+    pub fn active(&self) -> ActiveGrant {
+        ActiveGrant {
+            id: self.id,
+            target: self.target,
+            deadline: self.deadline,
+        }
+    }
 }
 
 /// What enforcement needs of an active grant.
@@ -74,13 +108,13 @@ pub struct Grant {
 pub struct ActiveGrant {
     pub id: u64,
     pub target: GrantTarget,
-    pub expires_at: SystemTime,
+    pub deadline: Deadline,
 }
 
 /// The entry an enforcer should hold for one target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Entry {
-    pub expires_at: SystemTime,
+    pub deadline: Deadline,
     /// The grant the entry is attributed to (the latest-expiring one).
     pub grant_id: u64,
 }
@@ -92,8 +126,8 @@ pub struct ActiveGrants {
     /// For each target, its grants ordered by (expiry, id): the last is the
     /// one the kernel entry carries. A Vec, not a set: there is usually one
     /// grant per target, and a set would cost a B-tree node each.
-    by_target: BTreeMap<GrantTarget, Vec<(SystemTime, u64)>>,
-    by_expiry: BTreeSet<(SystemTime, u64)>,
+    by_target: BTreeMap<GrantTarget, Vec<(Deadline, u64)>>,
+    by_expiry: BTreeSet<(Deadline, u64)>,
 }
 
 impl ActiveGrants {
@@ -114,7 +148,7 @@ impl ActiveGrants {
     }
 
     pub fn insert(&mut self, grant: ActiveGrant) {
-        let at = (grant.expires_at, grant.id);
+        let at = (grant.deadline, grant.id);
         if let Some(old) = self.by_id.insert(grant.id, grant) {
             self.unindex(&old);
         }
@@ -131,7 +165,7 @@ impl ActiveGrants {
     }
 
     fn unindex(&mut self, grant: &ActiveGrant) {
-        let at = (grant.expires_at, grant.id);
+        let at = (grant.deadline, grant.id);
         self.by_expiry.remove(&at);
         if let Some(set) = self.by_target.get_mut(&grant.target) {
             set.retain(|g| *g != at);
@@ -141,13 +175,13 @@ impl ActiveGrants {
         }
     }
 
-    /// The earliest expiry among active grants.
-    pub fn next_expiry(&self) -> Option<SystemTime> {
+    /// The earliest deadline among active grants.
+    pub fn next_deadline(&self) -> Option<Deadline> {
         self.by_expiry.first().map(|(at, _)| *at)
     }
 
-    /// Ids of grants whose expiry is at or before `now`.
-    pub fn due(&self, now: SystemTime) -> Vec<u64> {
+    /// Ids of grants whose deadline has passed (at `now` on the boot clock).
+    pub fn due(&self, now: Deadline) -> Vec<u64> {
         self.by_expiry
             .iter()
             .take_while(|(at, _)| *at <= now)
@@ -166,7 +200,7 @@ impl ActiveGrants {
     fn same_port<'a>(
         &'a self,
         target: &'a GrantTarget,
-    ) -> impl Iterator<Item = (&'a GrantTarget, &'a Vec<(SystemTime, u64)>)> + 'a {
+    ) -> impl Iterator<Item = (&'a GrantTarget, &'a Vec<(Deadline, u64)>)> + 'a {
         self.by_target
             .iter()
             .filter(move |(t, _)| t.protocol == target.protocol && t.port == target.port)
@@ -178,8 +212,8 @@ impl ActiveGrants {
         self.by_target
             .get(target)
             .and_then(|set| set.last())
-            .map(|(expires_at, grant_id)| Entry {
-                expires_at: *expires_at,
+            .map(|(deadline, grant_id)| Entry {
+                deadline: *deadline,
                 grant_id: *grant_id,
             })
     }
@@ -195,8 +229,8 @@ impl ActiveGrants {
             .filter(|(t, _)| !t.is_exact() && t.source.contains(&target.source))
             .filter_map(|(_, set)| set.last())
             .max()
-            .map(|(expires_at, grant_id)| Entry {
-                expires_at: *expires_at,
+            .map(|(deadline, grant_id)| Entry {
+                deadline: *deadline,
                 grant_id: *grant_id,
             })
     }
@@ -223,8 +257,6 @@ impl ActiveGrants {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
     use crate::net::Protocol;
 
@@ -236,15 +268,15 @@ mod tests {
         }
     }
 
-    fn at(secs: u64) -> SystemTime {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    fn at(secs: u64) -> Deadline {
+        Deadline::from_boot_ns(secs * 1_000_000_000)
     }
 
     fn grant(id: u64, source: &str, expires: u64) -> ActiveGrant {
         ActiveGrant {
             id,
             target: target(source),
-            expires_at: at(expires),
+            deadline: at(expires),
         }
     }
 
@@ -259,7 +291,7 @@ mod tests {
         assert_eq!(
             grants.own_entry(&t),
             Some(Entry {
-                expires_at: at(100),
+                deadline: at(100),
                 grant_id: 1
             })
         );
@@ -276,11 +308,11 @@ mod tests {
         grants.insert(grant(2, "198.51.100.0/24", 100));
         grants.insert(grant(3, "198.51.100.9/32", 50));
         let narrow = target("198.51.100.0/24");
-        assert_eq!(grants.xdp_entry(&narrow).unwrap().expires_at, at(500));
-        assert_eq!(grants.own_entry(&narrow).unwrap().expires_at, at(100));
+        assert_eq!(grants.xdp_entry(&narrow).unwrap().deadline, at(500));
+        assert_eq!(grants.own_entry(&narrow).unwrap().deadline, at(100));
         // Exact entries fall through to the trie in the kernel.
         let exact = target("198.51.100.9/32");
-        assert_eq!(grants.xdp_entry(&exact).unwrap().expires_at, at(50));
+        assert_eq!(grants.xdp_entry(&exact).unwrap().deadline, at(50));
         let broad = target("198.51.0.0/16");
         let deps = grants.dependents(&broad);
         assert_eq!(deps, vec![broad, narrow]);
@@ -293,7 +325,7 @@ mod tests {
         grants.insert(grant(1, "192.0.2.1/32", 30));
         grants.insert(grant(2, "192.0.2.2/32", 10));
         grants.insert(grant(3, "192.0.2.3/32", 20));
-        assert_eq!(grants.next_expiry(), Some(at(10)));
+        assert_eq!(grants.next_deadline(), Some(at(10)));
         assert_eq!(grants.due(at(20)), vec![2, 3]);
         assert_eq!(grants.due(at(5)), Vec::<u64>::new());
     }

@@ -1,6 +1,14 @@
 //! jit-gate agent library: enforcement of grants in the kernel (XDP and
 //! nftables) and the control plane that drives it.
 
+// Dependencies of the binaries alone (the daemon's logging and service
+// notification, the CLI's arguments, tables, connections and request ids):
+// a package has one dependency list for its library and binaries.
+use {
+    clap as _, comfy_table as _, csv as _, futures_util as _, hyper_util as _, rand as _,
+    sd_notify as _, tower as _, tracing_subscriber as _,
+};
+
 pub mod api;
 pub mod audit;
 pub mod auth;

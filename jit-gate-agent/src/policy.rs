@@ -13,12 +13,12 @@ use crate::{
 };
 
 /// Longest grant any rule may allow.
-pub const DURATION_CEILING: Duration = Duration::from_secs(24 * 3600);
+pub const DURATION_CEILING: Duration = Duration::from_hours(24);
 /// Shortest maximum a rule may set.
-pub const DURATION_FLOOR: Duration = Duration::from_secs(60);
+pub const DURATION_FLOOR: Duration = Duration::from_mins(1);
 /// Maximum duration of a rule that does not set one.
-pub const DEFAULT_MAX_DURATION: Duration = Duration::from_secs(3 * 3600);
-/// Management ports protected by the default policy (SSH, RDP, WinRM).
+pub const DEFAULT_MAX_DURATION: Duration = Duration::from_hours(3);
+/// Management ports protected by the default policy (SSH, RDP, `WinRM`).
 pub const DEFAULT_TCP_PORTS: [u16; 4] = [22, 3389, 5985, 5986];
 /// A policy holds at most this many rules (the XDP program counts per port in
 /// a fixed table of 1024 slots; two protocols per port fit).

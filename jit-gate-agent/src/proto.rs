@@ -1,8 +1,14 @@
 //! The gRPC contract (proto/jit_gate.proto, package `jitgate.v1`) compiled by
 //! build.rs: messages, the `JitGate` client and the server trait.
 
-// Generated code follows prost's and tonic's style, not this crate's.
-#![allow(clippy::all, clippy::pedantic)]
+#![allow(
+    clippy::all,
+    clippy::pedantic,
+    unreachable_pub,
+    unused_qualifications,
+    elided_lifetimes_in_paths,
+    reason = "generated code follows prost's and tonic's style, not this crate's"
+)]
 
 tonic::include_proto!("jitgate.v1");
 

@@ -77,7 +77,10 @@ pub struct AccessRequest {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GrantSpec {
     pub target: GrantTarget,
-    pub expires_at: SystemTime,
+    /// How long it lasts. An end time is turned into a duration once, here,
+    /// against the wall clock at validation: a later wall-clock step changes
+    /// neither the duration nor the boot-clock deadline derived from it.
+    pub duration: Duration,
 }
 
 impl AccessRequest {
@@ -101,7 +104,6 @@ impl AccessRequest {
             )));
         }
         let duration = self.duration(now)?;
-        let expires_at = now + duration;
         let mut specs = Vec::new();
         let mut seen = BTreeSet::new();
         for (index, access) in self.ports.iter().enumerate() {
@@ -142,7 +144,7 @@ impl AccessRequest {
                         protocol,
                         port,
                     },
-                    expires_at,
+                    duration,
                 });
             }
         }
@@ -266,7 +268,7 @@ mod tests {
         strict.allowed_sources = vec!["198.51.100.0/24".parse().unwrap()];
         strict.require_justification = true;
         strict.require_ticket = true;
-        strict.max_duration = Duration::from_secs(600);
+        strict.max_duration = Duration::from_mins(10);
         Policy {
             rules: vec![
                 PortRule::open(22, RuleProtocol::Tcp),
@@ -317,11 +319,7 @@ mod tests {
                 "2001:db8::/64 -> 500/udp"
             ]
         );
-        assert!(
-            specs
-                .iter()
-                .all(|s| s.expires_at == now + Duration::from_secs(300))
-        );
+        assert!(specs.iter().all(|s| s.duration == Duration::from_mins(5)));
     }
 
     #[test]
@@ -476,14 +474,14 @@ mod tests {
             assert!(r.message.contains(needle), "{lifetime:?} → {r}");
         }
         let now = SystemTime::now();
-        let end = now + Duration::from_secs(120);
+        let end = now + Duration::from_mins(2);
         let secs = end.duration_since(UNIX_EPOCH).unwrap();
         req.lifetime = Lifetime::Until {
             seconds: secs.as_secs() as i64,
             nanos: secs.subsec_nanos() as i32,
         };
         let specs = req.validate(&policy(), now).unwrap();
-        assert_eq!(specs[0].expires_at, end);
+        assert_eq!(specs[0].duration, Duration::from_mins(2));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! sources a grant may name, and bounded text. Each returns the message a
 //! person can act on; callers wrap it in their own error type.
 
-use std::net::IpAddr;
+use std::{fmt::Write as _, net::IpAddr};
 
 use ipnet::IpNet;
 
@@ -116,7 +116,7 @@ pub fn excerpt(value: &str) -> String {
         .flat_map(char::escape_debug)
         .collect();
     if total > EXCERPT_LEN {
-        out.push_str(&format!("… ({total} characters)"));
+        let _ = write!(out, "… ({total} characters)");
     }
     out
 }

@@ -10,7 +10,8 @@ use crate::{
     audit::{AuditRecord, Kind},
     checkpoint::Checkpoint,
     engine::{
-        ConnectionInfo, FlowTableReport, InterfaceMode, InterfaceStatus, PortReport, StatusReport,
+        ConnectionInfo, FlowTableReport, InterfaceMode, InterfaceStatus, LayerHealth, PortReport,
+        Repair, StatusReport,
     },
     grants::{Grant, GrantState},
     net::Protocol,
@@ -213,6 +214,7 @@ pub fn grant(grant: &Grant) -> proto::Grant {
         expires_at: Some(timestamp(grant.expires_at)),
         state: state as i32,
         ended_at: grant.ended_at.map(timestamp),
+        remaining: Some(duration(grant.remaining())),
     }
 }
 
@@ -232,11 +234,30 @@ fn interface(status: &InterfaceStatus) -> proto::InterfaceStatus {
         InterfaceMode::XdpGeneric => proto::EnforcementMode::XdpGeneric,
         InterfaceMode::NftablesOnly => proto::EnforcementMode::NftablesOnly,
         InterfaceMode::Unsupported => proto::EnforcementMode::Unsupported,
+        InterfaceMode::Uncovered => proto::EnforcementMode::Uncovered,
     };
     proto::InterfaceStatus {
         name: status.name.clone(),
         mode: mode as i32,
         reason: status.reason.clone(),
+        kind: status.kind.clone(),
+        problem: status.problem.clone().unwrap_or_default(),
+        last_repair: status.last_repair.as_ref().map(repair),
+    }
+}
+
+fn repair(repair: &Repair) -> proto::Repair {
+    proto::Repair {
+        at: Some(timestamp(repair.at)),
+        what: repair.what.clone(),
+    }
+}
+
+fn layer(active: bool, health: &LayerHealth) -> proto::LayerHealth {
+    proto::LayerHealth {
+        active,
+        problem: health.problem.clone().unwrap_or_default(),
+        last_repair: health.last_repair.as_ref().map(repair),
     }
 }
 
@@ -266,12 +287,13 @@ fn flow_table(report: &FlowTableReport) -> proto::FlowTable {
 }
 
 pub fn status_report(report: &StatusReport) -> proto::Status {
+    let enforcement = &report.enforcement;
     proto::Status {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         started_at: Some(timestamp(report.started_at)),
         configured_mode: report.configured_mode.name().to_owned(),
         nftables_active: report.nftables_active,
-        interfaces: report.interfaces.iter().map(interface).collect(),
+        interfaces: enforcement.interfaces.iter().map(interface).collect(),
         ports: report.ports.iter().map(port_status).collect(),
         active_grants: u32::try_from(report.active_grants).unwrap_or(u32::MAX),
         policy_revision: report.policy_revision,
@@ -283,6 +305,9 @@ pub fn status_report(report: &StatusReport) -> proto::Status {
             .as_ref()
             .map(ToString::to_string)
             .unwrap_or_default(),
+        xdp: Some(layer(report.xdp_active, &enforcement.xdp)),
+        nftables: Some(layer(report.nftables_active, &enforcement.nftables)),
+        healthy: enforcement.healthy(),
     }
 }
 

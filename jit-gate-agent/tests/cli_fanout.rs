@@ -1,6 +1,11 @@
 //! The `jit-gate` binary against fake agents on Unix sockets: one result row
 //! per agent, failures reported per agent, exit status 1 if any failed.
 
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
+
 use std::{
     path::{Path, PathBuf},
     pin::Pin,
@@ -49,6 +54,7 @@ impl JitGate for FakeAgent {
                 name: "eth0".into(),
                 mode: 1,
                 reason: String::new(),
+                ..Default::default()
             }],
             active_grants: 1,
             policy_revision: 3,
@@ -197,7 +203,7 @@ fn args(agents: &[&PathBuf], rest: &[&str]) -> Vec<String> {
     agents
         .iter()
         .flat_map(|a| ["--agent".to_owned(), a.display().to_string()])
-        .chain(rest.iter().map(|s| s.to_string()))
+        .chain(rest.iter().map(ToString::to_string))
         .collect()
 }
 
@@ -378,7 +384,7 @@ async fn watch_merges_streams_and_tags_lines() {
     assert_eq!(output.status.code(), Some(1), "{output:?}");
     let text = String::from_utf8(output.stdout).unwrap();
     let mut lines: Vec<&str> = text.lines().collect();
-    lines.sort();
+    lines.sort_unstable();
     assert_eq!(lines.len(), 4, "{text}");
     for (line, (agent, sequence)) in lines.iter().zip([
         ("a.sock", 11),

@@ -384,7 +384,10 @@ impl GateConfig {
 
 #[cfg(feature = "user")]
 mod pod {
-    use super::*;
+    use super::{
+        DenyBudget, DenyEvent, FlowKey, FlowValue, GateConfig, GrantKeyV4, GrantKeyV6, GrantOpens,
+        GrantValue, PortCounters,
+    };
     // SAFETY: all of these are `#[repr(C)]`, made of integers and byte
     // arrays, with no implicit padding (checked by the size tests below).
     unsafe impl aya::Pod for GrantKeyV4 {}

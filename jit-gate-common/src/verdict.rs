@@ -90,7 +90,7 @@ impl Reason {
         }
     }
 
-    /// A stable snake_case name, for metrics and logs.
+    /// A stable `snake_case` name, for metrics and logs.
     pub const fn name(self) -> &'static str {
         match self {
             Reason::PassNotIp => "pass_not_ip",
@@ -113,7 +113,7 @@ impl Reason {
 }
 
 /// The most VLAN tags (802.1Q, 802.1ad, priority tags alike) the parser
-/// follows; a frame with more drops. Real networks stack two (QinQ); the
+/// follows; a frame with more drops. Real networks stack two (`QinQ`); the
 /// kernel strips priority tags without bound, so the parser must follow
 /// what it strips, and eight leaves room for unusual stacks at the cost of
 /// a few helper reads that only such frames pay.

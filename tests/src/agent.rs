@@ -85,6 +85,8 @@ pub struct AgentFiles {
     pub dir: tempfile::TempDir,
     pub pins: PinDir,
     pub ns: String,
+    /// Environment given to the agent process (e.g. a fake wall clock).
+    pub env: Vec<(String, String)>,
 }
 
 impl AgentFiles {
@@ -93,6 +95,7 @@ impl AgentFiles {
             dir: tempfile::tempdir().expect("temporary directory"),
             pins: PinDir::new(),
             ns: ns.name.clone(),
+            env: Vec::new(),
         }
     }
 
@@ -106,6 +109,7 @@ impl AgentFiles {
             dir,
             pins,
             ns: ns.name.clone(),
+            env: Vec::new(),
         }
     }
 
@@ -158,8 +162,14 @@ impl AgentFiles {
     /// (top-level keys first, then tables; `[api]` keys as dotted keys,
     /// `api.socket_group = ...`).
     pub fn write_config(&self, interfaces: &[&str], extra: &str) {
+        // A test may choose its own interval in `extra`; 1 s otherwise.
+        let reconcile = if extra.contains("reconcile_interval") {
+            ""
+        } else {
+            "reconcile_interval = \"1s\"\n"
+        };
         let text = format!(
-            "interfaces = {interfaces:?}\ndatabase = {:?}\npin_dir = {:?}\nreconcile_interval = \"1s\"\napi.unix_socket = {:?}\n{extra}\n",
+            "interfaces = {interfaces:?}\ndatabase = {:?}\npin_dir = {:?}\n{reconcile}api.unix_socket = {:?}\n{extra}\n",
             self.database(),
             self.pins.path,
             self.socket(),
@@ -179,13 +189,12 @@ impl AgentFiles {
         let pid = child.id() as i32;
         let (done, outcome) = mpsc::channel();
         std::thread::spawn(move || done.send(child.wait_with_output()));
-        match outcome.recv_timeout(START_TIMEOUT) {
-            Ok(output) => output.expect("wait for jit-gate-agent"),
-            Err(_) => {
-                // SAFETY: kill on the pid of our own child, not yet reaped.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-                panic!("jit-gate-agent {args:?} still running after {START_TIMEOUT:?}");
-            }
+        if let Ok(output) = outcome.recv_timeout(START_TIMEOUT) {
+            output.expect("wait for jit-gate-agent")
+        } else {
+            // SAFETY: kill on the pid of our own child, not yet reaped.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("jit-gate-agent {args:?} still running after {START_TIMEOUT:?}");
         }
     }
 
@@ -210,7 +219,8 @@ impl AgentFiles {
             .arg("--config")
             .arg(self.config_path())
             .args(args)
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         command
     }
 }
@@ -468,9 +478,10 @@ pub async fn list_grants(
     }
 }
 
-/// Every grant the agent knows, ended ones included, newest first.
+/// Every grant the agent knows, ended ones included, newest first, less
+/// the time each has left (so that two listings compare equal).
 pub async fn all_grants(api: &mut JitGateClient<Channel>) -> Vec<proto::Grant> {
-    list_grants(api, true).await
+    without_remaining(list_grants(api, true).await)
 }
 
 pub async fn policy(api: &mut JitGateClient<Channel>) -> proto::Policy {
@@ -480,7 +491,7 @@ pub async fn policy(api: &mut JitGateClient<Channel>) -> proto::Policy {
         .into_inner()
 }
 
-/// Replays the audit log from the start (after_sequence = 0), following it
+/// Replays the audit log from the start (`after_sequence` = 0), following it
 /// live, until `done` holds for the events of `kinds` received so far;
 /// panics if that takes longer than `EVENT_TIMEOUT`.
 pub async fn events_until(
@@ -502,10 +513,22 @@ pub async fn events_until(
         match tokio::time::timeout_at(deadline, stream.message()).await {
             Ok(Ok(Some(event))) => events.push(event),
             Ok(other) => panic!("event stream ended: {other:?}; got {events:#?}"),
-            Err(_) => panic!("timed out waiting for events; got {events:#?}"),
+            Err(elapsed) => panic!("waiting for events: {elapsed}; got {events:#?}"),
         }
     }
     events
+}
+
+/// Grants as listed, less the time each has left (which changes between
+/// two listings of the same grants).
+pub fn without_remaining(grants: Vec<proto::Grant>) -> Vec<proto::Grant> {
+    grants
+        .into_iter()
+        .map(|g| proto::Grant {
+            remaining: None,
+            ..g
+        })
+        .collect()
 }
 
 /// A timestamp of the API as wall-clock time.
@@ -625,7 +648,7 @@ impl Api {
 /// How long an event stream must stay silent to count as drained.
 const QUIET: Duration = Duration::from_millis(500);
 
-/// A WatchEvents stream.
+/// A `WatchEvents` stream.
 pub struct Events(tonic::Streaming<proto::Event>);
 
 impl Events {
@@ -715,11 +738,11 @@ impl PinnedGrants {
             port,
         };
         let mut out = BTreeMap::new();
-        for item in self.exact_v4.iter() {
+        for item in &self.exact_v4 {
             let (k, v) = item.expect(names::GRANTS_V4);
             out.insert(target(IpAddr::from(k.addr).into(), k.protocol, k.port), v);
         }
-        for item in self.exact_v6.iter() {
+        for item in &self.exact_v6 {
             let (k, v) = item.expect(names::GRANTS_V6);
             out.insert(target(IpAddr::from(k.addr).into(), k.protocol, k.port), v);
         }
@@ -729,12 +752,12 @@ impl PinnedGrants {
             let port = u16::from_be_bytes([key[1], key[2]]);
             target(IpNet::new(addr, len).expect("prefix length"), key[0], port)
         };
-        for item in self.cidr_v4.iter() {
+        for item in &self.cidr_v4 {
             let (k, v) = item.expect(names::CIDR_GRANTS_V4);
             let addr: [u8; 4] = k.data()[3..].try_into().expect("IPv4 address");
             out.insert(cidr(&k.data(), k.prefix_len(), addr.into()), v);
         }
-        for item in self.cidr_v6.iter() {
+        for item in &self.cidr_v6 {
             let (k, v) = item.expect(names::CIDR_GRANTS_V6);
             let addr: [u8; 16] = k.data()[3..].try_into().expect("IPv6 address");
             out.insert(cidr(&k.data(), k.prefix_len(), addr.into()), v);
@@ -839,7 +862,7 @@ impl AgentHost {
     /// these tests never nest prefixes on one port, so an entry carries its
     /// own grants' expiry only.
     pub fn assert_enforces(&self, grants: &[proto::Grant], step: &str) {
-        report(step, grants, self.mismatches(grants));
+        report(step, grants, &self.mismatches(grants));
     }
 
     /// `assert_enforces` with the active grants the agent lists, listed
@@ -849,8 +872,8 @@ impl AgentHost {
         for _ in 0..3 {
             let before = api.grants(false).await;
             let problems = self.mismatches(&before);
-            if api.grants(false).await == before {
-                return report(step, &before, problems);
+            if without_remaining(api.grants(false).await) == without_remaining(before.clone()) {
+                return report(step, &before, &problems);
             }
         }
         panic!("{step}: the active grants kept changing");
@@ -876,7 +899,8 @@ impl AgentHost {
                         // moment before the agent's timer ends the grant.
                         None if read_at >= *expires => {}
                         None => {
-                            problems.push(format!("nftables: no element for {target} (grant {id})"))
+                            problems
+                                .push(format!("nftables: no element for {target} (grant {id})"));
                         }
                         Some(left) => {
                             let want = expires.duration_since(now).unwrap_or_default();
@@ -925,7 +949,7 @@ impl AgentHost {
     }
 }
 
-fn report(step: &str, grants: &[proto::Grant], problems: Vec<String>) {
+fn report(step: &str, grants: &[proto::Grant], problems: &[String]) {
     assert!(
         problems.is_empty(),
         "{step}: the kernel does not enforce the active grants [{}]:\n{}",
@@ -962,7 +986,7 @@ pub fn python(script: &str, args: &[&std::ffi::OsStr]) -> Vec<serde_json::Value>
         .collect()
 }
 
-/// Every stored event `request` selects (ExportAudit), oldest first.
+/// Every stored event `request` selects (`ExportAudit`), oldest first.
 pub async fn export_events(
     api: &mut JitGateClient<Channel>,
     request: proto::ExportAuditRequest,

@@ -10,7 +10,10 @@ use std::{cell::Cell, net::IpAddr};
 use etherparse::{EtherType, IpNumber};
 
 use crate::{
-    packets::{Extension, Packet, tcp_flag::*},
+    packets::{
+        Extension, Packet,
+        tcp_flag::{ACK, FIN, RST, SYN},
+    },
     scenario::{HOST_V4, ip, tcp, udp},
     spec::Outcome,
 };

@@ -1,4 +1,4 @@
-//! Raw frames in and out of test namespaces: an AF_PACKET socket that sends
+//! Raw frames in and out of test namespaces: an `AF_PACKET` socket that sends
 //! crafted frames on an interface (and captures what crosses it), raw IP
 //! sockets that see every TCP or UDP packet the IP stack delivers locally,
 //! and an interface's address and counters.
@@ -13,7 +13,7 @@ use std::{
 
 use crate::netns::Netns;
 
-/// ETH_P_ALL in network byte order.
+/// `ETH_P_ALL` in network byte order.
 const ALL_PROTOCOLS: u16 = (libc::ETH_P_ALL as u16).to_be();
 
 fn check(rc: libc::c_int, what: &str) -> io::Result<libc::c_int> {
@@ -24,7 +24,7 @@ fn check(rc: libc::c_int, what: &str) -> io::Result<libc::c_int> {
     Ok(rc)
 }
 
-fn set_option<T>(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: T) {
+fn set_option(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) {
     // SAFETY: a valid socket and a value of the size given.
     let rc = unsafe {
         libc::setsockopt(
@@ -32,7 +32,7 @@ fn set_option<T>(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: T) 
             level,
             name,
             (&raw const value).cast(),
-            size_of::<T>() as libc::socklen_t,
+            size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
     check(rc, "setsockopt").unwrap_or_else(|e| panic!("{e}"));
@@ -46,7 +46,7 @@ fn receive(fd: &OwnedFd, timeout: Duration) -> Option<(Vec<u8>, libc::sockaddr_s
         revents: 0,
     };
     // SAFETY: one valid pollfd.
-    let ready = unsafe { libc::poll(&mut poll, 1, timeout.as_millis() as libc::c_int) };
+    let ready = unsafe { libc::poll(&raw mut poll, 1, timeout.as_millis() as libc::c_int) };
     if ready <= 0 {
         return None;
     }
@@ -62,7 +62,7 @@ fn receive(fd: &OwnedFd, timeout: Duration) -> Option<(Vec<u8>, libc::sockaddr_s
             buf.len(),
             libc::MSG_DONTWAIT,
             (&raw mut from).cast(),
-            &mut from_len,
+            &raw mut from_len,
         )
     };
     if n < 0 {
@@ -72,13 +72,13 @@ fn receive(fd: &OwnedFd, timeout: Duration) -> Option<(Vec<u8>, libc::sockaddr_s
     Some((buf, from))
 }
 
-/// An AF_PACKET socket bound to one interface of a namespace.
+/// An `AF_PACKET` socket bound to one interface of a namespace.
 pub struct PacketSocket {
     fd: OwnedFd,
     ifindex: i32,
 }
 
-/// PACKET_IGNORE_OUTGOING (linux/if_packet.h): receive incoming frames only.
+/// `PACKET_IGNORE_OUTGOING` (`linux/if_packet.h)`: receive incoming frames only.
 const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
 
 impl PacketSocket {
@@ -269,7 +269,7 @@ fn delivered(
     } else {
         // SAFETY: an AF_INET6 socket fills a sockaddr_in6.
         let from: &libc::sockaddr_in6 =
-            unsafe { &*(from as *const _ as *const libc::sockaddr_in6) };
+            unsafe { &*std::ptr::from_ref(from).cast::<libc::sockaddr_in6>() };
         (IpAddr::from(from.sin6_addr.s6_addr), bytes.to_vec())
     };
     Some(Delivered {

@@ -2,11 +2,18 @@
 //! loudly, unique bpffs pin directories and network namespaces that clean up
 //! on drop.
 
+// Dependencies of the package's binaries (benchmarks, installer) alone.
+use {anyhow as _, clap as _, serde as _, tokio_stream as _};
+// And of the integration tests alone (dev-dependencies).
+#[cfg(test)]
+use {prost as _, tonic_health as _, tonic_reflection as _};
+
 pub mod agent;
 pub mod cases;
 pub mod checksum;
 pub mod cli;
 pub mod env;
+pub mod fake_clock;
 pub mod fragments;
 pub mod frames;
 pub mod gated_host;

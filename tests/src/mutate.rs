@@ -110,7 +110,7 @@ impl Frame {
     }
 }
 
-/// Random bytes behind a random EtherType (IPv4, IPv6, a VLAN tag, or any),
+/// Random bytes behind a random `EtherType` (IPv4, IPv6, a VLAN tag, or any),
 /// with the IP version nibble right half of the time, so some of them get
 /// past the first checks.
 pub fn random_frame(rng: &mut StdRng, max_len: usize) -> Vec<u8> {

@@ -2,7 +2,7 @@
 //! names and deleted on drop (also when the test panics).
 //!
 //! Addresses come from the documentation ranges (192.0.2.0/24,
-//! 2001:db8::/64), and live only inside these namespaces.
+//! `2001:db8::/64`), and live only inside these namespaces.
 
 use std::{
     ffi::OsStr,
@@ -116,7 +116,7 @@ pub const GATED_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
 pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 pub const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
 /// Second client addresses, outside the prefixes the CIDR tests grant
-/// (192.0.2.0/25 and 2001:db8::/112).
+/// (192.0.2.0/25 and `2001:db8::/112`).
 pub const CLIENT_V4_OUTSIDE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 130);
 pub const CLIENT_V6_OUTSIDE: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 1, 2);
 

@@ -42,7 +42,7 @@ pub fn syn_ack_rst_fin_combinations() -> impl Iterator<Item = u8> {
     })
 }
 
-/// VLAN tag stacks, outermost first: none, single, QinQ, and triple-tagged
+/// VLAN tag stacks, outermost first: none, single, `QinQ`, and triple-tagged
 /// (the builder gives them VLAN IDs from 100 up).
 pub const VLAN_STACKS: [&[EtherType]; 8] = [
     &[],

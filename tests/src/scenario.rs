@@ -71,7 +71,7 @@ pub enum Expiry {
     Expired,
 }
 
-const LIVE_FOR: Duration = Duration::from_secs(600);
+const LIVE_FOR: Duration = Duration::from_mins(10);
 const EXPIRED_FOR: Duration = Duration::from_millis(1);
 
 /// A grant entry: (source, protocol, port, expiry, grant id, quota, max opens).

@@ -4,6 +4,11 @@
 //! nothing; the policy changes live; health and reflection answer; the
 //! caller's uid decides what it may do.
 
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
+
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
@@ -153,7 +158,7 @@ async fn every_bad_request_is_refused_precisely_audited_and_changes_nothing() {
         edit(&mut request);
         request
     };
-    let an_hour_ago = prost_types::Timestamp::from(SystemTime::now() - Duration::from_secs(3600));
+    let an_hour_ago = prost_types::Timestamp::from(SystemTime::now() - Duration::from_hours(1));
     let cases: [(proto::AccessRequest, Code, &[&str]); 20] = [
         (
             access("unknown-port", &[(UNPROTECTED, tcp, c)], 60),
@@ -407,8 +412,9 @@ async fn policy_changes_apply_live_and_removing_a_rule_ends_only_its_grants() {
         .expect("grant")
         .into_inner()
         .grants;
-    let grant_on = |port: u16| {
-        granted
+    let grant_on = |port: u16| proto::Grant {
+        remaining: None,
+        ..granted
             .iter()
             .find(|g| g.port == u32::from(port))
             .expect("grant per port")
@@ -605,7 +611,11 @@ async fn generic_grpc_clients_get_health_and_reflection() {
         .iter()
         .find(|s| s.name() == "JitGate")
         .expect("service JitGate");
-    let methods: Vec<&str> = service.method.iter().map(|m| m.name()).collect();
+    let methods: Vec<&str> = service
+        .method
+        .iter()
+        .map(prost_types::MethodDescriptorProto::name)
+        .collect();
     for method in ["RequestAccess", "UpdatePolicy", "WatchEvents"] {
         assert!(methods.contains(&method), "{methods:?}");
     }

@@ -1,11 +1,16 @@
 //! The audit log proves itself, end to end: an independent implementation
-//! of the documented layout (Python's hashlib over the SQLite rows) verifies
-//! it; retention drops old ACCESS_DENIED payloads and the chain still
+//! of the documented layout (Python's hashlib over the `SQLite` rows) verifies
+//! it; retention drops old `ACCESS_DENIED` payloads and the chain still
 //! verifies; a record edited in the middle is reported at start (status,
-//! log, an AUDIT_CHAIN_BROKEN record) and by `VerifyAudit` and `jit-gate
+//! log, an `AUDIT_CHAIN_BROKEN` record) and by `VerifyAudit` and `jit-gate
 //! audit verify` (exit 3); a kept signed checkpoint exposes records cut
 //! from the end and a chain re-hashed by a forger; export writes CSV and
 //! JSON with filters.
+
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
 
 use std::{
     net::SocketAddr,

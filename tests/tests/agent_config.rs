@@ -3,7 +3,12 @@
 //! the running configuration on a broken one, and a restart on an unchanged
 //! file leaves the policy made over the API alone.
 
-use std::net::SocketAddr;
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
+
+use std::{fmt::Write as _, net::SocketAddr};
 
 use jit_gate_agent::proto::{self, update_policy_request::Change};
 use jit_gate_tests::{
@@ -17,10 +22,10 @@ const APP: u16 = 8022;
 
 /// `[[policy]]` tables protecting `ports` over TCP with the defaults.
 fn policy_toml(ports: &[u16]) -> String {
-    ports
-        .iter()
-        .map(|port| format!("[[policy]]\nport = {port}\nprotocol = \"tcp\"\n"))
-        .collect()
+    ports.iter().fold(String::new(), |mut toml, port| {
+        let _ = write!(toml, "[[policy]]\nport = {port}\nprotocol = \"tcp\"\n");
+        toml
+    })
 }
 
 fn rule_ports(policy: &proto::Policy) -> Vec<u32> {

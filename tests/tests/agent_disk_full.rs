@@ -4,6 +4,11 @@
 //! once space is back the same request succeeds and is enforced, and the
 //! audit chain still verifies.
 
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
+
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},

@@ -5,6 +5,11 @@
 //! bounded per caller; idempotency keys and revokes are per principal;
 //! grant lists page and never cut silently.
 
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
+
 use std::{collections::BTreeSet, os::unix::fs::PermissionsExt};
 
 use jit_gate_agent::proto::{self, Protocol};

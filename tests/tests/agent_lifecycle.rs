@@ -3,6 +3,11 @@
 //! namespace. After every step the kernel (the nftables table and the
 //! pinned XDP maps) must hold exactly the grants the agent lists as active.
 
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
+
 use std::{
     net::{IpAddr, SocketAddr},
     time::{Duration, SystemTime},
@@ -46,7 +51,7 @@ fn host() -> AgentHost {
 /// agent's promise: kernel entries gone within 1 s of expiry).
 async fn sleep_past(at: SystemTime) {
     let left = at.duration_since(SystemTime::now()).unwrap_or_default();
-    tokio::time::sleep(left + Duration::from_millis(1000)).await;
+    tokio::time::sleep(left + Duration::from_secs(1)).await;
 }
 
 async fn assert_state(api: &mut Api, grant: &proto::Grant, state: proto::GrantState) {
@@ -344,12 +349,14 @@ async fn drift_in_nftables_and_xdp_is_repaired_within_the_reconcile_period() {
     host.assert_enforced(&mut api, "granted").await;
 
     // Each change behind the agent's back, checked to have happened, must be
-    // undone within 3 s (reconcile_interval is 1 s) and reported.
+    // undone within 5 s and reported: reconcile_interval is 1 s, stretched
+    // when reconciling takes long (it may take at most 5% of the agent's
+    // time), as it does on a loaded machine.
     let mut repaired = async |what: &str, layer: &str| {
         let event = events
             .expect(
                 proto::EventKind::DriftRepaired,
-                SystemTime::now() + Duration::from_secs(3),
+                SystemTime::now() + Duration::from_secs(5),
                 |_| true,
             )
             .await;
@@ -412,11 +419,20 @@ async fn nftables_mode_opens_and_expires_grants_without_xdp() {
     let status = api.status().await;
     assert_eq!(status.configured_mode, "nftables");
     assert!(status.nftables_active, "{status:?}");
-    assert_eq!(status.interfaces.len(), 1, "{status:?}");
-    assert_eq!(status.interfaces[0].name, host.topo.gated_if);
-    assert_eq!(
-        status.interfaces[0].mode,
-        proto::EnforcementMode::NftablesOnly as i32,
+    // Every interface, loopback included: the table sees them all.
+    assert_eq!(status.interfaces.len(), 2, "{status:?}");
+    assert!(
+        status
+            .interfaces
+            .iter()
+            .all(|i| i.mode == proto::EnforcementMode::NftablesOnly as i32),
+        "{status:?}"
+    );
+    assert!(
+        status
+            .interfaces
+            .iter()
+            .any(|i| i.name == host.topo.gated_if),
         "{status:?}"
     );
     assert!(
@@ -460,11 +476,15 @@ async fn xdp_unavailable_falls_back_to_nftables_and_says_why() {
     let status = api.status().await;
     assert_eq!(status.configured_mode, "xdp+nftables");
     assert!(status.nftables_active, "{status:?}");
-    let interface = &status.interfaces[..];
+    let gated = status
+        .interfaces
+        .iter()
+        .find(|i| i.name == host.topo.gated_if)
+        .expect("the gated interface is listed");
     assert!(
-        matches!(interface, [i] if i.mode == proto::EnforcementMode::NftablesOnly as i32
-            && i.reason.contains("XDP unavailable")
-            && i.reason.contains("bpffs")),
+        gated.mode == proto::EnforcementMode::NftablesOnly as i32
+            && gated.reason.contains("XDP unavailable")
+            && gated.reason.contains("bpffs"),
         "{status:?}"
     );
 

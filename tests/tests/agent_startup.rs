@@ -7,6 +7,11 @@
 //! works when systemd passes it (socket activation, as the shipped
 //! jit-gate-agent.socket does).
 
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
+
 use std::os::unix::fs::PermissionsExt;
 
 use jit_gate_agent::proto;

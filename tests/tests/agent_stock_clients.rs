@@ -1,7 +1,12 @@
 //! Stock gRPC clients in another language reach the agent with their
-//! default options: Python's grpcio (health, reflection, then the JitGate
+//! default options: Python's grpcio (health, reflection, then the `JitGate`
 //! service found through reflection) on the Unix socket, whatever
 //! `:authority` it sends for a `unix:` target.
+
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
 
 use jit_gate_tests::{
     agent::{Agent, AgentFiles, python},
@@ -9,7 +14,7 @@ use jit_gate_tests::{
 };
 use serde_json::Value;
 
-/// Runs tests/python/stock_client.py against the agent's socket and returns
+/// Runs `tests/python/stock_client.py` against the agent's socket and returns
 /// its steps by name.
 fn python_steps(files: &AgentFiles) -> std::collections::BTreeMap<String, Value> {
     python("stock_client.py", &[files.socket().as_os_str()])

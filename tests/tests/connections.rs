@@ -1,6 +1,11 @@
 //! The agent's view of existing connections (`flows`): sockets through
-//! sock_diag and conntrack entries through ctnetlink, over real TCP and UDP
+//! `sock_diag` and conntrack entries through ctnetlink, over real TCP and UDP
 //! connections between two namespaces joined by veth.
+
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
 
 use std::{
     collections::BTreeSet,
@@ -34,7 +39,7 @@ fn ports() -> BTreeSet<(Protocol, u16)> {
     ])
 }
 
-/// Echo servers on SSH and OTHER for both families, and DUAL_STACK on [::].
+/// Echo servers on SSH and OTHER for both families, and `DUAL_STACK` on [::].
 fn servers(gated: &Netns) -> Vec<TcpEcho> {
     let mut addrs: Vec<SocketAddr> = [GATED_V4.into(), GATED_V6.into()]
         .into_iter()
@@ -139,7 +144,7 @@ fn flow_keys_equal_the_ones_the_xdp_program_records() {
             src.into(),
             Protocol::Tcp,
             SSH,
-            Duration::from_secs(60),
+            Duration::from_mins(1),
             i as u64 + 1,
         );
     }

@@ -4,7 +4,7 @@
 //! priority tags among them, IPv4 options, fragments split, duplicated and
 //! overlapping, IPv6 extension chains, authentication headers over IPv4 and
 //! IPv6, truncations, random bytes, random transport headers, mutations) go
-//! out raw (AF_PACKET) from the client namespace to the gated one, three
+//! out raw (`AF_PACKET`) from the client namespace to the gated one, three
 //! times, each time into fresh namespaces:
 //! - without the gate: what the kernel delivers on its own;
 //! - through the gate (mode xdp) without grants: raw sockets in the gated
@@ -16,6 +16,10 @@
 //!   ports) with a whole TCP/UDP header must be delivered again, save the
 //!   frames README says drop even under a grant (first fragments without
 //!   their whole transport header, extension chains past the bound).
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
 
 use std::{
     collections::{BTreeMap, BTreeSet},

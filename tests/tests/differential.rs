@@ -10,6 +10,11 @@
 //! runs the same way, and each case's verdicts are checked against the
 //! table too.
 
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
+
 use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr, time::Instant};
 
 use etherparse::IpNumber;

@@ -3,6 +3,10 @@
 //! denial summaries per interval, whatever the number of sources, and the
 //! packets they count add up to what the kernel dropped. Connections
 //! refused by a grant's quota show in the status and the summaries.
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},

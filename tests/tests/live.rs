@@ -2,6 +2,11 @@
 //! namespaces joined by veth, over IPv4 and IPv6; crafted frames sent raw
 //! from the client namespace, answered (or not) by the gated stack.
 
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
+
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     time::{Duration, Instant},
@@ -98,14 +103,14 @@ fn exact_grant_opens_tcp_and_udp_for_that_source_only() {
             host_net(src),
             Protocol::Tcp,
             SSH,
-            Duration::from_secs(60),
+            Duration::from_mins(1),
             id,
         );
         host.grant(
             host_net(src),
             Protocol::Udp,
             SYSLOG,
-            Duration::from_secs(60),
+            Duration::from_mins(1),
             id,
         );
         let mut s = tcp_connect(&host.topo.client, src, SocketAddr::new(gated, SSH))
@@ -141,14 +146,14 @@ fn cidr_grant_opens_inside_the_prefix_only() {
         "192.0.2.0/25".parse().unwrap(),
         Protocol::Tcp,
         SSH,
-        Duration::from_secs(60),
+        Duration::from_mins(1),
         1,
     );
     host.grant(
         "2001:db8::/112".parse().unwrap(),
         Protocol::Tcp,
         SSH,
-        Duration::from_secs(60),
+        Duration::from_mins(1),
         2,
     );
     let cases = [
@@ -272,7 +277,7 @@ fn priority_tagged_syns_are_gated_like_untagged_ones() {
             host_net(src),
             Protocol::Tcp,
             SSH,
-            Duration::from_secs(60),
+            Duration::from_mins(1),
             i as u64 + 1,
         );
     }
@@ -310,7 +315,7 @@ fn a_flooding_grantee_never_evicts_another_users_session() {
         "192.0.2.76/30".parse().unwrap(),
         Protocol::Tcp,
         SSH,
-        Duration::from_secs(60),
+        Duration::from_mins(1),
         2,
     );
     let mut passed = 0;

@@ -1,3 +1,7 @@
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
 use jit_gate_tests::env::PinDir;
 
 #[test]

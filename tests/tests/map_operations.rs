@@ -3,6 +3,11 @@
 //! expiries, per-grant flow limits (quota, single use) and their counters,
 //! a full flow table, and the budgeted deny-event ring buffer.
 
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
+
 use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr},
@@ -247,7 +252,7 @@ fn stay_on_one_cpu() {
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(0, &mut set);
-        let rc = libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+        let rc = libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set);
         assert_eq!(
             rc,
             0,
@@ -263,7 +268,7 @@ fn deny_events_are_budgeted_per_cpu_and_the_counters_carry_every_denial() {
     let pins = PinDir::new();
     let mut gate = gate(&pins);
     let mut ring = gate.take_deny_events().expect("deny event ring buffer");
-    gate.set_deny_budget(3, Duration::from_secs(3600))
+    gate.set_deny_budget(3, Duration::from_hours(1))
         .expect("budget");
     // Ten denials from ten sources: no state per source, three events.
     for i in 0..10u8 {

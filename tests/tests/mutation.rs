@@ -2,6 +2,10 @@
 //! (`jit-gate-ebpf/src/mutants.rs`, one XDP program per mutant, sharing the
 //! gate's maps) must fail README's cases against the spec. A mutant no case
 //! catches means the tests cannot see that rule go wrong.
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
 
 use aya::{EbpfLoader, programs::Xdp};
 use jit_gate_tests::{cases::cases, env::PinDir, scenario::Sides};

@@ -4,6 +4,11 @@
 //! (never the machine's own firewall); dropping them removes the tables,
 //! also when a test panics.
 
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -29,7 +34,7 @@ const SSH: u16 = 22;
 const RDP: u16 = 3389;
 const SYSLOG: u16 = 514;
 const OPEN_PORT: u16 = 8080;
-const HOUR: Duration = Duration::from_secs(3600);
+const HOUR: Duration = Duration::from_hours(1);
 /// How far a timeout read back may lag the one written, on a busy machine.
 const SLACK: Duration = Duration::from_secs(20);
 
@@ -68,7 +73,7 @@ impl<'a> NsGate<'a> {
     }
 
     fn read(&self) -> NftState {
-        self.run(|g| g.read())
+        self.run(NftGate::read)
             .unwrap_or_else(|e| panic!("read: {e}"))
             .expect("the table exists")
     }
@@ -161,9 +166,9 @@ fn sample_state() -> NftState {
 fn install_then_read_round_trips_and_remove_deletes() {
     let ns = Netns::new("jgn");
     let gate = NsGate::new(&ns);
-    assert_eq!(gate.run(|g| g.read()).expect("read"), None, "no table yet");
+    assert_eq!(gate.run(NftGate::read).expect("read"), None, "no table yet");
     assert!(
-        !gate.run(|g| g.remove()).expect("remove"),
+        !gate.run(NftGate::remove).expect("remove"),
         "nothing to remove"
     );
 
@@ -179,8 +184,8 @@ fn install_then_read_round_trips_and_remove_deletes() {
     gate.install(&smaller);
     assert_matches(&gate.read(), &smaller);
 
-    assert!(gate.run(|g| g.remove()).expect("remove"), "table existed");
-    assert_eq!(gate.run(|g| g.read()).expect("read"), None, "table gone");
+    assert!(gate.run(NftGate::remove).expect("remove"), "table existed");
+    assert_eq!(gate.run(NftGate::read).expect("read"), None, "table gone");
 }
 
 #[test]
@@ -411,7 +416,7 @@ const FAMILIES: [(IpAddr, IpAddr); 2] = [
     (IpAddr::V6(CLIENT_V6), IpAddr::V6(GATED_V6)),
 ];
 /// Client sources outside the prefixes granted below (192.0.2.0/25 and
-/// 2001:db8::/112), with the gated address of their family.
+/// `2001:db8::/112`), with the gated address of their family.
 const OUTSIDERS: [(IpAddr, IpAddr); 2] = [
     (IpAddr::V4(CLIENT_V4_OUTSIDE), IpAddr::V4(GATED_V4)),
     (IpAddr::V6(CLIENT_V6_OUTSIDE), IpAddr::V6(GATED_V6)),

@@ -4,6 +4,11 @@
 //! another layout version, or whose maps are defined otherwise, are never
 //! reused: the state is rebuilt, by the agent from its store.
 
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
+
 use std::{net::SocketAddr, path::Path, time::Duration};
 
 use aya::maps::{Array, Map, MapData, MapInfo, MapType};
@@ -32,7 +37,7 @@ fn reopening_the_pins_keeps_grants_flows_and_enforcement() {
         std::net::IpAddr::from(CLIENT_V4).into(),
         Protocol::Tcp,
         SSH,
-        Duration::from_secs(60),
+        Duration::from_mins(1),
         7,
     );
     let mut session =
@@ -120,7 +125,7 @@ fn reopen_on_stale_pins(stale: Stale) {
         std::net::IpAddr::from(CLIENT_V4_OUTSIDE).into(),
         Protocol::Tcp,
         SSH,
-        Duration::from_secs(60),
+        Duration::from_mins(1),
         9,
     );
     let mut options = GateOptions::default();
@@ -172,7 +177,7 @@ fn reopen_on_stale_pins(stale: Stale) {
         std::net::IpAddr::from(CLIENT_V4).into(),
         Protocol::Tcp,
         SSH,
-        Duration::from_secs(60),
+        Duration::from_mins(1),
         10,
     );
     expect_access(

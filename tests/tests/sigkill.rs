@@ -3,6 +3,11 @@
 //! time because its expiry is checked in the kernel; the half-open flows a
 //! grantee left behind never let a new connection in after it.
 
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
+
 use std::{
     io::{BufRead, BufReader},
     net::{IpAddr, SocketAddr},
@@ -24,7 +29,7 @@ const SSH: u16 = 22;
 const GRANT: Duration = Duration::from_secs(5);
 
 /// Starts the installer: the gate on the gated end of the veth pair, SSH
-/// protected, CLIENT_V4 granted for `grant`. Returns it and the instant by
+/// protected, `CLIENT_V4` granted for `grant`. Returns it and the instant by
 /// which the grant has expired.
 fn install(topo: &Topology, pins: &PinDir, grant: Duration) -> (Child, Instant) {
     let mut installer = Command::new(env!("CARGO_BIN_EXE_gate-installer"))

@@ -5,7 +5,7 @@ use anyhow::Result;
 
 use crate::cmd::{self, cargo};
 
-pub fn run(args: &[String]) -> Result<()> {
+pub(crate) fn run(args: &[String]) -> Result<()> {
     cmd::run(cargo().args(["build", "--release", "-p", "jit-gate-agent", "--bins"]))?;
     for bench in ["jit-gate-bench", "jit-gate-control-bench"] {
         let mut command = cargo();

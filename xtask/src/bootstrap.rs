@@ -31,12 +31,14 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "pkg-config",
     "iperf3",
+    // libfaketime: the clock tests step the agent's wall clock alone.
+    "faketime",
     // systemd-socket-activate, to pass the API socket as systemd does.
     "systemd",
 ];
 
 /// Python modules of the stock gRPC client the end-to-end tests drive the agent
-/// with (module name, PyPI package).
+/// with (module name, `PyPI` package).
 const PYTHON_PACKAGES: &[(&str, &str)] = &[
     ("grpc", "grpcio"),
     ("grpc_reflection", "grpcio-reflection"),
@@ -47,7 +49,7 @@ const PYTHON_PACKAGES: &[(&str, &str)] = &[
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Runs every step; returns whether anything had to be installed or mounted.
-pub fn run() -> Result<bool> {
+pub(crate) fn run() -> Result<bool> {
     ensure_root()?;
     // Non-short-circuiting `|` so every step runs.
     Ok(debian_packages()? | python_packages()? | nightly_components()? | bpf_linker()? | bpffs()?)

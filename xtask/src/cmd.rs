@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 
 /// A child process that ran but exited unsuccessfully; `main` turns `code` into our own.
 #[derive(Debug)]
-pub struct Failed {
+pub(crate) struct Failed {
     pub what: String,
     pub code: Option<i32>,
     /// The end of the captured output, for commands run by [`run_quiet`].
@@ -35,18 +35,20 @@ impl fmt::Display for Failed {
 impl std::error::Error for Failed {}
 
 /// The workspace root, so cargo commands behave the same from any directory.
-pub fn workspace_root() -> &'static Path {
+pub(crate) fn workspace_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives one level below the workspace root")
 }
 
 /// `$CARGO_HOME`, defaulting to `~/.cargo` like cargo itself.
-pub fn cargo_home() -> PathBuf {
+pub(crate) fn cargo_home() -> PathBuf {
     env::var_os("CARGO_HOME")
         .filter(|h| !h.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env::var_os("HOME").unwrap_or_default()).join(".cargo"))
+        .map_or_else(
+            || PathBuf::from(env::var_os("HOME").unwrap_or_default()).join(".cargo"),
+            PathBuf::from,
+        )
 }
 
 /// PATH with `$CARGO_HOME/bin` prepended when missing: `cargo install` puts bpf-linker
@@ -62,7 +64,7 @@ fn path_with_cargo_bin() -> OsString {
 }
 
 /// A `Command` whose program lookup and environment use the augmented PATH.
-pub fn command(program: impl AsRef<OsStr>) -> Command {
+pub(crate) fn command(program: impl AsRef<OsStr>) -> Command {
     let mut cmd = Command::new(program);
     cmd.env("PATH", path_with_cargo_bin());
     cmd
@@ -70,7 +72,7 @@ pub fn command(program: impl AsRef<OsStr>) -> Command {
 
 /// `cargo` in the workspace root; `$CARGO` is the cargo that launched us, so nested
 /// builds use the same toolchain.
-pub fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     let mut cmd = command(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(workspace_root());
     cmd
@@ -86,7 +88,7 @@ fn describe(cmd: &Command) -> String {
 }
 
 /// Runs `cmd` with inherited stdio; a non-zero exit becomes a [`Failed`] error.
-pub fn run(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     let what = describe(cmd);
     let status = cmd
         .status()
@@ -104,7 +106,7 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 }
 
 /// Runs `cmd` and returns its output whatever the exit status (the caller decides).
-pub fn output(cmd: &mut Command) -> Result<Output> {
+pub(crate) fn output(cmd: &mut Command) -> Result<Output> {
     let what = describe(cmd);
     cmd.stdin(Stdio::null())
         .output()
@@ -113,7 +115,7 @@ pub fn output(cmd: &mut Command) -> Result<Output> {
 
 /// Runs a noisy installer with its output captured, shown only if it fails, so that
 /// bootstrap prints one line per step.
-pub fn run_quiet(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run_quiet(cmd: &mut Command) -> Result<()> {
     let what = describe(cmd);
     let out = output(cmd)?;
     if out.status.success() {

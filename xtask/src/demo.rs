@@ -5,7 +5,7 @@ use anyhow::Result;
 
 use crate::cmd::{self, cargo};
 
-pub fn run() -> Result<()> {
+pub(crate) fn run() -> Result<()> {
     // The demo finds jit-gate-agent and jit-gate beside itself in target/release.
     cmd::run(cargo().args(["build", "--release", "-p", "jit-gate-agent", "--bins"]))?;
     cmd::run(cargo().args([

@@ -1,6 +1,7 @@
 //! `cargo xtask test`: what CI runs (through `.ci/run`) and what the README tells people to run.
 
 use std::{
+    fmt::Write as _,
     io::{BufRead, BufReader},
     process::Stdio,
 };
@@ -12,8 +13,11 @@ use crate::cmd::{self, cargo, command};
 /// jit-gate-ebpf only builds for bpfel (through jit-gate-agent's build.rs), never for the host.
 const EXCLUDE: [&str; 3] = ["--workspace", "--exclude", "jit-gate-ebpf"];
 
-pub fn run(args: &[String]) -> Result<()> {
-    let extra: String = args.iter().map(|a| format!(" {a}")).collect();
+pub(crate) fn run(args: &[String]) -> Result<()> {
+    let extra = args.iter().fold(String::new(), |mut extra, a| {
+        let _ = write!(extra, " {a}");
+        extra
+    });
     println!(
         "xtask test: cargo fmt --check, cargo clippy -D warnings (and on the XDP program for its target), then cargo test --workspace --exclude jit-gate-ebpf --no-fail-fast --lib --bins --tests{extra}"
     );

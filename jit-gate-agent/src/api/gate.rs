@@ -25,7 +25,7 @@ use crate::{
 /// Refused calls recorded per caller and window; the rest are counted and
 /// the count goes into the next record.
 const RECORDED_PER_WINDOW: u32 = 5;
-const WINDOW: Duration = Duration::from_secs(60);
+const WINDOW: Duration = Duration::from_mins(1);
 /// Callers tracked at once (uids reaching the socket are few; this bounds
 /// the table whatever happens).
 const MAX_CALLERS: usize = 4096;
@@ -44,7 +44,7 @@ pub struct Gate {
 }
 
 /// The caller as the transport identifies it.
-pub fn identity(extensions: &http::Extensions) -> Option<Identity> {
+pub(super) fn identity(extensions: &http::Extensions) -> Option<Identity> {
     extensions
         .get::<UdsConnectInfo>()
         .and_then(|info| info.peer_cred)
@@ -136,7 +136,7 @@ impl Gate {
 }
 
 /// The status a wire-level failure deserves, if `status` is one: tonic
-/// calls an undecodable message INTERNAL and an oversize one OUT_OF_RANGE.
+/// calls an undecodable message INTERNAL and an oversize one `OUT_OF_RANGE`.
 fn precise(status: &Status) -> Option<Status> {
     let message = status.message();
     match status.code() {

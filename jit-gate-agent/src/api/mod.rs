@@ -25,7 +25,7 @@ use crate::{
     wire::{self as convert, status},
 };
 
-/// Grants per ListGrants page unless the caller asks; at most `MAX_PAGE`.
+/// Grants per `ListGrants` page unless the caller asks; at most `MAX_PAGE`.
 const DEFAULT_PAGE: u32 = 100;
 const MAX_PAGE: u32 = 1000;
 /// Records read at once when verifying the log.

@@ -1,4 +1,4 @@
-//! Serving the API on the Unix socket: the JitGate service, gRPC health
+//! Serving the API on the Unix socket: the `JitGate` service, gRPC health
 //! (for anyone who can reach the socket) and server reflection (for
 //! principals with a role), every wire-level failure with its precise code.
 
@@ -16,7 +16,7 @@ use crate::{
 };
 
 /// Largest request accepted (a full request is a few KiB; a policy of
-/// hundreds of rules some hundred KiB). Larger: RESOURCE_EXHAUSTED.
+/// hundreds of rules some hundred KiB). Larger: `RESOURCE_EXHAUSTED`.
 pub const MAX_MESSAGE: usize = 1 << 20;
 
 /// Serves until `shutdown` completes, then ends event streams and lets

@@ -30,10 +30,11 @@ const PAGE: u32 = 8;
 /// Page reads running at once, over all streams.
 const CONCURRENT_READS: usize = 2;
 
-pub type EventStream = Pin<Box<dyn Stream<Item = Result<crate::proto::Event, Status>> + Send>>;
+pub(super) type EventStream =
+    Pin<Box<dyn Stream<Item = Result<crate::proto::Event, Status>> + Send>>;
 
 /// Open streams per principal, against a limit.
-pub struct StreamLimits {
+pub(super) struct StreamLimits {
     per_principal: u32,
     pub stall: Duration,
     open: Mutex<HashMap<String, u32>>,
@@ -41,7 +42,7 @@ pub struct StreamLimits {
 }
 
 /// One open stream of a principal; closing it (drop) frees the slot.
-pub struct Slot {
+pub(super) struct Slot {
     limits: Arc<StreamLimits>,
     principal: String,
 }
@@ -59,7 +60,7 @@ impl Drop for Slot {
 }
 
 impl StreamLimits {
-    pub fn new(per_principal: u32, stall: Duration) -> Arc<Self> {
+    pub(super) fn new(per_principal: u32, stall: Duration) -> Arc<Self> {
         Arc::new(StreamLimits {
             per_principal,
             stall,
@@ -68,7 +69,7 @@ impl StreamLimits {
         })
     }
 
-    pub fn acquire(self: &Arc<Self>, principal: &str) -> Result<Slot, Status> {
+    pub(super) fn acquire(self: &Arc<Self>, principal: &str) -> Result<Slot, Status> {
         let mut open = self.open.lock().expect("stream count lock");
         let n = open.entry(principal.to_owned()).or_insert(0);
         if *n >= self.per_principal {
@@ -86,7 +87,7 @@ impl StreamLimits {
 
 /// What a stream sends: stored records passing `filter` above `after`,
 /// then, with `live`, records as they are committed.
-pub struct Plan {
+pub(super) struct Plan {
     pub filter: AuditFilter,
     pub after: Option<u64>,
     pub live: Option<broadcast::Receiver<AuditRecord>>,
@@ -96,7 +97,7 @@ pub struct Plan {
 type Farewell = Arc<Mutex<Option<Status>>>;
 
 /// Starts the producer of `plan` and returns the stream the reader sees.
-pub fn open(
+pub(super) fn open(
     plan: Plan,
     reader: AuditReader,
     limits: Arc<StreamLimits>,

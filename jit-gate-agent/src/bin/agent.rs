@@ -2,6 +2,11 @@
 //! programs the kernel and serves the API on its Unix socket. Stopping it
 //! leaves enforcement in place; `remove` takes the gate away.
 
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
+
 use std::{
     path::{Path, PathBuf},
     process::ExitCode,

@@ -28,7 +28,7 @@ use crate::{
 const TCP_FLOW_GRACE: Duration = Duration::from_secs(30);
 /// A UDP flow neither conntrack nor a connected socket shows is forgotten
 /// once no packet of it passed for this long.
-const UDP_FLOW_IDLE: Duration = Duration::from_secs(120);
+const UDP_FLOW_IDLE: Duration = Duration::from_mins(2);
 
 /// A connection as listed by the API.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,7 +41,7 @@ pub struct ConnectionInfo {
 
 /// Connections to `protected` ports the host knows of: sockets and
 /// conntrack entries. Errors are logged; what could be read is returned.
-pub fn host_connections(protected: &BTreeSet<(Protocol, u16)>) -> BTreeSet<Connection> {
+pub(super) fn host_connections(protected: &BTreeSet<(Protocol, u16)>) -> BTreeSet<Connection> {
     let (mut out, tracked) = host_view(protected);
     out.extend(tracked);
     out
@@ -67,7 +67,7 @@ fn host_view(
 /// rule lets them continue: conntrack only tracks a namespace once some
 /// rule needs it, and would take their next packets for new connections.
 /// Returns how many were recorded; failures are logged.
-pub fn seed_conntrack(protected: &BTreeSet<(Protocol, u16)>) -> usize {
+pub(super) fn seed_conntrack(protected: &BTreeSet<(Protocol, u16)>) -> usize {
     let (sockets, tracked) = host_view(protected);
     let mut added = 0;
     for connection in sockets.difference(&tracked) {
@@ -81,7 +81,10 @@ pub fn seed_conntrack(protected: &BTreeSet<(Protocol, u16)>) -> usize {
 
 /// Records every established connection to `protected` in the flow map so
 /// that the gate lets it continue; returns how many were added.
-pub fn seed(xdp: &mut XdpGate, protected: &BTreeSet<(Protocol, u16)>) -> anyhow::Result<usize> {
+pub(super) fn seed(
+    xdp: &mut XdpGate,
+    protected: &BTreeSet<(Protocol, u16)>,
+) -> anyhow::Result<usize> {
     let tracked: BTreeSet<FlowKey> = xdp.flows()?.into_iter().map(|f| f.key).collect();
     let mut added = 0;
     for connection in host_connections(protected) {
@@ -107,18 +110,18 @@ pub fn seed(xdp: &mut XdpGate, protected: &BTreeSet<(Protocol, u16)>) -> anyhow:
 /// The flows of the map already audited (key → grant id), so each new one
 /// is audited once.
 #[derive(Default)]
-pub struct FlowWatch {
+pub(super) struct FlowWatch {
     seen: HashMap<FlowKey, u64>,
 }
 
 /// The flow map as read for [`FlowWatch::new_flows`]: what counts as
 /// audited once the records of the new flows are stored.
-pub struct FlowSnapshot(HashMap<FlowKey, u64>);
+pub(super) struct FlowSnapshot(HashMap<FlowKey, u64>);
 
 impl FlowWatch {
     /// Resumes after an earlier run that audited every flow opened before
     /// `audited_until`: those are not reported again.
-    pub fn resume(xdp: &XdpGate, audited_until: Option<SystemTime>) -> anyhow::Result<Self> {
+    pub(super) fn resume(xdp: &XdpGate, audited_until: Option<SystemTime>) -> anyhow::Result<Self> {
         let Some(until) = audited_until else {
             return Ok(FlowWatch::default());
         };
@@ -134,7 +137,7 @@ impl FlowWatch {
     /// Flows opened under a grant and not yet audited. Call
     /// [`FlowWatch::mark_audited`] with the snapshot once their records are
     /// stored; until then they are reported again.
-    pub fn new_flows(
+    pub(super) fn new_flows(
         &self,
         xdp: &XdpGate,
     ) -> anyhow::Result<(Vec<(Connection, u64)>, FlowSnapshot)> {
@@ -152,7 +155,7 @@ impl FlowWatch {
     }
 
     /// The flows of `snapshot` have been audited.
-    pub fn mark_audited(&mut self, snapshot: FlowSnapshot) {
+    pub(super) fn mark_audited(&mut self, snapshot: FlowSnapshot) {
         self.seen = snapshot.0;
     }
 }
@@ -183,7 +186,7 @@ fn dead(
 /// the flow counters of ended grants with no flow left; returns how many
 /// flows were removed. FIN and RST are only hints (anyone can spoof them):
 /// a flow goes when the host confirms its connection is gone.
-pub fn forget_dead_flows(
+pub(super) fn forget_dead_flows(
     xdp: &mut XdpGate,
     protected: &BTreeSet<(Protocol, u16)>,
     active: &ActiveGrants,
@@ -244,7 +247,7 @@ fn target_of(connection: &Connection) -> GrantTarget {
 /// opened under it, and those from its source that no other active grant
 /// accounts for. Flow entries go first so no packet re-opens anything, then
 /// sockets are destroyed (TCP resets the peer), then conntrack entries.
-pub fn terminate(
+pub(super) fn terminate(
     mut xdp: Option<&mut XdpGate>,
     revoked: &ActiveGrant,
     active: &ActiveGrants,
@@ -297,7 +300,7 @@ pub fn terminate(
 /// connection only if it is UDP and recent (without conntrack, the host
 /// has no record of a UDP exchange); otherwise it has ended, and waits to
 /// be forgotten.
-pub fn list(
+pub(super) fn list(
     xdp: Option<&XdpGate>,
     protected: &BTreeSet<(Protocol, u16)>,
     active: &ActiveGrants,

@@ -38,7 +38,7 @@ const RETRY: Duration = Duration::from_secs(5);
 
 /// The kernel counters the summaries are made of, as of some instant.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CounterSnapshot {
+pub(super) struct CounterSnapshot {
     /// Packets dropped, by reason name.
     pub dropped_by_reason: BTreeMap<String, u64>,
     /// Per protected port ("22/tcp"): packets dropped, and of them new
@@ -49,13 +49,13 @@ pub struct CounterSnapshot {
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PortDrops {
+pub(super) struct PortDrops {
     pub dropped: u64,
     pub refused: u64,
 }
 
 impl CounterSnapshot {
-    pub fn new(counters: &Counters, grants: &BTreeMap<u64, GrantFlowCounts>) -> Self {
+    pub(super) fn new(counters: &Counters, grants: &BTreeMap<u64, GrantFlowCounts>) -> Self {
         CounterSnapshot {
             dropped_by_reason: counters
                 .by_reason
@@ -158,7 +158,7 @@ impl Sample {
 }
 
 /// The summaries of the interval being collected.
-pub struct Denials {
+pub(super) struct Denials {
     interval: Duration,
     from: SystemTime,
     due: Instant,
@@ -169,7 +169,7 @@ pub struct Denials {
 }
 
 /// Summaries ready to store, with the counters they bring the baseline to.
-pub struct Summaries {
+pub(super) struct Summaries {
     pub events: Vec<Event>,
     pub counters: CounterSnapshot,
     to: SystemTime,
@@ -179,7 +179,7 @@ impl Denials {
     /// Starts collecting, from the counters stored with the last summaries
     /// (none: from `current`, what the kernel counted before is not ours
     /// to summarize).
-    pub fn resume(
+    pub(super) fn resume(
         interval: Duration,
         stored: Option<CounterSnapshot>,
         current: CounterSnapshot,
@@ -194,7 +194,7 @@ impl Denials {
     }
 
     /// Adds a deny event to the sample of its port.
-    pub fn sample(&mut self, denied: &DeniedPacket, protected: bool) {
+    pub(super) fn sample(&mut self, denied: &DeniedPacket, protected: bool) {
         let port = denied
             .protocol
             .filter(|_| protected)
@@ -203,13 +203,13 @@ impl Denials {
     }
 
     /// Whether the interval is over (or a failed store is due again).
-    pub fn due(&self, now: Instant) -> bool {
+    pub(super) fn due(&self, now: Instant) -> bool {
         now >= self.due
     }
 
     /// The summaries of the interval up to now, from the counters `current`
     /// and the grant each refusing grant belongs to.
-    pub fn summarize(
+    pub(super) fn summarize(
         &self,
         current: CounterSnapshot,
         port_of_grant: impl Fn(u64) -> Option<(Protocol, u16)>,
@@ -311,7 +311,7 @@ impl Denials {
     }
 
     /// The summaries were stored: the next interval starts.
-    pub fn stored(&mut self, summaries: Summaries) {
+    pub(super) fn stored(&mut self, summaries: Summaries) {
         self.baseline = summaries.counters;
         self.from = summaries.to;
         self.due = Instant::now() + self.interval;
@@ -320,7 +320,7 @@ impl Denials {
 
     /// The summaries could not be stored: they are made again, covering
     /// this interval too, soon.
-    pub fn not_stored(&mut self) {
+    pub(super) fn not_stored(&mut self) {
         self.due = Instant::now() + RETRY.min(self.interval);
     }
 }
@@ -390,7 +390,7 @@ mod tests {
 
     #[test]
     fn summaries_add_up_to_the_counters_growth() {
-        let mut denials = Denials::resume(Duration::from_secs(60), None, snapshot(10, 1, 9, 0));
+        let mut denials = Denials::resume(Duration::from_mins(1), None, snapshot(10, 1, 9, 0));
         for i in 0..50 {
             denials.sample(&denied(&format!("10.0.0.{i}"), Reason::DropNoGrant), true);
         }
@@ -420,7 +420,7 @@ mod tests {
 
     #[test]
     fn a_summary_not_stored_is_covered_by_the_next() {
-        let mut denials = Denials::resume(Duration::from_secs(60), None, snapshot(0, 0, 0, 0));
+        let mut denials = Denials::resume(Duration::from_mins(1), None, snapshot(0, 0, 0, 0));
         let first = denials.summarize(snapshot(100, 0, 100, 0), ssh);
         assert_eq!(first.events[0].details["dropped"], 100);
         denials.not_stored();

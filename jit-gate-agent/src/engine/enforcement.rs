@@ -10,41 +10,64 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 
+use super::interfaces::{InterfaceStatus, Interfaces, Repair};
 use crate::{
-    clock::wall_to_boot_ns,
+    clock::Deadline,
     config::{Config, Mode},
     enforce::{
         nft::{NftGate, NftState},
-        xdp::{AttachMode, Attachment, XdpGate},
+        xdp::XdpGate,
     },
     grants::ActiveGrants,
     net::{GrantTarget, Protocol},
 };
 
-/// How an interface is enforced.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum InterfaceMode {
-    XdpNative,
-    XdpGeneric,
-    NftablesOnly,
-    Unsupported,
+/// The health of one enforcement layer: what is wrong now, and the last
+/// repair.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LayerHealth {
+    pub problem: Option<String>,
+    pub last_repair: Option<Repair>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct InterfaceStatus {
-    pub name: String,
-    pub mode: InterfaceMode,
-    /// Why the mode is not XDP; empty otherwise.
-    pub reason: String,
+impl LayerHealth {
+    fn repaired(&mut self, what: &[String]) {
+        if !what.is_empty() {
+            self.last_repair = Some(Repair {
+                at: SystemTime::now(),
+                what: what.join("; "),
+            });
+        }
+    }
 }
 
-/// A kernel XDP entry may differ from the computed one by this much (two
-/// conversions of the same wall-clock instant to boot time).
-const XDP_EXPIRY_TOLERANCE: Duration = Duration::from_millis(100);
-/// nftables keeps timeouts in milliseconds and counts them down on its own.
-const NFT_EXPIRY_TOLERANCE: Duration = Duration::from_secs(2);
+/// Enforcement as it stands: per interface, and per layer.
+#[derive(Clone, Debug)]
+pub struct EnforcementStatus {
+    pub interfaces: Vec<InterfaceStatus>,
+    pub xdp: LayerHealth,
+    pub nftables: LayerHealth,
+}
 
-pub struct Enforcers {
+impl EnforcementStatus {
+    /// Nothing wrong in any layer, and no path into the host ungated.
+    pub fn healthy(&self) -> bool {
+        self.xdp.problem.is_none()
+            && self.nftables.problem.is_none()
+            && self.interfaces.iter().all(InterfaceStatus::is_sound)
+    }
+}
+
+/// nftables keeps timeouts in milliseconds and counts them down on its own
+/// clock (jiffies, which stand still during suspend): an element may time
+/// out this much later than its grant's deadline before it is rewritten...
+const NFT_LATER_TOLERANCE: Duration = Duration::from_millis(100);
+/// ...and this much earlier (harmless to the gate, but a grant cut short).
+const NFT_EARLIER_TOLERANCE: Duration = Duration::from_secs(2);
+
+pub(super) struct Enforcers {
+    /// The configuration (mode, interfaces) enforcement follows.
+    config: Config,
     mode: Mode,
     xdp: Option<XdpGate>,
     /// Why XDP could not be loaded at all, if it could not.
@@ -53,13 +76,17 @@ pub struct Enforcers {
     deny_events: Option<RingBuf<MapData>>,
     nft: Option<NftGate>,
     nft_table: String,
-    interfaces: Vec<InterfaceStatus>,
+    interfaces: Interfaces,
+    /// Some covered interface can only be gated by nftables.
+    nft_wanted: bool,
+    xdp_health: LayerHealth,
+    nft_health: LayerHealth,
 }
 
 impl Enforcers {
     /// Loads the XDP program (not yet attached) if the mode uses it. A
     /// failure to load is not fatal: nftables takes over, reported.
-    pub fn open(config: &Config) -> Enforcers {
+    pub(super) fn open(config: &Config) -> Enforcers {
         let (mut xdp, xdp_unavailable) = if config.mode.uses_xdp() {
             match XdpGate::open_with(&config.pin_dir, config.flows.gate_options()) {
                 Ok(gate) => (Some(gate), None),
@@ -73,119 +100,102 @@ impl Enforcers {
         };
         let deny_events = xdp.as_mut().and_then(XdpGate::take_deny_events);
         Enforcers {
+            config: config.clone(),
             mode: config.mode,
             deny_events,
             xdp,
             xdp_unavailable,
             nft: None,
             nft_table: config.nft_table.clone(),
-            interfaces: Vec::new(),
+            interfaces: Interfaces::default(),
+            nft_wanted: false,
+            xdp_health: LayerHealth::default(),
+            nft_health: LayerHealth::default(),
         }
     }
 
-    pub fn xdp(&self) -> Option<&XdpGate> {
+    pub(super) fn xdp(&self) -> Option<&XdpGate> {
         self.xdp.as_ref()
     }
 
-    pub fn xdp_mut(&mut self) -> Option<&mut XdpGate> {
+    pub(super) fn xdp_mut(&mut self) -> Option<&mut XdpGate> {
         self.xdp.as_mut()
     }
 
-    pub fn deny_events(&mut self) -> Option<&mut RingBuf<MapData>> {
+    pub(super) fn deny_events(&mut self) -> Option<&mut RingBuf<MapData>> {
         self.deny_events.as_mut()
     }
 
-    pub fn nftables_active(&self) -> bool {
+    pub(super) fn nftables_active(&self) -> bool {
         self.nft.is_some()
     }
 
-    pub fn interfaces(&self) -> &[InterfaceStatus] {
-        &self.interfaces
-    }
-
-    /// Attaches XDP to `names` (and detaches from interfaces no longer
-    /// listed); where it cannot, nftables becomes the enforcer.
-    pub fn set_interfaces(&mut self, names: &[String]) {
-        if let Some(xdp) = self.xdp.as_mut() {
-            for old in &self.interfaces {
-                let keep = names.contains(&old.name);
-                if !keep
-                    && matches!(
-                        old.mode,
-                        InterfaceMode::XdpNative | InterfaceMode::XdpGeneric
-                    )
-                    && let Err(e) = xdp.detach(&old.name)
-                {
-                    tracing::warn!("detaching from {}: {e}", old.name);
-                }
-            }
-        }
-        self.interfaces = names.iter().map(|name| self.attach(name)).collect();
-    }
-
-    fn attach(&mut self, name: &str) -> InterfaceStatus {
-        let status = |mode, reason: String| InterfaceStatus {
-            name: name.to_owned(),
-            mode,
-            reason,
-        };
-        if !self.mode.uses_xdp() {
-            return status(
-                InterfaceMode::NftablesOnly,
-                "configured mode is nftables".into(),
-            );
-        }
-        let Some(xdp) = self.xdp.as_mut() else {
-            let why = self.xdp_unavailable.clone().unwrap_or_default();
-            return status(
-                InterfaceMode::NftablesOnly,
-                format!("XDP unavailable: {why}"),
-            );
-        };
-        match xdp.attach(name) {
-            Ok(Attachment::Attached(AttachMode::Native)) => {
-                status(InterfaceMode::XdpNative, String::new())
-            }
-            Ok(Attachment::Attached(AttachMode::Generic)) => status(
-                InterfaceMode::XdpGeneric,
-                "driver has no native XDP; generic mode".into(),
-            ),
-            Ok(Attachment::Adopted) => {
-                // The link from the previous run; the kernel does not say
-                // which mode it was attached in. It is reported as native,
-                // with the reason saying it was adopted.
-                status(
-                    InterfaceMode::XdpNative,
-                    "adopted from the previous run".into(),
-                )
-            }
-            Err(e) => {
-                tracing::error!("XDP cannot attach to {name}; nftables enforces it: {e}");
-                status(
-                    InterfaceMode::NftablesOnly,
-                    format!("XDP cannot attach: {e}"),
-                )
-            }
+    /// Enforcement as last checked and repaired.
+    pub(super) fn status(&self) -> EnforcementStatus {
+        EnforcementStatus {
+            interfaces: self.interfaces.statuses(self.nft.is_some()),
+            xdp: self.xdp_health.clone(),
+            nftables: self.nft_health.clone(),
         }
     }
 
-    /// Whether nftables is needed (some interface fell back to it) but not
-    /// yet running.
-    pub fn nft_pending(&self) -> bool {
-        self.nft.is_none() && self.nft_needed()
+    /// Enforcement as the kernel holds it now: what is missing since the
+    /// last check shows at once (the next reconciliation repairs it).
+    /// A kernel that cannot be read shows as the problem of its layer.
+    pub(super) fn check(&self) -> EnforcementStatus {
+        let mut status = self.status();
+        match self
+            .interfaces
+            .check(&self.config, self.xdp.as_ref(), self.nft.is_some())
+        {
+            Ok(interfaces) => status.interfaces = interfaces,
+            Err(e) => status.xdp.problem = Some(format!("cannot read the interfaces: {e:#}")),
+        }
+        if let Some(xdp) = &self.xdp {
+            let missing = xdp.missing_pins();
+            if !missing.is_empty() {
+                status.xdp.problem = Some(format!("pins missing: {}", missing.join(", ")));
+            }
+        }
+        if let Some(nft) = &self.nft {
+            status.nftables.problem = nft
+                .check_structure()
+                .unwrap_or_else(|e| Some(format!("cannot read the table: {e}")));
+        } else if self.nft_needed() {
+            status.nftables.problem = Some("needed but not installed yet".into());
+        }
+        status
+    }
+
+    /// Follows a changed configuration (interfaces covered).
+    pub(super) fn set_config(&mut self, config: &Config) {
+        self.config = config.clone();
+    }
+
+    /// Attaches XDP wherever the configuration covers an interface and it
+    /// does not run, lets go of interfaces gone or no longer covered; where
+    /// XDP cannot gate a covered interface, nftables becomes its enforcer.
+    /// Returns the repairs (drift found on interfaces the gate held).
+    pub(super) fn scan_interfaces(&mut self) -> anyhow::Result<Vec<String>> {
+        let scan = self.interfaces.scan(
+            &self.config,
+            self.xdp.as_mut(),
+            self.xdp_unavailable.as_deref(),
+        )?;
+        self.nft_wanted = scan.needs_nftables;
+        Ok(scan.repairs)
     }
 
     /// nftables runs if the mode asks for it or some interface needs it.
     fn nft_needed(&self) -> bool {
-        self.mode.uses_nftables()
-            || self
-                .interfaces
-                .iter()
-                .any(|i| i.mode != InterfaceMode::XdpNative && i.mode != InterfaceMode::XdpGeneric)
+        self.mode.uses_nftables() || self.nft_wanted || self.xdp.is_none()
     }
 
     /// Makes exactly `protected` protected in every active enforcer.
-    pub fn set_protected(&mut self, protected: &BTreeSet<(Protocol, u16)>) -> anyhow::Result<()> {
+    pub(super) fn set_protected(
+        &mut self,
+        protected: &BTreeSet<(Protocol, u16)>,
+    ) -> anyhow::Result<()> {
         if let Some(xdp) = self.xdp.as_mut() {
             xdp.set_protected_ports(protected)?;
         }
@@ -197,7 +207,7 @@ impl Enforcers {
 
     /// Brings the entries for `targets` (and, in XDP, the narrower prefixes
     /// depending on them) in line with `active`.
-    pub fn apply(
+    pub(super) fn apply(
         &mut self,
         targets: &BTreeSet<GrantTarget>,
         active: &ActiveGrants,
@@ -213,7 +223,7 @@ impl Enforcers {
             }
         }
         if let Some(nft) = &self.nft {
-            let now = SystemTime::now();
+            let now = Deadline::now();
             let (mut add, mut remove) = (Vec::new(), Vec::new());
             for target in targets {
                 match nft_entry(active, target, now) {
@@ -233,7 +243,7 @@ impl Enforcers {
 
     /// Compares every enforcer with `active` and `protected`, repairs what
     /// differs, and describes each repair (empty: nothing had drifted).
-    pub fn reconcile(
+    pub(super) fn reconcile(
         &mut self,
         active: &ActiveGrants,
         protected: &BTreeSet<(Protocol, u16)>,
@@ -241,7 +251,17 @@ impl Enforcers {
         let mut repairs = Vec::new();
         if let Some(xdp) = self.xdp.as_mut() {
             reconcile_xdp(xdp, active, protected, &mut repairs)?;
+            let missing = xdp.repin()?;
+            if !missing.is_empty() {
+                repairs.push(format!(
+                    "XDP: pins missing ({}); pinned again from the agent's handles",
+                    missing.join(", ")
+                ));
+            }
         }
+        repairs.extend(self.scan_interfaces()?);
+        self.xdp_health.repaired(&repairs);
+        let xdp_repairs = repairs.len();
         if self.nft.is_none() && self.nft_needed() {
             // Before the table's `ct state` rule first applies.
             let seeded = super::connections::seed_conntrack(protected);
@@ -251,6 +271,7 @@ impl Enforcers {
         if let Some(nft) = &self.nft {
             reconcile_nft(nft, active, protected, &mut repairs)?;
         }
+        self.nft_health.repaired(&repairs[xdp_repairs..]);
         Ok(repairs)
     }
 }
@@ -261,9 +282,7 @@ fn write_xdp_entry(
     active: &ActiveGrants,
 ) -> anyhow::Result<()> {
     match active.xdp_entry(target) {
-        Some(entry) => {
-            xdp.upsert_grant(target, wall_to_boot_ns(entry.expires_at), entry.grant_id)?
-        }
+        Some(entry) => xdp.upsert_grant(target, entry.deadline.boot_ns(), entry.grant_id)?,
         None => {
             xdp.remove_grant(target)?;
         }
@@ -271,11 +290,12 @@ fn write_xdp_entry(
     Ok(())
 }
 
-/// Time left for the nftables element of `target`, if it should exist.
-fn nft_entry(active: &ActiveGrants, target: &GrantTarget, now: SystemTime) -> Option<Duration> {
+/// Time left for the nftables element of `target` at boot-clock `now`,
+/// if it should exist: the element times out at the grant's deadline.
+fn nft_entry(active: &ActiveGrants, target: &GrantTarget, now: Deadline) -> Option<Duration> {
     active
         .own_entry(target)
-        .and_then(|e| e.expires_at.duration_since(now).ok())
+        .map(|e| Duration::from_nanos(e.deadline.boot_ns().saturating_sub(now.boot_ns())))
         .filter(|left| !left.is_zero())
 }
 
@@ -303,16 +323,15 @@ fn reconcile_xdp(
         .into_iter()
         .map(|e| (e.target, (e.expires_at_boot_ns, e.grant_id)))
         .collect();
-    let tolerance = XDP_EXPIRY_TOLERANCE.as_nanos() as u64;
     let (mut written, mut removed) = (0usize, 0usize);
     for target in active.targets() {
         let Some(entry) = active.xdp_entry(target) else {
             continue;
         };
-        let expires = wall_to_boot_ns(entry.expires_at);
+        let expires = entry.deadline.boot_ns();
         let ok = kernel
             .get(target)
-            .is_some_and(|(at, id)| *id == entry.grant_id && at.abs_diff(expires) <= tolerance);
+            .is_some_and(|(at, id)| *id == entry.grant_id && *at == expires);
         if !ok {
             xdp.upsert_grant(target, expires, entry.grant_id)?;
             written += 1;
@@ -338,18 +357,29 @@ fn reconcile_nft(
     protected: &BTreeSet<(Protocol, u16)>,
     repairs: &mut Vec<String>,
 ) -> anyhow::Result<()> {
-    let now = SystemTime::now();
+    let now = Deadline::now();
     let desired: BTreeMap<GrantTarget, Duration> = active
         .targets()
         .filter_map(|t| nft_entry(active, t, now).map(|left| (*t, left)))
         .collect();
-    let Some(current) = nft.read()? else {
+    // Anything wrong in the table's structure: the whole table is
+    // installed again, elements and all, in one transaction.
+    if let Some(differences) = nft.check_structure()? {
         nft.install(&NftState {
             protected: protected.clone(),
             allowed: desired,
         })?;
-        repairs.push(format!("nftables: table {} was missing", nft.table()));
+        repairs.push(format!(
+            "nftables: {differences}; table {} installed again",
+            nft.table()
+        ));
         return Ok(());
+    }
+    let Some(current) = nft.read()? else {
+        return Err(anyhow::anyhow!(
+            "table {} vanished while reconciling",
+            nft.table()
+        ));
     };
     if current.protected != *protected {
         nft.set_protected(protected)?;
@@ -358,10 +388,9 @@ fn reconcile_nft(
     let stale: Vec<(GrantTarget, Duration)> = desired
         .iter()
         .filter(|(t, left)| {
-            current
-                .allowed
-                .get(t)
-                .is_none_or(|have| have.abs_diff(**left) > NFT_EXPIRY_TOLERANCE)
+            current.allowed.get(t).is_none_or(|have| {
+                *have > **left + NFT_LATER_TOLERANCE || *have + NFT_EARLIER_TOLERANCE < **left
+            })
         })
         .map(|(t, left)| (*t, *left))
         .collect();

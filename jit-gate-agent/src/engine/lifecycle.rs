@@ -11,6 +11,7 @@ use super::{AccessOutcome, Engine, PolicyChange, Reply, RevokeOutcome, connectio
 use crate::{
     audit::{AGENT, Event, Kind},
     auth::Principal,
+    clock::Deadline,
     grants::{ActiveGrant, Grant, GrantState},
     policy::Policy,
     refusal::{Refusal, RefusalKind},
@@ -37,6 +38,8 @@ impl Engine {
             return;
         }
         let now = now_ms();
+        // The instant deadlines count from, read together with `now`.
+        let boot_now = Deadline::now();
         let mut outcomes = Vec::with_capacity(requests.len());
         let result = (|| -> anyhow::Result<Vec<crate::audit::AuditRecord>> {
             let mut batch = self.store.batch()?;
@@ -56,25 +59,32 @@ impl Engine {
                                 Pending::Refused(_) => Vec::new(),
                             })
                         }
-                        None => match batch.request(&principal.name, &request.request_id)? {
-                            Some((seen, grants)) => {
+                        None => {
+                            if let Some((seen, grants)) =
+                                batch.request(&principal.name, &request.request_id)?
+                            {
                                 replay(&seen, &fingerprint, &request.request_id, || grants)
-                            }
-                            None => {
+                            } else {
                                 let outcome = grant_request(
                                     &mut batch,
                                     &self.policy,
-                                    principal,
-                                    request,
-                                    &fingerprint,
-                                    now,
+                                    Caller {
+                                        principal,
+                                        request,
+                                        fingerprint: &fingerprint,
+                                    },
+                                    Now {
+                                        wall: now,
+                                        boot: boot_now,
+                                        boot_id: &self.boot_id,
+                                    },
                                 )?;
                                 if !matches!(outcome, Pending::Refused(_)) {
                                     in_batch.insert(key, (fingerprint, outcomes.len()));
                                 }
                                 outcome
                             }
-                        },
+                        }
                     };
                 if let Pending::Refused(refusal) = &outcome {
                     audit_refusal(&mut batch, principal, request, refusal, now)?;
@@ -97,16 +107,12 @@ impl Engine {
         for outcome in &outcomes {
             if let Pending::Granted(grants) = outcome {
                 for grant in grants {
-                    self.active.insert(ActiveGrant {
-                        id: grant.id,
-                        target: grant.target,
-                        expires_at: grant.expires_at,
-                    });
+                    self.active.insert(grant.active());
                     touched.insert(grant.target);
                 }
             }
         }
-        self.enforce(touched);
+        self.enforce(&touched);
         self.publish(records);
         for ((_, _, reply), outcome) in requests.into_iter().zip(outcomes) {
             let _ = reply.send(match outcome {
@@ -130,8 +136,7 @@ impl Engine {
         terminate: bool,
         reason: &str,
     ) -> Result<RevokeOutcome, Refusal> {
-        crate::validate::text("reason", reason, crate::validate::MAX_REASON_LEN)
-            .map_err(Refusal::invalid)?;
+        validate::text("reason", reason, validate::MAX_REASON_LEN).map_err(Refusal::invalid)?;
         let principal = caller.name.as_str();
         if let Some(grant) = self.active.get(grant_id) {
             let owner = self
@@ -196,21 +201,27 @@ impl Engine {
         })
     }
 
-    /// Ends grants whose time is up, then their enforcer entries.
+    /// Ends grants whose deadline has passed on the boot clock, then their
+    /// enforcer entries. The end recorded is the deadline as the wall clock
+    /// shows it now.
     pub(super) fn expire_due(&mut self) -> anyhow::Result<()> {
         let due: Vec<ActiveGrant> = self
             .active
-            .due(SystemTime::now())
+            .due(Deadline::now())
             .into_iter()
             .filter_map(|id| self.active.get(id).copied())
             .collect();
         if due.is_empty() {
             return Ok(());
         }
+        let shown = self.store.expiry_shown(due.iter().map(|g| g.id))?;
         self.end_grants(
             &due,
             GrantState::Expired,
-            |g| g.expires_at,
+            |g| {
+                let recorded = shown.get(&g.id).copied().unwrap_or_else(SystemTime::now);
+                crate::time::truncate_ms(g.deadline.to_wall_near(recorded))
+            },
             AGENT,
             "expired",
         )
@@ -250,7 +261,7 @@ impl Engine {
             self.active.remove(grant.id);
             touched.insert(grant.target);
         }
-        self.enforce(touched);
+        self.enforce(&touched);
         self.publish(records);
         Ok(())
     }
@@ -388,17 +399,37 @@ fn audit_refusal(
     Ok(())
 }
 
-/// Validates `request` and, if acceptable, inserts its grants and audit
-/// records into `batch`.
+/// Who asks for what.
+#[derive(Clone, Copy)]
+struct Caller<'a> {
+    principal: &'a Principal,
+    request: &'a AccessRequest,
+    fingerprint: &'a str,
+}
+
+/// The instant a batch of requests is granted at, on both clocks.
+#[derive(Clone, Copy)]
+struct Now<'a> {
+    wall: SystemTime,
+    boot: Deadline,
+    boot_id: &'a str,
+}
+
+/// Validates the caller's request and, if acceptable, inserts its grants
+/// and audit records into `batch`. Each grant's deadline is fixed here, on
+/// the boot clock: the duration from `now`.
 fn grant_request(
     batch: &mut Batch<'_>,
     policy: &Policy,
-    principal: &Principal,
-    request: &AccessRequest,
-    fingerprint: &str,
-    now: SystemTime,
+    caller: Caller<'_>,
+    now: Now<'_>,
 ) -> anyhow::Result<Pending> {
-    let specs = match request.validate(policy, now) {
+    let Caller {
+        principal,
+        request,
+        fingerprint,
+    } = caller;
+    let specs = match request.validate(policy, now.wall) {
         Ok(specs) => specs,
         Err(refusal) => return Ok(Pending::Refused(refusal)),
     };
@@ -412,8 +443,11 @@ fn grant_request(
             justification: request.justification.clone(),
             ticket: request.ticket.clone(),
             principal: principal.name.clone(),
-            created_at: now,
-            expires_at: crate::time::truncate_ms(spec.expires_at),
+            created_at: now.wall,
+            granted: spec.duration,
+            deadline: now.boot.plus(spec.duration),
+            boot_id: now.boot_id.to_owned(),
+            expires_at: crate::time::truncate_ms(now.wall + spec.duration),
             state: GrantState::Active,
             ended_at: None,
         };
@@ -436,8 +470,9 @@ fn grant_request(
                 "requester": grant.requester,
                 "justification": grant.justification,
                 "ticket": grant.ticket,
+                "duration_ms": u64::try_from(grant.granted.as_millis()).unwrap_or(u64::MAX),
             })),
-            now,
+            now.wall,
         )?;
         grants.push(grant);
     }

@@ -7,7 +7,9 @@
 mod connections;
 mod denials;
 mod enforcement;
+mod interfaces;
 mod lifecycle;
+mod restore;
 
 use std::{
     collections::BTreeSet,
@@ -19,7 +21,8 @@ use anyhow::Context;
 use tokio::sync::{broadcast, oneshot};
 
 pub use connections::ConnectionInfo;
-pub use enforcement::{InterfaceMode, InterfaceStatus};
+pub use enforcement::{EnforcementStatus, LayerHealth};
+pub use interfaces::{InterfaceMode, InterfaceStatus, Repair};
 use jit_gate_common::verdict::Reason;
 
 use crate::{
@@ -27,7 +30,8 @@ use crate::{
     auth::Principal,
     checkpoint::{Checkpoint, CheckpointKey},
     config::{Config, Mode},
-    grants::{ActiveGrant, ActiveGrants, Grant, GrantState},
+    enforce::xdp::Counters,
+    grants::{ActiveGrants, Grant},
     net::{GrantTarget, Protocol},
     policy::{Policy, PortRule, RuleProtocol},
     refusal::{Refusal, RefusalKind},
@@ -37,6 +41,7 @@ use crate::{
 use connections::FlowWatch;
 use denials::{CounterSnapshot, Denials};
 use enforcement::Enforcers;
+use restore::{WITNESS_EVERY, restore_grants};
 
 pub type Reply<T> = oneshot::Sender<Result<T, Refusal>>;
 
@@ -92,7 +97,8 @@ pub struct StatusReport {
     pub started_at: SystemTime,
     pub configured_mode: Mode,
     pub nftables_active: bool,
-    pub interfaces: Vec<InterfaceStatus>,
+    pub xdp_active: bool,
+    pub enforcement: EnforcementStatus,
     pub ports: Vec<PortReport>,
     pub active_grants: usize,
     pub policy_revision: u64,
@@ -141,6 +147,10 @@ pub enum Command {
         config: Box<Config>,
         reply: Reply<()>,
     },
+    /// The kernel announced a change to the namespace's interfaces.
+    LinksChanged,
+    /// Every handle is gone: stop.
+    Stop,
 }
 
 /// Whether events a failed commit leaves behind are kept for the next one.
@@ -152,11 +162,23 @@ enum Recorded {
     AgainIfLost,
 }
 
-/// What API handlers hold: the command channel and the audit feed.
+/// What API handlers hold: the command channel and the audit feed. The
+/// engine stops when the last handle is dropped.
 #[derive(Clone)]
 pub struct EngineHandle {
     commands: mpsc::Sender<Command>,
     events: broadcast::Sender<AuditRecord>,
+    _stop: std::sync::Arc<StopOnDrop>,
+}
+
+/// Tells the engine to stop when dropped: the link watcher holds a sender
+/// too, so the channel alone would never close.
+struct StopOnDrop(mpsc::Sender<Command>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.send(Command::Stop);
+    }
 }
 
 impl EngineHandle {
@@ -185,10 +207,10 @@ const RECONCILE_TIME_SHARE_INVERSE: u32 = 20;
 /// Audit records kept in the broadcast buffer for slow watchers.
 const EVENT_BUFFER: usize = 1024;
 const CONFIG_POLICY_KEY: &str = "config_policy_digest";
-/// Old ACCESS_DENIED payloads are pruned every half retention, at most
+/// Old `ACCESS_DENIED` payloads are pruned every half retention, at most
 /// this often and at least every `PRUNE_EVERY_MAX`, this many at once.
 const PRUNE_EVERY_MIN: Duration = Duration::from_secs(1);
-const PRUNE_EVERY_MAX: Duration = Duration::from_secs(60);
+const PRUNE_EVERY_MAX: Duration = Duration::from_mins(1);
 const PRUNE_BATCH: u32 = 10_000;
 /// Events whose commit failed, kept for the next attempt, at most (the
 /// oldest are never dropped: new ones are refused with an error log).
@@ -200,6 +222,10 @@ const FLOWS_AUDITED_KEY: &str = "flows_audited_until_ms";
 const DENIALS_SUMMARIZED_KEY: &str = "denial_counters_summarized";
 
 pub struct Engine {
+    /// This boot's id: every deadline the engine holds is on its clock.
+    boot_id: String,
+    /// When the boot clock was last recorded in the store.
+    witnessed_at: Instant,
     config: Config,
     store: Store,
     policy: Policy,
@@ -282,19 +308,11 @@ impl Engine {
             Some(policy) => policy,
             None => initial_policy(&mut store, &config)?,
         };
-        let now = now_ms();
+        let boot_id = crate::clock::boot_id().context("reading this boot's id")?;
+        let restored = restore_grants(&store, &boot_id)?;
         let mut active = ActiveGrants::default();
-        let mut expired_while_down = Vec::new();
-        for grant in store.active_grants()? {
-            if grant.expires_at <= now {
-                expired_while_down.push(grant);
-            } else {
-                active.insert(ActiveGrant {
-                    id: grant.id,
-                    target: grant.target,
-                    expires_at: grant.expires_at,
-                });
-            }
+        for grant in &restored.live {
+            active.insert(grant.active());
         }
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let enforcers = Enforcers::open(&config);
@@ -307,6 +325,8 @@ impl Engine {
             drop_counters(&enforcers, &policy.protected())?,
         );
         let mut engine = Engine {
+            boot_id,
+            witnessed_at: Instant::now(),
             enforcers,
             config,
             store,
@@ -323,7 +343,7 @@ impl Engine {
             last_checkpoint,
             unrecorded: Vec::new(),
         };
-        engine.record_expired_while_down(&expired_while_down)?;
+        engine.record_restored(&restored)?;
         let protected = engine.policy.protected();
         let mut rebuilt = None;
         if let Some(xdp) = engine.enforcers.xdp_mut() {
@@ -343,12 +363,10 @@ impl Engine {
                 .map(crate::time::from_ms);
             engine.flow_watch = FlowWatch::resume(xdp, audited)?;
         }
-        // Grants go into the maps before the program attaches, so granted
-        // sources are never dropped during start-up.
-        let mut repairs = engine.enforcers.reconcile(&engine.active, &protected)?;
-        engine
-            .enforcers
-            .set_interfaces(&engine.config.interfaces.clone());
+        // Grants go into the maps before the program attaches (in the same
+        // reconciliation), so granted sources are never dropped during
+        // start-up; nftables goes in after, where an interface needs it.
+        let repairs = engine.enforcers.reconcile(&engine.active, &protected)?;
         if rebuilt.is_some()
             && let Some(xdp) = engine.enforcers.xdp_mut()
         {
@@ -356,14 +374,11 @@ impl Engine {
             // while the new maps were being filled.
             connections::seed(xdp, &protected)?;
         }
-        // An interface XDP could not take needs nftables, not yet installed.
-        if engine.enforcers.nft_pending() {
-            repairs.extend(engine.enforcers.reconcile(&engine.active, &protected)?);
-        }
         engine.apply_config_policy()?;
         let interfaces: Vec<String> = engine
             .enforcers
-            .interfaces()
+            .status()
+            .interfaces
             .iter()
             .map(|i| format!("{}: {:?} {}", i.name, i.mode, i.reason))
             .collect();
@@ -382,6 +397,7 @@ impl Engine {
                 "interfaces": interfaces,
                 "restored": repairs,
                 "kernel_state_rebuilt": rebuilt,
+                "carried_across_reboot": restored.carried_summary(),
             })),
         ])?;
         Ok(engine)
@@ -391,17 +407,21 @@ impl Engine {
     pub fn spawn(self) -> anyhow::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
         let (commands, receiver) = mpsc::channel();
         let handle = EngineHandle {
-            commands,
+            commands: commands.clone(),
             events: self.events.clone(),
+            _stop: std::sync::Arc::new(StopOnDrop(commands.clone())),
         };
+        if self.config.mode.uses_xdp() {
+            spawn_link_watcher(commands)?;
+        }
         let thread = std::thread::Builder::new()
             .name("jit-gate-engine".into())
-            .spawn(move || self.run(receiver))
+            .spawn(move || self.run(&receiver))
             .context("starting the engine thread")?;
         Ok((handle, thread))
     }
 
-    fn run(mut self, commands: mpsc::Receiver<Command>) {
+    fn run(mut self, commands: &mpsc::Receiver<Command>) {
         let mut next_observe = Instant::now() + OBSERVE_EVERY;
         let mut next_forget = Instant::now() + FORGET_FLOWS_EVERY;
         let mut next_reconcile = Instant::now() + self.config.reconcile_interval;
@@ -420,26 +440,33 @@ impl Engine {
             .min()
             .expect("at least one timer");
             match commands.recv_timeout(wake.saturating_duration_since(Instant::now())) {
+                Ok(Command::Stop) => {
+                    self.log_failure("recording the boot clock", Engine::witness_boot_clock);
+                    return;
+                }
                 Ok(first) => {
                     let mut batch = vec![first];
                     batch.extend(commands.try_iter().take(MAX_BATCH - 1));
                     self.handle(batch);
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    self.log_failure("recording the boot clock", Engine::witness_boot_clock);
+                    return;
+                }
             }
-            self.log_failure("expiring grants", |e| e.expire_due());
+            self.log_failure("expiring grants", Engine::expire_due);
             let now = Instant::now();
             if now >= next_observe {
-                self.log_failure("observing flows and denials", |e| e.observe());
+                self.log_failure("observing flows and denials", Engine::observe);
                 next_observe = now + OBSERVE_EVERY;
             }
             if now >= next_forget {
-                self.log_failure("forgetting dead flows", |e| e.forget_dead_flows());
+                self.log_failure("forgetting dead flows", Engine::forget_dead_flows);
                 next_forget = now + FORGET_FLOWS_EVERY;
             }
             if now >= next_prune {
-                self.log_failure("pruning old denial records", |e| e.prune_denied());
+                self.log_failure("pruning old denial records", Engine::prune_denied);
                 next_prune = now
                     + (self.config.audit.denied_retention / 2)
                         .clamp(PRUNE_EVERY_MIN, PRUNE_EVERY_MAX);
@@ -452,17 +479,21 @@ impl Engine {
             }
             if now >= next_reconcile {
                 let started = Instant::now();
-                self.log_failure("reconciling", |e| e.reconcile());
+                self.log_failure("reconciling", Engine::reconcile);
                 // Reading every kernel entry back takes time in proportion
                 // to the grants: keep it under a fixed share of the
                 // engine's time.
                 let took = started.elapsed();
+                tracing::debug!("reconciled in {took:?}");
                 next_reconcile = Instant::now()
                     + self
                         .config
                         .reconcile_interval
                         .max(took * RECONCILE_TIME_SHARE_INVERSE);
                 release_free_memory();
+            }
+            if self.witnessed_at.elapsed() >= WITNESS_EVERY {
+                self.log_failure("recording the boot clock", Engine::witness_boot_clock);
             }
         }
     }
@@ -473,16 +504,19 @@ impl Engine {
         }
     }
 
+    /// When the next grant ends, on the monotonic clock the engine sleeps
+    /// on; it wakes then and checks the boot clock.
     fn next_expiry_instant(&self) -> Option<Instant> {
-        let at = self.active.next_expiry()?;
-        let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
-        Some(Instant::now() + wait)
+        Some(Instant::now() + self.active.next_deadline()?.remaining())
     }
 
     /// Applies commands in arrival order; consecutive requests share one
     /// store transaction.
+    /// A burst of interface changes (creating one interface announces it
+    /// several times) is scanned for once, after the batch.
     fn handle(&mut self, batch: Vec<Command>) {
         let mut requests = Vec::new();
+        let mut links_changed = false;
         for command in batch {
             match command {
                 Command::RequestAccess {
@@ -490,6 +524,7 @@ impl Engine {
                     request,
                     reply,
                 } => requests.push((principal, request, reply)),
+                Command::LinksChanged => links_changed = true,
                 other => {
                     self.request_access(std::mem::take(&mut requests));
                     self.handle_one(other);
@@ -497,6 +532,9 @@ impl Engine {
             }
         }
         self.request_access(requests);
+        if links_changed {
+            self.handle_one(Command::LinksChanged);
+        }
     }
 
     fn handle_one(&mut self, command: Command) {
@@ -539,6 +577,10 @@ impl Engine {
                 let listed = self
                     .store
                     .list_grants(include_ended, port, before, limit)
+                    .map(|mut grants| {
+                        grants.iter_mut().for_each(Grant::refresh_display);
+                        grants
+                    })
                     .map_err(|e| Refusal::unavailable("listing grants", e));
                 let _ = reply.send(listed);
             }
@@ -563,6 +605,14 @@ impl Engine {
             Command::Reload { config, reply } => {
                 let _ = reply.send(self.reload(*config));
             }
+            Command::LinksChanged => {
+                self.log_failure("gating new interfaces", |e| {
+                    let repairs = e.enforcers.scan_interfaces()?;
+                    e.record_drift(&repairs)
+                });
+            }
+            // Seen by the loop itself.
+            Command::Stop => {}
         }
     }
 
@@ -647,7 +697,7 @@ impl Engine {
         Ok(checkpoint)
     }
 
-    /// Drops the payload of ACCESS_DENIED records past their retention.
+    /// Drops the payload of `ACCESS_DENIED` records past their retention.
     fn prune_denied(&mut self) -> anyhow::Result<()> {
         let before = SystemTime::now()
             .checked_sub(self.config.audit.denied_retention)
@@ -667,7 +717,7 @@ impl Engine {
     }
 
     fn status(&self) -> Result<StatusReport, Refusal> {
-        let week_ago = SystemTime::now() - Duration::from_secs(7 * 24 * 3600);
+        let week_ago = SystemTime::now() - Duration::from_hours(168);
         let activity = self
             .store
             .port_activity(week_ago)
@@ -690,9 +740,13 @@ impl Engine {
                     };
                     Ok((counters, Some(flows)))
                 };
-                read().map_err(|e| Refusal::internal("reading the XDP counters", e))?
+                // Like the layers' health, a failed read shows, and fails nothing.
+                read().unwrap_or_else(|e| {
+                    tracing::warn!("reading the XDP counters for the status: {e:#}");
+                    (Counters::default(), None)
+                })
             }
-            None => (Default::default(), None),
+            None => (Counters::default(), None),
         };
         let ports = protected
             .iter()
@@ -732,7 +786,8 @@ impl Engine {
             started_at: self.started_at,
             configured_mode: self.config.mode,
             nftables_active: self.enforcers.nftables_active(),
-            interfaces: self.enforcers.interfaces().to_vec(),
+            xdp_active: self.enforcers.xdp().is_some(),
+            enforcement: self.enforcers.check(),
             ports,
             active_grants: self.active.len(),
             policy_revision: self.policy.revision,
@@ -744,6 +799,11 @@ impl Engine {
         let repairs = self
             .enforcers
             .reconcile(&self.active, &self.policy.protected())?;
+        self.record_drift(&repairs)
+    }
+
+    /// Logs and audits repairs of drift.
+    fn record_drift(&mut self, repairs: &[String]) -> anyhow::Result<()> {
         if !repairs.is_empty() {
             tracing::warn!("drift repaired: {}", repairs.join("; "));
             self.commit_events(vec![
@@ -875,11 +935,17 @@ impl Engine {
                 ));
             }
         }
-        let interfaces_changed = config.interfaces != self.config.interfaces;
+        let interfaces_changed = (&config.interfaces, &config.exclude_interfaces)
+            != (&self.config.interfaces, &self.config.exclude_interfaces);
         self.config = config;
         if interfaces_changed {
-            let interfaces = self.config.interfaces.clone();
-            self.enforcers.set_interfaces(&interfaces);
+            self.enforcers.set_config(&self.config);
+            let repairs = self
+                .enforcers
+                .scan_interfaces()
+                .map_err(|e| Refusal::internal("gating the interfaces", format!("{e:#}")))?;
+            self.record_drift(&repairs)
+                .map_err(|e| Refusal::internal("recording drift", format!("{e:#}")))?;
         }
         self.apply_config_policy()
             .map_err(|e| Refusal::internal("applying the configured policy", e))?;
@@ -920,6 +986,25 @@ fn drop_counters(
         &xdp.counters(protected)?,
         &xdp.grant_flow_counts()?,
     ))
+}
+
+/// Watches the namespace's interfaces on a thread of its own and tells the
+/// engine of every change, so that a new interface is gated at once (the
+/// reconciliation would find it too, later).
+fn spawn_link_watcher(commands: mpsc::Sender<Command>) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("jit-gate-links".into())
+        .spawn(move || {
+            let watched =
+                crate::enforce::links::watch(|| commands.send(Command::LinksChanged).is_ok());
+            if let Err(e) = watched {
+                tracing::error!(
+                    "watching interfaces stopped (reconciliation still finds new ones): {e}"
+                );
+            }
+        })
+        .context("starting the interface watcher")?;
+    Ok(())
 }
 
 /// Returns memory freed after a reconciliation (the kernel state read back
@@ -963,35 +1048,10 @@ fn initial_policy(store: &mut Store, config: &Config) -> anyhow::Result<Policy> 
 
 impl Engine {
     /// Targets whose enforcement must be recomputed after grants changed.
-    fn enforce(&mut self, targets: BTreeSet<GrantTarget>) {
-        if let Err(e) = self.enforcers.apply(&targets, &self.active) {
+    fn enforce(&mut self, targets: &BTreeSet<GrantTarget>) {
+        if let Err(e) = self.enforcers.apply(targets, &self.active) {
             // The store is the truth; the next reconciliation retries.
             tracing::error!("programming enforcers (reconciliation will retry): {e:#}");
         }
-    }
-
-    fn record_expired_while_down(&mut self, grants: &[Grant]) -> anyhow::Result<()> {
-        if grants.is_empty() {
-            return Ok(());
-        }
-        let mut batch = self.store.batch()?;
-        for grant in grants {
-            batch.end_grant(grant.id, GrantState::Expired, grant.expires_at)?;
-            batch.audit(
-                Event::new(
-                    Kind::GrantExpired,
-                    AGENT,
-                    grant.id,
-                    format!(
-                        "grant {} for {} expired while the agent was down",
-                        grant.id, grant.target
-                    ),
-                ),
-                SystemTime::now(),
-            )?;
-        }
-        let records = batch.commit()?;
-        self.publish(records);
-        Ok(())
     }
 }

@@ -1,5 +1,5 @@
 //! Conntrack entries of inbound connections, through ctnetlink
-//! (NETLINK_NETFILTER, subsystem CTNETLINK): listing them, creating one for
+//! (`NETLINK_NETFILTER`, subsystem CTNETLINK): listing them, creating one for
 //! a connection conntrack has not seen, and deleting one.
 //!
 //! The original tuple is used throughout: it is the direction of the
@@ -37,7 +37,7 @@ const UDP_STREAM_TIMEOUT: u32 = 120;
 
 /// Entries whose original direction goes from a remote peer to a port in
 /// `ports` (original source = remote, original destination = local), except
-/// TCP connections that have ended (TIME_WAIT, CLOSE), which conntrack keeps
+/// TCP connections that have ended (`TIME_WAIT`, CLOSE), which conntrack keeps
 /// for minutes. Where conntrack is not active in the namespace the table is
 /// empty, and so is the result.
 pub fn list(ports: &BTreeSet<(Protocol, u16)>) -> Result<Vec<Connection>, FlowsError> {
@@ -124,7 +124,7 @@ fn tuple(protocol: Protocol, src: SocketAddr, dst: SocketAddr) -> Vec<Tuple> {
     ]
 }
 
-/// Whether the entry is of a TCP connection in TIME_WAIT or CLOSE.
+/// Whether the entry is of a TCP connection in `TIME_WAIT` or CLOSE.
 fn has_ended(attributes: &[ConntrackAttribute]) -> bool {
     attributes
         .iter()

@@ -1,5 +1,5 @@
 //! The agent's view of connections that already exist on the gated host:
-//! sockets (sock_diag) and conntrack entries (ctnetlink), and their keys in
+//! sockets (`sock_diag`) and conntrack entries (ctnetlink), and their keys in
 //! the XDP flow map. Used to seed the flow map and conntrack at start (so
 //! turning the gate on never cuts an open session) and to terminate the
 //! sessions of a revoked grant.
@@ -9,7 +9,7 @@
 //! of the thread that created it.
 
 pub mod conntrack;
-mod netlink;
+pub(crate) mod netlink;
 pub mod sockets;
 
 use std::{
@@ -104,6 +104,12 @@ pub enum Operation {
     ListConntrack,
     DeleteConntrack(Connection),
     CreateConntrack(Connection),
+    /// Listing the namespace's network interfaces (rtnetlink).
+    ListLinks,
+    /// Removing an XDP program that is not the gate's from an interface.
+    DetachXdp {
+        ifindex: u32,
+    },
 }
 
 impl fmt::Display for Operation {
@@ -117,6 +123,13 @@ impl fmt::Display for Operation {
             }
             Operation::CreateConntrack(c) => {
                 write!(f, "creating a conntrack entry for {c} (ctnetlink)")
+            }
+            Operation::ListLinks => f.write_str("listing network interfaces (rtnetlink)"),
+            Operation::DetachXdp { ifindex } => {
+                write!(
+                    f,
+                    "removing the XDP program of interface {ifindex} (rtnetlink)"
+                )
             }
         }
     }

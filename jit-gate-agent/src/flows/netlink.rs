@@ -17,7 +17,7 @@ const SEQUENCE: u32 = 1;
 const NLMSG_ALIGNTO: usize = 4;
 
 /// Sends a dump request and returns every message of the reply.
-pub(super) fn dump<I>(protocol: isize, op: Operation, request: I) -> Result<Vec<I>, FlowsError>
+pub(crate) fn dump<I>(protocol: isize, op: Operation, request: I) -> Result<Vec<I>, FlowsError>
 where
     I: NetlinkSerializable + NetlinkDeserializable,
 {
@@ -27,7 +27,7 @@ where
 /// Sends a request that acts on one object and waits for the kernel's
 /// acknowledgement; `Ok(false)` when the kernel answers that there is no
 /// such object (ENOENT).
-pub(super) fn acknowledge<I>(protocol: isize, op: Operation, request: I) -> Result<bool, FlowsError>
+pub(crate) fn acknowledge<I>(protocol: isize, op: Operation, request: I) -> Result<bool, FlowsError>
 where
     I: NetlinkSerializable + NetlinkDeserializable,
 {

@@ -1,5 +1,5 @@
-//! The gated host's own sockets of inbound connections, through sock_diag
-//! (NETLINK_SOCK_DIAG): listing them, and destroying one (SOCK_DESTROY; a
+//! The gated host's own sockets of inbound connections, through `sock_diag`
+//! (`NETLINK_SOCK_DIAG)`: listing them, and destroying one (`SOCK_DESTROY`; a
 //! TCP socket sends a reset to its peer).
 
 use std::collections::BTreeSet;
@@ -13,7 +13,7 @@ use netlink_sys::protocols::NETLINK_SOCK_DIAG;
 use super::{Connection, FlowsError, Operation, netlink, unmap};
 use crate::net::Protocol;
 
-/// Inbound TCP connections (every state but LISTEN, CLOSE and TIME_WAIT)
+/// Inbound TCP connections (every state but LISTEN, CLOSE and `TIME_WAIT`)
 /// and connected UDP sockets whose local port is in `ports`, IPv4 and IPv6.
 /// IPv4 peers of IPv6 sockets are reported as plain IPv4, as on the wire.
 pub fn inbound(ports: &BTreeSet<(Protocol, u16)>) -> Result<Vec<Connection>, FlowsError> {
@@ -64,7 +64,7 @@ pub fn destroy(conn: &Connection) -> Result<bool, FlowsError> {
     Ok(destroyed)
 }
 
-/// A socket as sock_diag reports it.
+/// A socket as `sock_diag` reports it.
 struct Socket {
     connection: Connection,
     /// Its id as the kernel gave it (addresses as the socket holds them, cookie).

@@ -1,5 +1,5 @@
 //! The audit tables: records stored as `audit` (README "Audit log" gives the
-//! layout the chain covers), signed checkpoints, retention of ACCESS_DENIED
+//! layout the chain covers), signed checkpoints, retention of `ACCESS_DENIED`
 //! payloads, and a read-only connection for the API's paged readers, so
 //! that replaying or exporting the log never waits for the engine.
 
@@ -135,7 +135,7 @@ impl Store {
         page(&self.conn, &AuditFilter::default(), after, limit)
     }
 
-    /// Drops the payload of ACCESS_DENIED records older than `before`, at
+    /// Drops the payload of `ACCESS_DENIED` records older than `before`, at
     /// most `limit` of them; returns how many. Their digests stay, so the
     /// chain still verifies.
     pub fn prune_denied(&mut self, before: SystemTime, limit: u32) -> Result<usize> {
@@ -272,7 +272,7 @@ mod tests {
     fn chain_survives_reopen_detects_tampering_and_pruning_keeps_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.db");
-        let old = SystemTime::now() - Duration::from_secs(3600);
+        let old = SystemTime::now() - Duration::from_hours(1);
         {
             let mut store = Store::open(&path).unwrap();
             append(
@@ -314,7 +314,7 @@ mod tests {
         // Retention drops the old denial's payload; the chain holds.
         assert_eq!(
             store
-                .prune_denied(SystemTime::now() - Duration::from_secs(60), 100)
+                .prune_denied(SystemTime::now() - Duration::from_mins(1), 100)
                 .unwrap(),
             1
         );

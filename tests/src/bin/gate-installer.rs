@@ -2,6 +2,11 @@
 //! grants one source for a while), prints "ready", then idles until killed.
 //! The kill tests SIGKILL it to show enforcement does not depend on it.
 
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
+
 use std::{collections::BTreeSet, net::IpAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
@@ -28,7 +33,7 @@ struct Args {
 }
 
 /// Upper bound on how long the fixture lives if nobody kills it.
-const MAX_LIFETIME: Duration = Duration::from_secs(120);
+const MAX_LIFETIME: Duration = Duration::from_mins(2);
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();

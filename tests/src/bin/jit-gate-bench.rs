@@ -1,5 +1,5 @@
 //! `cargo xtask bench`: per-packet cost of each verdict path of the loaded
-//! gate through `BPF_PROG_TEST_RUN`, beside bare XDP_PASS/XDP_DROP programs
+//! gate through `BPF_PROG_TEST_RUN`, beside bare `XDP_PASS/XDP_DROP` programs
 //! (the floor) measured in the same run, with 1, 10,000 and 1,000,000 exact
 //! grants loaded. Rounds interleave all programs so machine noise hits each
 //! alike; the median of the rounds is reported, as ns/packet and as a ratio
@@ -9,6 +9,11 @@
 //! SYNs from a new random source each, one frame per run (the program must
 //! see each source once, as a spoofed flood makes it), beside the floor
 //! measured the same way.
+
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
 
 use std::{
     collections::BTreeSet,
@@ -39,7 +44,7 @@ static FLOOR_OBJECT: &[u8] =
 
 #[derive(Parser)]
 struct Args {
-    /// Packets per measurement (BPF_PROG_TEST_RUN repeat count).
+    /// Packets per measurement (`BPF_PROG_TEST_RUN` repeat count).
     #[arg(long, default_value_t = 200_000)]
     repeat: u32,
     /// Interleaved rounds; the median is reported.
@@ -48,7 +53,7 @@ struct Args {
     /// Grant-table sizes to measure with.
     #[arg(long, value_delimiter = ',', default_values_t = [1u32, 10_000, 1_000_000])]
     grants: Vec<u32>,
-    /// Frames per round of the flood measurement (one BPF_PROG_TEST_RUN each).
+    /// Frames per round of the flood measurement (one `BPF_PROG_TEST_RUN` each).
     #[arg(long, default_value_t = 20_000)]
     flood_frames: usize,
     /// Where the machine-readable results go.
@@ -218,7 +223,7 @@ fn fill_grants(gate: &mut XdpGate, have: u32, total: u32, expires: u64) -> Resul
     for i in have..total {
         let addr = Ipv4Addr::from(0x0a00_0000u32 + i);
         let target = GrantTarget {
-            source: std::net::IpAddr::V4(addr).into(),
+            source: IpAddr::V4(addr).into(),
             protocol: Protocol::Tcp,
             port: SSH,
         };
@@ -230,7 +235,7 @@ fn fill_grants(gate: &mut XdpGate, have: u32, total: u32, expires: u64) -> Resul
 fn setup(gate: &mut XdpGate) -> Result<u64> {
     gate.set_protected_ports(&BTreeSet::from([(Protocol::Tcp, SSH)]))?;
     let expires = boot_now_ns() + 3_600_000_000_000;
-    let grant = |source: std::net::IpAddr| GrantTarget {
+    let grant = |source: IpAddr| GrantTarget {
         source: source.into(),
         protocol: Protocol::Tcp,
         port: SSH,

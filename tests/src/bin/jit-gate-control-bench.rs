@@ -1,14 +1,19 @@
 //! `cargo xtask bench`, control plane: a release-built agent gating a
 //! namespace, driven over its Unix socket as a broker drives it.
 //!
-//! - grant-to-enforced: a RequestAccess returns, then a TCP connection from
+//! - grant-to-enforced: a `RequestAccess` returns, then a TCP connection from
 //!   the newly granted source is timed until it is established; beside it,
 //!   in the same loop, a connection to an unprotected port (the handshake
-//!   floor) and a no-op RPC (GetPolicy, the RPC floor);
+//!   floor) and a no-op RPC (`GetPolicy`, the RPC floor);
 //! - sustained grants/s through the API with concurrent brokers, up to
 //!   `--grants` active grants, then the agent's resident memory;
 //! - expiry lateness: short grants among all the others, the time from each
-//!   grant's expiry to the agent's GRANT_EXPIRED record.
+//!   grant's expiry to the agent's `GRANT_EXPIRED` record.
+
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},

@@ -6,6 +6,11 @@
 //! demo with a non-zero exit. Everything it creates is removed at the end,
 //! also on failure (every fixture cleans up on drop).
 
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
+
 use std::{
     path::Path,
     sync::mpsc::RecvTimeoutError,
@@ -77,7 +82,7 @@ fn grant_id(grant: &Value) -> u64 {
     grant["id"].as_u64().expect("grant id")
 }
 
-fn expect_dropped(client: &SshClient, when: &str) {
+fn expect_dropped(client: &SshClient<'_>, when: &str) {
     let message = client.login().expect_timed_out(when);
     ok(&format!("ssh gave up: \"{message}\""));
 }

@@ -14,7 +14,7 @@ use crate::{connect::Agent, convert};
 /// source for a bounded time, and shows and changes the gate's state.
 #[derive(Debug, Parser)]
 #[command(name = "jit-gate", version)]
-pub struct Cli {
+pub(crate) struct Cli {
     /// Agent socket (a path, `unix:/path` or `unix:///path`); repeat to run
     /// the command on several agents at once. Before the subcommand.
     // Not global: clap keeps only the values after the subcommand when a
@@ -36,7 +36,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Enforcement per interface, figures per port, active grants.
     Status,
     /// Show or change the policy (which ports are protected, and how).
@@ -58,7 +58,7 @@ pub enum Command {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum AuditCommand {
+pub(crate) enum AuditCommand {
     /// Verify the hash chain and any kept checkpoints. Exit status 3 if the
     /// log is broken (1 if the agent could not be asked).
     Verify {
@@ -74,14 +74,14 @@ pub enum AuditCommand {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ExportFormat {
+pub(crate) enum ExportFormat {
     Csv,
     /// One JSON object per line.
     Json,
 }
 
 #[derive(Debug, Args)]
-pub struct ExportArgs {
+pub(crate) struct ExportArgs {
     #[arg(long, value_enum, default_value = "csv")]
     pub format: ExportFormat,
     /// Events at or after this time (RFC 3339).
@@ -102,7 +102,7 @@ pub struct ExportArgs {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum PolicyCommand {
+pub(crate) enum PolicyCommand {
     /// Show the policy.
     Show,
     #[command(flatten)]
@@ -110,7 +110,7 @@ pub enum PolicyCommand {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum PolicyChange {
+pub(crate) enum PolicyChange {
     /// Replace the whole policy with the `[[policy]]` rules of a TOML file.
     Set {
         /// TOML file with `[[policy]]` tables, as in the agent's configuration.
@@ -155,7 +155,7 @@ pub enum PolicyChange {
 }
 
 #[derive(Debug, Args)]
-pub struct ExpectRevision {
+pub(crate) struct ExpectRevision {
     /// Apply only if the policy is at this revision (compare-and-set).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub expect_revision: Option<u64>,
@@ -163,7 +163,7 @@ pub struct ExpectRevision {
 
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("lifetime").required(true).args(["duration", "until"])))]
-pub struct RequestArgs {
+pub(crate) struct RequestArgs {
     /// Ports to open: `22`, `22/tcp`, `53/udp`. Without a protocol: every
     /// protocol the port's rule covers.
     #[arg(required = true, value_name = "PORT[/PROTO]")]
@@ -193,7 +193,7 @@ pub struct RequestArgs {
 }
 
 #[derive(Debug, Args)]
-pub struct RevokeArgs {
+pub(crate) struct RevokeArgs {
     /// The grant's id, as `request` and `grants` show it.
     pub grant_id: u64,
     /// Also end the connections opened under the grant.
@@ -205,7 +205,7 @@ pub struct RevokeArgs {
 }
 
 #[derive(Debug, Args)]
-pub struct GrantsArgs {
+pub(crate) struct GrantsArgs {
     /// Include grants that have ended (newest first).
     #[arg(long)]
     pub all: bool,
@@ -218,7 +218,7 @@ pub struct GrantsArgs {
 }
 
 #[derive(Debug, Args)]
-pub struct WatchArgs {
+pub(crate) struct WatchArgs {
     /// Replay stored events after this sequence number first.
     #[arg(long, value_name = "SEQ")]
     pub after: Option<u64>,
@@ -229,7 +229,7 @@ pub struct WatchArgs {
 
 /// A port to open and, optionally, the one protocol to open it for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PortSpec {
+pub(crate) struct PortSpec {
     pub port: u16,
     pub protocol: Option<Protocol>,
 }
@@ -395,7 +395,7 @@ mod tests {
             ]
         );
         assert_eq!(r.source, "198.51.100.7/32".parse::<IpNet>().unwrap());
-        assert_eq!(r.duration, Some(Duration::from_secs(1800)));
+        assert_eq!(r.duration, Some(Duration::from_mins(30)));
         assert!(r.until.is_none() && r.requester.is_none() && r.request_id.is_none());
     }
 
@@ -506,7 +506,7 @@ mod tests {
             allow,
             ["10.0.0.0/8", "2001:db8::1/128"].map(|p| p.parse::<IpNet>().unwrap())
         );
-        assert_eq!(max_duration, Some(Duration::from_secs(3600)));
+        assert_eq!(max_duration, Some(Duration::from_hours(1)));
         assert!(!require_justification && require_ticket);
         assert_eq!(revision.expect_revision, Some(7));
 

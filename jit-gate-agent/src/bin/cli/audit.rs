@@ -20,7 +20,11 @@ use crate::{
     output::{Render, printable, report},
 };
 
-pub async fn run(fleet: &Fleet, command: AuditCommand, json: bool) -> anyhow::Result<Outcome> {
+pub(crate) async fn run(
+    fleet: &Fleet,
+    command: AuditCommand,
+    json: bool,
+) -> anyhow::Result<Outcome> {
     match command {
         AuditCommand::Verify { checkpoints } => {
             let mut kept = Vec::new();

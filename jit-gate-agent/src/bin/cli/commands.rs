@@ -23,7 +23,7 @@ use crate::{
 };
 
 /// How a command ended, beyond "every agent answered".
-pub enum Outcome {
+pub(crate) enum Outcome {
     Success,
     /// A call failed on some agent.
     Failure,
@@ -43,7 +43,7 @@ impl From<bool> for Outcome {
 
 /// Runs the command. `Err` is a local problem found before any agent was
 /// contacted.
-pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
+pub(crate) async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     let fleet = Fleet {
         agents: cli.agents,
         timeout: cli.timeout,
@@ -152,7 +152,7 @@ async fn all_pages(
     Ok(tonic::Response::new(all))
 }
 
-/// The UpdatePolicy request for `policy set|add-port|remove-port`.
+/// The `UpdatePolicy` request for `policy set|add-port|remove-port`.
 fn policy_change(command: PolicyChange) -> anyhow::Result<UpdatePolicyRequest> {
     let (change, revision) = match command {
         PolicyChange::Set { file, revision } => {

@@ -17,14 +17,14 @@ use tonic::{
     transport::{Channel, Endpoint, Uri},
 };
 
-pub type Client = JitGateClient<Channel>;
+pub(crate) type Client = JitGateClient<Channel>;
 
 /// An agent's Unix socket.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Agent(PathBuf);
+pub(crate) struct Agent(PathBuf);
 
 impl Agent {
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.0
     }
 }
@@ -62,14 +62,14 @@ impl FromStr for Agent {
 /// Why a call on one agent failed: the agent's gRPC status, or the
 /// client's own (`Unavailable` for no connection, `DeadlineExceeded`).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CallError {
+pub(crate) struct CallError {
     pub code: Code,
     pub message: String,
 }
 
 impl CallError {
-    /// The code's name as in tonic and the gRPC docs ("InvalidArgument").
-    pub fn code_name(&self) -> String {
+    /// The code's name as in tonic and the gRPC docs ("`InvalidArgument`").
+    pub(crate) fn code_name(&self) -> String {
         format!("{:?}", self.code)
     }
 }
@@ -100,13 +100,13 @@ impl From<Status> for CallError {
 }
 
 /// One agent's answer to a fanned-out call.
-pub struct Reply<T> {
+pub(crate) struct Reply<T> {
     pub agent: Agent,
     pub result: Result<T, CallError>,
 }
 
 /// The agents a command runs on, and how long each may take.
-pub struct Fleet {
+pub(crate) struct Fleet {
     pub agents: Vec<Agent>,
     pub timeout: Duration,
 }
@@ -115,7 +115,7 @@ impl Fleet {
     /// Runs `call` with its own copy of `request` on every agent
     /// concurrently; replies come in the order the agents were given.
     /// The timeout covers connecting and the call (for a stream: opening it).
-    pub async fn call<Req, T, F, Fut>(&self, request: Req, call: F) -> Vec<Reply<T>>
+    pub(crate) async fn call<Req, T, F, Fut>(&self, request: Req, call: F) -> Vec<Reply<T>>
     where
         Req: Clone,
         F: Fn(Client, Req) -> Fut,

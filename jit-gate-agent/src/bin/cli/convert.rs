@@ -4,8 +4,8 @@
 
 use jit_gate_agent::proto::{
     AccessResponse, Connection, EnforcementMode, Event, EventKind, Grant, GrantState,
-    InterfaceStatus, ListConnectionsResponse, ListGrantsResponse, Policy, PortRule, PortStatus,
-    Protocol, RevokeGrantResponse, Status,
+    InterfaceStatus, LayerHealth, ListConnectionsResponse, ListGrantsResponse, Policy, PortRule,
+    PortStatus, Protocol, Repair, RevokeGrantResponse, Status,
 };
 use serde_json::{Value, json};
 
@@ -28,19 +28,19 @@ fn enum_name<E: TryFrom<i32>>(
     }
 }
 
-pub fn protocol(raw: i32) -> String {
+pub(crate) fn protocol(raw: i32) -> String {
     enum_name(raw, "PROTOCOL_", Protocol::as_str_name)
 }
 
-pub fn grant_state(raw: i32) -> String {
+pub(crate) fn grant_state(raw: i32) -> String {
     enum_name(raw, "GRANT_STATE_", GrantState::as_str_name)
 }
 
-pub fn enforcement_mode(raw: i32) -> String {
+pub(crate) fn enforcement_mode(raw: i32) -> String {
     enum_name(raw, "ENFORCEMENT_MODE_", EnforcementMode::as_str_name)
 }
 
-pub fn event_kind(raw: i32) -> String {
+pub(crate) fn event_kind(raw: i32) -> String {
     enum_name(raw, "EVENT_KIND_", EventKind::as_str_name)
 }
 
@@ -52,7 +52,7 @@ fn duration(d: Option<&prost_types::Duration>) -> Value {
     d.map_or(Value::Null, |d| Value::String(duration_text(d)))
 }
 
-pub fn duration_text(d: &prost_types::Duration) -> String {
+pub(crate) fn duration_text(d: &prost_types::Duration) -> String {
     match std::time::Duration::try_from(*d) {
         Ok(d) => humantime::format_duration(d).to_string(),
         // Negative: not a valid answer, but show it rather than hide it.
@@ -69,7 +69,7 @@ fn id(value: u64) -> Value {
     }
 }
 
-pub fn status(s: &Status) -> Value {
+pub(crate) fn status(s: &Status) -> Value {
     json!({
         "version": s.version,
         "started_at": timestamp(s.started_at.as_ref()),
@@ -81,15 +81,33 @@ pub fn status(s: &Status) -> Value {
         "policy_revision": s.policy_revision,
         "audit_chain_intact": s.audit_chain_intact,
         "audit_problem": s.audit_problem,
+        "healthy": s.healthy,
+        "xdp": s.xdp.as_ref().map(layer),
+        "nftables": s.nftables.as_ref().map(layer),
     })
 }
 
 fn interface(i: &InterfaceStatus) -> Value {
     json!({
         "name": i.name,
+        "kind": i.kind,
         "mode": enforcement_mode(i.mode),
         "reason": i.reason,
+        "problem": i.problem,
+        "last_repair": i.last_repair.as_ref().map(repair),
     })
+}
+
+fn layer(l: &LayerHealth) -> Value {
+    json!({
+        "active": l.active,
+        "problem": l.problem,
+        "last_repair": l.last_repair.as_ref().map(repair),
+    })
+}
+
+fn repair(r: &Repair) -> Value {
+    json!({ "at": timestamp(r.at.as_ref()), "what": r.what })
 }
 
 fn port_status(p: &PortStatus) -> Value {
@@ -103,7 +121,7 @@ fn port_status(p: &PortStatus) -> Value {
     })
 }
 
-pub fn policy(p: &Policy) -> Value {
+pub(crate) fn policy(p: &Policy) -> Value {
     json!({
         "revision": p.revision,
         "rules": p.rules.iter().map(rule).collect::<Vec<_>>(),
@@ -136,6 +154,10 @@ fn grant(g: &Grant) -> Value {
         "created_at": timestamp(g.created_at.as_ref()),
         "expires_at": timestamp(g.expires_at.as_ref()),
         "ended_at": timestamp(g.ended_at.as_ref()),
+        "remaining": g.remaining.as_ref().map(|d| duration_text(&prost_types::Duration {
+            seconds: d.seconds,
+            nanos: 0,
+        })),
     })
 }
 
@@ -143,18 +165,18 @@ fn grants(list: &[Grant]) -> Vec<Value> {
     list.iter().map(grant).collect()
 }
 
-pub fn access(r: &AccessResponse) -> Value {
+pub(crate) fn access(r: &AccessResponse) -> Value {
     json!({ "grants": grants(&r.grants), "replayed": r.replayed })
 }
 
-pub fn revoke(r: &RevokeGrantResponse) -> Value {
+pub(crate) fn revoke(r: &RevokeGrantResponse) -> Value {
     json!({
         "grant": r.grant.as_ref().map_or(Value::Null, grant),
         "connections_terminated": r.connections_terminated,
     })
 }
 
-pub fn grant_list(r: &ListGrantsResponse) -> Value {
+pub(crate) fn grant_list(r: &ListGrantsResponse) -> Value {
     json!({
         "grants": grants(&r.grants),
         "more": !r.next_page_token.is_empty(),
@@ -171,11 +193,11 @@ fn connection(c: &Connection) -> Value {
     })
 }
 
-pub fn connection_list(r: &ListConnectionsResponse) -> Value {
+pub(crate) fn connection_list(r: &ListConnectionsResponse) -> Value {
     json!({ "connections": r.connections.iter().map(connection).collect::<Vec<_>>() })
 }
 
-pub fn event(e: &Event) -> Value {
+pub(crate) fn event(e: &Event) -> Value {
     // The details are a JSON object on the wire; embed it as such, and keep
     // the text if an agent ever sends something else.
     let details = match e.details_json.as_str() {
@@ -246,6 +268,10 @@ mod tests {
             }),
             state: GrantState::Active as i32,
             ended_at: None,
+            remaining: Some(prost_types::Duration {
+                seconds: 90,
+                nanos: 0,
+            }),
         };
         assert_eq!(
             grant(&g),
@@ -263,6 +289,7 @@ mod tests {
                 "created_at": "2030-03-17T17:46:40Z",
                 "expires_at": "2030-03-17T20:46:40.500Z",
                 "ended_at": null,
+                "remaining": "1m 30s",
             })
         );
     }
@@ -278,6 +305,9 @@ mod tests {
                 name: "eth0".into(),
                 mode: EnforcementMode::XdpGeneric as i32,
                 reason: "driver has no native XDP".into(),
+                kind: "veth".into(),
+                problem: "no XDP program runs on it".into(),
+                last_repair: None,
             }],
             ports: vec![PortStatus {
                 port: 22,
@@ -292,9 +322,23 @@ mod tests {
             policy_revision: 4,
             audit_chain_intact: true,
             audit_problem: String::new(),
+            xdp: Some(LayerHealth {
+                active: true,
+                problem: String::new(),
+                last_repair: Some(Repair {
+                    at: at(60),
+                    what: "XDP: pins missing".into(),
+                }),
+            }),
+            nftables: None,
+            healthy: false,
             ..Status::default()
         };
         let v = status(&s);
+        assert_eq!(v["healthy"], false);
+        assert_eq!(v["interfaces"][0]["problem"], "no XDP program runs on it");
+        assert_eq!(v["xdp"]["last_repair"]["what"], "XDP: pins missing");
+        assert_eq!(v["xdp"]["last_repair"]["at"], "1970-01-01T00:01:00Z");
         assert_eq!(v["started_at"], "1970-01-01T00:00:00Z");
         assert_eq!(v["interfaces"][0]["mode"], "xdp-generic");
         assert_eq!(

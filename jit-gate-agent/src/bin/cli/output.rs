@@ -14,7 +14,7 @@ use crate::{
 };
 
 /// How a call's result is shown.
-pub trait Render {
+pub(crate) trait Render {
     fn json(&self) -> Value;
     /// One line, for the row of its agent when a command ran on several.
     fn summary(&self) -> String;
@@ -25,7 +25,7 @@ pub trait Render {
 }
 
 /// Prints the replies in the requested form; true if every agent succeeded.
-pub fn report<T: Render>(replies: &[Reply<T>], json: bool) -> bool {
+pub(crate) fn report<T: Render>(replies: &[Reply<T>], json: bool) -> bool {
     if json {
         let rows: Vec<Value> = replies.iter().map(json_row).collect();
         println!("{}", pretty(&Value::Array(rows)));
@@ -51,7 +51,7 @@ pub fn report<T: Render>(replies: &[Reply<T>], json: bool) -> bool {
 /// One result on one line, for streams: a compact JSON row (the shape of a
 /// fan-out row), or the summary, after the agent's name if `tagged`.
 /// Failures go to stderr in text mode.
-pub fn print_line<T: Render>(reply: &Reply<T>, json: bool, tagged: bool) {
+pub(crate) fn print_line<T: Render>(reply: &Reply<T>, json: bool, tagged: bool) {
     match &reply.result {
         _ if json => println!("{}", json_row(reply)),
         Ok(result) if tagged => println!("{}  {}", reply.agent, result.summary()),
@@ -83,7 +83,7 @@ fn pretty(value: &Value) -> String {
 /// Text from an agent as it may reach a terminal: control characters
 /// (escape sequences, newlines) escaped, so a record cannot move the cursor,
 /// recolour or clear the screen, or fake a line.
-pub fn printable(text: &str) -> String {
+pub(crate) fn printable(text: &str) -> String {
     if text.chars().any(char::is_control) {
         text.chars()
             .flat_map(|c| {
@@ -127,10 +127,6 @@ fn port(port: u32, protocol: i32) -> String {
     format!("{port}/{}", convert::protocol(protocol))
 }
 
-fn yes_no(flag: bool) -> &'static str {
-    if flag { "yes" } else { "no" }
-}
-
 fn plural(n: usize, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
 }
@@ -158,6 +154,27 @@ fn grants_table(grants: &[Grant]) -> Table {
         ]);
     }
     table
+}
+
+/// A layer's state in one line: inactive, or its health.
+fn layer(layer: Option<&jit_gate_agent::proto::LayerHealth>) -> String {
+    match layer {
+        Some(l) if l.active => health(&l.problem, l.last_repair.as_ref()),
+        _ => "not active".into(),
+    }
+}
+
+/// "ok", or what is wrong; with the last repair, if any.
+fn health(problem: &str, last_repair: Option<&jit_gate_agent::proto::Repair>) -> String {
+    let now = if problem.is_empty() {
+        "ok".to_owned()
+    } else {
+        format!("DEGRADED: {problem}")
+    };
+    match last_repair {
+        Some(r) => format!("{now} (repaired {}: {})", time(r.at.as_ref()), r.what),
+        None => now,
+    }
 }
 
 impl Render for Status {
@@ -195,23 +212,29 @@ impl Render for Status {
             "version:          {}\n\
              started:          {}\n\
              configured mode:  {}\n\
-             nftables active:  {}\n\
+             health:           {}\n\
+             XDP:              {}\n\
+             nftables:         {}\n\
              active grants:    {}\n\
              policy revision:  {}\n\
              audit chain:      {audit}\n",
             self.version,
             time(self.started_at.as_ref()),
             self.configured_mode,
-            yes_no(self.nftables_active),
+            if self.healthy { "ok" } else { "DEGRADED" },
+            layer(self.xdp.as_ref()),
+            layer(self.nftables.as_ref()),
             self.active_grants,
             self.policy_revision
         );
-        let mut interfaces = table(&["INTERFACE", "ENFORCEMENT", "REASON"]);
+        let mut interfaces = table(&["INTERFACE", "KIND", "ENFORCEMENT", "REASON", "HEALTH"]);
         for i in &self.interfaces {
             interfaces.add_row(vec![
                 printable(&i.name),
+                printable(&i.kind),
                 convert::enforcement_mode(i.mode),
                 printable(&i.reason),
+                health(&i.problem, i.last_repair.as_ref()),
             ]);
         }
         let mut ports = table(&[

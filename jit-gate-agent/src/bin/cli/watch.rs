@@ -11,7 +11,7 @@ use crate::{
 };
 
 /// True if no stream failed (an interrupt is a normal end).
-pub async fn run(fleet: &Fleet, args: WatchArgs, json: bool) -> bool {
+pub(crate) async fn run(fleet: &Fleet, args: WatchArgs, json: bool) -> bool {
     let request = WatchEventsRequest {
         after_sequence: args.after,
         kinds: args.kinds.iter().map(|k| *k as i32).collect(),

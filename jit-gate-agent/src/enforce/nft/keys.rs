@@ -16,10 +16,10 @@ pub(super) const PROTECTED_SET: &str = "protected";
 /// nftables datatype numbers (nft's `enum datatypes`). The kernel ignores
 /// them; they only let `nft list ruleset` print the keys legibly.
 mod datatype {
-    pub const IPADDR: u32 = 7;
-    pub const IP6ADDR: u32 = 8;
-    pub const INET_PROTOCOL: u32 = 12;
-    pub const INET_SERVICE: u32 = 13;
+    pub(super) const IPADDR: u32 = 7;
+    pub(super) const IP6ADDR: u32 = 8;
+    pub(super) const INET_PROTOCOL: u32 = 12;
+    pub(super) const INET_SERVICE: u32 = 13;
 }
 
 /// nft's encoding of a concatenated type: 6 bits per field, first field highest.
@@ -266,9 +266,9 @@ mod tests {
                 prefix_len: 32
             }
             .key_type(),
-            (7 << 12) | (12 << 6) | 13
+            (0x7 << 12) | (0xc << 6) | 0xd
         );
-        assert_eq!(PROTECTED_KEY_TYPE, (12 << 6) | 13);
+        assert_eq!(PROTECTED_KEY_TYPE, (0xc << 6) | 0xd);
         assert_eq!(
             AllowSet {
                 family: Family::V4,

@@ -1,4 +1,4 @@
-//! The nf_tables netlink transport: batches (one kernel transaction each,
+//! The `nf_tables` netlink transport: batches (one kernel transaction each,
 //! checked message by message) and dump requests. The socket is opened in
 //! the network namespace of the calling thread.
 
@@ -125,6 +125,11 @@ impl Batch {
     /// Whether the batch holds no message yet.
     pub(super) fn is_empty(&self) -> bool {
         self.what.is_empty()
+    }
+
+    /// The messages pushed so far (after the batch begin).
+    pub(super) fn messages(&self) -> impl Iterator<Item = Received<'_>> {
+        Messages(&self.buf).skip(1)
     }
 
     fn finish(mut self) -> (Vec<u8>, Vec<String>) {
@@ -366,7 +371,7 @@ enum Answer {
     Error { errno: i32, seq: u32 },
     /// The end of a dump, which failed if errno is not 0.
     Done { errno: i32 },
-    /// An nf_tables object.
+    /// An `nf_tables` object.
     Data,
 }
 
@@ -382,7 +387,7 @@ impl Received<'_> {
         self.0.as_ptr().cast()
     }
 
-    fn msg_type(&self) -> c_int {
+    pub(super) fn msg_type(&self) -> c_int {
         c_int::from(u16::from_ne_bytes([self.0[4], self.0[5]]))
     }
 
@@ -390,7 +395,7 @@ impl Received<'_> {
         u16::from_ne_bytes([self.0[6], self.0[7]])
     }
 
-    /// The error number (positive) in an NLMSG_ERROR or NLMSG_DONE payload.
+    /// The error number (positive) in an `NLMSG_ERROR` or `NLMSG_DONE` payload.
     fn errno(&self) -> Option<i32> {
         let bytes = self.0.get(NLMSG_HDRLEN..NLMSG_HDRLEN + 4)?;
         Some(-i32::from_ne_bytes(bytes.try_into().expect("4 bytes")))

@@ -47,7 +47,7 @@ use super::{
 
 const INPUT_CHAIN: &CStr = c"input";
 const GATE_CHAIN: &CStr = c"gate";
-const ALLOW_CHAIN: &CStr = c"allow";
+pub(super) const ALLOW_CHAIN: &CStr = c"allow";
 
 /// `filter - 10`: after conntrack (-200), so `ct state` is known, and ahead
 /// of the usual filter chains at 0. Order is not what makes the gate hold:
@@ -182,7 +182,7 @@ impl GateTable {
         self.push_rule(batch, &rule, &format!("add rule for set {}", allow.name()));
     }
 
-    fn push_rule(&self, batch: &mut Batch, rule: &Rule, what: &str) {
+    fn push_rule(&self, batch: &mut Batch, rule: &Rule<'_>, what: &str) {
         batch.push(&Op(rule, MsgType::Add), self.what(what));
     }
 
@@ -223,7 +223,7 @@ impl Load {
 }
 
 impl Expression for Load {
-    fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
+    fn to_expr(&self, _rule: &Rule<'_>) -> NonNull<sys::nftnl_expr> {
         let set = |expr: NonNull<sys::nftnl_expr>, attr: u32, value: u32| {
             // SAFETY: a valid expression of the kind the attribute belongs to.
             unsafe { sys::nftnl_expr_set_u32(expr.as_ptr(), attr as u16, value) }
@@ -270,11 +270,14 @@ impl Lookup {
 }
 
 impl Expression for Lookup {
-    fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
+    fn to_expr(&self, _rule: &Rule<'_>) -> NonNull<sys::nftnl_expr> {
         let expr = alloc_expr(c"lookup");
         // SAFETY: a valid lookup expression; libnftnl copies the name.
         unsafe {
             sys::nftnl_expr_set_u32(expr.as_ptr(), sys::NFTNL_EXPR_LOOKUP_SREG as u16, KEY_START);
+            // The kernel reports the flags whether set or not: set them, so
+            // the rule reads back as written (`structure`).
+            sys::nftnl_expr_set_u32(expr.as_ptr(), sys::NFTNL_EXPR_LOOKUP_FLAGS as u16, 0);
             sys::nftnl_expr_set_str(
                 expr.as_ptr(),
                 sys::NFTNL_EXPR_LOOKUP_SET as u16,

@@ -105,6 +105,20 @@ impl Set {
         })
     }
 
+    /// The definition of a set read back: key type, key length, flags.
+    pub(super) fn definition(&self) -> String {
+        let get = |attr: u32| {
+            // SAFETY: a valid set; an absent attribute reads as 0.
+            unsafe { sys::nftnl_set_get_u32(self.ptr(), attr as u16) }
+        };
+        format!(
+            "type {:#x} length {} flags {:#x}",
+            get(sys::NFTNL_SET_KEY_TYPE),
+            get(sys::NFTNL_SET_KEY_LEN),
+            get(sys::NFTNL_SET_FLAGS)
+        )
+    }
+
     /// Adds an element with `key`, expiring after `timeout_ms` if given.
     pub(super) fn add_element(&mut self, key: &[u8], timeout_ms: Option<u64>) {
         // SAFETY: allocation only; null (out of memory) is checked.
@@ -134,7 +148,8 @@ impl Set {
             // SAFETY: a valid element of this set; the key lives as long as
             // the element and is `len` bytes long.
             let key = unsafe {
-                let data = sys::nftnl_set_elem_get(elem, sys::NFTNL_SET_ELEM_KEY as u16, &mut len);
+                let data =
+                    sys::nftnl_set_elem_get(elem, sys::NFTNL_SET_ELEM_KEY as u16, &raw mut len);
                 if data.is_null() {
                     Vec::new()
                 } else {

@@ -55,7 +55,7 @@ pub struct DeniedPacket {
 
 /// Decodes one ring-buffer record; `None` if it is not a deny event.
 pub fn parse_deny_event(record: &[u8]) -> Option<DeniedPacket> {
-    if record.len() < std::mem::size_of::<DenyEvent>() {
+    if record.len() < size_of::<DenyEvent>() {
         return None;
     }
     // SAFETY: the record holds at least one DenyEvent, a plain-old-data
@@ -146,13 +146,13 @@ impl XdpGate {
     /// The flow counters of every grant that has them.
     pub fn grant_flow_counts(&self) -> Result<BTreeMap<u64, GrantFlowCounts>> {
         let mut out: BTreeMap<u64, GrantFlowCounts> = BTreeMap::new();
-        for item in self.maps.grant_opens.iter() {
+        for item in &self.maps.grant_opens {
             let (id, opens) = item.map_err(map_err(names::GRANT_OPENS))?;
             let counts = out.entry(id).or_default();
             counts.opened = opens.opened;
             counts.refused = opens.refused;
         }
-        for item in self.maps.grant_closes.iter() {
+        for item in &self.maps.grant_closes {
             let (id, closed) = item.map_err(map_err(names::GRANT_CLOSES))?;
             out.entry(id).or_default().closed = closed;
         }

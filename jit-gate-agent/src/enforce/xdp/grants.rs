@@ -150,23 +150,23 @@ impl XdpGate {
                 },
             })
         };
-        for item in self.maps.grants_v4.iter() {
+        for item in &self.maps.grants_v4 {
             let (k, v) = item.map_err(map_err(names::GRANTS_V4))?;
             let source = IpNet::from(IpAddr::from(k.addr));
             out.extend(entry(source, k.protocol, k.port, v));
         }
-        for item in self.maps.grants_v6.iter() {
+        for item in &self.maps.grants_v6 {
             let (k, v) = item.map_err(map_err(names::GRANTS_V6))?;
             let source = IpNet::from(IpAddr::from(k.addr));
             out.extend(entry(source, k.protocol, k.port, v));
         }
-        for item in self.maps.cidr_v4.iter() {
+        for item in &self.maps.cidr_v4 {
             let (k, v) = item.map_err(map_err(names::CIDR_GRANTS_V4))?;
             let (protocol, port, addr, len) = split_cidr_key::<7, 4>(&k);
             let source = IpNet::new(IpAddr::from(addr), len).expect("trie prefix fits the family");
             out.extend(entry(source, protocol, port, v));
         }
-        for item in self.maps.cidr_v6.iter() {
+        for item in &self.maps.cidr_v6 {
             let (k, v) = item.map_err(map_err(names::CIDR_GRANTS_V6))?;
             let (protocol, port, addr, len) = split_cidr_key::<19, 16>(&k);
             let source = IpNet::new(IpAddr::from(addr), len).expect("trie prefix fits the family");

@@ -1,5 +1,5 @@
-//! Persistence: grants, policy and the audit log in SQLite (WAL mode,
-//! synchronous=FULL, bundled SQLite). Every change goes through a `Batch`,
+//! Persistence: grants, policy and the audit log in `SQLite` (WAL mode,
+//! synchronous=FULL, bundled `SQLite`). Every change goes through a `Batch`,
 //! one transaction, so a request's grants and their audit records are
 //! committed together or not at all. The audit tables are in `audit_log`.
 
@@ -18,6 +18,7 @@ pub use audit_log::{AuditFilter, AuditReader};
 
 use crate::{
     audit::AuditRecord,
+    clock::Deadline,
     grants::{Grant, GrantState},
     net::{GrantTarget, Protocol},
     policy::Policy,
@@ -49,8 +50,12 @@ pub enum StoreError {
 }
 
 /// `PRAGMA user_version` of databases this agent writes: 2 is the audit
-/// layout of README "Audit log" (payload digests).
-const SCHEMA_VERSION: i64 = 2;
+/// layout of README "Audit log" (payload digests); 3 adds the grants'
+/// boot-clock deadlines (`GRANT_COLUMNS_ADDED`), to which a version-2
+/// database is brought up to date.
+const SCHEMA_VERSION: i64 = 3;
+/// The oldest version brought up to date rather than refused.
+const UPGRADABLE_FROM: i64 = 2;
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -70,7 +75,10 @@ CREATE TABLE IF NOT EXISTS grants (
     created_ms INTEGER NOT NULL,
     expires_ms INTEGER NOT NULL,
     state TEXT NOT NULL,
-    ended_ms INTEGER
+    ended_ms INTEGER,
+    granted_ms INTEGER,
+    deadline_boot_ns INTEGER,
+    boot_id TEXT
 );
 CREATE INDEX IF NOT EXISTS grants_by_request ON grants (principal, request_id);
 CREATE INDEX IF NOT EXISTS grants_active ON grants (state) WHERE state = 'active';
@@ -78,6 +86,19 @@ CREATE INDEX IF NOT EXISTS grants_by_port ON grants (port, created_ms);
 ";
 
 const POLICY_KEY: &str = "policy";
+
+/// Grant columns of schema 3, with how to fill them in rows written before:
+/// the granted duration from the wall-clock times then recorded; no
+/// deadline and no boot id, so such a grant counts as set on an unknown
+/// earlier boot (see `clock::carry_across_reboot`).
+const GRANT_COLUMNS_ADDED: [(&str, &str); 3] = [
+    (
+        "granted_ms",
+        "UPDATE grants SET granted_ms = MAX(expires_ms - created_ms, 0)",
+    ),
+    ("deadline_boot_ns", ""),
+    ("boot_id", ""),
+];
 
 pub struct Store {
     conn: Connection,
@@ -115,13 +136,14 @@ impl Store {
                 |r| r.get(0),
             )
             .map_err(open_err)?;
-        if has_tables && version != SCHEMA_VERSION {
+        if has_tables && !(UPGRADABLE_FROM..=SCHEMA_VERSION).contains(&version) {
             return Err(StoreError::OldSchema {
                 path: path.to_owned(),
                 found: version,
             });
         }
         conn.execute_batch(SCHEMA).map_err(open_err)?;
+        add_grant_columns(&conn).map_err(open_err)?;
         conn.execute_batch(audit_log::SCHEMA).map_err(open_err)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(open_err)?;
@@ -175,6 +197,24 @@ impl Store {
 
     pub fn active_grants(&self) -> Result<Vec<Grant>> {
         grants_where(&self.conn, "state = 'active'", params![])
+    }
+
+    /// The wall-clock end last shown for each of the grants `ids`.
+    pub fn expiry_shown(
+        &self,
+        ids: impl IntoIterator<Item = u64>,
+    ) -> Result<std::collections::HashMap<u64, SystemTime>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT expires_ms FROM grants WHERE id = ?1")?;
+        let mut out = std::collections::HashMap::new();
+        for id in ids {
+            let ms: Option<i64> = stmt.query_row([id as i64], |r| r.get(0)).optional()?;
+            if let Some(ms) = ms {
+                out.insert(id, from_ms(ms));
+            }
+        }
+        Ok(out)
     }
 
     /// The fingerprint and grants of an earlier request with this id by
@@ -251,7 +291,8 @@ fn grants_where(
 ) -> Result<Vec<Grant>> {
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT id, request_id, source, protocol, port, requester, justification, ticket, \
-         principal, created_ms, expires_ms, state, ended_ms FROM grants WHERE {condition}"
+         principal, created_ms, expires_ms, state, ended_ms, granted_ms, deadline_boot_ns, \
+         boot_id FROM grants WHERE {condition}"
     ))?;
     let raw = stmt
         .query_map(params, RawGrant::from_row)?
@@ -307,6 +348,13 @@ impl RawGrant {
                 ticket: r.get(7)?,
                 principal: r.get(8)?,
                 created_at: from_ms(r.get(9)?),
+                granted: Duration::from_millis(
+                    r.get::<_, Option<i64>>(13)?.unwrap_or(0).max(0) as u64
+                ),
+                deadline: Deadline::from_boot_ns(
+                    r.get::<_, Option<i64>>(14)?.unwrap_or(0).max(0) as u64
+                ),
+                boot_id: r.get::<_, Option<String>>(15)?.unwrap_or_default(),
                 expires_at: from_ms(r.get(10)?),
                 state: GrantState::Active,
                 ended_at: r.get::<_, Option<i64>>(12)?.map(from_ms),
@@ -330,6 +378,34 @@ impl RawGrant {
         })?;
         Ok(grant)
     }
+}
+
+/// Brings a schema-2 database up to date (`GRANT_COLUMNS_ADDED`).
+fn add_grant_columns(conn: &Connection) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('grants')")?;
+    let present = stmt
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    for (column, fill) in GRANT_COLUMNS_ADDED {
+        if !present.iter().any(|c| c == column) {
+            let kind = if column == "boot_id" {
+                "TEXT"
+            } else {
+                "INTEGER"
+            };
+            conn.execute_batch(&format!("ALTER TABLE grants ADD COLUMN {column} {kind}"))?;
+            if !fill.is_empty() {
+                conn.execute_batch(fill)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A boot-clock instant as `SQLite`'s signed integer (it fits: 2^63 ns is
+/// 292 years of uptime).
+fn boot_ns_column(deadline: Deadline) -> i64 {
+    i64::try_from(deadline.boot_ns()).unwrap_or(i64::MAX)
 }
 
 fn parse_protocol(text: &str) -> Result<Protocol> {
@@ -361,8 +437,9 @@ impl Batch<'_> {
     pub fn insert_grant(&mut self, grant: &Grant, fingerprint: &str) -> Result<u64> {
         let mut stmt = self.tx.prepare_cached(
             "INSERT INTO grants (request_id, request_fingerprint, source, protocol, port, requester, \
-             justification, ticket, principal, created_ms, expires_ms, state, ended_ms) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+             justification, ticket, principal, created_ms, expires_ms, state, ended_ms, \
+             granted_ms, deadline_boot_ns, boot_id) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
         )?;
         stmt.execute(params![
             grant.request_id,
@@ -378,14 +455,42 @@ impl Batch<'_> {
             to_ms(grant.expires_at),
             grant.state.name(),
             grant.ended_at.map(to_ms),
+            i64::try_from(grant.granted.as_millis()).unwrap_or(i64::MAX),
+            boot_ns_column(grant.deadline),
+            grant.boot_id,
         ])?;
         Ok(self.tx.last_insert_rowid() as u64)
     }
 
-    /// Marks an active grant ended; returns false if it was not active.
+    /// Moves an active grant's deadline to the boot clock now running
+    /// (after a reboot), with the wall-clock instant that now shows it.
+    pub fn set_deadline(
+        &mut self,
+        id: u64,
+        boot_id: &str,
+        deadline: Deadline,
+        expires_at: SystemTime,
+    ) -> Result<()> {
+        let mut stmt = self.tx.prepare_cached(
+            "UPDATE grants SET deadline_boot_ns = ?1, boot_id = ?2, expires_ms = ?3 \
+             WHERE id = ?4 AND state = 'active'",
+        )?;
+        stmt.execute(params![
+            boot_ns_column(deadline),
+            boot_id,
+            to_ms(expires_at),
+            id as i64
+        ])?;
+        Ok(())
+    }
+
+    /// Marks an active grant ended at `at`; an expired grant also gets
+    /// `at` as the end it showed. Returns false if it was not active.
     pub fn end_grant(&mut self, id: u64, state: GrantState, at: SystemTime) -> Result<bool> {
         let mut stmt = self.tx.prepare_cached(
-            "UPDATE grants SET state = ?1, ended_ms = ?2 WHERE id = ?3 AND state = 'active'",
+            "UPDATE grants SET state = ?1, ended_ms = ?2, \
+             expires_ms = CASE WHEN ?1 = 'expired' THEN ?2 ELSE expires_ms END \
+             WHERE id = ?3 AND state = 'active'",
         )?;
         Ok(stmt.execute(params![state.name(), to_ms(at), id as i64])? == 1)
     }
@@ -436,10 +541,68 @@ mod tests {
             ticket: String::new(),
             principal: "uid:0".into(),
             created_at: now,
-            expires_at: now + Duration::from_secs(60),
+            granted: Duration::from_mins(1),
+            deadline: Deadline::from_boot_ns(123_000_000_000),
+            boot_id: "boot-a".into(),
+            expires_at: now + Duration::from_mins(1),
             state: GrantState::Active,
             ended_at: None,
         }
+    }
+
+    #[test]
+    fn deadlines_round_trip_and_move_to_a_new_boot() {
+        let (_dir, mut store) = temp_db();
+        let mut batch = store.batch().unwrap();
+        let id = batch
+            .insert_grant(&grant("r1", "192.0.2.7/32"), "fp")
+            .unwrap();
+        batch.commit().unwrap();
+        let stored = store.grant(id).unwrap().unwrap();
+        assert_eq!(stored.deadline, Deadline::from_boot_ns(123_000_000_000));
+        assert_eq!(stored.boot_id, "boot-a");
+        assert_eq!(stored.granted, Duration::from_mins(1));
+
+        let shown = from_ms(to_ms(SystemTime::now()));
+        let mut batch = store.batch().unwrap();
+        batch
+            .set_deadline(id, "boot-b", Deadline::from_boot_ns(5), shown)
+            .unwrap();
+        batch.commit().unwrap();
+        let moved = store.grant(id).unwrap().unwrap();
+        assert_eq!(
+            (moved.boot_id.as_str(), moved.deadline, moved.expires_at),
+            ("boot-b", Deadline::from_boot_ns(5), shown)
+        );
+    }
+
+    #[test]
+    fn schema_2_databases_get_boot_deadline_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE grants (id INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL, \
+                 request_fingerprint TEXT NOT NULL, source TEXT NOT NULL, protocol TEXT NOT NULL, \
+                 port INTEGER NOT NULL, requester TEXT NOT NULL, justification TEXT NOT NULL, \
+                 ticket TEXT NOT NULL, principal TEXT NOT NULL, created_ms INTEGER NOT NULL, \
+                 expires_ms INTEGER NOT NULL, state TEXT NOT NULL, ended_ms INTEGER);
+                 INSERT INTO grants VALUES (1, 'r', 'fp', '192.0.2.7/32', 'tcp', 22, 'a', '', '', \
+                 'uid:0', 1000, 91000, 'active', NULL);
+                 PRAGMA user_version = 2;",
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let old = store.grant(1).unwrap().unwrap();
+        assert_eq!(old.granted, Duration::from_secs(90));
+        assert_eq!(old.boot_id, "", "an unknown boot");
+        assert_eq!(old.expires_at, from_ms(91000));
+        drop(store);
+        // Opening again changes nothing more.
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.grant(1).unwrap().unwrap(), old);
     }
 
     #[test]

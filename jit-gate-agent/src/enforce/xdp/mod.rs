@@ -9,6 +9,7 @@
 //! the layout version (`pins`); flows, per-grant flow counters, counters
 //! and deny events are read and written in `flows`.
 
+mod attach;
 mod flows;
 mod grants;
 mod pins;
@@ -29,11 +30,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf},
-    programs::{
-        ProgramError, Xdp, XdpMode,
-        links::{FdLink, LinkError, PinnedLink},
-        xdp::XdpLink,
-    },
+    programs::{ProgramError, Xdp, links::LinkError},
 };
 use jit_gate_common::maps::{
     CidrDataV4, CidrDataV6, FlowKey, FlowValue, GateConfig, GrantKeyV4, GrantKeyV6, GrantOpens,
@@ -76,6 +73,8 @@ pub enum XdpError {
     },
     #[error("map {map}: {source}")]
     Map { map: &'static str, source: MapError },
+    #[error("no interface named {ifname} in this network namespace")]
+    NoInterface { ifname: String },
     #[error("map {0} missing from the program object")]
     MissingMap(&'static str),
     #[error("interface {ifname}: cannot attach in native ({native}) or generic ({generic}) mode")]
@@ -196,6 +195,10 @@ pub struct XdpGate {
     rebuilt: Option<String>,
     /// Removals of exact entries before the source filter is rebuilt.
     filter_removals_left: usize,
+    /// The kernel's id of each pinned map, to pin it again from.
+    map_ids: Vec<(&'static str, u32)>,
+    /// The links the agent holds, by interface name.
+    links: BTreeMap<String, attach::HeldLink>,
 }
 
 fn take<T: TryFrom<Map, Error = MapError>>(ebpf: &mut Ebpf, name: &'static str) -> Result<T> {
@@ -256,6 +259,17 @@ impl XdpGate {
             layout: take(&mut ebpf, names::LAYOUT)?,
             deny_events: Some(take(&mut ebpf, names::DENY_EVENTS)?),
         };
+        let map_ids = names::ALL
+            .iter()
+            .map(|&name| {
+                let path = pin_dir.join(name);
+                let id = MapData::from_pin(&path)
+                    .and_then(|map| map.info())
+                    .map_err(map_err(name))?
+                    .id();
+                Ok((name, id))
+            })
+            .collect::<Result<_>>()?;
         let source_filter = SourceFilter::map(
             ebpf.take_map(names::SOURCE_FILTER)
                 .ok_or(XdpError::MissingMap(names::SOURCE_FILTER))?,
@@ -268,6 +282,8 @@ impl XdpGate {
             options,
             rebuilt,
             filter_removals_left: 0,
+            map_ids,
+            links: BTreeMap::new(),
         };
         gate.rebuild_source_filter()?;
         gate.configure()?;
@@ -296,71 +312,6 @@ impl XdpGate {
             .expect("the program was checked to be XDP in open()")
     }
 
-    /// Attaches the program to `ifname` and pins the link. If a link pinned
-    /// by an earlier run exists, the new program replaces the old one in it
-    /// atomically (`bpf_link_update`); otherwise native mode is tried first,
-    /// then generic.
-    pub fn attach(&mut self, ifname: &str) -> Result<Attachment> {
-        let link_pin = self.link_pin(ifname);
-        let program = xdp_program(&mut self.ebpf)?;
-        if link_pin.exists() {
-            let pinned = PinnedLink::from_pin(&link_pin).map_err(|source| XdpError::Link {
-                what: format!("open {}", link_pin.display()),
-                source,
-            })?;
-            let link =
-                XdpLink::try_from(FdLink::from(pinned)).map_err(|source| XdpError::Link {
-                    what: format!("adopt {}", link_pin.display()),
-                    source,
-                })?;
-            let id = program
-                .attach_to_link(link)
-                .map_err(|source| XdpError::Program {
-                    what: format!("replace in link on {ifname}"),
-                    source: Box::new(source),
-                })?;
-            // The link is already pinned; dropping our handle keeps it attached.
-            let _ = program.take_link(id);
-            return Ok(Attachment::Adopted);
-        }
-        let (id, mode) = match program.attach(ifname, XdpMode::Driver) {
-            Ok(id) => (id, AttachMode::Native),
-            Err(native) => match program.attach(ifname, XdpMode::Skb) {
-                Ok(id) => (id, AttachMode::Generic),
-                Err(generic) => {
-                    return Err(XdpError::Attach {
-                        ifname: ifname.into(),
-                        native: Box::new(native),
-                        generic: Box::new(generic),
-                    });
-                }
-            },
-        };
-        let link = program.take_link(id).map_err(|source| XdpError::Program {
-            what: format!("take link on {ifname}"),
-            source: Box::new(source),
-        })?;
-        let fd_link = FdLink::try_from(link).map_err(|source| XdpError::Link {
-            what: format!("on {ifname} is not a bpf_link (kernel too old?)"),
-            source,
-        })?;
-        fd_link.pin(&link_pin).map_err(|source| XdpError::Pin {
-            path: link_pin,
-            source,
-        })?;
-        Ok(Attachment::Attached(mode))
-    }
-
-    /// Interfaces with a pinned link.
-    pub fn attached_interfaces(&self) -> Result<Vec<String>> {
-        attached_interfaces(&self.pin_dir)
-    }
-
-    /// Detaches from one interface (removes its link pin).
-    pub fn detach(&mut self, ifname: &str) -> Result<()> {
-        remove_if_exists(&self.link_pin(ifname))
-    }
-
     fn link_pin(&self, ifname: &str) -> PathBuf {
         self.pin_dir.join(format!("{LINK_PIN_PREFIX}{ifname}"))
     }
@@ -383,14 +334,13 @@ impl XdpGate {
         }
         let mut free_slots = (0..capacity::PORT_COUNTER_SLOTS).filter(|s| !used_slots.contains(s));
         for (port, bits) in &wanted {
-            let slot = match slot_of.get(port) {
-                Some(slot) => *slot,
-                None => {
-                    let slot = free_slots.next().ok_or(XdpError::TooManyPorts)?;
-                    // A freed slot still holds the counts of the port it served.
-                    clear_port_counters(&mut self.maps.port_counters, slot)?;
-                    slot
-                }
+            let slot = if let Some(slot) = slot_of.get(port) {
+                *slot
+            } else {
+                let slot = free_slots.next().ok_or(XdpError::TooManyPorts)?;
+                // A freed slot still holds the counts of the port it served.
+                clear_port_counters(&mut self.maps.port_counters, slot)?;
+                slot
             };
             let value = protected::encode(*bits, slot);
             if current.get(port) != Some(&value) {
@@ -574,7 +524,7 @@ fn pin_names(pin_dir: &Path) -> Result<Vec<String>> {
         source,
     })?;
     let mut names: Vec<String> = entries
-        .filter_map(|e| e.ok())
+        .filter_map(std::result::Result::ok)
         .filter_map(|e| e.file_name().into_string().ok())
         .collect();
     names.sort();
@@ -606,8 +556,13 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
     })?;
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid NUL-terminated path and writable statfs buffer.
-    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };
-    if rc != 0 || stat.f_type as i64 != BPF_FS_MAGIC {
+    let rc = unsafe { libc::statfs(c_path.as_ptr(), &raw mut stat) };
+    #[allow(
+        trivial_numeric_casts,
+        reason = "f_type's type differs between architectures"
+    )]
+    let f_type = stat.f_type as i64;
+    if rc != 0 || f_type != BPF_FS_MAGIC {
         return Err(XdpError::NoBpffs {
             path: pin_dir.into(),
         });

@@ -37,6 +37,7 @@ mod keys;
 mod netlink;
 mod ruleset;
 mod sets;
+mod structure;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -108,6 +109,9 @@ pub struct NftGate {
     /// The netlink socket of the last successful call, reused: closing a
     /// netfilter socket waits for an RCU grace period (10-20 ms here).
     socket: Mutex<Option<Socket>>,
+    /// The structure `install` creates, for the allow sets it was built
+    /// for: building it takes a while, and it rarely changes.
+    wanted: Mutex<Option<(Vec<AllowSet>, structure::Structure)>>,
 }
 
 impl Clone for NftGate {
@@ -120,7 +124,7 @@ impl fmt::Debug for NftGate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NftGate")
             .field("table", &self.table)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -135,7 +139,10 @@ struct Lease<'a> {
 impl Lease<'_> {
     fn done<T>(self, result: Result<T>) -> Result<T> {
         if result.is_ok() {
-            *self.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(self.socket);
+            *self
+                .slot
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(self.socket);
         }
         result
     }
@@ -159,6 +166,7 @@ impl NftGate {
         NftGate {
             table: table.into(),
             socket: Mutex::new(None),
+            wanted: Mutex::new(None),
         }
     }
 
@@ -171,7 +179,11 @@ impl NftGate {
             .ok()
             .filter(|n| (1..=255).contains(&n.as_bytes().len()))
             .ok_or_else(|| NftError::InvalidTableName(self.table.clone()))?;
-        let cached = self.socket.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let cached = self
+            .socket
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
         let socket = match cached {
             Some(socket) => socket,
             None => Socket::open()?,
@@ -269,7 +281,7 @@ impl NftGate {
         let mut previous = self.read_dump()?;
         for _ in 0..READ_ATTEMPTS {
             let next = self.read_dump()?;
-            if same_contents(&previous, &next) {
+            if same_contents(previous.as_ref(), next.as_ref()) {
                 return Ok(next);
             }
             previous = next;
@@ -327,6 +339,27 @@ impl NftGate {
         Ok(Some(state))
     }
 
+    /// What differs between the table's structure in the kernel (table
+    /// flags, chains with hooks, priorities and policies, rules by content,
+    /// set definitions) and what `install` creates; `None` if nothing does.
+    pub fn check_structure(&self) -> Result<Option<String>> {
+        let (table, mut socket) = self.open()?;
+        let result = structure::Structure::read(&table, &mut socket);
+        let have = socket.done(result)?;
+        let allow_sets: Vec<AllowSet> = have.allow_sets().collect();
+        let mut cached = self
+            .wanted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cached.as_ref().is_none_or(|(sets, _)| *sets != allow_sets) {
+            let wanted = structure::wanted(&table, allow_sets.iter().copied());
+            *cached = Some((allow_sets, wanted));
+        }
+        let (_, wanted) = cached.as_ref().expect("just filled");
+        let differences = have.differences(wanted);
+        Ok((!differences.is_empty()).then(|| differences.join("; ")))
+    }
+
     /// Deletes the table; returns whether it existed.
     pub fn remove(&self) -> Result<bool> {
         let (table, mut socket) = self.open()?;
@@ -343,7 +376,7 @@ impl NftGate {
 
 /// Whether two reads saw the same protected set and the same elements
 /// (timeouts count down between them, so they are not compared).
-fn same_contents(a: &Option<NftState>, b: &Option<NftState>) -> bool {
+fn same_contents(a: Option<&NftState>, b: Option<&NftState>) -> bool {
     match (a, b) {
         (Some(a), Some(b)) => a.protected == b.protected && a.allowed.keys().eq(b.allowed.keys()),
         (None, None) => true,
