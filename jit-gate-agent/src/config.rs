@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::{
     auth::UidRole,
+    enforce::xdp::GateOptions,
     policy::{Policy, PortRule},
     tls::config::TlsConfig,
 };
@@ -165,6 +166,10 @@ pub struct Config {
     pub api: Api,
     #[serde(default)]
     pub audit: Audit,
+    #[serde(default)]
+    pub flows: Flows,
+    #[serde(default)]
+    pub denials: Denials,
     /// The policy; applied when it differs from the last one read from the
     /// configuration. Unset: the default policy on first start.
     #[serde(default)]
@@ -191,6 +196,77 @@ fn default_nft_table() -> String {
 }
 fn default_reconcile() -> Duration {
     Duration::from_secs(5)
+}
+
+/// The XDP flow table: connections opened under grants (restart).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Flows {
+    /// Entries of the flow table; when it is full, new connections are
+    /// refused (existing ones are never evicted). Changing it rebuilds the
+    /// kernel state at the next start.
+    #[serde(default = "default_flow_capacity")]
+    pub capacity: u32,
+    /// Connections one grant may hold open at once.
+    #[serde(default = "default_flow_quota")]
+    pub per_grant_quota: u32,
+    /// A TCP connection whose handshake has not completed this long after
+    /// its SYN passed no longer passes as a tracked flow, and is removed.
+    #[serde(with = "humantime_serde", default = "default_half_open_timeout")]
+    pub half_open_timeout: Duration,
+}
+
+impl Default for Flows {
+    fn default() -> Self {
+        let gate = GateOptions::default();
+        Flows {
+            capacity: gate.flow_capacity,
+            per_grant_quota: gate.flow_quota,
+            half_open_timeout: gate.half_open_timeout,
+        }
+    }
+}
+
+impl Flows {
+    /// The XDP gate's options.
+    pub fn gate_options(&self) -> GateOptions {
+        GateOptions {
+            flow_capacity: self.capacity,
+            flow_quota: self.per_grant_quota,
+            half_open_timeout: self.half_open_timeout,
+        }
+    }
+}
+
+fn default_flow_capacity() -> u32 {
+    Flows::default().capacity
+}
+fn default_flow_quota() -> u32 {
+    Flows::default().per_grant_quota
+}
+fn default_half_open_timeout() -> Duration {
+    Flows::default().half_open_timeout
+}
+
+/// How denied packets are audited (restart).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Denials {
+    /// Each protected port with denials gets one summary record per interval.
+    #[serde(with = "humantime_serde", default = "default_summary_interval")]
+    pub summary_interval: Duration,
+}
+
+impl Default for Denials {
+    fn default() -> Self {
+        Denials {
+            summary_interval: default_summary_interval(),
+        }
+    }
+}
+
+fn default_summary_interval() -> Duration {
+    Duration::from_mins(1)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -355,6 +431,35 @@ impl Config {
             tls.check_policy(rules)
                 .or_else(|r| field("policy", r.message))?;
         }
+        self.validate_flows()
+    }
+
+    fn validate_flows(&self) -> Result<(), (String, String)> {
+        let field = |name: &str, problem: String| Err((name.to_owned(), problem));
+        let flows = &self.flows;
+        if !(1_024..=16_777_216).contains(&flows.capacity) {
+            return field("flows.capacity", "must be between 1024 and 16777216".into());
+        }
+        if !(1..=flows.capacity).contains(&flows.per_grant_quota) {
+            return field(
+                "flows.per_grant_quota",
+                format!("must be between 1 and flows.capacity ({})", flows.capacity),
+            );
+        }
+        if !(Duration::from_secs(1)..=Duration::from_mins(5)).contains(&flows.half_open_timeout) {
+            return field(
+                "flows.half_open_timeout",
+                "must be between 1s and 5m".into(),
+            );
+        }
+        if !(Duration::from_secs(1)..=Duration::from_hours(1))
+            .contains(&self.denials.summary_interval)
+        {
+            return field(
+                "denials.summary_interval",
+                "must be between 1s and 1h".into(),
+            );
+        }
         Ok(())
     }
 }
@@ -488,6 +593,10 @@ mod tests {
         assert_eq!(config.nft_table, "jit_gate");
         assert_eq!(config.reconcile_interval, Duration::from_secs(5));
         assert!(config.policy.is_none());
+        assert_eq!(config.flows.capacity, 262_144);
+        assert_eq!(config.flows.per_grant_quota, 64);
+        assert_eq!(config.flows.half_open_timeout, Duration::from_secs(30));
+        assert_eq!(config.denials.summary_interval, Duration::from_mins(1));
     }
 
     #[test]
@@ -600,6 +709,22 @@ mod tests {
             (
                 "interfaces = [\"lo\"]\n[audit]\nsigning_key = \"key\"",
                 "field `audit.signing_key`",
+            ),
+            (
+                "interfaces = [\"lo\"]\n[flows]\ncapacity = 10",
+                "field `flows.capacity`",
+            ),
+            (
+                "interfaces = [\"lo\"]\n[flows]\ncapacity = 2048\nper_grant_quota = 4096",
+                "field `flows.per_grant_quota`: must be between 1 and flows.capacity (2048)",
+            ),
+            (
+                "interfaces = [\"lo\"]\n[flows]\nhalf_open_timeout = \"0s\"",
+                "field `flows.half_open_timeout`",
+            ),
+            (
+                "interfaces = [\"lo\"]\n[denials]\nsummary_interval = \"2h\"",
+                "field `denials.summary_interval`",
             ),
         ] {
             let err = parse(text).unwrap_err().to_string();

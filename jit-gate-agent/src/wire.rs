@@ -10,8 +10,8 @@ use crate::{
     audit::{AuditRecord, Kind},
     checkpoint::Checkpoint,
     engine::{
-        ConnectionInfo, InterfaceMode, InterfaceStatus, LayerHealth, PortReport, Repair,
-        StatusReport,
+        ConnectionInfo, FlowTableReport, InterfaceMode, InterfaceStatus, LayerHealth, PortReport,
+        Repair, StatusReport,
     },
     grants::{Grant, GrantState},
     net::Protocol,
@@ -270,6 +270,19 @@ fn port_status(report: &PortReport) -> proto::PortStatus {
         connections: count(report.connections),
         grants_last_7_days: report.grants_last_7_days,
         last_access: report.last_access.map(timestamp),
+        dropped_packets: report.dropped,
+        refused_connections: report.refused_connections,
+    }
+}
+
+fn flow_table(report: &FlowTableReport) -> proto::FlowTable {
+    proto::FlowTable {
+        capacity: report.capacity,
+        tracked: u32::try_from(report.tracked).unwrap_or(u32::MAX),
+        per_grant_quota: report.per_grant_quota,
+        refused_quota: report.refused_quota,
+        refused_opens_exhausted: report.refused_opens_exhausted,
+        refused_table_full: report.refused_table_full,
     }
 }
 
@@ -284,6 +297,7 @@ pub fn status_report(report: &StatusReport) -> proto::Status {
         ports: report.ports.iter().map(port_status).collect(),
         active_grants: u32::try_from(report.active_grants).unwrap_or(u32::MAX),
         policy_revision: report.policy_revision,
+        flows: report.flows.as_ref().map(flow_table),
         audit_chain_intact: report.audit.broken.is_none(),
         audit_problem: report
             .audit

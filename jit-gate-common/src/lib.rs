@@ -1,5 +1,5 @@
 //! Types shared by the XDP program and user space: map layouts, verdict
-//! reasons, and the pure reference model of the packet verdict.
+//! reasons, the layout version, and the packet verdict as a pure function.
 //!
 //! Everything here is `no_std` and allocation-free so the eBPF program can use
 //! it; `aya::Pod` impls live behind the `user` feature.
@@ -7,6 +7,12 @@
 
 pub mod maps;
 pub mod verdict;
+
+/// Version of the kernel state's layout: the maps' definitions and the
+/// meaning of their contents. Pins stamped with another version (or none)
+/// are never reused: the agent rebuilds the state from its store. Raise it
+/// with every change to a map, key, value or counter index.
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// IP protocol numbers the gate understands.
 pub mod ip_proto {

@@ -127,6 +127,8 @@ pub struct Topology {
     pub client: Netns,
     /// The gated namespace's end of the veth pair, where XDP attaches.
     pub gated_if: String,
+    /// The client namespace's end of the veth pair.
+    pub client_if: String,
 }
 
 impl Topology {
@@ -162,6 +164,7 @@ impl Topology {
             gated,
             client,
             gated_if,
+            client_if,
         }
     }
 }

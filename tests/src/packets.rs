@@ -1,7 +1,8 @@
-//! Frames for the differential test: a builder for TCP, UDP and other IP
-//! packets (VLAN tags, IPv4 options and fragments, IPv6 extension header
-//! chains, IP packets cut short or followed by padding), corruptions of built
-//! frames, and random frames.
+//! Frames for the kernel tests: a builder for TCP, UDP and other IP packets
+//! (VLAN tags, IPv4 options, fragments and authentication headers, IPv6
+//! extension header chains, IP packets cut short or followed by padding).
+//! Corruptions and random frames are in `mutate`, fragment sequences in
+//! `fragments`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -12,6 +13,11 @@ use etherparse::{
 };
 use ipnet::IpNet;
 use rand::{Rng, rngs::StdRng, seq::IndexedRandom};
+
+use crate::{
+    checksum::{checksum_offset, transport_checksum},
+    mutate::LengthField,
+};
 
 /// `BPF_PROG_TEST_RUN` rejects XDP frames shorter than an Ethernet header.
 pub const MIN_FRAME_LEN: usize = 14;
@@ -36,7 +42,8 @@ pub fn syn_ack_rst_fin_combinations() -> impl Iterator<Item = u8> {
     })
 }
 
-/// VLAN tag stacks, outermost first: none, single, `QinQ`, and triple-tagged.
+/// VLAN tag stacks, outermost first: none, single, `QinQ`, and triple-tagged
+/// (the builder gives them VLAN IDs from 100 up).
 pub const VLAN_STACKS: [&[EtherType]; 8] = [
     &[],
     &[EtherType::VLAN_TAGGED_FRAME],
@@ -109,6 +116,9 @@ pub enum Extension {
     Auth {
         icv_words: u8,
     },
+    /// An 8-byte authentication header (payload length 0: no sequence
+    /// number, no ICV), shorter than RFC 4302 allows.
+    ShortAuth,
 }
 
 impl Extension {
@@ -116,7 +126,7 @@ impl Extension {
         match self {
             Extension::Options { kind, .. } => kind,
             Extension::Fragment { .. } => IpNumber::IPV6_FRAGMENTATION_HEADER,
-            Extension::Auth { .. } => IpNumber::AUTHENTICATION_HEADER,
+            Extension::Auth { .. } | Extension::ShortAuth => IpNumber::AUTHENTICATION_HEADER,
         }
     }
 
@@ -140,6 +150,7 @@ impl Extension {
                     .unwrap_or_else(|e| panic!("authentication header: {e}"));
                 (header.to_bytes().to_vec(), Some(1))
             }
+            Extension::ShortAuth => (vec![next_header.0, 0, 0, 0, 0, 0, 1, 0], Some(1)),
         }
     }
 }
@@ -173,82 +184,6 @@ pub fn random_extension_chain(rng: &mut StdRng, len: usize) -> Vec<Extension> {
         .collect()
 }
 
-/// A length field of a built frame, for mutations that make lengths lie.
-#[derive(Clone, Copy, Debug)]
-enum LengthField {
-    /// A big-endian 16-bit length (IPv4 total length, IPv6 payload length, UDP length).
-    Word(usize),
-    /// An 8-bit length (IPv6 extension headers).
-    Byte(usize),
-    /// The low nibble of a byte (IPv4 IHL).
-    LowNibble(usize),
-    /// The high nibble of a byte (TCP data offset).
-    HighNibble(usize),
-}
-
-impl LengthField {
-    fn shifted(self, by: usize) -> Self {
-        match self {
-            LengthField::Word(at) => LengthField::Word(at + by),
-            LengthField::Byte(at) => LengthField::Byte(at + by),
-            LengthField::LowNibble(at) => LengthField::LowNibble(at + by),
-            LengthField::HighNibble(at) => LengthField::HighNibble(at + by),
-        }
-    }
-
-    /// One past the field's last byte.
-    fn end(self) -> usize {
-        match self {
-            LengthField::Word(at) => at + 2,
-            LengthField::Byte(at) | LengthField::LowNibble(at) | LengthField::HighNibble(at) => {
-                at + 1
-            }
-        }
-    }
-
-    /// Moves the field by a small step or sets it to a random value.
-    fn perturb(self, bytes: &mut [u8], rng: &mut StdRng) {
-        let delta: i8 = rng.random_range(1..=4) * if rng.random() { 1 } else { -1 };
-        let random = rng.random_bool(0.25);
-        match self {
-            LengthField::Word(at) if at + 2 <= bytes.len() => {
-                let old = u16::from_be_bytes([bytes[at], bytes[at + 1]]);
-                let new = if random {
-                    rng.random()
-                } else {
-                    old.wrapping_add_signed(delta.into())
-                };
-                bytes[at..at + 2].copy_from_slice(&new.to_be_bytes());
-            }
-            LengthField::Byte(at) if at < bytes.len() => {
-                bytes[at] = if random {
-                    rng.random()
-                } else {
-                    bytes[at].wrapping_add_signed(delta)
-                };
-            }
-            LengthField::LowNibble(at) if at < bytes.len() => {
-                let nibble = if random {
-                    rng.random()
-                } else {
-                    bytes[at].wrapping_add_signed(delta)
-                };
-                bytes[at] = (bytes[at] & 0xf0) | (nibble & 0x0f);
-            }
-            LengthField::HighNibble(at) if at < bytes.len() => {
-                let nibble = if random {
-                    rng.random()
-                } else {
-                    (bytes[at] >> 4).wrapping_add_signed(delta)
-                };
-                bytes[at] = (nibble << 4) | (bytes[at] & 0x0f);
-            }
-            // The field was cut off by an earlier truncation.
-            _ => {}
-        }
-    }
-}
-
 /// A packet to build. Start with [`Packet::tcp`], [`Packet::udp`] or
 /// [`Packet::other`]; source and destination must be of the same family.
 #[derive(Clone, Debug)]
@@ -256,12 +191,18 @@ pub struct Packet {
     src: IpAddr,
     dst: IpAddr,
     layer4: Layer4,
-    vlan_tags: Vec<EtherType>,
+    /// (tag protocol, VLAN ID), outermost first.
+    vlan_tags: Vec<(EtherType, u16)>,
     ipv4_option_words: u8,
     ipv4_fragment: (u16, bool),
     extensions: Vec<Extension>,
     ip_payload_len: Option<usize>,
     padding: usize,
+    /// (source, destination) MAC addresses.
+    macs: ([u8; 6], [u8; 6]),
+    /// Bytes after the TCP or UDP header.
+    data: Vec<u8>,
+    ipv4_id: u16,
 }
 
 /// The source port of built TCP and UDP packets unless set otherwise.
@@ -311,7 +252,50 @@ impl Packet {
             extensions: Vec::new(),
             ip_payload_len: None,
             padding: 0,
+            macs: ([0x02, 0, 0, 0, 0, 0x01], [0x02, 0, 0, 0, 0, 0x02]),
+            ipv4_id: 0,
+            data: Vec::new(),
         }
+    }
+
+    /// Bytes after the TCP or UDP header.
+    pub fn data(mut self, data: &[u8]) -> Self {
+        self.data = data.to_vec();
+        self
+    }
+
+    /// The Ethernet addresses (default 02:00:00:00:00:01 → :02).
+    pub fn macs(mut self, source: [u8; 6], destination: [u8; 6]) -> Self {
+        self.macs = (source, destination);
+        self
+    }
+
+    /// The IPv4 identification (fragments of one datagram share it).
+    pub fn ipv4_id(mut self, id: u16) -> Self {
+        self.ipv4_id = id;
+        self
+    }
+
+    /// The TCP flags.
+    pub fn flags(mut self, new: u8) -> Self {
+        match &mut self.layer4 {
+            Layer4::Tcp { flags, .. } => *flags = new,
+            _ => panic!("only TCP has flags"),
+        }
+        self
+    }
+
+    /// Whether the packet carries TCP.
+    pub fn is_tcp(&self) -> bool {
+        matches!(self.layer4, Layer4::Tcp { .. })
+    }
+
+    pub fn dst_port(mut self, port: u16) -> Self {
+        match &mut self.layer4 {
+            Layer4::Tcp { dst_port, .. } | Layer4::Udp { dst_port, .. } => *dst_port = port,
+            Layer4::Other(_) => panic!("only TCP and UDP have ports"),
+        }
+        self
     }
 
     pub fn src_port(mut self, port: u16) -> Self {
@@ -322,10 +306,24 @@ impl Packet {
         self
     }
 
-    /// VLAN tags between the Ethernet header and the IP header, outermost first.
+    /// VLAN tags between the Ethernet header and the IP header, outermost
+    /// first, with VLAN IDs 100, 101, ...
     pub fn vlan(mut self, tags: &[EtherType]) -> Self {
+        self.vlan_tags = tags.iter().copied().zip(100..).collect();
+        self
+    }
+
+    /// VLAN tags with the given IDs (0: a priority tag), outermost first.
+    pub fn vlan_ids(mut self, tags: &[(EtherType, u16)]) -> Self {
         self.vlan_tags = tags.to_vec();
         self
+    }
+
+    /// `count` priority tags (802.1Q, VLAN ID 0): what the kernel strips
+    /// one after another without any VLAN device.
+    pub fn priority_tags(self, count: usize) -> Self {
+        let tags = vec![(EtherType::VLAN_TAGGED_FRAME, 0); count];
+        self.vlan_ids(&tags)
     }
 
     /// IPv4 options (NOPs) of `words` × 4 bytes: IHL 5 + `words`.
@@ -345,9 +343,16 @@ impl Packet {
         self
     }
 
-    /// IPv6 extension headers after those already added.
+    /// IPv6 extension headers (IPv4: authentication headers only) after
+    /// those already added.
     pub fn extensions(mut self, chain: &[Extension]) -> Self {
-        assert!(self.src.is_ipv6(), "extension headers are IPv6 only");
+        assert!(
+            self.src.is_ipv6()
+                || chain
+                    .iter()
+                    .all(|e| matches!(e, Extension::Auth { .. } | Extension::ShortAuth)),
+            "IPv4 carries authentication headers only"
+        );
         self.extensions.extend_from_slice(chain);
         self
     }
@@ -396,6 +401,9 @@ impl Packet {
                     IpFragOffset::try_new(offset).expect("fragment offset fits 13 bits");
                 header.more_fragments = more;
                 header.dont_fragment = false;
+                header.identification = self.ipv4_id;
+                // The kernel discards an IPv4 header whose checksum is wrong.
+                header.header_checksum = header.calc_header_checksum();
                 length_fields.push(LengthField::LowNibble(ip_start));
                 length_fields.push(LengthField::Word(ip_start + 2));
                 bytes.extend_from_slice(&header.to_bytes());
@@ -432,16 +440,20 @@ impl Packet {
             EtherType::IPV6
         };
         // Each header's EtherType announces the next header.
-        let mut types = self.vlan_tags.iter().copied().chain([ip_type]);
+        let mut types = self
+            .vlan_tags
+            .iter()
+            .map(|(tpid, _)| *tpid)
+            .chain([ip_type]);
         let ethernet = Ethernet2Header {
-            source: [0x02, 0, 0, 0, 0, 0x01],
-            destination: [0x02, 0, 0, 0, 0, 0x02],
+            source: self.macs.0,
+            destination: self.macs.1,
             ether_type: types.next().expect("at least the IP EtherType"),
         };
         let mut bytes = ethernet.to_bytes().to_vec();
-        for (vlan_id, ether_type) in (100..).zip(types) {
+        for ((_, vlan_id), ether_type) in self.vlan_tags.iter().zip(types) {
             let tag = SingleVlanHeader {
-                vlan_id: VlanId::try_new(vlan_id).expect("small VLAN id"),
+                vlan_id: VlanId::try_new(*vlan_id).expect("a 12-bit VLAN id"),
                 ether_type,
                 ..Default::default()
             };
@@ -473,7 +485,7 @@ impl Packet {
                 let udp = UdpHeader {
                     source_port: src_port,
                     destination_port: dst_port,
-                    length: UdpHeader::LEN_U16,
+                    length: UdpHeader::LEN_U16 + self.data.len() as u16,
                     checksum: 0,
                 };
                 (
@@ -505,6 +517,14 @@ impl Packet {
             payload.extend_from_slice(&header);
         }
         length_fields.extend(layer4_length.map(|f| f.shifted(payload.len())));
+        let mut layer4 = layer4;
+        if !matches!(self.layer4, Layer4::Other(_)) {
+            layer4.extend_from_slice(&self.data);
+        }
+        if let Some(at) = checksum_offset(layer4_protocol) {
+            let sum = transport_checksum(self.src, self.dst, layer4_protocol, &layer4);
+            layer4[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+        }
         payload.extend_from_slice(&layer4);
         let first_header = self
             .extensions
@@ -514,12 +534,12 @@ impl Packet {
     }
 }
 
-/// A built frame, with what corruptions need to know about it.
+/// A built frame, with what corruptions (`mutate`) need to know about it.
 #[derive(Clone, Debug)]
 pub struct Frame {
     pub bytes: Vec<u8>,
-    ip_start: usize,
-    length_fields: Vec<LengthField>,
+    pub(crate) ip_start: usize,
+    pub(crate) length_fields: Vec<LengthField>,
 }
 
 impl Frame {
@@ -538,11 +558,6 @@ impl Frame {
         u16::from_be_bytes([self.bytes[at], self.bytes[at + 1]])
     }
 
-    /// Every prefix of the frame from [`MIN_FRAME_LEN`] bytes up to the whole.
-    pub fn truncations(&self) -> impl Iterator<Item = Vec<u8>> + '_ {
-        (MIN_FRAME_LEN..=self.bytes.len()).map(|len| self.bytes[..len].to_vec())
-    }
-
     /// The frame with its IPv4 total length or IPv6 payload length set to `len`.
     pub fn with_ip_length(&self, len: u16) -> Vec<u8> {
         let at = self.ip_length_at();
@@ -558,54 +573,4 @@ impl Frame {
         bytes[self.ip_start] = 0x40 | (ihl & 0x0f);
         bytes
     }
-
-    /// One to three random corruptions: bit flips, truncations, and length
-    /// fields moved a little or set at random.
-    pub fn mutated(&self, rng: &mut StdRng) -> Vec<u8> {
-        let mut bytes = self.bytes.clone();
-        for _ in 0..rng.random_range(1..=3) {
-            match rng.random_range(0..3) {
-                0 => {
-                    let at = rng.random_range(0..bytes.len());
-                    bytes[at] ^= 1 << rng.random_range(0..8);
-                }
-                1 => bytes.truncate(rng.random_range(MIN_FRAME_LEN..=bytes.len())),
-                _ => {
-                    if let Some(field) = self.length_fields.choose(rng) {
-                        field.perturb(&mut bytes, rng);
-                    }
-                }
-            }
-        }
-        bytes
-    }
-}
-
-/// Random bytes behind a random `EtherType` (IPv4, IPv6, a VLAN tag, or any),
-/// with the IP version nibble right half of the time, so some of them get
-/// past the first checks.
-pub fn random_frame(rng: &mut StdRng, max_len: usize) -> Vec<u8> {
-    let len = rng.random_range(MIN_FRAME_LEN..=max_len);
-    let mut bytes: Vec<u8> = (0..len).map(|_| rng.random()).collect();
-    let ether_type = *[
-        EtherType::IPV4,
-        EtherType::IPV6,
-        EtherType::VLAN_TAGGED_FRAME,
-        EtherType::PROVIDER_BRIDGING,
-        EtherType(rng.random()),
-    ]
-    .choose(rng)
-    .expect("non-empty");
-    bytes[12..14].copy_from_slice(&ether_type.0.to_be_bytes());
-    let version = match ether_type {
-        EtherType::IPV4 => Some(4),
-        EtherType::IPV6 => Some(6),
-        _ => None,
-    };
-    if let (Some(version), Some(first)) = (version, bytes.get_mut(MIN_FRAME_LEN))
-        && rng.random()
-    {
-        *first = (version << 4) | (*first & 0x0f);
-    }
-    bytes
 }

@@ -121,9 +121,15 @@ impl Connect {
 
 /// Connects from `src` (in namespace `ns`) to `dst`, waiting at most `DROP_TIMEOUT`.
 pub fn tcp_connect(ns: &Netns, src: IpAddr, dst: SocketAddr) -> Connect {
+    tcp_connect_from(ns, SocketAddr::new(src, 0), dst)
+}
+
+/// [`tcp_connect`] from a given source port (0: any).
+pub fn tcp_connect_from(ns: &Netns, src: SocketAddr, dst: SocketAddr) -> Connect {
     let result = ns.run(|| {
         let socket = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
-        socket.bind(&SocketAddr::new(src, 0).into())?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&src.into())?;
         socket.connect_timeout(&dst.into(), DROP_TIMEOUT)?;
         Ok::<_, std::io::Error>(TcpStream::from(socket))
     });

@@ -63,7 +63,9 @@ async fn the_audit_log_proves_itself() {
     let files = AgentFiles::new(&topo.gated);
     files.write_config(
         &[&topo.gated_if],
-        "[audit]\ndenied_retention = \"2s\"\ncheckpoint_every_records = 1000",
+        // Denials are summarized every second, so one is recorded soon.
+        "[audit]\ndenied_retention = \"2s\"\ncheckpoint_every_records = 1000\n\
+         [denials]\nsummary_interval = \"1s\"",
     );
     let agent = Agent::start(&files);
     let mut api = client(&files).await;

@@ -396,6 +396,8 @@ async fn drift_in_nftables_and_xdp_is_repaired_within_the_reconcile_period() {
         GrantValue {
             expires_at_boot_ns: boot_now_ns() + 60_000_000_000,
             grant_id: grant.id,
+            flow_quota: 64,
+            max_opens: 0,
         },
     );
     repaired("bogus XDP entry", "XDP").await;

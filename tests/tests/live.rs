@@ -1,5 +1,6 @@
 //! Live traffic through the attached gate: real TCP and UDP sockets in two
-//! namespaces joined by veth, over IPv4 and IPv6.
+//! namespaces joined by veth, over IPv4 and IPv6; crafted frames sent raw
+//! from the client namespace, answered (or not) by the gated stack.
 
 #![allow(
     unused_crate_dependencies,
@@ -7,15 +8,19 @@
 )]
 
 use std::{
-    net::{IpAddr, SocketAddr},
-    time::Duration,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::{Duration, Instant},
 };
 
+use aya::programs::{TestRun, TestRunOptions};
+use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use ipnet::IpNet;
 use jit_gate_agent::{enforce::xdp::Attachment, net::Protocol};
 use jit_gate_tests::{
+    frames::{PacketSocket, mac_of},
     gated_host::GatedHost,
     netns::{CLIENT_V4, CLIENT_V4_OUTSIDE, CLIENT_V6, CLIENT_V6_OUTSIDE, GATED_V4, GATED_V6},
+    packets::{Packet, tcp_flag::SYN},
     traffic::{TcpEcho, UdpSink, round_trip, tcp_connect, udp_send},
 };
 
@@ -80,7 +85,10 @@ fn without_grant_tcp_is_silently_dropped_and_udp_does_not_arrive() {
         );
         assert_open_port_reachable(&host, src, gated);
     }
-    let counters = host.gate.counters().expect("counters");
+    let counters = host
+        .gate
+        .counters(&PROTECTED.into_iter().collect())
+        .expect("counters");
     let dropped = counters.by_port[&(Protocol::Tcp, SSH)].dropped;
     assert!(dropped >= 2, "SYN drops counted on port 22: {dropped}");
 }
@@ -192,4 +200,152 @@ fn connection_opened_under_grant_survives_expiry_but_new_ones_are_dropped() {
             .expect_timed_out("new connection after expiry");
         assert_open_port_reachable(&host, src, gated);
     }
+}
+
+/// Raw frames from the client's end of the veth pair, and what comes back.
+struct RawClient {
+    socket: PacketSocket,
+    macs: ([u8; 6], [u8; 6]),
+}
+
+impl RawClient {
+    fn new(host: &GatedHost) -> Self {
+        RawClient {
+            socket: PacketSocket::capture(&host.topo.client, &host.topo.client_if),
+            macs: (
+                mac_of(&host.topo.client, &host.topo.client_if),
+                mac_of(&host.topo.gated, &host.topo.gated_if),
+            ),
+        }
+    }
+
+    /// Whether the gated host answers a SYN from `src`:`src_port` to
+    /// `dst`:22 carried under `tags` priority tags with a SYN-ACK.
+    fn syn_answered(&self, src: IpAddr, dst: IpAddr, tags: usize, src_port: u16) -> bool {
+        let frame = Packet::tcp(src, dst, SSH, SYN)
+            .src_port(src_port)
+            .priority_tags(tags)
+            .macs(self.macs.0, self.macs.1)
+            .build()
+            .bytes;
+        self.socket.drain(Duration::ZERO);
+        self.socket.send(&frame);
+        self.socket
+            .drain(Duration::from_millis(500))
+            .iter()
+            .any(|reply| is_syn_ack(reply, dst, src_port))
+    }
+}
+
+/// A SYN-ACK from `from`:22 to port `to_port`.
+fn is_syn_ack(frame: &[u8], from: IpAddr, to_port: u16) -> bool {
+    let Ok(packet) = SlicedPacket::from_ethernet(frame) else {
+        return false;
+    };
+    let source = match &packet.net {
+        Some(NetSlice::Ipv4(ip)) => IpAddr::from(ip.header().source_addr()),
+        Some(NetSlice::Ipv6(ip)) => IpAddr::from(ip.header().source_addr()),
+        _ => return false,
+    };
+    matches!(&packet.transport, Some(TransportSlice::Tcp(tcp))
+        if source == from && tcp.source_port() == SSH && tcp.destination_port() == to_port
+            && tcp.syn() && tcp.ack())
+}
+
+#[test]
+fn priority_tagged_syns_are_gated_like_untagged_ones() {
+    let mut host = GatedHost::new(&PROTECTED);
+    let _servers = servers(&host);
+    let client = RawClient::new(&host);
+    let mut port = 45_000;
+    let mut next_port = || {
+        port += 1;
+        port
+    };
+    // The kernel strips any number of priority tags and delivers the SYN:
+    // without a grant, the gate must drop it whatever the tag count.
+    for tags in [0, 1, 2, 3, 4, 6] {
+        for (src, gated) in FAMILIES {
+            assert!(
+                !client.syn_answered(src, gated, tags, next_port()),
+                "a SYN under {tags} priority tags from {src} was answered without a grant"
+            );
+        }
+    }
+    for (i, (src, _)) in FAMILIES.into_iter().enumerate() {
+        host.grant(
+            host_net(src),
+            Protocol::Tcp,
+            SSH,
+            Duration::from_mins(1),
+            i as u64 + 1,
+        );
+    }
+    for tags in [0, 3, 6] {
+        for (src, gated) in FAMILIES {
+            assert!(
+                client.syn_answered(src, gated, tags, next_port()),
+                "a SYN under {tags} priority tags from {src} got no answer under a grant"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_flooding_grantee_never_evicts_another_users_session() {
+    let mut host = GatedHost::new(&PROTECTED);
+    let _servers = servers(&host);
+    let victim_grant = Duration::from_secs(3);
+    host.grant(
+        host_net(CLIENT_V4.into()),
+        Protocol::Tcp,
+        SSH,
+        victim_grant,
+        1,
+    );
+    let granted_at = Instant::now();
+    let ssh = SocketAddr::new(GATED_V4.into(), SSH);
+    let mut session =
+        tcp_connect(&host.topo.client, CLIENT_V4.into(), ssh).expect_connected("victim");
+    round_trip(&mut session, b"before").expect("victim's session");
+    // A second grantee (four addresses under one CIDR grant) opens new
+    // connections as fast as the program runs: SYNs on 150,000 tuples, more
+    // than the 65,536 entries the LRU flow table of old held.
+    host.grant(
+        "192.0.2.76/30".parse().unwrap(),
+        Protocol::Tcp,
+        SSH,
+        Duration::from_mins(1),
+        2,
+    );
+    let mut passed = 0;
+    for i in 0..150_000u32 {
+        let flooder = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 76 + (i / 50_000) as u8));
+        let frame = Packet::tcp(flooder, GATED_V4.into(), SSH, SYN)
+            .src_port(1024 + (i % 50_000) as u16)
+            .build()
+            .bytes;
+        let result = host
+            .gate
+            .program()
+            .test_run(TestRunOptions {
+                data_in: Some(&frame),
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        passed += u32::from(result.return_value == 2);
+    }
+    let quota = host.gate.options().flow_quota;
+    assert_eq!(passed, quota, "the flooder opened exactly its quota");
+    let counts = host.gate.grant_flow_counts().expect("grant counters");
+    assert_eq!(counts[&2].opened, u64::from(quota));
+    assert!(counts[&2].refused > 100_000, "{:?}", counts[&2]);
+    std::thread::sleep(
+        (granted_at + victim_grant + Duration::from_millis(300))
+            .saturating_duration_since(Instant::now()),
+    );
+    round_trip(&mut session, b"after")
+        .expect("the victim's session survives the flood and its own grant's expiry");
+    tcp_connect(&host.topo.client, CLIENT_V4.into(), ssh)
+        .expect_timed_out("a new connection after the victim's grant expired");
 }

@@ -1,6 +1,7 @@
 //! The process that installed the gate dies by SIGKILL while a grant is
 //! live: the pinned program keeps enforcing, and the grant still closes on
-//! time because its expiry is checked in the kernel.
+//! time because its expiry is checked in the kernel; the half-open flows a
+//! grantee left behind never let a new connection in after it.
 
 #![allow(
     unused_crate_dependencies,
@@ -10,24 +11,27 @@
 use std::{
     io::{BufRead, BufReader},
     net::{IpAddr, SocketAddr},
-    process::{Command, Stdio},
+    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
+use aya::maps::{HashMap, Map, MapData};
+use jit_gate_common::maps::{FlowKey, FlowValue, flow_state, names};
 use jit_gate_tests::{
     env::PinDir,
+    frames::{PacketSocket, mac_of},
     netns::{CLIENT_V4, CLIENT_V4_OUTSIDE, GATED_V4, Topology},
-    traffic::{TcpEcho, round_trip, tcp_connect},
+    packets::{Packet, tcp_flag::SYN},
+    traffic::{TcpEcho, round_trip, tcp_connect, tcp_connect_from},
 };
 
 const SSH: u16 = 22;
 const GRANT: Duration = Duration::from_secs(5);
 
-#[test]
-fn enforcement_and_expiry_survive_sigkill_of_the_installer() {
-    let topo = Topology::new();
-    let pins = PinDir::new();
-    let _server = TcpEcho::start(&topo.gated, SocketAddr::new(GATED_V4.into(), SSH));
+/// Starts the installer: the gate on the gated end of the veth pair, SSH
+/// protected, `CLIENT_V4` granted for `grant`. Returns it and the instant by
+/// which the grant has expired.
+fn install(topo: &Topology, pins: &PinDir, grant: Duration) -> (Child, Instant) {
     let mut installer = Command::new(env!("CARGO_BIN_EXE_gate-installer"))
         .args(["--pin-dir", pins.path.to_str().unwrap()])
         .args(["--netns", &topo.gated.name, "--ifname", &topo.gated_if])
@@ -37,7 +41,7 @@ fn enforcement_and_expiry_survive_sigkill_of_the_installer() {
             "--grant-source",
             &CLIENT_V4.to_string(),
         ])
-        .args(["--grant-ms", &GRANT.as_millis().to_string()])
+        .args(["--grant-ms", &grant.as_millis().to_string()])
         .stdout(Stdio::piped())
         .spawn()
         .expect("start gate-installer");
@@ -46,8 +50,16 @@ fn enforcement_and_expiry_survive_sigkill_of_the_installer() {
         .read_line(&mut line)
         .expect("read installer output");
     assert_eq!(line.trim(), "ready", "installer failed to set up the gate");
-    // The grant was written before "ready": it expires no later than this + GRANT.
-    let expiry = Instant::now() + GRANT;
+    // The grant was written before "ready": it expires no later than this + grant.
+    (installer, Instant::now() + grant)
+}
+
+#[test]
+fn enforcement_and_expiry_survive_sigkill_of_the_installer() {
+    let topo = Topology::new();
+    let pins = PinDir::new();
+    let _server = TcpEcho::start(&topo.gated, SocketAddr::new(GATED_V4.into(), SSH));
+    let (mut installer, expiry) = install(&topo, &pins, GRANT);
 
     let ssh = SocketAddr::new(GATED_V4.into(), SSH);
     let granted: IpAddr = CLIENT_V4.into();
@@ -71,4 +83,55 @@ fn enforcement_and_expiry_survive_sigkill_of_the_installer() {
     tcp_connect(&topo.client, granted, ssh).expect_timed_out("new connection after expiry");
     round_trip(&mut session, b"established").expect("the established session survives expiry");
     drop(pins);
+}
+
+#[test]
+fn half_open_flows_of_an_expired_grant_let_no_syn_in_with_the_installer_dead() {
+    let topo = Topology::new();
+    let pins = PinDir::new();
+    let _server = TcpEcho::start(&topo.gated, SocketAddr::new(GATED_V4.into(), SSH));
+    let grant = Duration::from_secs(2);
+    let (mut installer, expiry) = install(&topo, &pins, grant);
+    // Under the grant, bare SYNs from chosen ports: no handshake completes
+    // (the client has no socket and resets the SYN-ACKs), the flows stay
+    // half-open in the kernel.
+    let raw = PacketSocket::sender(&topo.client, &topo.client_if);
+    let macs = (
+        mac_of(&topo.client, &topo.client_if),
+        mac_of(&topo.gated, &topo.gated_if),
+    );
+    let ports: Vec<u16> = (46_001..=46_003).collect();
+    for &port in &ports {
+        let syn = Packet::tcp(CLIENT_V4.into(), GATED_V4.into(), SSH, SYN)
+            .src_port(port)
+            .macs(macs.0, macs.1)
+            .build()
+            .bytes;
+        raw.send(&syn);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let flows: HashMap<MapData, FlowKey, FlowValue> =
+        MapData::from_pin(pins.path.join(names::FLOWS))
+            .and_then(Map::from_map_data)
+            .and_then(HashMap::try_from)
+            .expect("the pinned flow table");
+    let half_open = flows
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(key, value)| {
+            ports.contains(&key.src_port) && value.state & flow_state::ESTABLISHED == 0
+        })
+        .count();
+    assert_eq!(half_open, ports.len(), "each SYN left a half-open flow");
+    installer.kill().expect("SIGKILL the installer");
+    installer.wait().expect("reap the installer");
+    std::thread::sleep(
+        expiry.saturating_duration_since(Instant::now()) + Duration::from_millis(200),
+    );
+    // Well within the half-open timeout, a real connection from each tuple.
+    let ssh = SocketAddr::new(GATED_V4.into(), SSH);
+    for port in ports {
+        tcp_connect_from(&topo.client, SocketAddr::new(CLIENT_V4.into(), port), ssh)
+            .expect_timed_out("a new connection on a half-open tuple after the grant expired");
+    }
 }

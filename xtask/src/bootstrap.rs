@@ -54,7 +54,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 pub(crate) fn run() -> Result<bool> {
     ensure_root()?;
     // Non-short-circuiting `|` so every step runs.
-    Ok(debian_packages()? | python_packages()? | nightly_rust_src()? | bpf_linker()? | bpffs()?)
+    Ok(debian_packages()? | python_packages()? | nightly_components()? | bpf_linker()? | bpffs()?)
 }
 
 fn ensure_root() -> Result<()> {
@@ -156,8 +156,9 @@ fn missing_debian_packages() -> Result<Vec<&'static str>> {
         .collect())
 }
 
-/// `-Z build-std=core` for the bpfel target needs the nightly toolchain's sources.
-fn nightly_rust_src() -> Result<bool> {
+/// `-Z build-std=core` for the bpfel target needs the nightly toolchain's
+/// sources; `cargo xtask test` runs the nightly clippy on the XDP program.
+fn nightly_components() -> Result<bool> {
     let out = cmd::output(command("rustup").args([
         "component",
         "list",
@@ -173,21 +174,29 @@ fn nightly_rust_src() -> Result<bool> {
         );
     }
     let listed = String::from_utf8_lossy(&out.stdout);
-    if listed
-        .lines()
-        .any(|line| line.split_whitespace().next() == Some("rust-src"))
-    {
-        return Ok(false);
+    let installed = |component: &str| {
+        listed.lines().any(|line| {
+            line.split_whitespace()
+                .next()
+                .is_some_and(|name| name == component || name.starts_with(&format!("{component}-")))
+        })
+    };
+    let mut added = false;
+    for component in ["rust-src", "clippy"] {
+        if installed(component) {
+            continue;
+        }
+        println!("bootstrap: adding {component} to the nightly toolchain");
+        cmd::run_quiet(command("rustup").args([
+            "component",
+            "add",
+            component,
+            "--toolchain",
+            "nightly",
+        ]))?;
+        added = true;
     }
-    println!("bootstrap: adding rust-src to the nightly toolchain");
-    cmd::run_quiet(command("rustup").args([
-        "component",
-        "add",
-        "rust-src",
-        "--toolchain",
-        "nightly",
-    ]))?;
-    Ok(true)
+    Ok(added)
 }
 
 /// The bpf-linker on PATH (which includes `$CARGO_HOME/bin`) reports the wanted

@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{Context, Result};
 
-use crate::cmd::{self, cargo};
+use crate::cmd::{self, cargo, command};
 
 /// jit-gate-ebpf only builds for bpfel (through jit-gate-agent's build.rs), never for the host.
 const EXCLUDE: [&str; 3] = ["--workspace", "--exclude", "jit-gate-ebpf"];
@@ -19,7 +19,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         extra
     });
     println!(
-        "xtask test: cargo fmt --check, cargo clippy -D warnings, then cargo test --workspace --exclude jit-gate-ebpf --no-fail-fast --lib --bins --tests{extra}"
+        "xtask test: cargo fmt --check, cargo clippy -D warnings (and on the XDP program for its target), then cargo test --workspace --exclude jit-gate-ebpf --no-fail-fast --lib --bins --tests{extra}"
     );
     // Cheapest checks first, so a formatting slip fails in seconds rather than after a build.
     cmd::run(cargo().args(["fmt", "--all", "--", "--check"]))?;
@@ -29,6 +29,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
             .args(EXCLUDE)
             .args(["--all-targets", "--", "-D", "warnings"]),
     )?;
+    cmd::run(&mut clippy_ebpf())?;
     // --no-fail-fast: one failing test binary should not hide the results of the others.
     // --lib --bins --tests: the workspace has no doc tests; their empty runs would end the log.
     let mut test = cargo();
@@ -57,6 +58,20 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     anyhow::ensure!(status.success(), "`{what}` failed ({status})");
     anyhow::ensure!(totals.passed > 0, "`{what}` ran no test");
     Ok(())
+}
+
+/// Clippy on the XDP program, for the target it is built for (as aya's
+/// xtask does): the nightly toolchain, `core` built from source, a target
+/// directory of its own.
+fn clippy_ebpf() -> std::process::Command {
+    let mut clippy = command("rustup");
+    clippy
+        .current_dir(cmd::workspace_root())
+        .args(["run", "nightly", "cargo", "clippy", "-p", "jit-gate-ebpf"])
+        .args(["--target", "bpfel-unknown-none", "-Zbuild-std=core"])
+        .args(["--bins", "--release", "--target-dir", "target/bpf-clippy"])
+        .args(["--", "-D", "warnings"]);
+    clippy
 }
 
 /// Sums libtest's per-binary summary lines.

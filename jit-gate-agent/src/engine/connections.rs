@@ -1,16 +1,18 @@
 //! Connections to protected ports: seeding the XDP flow map (and conntrack,
 //! for nftables) with the ones that predate the gate (or, in the flow map, a
-//! port's protection), noticing flows opened
-//! under grants, forgetting dead flows, and ending a revoked grant's
-//! connections. The host's view (sockets, conntrack) and the flow map are
-//! combined here; enforcement never depends on this view being complete.
+//! port's protection), noticing flows opened under grants, removing dead
+//! flows (handshakes that never completed, FIN or RST confirmed by the host,
+//! connections the host no longer knows, idle UDP) and the counters of ended
+//! grants, and ending a revoked grant's connections. The host's view
+//! (sockets, conntrack) and the flow map are combined here; enforcement
+//! never depends on this view being complete.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     time::{Duration, SystemTime},
 };
 
-use jit_gate_common::maps::{FlowKey, FlowValue};
+use jit_gate_common::maps::{FlowKey, FlowValue, flow_state};
 
 use crate::{
     clock::{boot_now_ns, boot_to_wall},
@@ -21,10 +23,11 @@ use crate::{
 };
 
 /// A TCP flow the host no longer knows is forgotten after this long (its
-/// handshake may still be in flight before that).
+/// handshake may still be in flight before that), at once if the client
+/// sent FIN or RST.
 const TCP_FLOW_GRACE: Duration = Duration::from_secs(30);
 /// A UDP flow neither conntrack nor a connected socket shows is forgotten
-/// this long after it was opened.
+/// once no packet of it passed for this long.
 const UDP_FLOW_IDLE: Duration = Duration::from_mins(2);
 
 /// A connection as listed by the API.
@@ -87,11 +90,15 @@ pub(super) fn seed(
     for connection in host_connections(protected) {
         let key = connection.flow_key();
         if !tracked.contains(&key) {
+            let now = boot_now_ns();
             xdp.insert_flow(
                 key,
                 FlowValue {
                     grant_id: 0,
-                    opened_at_boot_ns: boot_now_ns(),
+                    opened_at_boot_ns: now,
+                    last_seen_boot_ns: now,
+                    state: flow_state::ESTABLISHED,
+                    _pad: 0,
                 },
             )?;
             added += 1;
@@ -100,11 +107,16 @@ pub(super) fn seed(
     Ok(added)
 }
 
-/// Flows already reported, so each new one is audited once.
+/// The flows of the map already audited (key → grant id), so each new one
+/// is audited once.
 #[derive(Default)]
 pub(super) struct FlowWatch {
-    seen: HashMap<FlowKey, FlowValue>,
+    seen: HashMap<FlowKey, u64>,
 }
+
+/// The flow map as read for [`FlowWatch::new_flows`]: what counts as
+/// audited once the records of the new flows are stored.
+pub(super) struct FlowSnapshot(HashMap<FlowKey, u64>);
 
 impl FlowWatch {
     /// Resumes after an earlier run that audited every flow opened before
@@ -117,58 +129,104 @@ impl FlowWatch {
             .flows()?
             .into_iter()
             .filter(|f| boot_to_wall(f.value.opened_at_boot_ns) < until)
-            .map(|f| (f.key, f.value))
+            .map(|f| (f.key, f.value.grant_id))
             .collect();
         Ok(FlowWatch { seen })
     }
 
-    /// Flows opened under a grant since the last call.
-    pub(super) fn new_flows(&mut self, xdp: &XdpGate) -> anyhow::Result<Vec<(Connection, u64)>> {
-        let current: HashMap<FlowKey, FlowValue> =
-            xdp.flows()?.into_iter().map(|f| (f.key, f.value)).collect();
+    /// Flows opened under a grant and not yet audited. Call
+    /// [`FlowWatch::mark_audited`] with the snapshot once their records are
+    /// stored; until then they are reported again.
+    pub(super) fn new_flows(
+        &self,
+        xdp: &XdpGate,
+    ) -> anyhow::Result<(Vec<(Connection, u64)>, FlowSnapshot)> {
+        let current: HashMap<FlowKey, u64> = xdp
+            .flows()?
+            .into_iter()
+            .map(|f| (f.key, f.value.grant_id))
+            .collect();
         let fresh = current
             .iter()
-            .filter(|(key, value)| value.grant_id != 0 && self.seen.get(*key) != Some(*value))
-            .filter_map(|(key, value)| Connection::from_flow_key(key).map(|c| (c, value.grant_id)))
+            .filter(|(key, grant_id)| **grant_id != 0 && self.seen.get(*key) != Some(*grant_id))
+            .filter_map(|(key, grant_id)| Connection::from_flow_key(key).map(|c| (c, *grant_id)))
             .collect();
-        self.seen = current;
-        Ok(fresh)
+        Ok((fresh, FlowSnapshot(current)))
+    }
+
+    /// The flows of `snapshot` have been audited.
+    pub(super) fn mark_audited(&mut self, snapshot: FlowSnapshot) {
+        self.seen = snapshot.0;
     }
 }
 
-/// Removes flows the host no longer knows (past their grace period);
-/// returns how many.
+/// Why a flow is removed, if it is.
+fn dead(
+    flow: &FlowValue,
+    connection: &Connection,
+    alive: bool,
+    now: u64,
+    half_open: Duration,
+) -> bool {
+    match connection.protocol {
+        Protocol::Tcp if flow.state & flow_state::ESTABLISHED == 0 => {
+            // The program no longer honours it; it only holds quota.
+            since(flow.opened_at_boot_ns, now) >= half_open
+        }
+        Protocol::Tcp => {
+            !alive
+                && (flow.state & (flow_state::FIN_SEEN | flow_state::RST_SEEN) != 0
+                    || since(flow.opened_at_boot_ns, now) > TCP_FLOW_GRACE)
+        }
+        Protocol::Udp => !alive && since(flow.last_seen_boot_ns, now) > UDP_FLOW_IDLE,
+    }
+}
+
+/// Removes the flows of ended connections and half-open handshakes, then
+/// the flow counters of ended grants with no flow left; returns how many
+/// flows were removed. FIN and RST are only hints (anyone can spoof them):
+/// a flow goes when the host confirms its connection is gone.
 pub(super) fn forget_dead_flows(
     xdp: &mut XdpGate,
     protected: &BTreeSet<(Protocol, u16)>,
+    active: &ActiveGrants,
 ) -> anyhow::Result<usize> {
     let alive: BTreeSet<FlowKey> = host_connections(protected)
         .iter()
         .map(Connection::flow_key)
         .collect();
     let now = boot_now_ns();
+    let half_open = xdp.options().half_open_timeout;
     let mut removed = 0;
+    let mut grants_with_flows = BTreeSet::new();
     for flow in xdp.flows()? {
         let Some(connection) = Connection::from_flow_key(&flow.key) else {
             continue;
         };
-        let grace = match connection.protocol {
-            Protocol::Tcp => TCP_FLOW_GRACE,
-            Protocol::Udp => UDP_FLOW_IDLE,
-        };
-        if age(&flow.value, now) > grace
-            && !alive.contains(&flow.key)
-            && xdp.remove_flow(&flow.key)?
+        if dead(
+            &flow.value,
+            &connection,
+            alive.contains(&flow.key),
+            now,
+            half_open,
+        ) && xdp.remove_flow(&flow.key)?
         {
             removed += 1;
+        } else {
+            grants_with_flows.insert(flow.value.grant_id);
+        }
+    }
+    for grant_id in xdp.grant_flow_counts()?.into_keys() {
+        if active.get(grant_id).is_none() && !grants_with_flows.contains(&grant_id) {
+            xdp.forget_grant_counters(grant_id)?;
         }
     }
     Ok(removed)
 }
 
-/// How long ago the flow was opened, at boot time `now`.
-fn age(flow: &FlowValue, now: u64) -> Duration {
-    Duration::from_nanos(now.saturating_sub(flow.opened_at_boot_ns))
+/// How long before boot time `now` the instant `at` lies.
+fn since(at: u64, now: u64) -> Duration {
+    Duration::from_nanos(now.saturating_sub(at))
 }
 
 fn covered_by(target: &GrantTarget, connection: &Connection) -> bool {
@@ -255,8 +313,8 @@ pub(super) fn list(
             let Some(connection) = Connection::from_flow_key(&flow.key) else {
                 continue;
             };
-            let udp_recent =
-                connection.protocol == Protocol::Udp && age(&flow.value, now) <= UDP_FLOW_IDLE;
+            let udp_recent = connection.protocol == Protocol::Udp
+                && since(flow.value.last_seen_boot_ns, now) <= UDP_FLOW_IDLE;
             if host.contains(&connection) || udp_recent {
                 out.insert(
                     connection,

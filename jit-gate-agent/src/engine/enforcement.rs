@@ -88,7 +88,7 @@ impl Enforcers {
     /// failure to load is not fatal: nftables takes over, reported.
     pub(super) fn open(config: &Config) -> Enforcers {
         let (mut xdp, xdp_unavailable) = if config.mode.uses_xdp() {
-            match XdpGate::open(&config.pin_dir) {
+            match XdpGate::open_with(&config.pin_dir, config.flows.gate_options()) {
                 Ok(gate) => (Some(gate), None),
                 Err(e) => {
                     tracing::error!("XDP unavailable, nftables only: {e}");

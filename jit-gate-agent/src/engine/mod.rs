@@ -5,6 +5,7 @@
 //! flows and denied sources, and reconciles the enforcers.
 
 mod connections;
+mod denials;
 mod enforcement;
 mod interfaces;
 mod lifecycle;
@@ -22,12 +23,14 @@ use tokio::sync::{broadcast, oneshot};
 pub use connections::ConnectionInfo;
 pub use enforcement::{EnforcementStatus, LayerHealth};
 pub use interfaces::{InterfaceMode, InterfaceStatus, Repair};
+use jit_gate_common::verdict::Reason;
 
 use crate::{
     audit::{AGENT, AuditRecord, Broken, Event, Kind},
     auth::Principal,
     checkpoint::{Checkpoint, CheckpointKey},
     config::{Config, Mode},
+    enforce::xdp::Counters,
     grants::{ActiveGrants, Grant},
     net::{GrantTarget, Protocol},
     policy::{Policy, PortRule, RuleProtocol},
@@ -36,6 +39,7 @@ use crate::{
     store::Store,
 };
 use connections::FlowWatch;
+use denials::{CounterSnapshot, Denials};
 use enforcement::Enforcers;
 use restore::{WITNESS_EVERY, restore_grants};
 
@@ -64,6 +68,22 @@ pub struct PortReport {
     pub connections: usize,
     pub grants_last_7_days: u32,
     pub last_access: Option<SystemTime>,
+    /// Packets the XDP gate dropped since its state was created.
+    pub dropped: u64,
+    /// Of those, new connections refused by a grant's limits or a full
+    /// flow table.
+    pub refused_connections: u64,
+}
+
+/// The XDP flow table.
+pub struct FlowTableReport {
+    pub capacity: u32,
+    pub tracked: usize,
+    pub per_grant_quota: u32,
+    /// New connections refused since the gate's state was created, by why.
+    pub refused_quota: u64,
+    pub refused_opens_exhausted: u64,
+    pub refused_table_full: u64,
 }
 
 /// Whether the audit chain verified at start (and the problem if not).
@@ -82,6 +102,8 @@ pub struct StatusReport {
     pub ports: Vec<PortReport>,
     pub active_grants: usize,
     pub policy_revision: u64,
+    /// `None` without XDP.
+    pub flows: Option<FlowTableReport>,
 }
 
 pub enum Command {
@@ -131,6 +153,15 @@ pub enum Command {
     Stop,
 }
 
+/// Whether events a failed commit leaves behind are kept for the next one.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Recorded {
+    /// Kept: nothing else would record them.
+    Once,
+    /// Dropped: they are made again from the kernel's state next time.
+    AgainIfLost,
+}
+
 /// What API handlers hold: the command channel and the audit feed. The
 /// engine stops when the last handle is dropped.
 #[derive(Clone)]
@@ -167,12 +198,10 @@ impl EngineHandle {
 
 /// Commands applied together at most (one store transaction).
 const MAX_BATCH: usize = 1024;
-/// How often new flows and denied sources are audited.
+/// How often new flows are audited and deny events collected.
 const OBSERVE_EVERY: Duration = Duration::from_secs(1);
 /// How often flows of ended connections are forgotten.
 const FORGET_FLOWS_EVERY: Duration = Duration::from_secs(10);
-/// At most one denied-packet report per source per this long (in the kernel).
-const DENY_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 /// Reconciliation takes at most 1/20 of the engine's time.
 const RECONCILE_TIME_SHARE_INVERSE: u32 = 20;
 /// Audit records kept in the broadcast buffer for slow watchers.
@@ -189,6 +218,9 @@ const MAX_UNRECORDED: usize = 100_000;
 /// Wall-clock milliseconds before which every flow opened under a grant has
 /// been audited, so that a restarted agent does not audit them again.
 const FLOWS_AUDITED_KEY: &str = "flows_audited_until_ms";
+/// The kernel's drop counters as of the last stored denial summaries.
+const DENIALS_SUMMARIZED_KEY: &str = "denial_counters_summarized";
+
 pub struct Engine {
     /// This boot's id: every deadline the engine holds is on its clock.
     boot_id: String,
@@ -200,6 +232,7 @@ pub struct Engine {
     active: ActiveGrants,
     enforcers: Enforcers,
     flow_watch: FlowWatch,
+    denials: Denials,
     events: broadcast::Sender<AuditRecord>,
     started_at: SystemTime,
     audit: AuditHealth,
@@ -292,15 +325,25 @@ impl Engine {
             active.insert(grant.active());
         }
         let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let enforcers = Enforcers::open(&config);
+        let summarized: Option<CounterSnapshot> = store
+            .meta(DENIALS_SUMMARIZED_KEY)?
+            .and_then(|json| serde_json::from_str(&json).ok());
+        let denials = Denials::resume(
+            config.denials.summary_interval,
+            summarized,
+            drop_counters(&enforcers, &policy.protected())?,
+        );
         let mut engine = Engine {
             boot_id,
             witnessed_at: Instant::now(),
-            enforcers: Enforcers::open(&config),
+            enforcers,
             config,
             store,
             policy,
             active,
             flow_watch: FlowWatch::default(),
+            denials,
             events,
             started_at: SystemTime::now(),
             audit: AuditHealth {
@@ -312,9 +355,13 @@ impl Engine {
         };
         engine.record_restored(&restored)?;
         let protected = engine.policy.protected();
+        let mut rebuilt = None;
         if let Some(xdp) = engine.enforcers.xdp_mut() {
+            if let Some(why) = xdp.rebuilt() {
+                tracing::warn!("kernel state rebuilt from the store: {why}");
+                rebuilt = Some(why.to_owned());
+            }
             xdp.set_protected_ports(&protected)?;
-            xdp.set_deny_report_interval(DENY_REPORT_INTERVAL)?;
             let seeded = connections::seed(xdp, &protected)?;
             tracing::info!("{seeded} established connections kept open");
         }
@@ -330,6 +377,13 @@ impl Engine {
         // reconciliation), so granted sources are never dropped during
         // start-up; nftables goes in after, where an interface needs it.
         let repairs = engine.enforcers.reconcile(&engine.active, &protected)?;
+        if rebuilt.is_some()
+            && let Some(xdp) = engine.enforcers.xdp_mut()
+        {
+            // Connections opened under the previous program, into its maps,
+            // while the new maps were being filled.
+            connections::seed(xdp, &protected)?;
+        }
         engine.apply_config_policy()?;
         let interfaces: Vec<String> = engine
             .enforcers
@@ -352,6 +406,7 @@ impl Engine {
             .with_details(serde_json::json!({
                 "interfaces": interfaces,
                 "restored": repairs,
+                "kernel_state_rebuilt": rebuilt,
                 "carried_across_reboot": restored.carried_summary(),
             })),
         ])?;
@@ -573,20 +628,24 @@ impl Engine {
 
     /// Commits `events` in one transaction and publishes them.
     fn commit_events(&mut self, events: Vec<Event>) -> anyhow::Result<()> {
-        self.commit_events_and_meta(events, None)
+        self.commit_events_and_meta(events, &[], Recorded::Once)
     }
 
-    /// `commit_events`, also setting a meta value in the same transaction.
+    /// `commit_events`, also setting meta values in the same transaction.
     /// Events that cannot be committed (disk full) are kept and committed
-    /// first next time, so none is lost while the agent runs.
+    /// first next time, so none is lost while the agent runs; events made
+    /// again from the kernel's state next time are not kept (they would be
+    /// recorded twice).
     fn commit_events_and_meta(
         &mut self,
         events: Vec<Event>,
-        meta: Option<(&str, &str)>,
+        meta: &[(&str, String)],
+        recorded: Recorded,
     ) -> anyhow::Result<()> {
         let mut pending = std::mem::take(&mut self.unrecorded);
+        let kept = pending.len();
         pending.extend(events);
-        if pending.is_empty() && meta.is_none() {
+        if pending.is_empty() && meta.is_empty() {
             return Ok(());
         }
         let attempt = (|| -> anyhow::Result<Vec<AuditRecord>> {
@@ -595,7 +654,7 @@ impl Engine {
             for event in &pending {
                 batch.audit(event.clone(), at)?;
             }
-            if let Some((key, value)) = meta {
+            for (key, value) in meta {
                 batch.set_meta(key, value)?;
             }
             Ok(batch.commit()?)
@@ -606,6 +665,9 @@ impl Engine {
                 Ok(())
             }
             Err(e) => {
+                if recorded == Recorded::AgainIfLost {
+                    pending.truncate(kept);
+                }
                 if pending.len() > MAX_UNRECORDED {
                     tracing::error!(
                         "{} audit events wait for the store; dropping the newest {} of them",
@@ -673,6 +735,29 @@ impl Engine {
         let protected = self.policy.protected();
         let connections = connections::list(self.enforcers.xdp(), &protected, &self.active)
             .map_err(|e| Refusal::internal("listing connections", e))?;
+        let (counters, flows) = match self.enforcers.xdp() {
+            Some(xdp) => {
+                let read = || -> anyhow::Result<_> {
+                    let counters = xdp.counters(&protected)?;
+                    let refused = |reason| counters.by_reason.get(&reason).copied().unwrap_or(0);
+                    let flows = FlowTableReport {
+                        capacity: xdp.flow_capacity(),
+                        tracked: xdp.flows()?.len(),
+                        per_grant_quota: xdp.options().flow_quota,
+                        refused_quota: refused(Reason::DropFlowQuota),
+                        refused_opens_exhausted: refused(Reason::DropOpensExhausted),
+                        refused_table_full: refused(Reason::DropFlowTableFull),
+                    };
+                    Ok((counters, Some(flows)))
+                };
+                // Like the layers' health, a failed read shows, and fails nothing.
+                read().unwrap_or_else(|e| {
+                    tracing::warn!("reading the XDP counters for the status: {e:#}");
+                    (Counters::default(), None)
+                })
+            }
+            None => (Counters::default(), None),
+        };
         let ports = protected
             .iter()
             .map(|&(protocol, port)| {
@@ -695,6 +780,14 @@ impl Engine {
                         .count(),
                     grants_last_7_days: history.map_or(0, |h| h.2),
                     last_access: history.map(|h| h.3),
+                    dropped: counters
+                        .by_port
+                        .get(&(protocol, port))
+                        .map_or(0, |c| c.dropped),
+                    refused_connections: counters
+                        .by_port
+                        .get(&(protocol, port))
+                        .map_or(0, |c| c.refused),
                 }
             })
             .collect();
@@ -708,6 +801,7 @@ impl Engine {
             ports,
             active_grants: self.active.len(),
             policy_revision: self.policy.revision,
+            flows,
         })
     }
 
@@ -730,77 +824,88 @@ impl Engine {
         Ok(())
     }
 
+    /// Audits the flows opened under grants since the last call, collects
+    /// deny events, and at the end of each interval stores the denial
+    /// summaries. Nothing is marked audited unless its records are stored.
     fn observe(&mut self) -> anyhow::Result<()> {
         let mut events = Vec::new();
-        let mut audited_until = None;
+        let mut meta = Vec::new();
+        let mut flows_seen = None;
         if let Some(xdp) = self.enforcers.xdp() {
             // Every flow opened before this instant is in the map read next.
             let read_at = SystemTime::now();
-            let fresh = self.flow_watch.new_flows(xdp)?;
+            let (fresh, snapshot) = self.flow_watch.new_flows(xdp)?;
             if !fresh.is_empty() {
-                audited_until = Some(crate::time::to_ms(read_at).to_string());
+                meta.push((FLOWS_AUDITED_KEY, crate::time::to_ms(read_at).to_string()));
             }
-            for (connection, grant_id) in fresh {
-                events.push(
-                    Event::new(
-                        Kind::ConnectionOpened,
-                        AGENT,
-                        grant_id,
-                        format!("connection {connection} opened under grant {grant_id}"),
-                    )
-                    .with_details(serde_json::json!({
-                        "protocol": connection.protocol.name(),
-                        "remote": connection.remote.to_string(),
-                        "local": connection.local.to_string(),
-                    })),
-                );
-            }
-        }
-        events.extend(self.denied_sources());
-        let meta = audited_until.as_deref().map(|ms| (FLOWS_AUDITED_KEY, ms));
-        self.commit_events_and_meta(events, meta)
-    }
-
-    /// Reports from the kernel's deny-event ring buffer.
-    fn denied_sources(&mut self) -> Vec<Event> {
-        let Some(ring) = self.enforcers.deny_events() else {
-            return Vec::new();
-        };
-        let mut events = Vec::new();
-        while let Some(item) = ring.next() {
-            let Some(denied) = crate::enforce::xdp::parse_deny_event(&item) else {
-                continue;
-            };
-            events.push(
+            flows_seen = Some(snapshot);
+            events.extend(fresh.into_iter().map(|(connection, grant_id)| {
                 Event::new(
-                    Kind::AccessDenied,
+                    Kind::ConnectionOpened,
                     AGENT,
-                    0,
-                    format!(
-                        "denied {} -> {}/{} ({}), {} more since the previous report",
-                        denied.source,
-                        denied.port,
-                        denied.protocol,
-                        denied.reason,
-                        denied.suppressed_before
-                    ),
+                    grant_id,
+                    format!("connection {connection} opened under grant {grant_id}"),
                 )
                 .with_details(serde_json::json!({
-                    "source": denied.source.to_string(),
-                    "protocol": denied.protocol,
-                    "port": denied.port,
-                    "reason": denied.reason,
-                    "suppressed_before": denied.suppressed_before,
-                })),
-            );
+                    "protocol": connection.protocol.name(),
+                    "remote": connection.remote.to_string(),
+                    "local": connection.local.to_string(),
+                }))
+            }));
         }
-        events
+        let summaries = self.collect_denials()?;
+        if let Some(summaries) = &summaries {
+            events.extend(summaries.events.iter().cloned());
+            meta.push((
+                DENIALS_SUMMARIZED_KEY,
+                serde_json::to_string(&summaries.counters)?,
+            ));
+        }
+        let stored = self.commit_events_and_meta(events, &meta, Recorded::AgainIfLost);
+        if let Some(summaries) = summaries {
+            match &stored {
+                Ok(()) => self.denials.stored(summaries),
+                Err(_) => self.denials.not_stored(),
+            }
+        }
+        if stored.is_ok()
+            && let Some(snapshot) = flows_seen
+        {
+            self.flow_watch.mark_audited(snapshot);
+        }
+        stored
+    }
+
+    /// Samples the deny events; at the end of the interval, the summaries.
+    fn collect_denials(&mut self) -> anyhow::Result<Option<denials::Summaries>> {
+        let protected = self.policy.protected();
+        if let Some(ring) = self.enforcers.deny_events() {
+            while let Some(item) = ring.next() {
+                if let Some(denied) = crate::enforce::xdp::parse_deny_event(&item) {
+                    let to_protected = denied
+                        .protocol
+                        .is_some_and(|p| protected.contains(&(p, denied.port)));
+                    self.denials.sample(&denied, to_protected);
+                }
+            }
+        }
+        if !self.denials.due(Instant::now()) {
+            return Ok(None);
+        }
+        let counters = drop_counters(&self.enforcers, &protected)?;
+        let active = &self.active;
+        Ok(Some(self.denials.summarize(counters, |grant| {
+            active
+                .get(grant)
+                .map(|g| (g.target.protocol, g.target.port))
+        })))
     }
 
     fn forget_dead_flows(&mut self) -> anyhow::Result<()> {
         let protected = self.policy.protected();
+        let active = &self.active;
         if let Some(xdp) = self.enforcers.xdp_mut() {
-            let forgotten = connections::forget_dead_flows(xdp, &protected)?;
+            let forgotten = connections::forget_dead_flows(xdp, &protected, active)?;
             if forgotten > 0 {
                 tracing::debug!("forgot {forgotten} flows of ended connections");
             }
@@ -814,6 +919,8 @@ impl Engine {
             ("database", config.database == self.config.database),
             ("pin_dir", config.pin_dir == self.config.pin_dir),
             ("nft_table", config.nft_table == self.config.nft_table),
+            ("flows", config.flows == self.config.flows),
+            ("denials", config.denials == self.config.denials),
             (
                 "api.unix_socket",
                 config.api.unix_socket == self.config.api.unix_socket,
@@ -880,6 +987,20 @@ impl Engine {
         batch.commit()?;
         Ok(())
     }
+}
+
+/// The kernel's drop counters (zero without XDP).
+fn drop_counters(
+    enforcers: &Enforcers,
+    protected: &BTreeSet<(Protocol, u16)>,
+) -> anyhow::Result<CounterSnapshot> {
+    let Some(xdp) = enforcers.xdp() else {
+        return Ok(CounterSnapshot::default());
+    };
+    Ok(CounterSnapshot::new(
+        &xdp.counters(protected)?,
+        &xdp.grant_flow_counts()?,
+    ))
 }
 
 /// Watches the namespace's interfaces on a thread of its own and tells the

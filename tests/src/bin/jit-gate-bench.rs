@@ -4,6 +4,11 @@
 //! grants loaded. Rounds interleave all programs so machine noise hits each
 //! alike; the median of the rounds is reported, as ns/packet and as a ratio
 //! to the floor of the same verdict.
+//!
+//! Then the drop path under a flood: denied SYNs from one source against
+//! SYNs from a new random source each, one frame per run (the program must
+//! see each source once, as a spoofed flood makes it), beside the floor
+//! measured the same way.
 
 #![allow(
     unused_crate_dependencies,
@@ -14,7 +19,6 @@ use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr},
     path::PathBuf,
-    time::Duration,
 };
 
 use serde::Serialize;
@@ -30,9 +34,10 @@ use jit_gate_agent::{
     enforce::xdp::XdpGate,
     net::{GrantTarget, Protocol},
 };
-use jit_gate_common::maps::{FlowKey, FlowValue};
+use jit_gate_common::maps::{FlowKey, FlowValue, flow_state};
 use jit_gate_common::verdict::{Address, Transport, tcp_flags};
 use jit_gate_tests::{env::PinDir, packets::Packet};
+use rand::{Rng, SeedableRng, rngs::StdRng};
 
 static FLOOR_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("JIT_GATE_EBPF_OBJECTS"), "/jit-gate-floor"));
@@ -48,6 +53,9 @@ struct Args {
     /// Grant-table sizes to measure with.
     #[arg(long, value_delimiter = ',', default_values_t = [1u32, 10_000, 1_000_000])]
     grants: Vec<u32>,
+    /// Frames per round of the flood measurement (one `BPF_PROG_TEST_RUN` each).
+    #[arg(long, default_value_t = 20_000)]
+    flood_frames: usize,
     /// Where the machine-readable results go.
     #[arg(long, default_value = "target/bench/xdp.json")]
     output: PathBuf,
@@ -111,17 +119,22 @@ fn paths() -> Vec<Path> {
             false,
         ),
         path(
-            "pass: exact grant v4",
+            "drop: no grant (ACK)",
+            tcp(STRANGER.into(), SSH, false),
+            false,
+        ),
+        path(
+            "pass: exact grant v4 (ACK, no flow)",
             tcp(GRANTED.into(), SSH, false),
             true,
         ),
         path(
-            "pass: exact grant v6",
+            "pass: exact grant v6 (ACK, no flow)",
             tcp(GRANTED_V6.into(), SSH, false),
             true,
         ),
         path(
-            "pass: CIDR grant v4",
+            "pass: CIDR grant v4 (ACK, no flow)",
             tcp(CIDR_SOURCE.into(), SSH, false),
             true,
         ),
@@ -143,6 +156,24 @@ struct Row {
     ratio: f64,
 }
 
+/// The flood measurement.
+#[derive(Serialize)]
+struct Flood {
+    grants: u32,
+    frames_per_round: usize,
+    one_source_ns: f64,
+    random_sources_ns: f64,
+    floor_ns: f64,
+    /// Random sources against one source: the cost of a spoofed flood.
+    random_over_one: f64,
+}
+
+#[derive(Serialize)]
+struct Results {
+    paths: Vec<Row>,
+    flood: Vec<Flood>,
+}
+
 fn run(program: &Xdp, frame: &[u8], repeat: u32) -> Result<(f64, bool), ProgramError> {
     let result = program.test_run(TestRunOptions {
         data_in: Some(frame),
@@ -151,6 +182,34 @@ fn run(program: &Xdp, frame: &[u8], repeat: u32) -> Result<(f64, bool), ProgramE
     })?;
     // The kernel reports the mean duration of one repetition.
     Ok((result.duration.as_nanos() as f64, result.return_value == 2))
+}
+
+/// Mean ns per packet over `frames`, one run each.
+fn per_frame(program: &Xdp, frames: &[Vec<u8>], expect_pass: bool) -> Result<f64> {
+    let mut total = 0.0;
+    for frame in frames {
+        let (ns, passed) = run(program, frame, 1)?;
+        ensure!(passed == expect_pass, "a flood frame got the wrong verdict");
+        total += ns;
+    }
+    Ok(total / frames.len() as f64)
+}
+
+/// Denied SYNs from one source, and each from a new source of 100.64.0.0/10
+/// (outside every granted range) on a random port.
+fn flood_frames(count: usize) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    let mut rng = StdRng::seed_from_u64(1);
+    let one = vec![tcp(STRANGER.into(), SSH, true); count];
+    let random = (0..count)
+        .map(|_| {
+            let source = Ipv4Addr::from(0x6440_0000 | (rng.random::<u32>() >> 10));
+            Packet::tcp(source.into(), GATED.into(), SSH, tcp_flags::SYN)
+                .src_port(rng.random_range(1024..=65_535))
+                .build()
+                .bytes
+        })
+        .collect();
+    (one, random)
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -175,7 +234,6 @@ fn fill_grants(gate: &mut XdpGate, have: u32, total: u32, expires: u64) -> Resul
 
 fn setup(gate: &mut XdpGate) -> Result<u64> {
     gate.set_protected_ports(&BTreeSet::from([(Protocol::Tcp, SSH)]))?;
-    gate.set_deny_report_interval(Duration::from_secs(1))?;
     let expires = boot_now_ns() + 3_600_000_000_000;
     let grant = |source: IpAddr| GrantTarget {
         source: source.into(),
@@ -206,6 +264,9 @@ fn setup(gate: &mut XdpGate) -> Result<u64> {
         FlowValue {
             grant_id: 4,
             opened_at_boot_ns: boot_now_ns(),
+            last_seen_boot_ns: boot_now_ns(),
+            state: flow_state::ESTABLISHED,
+            _pad: 0,
         },
     )?;
     Ok(expires)
@@ -234,13 +295,14 @@ fn main() -> Result<()> {
     let probe = tcp(STRANGER.into(), SSH, true);
 
     let mut rows = Vec::new();
+    let mut floods = Vec::new();
     let mut loaded = 2u32; // the v4 and v6 exact grants of setup()
     println!(
         "BPF_PROG_TEST_RUN, {} packets per run, median of {} interleaved rounds\n",
         args.repeat, args.rounds
     );
     println!(
-        "{:>9}  {:<24} {:>9} {:>9} {:>9}",
+        "{:>9}  {:<36} {:>9} {:>9} {:>9}",
         "grants", "path", "ns/pkt", "floor", "ratio"
     );
     for &total in &args.grants {
@@ -267,7 +329,7 @@ fn main() -> Result<()> {
                 drop_floor
             };
             println!(
-                "{:>9}  {:<24} {:>9.1} {:>9.1} {:>8.2}x",
+                "{:>9}  {:<36} {:>9.1} {:>9.1} {:>8.2}x",
                 loaded,
                 path.name,
                 ns,
@@ -282,12 +344,53 @@ fn main() -> Result<()> {
                 ratio: ns / floor,
             });
         }
+        floods.push(measure_flood(&gate, floor_drop, loaded, &args)?);
+    }
+    for flood in &floods {
+        println!(
+            "\ndrop path under a flood, {} grants, one frame per run, {} frames per round, \
+             median of {} rounds: one source {:.1} ns, random sources {:.1} ns, floor {:.1} ns, \
+             random/one {:.2}x",
+            flood.grants,
+            flood.frames_per_round,
+            args.rounds,
+            flood.one_source_ns,
+            flood.random_sources_ns,
+            flood.floor_ns,
+            flood.random_over_one
+        );
     }
     if let Some(dir) = args.output.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(&args.output, serde_json::to_string_pretty(&rows)?)
+    let results = Results {
+        paths: rows,
+        flood: floods,
+    };
+    std::fs::write(&args.output, serde_json::to_string_pretty(&results)?)
         .with_context(|| format!("write {}", args.output.display()))?;
     println!("\nresults written to {}", args.output.display());
     Ok(())
+}
+
+fn measure_flood(gate: &XdpGate, floor_drop: &Xdp, grants: u32, args: &Args) -> Result<Flood> {
+    let (one, random) = flood_frames(args.flood_frames);
+    let (mut floor, mut one_ns, mut random_ns) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..args.rounds {
+        floor.push(per_frame(floor_drop, &one, false)?);
+        one_ns.push(per_frame(gate.program(), &one, false)?);
+        random_ns.push(per_frame(gate.program(), &random, false)?);
+    }
+    let flood = Flood {
+        grants,
+        frames_per_round: args.flood_frames,
+        one_source_ns: median(one_ns),
+        random_sources_ns: median(random_ns),
+        floor_ns: median(floor),
+        random_over_one: 0.0,
+    };
+    Ok(Flood {
+        random_over_one: flood.random_sources_ns / flood.one_source_ns,
+        ..flood
+    })
 }

@@ -316,6 +316,7 @@ mod tests {
                 connections: 1,
                 grants_last_7_days: 9,
                 last_access: None,
+                ..PortStatus::default()
             }],
             active_grants: 2,
             policy_revision: 4,
@@ -331,6 +332,7 @@ mod tests {
             }),
             nftables: None,
             healthy: false,
+            ..Status::default()
         };
         let v = status(&s);
         assert_eq!(v["healthy"], false);

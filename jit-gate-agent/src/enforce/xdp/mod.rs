@@ -5,36 +5,39 @@
 //!
 //! Pin layout (`<pin_dir>` is `/sys/fs/bpf/jit-gate` in production):
 //! `<pin_dir>/<MAP_NAME>` for every map, `<pin_dir>/program`, and
-//! `<pin_dir>/link-<ifname>` for each attachment.
+//! `<pin_dir>/link-<ifname>` for each attachment. Map pins are stamped with
+//! the layout version (`pins`); flows, per-grant flow counters, counters
+//! and deny events are read and written in `flows`.
+
+mod attach;
+mod flows;
+mod grants;
+mod pins;
+mod source_filter;
+
+use source_filter::SourceFilter;
+
+pub use flows::{Counters, DeniedPacket, Flow, GrantFlowCounts, parse_deny_event};
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
     io::ErrorKind,
-    net::IpAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf},
     programs::{ProgramError, Xdp, links::LinkError},
 };
-use ipnet::IpNet;
-use jit_gate_common::{
-    family,
-    maps::{
-        CIDR_KEY_FIXED_BITS, CidrDataV4, CidrDataV6, DenyEvent, FlowKey, FlowValue, GateConfig,
-        GrantKeyV4, GrantKeyV6, GrantValue, PROGRAM_NAME, PortCounters, capacity, cidr_data, names,
-        protected,
-    },
-    verdict::Reason,
+use jit_gate_common::maps::{
+    CidrDataV4, CidrDataV6, FlowKey, FlowValue, GateConfig, GrantKeyV4, GrantKeyV6, GrantOpens,
+    GrantValue, PROGRAM_NAME, PortCounters, capacity, defaults, names, protected,
 };
 
 use crate::net::{GrantTarget, Protocol};
-
-mod attach;
 
 /// The compiled XDP object, built by build.rs.
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/jit-gate"));
@@ -90,6 +93,15 @@ pub enum XdpError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("map {map}: mapping it into memory: {source}")]
+    MapMemory {
+        map: &'static str,
+        source: std::io::Error,
+    },
+    #[error("counting the possible CPUs: {0}")]
+    Cpus(std::io::Error),
+    #[error("the program object does not parse: {0}")]
+    Object(#[from] Box<aya_obj::ParseError>),
 }
 
 type Result<T, E = XdpError> = std::result::Result<T, E>;
@@ -117,59 +129,43 @@ pub enum Attachment {
     Adopted,
 }
 
+/// How the gate is sized and tuned (from the agent's configuration).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GateOptions {
+    /// Entries of the flow table (fixed when its map is created).
+    pub flow_capacity: u32,
+    /// Connections a grant may hold open at once.
+    pub flow_quota: u32,
+    /// How long a TCP flow whose handshake has not completed is honoured.
+    pub half_open_timeout: Duration,
+}
+
+impl Default for GateOptions {
+    fn default() -> Self {
+        GateOptions {
+            flow_capacity: capacity::FLOWS,
+            flow_quota: defaults::FLOW_QUOTA,
+            half_open_timeout: Duration::from_nanos(defaults::HALF_OPEN_TIMEOUT_NS),
+        }
+    }
+}
+
+/// The flow limits of one grant entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GrantLimits {
+    /// Connections the grant may hold open at once.
+    pub flow_quota: u32,
+    /// Connections the grant may ever open; 0: no limit.
+    pub max_opens: u32,
+}
+
 /// One entry of a grant map, as read back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GrantEntry {
     pub target: GrantTarget,
     pub expires_at_boot_ns: u64,
     pub grant_id: u64,
-}
-
-/// A tracked flow, as read back.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Flow {
-    pub key: FlowKey,
-    pub value: FlowValue,
-}
-
-/// A denied packet as reported on the deny-event ring buffer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DeniedPacket {
-    pub source: IpAddr,
-    pub protocol: &'static str,
-    pub port: u16,
-    pub reason: &'static str,
-    /// Denied packets from the same source not reported since the previous report.
-    pub suppressed_before: u64,
-}
-
-/// Decodes one ring-buffer record; `None` if it is not a deny event.
-pub fn parse_deny_event(record: &[u8]) -> Option<DeniedPacket> {
-    if record.len() < size_of::<DenyEvent>() {
-        return None;
-    }
-    // SAFETY: the record holds at least one DenyEvent, a plain-old-data
-    // struct written by the XDP program; read_unaligned tolerates any alignment.
-    let event: DenyEvent = unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) };
-    let source = match event.family {
-        family::V4 => IpAddr::from([event.src[0], event.src[1], event.src[2], event.src[3]]),
-        family::V6 => IpAddr::from(event.src),
-        _ => return None,
-    };
-    Some(DeniedPacket {
-        source,
-        protocol: Protocol::from_number(event.protocol).map_or("other", Protocol::name),
-        port: event.dst_port,
-        reason: Reason::from_u32(event.reason).map_or("unknown", Reason::name),
-        suppressed_before: event.suppressed_before,
-    })
-}
-
-/// Counters summed over CPUs.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Counters {
-    pub by_reason: BTreeMap<Reason, u64>,
-    pub by_port: BTreeMap<(Protocol, u16), PortCounters>,
+    pub limits: GrantLimits,
 }
 
 struct Maps {
@@ -179,9 +175,12 @@ struct Maps {
     cidr_v4: LpmTrie<MapData, CidrDataV4, GrantValue>,
     cidr_v6: LpmTrie<MapData, CidrDataV6, GrantValue>,
     flows: HashMap<MapData, FlowKey, FlowValue>,
+    grant_opens: HashMap<MapData, u64, GrantOpens>,
+    grant_closes: HashMap<MapData, u64, u64>,
     reason_counters: PerCpuArray<MapData, u64>,
     port_counters: PerCpuArray<MapData, PortCounters>,
     config: Array<MapData, GateConfig>,
+    layout: Array<MapData, u32>,
     deny_events: Option<RingBuf<MapData>>,
 }
 
@@ -190,6 +189,12 @@ pub struct XdpGate {
     pin_dir: PathBuf,
     ebpf: Ebpf,
     maps: Maps,
+    source_filter: SourceFilter,
+    options: GateOptions,
+    /// Why the pinned state was not reused, if it was not.
+    rebuilt: Option<String>,
+    /// Removals of exact entries before the source filter is rebuilt.
+    filter_removals_left: usize,
     /// The kernel's id of each pinned map, to pin it again from.
     map_ids: Vec<(&'static str, u32)>,
     /// The links the agent holds, by interface name.
@@ -202,19 +207,30 @@ fn take<T: TryFrom<Map, Error = MapError>>(ebpf: &mut Ebpf, name: &'static str) 
 }
 
 impl XdpGate {
-    /// Loads the program with its maps pinned under `pin_dir`: maps pinned by
-    /// an earlier run are reused as they are (grants, flows and counters
-    /// survive), missing ones are created and pinned. The program is pinned
-    /// too, replacing an earlier pin.
+    /// [`XdpGate::open_with`] with the default options.
     pub fn open(pin_dir: impl Into<PathBuf>) -> Result<Self> {
+        Self::open_with(pin_dir, GateOptions::default())
+    }
+
+    /// Loads the program with its maps pinned under `pin_dir`. Maps pinned
+    /// by an earlier run of this layout version, with the definitions this
+    /// program has, are reused (grants, flows and counters survive); any
+    /// other pinned state is unpinned, never reused, and the maps start
+    /// empty (see [`XdpGate::rebuilt`]): the program still attached keeps
+    /// the old maps until [`XdpGate::attach`] swaps this one into its link,
+    /// so the caller fills the new maps first. The program is pinned too,
+    /// replacing an earlier pin.
+    pub fn open_with(pin_dir: impl Into<PathBuf>, options: GateOptions) -> Result<Self> {
         let pin_dir = pin_dir.into();
         ensure_bpffs(&pin_dir)?;
         fs::create_dir_all(&pin_dir).map_err(|source| XdpError::PinDir {
             path: pin_dir.clone(),
             source,
         })?;
+        let rebuilt = pins::retire_stale(&pin_dir, PROGRAM_OBJECT, &options)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pin_dir)
+            .map_max_entries(names::FLOWS, options.flow_capacity)
             .load(PROGRAM_OBJECT)
             .map_err(Box::new)?;
         let program = xdp_program(&mut ebpf)?;
@@ -235,9 +251,12 @@ impl XdpGate {
             cidr_v4: take(&mut ebpf, names::CIDR_GRANTS_V4)?,
             cidr_v6: take(&mut ebpf, names::CIDR_GRANTS_V6)?,
             flows: take(&mut ebpf, names::FLOWS)?,
+            grant_opens: take(&mut ebpf, names::GRANT_OPENS)?,
+            grant_closes: take(&mut ebpf, names::GRANT_CLOSES)?,
             reason_counters: take(&mut ebpf, names::REASON_COUNTERS)?,
             port_counters: take(&mut ebpf, names::PORT_COUNTERS)?,
             config: take(&mut ebpf, names::CONFIG)?,
+            layout: take(&mut ebpf, names::LAYOUT)?,
             deny_events: Some(take(&mut ebpf, names::DENY_EVENTS)?),
         };
         let map_ids = names::ALL
@@ -251,15 +270,38 @@ impl XdpGate {
                 Ok((name, id))
             })
             .collect::<Result<_>>()?;
+        let source_filter = SourceFilter::map(
+            ebpf.take_map(names::SOURCE_FILTER)
+                .ok_or(XdpError::MissingMap(names::SOURCE_FILTER))?,
+        )?;
         let mut gate = XdpGate {
             pin_dir,
             ebpf,
             maps,
+            source_filter,
+            options,
+            rebuilt,
+            filter_removals_left: 0,
             map_ids,
             links: BTreeMap::new(),
         };
-        gate.recount_cidr_entries()?;
+        gate.rebuild_source_filter()?;
+        gate.configure()?;
+        gate.apply_flow_quota()?;
+        pins::stamp(&mut gate.maps.layout)?;
         Ok(gate)
+    }
+
+    /// Why the pinned state found at open was not reused (another layout
+    /// version, or maps defined differently); `None` if it was reused or
+    /// there was none.
+    pub fn rebuilt(&self) -> Option<&str> {
+        self.rebuilt.as_deref()
+    }
+
+    /// The options the gate was opened with.
+    pub fn options(&self) -> &GateOptions {
+        &self.options
     }
 
     /// The loaded program, e.g. for `BPF_PROG_TEST_RUN`.
@@ -291,20 +333,27 @@ impl XdpGate {
             }
         }
         let mut free_slots = (0..capacity::PORT_COUNTER_SLOTS).filter(|s| !used_slots.contains(s));
-        let map = &mut self.maps.protected_ports;
         for (port, bits) in &wanted {
-            let slot = match slot_of.get(port) {
-                Some(slot) => *slot,
-                None => free_slots.next().ok_or(XdpError::TooManyPorts)?,
+            let slot = if let Some(slot) = slot_of.get(port) {
+                *slot
+            } else {
+                let slot = free_slots.next().ok_or(XdpError::TooManyPorts)?;
+                // A freed slot still holds the counts of the port it served.
+                clear_port_counters(&mut self.maps.port_counters, slot)?;
+                slot
             };
             let value = protected::encode(*bits, slot);
             if current.get(port) != Some(&value) {
-                map.set(u32::from(*port), value, 0)
+                self.maps
+                    .protected_ports
+                    .set(u32::from(*port), value, 0)
                     .map_err(map_err(names::PROTECTED_PORTS))?;
             }
         }
         for port in current.keys().filter(|p| !wanted.contains_key(p)) {
-            map.set(u32::from(*port), 0, 0)
+            self.maps
+                .protected_ports
+                .set(u32::from(*port), 0, 0)
                 .map_err(map_err(names::PROTECTED_PORTS))?;
         }
         Ok(())
@@ -345,151 +394,37 @@ impl XdpGate {
         Ok(out)
     }
 
-    /// Writes the kernel entry for `target`: live until `expires_at_boot_ns`.
-    pub fn upsert_grant(
-        &mut self,
-        target: &GrantTarget,
-        expires_at_boot_ns: u64,
-        grant_id: u64,
-    ) -> Result<()> {
-        let value = GrantValue {
-            expires_at_boot_ns,
-            grant_id,
+    /// Writes the gate's configuration: the options, the deny-event budget,
+    /// and the trie entry counts taken from the tries themselves (after
+    /// adoption, or if a count drifted).
+    fn configure(&mut self) -> Result<()> {
+        let config = GateConfig {
+            cidr_v4_entries: self.maps.cidr_v4.keys().count() as u32,
+            cidr_v6_entries: self.maps.cidr_v6.keys().count() as u32,
+            half_open_timeout_ns: duration_ns(self.options.half_open_timeout),
+            ..GateConfig::initial()
         };
-        let (protocol, port) = (target.protocol.number(), target.port);
-        match (target.source, target.is_exact()) {
-            (IpNet::V4(net), true) => self
-                .maps
-                .grants_v4
-                .insert(
-                    GrantKeyV4::new(net.addr().octets(), protocol, port),
-                    value,
-                    0,
-                )
-                .map_err(map_err(names::GRANTS_V4)),
-            (IpNet::V6(net), true) => self
-                .maps
-                .grants_v6
-                .insert(
-                    GrantKeyV6::new(net.addr().octets(), protocol, port),
-                    value,
-                    0,
-                )
-                .map_err(map_err(names::GRANTS_V6)),
-            (IpNet::V4(net), false) => {
-                let key = cidr_key_v4(target, net);
-                let trie = &mut self.maps.cidr_v4;
-                let added = trie.get(&key, 0).is_err();
-                trie.insert(&key, value, 0)
-                    .map_err(map_err(names::CIDR_GRANTS_V4))?;
-                if added {
-                    self.adjust_cidr_count(family::V4, 1)?;
-                }
-                Ok(())
-            }
-            (IpNet::V6(net), false) => {
-                let key = cidr_key_v6(target, net);
-                let trie = &mut self.maps.cidr_v6;
-                let added = trie.get(&key, 0).is_err();
-                trie.insert(&key, value, 0)
-                    .map_err(map_err(names::CIDR_GRANTS_V6))?;
-                if added {
-                    self.adjust_cidr_count(family::V6, 1)?;
-                }
-                Ok(())
-            }
-        }
-    }
-
-    /// Removes the kernel entry for `target`; returns whether one existed.
-    pub fn remove_grant(&mut self, target: &GrantTarget) -> Result<bool> {
-        let (protocol, port) = (target.protocol.number(), target.port);
-        let removed = match (target.source, target.is_exact()) {
-            (IpNet::V4(net), true) => {
-                self.maps
-                    .grants_v4
-                    .remove(&GrantKeyV4::new(net.addr().octets(), protocol, port))
-            }
-            (IpNet::V6(net), true) => {
-                self.maps
-                    .grants_v6
-                    .remove(&GrantKeyV6::new(net.addr().octets(), protocol, port))
-            }
-            (IpNet::V4(net), false) => {
-                let removed = self.maps.cidr_v4.remove(&cidr_key_v4(target, net));
-                if removed.is_ok() {
-                    self.adjust_cidr_count(family::V4, -1)?;
-                }
-                removed
-            }
-            (IpNet::V6(net), false) => {
-                let removed = self.maps.cidr_v6.remove(&cidr_key_v6(target, net));
-                if removed.is_ok() {
-                    self.adjust_cidr_count(family::V6, -1)?;
-                }
-                removed
-            }
-        };
-        existed(removed).map_err(map_err("grants"))
-    }
-
-    /// Every grant entry in the kernel.
-    pub fn grants(&self) -> Result<Vec<GrantEntry>> {
-        let mut out = Vec::new();
-        let entry = |source: IpNet, protocol: u8, port: u16, value: GrantValue| {
-            Protocol::from_number(protocol).map(|protocol| GrantEntry {
-                target: GrantTarget {
-                    source,
-                    protocol,
-                    port,
-                },
-                expires_at_boot_ns: value.expires_at_boot_ns,
-                grant_id: value.grant_id,
-            })
-        };
-        for item in &self.maps.grants_v4 {
-            let (k, v) = item.map_err(map_err(names::GRANTS_V4))?;
-            let source = IpNet::from(IpAddr::from(k.addr));
-            out.extend(entry(source, k.protocol, k.port, v));
-        }
-        for item in &self.maps.grants_v6 {
-            let (k, v) = item.map_err(map_err(names::GRANTS_V6))?;
-            let source = IpNet::from(IpAddr::from(k.addr));
-            out.extend(entry(source, k.protocol, k.port, v));
-        }
-        for item in &self.maps.cidr_v4 {
-            let (k, v) = item.map_err(map_err(names::CIDR_GRANTS_V4))?;
-            let (protocol, port, addr, len) = split_cidr_key::<7, 4>(&k);
-            let source = IpNet::new(IpAddr::from(addr), len).expect("trie prefix fits the family");
-            out.extend(entry(source, protocol, port, v));
-        }
-        for item in &self.maps.cidr_v6 {
-            let (k, v) = item.map_err(map_err(names::CIDR_GRANTS_V6))?;
-            let (protocol, port, addr, len) = split_cidr_key::<19, 16>(&k);
-            let source = IpNet::new(IpAddr::from(addr), len).expect("trie prefix fits the family");
-            out.extend(entry(source, protocol, port, v));
-        }
-        Ok(out)
-    }
-
-    fn adjust_cidr_count(&mut self, fam: u8, delta: i64) -> Result<()> {
-        let mut config = self.config()?;
-        let count = if fam == family::V4 {
-            &mut config.cidr_v4_entries
-        } else {
-            &mut config.cidr_v6_entries
-        };
-        *count = (i64::from(*count) + delta).max(0) as u32;
         self.set_config(config)
     }
 
-    /// Sets the trie entry counts from the tries themselves (after adoption,
-    /// or if a count drifted).
-    fn recount_cidr_entries(&mut self) -> Result<()> {
-        let mut config = self.config()?;
-        config.cidr_v4_entries = self.maps.cidr_v4.keys().count() as u32;
-        config.cidr_v6_entries = self.maps.cidr_v6.keys().count() as u32;
-        self.set_config(config)
+    /// Gives every grant entry the configured quota (the configuration may
+    /// have changed since the entries were written).
+    fn apply_flow_quota(&mut self) -> Result<()> {
+        for entry in self.grants()? {
+            if entry.limits.flow_quota != self.options.flow_quota {
+                let limits = GrantLimits {
+                    flow_quota: self.options.flow_quota,
+                    ..entry.limits
+                };
+                self.upsert_grant_with_limits(
+                    &entry.target,
+                    entry.expires_at_boot_ns,
+                    entry.grant_id,
+                    limits,
+                )?;
+            }
+        }
+        Ok(())
     }
 
     fn config(&self) -> Result<GateConfig> {
@@ -503,79 +438,19 @@ impl XdpGate {
             .map_err(map_err(names::CONFIG))
     }
 
-    /// At most one deny event per source per `interval`; zero reports every one.
-    pub fn set_deny_report_interval(&mut self, interval: Duration) -> Result<()> {
-        let mut config = self.config()?;
-        config.deny_report_interval_ns = u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX);
+    /// At most `events` deny events per CPU per `window`.
+    pub fn set_deny_budget(&mut self, events: u32, window: Duration) -> Result<()> {
+        let config = GateConfig {
+            deny_events_per_window: events,
+            deny_window_ns: duration_ns(window),
+            ..self.config()?
+        };
         self.set_config(config)
     }
 
-    /// Every tracked flow.
-    pub fn flows(&self) -> Result<Vec<Flow>> {
-        self.maps
-            .flows
-            .iter()
-            .map(|item| {
-                item.map(|(key, value)| Flow { key, value })
-                    .map_err(map_err(names::FLOWS))
-            })
-            .collect()
-    }
-
-    /// Records a flow (seeding connections that predate the gate).
-    pub fn insert_flow(&mut self, key: FlowKey, value: FlowValue) -> Result<()> {
-        self.maps
-            .flows
-            .insert(key, value, 0)
-            .map_err(map_err(names::FLOWS))
-    }
-
-    /// Forgets a flow; returns whether it was tracked.
-    pub fn remove_flow(&mut self, key: &FlowKey) -> Result<bool> {
-        existed(self.maps.flows.remove(key)).map_err(map_err(names::FLOWS))
-    }
-
-    /// Counters summed over all CPUs.
-    pub fn counters(&self) -> Result<Counters> {
-        let mut counters = Counters::default();
-        for reason in Reason::ALL {
-            let per_cpu = self
-                .maps
-                .reason_counters
-                .get(&(reason as u32), 0)
-                .map_err(map_err(names::REASON_COUNTERS))?;
-            counters.by_reason.insert(reason, per_cpu.iter().sum());
-        }
-        for (port, value) in self.protected_ports()? {
-            for protocol in [Protocol::Tcp, Protocol::Udp] {
-                if value & protected::bit_for(protocol.number()) == 0 {
-                    continue;
-                }
-                let index = protected::counter_index(value, protocol.number());
-                let per_cpu = self
-                    .maps
-                    .port_counters
-                    .get(&index, 0)
-                    .map_err(map_err(names::PORT_COUNTERS))?;
-                let sum = per_cpu
-                    .iter()
-                    .fold(PortCounters::default(), |a, c| PortCounters {
-                        passed: a.passed + c.passed,
-                        dropped: a.dropped + c.dropped,
-                    });
-                counters.by_port.insert((protocol, port), sum);
-            }
-        }
-        Ok(counters)
-    }
-
-    /// The deny-event ring buffer; taken once by whoever streams the events.
-    pub fn take_deny_events(&mut self) -> Option<RingBuf<MapData>> {
-        self.maps.deny_events.take()
-    }
-
     /// Detaches from every interface and removes all pins (program, links,
-    /// maps): the explicit, complete removal of the gate.
+    /// maps, and maps of earlier layouts): the explicit, complete removal
+    /// of the gate.
     pub fn remove(pin_dir: &Path) -> Result<()> {
         if !pin_dir.exists() {
             return Ok(());
@@ -584,14 +459,29 @@ impl XdpGate {
             remove_if_exists(&pin_dir.join(format!("{LINK_PIN_PREFIX}{ifname}")))?;
         }
         remove_if_exists(&pin_dir.join(PROGRAM_PIN))?;
-        for name in names::ALL {
-            remove_if_exists(&pin_dir.join(name))?;
-        }
+        pins::remove_map_pins(pin_dir)?;
         fs::remove_dir(pin_dir).map_err(|source| XdpError::Remove {
             path: pin_dir.into(),
             source,
         })
     }
+}
+
+fn duration_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Zeroes the per-CPU counters of a port slot.
+fn clear_port_counters(map: &mut PerCpuArray<MapData, PortCounters>, slot: u32) -> Result<()> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| XdpError::Cpus(e))?;
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        let zeros = aya::maps::PerCpuValues::try_from(vec![PortCounters::default(); cpus])
+            .map_err(XdpError::Cpus)?;
+        let index = protected::counter_index(protected::encode(0, slot), protocol.number());
+        map.set(index, zeros, 0)
+            .map_err(map_err(names::PORT_COUNTERS))?;
+    }
+    Ok(())
 }
 
 /// Turns the result of a map deletion into whether the key existed. The
@@ -621,21 +511,24 @@ fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
 }
 
 fn attached_interfaces(pin_dir: &Path) -> Result<Vec<String>> {
+    Ok(pin_names(pin_dir)?
+        .into_iter()
+        .filter_map(|n| n.strip_prefix(LINK_PIN_PREFIX).map(str::to_owned))
+        .collect())
+}
+
+/// The names of the pins under `pin_dir`, sorted.
+fn pin_names(pin_dir: &Path) -> Result<Vec<String>> {
     let entries = fs::read_dir(pin_dir).map_err(|source| XdpError::PinDir {
         path: pin_dir.into(),
         source,
     })?;
-    let mut out: Vec<String> = entries
+    let mut names: Vec<String> = entries
         .filter_map(std::result::Result::ok)
-        .filter_map(|e| {
-            e.file_name()
-                .to_str()
-                .and_then(|n| n.strip_prefix(LINK_PIN_PREFIX))
-                .map(str::to_owned)
-        })
+        .filter_map(|e| e.file_name().into_string().ok())
         .collect();
-    out.sort();
-    Ok(out)
+    names.sort();
+    Ok(names)
 }
 
 fn remove_if_exists(path: &Path) -> Result<()> {
@@ -675,34 +568,4 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
         });
     }
     Ok(())
-}
-
-fn cidr_key_v4(target: &GrantTarget, net: ipnet::Ipv4Net) -> Key<CidrDataV4> {
-    let data = cidr_data(
-        target.protocol.number(),
-        target.port,
-        &net.network().octets(),
-    );
-    Key::new(CIDR_KEY_FIXED_BITS + u32::from(net.prefix_len()), data)
-}
-
-fn cidr_key_v6(target: &GrantTarget, net: ipnet::Ipv6Net) -> Key<CidrDataV6> {
-    let data = cidr_data(
-        target.protocol.number(),
-        target.port,
-        &net.network().octets(),
-    );
-    Key::new(CIDR_KEY_FIXED_BITS + u32::from(net.prefix_len()), data)
-}
-
-/// (protocol, port, address, prefix length) from an LPM key.
-fn split_cidr_key<const N: usize, const A: usize>(key: &Key<[u8; N]>) -> (u8, u16, [u8; A], u8)
-where
-    [u8; A]: Into<IpAddr>,
-{
-    let data = key.data();
-    let mut addr = [0u8; A];
-    addr.copy_from_slice(&data[3..3 + A]);
-    let len = (key.prefix_len() - CIDR_KEY_FIXED_BITS) as u8;
-    (data[0], u16::from_be_bytes([data[1], data[2]]), addr, len)
 }

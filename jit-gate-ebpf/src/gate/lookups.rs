@@ -1,0 +1,116 @@
+//! `GateLookups` backed by the program's maps. The flow lookup keeps the
+//! pointer to the entry it found, so carrying out the verdict updates the
+//! entry without a second lookup.
+
+use core::{cell::Cell, ptr};
+
+use aya_ebpf::maps::lpm_trie::Key;
+use jit_gate_common::{
+    family,
+    maps::{
+        CIDR_KEY_FIXED_BITS, FlowKey, FlowValue, GrantKeyV4, GrantKeyV6, GrantValue, cidr_data,
+        defaults, protected, source_filter,
+    },
+    verdict::{Address, GateLookups},
+};
+
+use super::{
+    CIDR_GRANTS_V4, CIDR_GRANTS_V6, CONFIG, FLOWS, GRANTS_V4, GRANTS_V6, PROTECTED_PORTS,
+    SOURCE_FILTER,
+};
+
+pub struct MapLookups {
+    /// The entry the last `flow` lookup found; null if none.
+    flow: Cell<*mut FlowValue>,
+}
+
+impl MapLookups {
+    #[inline(always)]
+    pub fn new() -> Self {
+        MapLookups {
+            flow: Cell::new(ptr::null_mut()),
+        }
+    }
+
+    /// The flow entry `flow` found, to update in place.
+    #[inline(always)]
+    pub fn found_flow(&self) -> Option<*mut FlowValue> {
+        let found = self.flow.get();
+        (!found.is_null()).then_some(found)
+    }
+}
+
+#[inline(always)]
+fn v4_octets(addr: &Address) -> [u8; 4] {
+    [addr.bytes[0], addr.bytes[1], addr.bytes[2], addr.bytes[3]]
+}
+
+impl GateLookups for MapLookups {
+    #[inline(always)]
+    fn is_protected(&self, protocol: u8, port: u16) -> bool {
+        PROTECTED_PORTS
+            .get(port as u32)
+            .is_some_and(|v| *v & protected::bit_for(protocol) != 0)
+    }
+
+    #[inline(always)]
+    fn exact_grant(&self, src: &Address, protocol: u8, port: u16) -> Option<GrantValue> {
+        // A clear bit: no exact grant for the source, no hash lookup.
+        let bit = source_filter::bit(&src.bytes, src.family);
+        let word = SOURCE_FILTER.get(source_filter::word(bit)).copied()?;
+        if word & source_filter::mask(bit) == 0 {
+            return None;
+        }
+        // SAFETY: the maps are not preallocated: a found entry is never reused.
+        if src.family == family::V4 {
+            let key = GrantKeyV4::new(v4_octets(src), protocol, port);
+            unsafe { GRANTS_V4.get(key) }.copied()
+        } else {
+            let key = GrantKeyV6::new(src.bytes, protocol, port);
+            unsafe { GRANTS_V6.get(key) }.copied()
+        }
+    }
+
+    #[inline(always)]
+    fn has_cidr_grants(&self, family: u8) -> bool {
+        CONFIG.get(0).is_some_and(|c| {
+            if family == family::V4 {
+                c.cidr_v4_entries != 0
+            } else {
+                c.cidr_v6_entries != 0
+            }
+        })
+    }
+
+    #[inline(always)]
+    fn cidr_grant(&self, src: &Address, protocol: u8, port: u16) -> Option<GrantValue> {
+        if src.family == family::V4 {
+            let key = Key::new(
+                CIDR_KEY_FIXED_BITS + 32,
+                cidr_data(protocol, port, &v4_octets(src)),
+            );
+            CIDR_GRANTS_V4.get(&key).copied()
+        } else {
+            let key = Key::new(
+                CIDR_KEY_FIXED_BITS + 128,
+                cidr_data(protocol, port, &src.bytes),
+            );
+            CIDR_GRANTS_V6.get(&key).copied()
+        }
+    }
+
+    #[inline(always)]
+    fn flow(&self, key: &FlowKey) -> Option<FlowValue> {
+        let found = FLOWS.get_ptr_mut(key)?;
+        self.flow.set(found);
+        // SAFETY: a pointer to a live entry of a non-preallocated map.
+        Some(unsafe { *found })
+    }
+
+    #[inline(always)]
+    fn half_open_timeout_ns(&self) -> u64 {
+        CONFIG
+            .get(0)
+            .map_or(defaults::HALF_OPEN_TIMEOUT_NS, |c| c.half_open_timeout_ns)
+    }
+}
