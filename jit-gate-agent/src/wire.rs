@@ -190,6 +190,7 @@ pub fn access_request(request: proto::AccessRequest) -> AccessRequest {
         requester: request.requester,
         justification: request.justification,
         ticket: request.ticket,
+        max_connections: request.max_connections,
     }
 }
 
@@ -215,6 +216,8 @@ pub fn grant(grant: &Grant) -> proto::Grant {
         state: state as i32,
         ended_at: grant.ended_at.map(timestamp),
         remaining: Some(duration(grant.remaining())),
+        max_connections: grant.max_connections,
+        used_up: grant.used_up,
     }
 }
 
@@ -328,6 +331,7 @@ pub fn event_kind(kind: Kind) -> proto::EventKind {
         Kind::CallRefused => proto::EventKind::CallRefused,
         Kind::AuditChainBroken => proto::EventKind::AuditChainBroken,
         Kind::DatabaseReinitialized => proto::EventKind::DatabaseReinitialized,
+        Kind::GrantUsedUp => proto::EventKind::GrantUsedUp,
     }
 }
 

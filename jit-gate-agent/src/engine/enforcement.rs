@@ -10,7 +10,7 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 
-use super::interfaces::{InterfaceStatus, Interfaces, Repair};
+use super::interfaces::{InterfaceMode, InterfaceStatus, Interfaces, Repair};
 use crate::{
     clock::Deadline,
     config::{Config, Mode},
@@ -128,6 +128,36 @@ impl Enforcers {
 
     pub(super) fn nftables_active(&self) -> bool {
         self.nft.is_some()
+    }
+
+    /// Why a limit on the connections a grant opens cannot be enforced
+    /// now, if it cannot. Only the XDP program counts the connections of a
+    /// grant; nftables cannot, so no interface may be gated by nftables
+    /// alone, loopback aside (where XDP gates, the agent takes a used-up
+    /// grant's nftables element away: README "Single-use grants").
+    pub(super) fn connection_limits_unenforceable(&self) -> Option<String> {
+        if self.xdp.is_none() {
+            return Some(match &self.xdp_unavailable {
+                Some(why) => format!("the XDP gate is unavailable ({why})"),
+                None => format!("mode {} does not use the XDP gate", self.mode.name()),
+            });
+        }
+        let nft_alone: Vec<String> = self
+            .interfaces
+            .statuses(self.nft.is_some())
+            .into_iter()
+            // Loopback carries this host's own traffic only.
+            .filter(|i| {
+                !i.loopback
+                    && matches!(
+                        i.mode,
+                        InterfaceMode::NftablesOnly | InterfaceMode::Unsupported
+                    )
+            })
+            .map(|i| i.name)
+            .collect();
+        (!nft_alone.is_empty())
+            .then(|| format!("interfaces {} are not gated by XDP", nft_alone.join(", ")))
     }
 
     /// Enforcement as last checked and repaired.
@@ -282,7 +312,12 @@ fn write_xdp_entry(
     active: &ActiveGrants,
 ) -> anyhow::Result<()> {
     match active.xdp_entry(target) {
-        Some(entry) => xdp.upsert_grant(target, entry.deadline.boot_ns(), entry.grant_id)?,
+        Some(entry) => xdp.upsert_grant_opening_at_most(
+            target,
+            entry.deadline.boot_ns(),
+            entry.grant_id,
+            entry.max_connections,
+        )?,
         None => {
             xdp.remove_grant(target)?;
         }
@@ -318,10 +353,13 @@ fn reconcile_xdp(
             unprotected.join(", ")
         ));
     }
-    let kernel: BTreeMap<GrantTarget, (u64, u64)> = xdp
+    let kernel: BTreeMap<GrantTarget, (u64, u64, u32)> = xdp
         .grants()?
         .into_iter()
-        .map(|e| (e.target, (e.expires_at_boot_ns, e.grant_id)))
+        .map(|e| {
+            let limit = e.limits.max_opens;
+            (e.target, (e.expires_at_boot_ns, e.grant_id, limit))
+        })
         .collect();
     let (mut written, mut removed) = (0usize, 0usize);
     for target in active.targets() {
@@ -329,16 +367,16 @@ fn reconcile_xdp(
             continue;
         };
         let expires = entry.deadline.boot_ns();
-        let ok = kernel
-            .get(target)
-            .is_some_and(|(at, id)| *id == entry.grant_id && *at == expires);
+        let ok = kernel.get(target).is_some_and(|(at, id, limit)| {
+            *id == entry.grant_id && *at == expires && *limit == entry.max_connections
+        });
         if !ok {
-            xdp.upsert_grant(target, expires, entry.grant_id)?;
+            write_xdp_entry(xdp, target, active)?;
             written += 1;
         }
     }
     for target in kernel.keys() {
-        if active.own_entry(target).is_none() {
+        if active.xdp_entry(target).is_none() {
             xdp.remove_grant(target)?;
             removed += 1;
         }

@@ -158,6 +158,8 @@ fn grant(g: &Grant) -> Value {
             seconds: d.seconds,
             nanos: 0,
         })),
+        "max_connections": g.max_connections,
+        "used_up": g.used_up,
     })
 }
 
@@ -272,6 +274,8 @@ mod tests {
                 seconds: 90,
                 nanos: 0,
             }),
+            max_connections: 0,
+            used_up: false,
         };
         assert_eq!(
             grant(&g),
@@ -290,6 +294,8 @@ mod tests {
                 "expires_at": "2030-03-17T20:46:40.500Z",
                 "ended_at": null,
                 "remaining": "1m 30s",
+                "max_connections": 0,
+                "used_up": false,
             })
         );
     }

@@ -197,6 +197,7 @@ fn grants_table(grants: &[Grant]) -> Table {
         "SOURCE",
         "REQUESTER",
         "STATE",
+        "MAX CONN",
         "EXPIRES",
         "ENDED",
     ]);
@@ -207,11 +208,22 @@ fn grants_table(grants: &[Grant]) -> Table {
             printable(&g.source),
             printable(&g.requester),
             convert::grant_state(g.state),
+            connection_limit(g),
             time(g.expires_at.as_ref()),
             time(g.ended_at.as_ref()),
         ]);
     }
     table
+}
+
+/// A grant's limit on connections: "-" without one, "N (used up)" once
+/// the kernel admits no more.
+fn connection_limit(g: &Grant) -> String {
+    match (g.max_connections, g.used_up) {
+        (0, _) => "-".into(),
+        (n, false) => n.to_string(),
+        (n, true) => format!("{n} (used up)"),
+    }
 }
 
 /// A layer's state in one line: inactive, or its health.
