@@ -272,9 +272,20 @@ fn port_status(report: &PortReport) -> proto::PortStatus {
         active_grants: count(report.active_grants),
         connections: count(report.connections),
         grants_last_7_days: report.grants_last_7_days,
-        last_access: report.last_access.map(timestamp),
+        last_access: report.last_access.as_ref().map(|l| timestamp(l.at)),
         dropped_packets: report.dropped,
         refused_connections: report.refused_connections,
+        passed_packets: report.passed,
+        last_access_requester: report
+            .last_access
+            .as_ref()
+            .map(|l| l.requester.clone())
+            .unwrap_or_default(),
+        last_access_principal: report
+            .last_access
+            .as_ref()
+            .map(|l| l.principal.clone())
+            .unwrap_or_default(),
     }
 }
 

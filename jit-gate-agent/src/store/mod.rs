@@ -89,6 +89,24 @@ CREATE INDEX IF NOT EXISTS grants_by_port ON grants (port, created_ms);
 
 const POLICY_KEY: &str = "policy";
 
+/// The grants of one port, for the status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortActivity {
+    pub port: u16,
+    pub protocol: Protocol,
+    /// Grants created since the instant asked about.
+    pub grants_since: u32,
+    pub last: LastAccess,
+}
+
+/// The latest grant on a port: when, for whom, asked by whom.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LastAccess {
+    pub at: SystemTime,
+    pub requester: String,
+    pub principal: String,
+}
+
 /// Grant columns added since schema 2 (column, type, how to fill rows
 /// written before). Schema 3: the granted duration from the wall-clock
 /// times then recorded; no deadline and no boot id, so such a grant counts
@@ -264,26 +282,36 @@ impl Store {
         )
     }
 
-    /// Per (port, protocol): grants created since `since`, and the latest creation time.
-    pub fn port_activity(
-        &self,
-        since: SystemTime,
-    ) -> Result<Vec<(u16, Protocol, u32, SystemTime)>> {
+    /// Per (port, protocol): grants created since `since`, and the latest
+    /// grant.
+    pub fn port_activity(&self, since: SystemTime) -> Result<Vec<PortActivity>> {
+        // With MAX(), SQLite takes the bare columns from the row holding
+        // the maximum: the latest grant (ids grow with creation).
         let mut stmt = self.conn.prepare_cached(
-            "SELECT port, protocol, SUM(created_ms >= ?1), MAX(created_ms) FROM grants GROUP BY port, protocol",
+            "SELECT port, protocol, SUM(created_ms >= ?1), MAX(id), \
+             created_ms, requester, principal FROM grants GROUP BY port, protocol",
         )?;
         let rows = stmt.query_map([to_ms(since)], |r| {
             Ok((
                 r.get::<_, u16>(0)?,
                 r.get::<_, String>(1)?,
                 r.get::<_, u32>(2)?,
-                r.get::<_, i64>(3)?,
+                LastAccess {
+                    at: from_ms(r.get(4)?),
+                    requester: r.get(5)?,
+                    principal: r.get(6)?,
+                },
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (port, protocol, recent, last) = row?;
-            out.push((port, parse_protocol(&protocol)?, recent, from_ms(last)));
+            let (port, protocol, grants_since, last) = row?;
+            out.push(PortActivity {
+                port,
+                protocol: parse_protocol(&protocol)?,
+                grants_since,
+                last,
+            });
         }
         Ok(out)
     }
@@ -581,6 +609,43 @@ mod tests {
         assert_eq!(
             (moved.boot_id.as_str(), moved.deadline, moved.expires_at),
             ("boot-b", Deadline::from_boot_ns(5), shown)
+        );
+    }
+
+    #[test]
+    fn port_activity_names_the_latest_grant_and_counts_recent_ones() {
+        let (_dir, mut store) = temp_db();
+        let now = crate::time::now_ms();
+        let mut batch = store.batch().unwrap();
+        for (request_id, requester, principal, age) in [
+            ("old", "carol", "uid:0", Duration::from_hours(200)),
+            ("recent", "alice", "uid:0", Duration::from_hours(1)),
+            ("newest", "bob", "uid:1001", Duration::ZERO),
+        ] {
+            let g = Grant {
+                requester: requester.into(),
+                principal: principal.into(),
+                created_at: now - age,
+                ..grant(request_id, "192.0.2.7/32")
+            };
+            batch.insert_grant(&g, "fp").unwrap();
+        }
+        batch.commit().unwrap();
+        let activity = store
+            .port_activity(now - Duration::from_hours(168))
+            .unwrap();
+        assert_eq!(
+            activity,
+            vec![PortActivity {
+                port: 22,
+                protocol: Protocol::Tcp,
+                grants_since: 2,
+                last: LastAccess {
+                    at: now,
+                    requester: "bob".into(),
+                    principal: "uid:1001".into(),
+                },
+            }]
         );
     }
 

@@ -118,6 +118,11 @@ fn port_status(p: &PortStatus) -> Value {
         "connections": p.connections,
         "grants_last_7_days": p.grants_last_7_days,
         "last_access": timestamp(p.last_access.as_ref()),
+        "last_access_requester": p.last_access_requester,
+        "last_access_principal": p.last_access_principal,
+        "passed_packets": p.passed_packets,
+        "dropped_packets": p.dropped_packets,
+        "refused_connections": p.refused_connections,
     })
 }
 
@@ -322,7 +327,11 @@ mod tests {
                 connections: 1,
                 grants_last_7_days: 9,
                 last_access: None,
-                ..PortStatus::default()
+                last_access_requester: "alice".into(),
+                last_access_principal: "uid:0".into(),
+                passed_packets: 120,
+                dropped_packets: 7,
+                refused_connections: 1,
             }],
             active_grants: 2,
             policy_revision: 4,
@@ -352,6 +361,8 @@ mod tests {
             json!({
                 "port": 22, "protocol": "tcp", "active_grants": 2, "connections": 1,
                 "grants_last_7_days": 9, "last_access": null,
+                "last_access_requester": "alice", "last_access_principal": "uid:0",
+                "passed_packets": 120, "dropped_packets": 7, "refused_connections": 1,
             })
         );
         assert_eq!(v["policy_revision"], 4);

@@ -216,6 +216,18 @@ fn grants_table(grants: &[Grant]) -> Table {
     table
 }
 
+/// Who the latest grant on a port was for, and who asked ("-": none yet).
+fn last_access_by(p: &jit_gate_agent::proto::PortStatus) -> String {
+    if p.last_access_requester.is_empty() {
+        return "-".into();
+    }
+    format!(
+        "{} (by {})",
+        printable(&p.last_access_requester),
+        printable(&p.last_access_principal)
+    )
+}
+
 /// A grant's limit on connections: "-" without one, "N (used up)" once
 /// the kernel admits no more.
 fn connection_limit(g: &Grant) -> String {
@@ -313,6 +325,10 @@ impl Render for Status {
             "CONNECTIONS",
             "GRANTS (7 DAYS)",
             "LAST ACCESS",
+            "BY",
+            "PASSED",
+            "DROPPED",
+            "REFUSED CONN",
         ]);
         for p in &self.ports {
             ports.add_row(vec![
@@ -321,6 +337,10 @@ impl Render for Status {
                 p.connections.to_string(),
                 p.grants_last_7_days.to_string(),
                 time(p.last_access.as_ref()),
+                last_access_by(p),
+                p.passed_packets.to_string(),
+                p.dropped_packets.to_string(),
+                p.refused_connections.to_string(),
             ]);
         }
         format!("{header}\n{interfaces}\n\n{ports}\n")
