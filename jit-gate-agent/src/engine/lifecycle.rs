@@ -7,7 +7,7 @@ use std::{
     time::SystemTime,
 };
 
-use super::{AccessOutcome, Engine, PolicyChange, Reply, RevokeOutcome, connections, now_ms};
+use super::{AccessOutcome, Engine, PolicyChange, Reply, RevokeOutcome, now_ms};
 use crate::{
     audit::{AGENT, Event, Kind},
     auth::Principal,
@@ -173,7 +173,9 @@ impl Engine {
         .map_err(|e| Refusal::unavailable("recording the revoke", format!("{e:#}")))?;
         let mut ended = Vec::new();
         if terminate {
-            ended = connections::terminate(self.enforcers.xdp_mut(), &revoked, &self.active)
+            ended = self
+                .enforcement
+                .terminate(&revoked, &self.active)
                 .map_err(|e| Refusal::internal("terminating connections", format!("{e:#}")))?;
             let listed: Vec<String> = ended.iter().map(ToString::to_string).collect();
             self.commit_events(vec![
@@ -331,13 +333,7 @@ impl Engine {
             .difference(&old.protected())
             .copied()
             .collect();
-        if let Some(xdp) = self.enforcers.xdp_mut()
-            && !newly.is_empty()
-            && let Err(e) = connections::seed(xdp, &newly)
-        {
-            tracing::error!("keeping connections to newly protected ports: {e:#}");
-        }
-        if let Err(e) = self.enforcers.set_protected(&new_protected) {
+        if let Err(e) = self.enforcement.set_protected(&new_protected, &newly) {
             tracing::error!("protecting ports (reconciliation will retry): {e:#}");
         }
         if !orphaned.is_empty() {

@@ -4,10 +4,7 @@
 //! Between commands the same thread expires grants on time, audits new
 //! flows and denied sources, and reconciles the enforcers.
 
-mod connections;
 mod denials;
-mod enforcement;
-mod interfaces;
 mod lifecycle;
 mod restore;
 
@@ -20,17 +17,17 @@ use std::{
 use anyhow::Context;
 use tokio::sync::{broadcast, oneshot};
 
-pub use connections::ConnectionInfo;
-pub use enforcement::{EnforcementStatus, LayerHealth};
-pub use interfaces::{InterfaceMode, InterfaceStatus, Repair};
-use jit_gate_common::verdict::Reason;
+pub use crate::enforce::{
+    ConnectionInfo, EnforcementStatus, FlowTableReport, InterfaceMode, InterfaceStatus,
+    LayerHealth, Repair,
+};
 
 use crate::{
     audit::{AGENT, AuditRecord, Broken, Event, Kind},
     auth::Principal,
     checkpoint::{Checkpoint, CheckpointKey},
     config::{Config, Mode},
-    enforce::xdp::Counters,
+    enforce::{Counters, Enforcement},
     grants::{ActiveGrants, Grant},
     net::{GrantTarget, Protocol},
     policy::{Policy, PortRule, RuleProtocol},
@@ -38,9 +35,7 @@ use crate::{
     request::AccessRequest,
     store::Store,
 };
-use connections::FlowWatch;
 use denials::{CounterSnapshot, Denials};
-use enforcement::Enforcers;
 use restore::{WITNESS_EVERY, restore_grants};
 
 pub type Reply<T> = oneshot::Sender<Result<T, Refusal>>;
@@ -73,17 +68,6 @@ pub struct PortReport {
     /// Of those, new connections refused by a grant's limits or a full
     /// flow table.
     pub refused_connections: u64,
-}
-
-/// The XDP flow table.
-pub struct FlowTableReport {
-    pub capacity: u32,
-    pub tracked: usize,
-    pub per_grant_quota: u32,
-    /// New connections refused since the gate's state was created, by why.
-    pub refused_quota: u64,
-    pub refused_opens_exhausted: u64,
-    pub refused_table_full: u64,
 }
 
 /// Whether the audit chain verified at start (and the problem if not).
@@ -230,8 +214,7 @@ pub struct Engine {
     store: Store,
     policy: Policy,
     active: ActiveGrants,
-    enforcers: Enforcers,
-    flow_watch: FlowWatch,
+    enforcement: Enforcement,
     denials: Denials,
     events: broadcast::Sender<AuditRecord>,
     started_at: SystemTime,
@@ -325,24 +308,23 @@ impl Engine {
             active.insert(grant.active());
         }
         let (events, _) = broadcast::channel(EVENT_BUFFER);
-        let enforcers = Enforcers::open(&config);
+        let enforcement = Enforcement::open(&config);
         let summarized: Option<CounterSnapshot> = store
             .meta(DENIALS_SUMMARIZED_KEY)?
             .and_then(|json| serde_json::from_str(&json).ok());
         let denials = Denials::resume(
             config.denials.summary_interval,
             summarized,
-            drop_counters(&enforcers, &policy.protected())?,
+            drop_counters(&enforcement, &policy.protected())?,
         );
         let mut engine = Engine {
             boot_id,
             witnessed_at: Instant::now(),
-            enforcers,
+            enforcement,
             config,
             store,
             policy,
             active,
-            flow_watch: FlowWatch::default(),
             denials,
             events,
             started_at: SystemTime::now(),
@@ -355,38 +337,17 @@ impl Engine {
         };
         engine.record_restored(&restored)?;
         let protected = engine.policy.protected();
-        let mut rebuilt = None;
-        if let Some(xdp) = engine.enforcers.xdp_mut() {
-            if let Some(why) = xdp.rebuilt() {
-                tracing::warn!("kernel state rebuilt from the store: {why}");
-                rebuilt = Some(why.to_owned());
-            }
-            xdp.set_protected_ports(&protected)?;
-            let seeded = connections::seed(xdp, &protected)?;
-            tracing::info!("{seeded} established connections kept open");
-        }
-        if let Some(xdp) = engine.enforcers.xdp() {
-            let audited = engine
-                .store
-                .meta(FLOWS_AUDITED_KEY)?
-                .and_then(|ms| ms.parse().ok())
-                .map(crate::time::from_ms);
-            engine.flow_watch = FlowWatch::resume(xdp, audited)?;
-        }
-        // Grants go into the maps before the program attaches (in the same
-        // reconciliation), so granted sources are never dropped during
-        // start-up; nftables goes in after, where an interface needs it.
-        let repairs = engine.enforcers.reconcile(&engine.active, &protected)?;
-        if rebuilt.is_some()
-            && let Some(xdp) = engine.enforcers.xdp_mut()
-        {
-            // Connections opened under the previous program, into its maps,
-            // while the new maps were being filled.
-            connections::seed(xdp, &protected)?;
-        }
+        let audited = engine
+            .store
+            .meta(FLOWS_AUDITED_KEY)?
+            .and_then(|ms| ms.parse().ok())
+            .map(crate::time::from_ms);
+        let attached = engine
+            .enforcement
+            .attach(&engine.active, &protected, audited)?;
         engine.apply_config_policy()?;
         let interfaces: Vec<String> = engine
-            .enforcers
+            .enforcement
             .status()
             .interfaces
             .iter()
@@ -405,8 +366,8 @@ impl Engine {
             )
             .with_details(serde_json::json!({
                 "interfaces": interfaces,
-                "restored": repairs,
-                "kernel_state_rebuilt": rebuilt,
+                "restored": attached.repairs,
+                "kernel_state_rebuilt": attached.rebuilt,
                 "carried_across_reboot": restored.carried_summary(),
             })),
         ])?;
@@ -595,9 +556,10 @@ impl Engine {
                 let _ = reply.send(listed);
             }
             Command::ListConnections(reply) => {
-                let listed =
-                    connections::list(self.enforcers.xdp(), &self.policy.protected(), &self.active)
-                        .map_err(|e| Refusal::internal("listing connections", e));
+                let listed = self
+                    .enforcement
+                    .connections(&self.policy.protected(), &self.active)
+                    .map_err(|e| Refusal::internal("listing connections", e));
                 let _ = reply.send(listed);
             }
             Command::Record { event, reply } => {
@@ -617,7 +579,7 @@ impl Engine {
             }
             Command::LinksChanged => {
                 self.log_failure("gating new interfaces", |e| {
-                    let repairs = e.enforcers.scan_interfaces()?;
+                    let repairs = e.enforcement.scan_interfaces()?;
                     e.record_drift(&repairs)
                 });
             }
@@ -733,30 +695,18 @@ impl Engine {
             .port_activity(week_ago)
             .map_err(|e| Refusal::unavailable("reading grant history", e))?;
         let protected = self.policy.protected();
-        let connections = connections::list(self.enforcers.xdp(), &protected, &self.active)
+        let connections = self
+            .enforcement
+            .connections(&protected, &self.active)
             .map_err(|e| Refusal::internal("listing connections", e))?;
-        let (counters, flows) = match self.enforcers.xdp() {
-            Some(xdp) => {
-                let read = || -> anyhow::Result<_> {
-                    let counters = xdp.counters(&protected)?;
-                    let refused = |reason| counters.by_reason.get(&reason).copied().unwrap_or(0);
-                    let flows = FlowTableReport {
-                        capacity: xdp.flow_capacity(),
-                        tracked: xdp.flows()?.len(),
-                        per_grant_quota: xdp.options().flow_quota,
-                        refused_quota: refused(Reason::DropFlowQuota),
-                        refused_opens_exhausted: refused(Reason::DropOpensExhausted),
-                        refused_table_full: refused(Reason::DropFlowTableFull),
-                    };
-                    Ok((counters, Some(flows)))
-                };
-                // Like the layers' health, a failed read shows, and fails nothing.
-                read().unwrap_or_else(|e| {
-                    tracing::warn!("reading the XDP counters for the status: {e:#}");
-                    (Counters::default(), None)
-                })
+        // Like the layers' health, a failed read shows, and fails nothing.
+        let (counters, flows) = match self.enforcement.flow_table(&protected) {
+            Ok(Some((counters, flows))) => (counters, Some(flows)),
+            Ok(None) => (Counters::default(), None),
+            Err(e) => {
+                tracing::warn!("reading the XDP counters for the status: {e:#}");
+                (Counters::default(), None)
             }
-            None => (Counters::default(), None),
         };
         let ports = protected
             .iter()
@@ -795,9 +745,9 @@ impl Engine {
             audit: self.audit.clone(),
             started_at: self.started_at,
             configured_mode: self.config.mode,
-            nftables_active: self.enforcers.nftables_active(),
-            xdp_active: self.enforcers.xdp().is_some(),
-            enforcement: self.enforcers.check(),
+            nftables_active: self.enforcement.nftables_active(),
+            xdp_active: self.enforcement.xdp_active(),
+            enforcement: self.enforcement.check(),
             ports,
             active_grants: self.active.len(),
             policy_revision: self.policy.revision,
@@ -807,7 +757,7 @@ impl Engine {
 
     fn reconcile(&mut self) -> anyhow::Result<()> {
         let repairs = self
-            .enforcers
+            .enforcement
             .reconcile(&self.active, &self.policy.protected())?;
         self.record_drift(&repairs)
     }
@@ -831,10 +781,9 @@ impl Engine {
         let mut events = Vec::new();
         let mut meta = Vec::new();
         let mut flows_seen = None;
-        if let Some(xdp) = self.enforcers.xdp() {
-            // Every flow opened before this instant is in the map read next.
-            let read_at = SystemTime::now();
-            let (fresh, snapshot) = self.flow_watch.new_flows(xdp)?;
+        // Every flow opened before this instant is in the map read next.
+        let read_at = SystemTime::now();
+        if let Some((fresh, snapshot)) = self.enforcement.new_flows()? {
             if !fresh.is_empty() {
                 meta.push((FLOWS_AUDITED_KEY, crate::time::to_ms(read_at).to_string()));
             }
@@ -871,7 +820,7 @@ impl Engine {
         if stored.is_ok()
             && let Some(snapshot) = flows_seen
         {
-            self.flow_watch.mark_audited(snapshot);
+            self.enforcement.flows_audited(snapshot);
         }
         stored
     }
@@ -879,20 +828,17 @@ impl Engine {
     /// Samples the deny events; at the end of the interval, the summaries.
     fn collect_denials(&mut self) -> anyhow::Result<Option<denials::Summaries>> {
         let protected = self.policy.protected();
-        if let Some(ring) = self.enforcers.deny_events() {
-            while let Some(item) = ring.next() {
-                if let Some(denied) = crate::enforce::xdp::parse_deny_event(&item) {
-                    let to_protected = denied
-                        .protocol
-                        .is_some_and(|p| protected.contains(&(p, denied.port)));
-                    self.denials.sample(&denied, to_protected);
-                }
-            }
-        }
+        let denials = &mut self.denials;
+        self.enforcement.drain_denied(|denied| {
+            let to_protected = denied
+                .protocol
+                .is_some_and(|p| protected.contains(&(p, denied.port)));
+            denials.sample(denied, to_protected);
+        });
         if !self.denials.due(Instant::now()) {
             return Ok(None);
         }
-        let counters = drop_counters(&self.enforcers, &protected)?;
+        let counters = drop_counters(&self.enforcement, &protected)?;
         let active = &self.active;
         Ok(Some(self.denials.summarize(counters, |grant| {
             active
@@ -903,12 +849,11 @@ impl Engine {
 
     fn forget_dead_flows(&mut self) -> anyhow::Result<()> {
         let protected = self.policy.protected();
-        let active = &self.active;
-        if let Some(xdp) = self.enforcers.xdp_mut() {
-            let forgotten = connections::forget_dead_flows(xdp, &protected, active)?;
-            if forgotten > 0 {
-                tracing::debug!("forgot {forgotten} flows of ended connections");
-            }
+        let forgotten = self
+            .enforcement
+            .forget_dead_flows(&protected, &self.active)?;
+        if forgotten > 0 {
+            tracing::debug!("forgot {forgotten} flows of ended connections");
         }
         Ok(())
     }
@@ -954,9 +899,9 @@ impl Engine {
             != (&self.config.interfaces, &self.config.exclude_interfaces);
         self.config = config;
         if interfaces_changed {
-            self.enforcers.set_config(&self.config);
+            self.enforcement.set_config(&self.config);
             let repairs = self
-                .enforcers
+                .enforcement
                 .scan_interfaces()
                 .map_err(|e| Refusal::internal("gating the interfaces", format!("{e:#}")))?;
             self.record_drift(&repairs)
@@ -991,16 +936,13 @@ impl Engine {
 
 /// The kernel's drop counters (zero without XDP).
 fn drop_counters(
-    enforcers: &Enforcers,
+    enforcement: &Enforcement,
     protected: &BTreeSet<(Protocol, u16)>,
 ) -> anyhow::Result<CounterSnapshot> {
-    let Some(xdp) = enforcers.xdp() else {
-        return Ok(CounterSnapshot::default());
-    };
-    Ok(CounterSnapshot::new(
-        &xdp.counters(protected)?,
-        &xdp.grant_flow_counts()?,
-    ))
+    Ok(enforcement
+        .drop_counters(protected)?
+        .map(|(counters, grants)| CounterSnapshot::new(&counters, &grants))
+        .unwrap_or_default())
 }
 
 /// Watches the namespace's interfaces on a thread of its own and tells the
@@ -1011,7 +953,7 @@ fn spawn_link_watcher(commands: mpsc::Sender<Command>) -> anyhow::Result<()> {
         .name("jit-gate-links".into())
         .spawn(move || {
             let watched =
-                crate::enforce::links::watch(|| commands.send(Command::LinksChanged).is_ok());
+                crate::enforce::watch_links(|| commands.send(Command::LinksChanged).is_ok());
             if let Err(e) = watched {
                 tracing::error!(
                     "watching interfaces stopped (reconciliation still finds new ones): {e}"
@@ -1064,7 +1006,7 @@ fn initial_policy(store: &mut Store, config: &Config) -> anyhow::Result<Policy> 
 impl Engine {
     /// Targets whose enforcement must be recomputed after grants changed.
     fn enforce(&mut self, targets: &BTreeSet<GrantTarget>) {
-        if let Err(e) = self.enforcers.apply(targets, &self.active) {
+        if let Err(e) = self.enforcement.apply(targets, &self.active) {
             // The store is the truth; the next reconciliation retries.
             tracing::error!("programming enforcers (reconciliation will retry): {e:#}");
         }
