@@ -24,8 +24,8 @@ use jit_gate_common::verdict::Reason;
 pub use connections::ConnectionInfo;
 pub use connections::FlowSnapshot;
 use connections::FlowWatch;
-pub use interfaces::{InterfaceMode, InterfaceStatus, Repair};
 use interfaces::Interfaces;
+pub use interfaces::{InterfaceMode, InterfaceStatus, Repair};
 pub use xdp::{Counters, DeniedPacket, GrantFlowCounts};
 
 use crate::{
@@ -82,6 +82,15 @@ pub struct FlowTableReport {
     pub refused_quota: u64,
     pub refused_opens_exhausted: u64,
     pub refused_table_full: u64,
+}
+
+/// Flows opened under a grant since the last audit.
+pub struct NewFlows {
+    /// Each connection with the grant it was opened under.
+    pub opened: Vec<(Connection, u64)>,
+    /// To pass to [`Enforcement::flows_audited`] once their records are
+    /// stored; until then they are reported again.
+    pub snapshot: FlowSnapshot,
 }
 
 /// What attaching found and did.
@@ -270,15 +279,13 @@ impl Enforcement {
         }
     }
 
-    /// Flows opened under a grant and not yet audited (connection, grant
-    /// id), with the snapshot to pass to [`Enforcement::flows_audited`]
-    /// once their records are stored; until then they are reported again.
-    /// `None` without XDP.
-    pub fn new_flows(&self) -> anyhow::Result<Option<(Vec<(Connection, u64)>, FlowSnapshot)>> {
-        self.xdp
-            .as_ref()
-            .map(|xdp| self.flow_watch.new_flows(xdp))
-            .transpose()
+    /// Flows opened under a grant and not yet audited; `None` without XDP.
+    pub fn new_flows(&self) -> anyhow::Result<Option<NewFlows>> {
+        let Some(xdp) = &self.xdp else {
+            return Ok(None);
+        };
+        let (opened, snapshot) = self.flow_watch.new_flows(xdp)?;
+        Ok(Some(NewFlows { opened, snapshot }))
     }
 
     /// The flows of `snapshot` have been audited.

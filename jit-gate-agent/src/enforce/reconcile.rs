@@ -138,6 +138,13 @@ pub(super) fn reconcile_xdp(
             "XDP: {written} grant entries missing or wrong, {removed} without a grant"
         ));
     }
+    // After the entries: writing one sets its source's bit.
+    let missing = xdp.repair_source_filter()?;
+    if missing > 0 {
+        repairs.push(format!(
+            "XDP: source filter missing {missing} granted sources' bits; set again"
+        ));
+    }
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 //! RFC 3339, durations as humantime strings, enums by lowercase name.
 
 use jit_gate_agent::proto::{
-    AccessResponse, Connection, EnforcementMode, Event, EventKind, Grant, GrantState,
+    AccessResponse, Connection, EnforcementMode, Event, EventKind, FlowTable, Grant, GrantState,
     InterfaceStatus, LayerHealth, ListConnectionsResponse, ListGrantsResponse, Policy, PortRule,
     PortStatus, Protocol, Repair, RevokeGrantResponse, Status,
 };
@@ -84,6 +84,18 @@ pub(crate) fn status(s: &Status) -> Value {
         "healthy": s.healthy,
         "xdp": s.xdp.as_ref().map(layer),
         "nftables": s.nftables.as_ref().map(layer),
+        "flows": s.flows.as_ref().map(flow_table),
+    })
+}
+
+fn flow_table(f: &FlowTable) -> Value {
+    json!({
+        "capacity": f.capacity,
+        "tracked": f.tracked,
+        "per_grant_quota": f.per_grant_quota,
+        "refused_quota": f.refused_quota,
+        "refused_opens_exhausted": f.refused_opens_exhausted,
+        "refused_table_full": f.refused_table_full,
     })
 }
 
@@ -118,6 +130,8 @@ fn port_status(p: &PortStatus) -> Value {
         "connections": p.connections,
         "grants_last_7_days": p.grants_last_7_days,
         "last_access": timestamp(p.last_access.as_ref()),
+        "dropped_packets": p.dropped_packets,
+        "refused_connections": p.refused_connections,
     })
 }
 
