@@ -1,6 +1,6 @@
 //! How grants begin and end: requests, revokes, expiry, and policy changes
 //! that end the grants of removed ports. Each is one store transaction
-//! (grant rows and their audit records together), then the enforcers.
+//! (grant rows and their audit records together), then enforcement.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -29,7 +29,7 @@ enum Pending {
 
 impl Engine {
     /// Validates and records a batch of requests in one transaction, then
-    /// programs the enforcers and answers each.
+    /// programs enforcement and answers each.
     pub(super) fn request_access(
         &mut self,
         requests: Vec<(Principal, AccessRequest, Reply<AccessOutcome>)>,
@@ -230,7 +230,7 @@ impl Engine {
     }
 
     /// Records `grants` as ended in `state`, removes them from the active
-    /// set and updates the enforcers.
+    /// set and updates enforcement.
     fn end_grants(
         &mut self,
         grants: &[ActiveGrant],

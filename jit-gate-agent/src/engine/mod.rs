@@ -1,8 +1,9 @@
 //! The engine: the one writer of grants and policy. API calls arrive as
 //! commands on a channel and are applied in order on a dedicated thread:
-//! policy check → store (one transaction) → enforcers → audit watchers.
+//! policy check → store (one transaction) → enforcement → audit watchers.
 //! Between commands the same thread expires grants on time, audits new
-//! flows and denied sources, and reconciles the enforcers.
+//! flows and denied sources, and reconciles enforcement. The kernel is
+//! reached only through `enforce::Enforcement`, given domain state.
 
 mod configure;
 mod denials;
@@ -162,9 +163,9 @@ fn now_ms() -> SystemTime {
 }
 
 impl Engine {
-    /// Opens the store, restores policy and grants, programs the enforcers
-    /// and attaches to the interfaces. Nothing is attached if this fails
-    /// before the enforcers are opened.
+    /// Opens the store, restores policy and grants, programs every
+    /// enforcement layer and attaches to the interfaces. Nothing is
+    /// attached if this fails before enforcement is opened.
     pub fn start(config: Config, prepared: Prepared) -> anyhow::Result<Engine> {
         let Prepared {
             mut store,
@@ -300,7 +301,7 @@ impl Engine {
     fn enforce(&mut self, targets: &BTreeSet<GrantTarget>) {
         if let Err(e) = self.enforcement.apply(targets, &self.active) {
             // The store is the truth; the next reconciliation retries.
-            tracing::error!("programming enforcers (reconciliation will retry): {e:#}");
+            tracing::error!("programming enforcement (reconciliation will retry): {e:#}");
         }
     }
 }
