@@ -13,6 +13,7 @@ use crate::{
     auth::Principal,
     clock::Deadline,
     grants::{ActiveGrant, Grant, GrantState},
+    net::GrantTarget,
     policy::Policy,
     refusal::{Refusal, RefusalKind},
     request::AccessRequest,
@@ -28,6 +29,14 @@ enum Pending {
 }
 
 impl Engine {
+    /// Brings enforcement of `targets` in line after their grants changed.
+    fn enforce(&mut self, targets: &BTreeSet<GrantTarget>) {
+        if let Err(e) = self.enforcement.apply(targets, &self.active) {
+            // The store is the truth; the next reconciliation retries.
+            tracing::error!("programming enforcement (reconciliation will retry): {e:#}");
+        }
+    }
+
     /// Validates and records a batch of requests in one transaction, then
     /// programs enforcement and answers each.
     pub(super) fn request_access(

@@ -14,10 +14,7 @@ mod restore;
 mod run;
 mod status;
 
-use std::{
-    collections::BTreeSet,
-    time::{Instant, SystemTime},
-};
+use std::time::{Instant, SystemTime};
 
 use anyhow::Context;
 use tokio::sync::{broadcast, oneshot};
@@ -34,7 +31,6 @@ use crate::{
     config::Config,
     enforce::Enforcement,
     grants::{ActiveGrants, Grant},
-    net::GrantTarget,
     policy::{Policy, PortRule, RuleProtocol},
     refusal::Refusal,
     request::AccessRequest,
@@ -293,15 +289,5 @@ impl Engine {
             })),
         ])?;
         Ok(engine)
-    }
-}
-
-impl Engine {
-    /// Targets whose enforcement must be recomputed after grants changed.
-    fn enforce(&mut self, targets: &BTreeSet<GrantTarget>) {
-        if let Err(e) = self.enforcement.apply(targets, &self.active) {
-            // The store is the truth; the next reconciliation retries.
-            tracing::error!("programming enforcement (reconciliation will retry): {e:#}");
-        }
     }
 }

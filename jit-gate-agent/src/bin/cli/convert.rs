@@ -330,7 +330,8 @@ mod tests {
                 connections: 1,
                 grants_last_7_days: 9,
                 last_access: None,
-                ..PortStatus::default()
+                dropped_packets: 40,
+                refused_connections: 3,
             }],
             active_grants: 2,
             policy_revision: 4,
@@ -346,7 +347,14 @@ mod tests {
             }),
             nftables: None,
             healthy: false,
-            ..Status::default()
+            flows: Some(FlowTable {
+                capacity: 262_144,
+                tracked: 5,
+                per_grant_quota: 64,
+                refused_quota: 1,
+                refused_opens_exhausted: 2,
+                refused_table_full: 0,
+            }),
         };
         let v = status(&s);
         assert_eq!(v["healthy"], false);
@@ -360,8 +368,17 @@ mod tests {
             json!({
                 "port": 22, "protocol": "tcp", "active_grants": 2, "connections": 1,
                 "grants_last_7_days": 9, "last_access": null,
+                "dropped_packets": 40, "refused_connections": 3,
             })
         );
+        assert_eq!(
+            v["flows"],
+            json!({
+                "capacity": 262_144, "tracked": 5, "per_grant_quota": 64, "refused_quota": 1,
+                "refused_opens_exhausted": 2, "refused_table_full": 0,
+            })
+        );
+        assert_eq!(status(&Status::default())["flows"], Value::Null);
         assert_eq!(v["policy_revision"], 4);
 
         let p = Policy {
