@@ -92,7 +92,7 @@ fn status_shows_per_port_counters_and_who_had_the_last_access() {
 
     let text = cli.text(&["status"]);
     assert!(
-        text.contains("bob (by uid:0)") && text.contains("REFUSED CONN"),
+        text.contains("bob (by uid:0)") && text.contains("REFUSED"),
         "{text}"
     );
 }
