@@ -1,4 +1,4 @@
-//! Man pages (clap_mangen) and shell completions (clap_complete) for the
+//! Man pages (`clap_mangen`) and shell completions (`clap_complete`) for the
 //! binaries, written by each binary from its own command-line definition
 //! when `cargo xtask dist` sets `JIT_GATE_WRITE_DOCS` to a directory.
 

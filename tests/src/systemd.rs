@@ -5,6 +5,7 @@
 //! their real sandbox settings; systemctl reaches the manager via nsenter.
 
 use std::{
+    fmt::Write as _,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
@@ -69,10 +70,12 @@ impl PrivateSystemd {
             std::fs::write(path, text).expect("write unit");
         }
         let cgroups = own_cgroups(&unique_name("jit-gate-systemd-"));
-        let lines: String = cgroups
+        let lines = cgroups
             .iter()
-            .map(|(sub, mountpoint)| format!("{} {}\n", sub.display(), mountpoint.display()))
-            .collect();
+            .fold(String::new(), |mut lines, (sub, mountpoint)| {
+                let _ = writeln!(lines, "{} {}", sub.display(), mountpoint.display());
+                lines
+            });
         std::fs::write(dir.join("cgroups"), lines).expect("write cgroup list");
         let mut launcher = Command::new("unshare");
         launcher

@@ -11,6 +11,7 @@
 )]
 
 use std::{
+    fmt::Write as _,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::Command,
@@ -256,10 +257,10 @@ fn write_config(host: &AgentHost, extra: &str) {
 }
 
 fn policy(ports: &[u16]) -> String {
-    ports
-        .iter()
-        .map(|p| format!("[[policy]]\nport = {p}\nprotocol = \"tcp\"\n"))
-        .collect()
+    ports.iter().fold(String::new(), |mut text, p| {
+        let _ = write!(text, "[[policy]]\nport = {p}\nprotocol = \"tcp\"\n");
+        text
+    })
 }
 
 async fn policy_ports(api: &mut Api) -> Vec<u32> {

@@ -21,6 +21,10 @@ const PACKAGE: &str = "jit-gate";
 const BINARIES: [&str; 2] = ["jit-gate-agent", "jit-gate"];
 const UNITS: [&str; 2] = ["jit-gate-agent.service", "jit-gate-agent.socket"];
 const CONFIG: &str = "etc/jit-gate/agent.toml";
+/// Where the packages of the debug build go (`--dev`, `cargo xtask test`).
+pub(crate) const TEST_DIR: &str = "target/dist-test";
+/// Tells the package tests where `cargo xtask test` put the packages.
+pub(crate) const DIST_DIR_VAR: &str = "JIT_GATE_DIST_DIR";
 /// Where the binaries write their man pages and completions.
 const DOCS_VAR: &str = "JIT_GATE_WRITE_DOCS";
 /// Completion files as each binary writes them, and where Debian's shells
@@ -61,12 +65,12 @@ if [ "$1" = remove ] && [ -d /run/systemd/system ]; then
 fi
 "#;
 
-const POSTRM: &str = r#"#!/bin/sh
+const POSTRM: &str = "#!/bin/sh
 set -e
 if [ -d /run/systemd/system ]; then
     systemctl daemon-reload || true
 fi
-"#;
+";
 
 /// Which build goes in: release for distribution, dev for the tests (the
 /// same tree, built once with the tests' binaries, uncompressed).

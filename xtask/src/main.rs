@@ -35,7 +35,12 @@ enum Task {
     },
     /// Bootstrap, then build a .deb and a tarball for this machine's
     /// architecture from a release build, into target/dist.
-    Dist,
+    Dist {
+        /// Package the debug build, uncompressed, into target/dist-test
+        /// instead (what `cargo xtask test` does for the package tests).
+        #[arg(long)]
+        dev: bool,
+    },
     /// Bootstrap, then run the end-to-end demo (`jit-gate-demo`).
     Demo,
     /// Bootstrap, then run the benchmarks (`jit-gate-bench`); extra arguments go to the benchmark.
@@ -55,12 +60,13 @@ fn main() -> ExitCode {
         }),
         Task::Test { args } => bootstrap::run().and_then(|_| test::run(&args)),
         Task::Demo => bootstrap::run().and_then(|_| demo::run()),
-        Task::Dist => bootstrap::run().and_then(|_| {
-            dist::run(
-                dist::Profile::Release,
-                &cmd::workspace_root().join("target/dist"),
-            )
-            .map(|_| ())
+        Task::Dist { dev } => bootstrap::run().and_then(|_| {
+            let (profile, dir) = if dev {
+                (dist::Profile::Dev, dist::TEST_DIR)
+            } else {
+                (dist::Profile::Release, "target/dist")
+            };
+            dist::run(profile, &cmd::workspace_root().join(dir)).map(|_| ())
         }),
         Task::Bench { args } => bootstrap::run().and_then(|_| bench::run(&args)),
     };

@@ -281,11 +281,18 @@ fn run(
         .build()
         .context("starting the runtime")?;
     runtime.block_on(async {
+        let tls_incoming = match (&tls, tls_listeners) {
+            (Some(tls), Some(listeners)) => {
+                tls.set_auditor(audit_through(handle.clone()));
+                Some(tls::server::incoming(tls, listeners).context("TLS listener")?)
+            }
+            _ => None,
+        };
         let reloader = Arc::new(Reloader::new(
             config_path.to_owned(),
             handle.clone(),
             principals.clone(),
-            tls.clone(),
+            tls,
         ));
         let service = Service::new(
             handle.clone(),
@@ -295,13 +302,6 @@ fn run(
             &api,
             reloader.clone(),
         );
-        let tls_incoming = match (&tls, tls_listeners) {
-            (Some(tls), Some(listeners)) => {
-                tls.set_auditor(audit_through(handle.clone()));
-                Some(tls::server::incoming(tls, listeners).context("TLS listener")?)
-            }
-            _ => None,
-        };
         tokio::spawn(reload_on_sighup(reloader));
         tokio::spawn(watchdog(handle.clone()));
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
