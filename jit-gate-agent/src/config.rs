@@ -170,6 +170,9 @@ pub struct Config {
     pub flows: Flows,
     #[serde(default)]
     pub denials: Denials,
+    /// Prometheus metrics; off unless `enabled`.
+    #[serde(default)]
+    pub metrics: crate::metrics::MetricsConfig,
     /// The policy; applied when it differs from the last one read from the
     /// configuration. Unset: the default policy on first start.
     #[serde(default)]

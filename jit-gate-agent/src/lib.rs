@@ -20,6 +20,7 @@ pub mod enforce;
 pub mod engine;
 pub mod flows;
 pub mod grants;
+pub mod metrics;
 pub mod net;
 pub mod policy;
 pub mod proto;

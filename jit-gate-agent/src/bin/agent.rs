@@ -21,6 +21,7 @@ use jit_gate_agent::{
     config::{self, Config},
     enforce::{nft::NftGate, xdp::XdpGate},
     engine::{Command, Engine, EngineHandle},
+    metrics::{self, Metrics, rpc::RpcLatencyLayer},
     proto::{ReloadConfigurationRequest, jit_gate_client::JitGateClient},
     reload::Reloader,
     startup,
@@ -269,6 +270,9 @@ fn run(
         .map(|t| tls::server::bind(&t.listen))
         .transpose()
         .context("nothing attached, nothing changed")?;
+    let metrics_listeners =
+        metrics::bind(&config.metrics).context("nothing attached, nothing changed")?;
+    let metrics_config = config.metrics.clone();
     let reader = AuditReader::open(&config.database)?;
     let public_key = prepared.key.verifying_key();
     let api = config.api.clone();
@@ -303,10 +307,39 @@ fn run(
             reloader.clone(),
         );
         tokio::spawn(reload_on_sighup(reloader));
+        let rpc_latency = if metrics_config.enabled {
+            let metrics = Metrics::new();
+            tokio::spawn(metrics.clone().count_events(handle.clone()));
+            let listeners = metrics_listeners
+                .into_iter()
+                .map(tokio::net::TcpListener::from_std)
+                .collect::<Result<Vec<_>, _>>()
+                .context("metrics listener")?;
+            for listener in &listeners {
+                tracing::info!("metrics on http://{}/metrics", listener.local_addr()?);
+            }
+            let rpc = metrics.rpc.clone();
+            let engine = handle.clone();
+            tokio::spawn(async move {
+                if let Err(e) = metrics::run(metrics_config, listeners, metrics, engine).await {
+                    tracing::error!("metrics stopped: {e:#}");
+                }
+            });
+            RpcLatencyLayer(Some(rpc))
+        } else {
+            RpcLatencyLayer(None)
+        };
         tokio::spawn(watchdog(handle.clone()));
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
         tracing::info!("serving on {}", api.unix_socket.display());
-        server::serve(listener, tls_incoming, service, shutdown_signal()).await
+        server::serve(
+            listener,
+            tls_incoming,
+            service,
+            rpc_latency,
+            shutdown_signal(),
+        )
+        .await
     })?;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     drop(handle);

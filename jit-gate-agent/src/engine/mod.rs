@@ -12,7 +12,7 @@ mod lifecycle;
 mod restore;
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     sync::mpsc,
     time::{Duration, Instant, SystemTime},
 };
@@ -68,6 +68,8 @@ pub struct PortReport {
     pub connections: usize,
     pub grants_last_7_days: u32,
     pub last_access: Option<SystemTime>,
+    /// Packets the XDP gate passed since its state was created.
+    pub passed: u64,
     /// Packets the XDP gate dropped since its state was created.
     pub dropped: u64,
     /// Of those, new connections refused by a grant's limits or a full
@@ -104,6 +106,9 @@ pub struct StatusReport {
     pub policy_revision: u64,
     /// `None` without XDP.
     pub flows: Option<FlowTableReport>,
+    /// Packets the XDP gate decided since its state was created, by reason
+    /// (empty without XDP).
+    pub xdp_reasons: BTreeMap<Reason, u64>,
 }
 
 pub enum Command {
@@ -780,6 +785,10 @@ impl Engine {
                         .count(),
                     grants_last_7_days: history.map_or(0, |h| h.2),
                     last_access: history.map(|h| h.3),
+                    passed: counters
+                        .by_port
+                        .get(&(protocol, port))
+                        .map_or(0, |c| c.passed),
                     dropped: counters
                         .by_port
                         .get(&(protocol, port))
@@ -802,6 +811,7 @@ impl Engine {
             active_grants: self.active.len(),
             policy_revision: self.policy.revision,
             flows,
+            xdp_reasons: counters.by_reason,
         })
     }
 
@@ -921,6 +931,7 @@ impl Engine {
             ("nft_table", config.nft_table == self.config.nft_table),
             ("flows", config.flows == self.config.flows),
             ("denials", config.denials == self.config.denials),
+            ("metrics", config.metrics == self.config.metrics),
             (
                 "api.unix_socket",
                 config.api.unix_socket == self.config.api.unix_socket,
