@@ -22,7 +22,7 @@ use jit_gate_tests::{
 };
 
 const PORT: u16 = 5514;
-const LISTEN: &str = "127.0.1:9847";
+const LISTEN: &str = "127.0.0.1:9847";
 const DROPPED: u64 = 40;
 const PASSED: u64 = 25;
 
@@ -93,7 +93,7 @@ async fn scraped_counters_match_the_packets_sent() {
         ),
     );
     let (agent, mut api) = host.start().await;
-    agent.wait_for_log(&["metrics on http://127.0.1:9847/metrics"]);
+    agent.wait_for_log(&["metrics on http://127.0.0.1:9847/metrics"]);
     let sink = UdpSink::start(
         &host.topo.gated,
         SocketAddr::new(IpAddr::V4(GATED_V4), PORT),
