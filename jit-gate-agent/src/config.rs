@@ -303,7 +303,8 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.to_string().trim_end().replace('\n', " | "),
+            // As the parser lays it out: the line, a caret under the column.
+            message: e.to_string().trim_end().to_owned(),
         })?;
         config
             .validate()

@@ -52,7 +52,7 @@ impl Reloader {
         let _one_at_a_time = self.running.lock().await;
         let outcome = self.try_reload().await;
         match &outcome {
-            Ok(()) => tracing::info!(path = %self.path.display(), "configuration reloaded"),
+            Ok(()) => tracing::info!("configuration reloaded from {}", self.path.display()),
             Err(e) => tracing::error!("reload refused, running configuration kept: {e}"),
         }
         outcome

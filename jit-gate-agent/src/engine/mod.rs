@@ -726,6 +726,7 @@ impl Engine {
 
     fn publish(&self, records: Vec<AuditRecord>) {
         for record in records {
+            record.log();
             // No watcher is not an error.
             let _ = self.events.send(record);
         }
