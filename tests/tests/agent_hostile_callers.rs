@@ -2,7 +2,8 @@
 //! socket: malformed and oversize messages get precise codes and are
 //! recorded; every text field is bounded before it is stored; sources that
 //! make no sense are refused; roles decide, refusals are recorded but
-//! bounded per caller; idempotency keys and revokes are per principal;
+//! bounded per caller, refused policy changes and revokes too; idempotency
+//! keys and revokes are per principal;
 //! grant lists page and never cut silently.
 
 #![allow(
@@ -110,6 +111,77 @@ async fn malformed_and_oversize_messages_get_precise_codes_and_are_recorded() {
         "{refused:?}"
     );
     assert!(all_grants(&mut setup.api).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_policy_changes_and_revokes_are_recorded() {
+    use proto::update_policy_request::Change;
+    let mut setup = Setup::new("").await;
+    let api = &mut setup.api;
+    let before = api.get_policy(proto::GetPolicyRequest {}).await.unwrap();
+    let invalid_rule = proto::UpdatePolicyRequest {
+        change: Some(Change::UpsertRule(proto::PortRule {
+            port: 0,
+            protocol: Protocol::Tcp as i32,
+            ..Default::default()
+        })),
+        expected_revision: 0,
+    };
+    let (invalid, _) = code(api.update_policy(invalid_rule).await);
+    let stale = proto::UpdatePolicyRequest {
+        change: Some(Change::RemoveRule(proto::RuleKey {
+            port: u32::from(SSH),
+            protocol: Protocol::Tcp as i32,
+        })),
+        expected_revision: before.get_ref().revision + 7,
+    };
+    let (stale, _) = code(api.update_policy(stale).await);
+    let unknown_grant = proto::RevokeGrantRequest {
+        grant_id: 4_242,
+        ..Default::default()
+    };
+    let (unknown, _) = code(api.revoke_grant(unknown_grant).await);
+    assert_eq!(
+        (invalid, stale, unknown),
+        (
+            Code::InvalidArgument,
+            Code::FailedPrecondition,
+            Code::NotFound
+        )
+    );
+    // Nothing changed, and each refusal is in the audit log with its method.
+    assert_eq!(
+        api.get_policy(proto::GetPolicyRequest {})
+            .await
+            .unwrap()
+            .into_inner(),
+        before.into_inner()
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let refused = loop {
+        let refused = events_of(api, proto::EventKind::CallRefused).await;
+        if refused.len() >= 3 || std::time::Instant::now() > deadline {
+            break refused;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    // Recorded from the API's tasks: in any order.
+    let recorded: BTreeSet<(String, String)> = refused
+        .iter()
+        .map(|e| {
+            let details: serde_json::Value = serde_json::from_str(&e.details_json).unwrap();
+            let method = details["method"].as_str().unwrap();
+            let method = method.rsplit('/').next().unwrap().to_owned();
+            (method, details["code"].as_str().unwrap().to_owned())
+        })
+        .collect();
+    let expected = [
+        ("UpdatePolicy", "InvalidArgument"),
+        ("UpdatePolicy", "FailedPrecondition"),
+        ("RevokeGrant", "NotFound"),
+    ]
+    .map(|(m, c)| (m.to_owned(), c.to_owned()));
+    assert_eq!(recorded, BTreeSet::from(expected), "{refused:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -88,6 +88,21 @@ impl Service {
         self.engine.call(command).await.map_err(status)
     }
 
+    /// `result` of a change `caller` asked for by `method`, its refusal
+    /// recorded like every refused call (access requests are audited by the
+    /// engine itself, with the request they refused).
+    fn recorded<T>(
+        &self,
+        caller: &str,
+        method: &str,
+        result: Result<T, Status>,
+    ) -> Result<T, Status> {
+        result.inspect_err(|refusal| {
+            self.gate
+                .record_refusal(caller, &format!("/jitgate.v1.JitGate/{method}"), refusal);
+        })
+    }
+
     /// Opens an event stream for `principal`, within its stream limit.
     fn stream(
         &self,
@@ -158,28 +173,32 @@ impl JitGate for Service {
         request: Request<proto::UpdatePolicyRequest>,
     ) -> Result<Response<proto::Policy>, Status> {
         let principal = self.authorize(&request, "UpdatePolicy", Role::Admin)?;
+        let caller = principal.name.clone();
         let update = request.into_inner();
-        let change = match update.change {
-            None => return Err(Status::invalid_argument("no change given")),
-            Some(proto::update_policy_request::Change::Replace(policy)) => {
-                PolicyChange::Replace(convert::rules_from_wire(&policy)?)
-            }
-            Some(proto::update_policy_request::Change::UpsertRule(rule)) => {
-                PolicyChange::Upsert(convert::rule_from_wire(&rule, "upsert_rule")?)
-            }
-            Some(proto::update_policy_request::Change::RemoveRule(key)) => {
-                let (port, protocol) = convert::rule_key(&key)?;
-                PolicyChange::Remove { port, protocol }
-            }
-        };
-        let policy = self
-            .call(|reply| Command::UpdatePolicy {
+        let policy = async {
+            let change = match update.change {
+                None => return Err(Status::invalid_argument("no change given")),
+                Some(proto::update_policy_request::Change::Replace(policy)) => {
+                    PolicyChange::Replace(convert::rules_from_wire(&policy)?)
+                }
+                Some(proto::update_policy_request::Change::UpsertRule(rule)) => {
+                    PolicyChange::Upsert(convert::rule_from_wire(&rule, "upsert_rule")?)
+                }
+                Some(proto::update_policy_request::Change::RemoveRule(key)) => {
+                    let (port, protocol) = convert::rule_key(&key)?;
+                    PolicyChange::Remove { port, protocol }
+                }
+            };
+            self.call(|reply| Command::UpdatePolicy {
                 principal,
                 change,
                 expected_revision: update.expected_revision,
                 reply,
             })
-            .await?;
+            .await
+        }
+        .await;
+        let policy = self.recorded(&caller, "UpdatePolicy", policy)?;
         Ok(Response::new(convert::policy_to_wire(&policy)))
     }
 
@@ -207,6 +226,7 @@ impl JitGate for Service {
         request: Request<proto::RevokeGrantRequest>,
     ) -> Result<Response<proto::RevokeGrantResponse>, Status> {
         let principal = self.authorize(&request, "RevokeGrant", Role::Broker)?;
+        let caller = principal.name.clone();
         let revoke = request.into_inner();
         let outcome = self
             .call(|reply| Command::Revoke {
@@ -216,7 +236,8 @@ impl JitGate for Service {
                 reason: revoke.reason,
                 reply,
             })
-            .await?;
+            .await;
+        let outcome = self.recorded(&caller, "RevokeGrant", outcome)?;
         Ok(Response::new(proto::RevokeGrantResponse {
             grant: Some(convert::grant(&outcome.grant)),
             connections_terminated: u32::try_from(outcome.connections_terminated)
