@@ -13,7 +13,7 @@ use tonic::{Request, Status, service::interceptor::InterceptedService, transport
 use crate::{
     api::{Service, WireErrorsLayer},
     auth::Role,
-    metrics::rpc::RpcLatencyLayer,
+    metrics::rpc::{RpcLatency, RpcMetrics},
     proto::{FILE_DESCRIPTOR_SET, jit_gate_server::JitGateServer},
     tls::server::TlsConnection,
 };
@@ -33,7 +33,7 @@ pub async fn serve(
     listener: std::os::unix::net::UnixListener,
     tls: Option<TlsIncoming>,
     service: Service,
-    rpc_latency: RpcLatencyLayer,
+    rpc_metrics: Option<RpcMetrics>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let listener = UnixListener::from_std(listener).context("adopting the API socket")?;
@@ -72,7 +72,7 @@ pub async fn serve(
     let router = Server::builder()
         .layer(
             tower::ServiceBuilder::new()
-                .layer(rpc_latency)
+                .layer_fn(move |inner| RpcLatency::new(inner, rpc_metrics.clone()))
                 .layer(WireErrorsLayer(gate)),
         )
         .add_service(health_service)

@@ -21,7 +21,7 @@ use jit_gate_agent::{
     config::{self, Config},
     enforce::{nft::NftGate, xdp::XdpGate},
     engine::{Command, Engine, EngineHandle},
-    metrics::{self, Metrics, rpc::RpcLatencyLayer},
+    metrics::{self, Metrics},
     proto::{ReloadConfigurationRequest, jit_gate_client::JitGateClient},
     reload::Reloader,
     startup,
@@ -327,7 +327,7 @@ fn run(
             reloader.clone(),
         );
         tokio::spawn(reload_on_sighup(reloader));
-        let rpc_latency = if metrics_config.enabled {
+        let rpc_metrics = if metrics_config.enabled {
             let metrics = Metrics::new();
             tokio::spawn(metrics.clone().count_events(handle.clone()));
             let listeners = metrics_listeners
@@ -345,9 +345,9 @@ fn run(
                     tracing::error!("metrics stopped: {e:#}");
                 }
             });
-            RpcLatencyLayer(Some(rpc))
+            Some(rpc)
         } else {
-            RpcLatencyLayer(None)
+            None
         };
         tokio::spawn(watchdog(handle.clone()));
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
@@ -356,7 +356,7 @@ fn run(
             listener,
             tls_incoming,
             service,
-            rpc_latency,
+            rpc_metrics,
             shutdown_signal(),
         )
         .await

@@ -91,25 +91,18 @@ fn known_methods() -> BTreeSet<String> {
     known
 }
 
-/// The layer; without metrics it passes calls through untimed.
-#[derive(Clone)]
-pub struct RpcLatencyLayer(pub Option<RpcMetrics>);
-
-impl<S> tower::Layer<S> for RpcLatencyLayer {
-    type Service = RpcLatency<S>;
-
-    fn layer(&self, inner: S) -> RpcLatency<S> {
-        RpcLatency {
-            inner,
-            metrics: self.0.clone(),
-        }
-    }
-}
-
+/// The service the layer makes; without metrics it passes calls through
+/// untimed.
 #[derive(Clone)]
 pub struct RpcLatency<S> {
     inner: S,
     metrics: Option<RpcMetrics>,
+}
+
+impl<S> RpcLatency<S> {
+    pub fn new(inner: S, metrics: Option<RpcMetrics>) -> Self {
+        RpcLatency { inner, metrics }
+    }
 }
 
 impl<S, B> tower::Service<http::Request<B>> for RpcLatency<S>
