@@ -125,6 +125,21 @@ impl AgentFiles {
         self.dir.path().join("agent.db")
     }
 
+    /// Runs SQL on the (stopped) agent's database, as someone with the file
+    /// would.
+    pub fn sql(&self, statement: &str) {
+        let status = Command::new("python3")
+            .args([
+                "-c",
+                "import sqlite3, sys; db = sqlite3.connect(sys.argv[1]); db.executescript(sys.argv[2]); db.commit()",
+            ])
+            .arg(self.database())
+            .arg(statement)
+            .status()
+            .expect("python3");
+        assert!(status.success(), "{statement}");
+    }
+
     /// The agent's nftables table in its namespace as `nft -j` prints it,
     /// or `None` if there is no such table.
     pub fn nft_table(&self) -> Option<serde_json::Value> {

@@ -14,7 +14,6 @@
 
 use std::{
     net::SocketAddr,
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -32,20 +31,6 @@ type Api = JitGateClient<Channel>;
 /// The independent verifier's verdict on the agent's database.
 fn independent(files: &AgentFiles) -> serde_json::Value {
     python("verify_audit.py", &[files.database().as_os_str()]).remove(0)
-}
-
-/// Runs SQL on the (stopped) agent's database, as someone with the file would.
-fn sql(files: &AgentFiles, statement: &str) {
-    let status = Command::new("python3")
-        .args([
-            "-c",
-            "import sqlite3, sys; db = sqlite3.connect(sys.argv[1]); db.executescript(sys.argv[2]); db.commit()",
-        ])
-        .arg(files.database())
-        .arg(statement)
-        .status()
-        .expect("python3");
-    assert!(status.success(), "{statement}");
 }
 
 async fn verify(api: &mut Api, kept: &[proto::AuditCheckpoint]) -> proto::AuditVerification {
@@ -190,13 +175,10 @@ async fn the_audit_log_proves_itself() {
     );
     drop(api);
     assert!(agent.stop().success());
-    sql(
-        &files,
-        &format!(
-            "DELETE FROM audit WHERE seq > {}; DELETE FROM audit_checkpoints;",
-            kept.sequence - 2
-        ),
-    );
+    files.sql(&format!(
+        "DELETE FROM audit WHERE seq > {}; DELETE FROM audit_checkpoints;",
+        kept.sequence - 2
+    ));
     assert_eq!(
         independent(&files)["intact"],
         true,
@@ -223,10 +205,7 @@ async fn the_audit_log_proves_itself() {
     // A record edited in the middle: found at start, loudly.
     drop(api);
     assert!(agent.stop().success());
-    sql(
-        &files,
-        "UPDATE audit SET message = 'nothing happened' WHERE seq = 2;",
-    );
+    files.sql("UPDATE audit SET message = 'nothing happened' WHERE seq = 2;");
     assert_eq!(independent(&files)["broken_sequence"], 2);
     let agent = Agent::start(&files);
     let mut api = client(&files).await;
@@ -263,7 +242,7 @@ async fn the_audit_log_proves_itself() {
         "verify_audit.py",
         &[files.database().as_os_str(), "rehash".as_ref()],
     );
-    sql(&files, "DELETE FROM audit_checkpoints;");
+    files.sql("DELETE FROM audit_checkpoints;");
     assert_eq!(independent(&files)["intact"], true);
     let _agent = Agent::start(&files);
     let mut api = client(&files).await;

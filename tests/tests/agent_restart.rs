@@ -10,7 +10,7 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use jit_gate_agent::{config::Mode, enforce::xdp::XdpGate, proto};
@@ -234,4 +234,101 @@ async fn reboot_restores_live_grants_and_ends_those_expired_meanwhile() {
             (ungranted.0, ungranted.1, false),
         ],
     );
+}
+
+/// A reboot as the agent sees it: the stored grants and the last boot-clock
+/// reading carry another boot's id. A grant is carried with what the
+/// earlier boot's clock proves is left of it (8 s here, though the wall
+/// clock would allow minutes), and a grant whose wall-clock end passed
+/// while the agent was down is not reinstated. The kernel is the judge:
+/// the carried grant opens the port until its carried deadline, not after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reboot_carries_what_the_earlier_boot_clock_leaves_of_a_grant() {
+    const LEFT: Duration = Duration::from_secs(8);
+    let host = host();
+    let (agent, mut api) = host.start().await;
+    let _server = TcpEcho::start(&host.topo.gated, ssh());
+    let client = &host.topo.client;
+    let carried = api.grant("carried", SSH, TCP, CLIENT_V4, 600).await;
+    let passed = api.grant("passed", SSH, TCP, CLIENT_V4_OUTSIDE, 600).await;
+    host.assert_enforced(&mut api, "before the reboot").await;
+
+    // A reboot loses bpffs and the ruleset; only the database remains, its
+    // grants and witness on the clock of a boot that is no longer running.
+    assert!(agent.stop().success(), "graceful stop");
+    XdpGate::remove(&host.files.pins.path).expect("remove the pins");
+    host.nft(&["delete", "table", "inet", "jit_gate"]);
+    let left_ns = LEFT.as_nanos();
+    let ended_ms = (SystemTime::now() - Duration::from_secs(1))
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis();
+    host.files.sql(&format!(
+        "UPDATE grants SET boot_id = 'earlier-boot' WHERE state = 'active';
+         UPDATE meta SET value = '{{\"boot_id\":\"earlier-boot\",\"boot_ns\":'
+             || ((SELECT deadline_boot_ns FROM grants WHERE id = {carried}) - {left_ns})
+             || '}}'
+             WHERE key = 'boot_clock_witness';
+         UPDATE grants SET expires_ms = {ended_ms} WHERE id = {passed};",
+        carried = carried.id,
+        passed = passed.id,
+    ));
+
+    let starting = Instant::now();
+    let (_agent, mut api) = host.start().await;
+    let started = Instant::now();
+    let active: Vec<u64> = api.grants(false).await.iter().map(|g| g.id).collect();
+    assert_eq!(active, [carried.id], "only the carried grant is active");
+    let ended = api.grant_by_id(passed.id).await;
+    assert_eq!(ended.state, proto::GrantState::Expired as i32, "{ended:?}");
+    let log = api.audit_log().await;
+    let start = log
+        .iter()
+        .rfind(|e| e.kind == proto::EventKind::AgentStarted as i32)
+        .expect("an agent start record");
+    let reported = &details(start)["carried_across_reboot"];
+    let remaining = |id: u64| {
+        reported
+            .as_array()
+            .expect("carried grants")
+            .iter()
+            .find(|g| g["grant_id"] == id)
+            .and_then(|g| g["remaining_ms"].as_u64())
+            .unwrap_or_else(|| panic!("grant {id} not in {reported}"))
+    };
+    assert_eq!(remaining(passed.id), 0, "{reported}");
+    let carried_ms = remaining(carried.id);
+    assert!(
+        carried_ms <= LEFT.as_millis() as u64 && carried_ms + 2_000 >= LEFT.as_millis() as u64,
+        "carried {carried_ms} ms, the earlier boot's clock left {LEFT:?}: {reported}"
+    );
+    let shown = wall_time(api.grant_by_id(carried.id).await.expires_at);
+    assert!(
+        shown <= SystemTime::now() + LEFT,
+        "the wall-clock end shown moved to the carried deadline: {shown:?}"
+    );
+
+    host.assert_enforced(&mut api, "after the reboot").await;
+    expect_access(
+        client,
+        "carried grant live, passed grant not reinstated",
+        &[
+            (CLIENT_V4.into(), ssh(), true),
+            (CLIENT_V4_OUTSIDE.into(), ssh(), false),
+        ],
+    );
+    assert!(
+        started.elapsed() + Duration::from_secs(2) < LEFT,
+        "checked well before the carried deadline"
+    );
+    // Past the carried deadline (not the 600 s the wall clock had left),
+    // the kernel closes the port.
+    tokio::time::sleep_until((starting + LEFT + Duration::from_millis(1500)).into()).await;
+    expect_access(
+        client,
+        "past the carried deadline",
+        &[(CLIENT_V4.into(), ssh(), false)],
+    );
+    let ended = api.grant_by_id(carried.id).await;
+    assert_eq!(ended.state, proto::GrantState::Expired as i32, "{ended:?}");
 }

@@ -1,7 +1,7 @@
 //! Tampering behind the agent's back (issue 7, defects 5 and 6): the pin
 //! directory removed, the gate's XDP link detached, a foreign XDP program
-//! put in its place, nftables chains flushed, rules deleted, the table
-//! flushed, made dormant or deleted. Each is found and repaired within one
+//! put in its place, the source filter cleared, nftables chains flushed,
+//! rules deleted, the table flushed, made dormant or deleted. Each is found and repaired within one
 //! reconciliation, recorded as drift, and `status` says what is wrong until
 //! then. The oracle is the kernel: a real TCP connection from the client
 //! namespace, from a granted source and from an ungranted one.
@@ -17,7 +17,9 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use aya::maps::{Array, Map, MapData};
 use jit_gate_agent::{config::Mode, proto};
+use jit_gate_common::maps::{names, source_filter};
 use jit_gate_tests::{
     agent::{Agent, AgentHost, Api, Events},
     env::PinDir,
@@ -297,4 +299,58 @@ fn drop_rule_handle(host: &AgentHost) -> String {
         .find(|rule| rule["expr"].to_string().contains("\"drop\""))
         .map(|rule| rule["handle"].to_string())
         .expect("a drop rule in chain gate")
+}
+
+/// Clears every bit of the pinned source filter, as anyone with the pin
+/// could: the program then drops every source with an exact grant.
+fn clear_source_filter(pins: &std::path::Path) {
+    let mut filter: Array<MapData, u64> = MapData::from_pin(pins.join(names::SOURCE_FILTER))
+        .and_then(Map::from_map_data)
+        .and_then(Array::try_from)
+        .expect("the pinned source filter");
+    for index in 0..source_filter::WORDS {
+        filter.set(index, 0, 0).expect("clear a word");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xdp_source_filter_cleared_is_repaired() {
+    let host = host(Mode::Xdp);
+    let (agent, mut api) = host.start().await;
+    let _server = TcpEcho::start(&host.topo.gated, ssh());
+    let pins = host.files.pins.path.clone();
+    let mut events = api.watch(None).await;
+    api.grant("g", SSH, proto::Protocol::Tcp, CLIENT_V4, 600)
+        .await;
+    gate_holds(&host, "granted");
+
+    let at = Instant::now();
+    clear_source_filter(&pins);
+    repaired(
+        &agent,
+        &mut events,
+        "source filter cleared",
+        "source filter missing 1 granted",
+        at,
+    )
+    .await;
+
+    // Right after a repair (the next check is a reconciliation away): the
+    // granted source is dropped until the filter is repaired again.
+    clear_source_filter(&pins);
+    expect_access(
+        &host.topo.client,
+        "source filter cleared",
+        &[(CLIENT_V4.into(), ssh(), false)],
+    );
+    let at = Instant::now();
+    repaired(
+        &agent,
+        &mut events,
+        "source filter cleared again",
+        "source filter missing 1 granted",
+        at,
+    )
+    .await;
+    gate_holds(&host, "source filter repaired again");
 }

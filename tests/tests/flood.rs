@@ -18,6 +18,7 @@ use jit_gate_agent::{config::Mode, proto};
 use jit_gate_common::{maps::names, verdict::Reason};
 use jit_gate_tests::{
     agent::AgentHost,
+    cli::Cli,
     frames::{PacketSocket, if_counts, mac_of},
     netns::{CLIENT_V4, GATED_V4},
     packets::{Packet, tcp_flag::SYN},
@@ -188,6 +189,65 @@ async fn a_random_source_flood_is_summarized_in_bounded_records_that_add_up() {
     );
 }
 
+/// `jit-gate status` (text and JSON) shows the flow table and the port's
+/// refused connections, as counted by the kernel (`refused` at least: the
+/// kernel's counters only grow).
+fn status_through_the_cli_shows_the_refusals(host: &AgentHost, refused: u64) {
+    let cli = Cli::new(&host.files);
+    let json = cli.json(&["status"]);
+    let flows = &json["flows"];
+    assert_eq!(flows["per_grant_quota"], 2, "{json}");
+    assert!(flows["capacity"].as_u64().expect("capacity") > 0, "{json}");
+    assert_eq!(flows["tracked"], 2, "the two sessions: {json}");
+    assert!(
+        flows["refused_quota"].as_u64().expect("refused_quota") >= refused,
+        "{json}"
+    );
+    let ssh = json["ports"]
+        .as_array()
+        .expect("ports")
+        .iter()
+        .find(|p| p["port"] == SSH)
+        .expect("22/tcp")
+        .clone();
+    assert!(
+        ssh["refused_connections"].as_u64().expect("refused") >= refused,
+        "{json}"
+    );
+    assert!(ssh["dropped_packets"].as_u64().expect("dropped") >= refused);
+
+    let text = cli.text(&["status"]);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("flow table:"))
+        .unwrap_or_else(|| panic!("no flow table line:\n{text}"));
+    assert!(
+        line.contains(&format!("2 of {} tracked, 2 per grant", flows["capacity"])),
+        "{line}"
+    );
+    assert!(line.contains(" over quota"), "{line}");
+    let header = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("PORT"))
+        .unwrap_or_else(|| panic!("no port table:\n{text}"));
+    assert!(
+        header.contains("DROPPED") && header.contains("REFUSED"),
+        "{header}"
+    );
+    let row: Vec<&str> = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("22/tcp"))
+        .unwrap_or_else(|| panic!("no row for 22/tcp:\n{text}"))
+        .split_whitespace()
+        .collect();
+    let shown: u64 = row
+        .last()
+        .expect("REFUSED column")
+        .parse()
+        .expect("a count");
+    assert!(shown >= refused, "{row:?}");
+}
+
 /// A grantee over its quota: the new connection is refused, the status
 /// counts it, and the port's denial summary names the grant.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -220,6 +280,7 @@ async fn quota_hits_show_in_the_status_and_the_audit_log() {
         .find(|p| p.port == u32::from(SSH))
         .expect("22/tcp");
     assert_eq!(port.refused_connections, flows.refused_quota);
+    status_through_the_cli_shows_the_refusals(&host, port.refused_connections);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let refused: u64 = denials(&api.audit_log().await)

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     audit::{AGENT, Event, Kind},
-    enforce::xdp::{Counters, DeniedPacket, GrantFlowCounts},
+    enforce::{Counters, DeniedPacket, GrantFlowCounts},
     net::Protocol,
 };
 use jit_gate_common::verdict::Reason;

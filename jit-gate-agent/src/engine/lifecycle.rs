@@ -1,18 +1,19 @@
 //! How grants begin and end: requests, revokes, expiry, and policy changes
 //! that end the grants of removed ports. Each is one store transaction
-//! (grant rows and their audit records together), then the enforcers.
+//! (grant rows and their audit records together), then enforcement.
 
 use std::{
     collections::{BTreeSet, HashMap},
     time::SystemTime,
 };
 
-use super::{AccessOutcome, Engine, PolicyChange, Reply, RevokeOutcome, connections, now_ms};
+use super::{AccessOutcome, Engine, PolicyChange, Reply, RevokeOutcome, now_ms};
 use crate::{
     audit::{AGENT, Event, Kind},
     auth::Principal,
     clock::Deadline,
     grants::{ActiveGrant, Grant, GrantState},
+    net::GrantTarget,
     policy::Policy,
     refusal::{Refusal, RefusalKind},
     request::AccessRequest,
@@ -28,8 +29,16 @@ enum Pending {
 }
 
 impl Engine {
+    /// Brings enforcement of `targets` in line after their grants changed.
+    fn enforce(&mut self, targets: &BTreeSet<GrantTarget>) {
+        if let Err(e) = self.enforcement.apply(targets, &self.active) {
+            // The store is the truth; the next reconciliation retries.
+            tracing::error!("programming enforcement (reconciliation will retry): {e:#}");
+        }
+    }
+
     /// Validates and records a batch of requests in one transaction, then
-    /// programs the enforcers and answers each.
+    /// programs enforcement and answers each.
     pub(super) fn request_access(
         &mut self,
         requests: Vec<(Principal, AccessRequest, Reply<AccessOutcome>)>,
@@ -173,7 +182,9 @@ impl Engine {
         .map_err(|e| Refusal::unavailable("recording the revoke", format!("{e:#}")))?;
         let mut ended = Vec::new();
         if terminate {
-            ended = connections::terminate(self.enforcers.xdp_mut(), &revoked, &self.active)
+            ended = self
+                .enforcement
+                .terminate(&revoked, &self.active)
                 .map_err(|e| Refusal::internal("terminating connections", format!("{e:#}")))?;
             let listed: Vec<String> = ended.iter().map(ToString::to_string).collect();
             self.commit_events(vec![
@@ -228,7 +239,7 @@ impl Engine {
     }
 
     /// Records `grants` as ended in `state`, removes them from the active
-    /// set and updates the enforcers.
+    /// set and updates enforcement.
     fn end_grants(
         &mut self,
         grants: &[ActiveGrant],
@@ -331,13 +342,7 @@ impl Engine {
             .difference(&old.protected())
             .copied()
             .collect();
-        if let Some(xdp) = self.enforcers.xdp_mut()
-            && !newly.is_empty()
-            && let Err(e) = connections::seed(xdp, &newly)
-        {
-            tracing::error!("keeping connections to newly protected ports: {e:#}");
-        }
-        if let Err(e) = self.enforcers.set_protected(&new_protected) {
+        if let Err(e) = self.enforcement.set_protected(&new_protected, &newly) {
             tracing::error!("protecting ports (reconciliation will retry): {e:#}");
         }
         if !orphaned.is_empty() {

@@ -3,7 +3,7 @@
 //! RFC 3339, durations as humantime strings, enums by lowercase name.
 
 use jit_gate_agent::proto::{
-    AccessResponse, Connection, EnforcementMode, Event, EventKind, Grant, GrantState,
+    AccessResponse, Connection, EnforcementMode, Event, EventKind, FlowTable, Grant, GrantState,
     InterfaceStatus, LayerHealth, ListConnectionsResponse, ListGrantsResponse, Policy, PortRule,
     PortStatus, Protocol, Repair, RevokeGrantResponse, Status,
 };
@@ -84,6 +84,18 @@ pub(crate) fn status(s: &Status) -> Value {
         "healthy": s.healthy,
         "xdp": s.xdp.as_ref().map(layer),
         "nftables": s.nftables.as_ref().map(layer),
+        "flows": s.flows.as_ref().map(flow_table),
+    })
+}
+
+fn flow_table(f: &FlowTable) -> Value {
+    json!({
+        "capacity": f.capacity,
+        "tracked": f.tracked,
+        "per_grant_quota": f.per_grant_quota,
+        "refused_quota": f.refused_quota,
+        "refused_opens_exhausted": f.refused_opens_exhausted,
+        "refused_table_full": f.refused_table_full,
     })
 }
 
@@ -118,6 +130,8 @@ fn port_status(p: &PortStatus) -> Value {
         "connections": p.connections,
         "grants_last_7_days": p.grants_last_7_days,
         "last_access": timestamp(p.last_access.as_ref()),
+        "dropped_packets": p.dropped_packets,
+        "refused_connections": p.refused_connections,
     })
 }
 
@@ -316,7 +330,8 @@ mod tests {
                 connections: 1,
                 grants_last_7_days: 9,
                 last_access: None,
-                ..PortStatus::default()
+                dropped_packets: 40,
+                refused_connections: 3,
             }],
             active_grants: 2,
             policy_revision: 4,
@@ -332,7 +347,14 @@ mod tests {
             }),
             nftables: None,
             healthy: false,
-            ..Status::default()
+            flows: Some(FlowTable {
+                capacity: 262_144,
+                tracked: 5,
+                per_grant_quota: 64,
+                refused_quota: 1,
+                refused_opens_exhausted: 2,
+                refused_table_full: 0,
+            }),
         };
         let v = status(&s);
         assert_eq!(v["healthy"], false);
@@ -346,8 +368,17 @@ mod tests {
             json!({
                 "port": 22, "protocol": "tcp", "active_grants": 2, "connections": 1,
                 "grants_last_7_days": 9, "last_access": null,
+                "dropped_packets": 40, "refused_connections": 3,
             })
         );
+        assert_eq!(
+            v["flows"],
+            json!({
+                "capacity": 262_144, "tracked": 5, "per_grant_quota": 64, "refused_quota": 1,
+                "refused_opens_exhausted": 2, "refused_table_full": 0,
+            })
+        );
+        assert_eq!(status(&Status::default())["flows"], Value::Null);
         assert_eq!(v["policy_revision"], 4);
 
         let p = Policy {

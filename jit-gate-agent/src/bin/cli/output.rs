@@ -222,6 +222,24 @@ fn layer(layer: Option<&jit_gate_agent::proto::LayerHealth>) -> String {
     }
 }
 
+/// The flow table's line of the status: usage against capacity, the
+/// per-grant quota, and new connections refused by why.
+fn flow_table(flows: Option<&jit_gate_agent::proto::FlowTable>) -> String {
+    match flows {
+        Some(f) => format!(
+            "flow table:       {} of {} tracked, {} per grant; refused: {} over quota, \
+             {} opens exhausted, {} table full\n",
+            f.tracked,
+            f.capacity,
+            f.per_grant_quota,
+            f.refused_quota,
+            f.refused_opens_exhausted,
+            f.refused_table_full
+        ),
+        None => "flow table:       none (XDP not active)\n".into(),
+    }
+}
+
 /// "ok", or what is wrong; with the last repair, if any.
 fn health(problem: &str, last_repair: Option<&jit_gate_agent::proto::Repair>) -> String {
     let now = if problem.is_empty() {
@@ -301,6 +319,8 @@ impl Render for Status {
             "CONNECTIONS",
             "GRANTS (7 DAYS)",
             "LAST ACCESS",
+            "DROPPED",
+            "REFUSED",
         ]);
         for p in &self.ports {
             ports.add_row(vec![
@@ -309,9 +329,14 @@ impl Render for Status {
                 p.connections.to_string(),
                 p.grants_last_7_days.to_string(),
                 time(p.last_access.as_ref()),
+                p.dropped_packets.to_string(),
+                p.refused_connections.to_string(),
             ]);
         }
-        format!("{header}\n{interfaces}\n\n{ports}\n")
+        format!(
+            "{header}{}\n{interfaces}\n\n{ports}\n",
+            flow_table(self.flows.as_ref())
+        )
     }
 }
 

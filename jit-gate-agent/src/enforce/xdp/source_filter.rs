@@ -5,6 +5,8 @@
 //! removals have left many stale bits. A stale bit costs the program a
 //! lookup; a missing one would refuse a granted source, so nothing but a
 //! rebuild ever clears one, and a rebuild sets before it clears.
+//! Reconciliation sets again any granted source's bit found missing (the
+//! pinned map written behind the agent's back).
 
 use std::{
     net::IpAddr,
@@ -113,6 +115,37 @@ impl XdpGate {
     /// Rewrites the filter from the exact entries: their bits set, every
     /// other clear, setting missing bits before clearing stale ones.
     pub(super) fn rebuild_source_filter(&mut self) -> Result<()> {
+        let (wanted, sources) = self.wanted_source_bits()?;
+        for (index, want) in (0..).zip(wanted) {
+            let word = self.source_filter.word(index);
+            word.fetch_or(want, Ordering::SeqCst);
+            word.store(want, Ordering::SeqCst);
+        }
+        self.filter_removals_left = sources.max(REBUILD_AFTER_REMOVALS);
+        Ok(())
+    }
+
+    /// Sets again the bits of granted sources that are missing from the
+    /// filter (someone wrote the pinned map: the program would drop those
+    /// sources); returns how many bits were missing. Stale bits are left
+    /// to the next rebuild: they cost a lookup, never a grant.
+    pub fn repair_source_filter(&mut self) -> Result<usize> {
+        let (wanted, _) = self.wanted_source_bits()?;
+        let mut missing = 0;
+        for (index, want) in (0..).zip(wanted) {
+            let word = self.source_filter.word(index);
+            let lost = want & !word.load(Ordering::SeqCst);
+            if lost != 0 {
+                word.fetch_or(lost, Ordering::SeqCst);
+                missing += lost.count_ones() as usize;
+            }
+        }
+        Ok(missing)
+    }
+
+    /// The bitmap the exact entries call for, and how many entries there
+    /// are.
+    fn wanted_source_bits(&self) -> Result<(Vec<u64>, usize)> {
         let mut wanted = vec![0u64; source_filter::WORDS as usize];
         let mut sources = 0;
         let mut note = |source: IpAddr| {
@@ -126,12 +159,6 @@ impl XdpGate {
         for key in self.maps.grants_v6.keys() {
             note(IpAddr::from(key.map_err(map_err(names::GRANTS_V6))?.addr));
         }
-        for (index, want) in (0..).zip(wanted) {
-            let word = self.source_filter.word(index);
-            word.fetch_or(want, Ordering::SeqCst);
-            word.store(want, Ordering::SeqCst);
-        }
-        self.filter_removals_left = sources.max(REBUILD_AFTER_REMOVALS);
-        Ok(())
+        Ok((wanted, sources))
     }
 }

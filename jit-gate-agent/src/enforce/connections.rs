@@ -116,7 +116,7 @@ pub(super) struct FlowWatch {
 
 /// The flow map as read for [`FlowWatch::new_flows`]: what counts as
 /// audited once the records of the new flows are stored.
-pub(super) struct FlowSnapshot(HashMap<FlowKey, u64>);
+pub struct FlowSnapshot(HashMap<FlowKey, u64>);
 
 impl FlowWatch {
     /// Resumes after an earlier run that audited every flow opened before

@@ -1,0 +1,120 @@
+//! The status report: per protected port (grants, connections, history,
+//! kernel drop counters), the flow table, enforcement health and the
+//! audit chain's.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, SystemTime},
+};
+
+use jit_gate_common::verdict::Reason;
+
+use super::{AuditHealth, EnforcementStatus, Engine, FlowTableReport};
+use crate::{config::Mode, enforce::Counters, net::Protocol, refusal::Refusal};
+
+pub struct PortReport {
+    pub protocol: Protocol,
+    pub port: u16,
+    pub active_grants: usize,
+    pub connections: usize,
+    pub grants_last_7_days: u32,
+    pub last_access: Option<SystemTime>,
+    /// Packets the XDP gate passed since its state was created.
+    pub passed: u64,
+    /// Packets the XDP gate dropped since its state was created.
+    pub dropped: u64,
+    /// Of those, new connections refused by a grant's limits or a full
+    /// flow table.
+    pub refused_connections: u64,
+}
+
+pub struct StatusReport {
+    pub audit: AuditHealth,
+    pub started_at: SystemTime,
+    pub configured_mode: Mode,
+    pub nftables_active: bool,
+    pub xdp_active: bool,
+    pub enforcement: EnforcementStatus,
+    pub ports: Vec<PortReport>,
+    pub active_grants: usize,
+    pub policy_revision: u64,
+    /// `None` without XDP.
+    pub flows: Option<FlowTableReport>,
+    /// Packets the XDP gate decided since its state was created, by reason
+    /// (empty without XDP).
+    pub xdp_reasons: BTreeMap<Reason, u64>,
+}
+
+impl Engine {
+    pub(super) fn status(&self) -> Result<StatusReport, Refusal> {
+        let week_ago = SystemTime::now() - Duration::from_hours(168);
+        let activity = self
+            .store
+            .port_activity(week_ago)
+            .map_err(|e| Refusal::unavailable("reading grant history", e))?;
+        let protected = self.policy.protected();
+        let connections = self
+            .enforcement
+            .connections(&protected, &self.active)
+            .map_err(|e| Refusal::internal("listing connections", e))?;
+        // Like the layers' health, a failed read shows, and fails nothing.
+        let (counters, flows) = match self.enforcement.flow_table(&protected) {
+            Ok(Some((counters, flows))) => (counters, Some(flows)),
+            Ok(None) => (Counters::default(), None),
+            Err(e) => {
+                tracing::warn!("reading the XDP counters for the status: {e:#}");
+                (Counters::default(), None)
+            }
+        };
+        let ports = protected
+            .iter()
+            .map(|&(protocol, port)| {
+                let history = activity
+                    .iter()
+                    .find(|(p, pr, _, _)| *p == port && *pr == protocol);
+                PortReport {
+                    protocol,
+                    port,
+                    active_grants: self
+                        .active
+                        .iter()
+                        .filter(|g| g.target.protocol == protocol && g.target.port == port)
+                        .count(),
+                    connections: connections
+                        .iter()
+                        .filter(|c| {
+                            c.connection.protocol == protocol && c.connection.local.port() == port
+                        })
+                        .count(),
+                    grants_last_7_days: history.map_or(0, |h| h.2),
+                    last_access: history.map(|h| h.3),
+                    passed: counters
+                        .by_port
+                        .get(&(protocol, port))
+                        .map_or(0, |c| c.passed),
+                    dropped: counters
+                        .by_port
+                        .get(&(protocol, port))
+                        .map_or(0, |c| c.dropped),
+                    refused_connections: counters
+                        .by_port
+                        .get(&(protocol, port))
+                        .map_or(0, |c| c.refused),
+                }
+            })
+            .collect();
+        Ok(StatusReport {
+            audit: self.audit.clone(),
+            started_at: self.started_at,
+            configured_mode: self.config.mode,
+            nftables_active: self.enforcement.nftables_active(),
+            xdp_active: self.enforcement.xdp_active(),
+            enforcement: self.enforcement.check(),
+            ports,
+            active_grants: self.active.len(),
+            policy_revision: self.policy.revision,
+            flows,
+            xdp_reasons: counters.by_reason,
+        })
+    }
+}
