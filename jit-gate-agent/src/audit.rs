@@ -138,6 +138,34 @@ impl AuditRecord {
         from_ms(self.at_ms)
     }
 
+    /// Writes the committed record to the log too (journald, a collector):
+    /// every grant, refusal, expiry, revoke, approval and drift repair, with
+    /// the record's sequence number to find it in the audit log.
+    pub fn log(&self) {
+        let (message, details) = self
+            .payload
+            .as_ref()
+            .map_or(("", ""), |p| (p.message.as_str(), p.details.as_str()));
+        macro_rules! at_level {
+            ($level:ident) => {
+                tracing::$level!(
+                    target: "jit_gate::audit",
+                    sequence = self.sequence,
+                    kind = self.kind.name(),
+                    principal = %self.principal,
+                    grant_id = self.grant_id,
+                    details,
+                    "{message}"
+                )
+            };
+        }
+        match self.kind {
+            Kind::AuditChainBroken => at_level!(error),
+            Kind::DriftRepaired | Kind::DatabaseReinitialized => at_level!(warn),
+            _ => at_level!(info),
+        }
+    }
+
     /// The hash this record must carry if it follows `previous` (hex).
     pub fn expected_hash(&self, previous: &str) -> Option<String> {
         let previous = hex::decode(previous).ok()?;

@@ -170,6 +170,9 @@ pub struct Config {
     pub flows: Flows,
     #[serde(default)]
     pub denials: Denials,
+    /// Prometheus metrics; off unless `enabled`.
+    #[serde(default)]
+    pub metrics: crate::metrics::MetricsConfig,
     /// The policy; applied when it differs from the last one read from the
     /// configuration. Unset: the default policy on first start.
     #[serde(default)]
@@ -300,7 +303,8 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.to_string().trim_end().replace('\n', " | "),
+            // As the parser lays it out: the line, a caret under the column.
+            message: e.to_string().trim_end().to_owned(),
         })?;
         config
             .validate()

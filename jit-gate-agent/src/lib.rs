@@ -5,8 +5,8 @@
 // notification, the CLI's arguments, tables, connections and request ids):
 // a package has one dependency list for its library and binaries.
 use {
-    clap as _, comfy_table as _, csv as _, futures_util as _, hyper_util as _, rand as _,
-    sd_notify as _, tower as _, tracing_subscriber as _,
+    comfy_table as _, csv as _, futures_util as _, hyper_util as _, rand as _, sd_notify as _,
+    tower as _, tracing_subscriber as _,
 };
 
 pub mod api;
@@ -15,14 +15,17 @@ pub mod auth;
 pub mod checkpoint;
 pub mod clock;
 pub mod config;
+pub mod docs;
 pub mod enforce;
 pub mod engine;
 pub mod flows;
 pub mod grants;
+pub mod metrics;
 pub mod net;
 pub mod policy;
 pub mod proto;
 pub mod refusal;
+pub mod reload;
 pub mod request;
 pub mod startup;
 pub mod store;

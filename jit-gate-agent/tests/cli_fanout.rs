@@ -145,6 +145,13 @@ impl JitGate for FakeAgent {
         Err(Status::unimplemented("not faked"))
     }
 
+    async fn reload_configuration(
+        &self,
+        _: Request<jit_gate_agent::proto::ReloadConfigurationRequest>,
+    ) -> Result<Response<jit_gate_agent::proto::ReloadConfigurationResponse>, Status> {
+        Err(Status::unimplemented("not faked"))
+    }
+
     type ExportAuditStream = Pin<Box<dyn Stream<Item = Result<Event, Status>> + Send>>;
 
     async fn export_audit(

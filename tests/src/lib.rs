@@ -25,4 +25,5 @@ pub mod process;
 pub mod scenario;
 pub mod spec;
 pub mod ssh;
+pub mod systemd;
 pub mod traffic;

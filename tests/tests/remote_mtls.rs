@@ -526,7 +526,7 @@ async fn certificates_rotate_on_sighup_under_an_open_stream_and_a_bad_reload_kee
         &format!("api.tls.crl = [{crl:?}]\napi.tls.principals = {principals}\n"),
     );
     host.agent.as_ref().unwrap().signal(libc::SIGHUP);
-    wait_for_lines(host, "configuration reloaded", 1);
+    wait_for_lines(host, "configuration reloaded from", 1);
     let second = served_certificate(&fleet, broker.clone(), to).await;
     assert_ne!(first, second, "new handshakes get the new certificate");
 

@@ -194,7 +194,7 @@ async fn the_listener_is_closed_to_networks_outside_allowed_networks() {
         &format!("{principals}api.tls.allowed_networks = [\"198.18.0.0/15\"]\n"),
     );
     agent.signal(libc::SIGHUP);
-    agent.wait_for_log(&["configuration reloaded"]);
+    agent.wait_for_log(&["configuration reloaded from"]);
     fleet
         .broker
         .handshake(broker, host.tls_address())

@@ -37,6 +37,13 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "systemd",
     // A stock TLS 1.2 client, which the mutual-TLS listener must refuse.
     "openssl",
+    // `cargo xtask dist`: dpkg-shlibdeps (the package's library dependencies)
+    // and strip; man, to read the packaged man pages in the tests.
+    "dpkg-dev",
+    "binutils",
+    "man-db",
+    // setpriv: the unit tests call the agent as an unprivileged user.
+    "util-linux",
 ];
 
 /// Python modules of the stock gRPC client the end-to-end tests drive the agent

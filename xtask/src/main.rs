@@ -8,6 +8,7 @@ mod bench;
 mod bootstrap;
 mod cmd;
 mod demo;
+mod dist;
 mod test;
 
 use std::process::ExitCode;
@@ -32,6 +33,14 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Bootstrap, then build a .deb and a tarball for this machine's
+    /// architecture from a release build, into target/dist.
+    Dist {
+        /// Package the debug build, uncompressed, into target/dist-test
+        /// instead (what `cargo xtask test` does for the package tests).
+        #[arg(long)]
+        dev: bool,
+    },
     /// Bootstrap, then run the end-to-end demo (`jit-gate-demo`).
     Demo,
     /// Bootstrap, then run the benchmarks (`jit-gate-bench`); extra arguments go to the benchmark.
@@ -51,6 +60,14 @@ fn main() -> ExitCode {
         }),
         Task::Test { args } => bootstrap::run().and_then(|_| test::run(&args)),
         Task::Demo => bootstrap::run().and_then(|_| demo::run()),
+        Task::Dist { dev } => bootstrap::run().and_then(|_| {
+            let (profile, dir) = if dev {
+                (dist::Profile::Dev, dist::TEST_DIR)
+            } else {
+                (dist::Profile::Release, "target/dist")
+            };
+            dist::run(profile, &cmd::workspace_root().join(dir)).map(|_| ())
+        }),
         Task::Bench { args } => bootstrap::run().and_then(|_| bench::run(&args)),
     };
     match result {

@@ -30,6 +30,10 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
             .args(["--all-targets", "--", "-D", "warnings"]),
     )?;
     cmd::run(&mut clippy_ebpf())?;
+    // The packages, from the binaries the tests use (tests/tests/package.rs
+    // installs and unpacks them).
+    let dist_dir = cmd::workspace_root().join(crate::dist::TEST_DIR);
+    crate::dist::run(crate::dist::Profile::Dev, &dist_dir)?;
     // --no-fail-fast: one failing test binary should not hide the results of the others.
     // --lib --bins --tests: the workspace has no doc tests; their empty runs would end the log.
     let mut test = cargo();
@@ -37,6 +41,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         .args(EXCLUDE)
         .args(["--no-fail-fast", "--lib", "--bins", "--tests"])
         .args(args)
+        .env(crate::dist::DIST_DIR_VAR, &dist_dir)
         .stdout(Stdio::piped());
     let what = "cargo test";
     let mut child = test

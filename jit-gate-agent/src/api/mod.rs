@@ -21,6 +21,7 @@ use crate::{
     config::Api as ApiConfig,
     engine::{Command, EngineHandle, PolicyChange},
     proto::{self, jit_gate_server::JitGate},
+    reload::Reloader,
     store::{AuditFilter, AuditReader},
     wire::{self as convert, status},
 };
@@ -37,6 +38,7 @@ pub struct Service {
     reader: AuditReader,
     public_key: VerifyingKey,
     limits: Arc<StreamLimits>,
+    reloader: Arc<Reloader>,
     /// Set when the server stops: event streams end, since a graceful
     /// shutdown waits for open calls and a watcher's never ends by itself.
     stopping: watch::Sender<bool>,
@@ -49,6 +51,7 @@ impl Service {
         reader: AuditReader,
         public_key: VerifyingKey,
         api: &ApiConfig,
+        reloader: Arc<Reloader>,
     ) -> Self {
         Service {
             gate: Arc::new(Gate::new(principals, engine.clone())),
@@ -56,6 +59,7 @@ impl Service {
             reader,
             public_key,
             limits: StreamLimits::new(api.max_streams_per_principal, api.stream_stall_timeout),
+            reloader,
             stopping: watch::Sender::new(false),
         }
     }
@@ -395,5 +399,17 @@ impl JitGate for Service {
     ) -> Result<Response<proto::AuditCheckpoint>, Status> {
         self.authorize(&request, "GetAuditCheckpoint", Role::Auditor)?;
         Ok(Response::new(self.signed_head().await?))
+    }
+
+    async fn reload_configuration(
+        &self,
+        request: Request<proto::ReloadConfigurationRequest>,
+    ) -> Result<Response<proto::ReloadConfigurationResponse>, Status> {
+        self.authorize(&request, "ReloadConfiguration", Role::Admin)?;
+        self.reloader
+            .reload()
+            .await
+            .map_err(Status::failed_precondition)?;
+        Ok(Response::new(proto::ReloadConfigurationResponse {}))
     }
 }

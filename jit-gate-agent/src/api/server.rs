@@ -13,6 +13,7 @@ use tonic::{Request, Status, service::interceptor::InterceptedService, transport
 use crate::{
     api::{Service, WireErrorsLayer},
     auth::Role,
+    metrics::rpc::{RpcLatency, RpcMetrics},
     proto::{FILE_DESCRIPTOR_SET, jit_gate_server::JitGateServer},
     tls::server::TlsConnection,
 };
@@ -32,6 +33,7 @@ pub async fn serve(
     listener: std::os::unix::net::UnixListener,
     tls: Option<TlsIncoming>,
     service: Service,
+    rpc_metrics: Option<RpcMetrics>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let listener = UnixListener::from_std(listener).context("adopting the API socket")?;
@@ -68,7 +70,11 @@ pub async fn serve(
     );
     let stopping = service.stopping.clone();
     let router = Server::builder()
-        .layer(WireErrorsLayer(gate))
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer_fn(move |inner| RpcLatency::new(inner, rpc_metrics.clone()))
+                .layer(WireErrorsLayer(gate)),
+        )
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -18,10 +18,12 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use jit_gate_agent::{
     api::{Service, server},
-    auth::UidRole,
     config::{self, Config},
     enforce::{nft::NftGate, xdp::XdpGate},
     engine::{Command, Engine, EngineHandle},
+    metrics::{self, Metrics},
+    proto::{ReloadConfigurationRequest, jit_gate_client::JitGateClient},
+    reload::Reloader,
     startup,
     store::AuditReader,
     tls::{self, server::TlsServer},
@@ -30,6 +32,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
 #[command(
+    name = "jit-gate-agent",
     version,
     about = "jit-gate agent: just-in-time access gate for management ports"
 )]
@@ -42,8 +45,33 @@ struct Args {
     /// first record saying so. Refused if the database exists.
     #[arg(long)]
     reinitialize: bool,
+    /// Log lines as text, or one JSON object per line (for a collector).
+    /// Colours only when writing to a terminal.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Action>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs to stderr (the journal under systemd), at `RUST_LOG` or info.
+fn init_logging(format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder.json().with_current_span(false).init(),
+    }
 }
 
 #[derive(Subcommand)]
@@ -52,6 +80,10 @@ enum Action {
     Run,
     /// Validate the configuration (and read the TLS files it names) and exit.
     CheckConfig,
+    /// Ask the running agent to read its configuration again and wait for
+    /// the outcome (the unit's ExecReload): exits non-zero with the reason
+    /// if the file is invalid or the agent refuses it.
+    Reload,
     /// Remove the gate: detach XDP, delete its pins and the nftables table.
     Remove,
     /// Certificates for the mutual-TLS listener (a first install).
@@ -95,6 +127,9 @@ enum TlsAction {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = jit_gate_agent::docs::write_if_asked::<Args>() {
+        return code;
+    }
     limit_malloc_arenas();
     // Every file the agent creates (database, WAL, key, socket) is its own,
     // whatever umask it was started with.
@@ -102,13 +137,8 @@ fn main() -> ExitCode {
     unsafe {
         libc::umask(0o077);
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
+    init_logging(args.log_format);
     let action = args.command.unwrap_or(Action::Run);
     if let Action::Tls(tls) = action {
         return match tls_action(tls) {
@@ -137,7 +167,12 @@ fn main() -> ExitCode {
     let (config, tls) = match loaded {
         Ok(loaded) => loaded,
         Err(e) => {
-            eprintln!("jit-gate-agent: invalid configuration, nothing attached: {e}");
+            let consequence = if matches!(action, Action::Reload) {
+                "reload refused, running configuration kept"
+            } else {
+                "nothing attached"
+            };
+            eprintln!("jit-gate-agent: invalid configuration, {consequence}: {e}");
             return ExitCode::from(2);
         }
     };
@@ -147,6 +182,7 @@ fn main() -> ExitCode {
             Ok(())
         }
         Action::Remove => remove(&config),
+        Action::Reload => reload(&config.api.unix_socket),
         Action::Run => run(config, tls, &args.config, args.reinitialize),
         Action::Tls(_) => unreachable!("handled above"),
     };
@@ -194,6 +230,35 @@ fn tls_action(action: TlsAction) -> anyhow::Result<String> {
     }
 }
 
+/// Calls `ReloadConfiguration` on the agent's Unix socket.
+fn reload(socket: &Path) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async {
+        let socket = socket.to_owned();
+        let channel = tonic::transport::Endpoint::from_static("http://agent.invalid")
+            .connect_with_connector(tower::service_fn(move |_| {
+                let socket = socket.clone();
+                async move {
+                    tokio::net::UnixStream::connect(socket)
+                        .await
+                        .map(hyper_util::rt::TokioIo::new)
+                }
+            }))
+            .await
+            .context("connecting to the agent")?;
+        JitGateClient::new(channel)
+            .reload_configuration(ReloadConfigurationRequest {})
+            .await
+            .map_err(|status| anyhow::anyhow!("{}", status.message()))
+            .context("reload refused")?;
+        println!("configuration reloaded");
+        Ok(())
+    })
+}
+
 fn remove(config: &Config) -> anyhow::Result<()> {
     XdpGate::remove(&config.pin_dir).context("removing the XDP gate")?;
     let existed = NftGate::new(config.nft_table.clone())
@@ -225,6 +290,9 @@ fn run(
         .map(|t| tls::server::bind(&t.listen))
         .transpose()
         .context("nothing attached, nothing changed")?;
+    let metrics_listeners =
+        metrics::bind(&config.metrics).context("nothing attached, nothing changed")?;
+    let metrics_config = config.metrics.clone();
     let reader = AuditReader::open(&config.database)?;
     let public_key = prepared.key.verifying_key();
     let api = config.api.clone();
@@ -237,7 +305,6 @@ fn run(
         .build()
         .context("starting the runtime")?;
     runtime.block_on(async {
-        let service = Service::new(handle.clone(), principals.clone(), reader, public_key, &api);
         let tls_incoming = match (&tls, tls_listeners) {
             (Some(tls), Some(listeners)) => {
                 tls.set_auditor(audit_through(handle.clone()));
@@ -245,16 +312,54 @@ fn run(
             }
             _ => None,
         };
-        tokio::spawn(reload_on_sighup(
+        let reloader = Arc::new(Reloader::new(
             config_path.to_owned(),
             handle.clone(),
-            principals,
+            principals.clone(),
             tls,
         ));
+        let service = Service::new(
+            handle.clone(),
+            principals,
+            reader,
+            public_key,
+            &api,
+            reloader.clone(),
+        );
+        tokio::spawn(reload_on_sighup(reloader));
+        let rpc_metrics = if metrics_config.enabled {
+            let metrics = Metrics::new();
+            tokio::spawn(metrics.clone().count_events(handle.clone()));
+            let listeners = metrics_listeners
+                .into_iter()
+                .map(tokio::net::TcpListener::from_std)
+                .collect::<Result<Vec<_>, _>>()
+                .context("metrics listener")?;
+            for listener in &listeners {
+                tracing::info!("metrics on http://{}/metrics", listener.local_addr()?);
+            }
+            let rpc = metrics.rpc.clone();
+            let engine = handle.clone();
+            tokio::spawn(async move {
+                if let Err(e) = metrics::run(metrics_config, listeners, metrics, engine).await {
+                    tracing::error!("metrics stopped: {e:#}");
+                }
+            });
+            Some(rpc)
+        } else {
+            None
+        };
         tokio::spawn(watchdog(handle.clone()));
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
         tracing::info!("serving on {}", api.unix_socket.display());
-        server::serve(listener, tls_incoming, service, shutdown_signal()).await
+        server::serve(
+            listener,
+            tls_incoming,
+            service,
+            rpc_metrics,
+            shutdown_signal(),
+        )
+        .await
     })?;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     drop(handle);
@@ -294,55 +399,15 @@ fn audit_through(engine: EngineHandle) -> tls::server::Auditor {
     })
 }
 
-/// SIGHUP: read and validate the file again, and the TLS files it names;
-/// anything bad changes nothing.
-async fn reload_on_sighup(
-    path: PathBuf,
-    engine: EngineHandle,
-    principals: Arc<RwLock<Vec<UidRole>>>,
-    tls: Option<Arc<TlsServer>>,
-) {
+/// SIGHUP: the same reload as the API's `ReloadConfiguration`.
+async fn reload_on_sighup(reloader: Arc<Reloader>) {
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         tracing::error!("cannot listen for SIGHUP; reload disabled");
         return;
     };
     while hup.recv().await.is_some() {
-        let config = match Config::load(&path) {
-            Ok(config) => config,
-            Err(e) => {
-                tracing::error!("reload refused, running configuration kept: {e}");
-                continue;
-            }
-        };
-        let new_principals = config.api.principals.clone();
-        // The listener's addresses cannot change (the engine refuses that);
-        // its files are read again, and must be good, before anything changes.
-        let tls_set = match (&tls, &config.api.tls) {
-            (Some(server), Some(tls_config)) => match server.prepare(tls_config) {
-                Ok(prepared) => Some(prepared),
-                Err(e) => {
-                    tracing::error!("reload refused, running configuration kept: api.tls: {e}");
-                    continue;
-                }
-            },
-            _ => None,
-        };
-        match engine
-            .call(|reply| Command::Reload {
-                config: Box::new(config),
-                reply,
-            })
-            .await
-        {
-            Ok(()) => {
-                *principals.write().expect("principals lock") = new_principals;
-                if let (Some(server), Some(prepared)) = (&tls, tls_set) {
-                    server.install(prepared);
-                }
-                tracing::info!("configuration reloaded from {}", path.display());
-            }
-            Err(e) => tracing::error!("reload refused, running configuration kept: {}", e.message),
-        }
+        // The outcome is logged by the reloader.
+        let _ = reloader.reload().await;
     }
 }
 

@@ -54,6 +54,7 @@ impl Engine {
             ("nft_table", config.nft_table == self.config.nft_table),
             ("flows", config.flows == self.config.flows),
             ("denials", config.denials == self.config.denials),
+            ("metrics", config.metrics == self.config.metrics),
             (
                 "api.unix_socket",
                 config.api.unix_socket == self.config.api.unix_socket,

@@ -121,6 +121,7 @@ impl Engine {
 
     pub(super) fn publish(&self, records: Vec<AuditRecord>) {
         for record in records {
+            record.log();
             // No watcher is not an error.
             let _ = self.events.send(record);
         }

@@ -2,7 +2,12 @@
 //! kernel drop counters), the flow table, enforcement health and the
 //! audit chain's.
 
-use std::time::{Duration, SystemTime};
+use std::{
+    collections::BTreeMap,
+    time::{Duration, SystemTime},
+};
+
+use jit_gate_common::verdict::Reason;
 
 use super::{AuditHealth, EnforcementStatus, Engine, FlowTableReport};
 use crate::{config::Mode, enforce::Counters, net::Protocol, refusal::Refusal, store::LastAccess};
@@ -36,6 +41,9 @@ pub struct StatusReport {
     pub policy_revision: u64,
     /// `None` without XDP.
     pub flows: Option<FlowTableReport>,
+    /// Packets the XDP gate decided since its state was created, by reason
+    /// (empty without XDP).
+    pub xdp_reasons: BTreeMap<Reason, u64>,
 }
 
 impl Engine {
@@ -103,6 +111,7 @@ impl Engine {
             active_grants: self.active.len(),
             policy_revision: self.policy.revision,
             flows,
+            xdp_reasons: counters.by_reason,
         })
     }
 }

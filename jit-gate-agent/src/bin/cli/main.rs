@@ -26,6 +26,9 @@ use std::process::ExitCode;
 use clap::Parser as _;
 
 fn main() -> ExitCode {
+    if let Some(code) = jit_gate_agent::docs::write_if_asked::<args::Cli>() {
+        return code;
+    }
     // Die quietly on a closed pipe (`jit-gate watch | head`), as Unix
     // tools do, instead of panicking in println!.
     // SAFETY: restores the default disposition before any thread exists.

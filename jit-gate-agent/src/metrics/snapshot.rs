@@ -1,0 +1,170 @@
+//! The figures read at each scrape, from the engine's status: the XDP
+//! gate's counters (per port and verdict, per reason), grants, the flow
+//! table and enforcement health. A fresh registry each time: a counter here
+//! is the kernel's own value, not a sum kept by the agent.
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+use crate::engine::{InterfaceMode, StatusReport};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PortVerdict {
+    port: u16,
+    protocol: &'static str,
+    verdict: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Port {
+    port: u16,
+    protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InterfaceLabel {
+    interface: String,
+    mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LayerLabel {
+    layer: &'static str,
+}
+
+fn mode_name(mode: InterfaceMode) -> &'static str {
+    match mode {
+        InterfaceMode::XdpNative => "xdp-native",
+        InterfaceMode::XdpGeneric => "xdp-generic",
+        InterfaceMode::NftablesOnly => "nftables-only",
+        InterfaceMode::Unsupported => "unsupported",
+        InterfaceMode::Uncovered => "uncovered",
+    }
+}
+
+fn gauge(value: impl TryInto<i64>) -> Gauge {
+    let gauge = Gauge::default();
+    gauge.set(value.try_into().unwrap_or(i64::MAX));
+    gauge
+}
+
+/// A registry holding `status` as metrics.
+pub(super) fn registry(status: &StatusReport) -> Registry {
+    let mut registry = Registry::default();
+    let packets = Family::<PortVerdict, Counter>::default();
+    let grants = Family::<Port, Gauge>::default();
+    let connections = Family::<Port, Gauge>::default();
+    for port in &status.ports {
+        let protocol = port.protocol.name();
+        for (verdict, value) in [
+            ("passed", port.passed),
+            ("dropped", port.dropped),
+            ("refused", port.refused_connections),
+        ] {
+            packets
+                .get_or_create(&PortVerdict {
+                    port: port.port,
+                    protocol,
+                    verdict,
+                })
+                .inc_by(value);
+        }
+        let label = Port {
+            port: port.port,
+            protocol,
+        };
+        grants
+            .get_or_create(&label)
+            .set(port.active_grants.try_into().unwrap_or(i64::MAX));
+        connections
+            .get_or_create(&label)
+            .set(port.connections.try_into().unwrap_or(i64::MAX));
+    }
+    registry.register(
+        "jit_gate_xdp_port_packets",
+        "Packets to a protected port the XDP gate passed or dropped since its state was created; refused: new connections among the dropped refused by a grant's limits or a full flow table",
+        packets,
+    );
+    let reasons = Family::<ReasonLabel, Counter>::default();
+    for (reason, value) in &status.xdp_reasons {
+        reasons
+            .get_or_create(&ReasonLabel {
+                reason: reason.name(),
+            })
+            .inc_by(*value);
+    }
+    registry.register(
+        "jit_gate_xdp_verdicts",
+        "Packets the XDP gate decided since its state was created, by verdict reason",
+        reasons,
+    );
+    registry.register(
+        "jit_gate_grants_active",
+        "Active grants",
+        gauge(status.active_grants),
+    );
+    registry.register(
+        "jit_gate_port_grants_active",
+        "Active grants per protected port",
+        grants,
+    );
+    registry.register(
+        "jit_gate_port_connections",
+        "Connections to a protected port the gate lets through",
+        connections,
+    );
+    let interfaces = Family::<InterfaceLabel, Gauge>::default();
+    for interface in &status.enforcement.interfaces {
+        interfaces
+            .get_or_create(&InterfaceLabel {
+                interface: interface.name.clone(),
+                mode: mode_name(interface.mode),
+            })
+            .set(i64::from(interface.is_sound()));
+    }
+    registry.register(
+        "jit_gate_interface_healthy",
+        "1 if the gate on the interface is as it should be and the interface is no ungated path, by enforcement mode",
+        interfaces,
+    );
+    let layers = Family::<LayerLabel, Gauge>::default();
+    let xdp_ok = status.xdp_active && status.enforcement.xdp.problem.is_none();
+    let nft_ok = status.nftables_active && status.enforcement.nftables.problem.is_none();
+    layers
+        .get_or_create(&LayerLabel { layer: "xdp" })
+        .set(i64::from(xdp_ok));
+    layers
+        .get_or_create(&LayerLabel { layer: "nftables" })
+        .set(i64::from(nft_ok));
+    registry.register(
+        "jit_gate_layer_healthy",
+        "1 if the enforcement layer is active and nothing is wrong with it",
+        layers,
+    );
+    registry.register(
+        "jit_gate_healthy",
+        "1 if nothing is wrong in any layer or interface",
+        gauge(i64::from(status.enforcement.healthy())),
+    );
+    if let Some(flows) = &status.flows {
+        registry.register(
+            "jit_gate_flows_tracked",
+            "Connections in the XDP flow table",
+            gauge(flows.tracked),
+        );
+        registry.register(
+            "jit_gate_flows_capacity",
+            "Capacity of the XDP flow table",
+            gauge(flows.capacity),
+        );
+    }
+    registry
+}

@@ -1,0 +1,176 @@
+//! Prometheus metrics scraped from a real agent: the per-port counters
+//! match what a sender in the client namespace sent (all dropped without a
+//! grant, all passed with one), and grants, audit events, RPC latencies and
+//! enforcement health show; the textfile holds the same exposition.
+
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
+)]
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use jit_gate_agent::{config::Mode, proto};
+use jit_gate_tests::{
+    agent::{AgentHost, request},
+    netns::{CLIENT_V4, GATED_V4},
+    traffic::{UdpSink, udp_send},
+};
+
+const PORT: u16 = 5514;
+const LISTEN: &str = "127.0.0.1:9847";
+const DROPPED: u64 = 40;
+const PASSED: u64 = 25;
+
+/// GET /metrics from inside the gated namespace (the listener is on its
+/// loopback).
+fn scrape(host: &AgentHost) -> String {
+    let text = host
+        .topo
+        .gated
+        .run(|| -> std::io::Result<String> {
+            let mut stream = std::net::TcpStream::connect(LISTEN)?;
+            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+            stream
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            Ok(response)
+        })
+        .expect("scrape the metrics");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("application/openmetrics-text"), "{text}");
+    text
+}
+
+/// The value of the sample `name{labels}` (labels as printed); every
+/// sample checked here is a whole number.
+fn sample(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
+}
+
+fn port_packets(text: &str, verdict: &str) -> u64 {
+    sample(
+        text,
+        &format!(
+            "jit_gate_xdp_port_packets_total{{port=\"{PORT}\",protocol=\"udp\",verdict=\"{verdict}\"}}"
+        ),
+    )
+}
+
+/// Sends `count` numbered datagrams and waits until the last one arrives
+/// (`arrives`) or has had time to (dropped).
+fn send(host: &AgentHost, sink: &UdpSink, tag: &str, count: u64, arrives: bool) {
+    let to = SocketAddr::new(IpAddr::V4(GATED_V4), PORT);
+    for n in 0..count {
+        udp_send(
+            &host.topo.client,
+            CLIENT_V4.into(),
+            to,
+            format!("{tag}-{n}").as_bytes(),
+        );
+    }
+    let last = format!("{tag}-{}", count - 1);
+    assert_eq!(sink.arrives(last.as_bytes()), arrives, "{tag}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scraped_counters_match_the_packets_sent() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let textfile = dir.path().join("jit_gate.prom");
+    let host = AgentHost::new(
+        Mode::XdpAndNftables,
+        &format!(
+            "[metrics]\nenabled = true\nlisten = [\"{LISTEN}\"]\ntextfile = {textfile:?}\ntextfile_interval = \"200ms\"\n\
+             [[policy]]\nport = {PORT}\nprotocol = \"udp\"\n"
+        ),
+    );
+    let (agent, mut api) = host.start().await;
+    agent.wait_for_log(&["metrics on http://127.0.0.1:9847/metrics"]);
+    let sink = UdpSink::start(
+        &host.topo.gated,
+        SocketAddr::new(IpAddr::V4(GATED_V4), PORT),
+    );
+
+    let before = scrape(&host);
+    assert_eq!(port_packets(&before, "dropped"), 0);
+    assert_eq!(sample(&before, "jit_gate_grants_active"), 0);
+    assert_eq!(
+        sample(
+            &before,
+            &format!(
+                "jit_gate_interface_healthy{{interface=\"{}\",mode=\"xdp-native\"}}",
+                host.topo.gated_if
+            )
+        ),
+        1
+    );
+    assert_eq!(sample(&before, "jit_gate_layer_healthy{layer=\"xdp\"}"), 1);
+
+    // No grant: every datagram dropped, and counted once.
+    send(&host, &sink, "closed", DROPPED, false);
+    let closed = scrape(&host);
+    assert_eq!(port_packets(&closed, "dropped"), DROPPED);
+    assert_eq!(port_packets(&closed, "passed"), 0);
+    assert_eq!(
+        sample(
+            &closed,
+            "jit_gate_xdp_verdicts_total{reason=\"drop_no_grant\"}"
+        ),
+        DROPPED
+    );
+
+    // A grant: every datagram passes.
+    api.client
+        .request_access(request(
+            "metrics-1",
+            PORT,
+            proto::Protocol::Udp,
+            CLIENT_V4,
+            600,
+        ))
+        .await
+        .expect("grant");
+    send(&host, &sink, "open", PASSED, true);
+    let open = scrape(&host);
+    assert_eq!(port_packets(&open, "passed"), PASSED);
+    assert_eq!(port_packets(&open, "dropped"), DROPPED);
+    assert_eq!(sample(&open, "jit_gate_grants_active"), 1);
+    assert_eq!(
+        sample(
+            &open,
+            &format!("jit_gate_port_grants_active{{port=\"{PORT}\",protocol=\"udp\"}}")
+        ),
+        1
+    );
+    assert_eq!(
+        sample(&open, "jit_gate_audit_events_total{kind=\"grant-created\"}"),
+        1
+    );
+    assert_eq!(
+        sample(
+            &open,
+            "jit_gate_rpc_duration_seconds_count{method=\"jitgate.v1.JitGate/RequestAccess\"}"
+        ),
+        1
+    );
+
+    // The textfile for node_exporter: the same exposition, rewritten.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let written = std::fs::read_to_string(&textfile).unwrap_or_default();
+        if written.contains(&format!("verdict=\"passed\"}} {PASSED}")) {
+            assert!(written.ends_with("# EOF\n"), "{written}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "textfile:\n{written}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
