@@ -55,6 +55,7 @@ kinds! {
     CallRefused = "call-refused",
     AuditChainBroken = "audit-chain-broken",
     DatabaseReinitialized = "database-reinitialized",
+    GrantUsedUp = "grant-used-up",
 }
 
 impl Kind {

@@ -6,9 +6,17 @@
 //! CIDR source by longest prefix only, so a CIDR entry also carries the
 //! latest expiry of every broader grant covering it on the same port:
 //! otherwise an expired narrow entry would hide a live broad one.
+//!
+//! A grant may limit the connections opened under it (`max_connections`);
+//! the kernel counts them per grant id. The entry for a target carries the
+//! grant it is attributed to, and with it that grant's limit: a grant
+//! without a limit is preferred (it grants more), then the latest expiry.
+//! A limited grant the kernel reports used up no longer counts for any
+//! entry, so the next grant takes over, or the entry goes (its
+//! connections continue: the kernel honours tracked flows on their own).
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt,
     time::{Duration, SystemTime},
 };
@@ -75,6 +83,11 @@ pub struct Grant {
     pub expires_at: SystemTime,
     pub state: GrantState,
     pub ended_at: Option<SystemTime>,
+    /// Connections it may open in all; 0: no limit.
+    pub max_connections: u32,
+    /// A limited grant that opened every connection it may, as the agent
+    /// last read the kernel's count (not stored: the kernel keeps it).
+    pub used_up: bool,
 }
 
 impl Grant {
@@ -99,6 +112,7 @@ impl Grant {
             id: self.id,
             target: self.target,
             deadline: self.deadline,
+            max_connections: self.max_connections,
         }
     }
 }
@@ -109,14 +123,18 @@ pub struct ActiveGrant {
     pub id: u64,
     pub target: GrantTarget,
     pub deadline: Deadline,
+    /// Connections it may open in all; 0: no limit.
+    pub max_connections: u32,
 }
 
 /// The entry an enforcer should hold for one target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Entry {
     pub deadline: Deadline,
-    /// The grant the entry is attributed to (the latest-expiring one).
+    /// The grant the entry is attributed to (see the module comment).
     pub grant_id: u64,
+    /// That grant's limit on connections opened; 0: none.
+    pub max_connections: u32,
 }
 
 /// Active grants, indexed by id, by target and by expiry.
@@ -128,6 +146,8 @@ pub struct ActiveGrants {
     /// grant per target, and a set would cost a B-tree node each.
     by_target: BTreeMap<GrantTarget, Vec<(Deadline, u64)>>,
     by_expiry: BTreeSet<(Deadline, u64)>,
+    /// Limited grants whose connections the kernel reports all opened.
+    used_up: HashSet<u64>,
 }
 
 impl ActiveGrants {
@@ -161,7 +181,37 @@ impl ActiveGrants {
     pub fn remove(&mut self, id: u64) -> Option<ActiveGrant> {
         let grant = self.by_id.remove(&id)?;
         self.unindex(&grant);
+        self.used_up.remove(&id);
         Some(grant)
+    }
+
+    /// Notes that the limited grant `id` has opened all its connections;
+    /// returns its target if this is news (its entries must be recomputed).
+    pub fn mark_used_up(&mut self, id: u64) -> Option<GrantTarget> {
+        let grant = self.by_id.get(&id).filter(|g| g.max_connections != 0)?;
+        self.used_up.insert(id).then_some(grant.target)
+    }
+
+    /// Whether the grant has opened every connection it may.
+    pub fn is_used_up(&self, id: u64) -> bool {
+        self.used_up.contains(&id)
+    }
+
+    /// The entry attributed to the best of `grants` still able to open
+    /// connections: no limit before a limit, then the latest expiry.
+    fn attributed<'a>(&self, grants: impl Iterator<Item = &'a (Deadline, u64)>) -> Option<Entry> {
+        grants
+            .filter(|(_, id)| !self.used_up.contains(id))
+            .filter_map(|(deadline, id)| {
+                let limit = self.by_id.get(id)?.max_connections;
+                Some((limit == 0, *deadline, *id, limit))
+            })
+            .max()
+            .map(|(_, deadline, grant_id, max_connections)| Entry {
+                deadline,
+                grant_id,
+                max_connections,
+            })
     }
 
     fn unindex(&mut self, grant: &ActiveGrant) {
@@ -209,13 +259,7 @@ impl ActiveGrants {
     /// The nftables entry for `target`: its own grants only (nftables
     /// matches every covering element, not just the longest prefix).
     pub fn own_entry(&self, target: &GrantTarget) -> Option<Entry> {
-        self.by_target
-            .get(target)
-            .and_then(|set| set.last())
-            .map(|(deadline, grant_id)| Entry {
-                deadline: *deadline,
-                grant_id: *grant_id,
-            })
+        self.attributed(self.by_target.get(target)?.iter())
     }
 
     /// The XDP entry for `target`: for an exact source its own grants; for a
@@ -225,14 +269,11 @@ impl ActiveGrants {
         if target.is_exact() || own.is_none() {
             return own;
         }
-        self.same_port(target)
-            .filter(|(t, _)| !t.is_exact() && t.source.contains(&target.source))
-            .filter_map(|(_, set)| set.last())
-            .max()
-            .map(|(deadline, grant_id)| Entry {
-                deadline: *deadline,
-                grant_id: *grant_id,
-            })
+        self.attributed(
+            self.same_port(target)
+                .filter(|(t, _)| !t.is_exact() && t.source.contains(&target.source))
+                .flat_map(|(_, set)| set.iter()),
+        )
     }
 
     /// Targets whose XDP entry depends on grants for `target`: the target
@@ -277,6 +318,14 @@ mod tests {
             id,
             target: target(source),
             deadline: at(expires),
+            max_connections: 0,
+        }
+    }
+
+    fn limited(id: u64, source: &str, expires: u64, max_connections: u32) -> ActiveGrant {
+        ActiveGrant {
+            max_connections,
+            ..grant(id, source, expires)
         }
     }
 
@@ -292,7 +341,8 @@ mod tests {
             grants.own_entry(&t),
             Some(Entry {
                 deadline: at(100),
-                grant_id: 1
+                grant_id: 1,
+                max_connections: 0,
             })
         );
         grants.remove(1);
@@ -317,6 +367,47 @@ mod tests {
         let deps = grants.dependents(&broad);
         assert_eq!(deps, vec![broad, narrow]);
         assert_eq!(grants.covering(&exact).len(), 3);
+    }
+
+    #[test]
+    fn limited_grants_yield_to_unlimited_ones_and_leave_once_used_up() {
+        let mut grants = ActiveGrants::default();
+        let t = target("192.0.2.7/32");
+        grants.insert(limited(1, "192.0.2.7/32", 300, 1));
+        assert_eq!(grants.own_entry(&t).unwrap().max_connections, 1);
+        // An unlimited grant ending sooner still takes the entry: while it
+        // lasts, connections are not limited.
+        grants.insert(grant(2, "192.0.2.7/32", 100));
+        assert_eq!(grants.own_entry(&t).unwrap().grant_id, 2);
+        grants.remove(2);
+        assert_eq!(grants.own_entry(&t).unwrap().grant_id, 1);
+        // Used up: the entry goes (a second limited grant would take over).
+        assert_eq!(grants.mark_used_up(1), Some(t));
+        assert_eq!(grants.mark_used_up(1), None, "news once");
+        assert!(grants.is_used_up(1));
+        assert_eq!(grants.own_entry(&t), None);
+        assert_eq!(grants.xdp_entry(&t), None);
+        grants.insert(limited(3, "192.0.2.7/32", 200, 2));
+        assert_eq!(grants.own_entry(&t).unwrap().grant_id, 3);
+        // Unlimited grants are never used up.
+        grants.insert(grant(4, "192.0.2.8/32", 100));
+        assert_eq!(grants.mark_used_up(4), None);
+        grants.remove(1);
+        assert!(!grants.is_used_up(1));
+    }
+
+    #[test]
+    fn broader_limited_grants_count_for_narrow_prefixes_until_used_up() {
+        let mut grants = ActiveGrants::default();
+        grants.insert(limited(1, "198.51.0.0/16", 500, 1));
+        grants.insert(grant(2, "198.51.100.0/24", 100));
+        let narrow = target("198.51.100.0/24");
+        assert_eq!(grants.xdp_entry(&narrow).unwrap().grant_id, 2);
+        grants.remove(2);
+        grants.insert(limited(2, "198.51.100.0/24", 100, 3));
+        assert_eq!(grants.xdp_entry(&narrow).unwrap().grant_id, 1);
+        grants.mark_used_up(1);
+        assert_eq!(grants.xdp_entry(&narrow).unwrap().grant_id, 2);
     }
 
     #[test]

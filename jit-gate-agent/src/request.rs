@@ -71,6 +71,16 @@ pub struct AccessRequest {
     pub requester: String,
     pub justification: String,
     pub ticket: String,
+    /// Connections the grants may open in all, each; 0: no limit. Left out
+    /// of the fingerprint when 0, so requests made before the field existed
+    /// keep their fingerprints.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub max_connections: u32,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_zero(value: &u32) -> bool {
+    *value == 0
 }
 
 /// One grant to create.
@@ -166,6 +176,7 @@ impl AccessRequest {
         if self.requester.trim().is_empty() {
             return Err(Refusal::invalid("requester is empty"));
         }
+        validate::max_connections(self.max_connections).map_err(Refusal::invalid)?;
         Ok(())
     }
 
@@ -297,6 +308,7 @@ mod tests {
             requester: "alice".into(),
             justification: String::new(),
             ticket: String::new(),
+            max_connections: 0,
         }
     }
 
@@ -524,5 +536,22 @@ mod tests {
         assert_eq!(a.fingerprint(), b.fingerprint());
         b.ports[0].source = "192.0.2.8".into();
         assert_ne!(a.fingerprint(), b.fingerprint());
+        let mut limited = a.clone();
+        limited.max_connections = 1;
+        assert_ne!(a.fingerprint(), limited.fingerprint());
+        // Without a limit the request serialises as before the field existed.
+        let json = serde_json::to_value(&a).unwrap();
+        assert!(json.get("max_connections").is_none());
+    }
+
+    #[test]
+    fn max_connections_is_bounded() {
+        let mut r = request(&[(22, None, "192.0.2.7")]);
+        r.max_connections = validate::MAX_CONNECTIONS_PER_GRANT + 1;
+        let err = r.validate(&policy(), SystemTime::now()).unwrap_err();
+        assert_eq!(err.kind, RefusalKind::InvalidArgument);
+        assert!(err.message.contains("max_connections"), "{}", err.message);
+        r.max_connections = 1;
+        assert!(r.validate(&policy(), SystemTime::now()).is_ok());
     }
 }

@@ -17,6 +17,10 @@ pub const MAX_REQUESTER_LEN: usize = 256;
 pub const MAX_JUSTIFICATION_LEN: usize = 1024;
 pub const MAX_TICKET_LEN: usize = 256;
 pub const MAX_REASON_LEN: usize = 512;
+/// Connections a single grant may be limited to opening (`max_connections`;
+/// 0 means no limit). A handful is the point of the limit; the bound keeps
+/// the value a person can reason about.
+pub const MAX_CONNECTIONS_PER_GRANT: u32 = 1000;
 /// What an audit record keeps of a refused text field (the rest is cut).
 pub const EXCERPT_LEN: usize = 64;
 
@@ -105,6 +109,17 @@ pub fn text(field: &str, value: &str, max: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// A grant's limit on connections opened under it: 0 (no limit) or
+/// 1..=`MAX_CONNECTIONS_PER_GRANT`.
+pub fn max_connections(value: u32) -> Result<u32, String> {
+    if value > MAX_CONNECTIONS_PER_GRANT {
+        return Err(format!(
+            "max_connections {value} is above the limit of {MAX_CONNECTIONS_PER_GRANT} (0 means no limit)"
+        ));
+    }
+    Ok(value)
+}
+
 /// A bounded, printable excerpt of text a caller sent, for records of
 /// refusals: control characters escaped, at most `EXCERPT_LEN` characters
 /// kept, and the full length said when cut.
@@ -124,6 +139,18 @@ pub fn excerpt(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn max_connections_bounded() {
+        assert_eq!(max_connections(0), Ok(0));
+        assert_eq!(max_connections(1), Ok(1));
+        assert_eq!(
+            max_connections(MAX_CONNECTIONS_PER_GRANT),
+            Ok(MAX_CONNECTIONS_PER_GRANT)
+        );
+        assert!(max_connections(MAX_CONNECTIONS_PER_GRANT + 1).is_err());
+        assert!(max_connections(u32::MAX).is_err());
+    }
 
     #[test]
     fn ports() {

@@ -190,6 +190,7 @@ pub fn access_request(request: proto::AccessRequest) -> AccessRequest {
         requester: request.requester,
         justification: request.justification,
         ticket: request.ticket,
+        max_connections: request.max_connections,
     }
 }
 
@@ -215,6 +216,8 @@ pub fn grant(grant: &Grant) -> proto::Grant {
         state: state as i32,
         ended_at: grant.ended_at.map(timestamp),
         remaining: Some(duration(grant.remaining())),
+        max_connections: grant.max_connections,
+        used_up: grant.used_up,
     }
 }
 
@@ -269,9 +272,20 @@ fn port_status(report: &PortReport) -> proto::PortStatus {
         active_grants: count(report.active_grants),
         connections: count(report.connections),
         grants_last_7_days: report.grants_last_7_days,
-        last_access: report.last_access.map(timestamp),
+        last_access: report.last_access.as_ref().map(|l| timestamp(l.at)),
         dropped_packets: report.dropped,
         refused_connections: report.refused_connections,
+        passed_packets: report.passed,
+        last_access_requester: report
+            .last_access
+            .as_ref()
+            .map(|l| l.requester.clone())
+            .unwrap_or_default(),
+        last_access_principal: report
+            .last_access
+            .as_ref()
+            .map(|l| l.principal.clone())
+            .unwrap_or_default(),
     }
 }
 
@@ -328,6 +342,7 @@ pub fn event_kind(kind: Kind) -> proto::EventKind {
         Kind::CallRefused => proto::EventKind::CallRefused,
         Kind::AuditChainBroken => proto::EventKind::AuditChainBroken,
         Kind::DatabaseReinitialized => proto::EventKind::DatabaseReinitialized,
+        Kind::GrantUsedUp => proto::EventKind::GrantUsedUp,
     }
 }
 

@@ -460,6 +460,7 @@ pub fn access(
         requester: "alice".into(),
         justification: "maintenance".into(),
         ticket: String::new(),
+        max_connections: 0,
     }
 }
 

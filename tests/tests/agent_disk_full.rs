@@ -2,7 +2,9 @@
 //! with the agent's files on a small tmpfs filled to the last block, a
 //! request fails with the retryable UNAVAILABLE and nothing is enforced;
 //! once space is back the same request succeeds and is enforced, and the
-//! audit chain still verifies.
+//! audit chain still verifies. Denial summaries that could not be committed
+//! are kept and committed once space is back: they still add up to what the
+//! kernel dropped.
 
 #![allow(
     unused_crate_dependencies,
@@ -10,18 +12,23 @@
 )]
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::Command,
+    time::{Duration, Instant},
 };
 
 use jit_gate_agent::proto::{self, Protocol};
 use jit_gate_tests::{
-    agent::{Agent, AgentFiles, access, client},
+    agent::{Agent, AgentFiles, access, client, export_events},
+    frames::{PacketSocket, mac_of},
     netns::{CLIENT_V4, GATED_V4, Topology},
+    packets::{Packet, tcp_flag::SYN},
     traffic::{TcpEcho, tcp_connect},
 };
-use tonic::Code;
+use tonic::{Code, transport::Channel};
+
+type Api = proto::jit_gate_client::JitGateClient<Channel>;
 
 /// A tmpfs mounted over a directory; unmounted on drop.
 struct Tmpfs(PathBuf);
@@ -107,6 +114,98 @@ async fn a_full_disk_refuses_with_unavailable_and_enforces_nothing() {
         .into_inner();
     assert!(!granted.replayed, "the refused attempt recorded nothing");
     tcp_connect(&topo.client, CLIENT_V4.into(), gated).expect_connected("enforced");
+    let report = api
+        .verify_audit(proto::VerifyAuditRequest::default())
+        .await
+        .expect("verify")
+        .into_inner();
+    assert!(report.intact, "{report:?}");
+    drop(api);
+    agent.kill();
+}
+
+/// Packets the `access-denied` summaries of 22/tcp count, and how many
+/// summaries there are.
+async fn denied_at_22(api: &mut Api) -> (u64, usize) {
+    let request = proto::ExportAuditRequest {
+        kinds: vec![proto::EventKind::AccessDenied as i32],
+        ..Default::default()
+    };
+    let summaries: Vec<serde_json::Value> = export_events(api, request)
+        .await
+        .iter()
+        .map(|e| serde_json::from_str(&e.details_json).expect("details are JSON"))
+        .filter(|d: &serde_json::Value| d["port"] == "22/tcp")
+        .collect();
+    let dropped = summaries
+        .iter()
+        .map(|d| d["dropped"].as_u64().expect("dropped"))
+        .sum();
+    (dropped, summaries.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denial_summaries_missed_on_a_full_disk_are_committed_when_space_is_back() {
+    const SYNS: u64 = 300;
+    let topo = Topology::new();
+    let files = AgentFiles::new(&topo.gated);
+    let _tmpfs = Tmpfs::mount(files.dir.path(), "16m");
+    files.write_config(
+        &[&topo.gated_if],
+        "mode = \"xdp\"\n[denials]\nsummary_interval = \"1s\"",
+    );
+    let agent = Agent::start(&files);
+    let mut api = client(&files).await;
+
+    checkpoint_wal(&files.database());
+    let filler = files.dir.path().join("filler");
+    fill(&filler);
+    let sender = PacketSocket::sender(&topo.client, &topo.client_if);
+    let macs = (
+        mac_of(&topo.client, &topo.client_if),
+        mac_of(&topo.gated, &topo.gated_if),
+    );
+    for n in 0..SYNS {
+        let source = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | u32::try_from(n).unwrap()));
+        let frame = Packet::tcp(source, GATED_V4.into(), 22, SYN)
+            .macs(macs.0, macs.1)
+            .build()
+            .bytes;
+        sender.send(&frame);
+    }
+    // Several summary intervals pass with nothing committable.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        denied_at_22(&mut api).await,
+        (0, 0),
+        "a summary was committed on a full disk"
+    );
+
+    std::fs::remove_file(&filler).expect("free the space");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (dropped, _) = loop {
+        let counted = denied_at_22(&mut api).await;
+        if counted.0 >= SYNS || Instant::now() > deadline {
+            break counted;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let status = api
+        .get_status(proto::GetStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    let kernel_22 = status
+        .ports
+        .iter()
+        .find(|p| p.port == 22)
+        .expect("22/tcp in the status")
+        .dropped_packets;
+    assert_eq!(kernel_22, SYNS, "the kernel dropped every SYN");
+    assert_eq!(
+        dropped, kernel_22,
+        "the summaries add up to the kernel's count"
+    );
     let report = api
         .verify_audit(proto::VerifyAuditRequest::default())
         .await

@@ -138,6 +138,8 @@ fn ssh_session_survives_expiry_while_new_logins_are_dropped() {
                 "created_at": listed["created_at"],
                 "expires_at": listed["expires_at"],
                 "ended_at": null,
+                "max_connections": 0,
+                "used_up": false,
             }], "more": false },
         }])
     );

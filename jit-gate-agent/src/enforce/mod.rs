@@ -197,6 +197,49 @@ impl Enforcement {
         self.nft.is_some()
     }
 
+    /// Why a limit on the connections a grant opens cannot be enforced
+    /// now, if it cannot. Only the XDP program counts the connections of a
+    /// grant; nftables cannot, so no interface may be gated by nftables
+    /// alone, loopback aside (where XDP gates, the agent takes a used-up
+    /// grant's nftables element away: README "Single-use grants").
+    pub fn connection_limits_unenforceable(&self) -> Option<String> {
+        if self.xdp.is_none() {
+            return Some(match &self.xdp_unavailable {
+                Some(why) => format!("the XDP gate is unavailable ({why})"),
+                None => format!("mode {} does not use the XDP gate", self.mode.name()),
+            });
+        }
+        let nft_alone: Vec<String> = self
+            .interfaces
+            .statuses(self.nft.is_some())
+            .into_iter()
+            // Loopback carries this host's own traffic only.
+            .filter(|i| {
+                !i.loopback
+                    && matches!(
+                        i.mode,
+                        InterfaceMode::NftablesOnly | InterfaceMode::Unsupported
+                    )
+            })
+            .map(|i| i.name)
+            .collect();
+        (!nft_alone.is_empty())
+            .then(|| format!("interfaces {} are not gated by XDP", nft_alone.join(", ")))
+    }
+
+    /// Connections opened under each grant since the kernel state was
+    /// created (grants without any are absent; empty without XDP).
+    pub fn connections_opened(&self) -> anyhow::Result<BTreeMap<u64, u64>> {
+        let Some(xdp) = &self.xdp else {
+            return Ok(BTreeMap::new());
+        };
+        Ok(xdp
+            .grant_flow_counts()?
+            .into_iter()
+            .map(|(id, counts)| (id, counts.opened))
+            .collect())
+    }
+
     /// Enforcement as last checked and repaired.
     pub fn status(&self) -> EnforcementStatus {
         EnforcementStatus {

@@ -72,7 +72,12 @@ fn write_xdp_entry(
     active: &ActiveGrants,
 ) -> anyhow::Result<()> {
     match active.xdp_entry(target) {
-        Some(entry) => xdp.upsert_grant(target, entry.deadline.boot_ns(), entry.grant_id)?,
+        Some(entry) => xdp.upsert_grant_opening_at_most(
+            target,
+            entry.deadline.boot_ns(),
+            entry.grant_id,
+            entry.max_connections,
+        )?,
         None => {
             xdp.remove_grant(target)?;
         }
@@ -108,10 +113,13 @@ pub(super) fn reconcile_xdp(
             unprotected.join(", ")
         ));
     }
-    let kernel: BTreeMap<GrantTarget, (u64, u64)> = xdp
+    let kernel: BTreeMap<GrantTarget, (u64, u64, u32)> = xdp
         .grants()?
         .into_iter()
-        .map(|e| (e.target, (e.expires_at_boot_ns, e.grant_id)))
+        .map(|e| {
+            let limit = e.limits.max_opens;
+            (e.target, (e.expires_at_boot_ns, e.grant_id, limit))
+        })
         .collect();
     let (mut written, mut removed) = (0usize, 0usize);
     for target in active.targets() {
@@ -119,16 +127,16 @@ pub(super) fn reconcile_xdp(
             continue;
         };
         let expires = entry.deadline.boot_ns();
-        let ok = kernel
-            .get(target)
-            .is_some_and(|(at, id)| *id == entry.grant_id && *at == expires);
+        let ok = kernel.get(target).is_some_and(|(at, id, limit)| {
+            *id == entry.grant_id && *at == expires && *limit == entry.max_connections
+        });
         if !ok {
-            xdp.upsert_grant(target, expires, entry.grant_id)?;
+            write_xdp_entry(xdp, target, active)?;
             written += 1;
         }
     }
     for target in kernel.keys() {
-        if active.own_entry(target).is_none() {
+        if active.xdp_entry(target).is_none() {
             xdp.remove_grant(target)?;
             removed += 1;
         }

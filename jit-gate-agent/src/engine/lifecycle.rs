@@ -49,6 +49,7 @@ impl Engine {
         let now = now_ms();
         // The instant deadlines count from, read together with `now`.
         let boot_now = Deadline::now();
+        let limits_unenforceable = self.enforcement.connection_limits_unenforceable();
         let mut outcomes = Vec::with_capacity(requests.len());
         let result = (|| -> anyhow::Result<Vec<crate::audit::AuditRecord>> {
             let mut batch = self.store.batch()?;
@@ -87,6 +88,7 @@ impl Engine {
                                         boot: boot_now,
                                         boot_id: &self.boot_id,
                                     },
+                                    limits_unenforceable.as_deref(),
                                 )?;
                                 if !matches!(outcome, Pending::Refused(_)) {
                                     in_batch.insert(key, (fingerprint, outcomes.len()));
@@ -236,6 +238,53 @@ impl Engine {
             AGENT,
             "expired",
         )
+    }
+
+    /// Notes the limited grants the kernel reports used up (every
+    /// connection they may open, opened): their entries are recomputed, so
+    /// that the nftables element goes and another grant for the target, if
+    /// any, takes the kernel entry; and it is audited.
+    pub(super) fn note_used_up(&mut self) -> anyhow::Result<()> {
+        let limited: Vec<(u64, u32)> = self
+            .active
+            .iter()
+            .filter(|g| g.max_connections != 0 && !self.active.is_used_up(g.id))
+            .map(|g| (g.id, g.max_connections))
+            .collect();
+        if limited.is_empty() {
+            return Ok(());
+        }
+        let opened = self.enforcement.connections_opened()?;
+        let mut touched = BTreeSet::new();
+        let mut events = Vec::new();
+        for (id, max) in limited {
+            let opened = opened.get(&id).copied().unwrap_or(0);
+            if opened < u64::from(max) {
+                continue;
+            }
+            if let Some(target) = self.active.mark_used_up(id) {
+                touched.insert(target);
+                events.push(
+                    Event::new(
+                        Kind::GrantUsedUp,
+                        AGENT,
+                        id,
+                        format!(
+                            "grant {id} for {target} opened its {max} connections: no new ones"
+                        ),
+                    )
+                    .with_details(serde_json::json!({
+                        "max_connections": max,
+                        "opened": opened,
+                    })),
+                );
+            }
+        }
+        if touched.is_empty() {
+            return Ok(());
+        }
+        self.enforce(&touched);
+        self.commit_events(events)
     }
 
     /// Records `grants` as ended in `state`, removes them from the active
@@ -425,12 +474,14 @@ struct Now<'a> {
 
 /// Validates the caller's request and, if acceptable, inserts its grants
 /// and audit records into `batch`. Each grant's deadline is fixed here, on
-/// the boot clock: the duration from `now`.
+/// the boot clock: the duration from `now`. A limit on connections is
+/// refused while `limits_unenforceable` says why it could not be kept.
 fn grant_request(
     batch: &mut Batch<'_>,
     policy: &Policy,
     caller: Caller<'_>,
     now: Now<'_>,
+    limits_unenforceable: Option<&str>,
 ) -> anyhow::Result<Pending> {
     let Caller {
         principal,
@@ -441,6 +492,16 @@ fn grant_request(
         Ok(specs) => specs,
         Err(refusal) => return Ok(Pending::Refused(refusal)),
     };
+    if request.max_connections != 0
+        && let Some(why) = limits_unenforceable
+    {
+        return Ok(Pending::Refused(Refusal::new(
+            RefusalKind::FailedPrecondition,
+            format!(
+                "max_connections needs the XDP gate, which alone counts a grant's connections: {why}"
+            ),
+        )));
+    }
     let mut grants = Vec::with_capacity(specs.len());
     for spec in specs {
         let mut grant = Grant {
@@ -458,6 +519,8 @@ fn grant_request(
             expires_at: crate::time::truncate_ms(now.wall + spec.duration),
             state: GrantState::Active,
             ended_at: None,
+            max_connections: request.max_connections,
+            used_up: false,
         };
         grant.id = batch.insert_grant(&grant, fingerprint)?;
         batch.audit(
@@ -466,11 +529,15 @@ fn grant_request(
                 &principal.name,
                 grant.id,
                 format!(
-                    "grant {} for {} until {} to {}",
+                    "grant {} for {} until {} to {}{}",
                     grant.id,
                     grant.target,
                     humantime::format_rfc3339_seconds(grant.expires_at),
-                    grant.requester
+                    grant.requester,
+                    match grant.max_connections {
+                        0 => String::new(),
+                        n => format!(", at most {n} connections"),
+                    }
                 ),
             )
             .with_details(serde_json::json!({
@@ -479,6 +546,7 @@ fn grant_request(
                 "justification": grant.justification,
                 "ticket": grant.ticket,
                 "duration_ms": u64::try_from(grant.granted.as_millis()).unwrap_or(u64::MAX),
+                "max_connections": grant.max_connections,
             })),
             now.wall,
         )?;

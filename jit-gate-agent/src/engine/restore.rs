@@ -167,6 +167,8 @@ mod tests {
             expires_at: now + wall_left,
             state: GrantState::Active,
             ended_at: None,
+            max_connections: 0,
+            used_up: false,
         };
         let mut batch = store.batch().unwrap();
         let id = batch.insert_grant(&grant, "fp").unwrap();

@@ -14,7 +14,6 @@ use tokio::sync::{broadcast, oneshot};
 use super::{Command, Engine, Reply, restore::WITNESS_EVERY};
 use crate::{
     audit::AuditRecord,
-    grants::Grant,
     refusal::{Refusal, RefusalKind},
 };
 
@@ -155,6 +154,7 @@ impl Engine {
             let now = Instant::now();
             if now >= next_observe {
                 self.log_failure("observing flows and denials", Engine::observe);
+                self.log_failure("noting used-up grants", Engine::note_used_up);
                 next_observe = now + OBSERVE_EVERY;
             }
             if now >= next_forget {
@@ -278,7 +278,10 @@ impl Engine {
                     .store
                     .list_grants(include_ended, port, before, limit)
                     .map(|mut grants| {
-                        grants.iter_mut().for_each(Grant::refresh_display);
+                        for grant in &mut grants {
+                            grant.refresh_display();
+                            grant.used_up = self.active.is_used_up(grant.id);
+                        }
                         grants
                     })
                     .map_err(|e| Refusal::unavailable("listing grants", e));

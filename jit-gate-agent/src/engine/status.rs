@@ -5,7 +5,7 @@
 use std::time::{Duration, SystemTime};
 
 use super::{AuditHealth, EnforcementStatus, Engine, FlowTableReport};
-use crate::{config::Mode, enforce::Counters, net::Protocol, refusal::Refusal};
+use crate::{config::Mode, enforce::Counters, net::Protocol, refusal::Refusal, store::LastAccess};
 
 pub struct PortReport {
     pub protocol: Protocol,
@@ -13,7 +13,10 @@ pub struct PortReport {
     pub active_grants: usize,
     pub connections: usize,
     pub grants_last_7_days: u32,
-    pub last_access: Option<SystemTime>,
+    /// The latest grant on the port.
+    pub last_access: Option<LastAccess>,
+    /// Packets the XDP gate let through since its state was created.
+    pub passed: u64,
     /// Packets the XDP gate dropped since its state was created.
     pub dropped: u64,
     /// Of those, new connections refused by a grant's limits or a full
@@ -61,7 +64,12 @@ impl Engine {
             .map(|&(protocol, port)| {
                 let history = activity
                     .iter()
-                    .find(|(p, pr, _, _)| *p == port && *pr == protocol);
+                    .find(|a| a.port == port && a.protocol == protocol);
+                let kernel = counters
+                    .by_port
+                    .get(&(protocol, port))
+                    .copied()
+                    .unwrap_or_default();
                 PortReport {
                     protocol,
                     port,
@@ -76,16 +84,11 @@ impl Engine {
                             c.connection.protocol == protocol && c.connection.local.port() == port
                         })
                         .count(),
-                    grants_last_7_days: history.map_or(0, |h| h.2),
-                    last_access: history.map(|h| h.3),
-                    dropped: counters
-                        .by_port
-                        .get(&(protocol, port))
-                        .map_or(0, |c| c.dropped),
-                    refused_connections: counters
-                        .by_port
-                        .get(&(protocol, port))
-                        .map_or(0, |c| c.refused),
+                    grants_last_7_days: history.map_or(0, |h| h.grants_since),
+                    last_access: history.map(|h| h.last.clone()),
+                    passed: kernel.passed,
+                    dropped: kernel.dropped,
+                    refused_connections: kernel.refused,
                 }
             })
             .collect();

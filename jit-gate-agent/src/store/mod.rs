@@ -51,9 +51,10 @@ pub enum StoreError {
 
 /// `PRAGMA user_version` of databases this agent writes: 2 is the audit
 /// layout of README "Audit log" (payload digests); 3 adds the grants'
-/// boot-clock deadlines (`GRANT_COLUMNS_ADDED`), to which a version-2
-/// database is brought up to date.
-const SCHEMA_VERSION: i64 = 3;
+/// boot-clock deadlines and 4 their limit on connections opened
+/// (`GRANT_COLUMNS_ADDED`), to which version-2 and -3 databases are brought
+/// up to date in place.
+const SCHEMA_VERSION: i64 = 4;
 /// The oldest version brought up to date rather than refused.
 const UPGRADABLE_FROM: i64 = 2;
 
@@ -78,7 +79,8 @@ CREATE TABLE IF NOT EXISTS grants (
     ended_ms INTEGER,
     granted_ms INTEGER,
     deadline_boot_ns INTEGER,
-    boot_id TEXT
+    boot_id TEXT,
+    max_connections INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS grants_by_request ON grants (principal, request_id);
 CREATE INDEX IF NOT EXISTS grants_active ON grants (state) WHERE state = 'active';
@@ -87,17 +89,38 @@ CREATE INDEX IF NOT EXISTS grants_by_port ON grants (port, created_ms);
 
 const POLICY_KEY: &str = "policy";
 
-/// Grant columns of schema 3, with how to fill them in rows written before:
-/// the granted duration from the wall-clock times then recorded; no
-/// deadline and no boot id, so such a grant counts as set on an unknown
-/// earlier boot (see `clock::carry_across_reboot`).
-const GRANT_COLUMNS_ADDED: [(&str, &str); 3] = [
+/// The grants of one port, for the status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortActivity {
+    pub port: u16,
+    pub protocol: Protocol,
+    /// Grants created since the instant asked about.
+    pub grants_since: u32,
+    pub last: LastAccess,
+}
+
+/// The latest grant on a port: when, for whom, asked by whom.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LastAccess {
+    pub at: SystemTime,
+    pub requester: String,
+    pub principal: String,
+}
+
+/// Grant columns added since schema 2 (column, type, how to fill rows
+/// written before). Schema 3: the granted duration from the wall-clock
+/// times then recorded; no deadline and no boot id, so such a grant counts
+/// as set on an unknown earlier boot (see `clock::carry_across_reboot`).
+/// Schema 4: no limit on connections (the column's default).
+const GRANT_COLUMNS_ADDED: [(&str, &str, &str); 4] = [
     (
         "granted_ms",
+        "INTEGER",
         "UPDATE grants SET granted_ms = MAX(expires_ms - created_ms, 0)",
     ),
-    ("deadline_boot_ns", ""),
-    ("boot_id", ""),
+    ("deadline_boot_ns", "INTEGER", ""),
+    ("boot_id", "TEXT", ""),
+    ("max_connections", "INTEGER NOT NULL DEFAULT 0", ""),
 ];
 
 pub struct Store {
@@ -259,26 +282,36 @@ impl Store {
         )
     }
 
-    /// Per (port, protocol): grants created since `since`, and the latest creation time.
-    pub fn port_activity(
-        &self,
-        since: SystemTime,
-    ) -> Result<Vec<(u16, Protocol, u32, SystemTime)>> {
+    /// Per (port, protocol): grants created since `since`, and the latest
+    /// grant.
+    pub fn port_activity(&self, since: SystemTime) -> Result<Vec<PortActivity>> {
+        // With MAX(), SQLite takes the bare columns from the row holding
+        // the maximum: the latest grant (ids grow with creation).
         let mut stmt = self.conn.prepare_cached(
-            "SELECT port, protocol, SUM(created_ms >= ?1), MAX(created_ms) FROM grants GROUP BY port, protocol",
+            "SELECT port, protocol, SUM(created_ms >= ?1), MAX(id), \
+             created_ms, requester, principal FROM grants GROUP BY port, protocol",
         )?;
         let rows = stmt.query_map([to_ms(since)], |r| {
             Ok((
                 r.get::<_, u16>(0)?,
                 r.get::<_, String>(1)?,
                 r.get::<_, u32>(2)?,
-                r.get::<_, i64>(3)?,
+                LastAccess {
+                    at: from_ms(r.get(4)?),
+                    requester: r.get(5)?,
+                    principal: r.get(6)?,
+                },
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (port, protocol, recent, last) = row?;
-            out.push((port, parse_protocol(&protocol)?, recent, from_ms(last)));
+            let (port, protocol, grants_since, last) = row?;
+            out.push(PortActivity {
+                port,
+                protocol: parse_protocol(&protocol)?,
+                grants_since,
+                last,
+            });
         }
         Ok(out)
     }
@@ -292,7 +325,7 @@ fn grants_where(
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT id, request_id, source, protocol, port, requester, justification, ticket, \
          principal, created_ms, expires_ms, state, ended_ms, granted_ms, deadline_boot_ns, \
-         boot_id FROM grants WHERE {condition}"
+         boot_id, max_connections FROM grants WHERE {condition}"
     ))?;
     let raw = stmt
         .query_map(params, RawGrant::from_row)?
@@ -358,6 +391,8 @@ impl RawGrant {
                 expires_at: from_ms(r.get(10)?),
                 state: GrantState::Active,
                 ended_at: r.get::<_, Option<i64>>(12)?.map(from_ms),
+                max_connections: r.get(16)?,
+                used_up: false,
             },
             source: r.get(2)?,
             protocol: r.get(3)?,
@@ -380,19 +415,14 @@ impl RawGrant {
     }
 }
 
-/// Brings a schema-2 database up to date (`GRANT_COLUMNS_ADDED`).
+/// Brings a schema-2 or -3 database up to date (`GRANT_COLUMNS_ADDED`).
 fn add_grant_columns(conn: &Connection) -> rusqlite::Result<()> {
     let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('grants')")?;
     let present = stmt
         .query_map([], |r| r.get::<_, String>(0))?
         .collect::<rusqlite::Result<Vec<_>>>()?;
-    for (column, fill) in GRANT_COLUMNS_ADDED {
+    for (column, kind, fill) in GRANT_COLUMNS_ADDED {
         if !present.iter().any(|c| c == column) {
-            let kind = if column == "boot_id" {
-                "TEXT"
-            } else {
-                "INTEGER"
-            };
             conn.execute_batch(&format!("ALTER TABLE grants ADD COLUMN {column} {kind}"))?;
             if !fill.is_empty() {
                 conn.execute_batch(fill)?;
@@ -438,8 +468,8 @@ impl Batch<'_> {
         let mut stmt = self.tx.prepare_cached(
             "INSERT INTO grants (request_id, request_fingerprint, source, protocol, port, requester, \
              justification, ticket, principal, created_ms, expires_ms, state, ended_ms, \
-             granted_ms, deadline_boot_ns, boot_id) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+             granted_ms, deadline_boot_ns, boot_id, max_connections) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
         )?;
         stmt.execute(params![
             grant.request_id,
@@ -458,6 +488,7 @@ impl Batch<'_> {
             i64::try_from(grant.granted.as_millis()).unwrap_or(i64::MAX),
             boot_ns_column(grant.deadline),
             grant.boot_id,
+            grant.max_connections,
         ])?;
         Ok(self.tx.last_insert_rowid() as u64)
     }
@@ -547,6 +578,8 @@ mod tests {
             expires_at: now + Duration::from_mins(1),
             state: GrantState::Active,
             ended_at: None,
+            max_connections: 0,
+            used_up: false,
         }
     }
 
@@ -554,11 +587,14 @@ mod tests {
     fn deadlines_round_trip_and_move_to_a_new_boot() {
         let (_dir, mut store) = temp_db();
         let mut batch = store.batch().unwrap();
-        let id = batch
-            .insert_grant(&grant("r1", "192.0.2.7/32"), "fp")
-            .unwrap();
+        let limited = Grant {
+            max_connections: 3,
+            ..grant("r1", "192.0.2.7/32")
+        };
+        let id = batch.insert_grant(&limited, "fp").unwrap();
         batch.commit().unwrap();
         let stored = store.grant(id).unwrap().unwrap();
+        assert_eq!(stored.max_connections, 3);
         assert_eq!(stored.deadline, Deadline::from_boot_ns(123_000_000_000));
         assert_eq!(stored.boot_id, "boot-a");
         assert_eq!(stored.granted, Duration::from_mins(1));
@@ -573,6 +609,43 @@ mod tests {
         assert_eq!(
             (moved.boot_id.as_str(), moved.deadline, moved.expires_at),
             ("boot-b", Deadline::from_boot_ns(5), shown)
+        );
+    }
+
+    #[test]
+    fn port_activity_names_the_latest_grant_and_counts_recent_ones() {
+        let (_dir, mut store) = temp_db();
+        let now = crate::time::now_ms();
+        let mut batch = store.batch().unwrap();
+        for (request_id, requester, principal, age) in [
+            ("old", "carol", "uid:0", Duration::from_hours(200)),
+            ("recent", "alice", "uid:0", Duration::from_hours(1)),
+            ("newest", "bob", "uid:1001", Duration::ZERO),
+        ] {
+            let g = Grant {
+                requester: requester.into(),
+                principal: principal.into(),
+                created_at: now - age,
+                ..grant(request_id, "192.0.2.7/32")
+            };
+            batch.insert_grant(&g, "fp").unwrap();
+        }
+        batch.commit().unwrap();
+        let activity = store
+            .port_activity(now - Duration::from_hours(168))
+            .unwrap();
+        assert_eq!(
+            activity,
+            vec![PortActivity {
+                port: 22,
+                protocol: Protocol::Tcp,
+                grants_since: 2,
+                last: LastAccess {
+                    at: now,
+                    requester: "bob".into(),
+                    principal: "uid:1001".into(),
+                },
+            }]
         );
     }
 
@@ -599,6 +672,7 @@ mod tests {
         assert_eq!(old.granted, Duration::from_secs(90));
         assert_eq!(old.boot_id, "", "an unknown boot");
         assert_eq!(old.expires_at, from_ms(91000));
+        assert_eq!(old.max_connections, 0, "no limit");
         drop(store);
         // Opening again changes nothing more.
         let store = Store::open(&path).unwrap();

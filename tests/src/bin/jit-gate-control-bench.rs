@@ -89,6 +89,7 @@ fn access(id: String, source: IpAddr, seconds: i64) -> proto::AccessRequest {
         requester: "bench".into(),
         justification: String::new(),
         ticket: String::new(),
+        max_connections: 0,
     }
 }
 

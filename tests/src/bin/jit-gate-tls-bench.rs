@@ -106,6 +106,7 @@ fn access(id: String, source: IpAddr) -> proto::AccessRequest {
         requester: "bench".into(),
         justification: String::new(),
         ticket: String::new(),
+        max_connections: 0,
     }
 }
 

@@ -37,7 +37,7 @@ pub(crate) struct Cli {
     #[arg(long, global = true)]
     pub json: bool,
     /// Longest wait for each agent (connect and answer), e.g. "10s", "500ms".
-    #[arg(long, value_name = "DURATION", global = true, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", global = true, default_value = "10s", value_parser = parse_timeout)]
     pub timeout: Duration,
     #[command(subcommand)]
     pub command: Command,
@@ -198,6 +198,10 @@ pub(crate) struct RequestArgs {
     /// Default: a random UUID, shared by all agents of this invocation.
     #[arg(long, value_name = "ID")]
     pub request_id: Option<String>,
+    /// Each grant admits at most N new connections in all (1: single use);
+    /// those opened continue until they end. Default: no limit.
+    #[arg(long, value_name = "N", value_parser = parse_max_connections)]
+    pub max_connections: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -263,6 +267,18 @@ fn parse_port(s: &str) -> Result<u16, String> {
     validate::port(value).map_err(|e| format!("{e} (1 to 65535)"))
 }
 
+/// A limit on connections: 1 to the agent's bound (0 is "no limit", which
+/// leaving the option out says).
+fn parse_max_connections(s: &str) -> Result<u32, String> {
+    let value = s
+        .parse::<u32>()
+        .map_err(|_| format!("{s:?} is not a number of connections"))?;
+    if value == 0 {
+        return Err("0 would mean no limit: leave --max-connections out instead".into());
+    }
+    validate::max_connections(value)
+}
+
 /// An address (taken as a host prefix) or a prefix without host bits.
 fn parse_prefix(s: &str) -> Result<IpNet, String> {
     validate::address_or_prefix(s)
@@ -273,12 +289,61 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{s:?} is not a duration like \"90s\", \"30m\" or \"2h\": {e}"))
 }
 
+/// A wait for an answer: a duration above zero (0 would fail every call
+/// before it is sent).
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(
+            "a timeout of 0 would give up before any agent answers: give a duration like \"10s\""
+                .into(),
+        ),
+        d => Ok(d),
+    }
+}
+
+/// An RFC 3339 time with its time zone (`Z` or an offset): a time without
+/// one is refused rather than read as UTC, which the person may not mean.
 fn parse_timestamp(s: &str) -> Result<prost_types::Timestamp, String> {
-    s.parse().map_err(|_| {
-        format!(
-            "{s:?} is not an RFC 3339 time like 2030-01-31T18:00:00Z or 2030-01-31T19:00:00+01:00"
-        )
-    })
+    let example = "like 2030-01-31T18:00:00Z or 2030-01-31T19:00:00+01:00";
+    let at = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not an RFC 3339 time {example}"))?;
+    // After the fixed-width date (YYYY-MM-DD) and its separator.
+    let time_of_day = s.get(11..).unwrap_or_default();
+    if !(time_of_day.ends_with(['Z', 'z']) || time_of_day.contains(['+', '-'])) {
+        return Err(format!(
+            "{s:?} has no time zone: add Z for UTC or an offset, {example}"
+        ));
+    }
+    Ok(at)
+}
+
+/// Options of `jit-gate` itself that are not global: given after the
+/// subcommand, clap reports them as unknown there. The hint says where they
+/// go; `None` for any other error.
+pub(crate) fn misplaced_option_hint(error: &clap::Error) -> Option<String> {
+    use clap::{
+        CommandFactory as _,
+        error::{ContextKind, ContextValue, ErrorKind},
+    };
+    if error.kind() != ErrorKind::UnknownArgument {
+        return None;
+    }
+    let Some(ContextValue::String(given)) = error.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    let name = given
+        .split('=')
+        .next()
+        .unwrap_or(given)
+        .strip_prefix("--")?;
+    let command = Cli::command();
+    command
+        .get_arguments()
+        .find(|arg| !arg.is_global_set() && arg.get_long() == Some(name))?;
+    Some(format!(
+        "--{name} is an option of jit-gate itself: give it before the command, as in `jit-gate --{name} ... status`"
+    ))
 }
 
 fn parse_event_kind(s: &str) -> Result<EventKind, String> {
@@ -387,10 +452,24 @@ mod tests {
         );
         assert!(cli.json);
         assert_eq!(cli.timeout, Duration::from_millis(1500));
-        let err = error(&["status", "--agent", "/run/a.sock"]);
-        assert!(err.contains("unexpected argument '--agent'"), "{err}");
+        let err = parse(&["status", "--agent", "/run/a.sock"]).unwrap_err();
+        assert!(
+            err.to_string().contains("unexpected argument '--agent'"),
+            "{err}"
+        );
+        let hint = misplaced_option_hint(&err).expect("a hint");
+        assert!(hint.contains("before the command"), "{hint}");
+        let err = parse(&["grants", "--agents-file=fleet.txt"]).unwrap_err();
+        assert!(misplaced_option_hint(&err).is_some_and(|h| h.contains("--agents-file")));
+        // Not a misplaced option of jit-gate: no hint.
+        let err = parse(&["grants", "--frobnicate"]).unwrap_err();
+        assert_eq!(misplaced_option_hint(&err), None);
         let err = error(&["--timeout", "soon", "status"]);
         assert!(err.contains("is not a duration"), "{err}");
+        let err = error(&["--timeout", "0", "status"]);
+        assert!(err.contains("timeout of 0"), "{err}");
+        let err = error(&["status", "--timeout", "0s"]);
+        assert!(err.contains("timeout of 0"), "{err}");
     }
 
     #[test]
@@ -510,6 +589,23 @@ mod tests {
             "request", "22", "--source", "10.0.0.1", "--until", "tomorrow",
         ]);
         assert!(bad_time.contains("is not an RFC 3339 time"), "{bad_time}");
+        for local in [
+            "2030-01-31T18:00:00",
+            "2030-01-31 18:00:00",
+            "2030-01-31t18:00:00.5",
+        ] {
+            let no_zone = error(&["request", "22", "--source", "10.0.0.1", "--until", local]);
+            assert!(no_zone.contains("has no time zone"), "{local}: {no_zone}");
+        }
+        let utc = request(&[
+            "request",
+            "22",
+            "--source",
+            "10.0.0.1",
+            "--until",
+            "2030-01-31T18:00:00-02:30",
+        ]);
+        assert_eq!(utc.until.unwrap().to_string(), "2030-01-31T20:30:00Z");
     }
 
     #[test]

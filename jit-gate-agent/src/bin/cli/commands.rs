@@ -272,6 +272,7 @@ fn access_request(args: RequestArgs) -> AccessRequest {
         requester: args.requester.unwrap_or_else(default_requester),
         justification: args.justification.unwrap_or_default(),
         ticket: args.ticket.unwrap_or_default(),
+        max_connections: args.max_connections.unwrap_or(0),
     }
 }
 

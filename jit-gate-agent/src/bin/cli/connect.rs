@@ -231,9 +231,29 @@ async fn unix_channel(path: &Path) -> Result<Channel, tonic::transport::Error> {
     Endpoint::from_static("http://[::]:50051")
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();
-            async move { UnixStream::connect(path).await.map(TokioIo::new) }
+            async move {
+                UnixStream::connect(&path)
+                    .await
+                    .map(TokioIo::new)
+                    .map_err(|e| with_socket_hint(&path, e))
+            }
         }))
         .await
+}
+
+/// A socket the caller may not open: the agent's socket is root's alone
+/// unless its configuration names a group for it; say so.
+fn with_socket_hint(path: &Path, error: std::io::Error) -> std::io::Error {
+    if error.kind() != std::io::ErrorKind::PermissionDenied {
+        return error;
+    }
+    std::io::Error::new(
+        error.kind(),
+        format!(
+            "{error} on {} (hint: only root may open the agent's socket unless `api.socket_group` in the agent's configuration names a group you are in, and `api.principals` gives your uid a role; or run as root)",
+            path.display()
+        ),
+    )
 }
 
 /// An error and its causes, outermost first, without repeats (tonic's

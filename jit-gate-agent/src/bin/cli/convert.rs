@@ -130,6 +130,9 @@ fn port_status(p: &PortStatus) -> Value {
         "connections": p.connections,
         "grants_last_7_days": p.grants_last_7_days,
         "last_access": timestamp(p.last_access.as_ref()),
+        "last_access_requester": p.last_access_requester,
+        "last_access_principal": p.last_access_principal,
+        "passed_packets": p.passed_packets,
         "dropped_packets": p.dropped_packets,
         "refused_connections": p.refused_connections,
     })
@@ -172,6 +175,8 @@ fn grant(g: &Grant) -> Value {
             seconds: d.seconds,
             nanos: 0,
         })),
+        "max_connections": g.max_connections,
+        "used_up": g.used_up,
     })
 }
 
@@ -286,6 +291,8 @@ mod tests {
                 seconds: 90,
                 nanos: 0,
             }),
+            max_connections: 0,
+            used_up: false,
         };
         assert_eq!(
             grant(&g),
@@ -304,6 +311,8 @@ mod tests {
                 "expires_at": "2030-03-17T20:46:40.500Z",
                 "ended_at": null,
                 "remaining": "1m 30s",
+                "max_connections": 0,
+                "used_up": false,
             })
         );
     }
@@ -330,6 +339,9 @@ mod tests {
                 connections: 1,
                 grants_last_7_days: 9,
                 last_access: None,
+                last_access_requester: "alice".into(),
+                last_access_principal: "uid:0".into(),
+                passed_packets: 120,
                 dropped_packets: 40,
                 refused_connections: 3,
             }],
@@ -368,7 +380,8 @@ mod tests {
             json!({
                 "port": 22, "protocol": "tcp", "active_grants": 2, "connections": 1,
                 "grants_last_7_days": 9, "last_access": null,
-                "dropped_packets": 40, "refused_connections": 3,
+                "last_access_requester": "alice", "last_access_principal": "uid:0",
+                "passed_packets": 120, "dropped_packets": 40, "refused_connections": 3,
             })
         );
         assert_eq!(

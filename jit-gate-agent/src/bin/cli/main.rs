@@ -32,7 +32,15 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let cli = args::Cli::parse();
+    let cli = args::Cli::try_parse().unwrap_or_else(|error| {
+        let hint = args::misplaced_option_hint(&error);
+        // Prints the error (or the help or version asked for) and its usage.
+        let _ = error.print();
+        if let Some(hint) = hint {
+            eprintln!("hint: {hint}");
+        }
+        std::process::exit(error.exit_code());
+    });
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

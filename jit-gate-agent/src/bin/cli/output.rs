@@ -197,6 +197,7 @@ fn grants_table(grants: &[Grant]) -> Table {
         "SOURCE",
         "REQUESTER",
         "STATE",
+        "MAX CONN",
         "EXPIRES",
         "ENDED",
     ]);
@@ -207,11 +208,34 @@ fn grants_table(grants: &[Grant]) -> Table {
             printable(&g.source),
             printable(&g.requester),
             convert::grant_state(g.state),
+            connection_limit(g),
             time(g.expires_at.as_ref()),
             time(g.ended_at.as_ref()),
         ]);
     }
     table
+}
+
+/// Who the latest grant on a port was for, and who asked ("-": none yet).
+fn last_access_by(p: &jit_gate_agent::proto::PortStatus) -> String {
+    if p.last_access_requester.is_empty() {
+        return "-".into();
+    }
+    format!(
+        "{} (by {})",
+        printable(&p.last_access_requester),
+        printable(&p.last_access_principal)
+    )
+}
+
+/// A grant's limit on connections: "-" without one, "N (used up)" once
+/// the kernel admits no more.
+fn connection_limit(g: &Grant) -> String {
+    match (g.max_connections, g.used_up) {
+        (0, _) => "-".into(),
+        (n, false) => n.to_string(),
+        (n, true) => format!("{n} (used up)"),
+    }
 }
 
 /// A layer's state in one line: inactive, or its health.
@@ -319,6 +343,8 @@ impl Render for Status {
             "CONNECTIONS",
             "GRANTS (7 DAYS)",
             "LAST ACCESS",
+            "BY",
+            "PASSED",
             "DROPPED",
             "REFUSED",
         ]);
@@ -329,6 +355,8 @@ impl Render for Status {
                 p.connections.to_string(),
                 p.grants_last_7_days.to_string(),
                 time(p.last_access.as_ref()),
+                last_access_by(p),
+                p.passed_packets.to_string(),
                 p.dropped_packets.to_string(),
                 p.refused_connections.to_string(),
             ]);

@@ -25,9 +25,23 @@ impl XdpGate {
         expires_at_boot_ns: u64,
         grant_id: u64,
     ) -> Result<()> {
+        self.upsert_grant_opening_at_most(target, expires_at_boot_ns, grant_id, 0)
+    }
+
+    /// Writes the kernel entry for `target` with the configured flow quota:
+    /// at most `max_opens` connections opened under `grant_id` in all
+    /// (0: no limit). The kernel counts them per grant id, so rewriting the
+    /// entry of the same grant keeps the count.
+    pub fn upsert_grant_opening_at_most(
+        &mut self,
+        target: &GrantTarget,
+        expires_at_boot_ns: u64,
+        grant_id: u64,
+        max_opens: u32,
+    ) -> Result<()> {
         let limits = GrantLimits {
             flow_quota: self.options.flow_quota,
-            max_opens: 0,
+            max_opens,
         };
         self.upsert_grant_with_limits(target, expires_at_boot_ns, grant_id, limits)
     }
