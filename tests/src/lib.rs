@@ -8,6 +8,7 @@ use {anyhow as _, clap as _, serde as _, tokio_stream as _, tonic_health as _};
 use {prost as _, tonic_reflection as _};
 
 pub mod agent;
+pub mod bar_chart;
 pub mod cases;
 pub mod checksum;
 pub mod cli;
@@ -20,8 +21,10 @@ pub mod gated_host;
 pub mod measure;
 pub mod mutate;
 pub mod netns;
+pub mod packet_sender;
 pub mod packets;
 pub mod process;
+pub mod receiver_stats;
 pub mod scenario;
 pub mod spec;
 pub mod ssh;

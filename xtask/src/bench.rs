@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: the benchmarks, in release mode: per-packet costs
-//! of the XDP program, the control plane through a real agent, then remote
-//! brokers (mutual TLS beside the Unix socket, and fleet fan-outs).
+//! of the XDP program, live traffic against the gate's peers, the control
+//! plane through a real agent, then remote brokers (mutual TLS beside the
+//! Unix socket, and fleet fan-outs).
 
 use anyhow::Result;
 
@@ -10,6 +11,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     cmd::run(cargo().args(["build", "--release", "-p", "jit-gate-agent", "--bins"]))?;
     for bench in [
         "jit-gate-bench",
+        "jit-gate-live-bench",
         "jit-gate-control-bench",
         "jit-gate-tls-bench",
     ] {

@@ -31,6 +31,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "pkg-config",
     "iperf3",
+    // The live benchmark: GRO on the receiving veth, TSO off on the sending
+    // one; iptables is one of its contenders.
+    "ethtool",
+    "iptables",
     // libfaketime: the clock tests step the agent's wall clock alone.
     "faketime",
     // systemd-socket-activate, to pass the API socket as systemd does.
