@@ -114,14 +114,18 @@ async fn a_full_disk_refuses_with_unavailable_and_enforces_nothing() {
         .into_inner();
     assert!(!granted.replayed, "the refused attempt recorded nothing");
     tcp_connect(&topo.client, CLIENT_V4.into(), gated).expect_connected("enforced");
+    assert_chain_intact(&mut api).await;
+    drop(api);
+    agent.kill();
+}
+
+async fn assert_chain_intact(api: &mut Api) {
     let report = api
         .verify_audit(proto::VerifyAuditRequest::default())
         .await
         .expect("verify")
         .into_inner();
     assert!(report.intact, "{report:?}");
-    drop(api);
-    agent.kill();
 }
 
 /// Packets the `access-denied` summaries of 22/tcp count, and how many
@@ -206,12 +210,7 @@ async fn denial_summaries_missed_on_a_full_disk_are_committed_when_space_is_back
         dropped, kernel_22,
         "the summaries add up to the kernel's count"
     );
-    let report = api
-        .verify_audit(proto::VerifyAuditRequest::default())
-        .await
-        .expect("verify")
-        .into_inner();
-    assert!(report.intact, "{report:?}");
+    assert_chain_intact(&mut api).await;
     drop(api);
     agent.kill();
 }
