@@ -152,9 +152,13 @@ fn main() {
     show(&cli, &["status"]);
     show(&cli, &["policy", "show"]);
     let status = cli.json(&["status"]);
-    let mode = &status["interfaces"][0]["mode"];
+    // Every interface is gated (loopback by nftables); the veth by XDP.
+    let veth = status["interfaces"]
+        .as_array()
+        .and_then(|all| all.iter().find(|i| i["name"] == topo.gated_if.as_str()))
+        .unwrap_or_else(|| panic!("{} is not in the status: {status}", topo.gated_if));
     assert!(
-        mode.as_str().is_some_and(|m| m.starts_with("xdp")),
+        veth["mode"].as_str().is_some_and(|m| m.starts_with("xdp")),
         "{status}"
     );
     assert_eq!(status["nftables_active"], true, "{status}");
@@ -168,7 +172,8 @@ fn main() {
         "{policy}"
     );
     ok(&format!(
-        "enforcement {mode}, nftables active, 22/tcp protected"
+        "enforcement {}, nftables active, 22/tcp protected",
+        veth["mode"]
     ));
 
     steps.next(
