@@ -23,9 +23,9 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
-use jit_gate_agent::proto::{self, access_request::Lifetime, jit_gate_client::JitGateClient};
+use jit_gate_agent::proto::{self, Protocol, jit_gate_client::JitGateClient};
 use jit_gate_tests::{
-    agent::{Agent, AgentFiles, client},
+    agent::{Agent, AgentFiles, access, client},
     measure::{Percentiles, connect_time, percentiles},
     netns::{GATED_V4, Netns, Topology, enter},
     traffic::TcpEcho,
@@ -72,25 +72,6 @@ struct Results {
     agent_rss_mib: f64,
     agent_peak_rss_mib: f64,
     expiry_lateness: Percentiles,
-}
-
-fn access(id: String, source: IpAddr, seconds: i64) -> proto::AccessRequest {
-    proto::AccessRequest {
-        request_id: id,
-        ports: vec![proto::PortAccess {
-            port: SSH.into(),
-            protocol: proto::Protocol::Tcp as i32,
-            source: source.to_string(),
-        }],
-        lifetime: Some(Lifetime::Duration(prost_types::Duration {
-            seconds,
-            nanos: 0,
-        })),
-        requester: "bench".into(),
-        justification: String::new(),
-        ticket: String::new(),
-        max_connections: 0,
-    }
 }
 
 /// The client namespace's veth, where the extra source addresses go.
@@ -145,7 +126,11 @@ fn measure_latency(ns: String, socket: PathBuf, samples: usize) -> Result<Latenc
                 out.noop_rpc.push(start.elapsed());
                 let start = Instant::now();
                 let grant = api
-                    .request_access(access(format!("latency-{i}"), src, 600))
+                    .request_access(access(
+                        &format!("latency-{i}"),
+                        &[(SSH, Protocol::Tcp, &src.to_string())],
+                        600,
+                    ))
                     .await?
                     .into_inner();
                 out.grant_rpc.push(start.elapsed());
@@ -189,9 +174,13 @@ async fn fill(
             let mut i = worker;
             while i < total {
                 let t = Instant::now();
-                api.request_access(access(format!("bulk-{i}"), bulk_source(i), 3600))
-                    .await
-                    .with_context(|| format!("bulk request {i}"))?;
+                api.request_access(access(
+                    &format!("bulk-{i}"),
+                    &[(SSH, Protocol::Tcp, &bulk_source(i).to_string())],
+                    3600,
+                ))
+                .await
+                .with_context(|| format!("bulk request {i}"))?;
                 times.push(t.elapsed());
                 i += concurrency;
             }
@@ -229,7 +218,11 @@ async fn expiry_lateness(api: &mut JitGateClient<Channel>, count: u32) -> Result
     let mut expires = std::collections::HashMap::new();
     for i in 0..count {
         let grant = api
-            .request_access(access(format!("expiring-{i}"), expiring_source(i), 2))
+            .request_access(access(
+                &format!("expiring-{i}"),
+                &[(SSH, Protocol::Tcp, &expiring_source(i).to_string())],
+                2,
+            ))
             .await?
             .into_inner();
         let g = &grant.grants[0];

@@ -29,11 +29,11 @@ use anyhow::{Context, Result, ensure};
 use clap::Parser;
 use jit_gate_agent::{
     config::Mode,
-    proto::{self, access_request::Lifetime, jit_gate_client::JitGateClient},
+    proto::{self, Protocol, jit_gate_client::JitGateClient},
     tls::client::{TlsTarget, channel},
 };
 use jit_gate_tests::{
-    agent::{connect, workspace_binary},
+    agent::{access, connect, workspace_binary},
     fleet::{ClientCert, Fleet, Host},
     measure::{Percentiles, connect_time, percentiles},
     netns::{enter, nsenter},
@@ -91,25 +91,6 @@ struct Results {
     fan_out: Vec<FanOut>,
 }
 
-fn access(id: String, source: IpAddr) -> proto::AccessRequest {
-    proto::AccessRequest {
-        request_id: id,
-        ports: vec![proto::PortAccess {
-            port: SSH.into(),
-            protocol: proto::Protocol::Tcp as i32,
-            source: source.to_string(),
-        }],
-        lifetime: Some(Lifetime::Duration(prost_types::Duration {
-            seconds: 600,
-            nanos: 0,
-        })),
-        requester: "bench".into(),
-        justification: String::new(),
-        ticket: String::new(),
-        max_connections: 0,
-    }
-}
-
 /// A fresh source address of the broker for sample `i` (198.19.0.0/16, on
 /// the broker's bridge).
 fn source(i: usize) -> Ipv4Addr {
@@ -155,8 +136,12 @@ fn per_call(
                     times[offset].push(start.elapsed());
                     let src = IpAddr::V4(source(2 * i + offset));
                     let start = Instant::now();
-                    api.request_access(access(format!("bench-{i}-{offset}"), src))
-                        .await?;
+                    api.request_access(access(
+                        &format!("bench-{i}-{offset}"),
+                        &[(SSH, Protocol::Tcp, &src.to_string())],
+                        600,
+                    ))
+                    .await?;
                     times[2 + offset].push(start.elapsed());
                     times[4 + offset].push(connect_time(src, ssh)?);
                 }
