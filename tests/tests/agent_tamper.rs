@@ -19,7 +19,10 @@ use std::{
 
 use aya::maps::{Array, Map, MapData};
 use jit_gate_agent::{config::Mode, proto};
-use jit_gate_common::maps::{names, source_filter};
+use jit_gate_common::maps::{
+    names,
+    source_filter::{self, Shape},
+};
 use jit_gate_tests::{
     agent::{Agent, AgentHost, Api, Events},
     env::PinDir,
@@ -308,13 +311,20 @@ fn pinned_source_filter(pins: &std::path::Path) -> Array<MapData, u64> {
         .expect("the pinned source filter")
 }
 
-/// Clears every bit of the pinned source filter but its shape word, as
-/// anyone with the pin could: the program then drops every source with an
-/// exact grant.
+/// Clears every bit of the pinned source filter's bitmap in use, as anyone
+/// with the pin could: the program then drops every source with an exact
+/// grant.
 fn clear_source_filter(pins: &std::path::Path) {
     let mut filter = pinned_source_filter(pins);
-    for index in (0..source_filter::WORDS).filter(|i| *i != source_filter::SHAPE_WORD) {
-        filter.set(index, 0, 0).expect("clear a word");
+    let shape = filter
+        .get(&source_filter::SHAPE_WORD, 0)
+        .ok()
+        .and_then(Shape::decode)
+        .expect("the agent wrote the filter's shape");
+    for bit in (0..shape.words()).map(|word| word * 64) {
+        filter
+            .set(shape.word_index(bit), 0, 0)
+            .expect("clear a word");
     }
 }
 
