@@ -97,12 +97,25 @@ enum Traffic {
     TrackedFlow,
 }
 
+/// The floor object's bare drop: the ceiling of any XDP filter.
+const CEILING: &str = "floor_drop";
+/// The floor object's drop after reading the headers a port filter reads.
+const READ_FLOOR: &str = "floor_read_drop";
+
+fn floor_program<'a>(floor: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
+    Ok(floor
+        .program_mut(name)
+        .with_context(|| format!("{name} in the floor object"))?
+        .try_into()?)
+}
+
 /// What sits on the receiving side.
 #[derive(Clone, Copy)]
 enum Enforcer {
     Nothing,
-    /// The bare `XDP_DROP` program (the ceiling of any XDP filter).
-    Ceiling,
+    /// A program of the floor object: the bare `XDP_DROP` (the ceiling of
+    /// any XDP filter), or the drop after reading the headers.
+    Floor(&'static str),
     /// jit-gate's XDP program; the index of the gate (by grant count).
     Gate(usize),
     XdpFilter,
@@ -138,7 +151,7 @@ fn contenders(grant_counts: &[u32]) -> Vec<Contender> {
         ),
         c(
             "bare XDP_DROP (ceiling)".into(),
-            Enforcer::Ceiling,
+            Enforcer::Floor(CEILING),
             Traffic::Stranger,
             true,
         ),
@@ -203,6 +216,12 @@ fn contenders(grant_counts: &[u32]) -> Vec<Contender> {
             true,
         ),
         c(
+            "XDP_DROP after reading the headers".into(),
+            Enforcer::Floor(READ_FLOOR),
+            Traffic::Stranger,
+            true,
+        ),
+        c(
             "jit-gate tracked flow (pass)".into(),
             Enforcer::Gate(0),
             Traffic::TrackedFlow,
@@ -244,7 +263,7 @@ struct Receiver {
 /// What a contender left to undo.
 enum Installed {
     Nothing,
-    Floor(XdpLinkId),
+    Floor(&'static str, XdpLinkId),
     Gate(usize),
     XdpFilter(Child),
     Nft(&'static str),
@@ -270,17 +289,13 @@ impl Receiver {
         let ifname = self.topo.gated_if.clone();
         Ok(match enforcer {
             Enforcer::Nothing => Installed::Nothing,
-            Enforcer::Ceiling => {
-                let program: &mut Xdp = self
-                    .floor
-                    .program_mut("floor_drop")
-                    .context("floor_drop")?
-                    .try_into()?;
+            Enforcer::Floor(name) => {
+                let program = floor_program(&mut self.floor, name)?;
                 let link = self
                     .topo
                     .gated
                     .run(|| program.attach(&ifname, XdpMode::Driver))?;
-                Installed::Floor(link)
+                Installed::Floor(name, link)
             }
             Enforcer::Gate(i) => {
                 let gate = &mut self.gates[i];
@@ -319,14 +334,7 @@ impl Receiver {
     fn remove(&mut self, installed: Installed) -> Result<()> {
         match installed {
             Installed::Nothing => {}
-            Installed::Floor(link) => {
-                let program: &mut Xdp = self
-                    .floor
-                    .program_mut("floor_drop")
-                    .context("floor_drop")?
-                    .try_into()?;
-                program.detach(link)?;
-            }
+            Installed::Floor(name, link) => floor_program(&mut self.floor, name)?.detach(link)?,
             Installed::Gate(i) => self.gates[i].detach(&self.topo.gated_if)?,
             Installed::XdpFilter(mut child) => {
                 drop(child.stdin.take()); // lets the shell go on to unload
@@ -608,11 +616,9 @@ fn main() -> Result<()> {
     let mut floor = EbpfLoader::new()
         .load(FLOOR_OBJECT)
         .context("load floor programs")?;
-    let program: &mut Xdp = floor
-        .program_mut("floor_drop")
-        .context("floor_drop")?
-        .try_into()?;
-    program.load()?;
+    for name in [CEILING, READ_FLOOR] {
+        floor_program(&mut floor, name)?.load()?;
+    }
     let mut receiver = Receiver {
         gates,
         _pins: pins,
@@ -692,7 +698,7 @@ fn summarize(contender: &Contender, samples: &[Sample]) -> Row {
 fn ratios(rows: &[Row], contenders: &[Contender]) -> Vec<Ratio> {
     let cost = |i: usize| rows[i].program_ns_per_packet.map(|s| s.median);
     let last = contenders.len() - 1;
-    let pairs: [(&'static str, usize, usize); 7] = [
+    let pairs: [(&'static str, usize, usize); 8] = [
         ("jit-gate drop (1 grant) / xdp-filter", 2, 7),
         ("random-source flood / single-source drop", 4, 2),
         ("granted SYN pass / drop", 5, 2),
@@ -700,6 +706,11 @@ fn ratios(rows: &[Row], contenders: &[Contender]) -> Vec<Ratio> {
         ("drop with 10,000 grants / 1 grant", 3, 2),
         ("drop with the most grants / 1 grant", last, 2),
         ("tracked-flow pass / drop", last - 1, 2),
+        (
+            "unprotected port / drop after reading the headers",
+            6,
+            last - 2,
+        ),
     ];
     pairs
         .into_iter()
