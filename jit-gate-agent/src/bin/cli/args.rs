@@ -643,6 +643,8 @@ mod tests {
             "--max-duration",
             "1h",
             "--require-ticket",
+            "--approvals",
+            "2",
             "--expect-revision",
             "7",
         ])
@@ -654,6 +656,7 @@ mod tests {
             max_duration,
             require_justification,
             require_ticket,
+            approvals,
             revision,
         })) = cli.command
         else {
@@ -666,7 +669,10 @@ mod tests {
         );
         assert_eq!(max_duration, Some(Duration::from_hours(1)));
         assert!(!require_justification && require_ticket);
+        assert_eq!(approvals, 2);
         assert_eq!(revision.expect_revision, Some(7));
+        let err = error(&["policy", "add-port", "22", "--approvals", "4"]);
+        assert!(err.contains("0..=3"), "{err}");
 
         let err = error(&["policy", "remove-port", "22", "--protocol", "icmp"]);
         assert!(err.contains("expected tcp, udp or both"), "{err}");

@@ -436,6 +436,7 @@ mod tests {
                 }),
                 require_justification: false,
                 require_ticket: false,
+                approvals: 0,
             }))
         );
         let err = policy_request(&["policy", "add-port", "22", "--max-duration", "25h"])

@@ -377,9 +377,11 @@ mod tests {
                 refused_opens_exhausted: 2,
                 refused_table_full: 0,
             }),
+            pending_approvals: 3,
         };
         let v = status(&s);
         assert_eq!(v["healthy"], false);
+        assert_eq!(v["pending_approvals"], 3);
         assert_eq!(v["interfaces"][0]["problem"], "no XDP program runs on it");
         assert_eq!(v["xdp"]["last_repair"]["what"], "XDP: pins missing");
         assert_eq!(v["xdp"]["last_repair"]["at"], "1970-01-01T00:01:00Z");
@@ -415,6 +417,7 @@ mod tests {
                 }),
                 require_justification: true,
                 require_ticket: false,
+                approvals: 2,
             }],
             revision: 3,
         };
@@ -425,7 +428,7 @@ mod tests {
                 "rules": [{
                     "port": 500, "protocol": "both", "allowed_sources": ["10.0.0.0/8"],
                     "max_duration": "1h 30m", "require_justification": true,
-                    "require_ticket": false,
+                    "require_ticket": false, "approvals": 2,
                 }],
             })
         );

@@ -710,6 +710,7 @@ mod tests {
         let response = AccessResponse {
             grants: vec![grant(12, 22), grant(13, 3389)],
             replayed: true,
+            approval: None,
         };
         assert_eq!(
             response.summary(),
