@@ -4,7 +4,8 @@
 //! the requester never decides its own request and an approver counts once
 //! (both refused and audited); a denial closes the request; pending requests
 //! are bounded per principal, survive a restart, and are checked against
-//! the policy again when the last approval lands; `request --wait` ends with
+//! the policy again at approval (a stricter rule needs more approvals, a
+//! narrower one refuses); `request --wait` ends with
 //! the exit status of the outcome, expiry included. Callers are distinct
 //! Unix principals (peer credentials), through the generated client and
 //! the operator CLI.
@@ -132,6 +133,25 @@ async fn listed(client: &mut JitGateClient<Channel>, filter: RequestFilter) -> V
         .expect("list requests")
         .into_inner()
         .requests
+}
+
+/// Replaces the rule of port `ONE`.
+async fn upsert_one(root: &mut Api, allowed: &[&str], approvals: u32) {
+    root.client
+        .update_policy(proto::UpdatePolicyRequest {
+            change: Some(proto::update_policy_request::Change::UpsertRule(
+                proto::PortRule {
+                    port: u32::from(ONE),
+                    protocol: proto::Protocol::Tcp as i32,
+                    allowed_source_prefixes: allowed.iter().map(ToString::to_string).collect(),
+                    approvals,
+                    ..proto::PortRule::default()
+                },
+            )),
+            expected_revision: 0,
+        })
+        .await
+        .expect("change the rule");
 }
 
 fn kinds_of(events: &[proto::Event], kind: EventKind) -> Vec<&proto::Event> {
@@ -281,23 +301,15 @@ async fn a_port_opens_only_after_two_distinct_approvers_and_nobody_decides_alone
     assert_eq!(root.status().await.pending_approvals, 3);
     assert_eq!(listed(&mut a, RequestFilter::All).await.len(), 5);
 
+    // A rule made stricter while requests wait counts at their approval.
+    upsert_one(&mut root, &[], 2).await;
+    let stricter = approve(&mut a, kept[1], "one of two now").await.expect("decided");
+    assert_eq!(stricter.state, ApprovalState::Pending as i32, "{stricter:?}");
+    assert_eq!(stricter.approvals_needed, 2);
+
     // The policy is checked again when the last approval lands: the rule
     // now allows other sources only, so the request is refused, and says why.
-    root.client
-        .update_policy(proto::UpdatePolicyRequest {
-            change: Some(proto::update_policy_request::Change::UpsertRule(
-                proto::PortRule {
-                    port: u32::from(ONE),
-                    protocol: proto::Protocol::Tcp as i32,
-                    allowed_source_prefixes: vec!["198.51.100.0/24".into()],
-                    approvals: 1,
-                    ..proto::PortRule::default()
-                },
-            )),
-            expected_revision: 0,
-        })
-        .await
-        .expect("narrow the rule");
+    upsert_one(&mut root, &["198.51.100.0/24"], 1).await;
     let refused = approve(&mut a, kept[0], "fine by me").await.expect("decided");
     assert_eq!(refused.state, ApprovalState::Refused as i32, "{refused:?}");
     assert!(refused.reason.contains("outside the prefixes"), "{refused:?}");

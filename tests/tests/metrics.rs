@@ -18,7 +18,7 @@ use std::{
 
 use jit_gate_agent::{config::Mode, proto};
 use jit_gate_tests::{
-    agent::{AgentHost, request},
+    agent::{Agent, AgentHost, Api, request},
     netns::{CLIENT_V4, GATED_V4},
     traffic::{UdpSink, udp_send},
 };
@@ -83,23 +83,35 @@ fn send(host: &AgentHost, sink: &UdpSink, tag: &str, count: u64, arrives: bool) 
     assert_eq!(sink.arrives(last.as_bytes()), arrives, "{tag}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scraped_counters_match_the_packets_sent() {
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let textfile = dir.path().join("jit_gate.prom");
+/// An agent in `mode` with metrics on (`metrics` more `[metrics]` keys),
+/// protecting UDP `PORT` (`rule` more keys of its rule), and a sink on it.
+async fn start(mode: Mode, metrics: &str, rule: &str) -> (AgentHost, Agent, Api, UdpSink) {
     let host = AgentHost::new(
-        Mode::XdpAndNftables,
+        mode,
         &format!(
-            "[metrics]\nenabled = true\nlisten = [\"{LISTEN}\"]\ntextfile = {textfile:?}\ntextfile_interval = \"200ms\"\n\
-             [[policy]]\nport = {PORT}\nprotocol = \"udp\"\n"
+            "[metrics]\nenabled = true\nlisten = [\"{LISTEN}\"]\n{metrics}\n\
+             [[policy]]\nport = {PORT}\nprotocol = \"udp\"\n{rule}\n"
         ),
     );
-    let (agent, mut api) = host.start().await;
+    let (agent, api) = host.start().await;
     agent.wait_for_log(&["metrics on http://127.0.0.1:9847/metrics"]);
     let sink = UdpSink::start(
         &host.topo.gated,
         SocketAddr::new(IpAddr::V4(GATED_V4), PORT),
     );
+    (host, agent, api, sink)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scraped_counters_match_the_packets_sent() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let textfile = dir.path().join("jit_gate.prom");
+    let (host, _agent, mut api, sink) = start(
+        Mode::XdpAndNftables,
+        &format!("textfile = {textfile:?}\ntextfile_interval = \"200ms\""),
+        "",
+    )
+    .await;
 
     let before = scrape(&host);
     assert_eq!(port_packets(&before, "dropped"), 0);
@@ -194,19 +206,7 @@ fn sum(text: &str, name: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nftables_drops_pending_requests_and_reconciliation_times_are_scraped() {
-    let host = AgentHost::new(
-        Mode::Nftables,
-        &format!(
-            "[metrics]\nenabled = true\nlisten = [\"{LISTEN}\"]\n\
-             [[policy]]\nport = {PORT}\nprotocol = \"udp\"\napprovals = 1\n"
-        ),
-    );
-    let (agent, mut api) = host.start().await;
-    agent.wait_for_log(&["metrics on http://127.0.0.1:9847/metrics"]);
-    let sink = UdpSink::start(
-        &host.topo.gated,
-        SocketAddr::new(IpAddr::V4(GATED_V4), PORT),
-    );
+    let (host, _agent, mut api, sink) = start(Mode::Nftables, "", "approvals = 1").await;
     let before = scrape(&host);
     assert_eq!(
         sample(&before, "jit_gate_nftables_dropped_packets_total"),

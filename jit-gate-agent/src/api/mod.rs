@@ -119,6 +119,27 @@ impl Service {
         )))
     }
 
+    /// An approval (`approve`) or denial of request `id`; the engine
+    /// records refused ones itself.
+    async fn decide(
+        &self,
+        principal: crate::auth::Principal,
+        id: u64,
+        approve: bool,
+        comment: String,
+    ) -> Result<Response<proto::ApprovalRequest>, Status> {
+        let decided = self
+            .call(|reply| Command::Decide {
+                principal,
+                id,
+                approve,
+                comment,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(convert::approval_request(&decided)))
+    }
+
     fn public_hex(&self) -> String {
         hex::encode(self.public_key.as_bytes())
     }
@@ -424,16 +445,8 @@ impl JitGate for Service {
     ) -> Result<Response<proto::ApprovalRequest>, Status> {
         let principal = self.authorize(&request, "ApproveRequest", Role::Approver)?;
         let approve = request.into_inner();
-        let decided = self
-            .call(|reply| Command::Decide {
-                principal,
-                id: approve.id,
-                approve: true,
-                comment: approve.comment,
-                reply,
-            })
-            .await?;
-        Ok(Response::new(convert::approval_request(&decided)))
+        self.decide(principal, approve.id, true, approve.comment)
+            .await
     }
 
     async fn deny_request(
@@ -442,16 +455,7 @@ impl JitGate for Service {
     ) -> Result<Response<proto::ApprovalRequest>, Status> {
         let principal = self.authorize(&request, "DenyRequest", Role::Approver)?;
         let deny = request.into_inner();
-        let decided = self
-            .call(|reply| Command::Decide {
-                principal,
-                id: deny.id,
-                approve: false,
-                comment: deny.reason,
-                reply,
-            })
-            .await?;
-        Ok(Response::new(convert::approval_request(&decided)))
+        self.decide(principal, deny.id, false, deny.reason).await
     }
 
     async fn list_requests(

@@ -11,7 +11,7 @@ use super::{
     lifecycle::{Approval, Caller, Now, Pending, audit_refusal, grant_request},
 };
 use crate::{
-    approvals::{ApprovalRequest, ApprovalState, Decision},
+    approvals::{ApprovalRequest, ApprovalState, Decision, approvals_needed},
     audit::{AGENT, Event, Kind},
     auth::Principal,
     clock::Deadline,
@@ -140,6 +140,13 @@ impl Engine {
             .ok_or_else(|| Refusal::new(RefusalKind::NotFound, format!("no request {id}")))?;
         held.check_decider(caller)?;
         let now = now_ms();
+        // A rule made stricter since the request was held counts: never
+        // fewer approvals than asked for then, more if the policy now
+        // wants more. (A request the policy now refuses is refused at its
+        // last approval, below.)
+        let needed = held.request.validate(&self.policy, now).map_or(held.needed, |specs| {
+            held.needed.max(approvals_needed(&self.policy, &specs))
+        });
         let decision = Decision {
             principal: caller.name.clone(),
             approved: approve,
@@ -153,6 +160,10 @@ impl Engine {
             batch.add_decision(id, &decision)?;
             let mut after = held.clone();
             after.decisions.push(decision.clone());
+            if needed > held.needed {
+                batch.raise_approvals_needed(id, needed)?;
+                after.needed = needed;
+            }
             let mut granted = Vec::new();
             if !approve {
                 batch.decide_request(id, ApprovalState::Denied, now, comment)?;
@@ -166,7 +177,7 @@ impl Engine {
                     .with_details(details(&after, ApprovalState::Denied)),
                     now,
                 )?;
-            } else if after.approvals() < usize::from(held.needed) {
+            } else if after.approvals() < usize::from(needed) {
                 batch.audit(
                     approved_event(caller, &after, ApprovalState::Pending, comment),
                     now,

@@ -247,6 +247,17 @@ impl Batch<'_> {
         )? == 1)
     }
 
+    /// Raises the approvals a pending request needs (its rule was made
+    /// stricter since it was held).
+    pub fn raise_approvals_needed(&mut self, id: u64, needed: u8) -> Result<()> {
+        self.tx.execute(
+            "UPDATE requests SET approvals_needed = MAX(approvals_needed, ?1) \
+             WHERE id = ?2 AND state = 'pending'",
+            params![needed, id as i64],
+        )?;
+        Ok(())
+    }
+
     /// Closes a pending request in `state`; false if it was not pending.
     pub fn decide_request(
         &mut self,
