@@ -321,10 +321,7 @@ impl Approvals {
             return field("pending_timeout", "must be between 1s and 7days".into());
         }
         if !(1..=MAX_PENDING_CEILING).contains(&self.max_pending) {
-            return field(
-                "max_pending",
-                format!("must be 1 to {MAX_PENDING_CEILING}"),
-            );
+            return field("max_pending", format!("must be 1 to {MAX_PENDING_CEILING}"));
         }
         if !(1..=self.max_pending).contains(&self.max_pending_per_principal) {
             return field(

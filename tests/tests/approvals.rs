@@ -22,8 +22,8 @@ use std::{
 };
 
 use jit_gate_agent::proto::{
-    self, ApprovalState, ApproveRequestRequest, DenyRequestRequest, EventKind,
-    ListRequestsRequest, RequestFilter, jit_gate_client::JitGateClient,
+    self, ApprovalState, ApproveRequestRequest, DenyRequestRequest, EventKind, ListRequestsRequest,
+    RequestFilter, jit_gate_client::JitGateClient,
 };
 use jit_gate_tests::{
     agent::{Agent, AgentFiles, Api, client_as, request, wall_time},
@@ -102,7 +102,10 @@ async fn ask(client: &mut JitGateClient<Channel>, id: &str, port: u16) -> proto:
         .await
         .unwrap_or_else(|e| panic!("request {id}: {e}"))
         .into_inner();
-    assert!(response.grants.is_empty(), "held, not granted: {response:?}");
+    assert!(
+        response.grants.is_empty(),
+        "held, not granted: {response:?}"
+    );
     let held = response.approval.expect("held for approval");
     assert_eq!(held.state, ApprovalState::Pending as i32, "{held:?}");
     held
@@ -122,7 +125,10 @@ async fn approve(
         .map(tonic::Response::into_inner)
 }
 
-async fn listed(client: &mut JitGateClient<Channel>, filter: RequestFilter) -> Vec<proto::ApprovalRequest> {
+async fn listed(
+    client: &mut JitGateClient<Channel>,
+    filter: RequestFilter,
+) -> Vec<proto::ApprovalRequest> {
     client
         .list_requests(ListRequestsRequest {
             filter: filter as i32,
@@ -192,7 +198,9 @@ async fn a_port_opens_only_after_two_distinct_approvers_and_nobody_decides_alone
     assert_eq!(own_denial.code(), Code::PermissionDenied);
 
     // One approval of two: still closed.
-    let first = approve(&mut a, held.id, "looks fine").await.expect("A approves");
+    let first = approve(&mut a, held.id, "looks fine")
+        .await
+        .expect("A approves");
     assert_eq!(first.state, ApprovalState::Pending as i32);
     assert_eq!(first.decisions.len(), 1);
     gate.connect(TWO).expect_timed_out("one approval of two");
@@ -210,7 +218,10 @@ async fn a_port_opens_only_after_two_distinct_approvers_and_nobody_decides_alone
         panic!("one grant: {decided:?}")
     };
     let created = wall_time(grant.created_at);
-    assert!(created >= before_last, "the duration starts at the last approval");
+    assert!(
+        created >= before_last,
+        "the duration starts at the last approval"
+    );
     assert_eq!(
         wall_time(grant.expires_at).duration_since(created).unwrap(),
         Duration::from_secs(GRANTED_SECONDS as u64)
@@ -230,8 +241,14 @@ async fn a_port_opens_only_after_two_distinct_approvers_and_nobody_decides_alone
         })
         .await
         .unwrap_err();
-    assert_eq!(empty.code(), Code::InvalidArgument, "a denial needs a reason");
-    let long = approve(&mut a, denied_one.id, &"x".repeat(513)).await.unwrap_err();
+    assert_eq!(
+        empty.code(),
+        Code::InvalidArgument,
+        "a denial needs a reason"
+    );
+    let long = approve(&mut a, denied_one.id, &"x".repeat(513))
+        .await
+        .unwrap_err();
     assert_eq!(long.code(), Code::InvalidArgument, "bounded comments");
     let denied = a
         .deny_request(DenyRequestRequest {
@@ -253,7 +270,13 @@ async fn a_port_opens_only_after_two_distinct_approvers_and_nobody_decides_alone
         kept.push(ask(&mut requester, &format!("kept-{n}"), ONE).await.id);
     }
     let over = requester
-        .request_access(request("one-too-many", ONE, proto::Protocol::Tcp, CLIENT_V4, 60))
+        .request_access(request(
+            "one-too-many",
+            ONE,
+            proto::Protocol::Tcp,
+            CLIENT_V4,
+            60,
+        ))
         .await
         .unwrap_err();
     assert_eq!(over.code(), Code::ResourceExhausted, "{over:?}");
@@ -266,16 +289,32 @@ async fn a_port_opens_only_after_two_distinct_approvers_and_nobody_decides_alone
     let refused = kinds_of(&events, EventKind::DecisionRefused);
     let refused_codes: Vec<String> = refused
         .iter()
-        .map(|e| serde_json::from_str::<serde_json::Value>(&e.details_json).unwrap()["code"].to_string())
+        .map(|e| {
+            serde_json::from_str::<serde_json::Value>(&e.details_json).unwrap()["code"].to_string()
+        })
         .collect();
     assert!(
-        refused_codes.iter().filter(|c| c.contains("PermissionDenied")).count() == 2
-            && refused_codes.iter().filter(|c| c.contains("FailedPrecondition")).count() == 3
-            && refused_codes.iter().filter(|c| c.contains("InvalidArgument")).count() == 2,
+        refused_codes
+            .iter()
+            .filter(|c| c.contains("PermissionDenied"))
+            .count()
+            == 2
+            && refused_codes
+                .iter()
+                .filter(|c| c.contains("FailedPrecondition"))
+                .count()
+                == 3
+            && refused_codes
+                .iter()
+                .filter(|c| c.contains("InvalidArgument"))
+                .count()
+                == 2,
         "{refused_codes:?}"
     );
     assert!(
-        refused.iter().any(|e| e.principal == format!("uid:{REQUESTER}")),
+        refused
+            .iter()
+            .any(|e| e.principal == format!("uid:{REQUESTER}")),
         "self-approval recorded under the requester"
     );
     let verified = root
@@ -303,16 +342,27 @@ async fn a_port_opens_only_after_two_distinct_approvers_and_nobody_decides_alone
 
     // A rule made stricter while requests wait counts at their approval.
     upsert_one(&mut root, &[], 2).await;
-    let stricter = approve(&mut a, kept[1], "one of two now").await.expect("decided");
-    assert_eq!(stricter.state, ApprovalState::Pending as i32, "{stricter:?}");
+    let stricter = approve(&mut a, kept[1], "one of two now")
+        .await
+        .expect("decided");
+    assert_eq!(
+        stricter.state,
+        ApprovalState::Pending as i32,
+        "{stricter:?}"
+    );
     assert_eq!(stricter.approvals_needed, 2);
 
     // The policy is checked again when the last approval lands: the rule
     // now allows other sources only, so the request is refused, and says why.
     upsert_one(&mut root, &["198.51.100.0/24"], 1).await;
-    let refused = approve(&mut a, kept[0], "fine by me").await.expect("decided");
+    let refused = approve(&mut a, kept[0], "fine by me")
+        .await
+        .expect("decided");
     assert_eq!(refused.state, ApprovalState::Refused as i32, "{refused:?}");
-    assert!(refused.reason.contains("outside the prefixes"), "{refused:?}");
+    assert!(
+        refused.reason.contains("outside the prefixes"),
+        "{refused:?}"
+    );
     assert!(refused.grants.is_empty());
     gate.connect(ONE).expect_timed_out("refused at approval");
     // An approval needing more than 3 approvers is no rule at all.
@@ -364,7 +414,11 @@ async fn wait_pending(client: &mut JitGateClient<Channel>, request_id: &str) -> 
         if let Some(held) = listed(client, RequestFilter::Pending)
             .await
             .into_iter()
-            .find(|r| r.request.as_ref().is_some_and(|q| q.request_id == request_id))
+            .find(|r| {
+                r.request
+                    .as_ref()
+                    .is_some_and(|q| q.request_id == request_id)
+            })
         {
             return held.id;
         }
@@ -407,7 +461,10 @@ async fn request_wait_ends_with_the_outcome_and_the_cli_decides() {
         Duration::from_secs(20),
     );
     assert_eq!(expired.status.code(), Some(5), "{expired:?}");
-    assert!(started.elapsed() >= Duration::from_secs(3), "not before the timeout");
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "not before the timeout"
+    );
     let text = String::from_utf8_lossy(&expired.stdout);
     assert!(text.contains("request-expired"), "{text}");
     gate.connect(ONE).expect_timed_out("expired");
@@ -465,7 +522,10 @@ async fn request_wait_ends_with_the_outcome_and_the_cli_decides() {
         .iter()
         .map(|r| r["state"].as_str().expect("state"))
         .collect();
-    assert_eq!(states, ["denied", "pending", "denied", "approved", "expired"]);
+    assert_eq!(
+        states,
+        ["denied", "pending", "denied", "approved", "expired"]
+    );
     let text = cli.text(&["requests"]);
     assert!(
         text.contains("pending") && text.contains("1/2") && text.contains("alice"),

@@ -248,7 +248,10 @@ async fn nftables_drops_pending_requests_and_reconciliation_times_are_scraped() 
             assert!(sum(&text, "jit_gate_reconcile_duration_seconds") > 0.0);
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "{count} reconciliations");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{count} reconciliations"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }

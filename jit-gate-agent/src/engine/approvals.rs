@@ -7,8 +7,9 @@
 use std::time::SystemTime;
 
 use super::{
-    Engine, now_ms,
+    Engine,
     lifecycle::{Approval, Caller, Now, Pending, audit_refusal, grant_request},
+    now_ms,
 };
 use crate::{
     approvals::{ApprovalRequest, ApprovalState, Decision, approvals_needed},
@@ -107,7 +108,10 @@ impl Engine {
                 Kind::DecisionRefused,
                 &caller.name,
                 0,
-                format!("{verb} of request {id} by {} refused: {}", caller.name, refusal.message),
+                format!(
+                    "{verb} of request {id} by {} refused: {}",
+                    caller.name, refusal.message
+                ),
             )
             .with_details(serde_json::json!({
                 "approval_request_id": id,
@@ -144,9 +148,12 @@ impl Engine {
         // fewer approvals than asked for then, more if the policy now
         // wants more. (A request the policy now refuses is refused at its
         // last approval, below.)
-        let needed = held.request.validate(&self.policy, now).map_or(held.needed, |specs| {
-            held.needed.max(approvals_needed(&self.policy, &specs))
-        });
+        let needed = held
+            .request
+            .validate(&self.policy, now)
+            .map_or(held.needed, |specs| {
+                held.needed.max(approvals_needed(&self.policy, &specs))
+            });
         let decision = Decision {
             principal: caller.name.clone(),
             approved: approve,
@@ -211,8 +218,7 @@ impl Engine {
                         granted = grants;
                     }
                     Pending::Refused(refusal) => {
-                        let reason =
-                            format!("refused when approved: {}", refusal.message);
+                        let reason = format!("refused when approved: {}", refusal.message);
                         batch.decide_request(id, ApprovalState::Refused, now, &reason)?;
                         batch.audit(
                             approved_event(caller, &after, ApprovalState::Refused, comment),

@@ -91,11 +91,9 @@ impl Engine {
                 let fingerprint = request.fingerprint();
                 let key = (principal.name.as_str(), request.request_id.as_str());
                 let outcome = match in_batch.get(&key) {
-                    Some((seen, index)) => {
-                        replay(seen, &fingerprint, &request.request_id, || {
-                            outcomes[*index].replayed()
-                        })
-                    }
+                    Some((seen, index)) => replay(seen, &fingerprint, &request.request_id, || {
+                        outcomes[*index].replayed()
+                    }),
                     None => {
                         if let Some(held) =
                             batch.approval_request_by_key(&principal.name, &request.request_id)?

@@ -115,7 +115,10 @@ pub(crate) async fn approve(fleet: &Fleet, args: ApproveArgs, json: bool) -> boo
     };
     report(
         &fleet
-            .call(request, |mut c, r| async move { c.approve_request(r).await })
+            .call(
+                request,
+                |mut c, r| async move { c.approve_request(r).await },
+            )
             .await,
         json,
     )
@@ -221,7 +224,12 @@ pub(crate) async fn request_and_wait(
         if details["approval_request_id"] != json!(held.id) {
             continue;
         }
-        print_line(agent, &Ok::<_, crate::connect::CallError>(event), json, false);
+        print_line(
+            agent,
+            &Ok::<_, crate::connect::CallError>(event),
+            json,
+            false,
+        );
         if let Some(end) = details["state"].as_str().and_then(WaitEnd::of_state) {
             return Ok(outcome(end));
         }

@@ -3,9 +3,9 @@
 //! RFC 3339, durations as humantime strings, enums by lowercase name.
 
 use jit_gate_agent::proto::{
-    AccessResponse, ApprovalState, Connection, EnforcementMode, Event, EventKind, FlowTable, Grant, GrantState,
-    InterfaceStatus, LayerHealth, ListConnectionsResponse, ListGrantsResponse, Policy, PortRule,
-    PortStatus, Protocol, Repair, RevokeGrantResponse, Status,
+    AccessResponse, ApprovalState, Connection, EnforcementMode, Event, EventKind, FlowTable, Grant,
+    GrantState, InterfaceStatus, LayerHealth, ListConnectionsResponse, ListGrantsResponse, Policy,
+    PortRule, PortStatus, Protocol, Repair, RevokeGrantResponse, Status,
 };
 use serde_json::{Value, json};
 
