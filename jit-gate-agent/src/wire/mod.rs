@@ -330,7 +330,7 @@ pub fn status_report(report: &StatusReport) -> proto::Status {
         xdp: Some(layer(report.xdp_active, &enforcement.xdp)),
         nftables: Some(layer(report.nftables_active, &enforcement.nftables)),
         healthy: enforcement.healthy(),
-        pending_approvals: u32::try_from(report.pending_approvals).unwrap_or(u32::MAX),
+        pending_approvals: report.pending_approvals,
     }
 }
 

@@ -1,8 +1,11 @@
 //! Access requests held for approval: `requests`, `approve`, `deny`, how a
 //! held request is shown, and `request --wait`, which follows the request's
-//! audit events (WatchEvents) until it is decided or expires.
+//! audit events (`WatchEvents`) until it is decided or expires.
 
-use std::time::{Duration, Instant};
+use std::{
+    fmt::Write as _,
+    time::{Duration, Instant},
+};
 
 use clap::Args;
 use futures_util::StreamExt as _;
@@ -318,17 +321,19 @@ impl Render for ApprovalRequest {
     fn detail(&self) -> String {
         let mut out = format!("{}\n", self.summary());
         if self.state == proto::ApprovalState::Pending as i32 {
-            out.push_str(&format!(
-                "waits for approval until {}\n",
+            let _ = writeln!(
+                out,
+                "waits for approval until {}",
                 time(self.expires_at.as_ref())
-            ));
+            );
         }
         if !self.reason.is_empty() {
-            out.push_str(&format!("reason: {}\n", printable(&self.reason)));
+            let _ = writeln!(out, "reason: {}", printable(&self.reason));
         }
         for d in &self.decisions {
-            out.push_str(&format!(
-                "  {} by {} at {}{}\n",
+            let _ = writeln!(
+                out,
+                "  {} by {} at {}{}",
                 if d.approved { "approved" } else { "denied" },
                 printable(&d.principal),
                 time(d.at.as_ref()),
@@ -336,10 +341,10 @@ impl Render for ApprovalRequest {
                     "" => String::new(),
                     comment => format!(": {}", printable(comment)),
                 }
-            ));
+            );
         }
         if !self.grants.is_empty() {
-            out.push_str(&format!("\n{}\n", grants_table(&self.grants)));
+            let _ = write!(out, "\n{}\n", grants_table(&self.grants));
         }
         out
     }
