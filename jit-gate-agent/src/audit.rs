@@ -56,6 +56,11 @@ kinds! {
     AuditChainBroken = "audit-chain-broken",
     DatabaseReinitialized = "database-reinitialized",
     GrantUsedUp = "grant-used-up",
+    RequestPending = "request-pending",
+    RequestApproved = "request-approved",
+    RequestDenied = "request-denied",
+    RequestExpired = "request-expired",
+    DecisionRefused = "decision-refused",
 }
 
 impl Kind {

@@ -15,6 +15,8 @@ pub enum Role {
     Auditor,
     /// Requests access, and revokes its own grants.
     Broker,
+    /// Approves or denies other principals' access requests (a broker too).
+    Approver,
     /// Changes the policy, revokes any grant.
     Admin,
 }

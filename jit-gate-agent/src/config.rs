@@ -170,6 +170,8 @@ pub struct Config {
     pub flows: Flows,
     #[serde(default)]
     pub denials: Denials,
+    #[serde(default)]
+    pub approvals: Approvals,
     /// Prometheus metrics; off unless `enabled`.
     #[serde(default)]
     pub metrics: crate::metrics::MetricsConfig,
@@ -270,6 +272,65 @@ impl Default for Denials {
 
 fn default_summary_interval() -> Duration {
     Duration::from_mins(1)
+}
+
+/// Access requests held for approval: how long they wait and how many may.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Approvals {
+    /// A pending request not decided this long after it was made expires.
+    #[serde(with = "humantime_serde", default = "default_pending_timeout")]
+    pub pending_timeout: Duration,
+    /// Pending requests one API principal may have at once.
+    #[serde(default = "default_max_pending_per_principal")]
+    pub max_pending_per_principal: u32,
+    /// Pending requests the agent holds at once, from every principal.
+    #[serde(default = "default_max_pending")]
+    pub max_pending: u32,
+}
+
+impl Default for Approvals {
+    fn default() -> Self {
+        Approvals {
+            pending_timeout: default_pending_timeout(),
+            max_pending_per_principal: default_max_pending_per_principal(),
+            max_pending: default_max_pending(),
+        }
+    }
+}
+
+fn default_pending_timeout() -> Duration {
+    Duration::from_hours(24)
+}
+fn default_max_pending_per_principal() -> u32 {
+    16
+}
+fn default_max_pending() -> u32 {
+    10_000
+}
+
+/// Bounds of the `[approvals]` keys.
+const PENDING_TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_hours(168);
+const MAX_PENDING_CEILING: u32 = 100_000;
+
+impl Approvals {
+    fn validate(&self) -> Result<(), (String, String)> {
+        let field = |name: &str, problem: String| Err((format!("approvals.{name}"), problem));
+        if !PENDING_TIMEOUT_RANGE.contains(&self.pending_timeout) {
+            return field("pending_timeout", "must be between 1s and 7days".into());
+        }
+        if !(1..=MAX_PENDING_CEILING).contains(&self.max_pending) {
+            return field("max_pending", format!("must be 1 to {MAX_PENDING_CEILING}"));
+        }
+        if !(1..=self.max_pending).contains(&self.max_pending_per_principal) {
+            return field(
+                "max_pending_per_principal",
+                "must be 1 to approvals.max_pending".into(),
+            );
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -427,6 +488,7 @@ impl Config {
         if let Some(rules) = &self.policy {
             Policy::validate_rules(rules).or_else(|r| field("policy", r.message))?;
         }
+        self.approvals.validate()?;
         if let Some(tls) = &self.api.tls {
             tls.validate()?;
             // Without a [[policy]], the default one applies on a first start.
@@ -601,6 +663,9 @@ mod tests {
         assert_eq!(config.flows.per_grant_quota, 64);
         assert_eq!(config.flows.half_open_timeout, Duration::from_secs(30));
         assert_eq!(config.denials.summary_interval, Duration::from_mins(1));
+        assert_eq!(config.approvals.pending_timeout, Duration::from_hours(24));
+        assert_eq!(config.approvals.max_pending_per_principal, 16);
+        assert_eq!(config.approvals.max_pending, 10_000);
     }
 
     #[test]
@@ -729,6 +794,18 @@ mod tests {
             (
                 "interfaces = [\"lo\"]\n[denials]\nsummary_interval = \"2h\"",
                 "field `denials.summary_interval`",
+            ),
+            (
+                "interfaces = [\"lo\"]\n[approvals]\npending_timeout = \"8days\"",
+                "field `approvals.pending_timeout`",
+            ),
+            (
+                "interfaces = [\"lo\"]\n[approvals]\nmax_pending = 4\nmax_pending_per_principal = 5",
+                "field `approvals.max_pending_per_principal`",
+            ),
+            (
+                "interfaces = [\"lo\"]\n[[policy]]\nport = 22\nprotocol = \"tcp\"\napprovals = 4",
+                "field `policy`: rule 22/tcp: approvals 4 is above the maximum of 3",
             ),
         ] {
             let err = parse(text).unwrap_err().to_string();

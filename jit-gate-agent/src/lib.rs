@@ -10,6 +10,7 @@ use {
 };
 
 pub mod api;
+pub mod approvals;
 pub mod audit;
 pub mod auth;
 pub mod checkpoint;

@@ -25,6 +25,8 @@ pub const DEFAULT_TCP_PORTS: [u16; 4] = [22, 3389, 5985, 5986];
 pub const MAX_RULES: usize = 512;
 /// A rule lists at most this many allowed prefixes.
 pub const MAX_ALLOWED_PREFIXES: usize = 256;
+/// A rule requires at most this many distinct approvers.
+pub const MAX_APPROVALS: u8 = 3;
 
 /// The protocols a rule covers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -92,6 +94,16 @@ pub struct PortRule {
     pub require_justification: bool,
     #[serde(default)]
     pub require_ticket: bool,
+    /// Distinct approvers a request must have before it is granted (0: none,
+    /// granted at once). Left out when 0, so policies stored before the field
+    /// existed compare and fingerprint as they did.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub approvals: u8,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_zero(value: &u8) -> bool {
+    *value == 0
 }
 
 fn default_max_duration() -> Duration {
@@ -108,6 +120,7 @@ impl PortRule {
             max_duration: DEFAULT_MAX_DURATION,
             require_justification: false,
             require_ticket: false,
+            approvals: 0,
         }
     }
 
@@ -129,6 +142,12 @@ impl PortRule {
             return Err(Refusal::invalid(format!(
                 "{here}: max_duration {} is outside 1m..=24h",
                 humantime::format_duration(self.max_duration)
+            )));
+        }
+        if self.approvals > MAX_APPROVALS {
+            return Err(Refusal::invalid(format!(
+                "{here}: approvals {} is above the maximum of {MAX_APPROVALS}",
+                self.approvals
             )));
         }
         if self.allowed_sources.len() > MAX_ALLOWED_PREFIXES {
@@ -293,6 +312,12 @@ mod tests {
         let err = rule.validate().unwrap_err();
         assert!(err.message.contains("10.0.0.0/8"), "{err}");
         assert!(PortRule::open(0, RuleProtocol::Udp).validate().is_err());
+        let mut rule = PortRule::open(22, RuleProtocol::Tcp);
+        rule.approvals = MAX_APPROVALS;
+        rule.validate().unwrap();
+        rule.approvals = MAX_APPROVALS + 1;
+        let err = rule.validate().unwrap_err();
+        assert!(err.message.contains("approvals 4"), "{err}");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::{
 };
 
 use ipnet::IpNet;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::{
@@ -25,7 +25,7 @@ use crate::{
 pub const MAX_PORTS_PER_REQUEST: usize = 64;
 
 /// How long the access should last, as the client sent it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Lifetime {
     Missing,
     /// A signed duration (seconds, nanoseconds), as protobuf carries it.
@@ -42,7 +42,7 @@ pub enum Lifetime {
 
 /// The protocol a port is asked for. Untagged, so a request serialises
 /// (and fingerprints) as it did when this was an `Option<Protocol>`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum RequestedProtocol {
     /// Every protocol the port's rule covers.
@@ -56,14 +56,14 @@ pub enum RequestedProtocol {
     Unknown(i32),
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortAccess {
     pub port: u32,
     pub protocol: RequestedProtocol,
     pub source: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccessRequest {
     pub request_id: String,
     pub ports: Vec<PortAccess>,
@@ -74,7 +74,7 @@ pub struct AccessRequest {
     /// Connections the grants may open in all, each; 0: no limit. Left out
     /// of the fingerprint when 0, so requests made before the field existed
     /// keep their fingerprints.
-    #[serde(skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub max_connections: u32,
 }
 

@@ -107,6 +107,7 @@ impl JitGate for FakeAgent {
         Ok(Response::new(AccessResponse {
             grants,
             replayed: false,
+            approval: None,
         }))
     }
 
@@ -149,6 +150,27 @@ impl JitGate for FakeAgent {
         &self,
         _: Request<jit_gate_agent::proto::ReloadConfigurationRequest>,
     ) -> Result<Response<jit_gate_agent::proto::ReloadConfigurationResponse>, Status> {
+        Err(Status::unimplemented("not faked"))
+    }
+
+    async fn approve_request(
+        &self,
+        _: Request<jit_gate_agent::proto::ApproveRequestRequest>,
+    ) -> Result<Response<jit_gate_agent::proto::ApprovalRequest>, Status> {
+        Err(Status::unimplemented("not faked"))
+    }
+
+    async fn deny_request(
+        &self,
+        _: Request<jit_gate_agent::proto::DenyRequestRequest>,
+    ) -> Result<Response<jit_gate_agent::proto::ApprovalRequest>, Status> {
+        Err(Status::unimplemented("not faked"))
+    }
+
+    async fn list_requests(
+        &self,
+        _: Request<jit_gate_agent::proto::ListRequestsRequest>,
+    ) -> Result<Response<jit_gate_agent::proto::ListRequestsResponse>, Status> {
         Err(Status::unimplemented("not faked"))
     }
 

@@ -119,6 +119,27 @@ impl Service {
         )))
     }
 
+    /// An approval (`approve`) or denial of request `id`; the engine
+    /// records refused ones itself.
+    async fn decide(
+        &self,
+        principal: crate::auth::Principal,
+        id: u64,
+        approve: bool,
+        comment: String,
+    ) -> Result<Response<proto::ApprovalRequest>, Status> {
+        let decided = self
+            .call(|reply| Command::Decide {
+                principal,
+                id,
+                approve,
+                comment,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(convert::approval_request(&decided)))
+    }
+
     fn public_hex(&self) -> String {
         hex::encode(self.public_key.as_bytes())
     }
@@ -126,6 +147,38 @@ impl Service {
     async fn signed_head(&self) -> Result<proto::AuditCheckpoint, Status> {
         let checkpoint = self.call(Command::Checkpoint).await?;
         Ok(convert::checkpoint(&checkpoint, &self.public_hex()))
+    }
+}
+
+/// A page size asked for: 0 is the default, over `MAX_PAGE` is refused.
+fn page_size(asked: u32) -> Result<u32, Status> {
+    match asked {
+        0 => Ok(DEFAULT_PAGE),
+        n if n <= MAX_PAGE => Ok(n),
+        n => Err(Status::invalid_argument(format!(
+            "page_size {n} is over the maximum of {MAX_PAGE}; page with page_token"
+        ))),
+    }
+}
+
+/// The id a page starts below (`None`: the first page).
+fn page_token(token: &str) -> Result<Option<u64>, Status> {
+    match token {
+        "" => Ok(None),
+        token => token.parse::<u64>().map(Some).map_err(|_| {
+            Status::invalid_argument("page_token is not one this agent gave (next_page_token)")
+        }),
+    }
+}
+
+/// Cuts `items` (newest first, one more than a page asked for) to the page
+/// and returns the token of the next page, empty when none follows.
+fn next_page<T>(items: &mut Vec<T>, page_size: u32, id: impl Fn(&T) -> u64) -> String {
+    let more = items.len() > page_size as usize;
+    items.truncate(page_size as usize);
+    match items.last() {
+        Some(last) if more => id(last).to_string(),
+        _ => String::new(),
     }
 }
 
@@ -218,6 +271,7 @@ impl JitGate for Service {
         Ok(Response::new(proto::AccessResponse {
             grants: outcome.grants.iter().map(convert::grant).collect(),
             replayed: outcome.replayed,
+            approval: outcome.approval.as_ref().map(convert::approval_request),
         }))
     }
 
@@ -256,23 +310,12 @@ impl JitGate for Service {
             p => Some(convert::port(p, "port")?),
         };
         let page_size = match (list.page_size, list.limit) {
-            (0, 0) => DEFAULT_PAGE,
             // The deprecated `limit` asked for up to 10,000 at once: the
             // largest page, with a next_page_token when more follow.
-            (0, limit) => limit.min(MAX_PAGE),
-            (n, _) if n <= MAX_PAGE => n,
-            (n, _) => {
-                return Err(Status::invalid_argument(format!(
-                    "page_size {n} is over the maximum of {MAX_PAGE}; page with page_token"
-                )));
-            }
+            (0, limit) if limit != 0 => limit.min(MAX_PAGE),
+            (n, _) => page_size(n)?,
         };
-        let before = match list.page_token.as_str() {
-            "" => None,
-            token => Some(token.parse::<u64>().map_err(|_| {
-                Status::invalid_argument("page_token is not one this agent gave (next_page_token)")
-            })?),
-        };
+        let before = page_token(&list.page_token)?;
         // One more than asked for tells whether another page follows.
         let mut grants = self
             .call(|reply| Command::ListGrants {
@@ -283,12 +326,7 @@ impl JitGate for Service {
                 reply,
             })
             .await?;
-        let more = grants.len() > page_size as usize;
-        grants.truncate(page_size as usize);
-        let next_page_token = match grants.last() {
-            Some(last) if more => last.id.to_string(),
-            _ => String::new(),
-        };
+        let next_page_token = next_page(&mut grants, page_size, |g| g.id);
         Ok(Response::new(proto::ListGrantsResponse {
             grants: grants.iter().map(convert::grant).collect(),
             next_page_token,
@@ -399,6 +437,49 @@ impl JitGate for Service {
     ) -> Result<Response<proto::AuditCheckpoint>, Status> {
         self.authorize(&request, "GetAuditCheckpoint", Role::Auditor)?;
         Ok(Response::new(self.signed_head().await?))
+    }
+
+    async fn approve_request(
+        &self,
+        request: Request<proto::ApproveRequestRequest>,
+    ) -> Result<Response<proto::ApprovalRequest>, Status> {
+        let principal = self.authorize(&request, "ApproveRequest", Role::Approver)?;
+        let approve = request.into_inner();
+        self.decide(principal, approve.id, true, approve.comment)
+            .await
+    }
+
+    async fn deny_request(
+        &self,
+        request: Request<proto::DenyRequestRequest>,
+    ) -> Result<Response<proto::ApprovalRequest>, Status> {
+        let principal = self.authorize(&request, "DenyRequest", Role::Approver)?;
+        let deny = request.into_inner();
+        self.decide(principal, deny.id, false, deny.reason).await
+    }
+
+    async fn list_requests(
+        &self,
+        request: Request<proto::ListRequestsRequest>,
+    ) -> Result<Response<proto::ListRequestsResponse>, Status> {
+        self.authorize(&request, "ListRequests", Role::Auditor)?;
+        let list = request.into_inner();
+        let filter = convert::request_filter(list.filter)?;
+        let page_size = page_size(list.page_size)?;
+        let before = page_token(&list.page_token)?;
+        let mut requests = self
+            .call(|reply| Command::ListRequests {
+                filter,
+                before,
+                limit: page_size + 1,
+                reply,
+            })
+            .await?;
+        let next_page_token = next_page(&mut requests, page_size, |r| r.id);
+        Ok(Response::new(proto::ListRequestsResponse {
+            requests: requests.iter().map(convert::approval_request).collect(),
+            next_page_token,
+        }))
     }
 
     async fn reload_configuration(

@@ -197,6 +197,15 @@ impl Enforcement {
         self.nft.is_some()
     }
 
+    /// Packets and bytes the nftables gate dropped since its table was
+    /// installed; `None` while nftables is not in use.
+    pub fn nftables_dropped(&self) -> anyhow::Result<Option<(u64, u64)>> {
+        let Some(nft) = &self.nft else {
+            return Ok(None);
+        };
+        Ok(nft.dropped()?)
+    }
+
     /// Why a limit on the connections a grant opens cannot be enforced
     /// now, if it cannot. Only the XDP program counts the connections of a
     /// grant; nftables cannot, so no interface may be gated by nftables

@@ -9,6 +9,7 @@ use std::{
 
 use super::{AccessOutcome, Engine, PolicyChange, Reply, RevokeOutcome, now_ms};
 use crate::{
+    approvals::{ApprovalRequest, approvals_needed},
     audit::{AGENT, Event, Kind},
     auth::Principal,
     clock::Deadline,
@@ -22,13 +23,43 @@ use crate::{
 };
 
 /// One request's outcome before the transaction commits.
-enum Pending {
+pub(super) enum Pending {
     Refused(Refusal),
     Replayed(Vec<Grant>),
     Granted(Vec<Grant>),
+    /// Held for approval (true: a retry of a request already held).
+    Held(Box<ApprovalRequest>, bool),
+}
+
+impl Pending {
+    /// This outcome as a retry of it within the same batch sees it.
+    fn replayed(&self) -> Pending {
+        match self {
+            Pending::Granted(g) | Pending::Replayed(g) => Pending::Replayed(g.clone()),
+            Pending::Held(held, _) => Pending::Held(held.clone(), true),
+            Pending::Refused(_) => Pending::Replayed(Vec::new()),
+        }
+    }
+}
+
+/// Whether a request that needs approvals is held, or was approved now.
+#[derive(Clone, Copy)]
+pub(super) enum Approval<'a> {
+    Hold(&'a crate::config::Approvals),
+    Approved,
 }
 
 impl Engine {
+    /// Makes newly created grants active and enforces them.
+    pub(super) fn activate<'g>(&mut self, grants: impl IntoIterator<Item = &'g Grant>) {
+        let mut touched = BTreeSet::new();
+        for grant in grants {
+            self.active.insert(grant.active());
+            touched.insert(grant.target);
+        }
+        self.enforce(&touched);
+    }
+
     /// Brings enforcement of `targets` in line after their grants changed.
     fn enforce(&mut self, targets: &BTreeSet<GrantTarget>) {
         if let Err(e) = self.enforcement.apply(targets, &self.active) {
@@ -50,7 +81,7 @@ impl Engine {
         // The instant deadlines count from, read together with `now`.
         let boot_now = Deadline::now();
         let limits_unenforceable = self.enforcement.connection_limits_unenforceable();
-        let mut outcomes = Vec::with_capacity(requests.len());
+        let mut outcomes: Vec<Pending> = Vec::with_capacity(requests.len());
         let result = (|| -> anyhow::Result<Vec<crate::audit::AuditRecord>> {
             let mut batch = self.store.batch()?;
             // (principal, id) first seen in this batch: (fingerprint, index
@@ -59,46 +90,50 @@ impl Engine {
             for (principal, request, _) in &requests {
                 let fingerprint = request.fingerprint();
                 let key = (principal.name.as_str(), request.request_id.as_str());
-                let outcome =
-                    match in_batch.get(&key) {
-                        Some((seen, index)) => {
-                            replay(seen, &fingerprint, &request.request_id, || match &outcomes
-                                [*index]
-                            {
-                                Pending::Granted(g) | Pending::Replayed(g) => g.clone(),
-                                Pending::Refused(_) => Vec::new(),
+                let outcome = match in_batch.get(&key) {
+                    Some((seen, index)) => replay(seen, &fingerprint, &request.request_id, || {
+                        outcomes[*index].replayed()
+                    }),
+                    None => {
+                        if let Some(held) =
+                            batch.approval_request_by_key(&principal.name, &request.request_id)?
+                        {
+                            let seen = held.fingerprint.clone();
+                            replay(&seen, &fingerprint, &request.request_id, || {
+                                Pending::Held(Box::new(held), true)
                             })
-                        }
-                        None => {
-                            if let Some((seen, grants)) =
-                                batch.request(&principal.name, &request.request_id)?
-                            {
-                                replay(&seen, &fingerprint, &request.request_id, || grants)
-                            } else {
-                                let outcome = grant_request(
-                                    &mut batch,
-                                    &self.policy,
-                                    Caller {
-                                        principal,
-                                        request,
-                                        fingerprint: &fingerprint,
-                                    },
-                                    Now {
-                                        wall: now,
-                                        boot: boot_now,
-                                        boot_id: &self.boot_id,
-                                    },
-                                    limits_unenforceable.as_deref(),
-                                )?;
-                                if !matches!(outcome, Pending::Refused(_)) {
-                                    in_batch.insert(key, (fingerprint, outcomes.len()));
-                                }
-                                outcome
+                        } else if let Some((seen, grants)) =
+                            batch.request(&principal.name, &request.request_id)?
+                        {
+                            replay(&seen, &fingerprint, &request.request_id, || {
+                                Pending::Replayed(grants)
+                            })
+                        } else {
+                            let outcome = grant_request(
+                                &mut batch,
+                                &self.policy,
+                                Caller {
+                                    principal: &principal.name,
+                                    request,
+                                    fingerprint: &fingerprint,
+                                },
+                                Now {
+                                    wall: now,
+                                    boot: boot_now,
+                                    boot_id: &self.boot_id,
+                                },
+                                limits_unenforceable.as_deref(),
+                                Approval::Hold(&self.config.approvals),
+                            )?;
+                            if !matches!(outcome, Pending::Refused(_)) {
+                                in_batch.insert(key, (fingerprint, outcomes.len()));
                             }
+                            outcome
                         }
-                    };
+                    }
+                };
                 if let Pending::Refused(refusal) = &outcome {
-                    audit_refusal(&mut batch, principal, request, refusal, now)?;
+                    audit_refusal(&mut batch, &principal.name, request, refusal, now)?;
                 }
                 outcomes.push(outcome);
             }
@@ -114,16 +149,10 @@ impl Engine {
                 return;
             }
         };
-        let mut touched = BTreeSet::new();
-        for outcome in &outcomes {
-            if let Pending::Granted(grants) = outcome {
-                for grant in grants {
-                    self.active.insert(grant.active());
-                    touched.insert(grant.target);
-                }
-            }
-        }
-        self.enforce(&touched);
+        self.activate(outcomes.iter().flat_map(|outcome| match outcome {
+            Pending::Granted(grants) => grants.as_slice(),
+            _ => &[],
+        }));
         self.publish(records);
         for ((_, _, reply), outcome) in requests.into_iter().zip(outcomes) {
             let _ = reply.send(match outcome {
@@ -131,10 +160,17 @@ impl Engine {
                 Pending::Replayed(grants) => Ok(AccessOutcome {
                     grants,
                     replayed: true,
+                    approval: None,
                 }),
                 Pending::Granted(grants) => Ok(AccessOutcome {
                     grants,
                     replayed: false,
+                    approval: None,
+                }),
+                Pending::Held(held, replayed) => Ok(AccessOutcome {
+                    grants: held.grants.clone(),
+                    replayed,
+                    approval: Some(*held),
                 }),
             });
         }
@@ -409,16 +445,16 @@ impl Engine {
     }
 }
 
-/// A retry returns the first call's grants; a different request under the
+/// A retry returns the first call's outcome; a different request under the
 /// same id is refused.
 fn replay(
     seen: &str,
     fingerprint: &str,
     request_id: &str,
-    grants: impl FnOnce() -> Vec<Grant>,
+    first: impl FnOnce() -> Pending,
 ) -> Pending {
     if seen == fingerprint {
-        Pending::Replayed(grants())
+        first()
     } else {
         Pending::Refused(Refusal::new(
             RefusalKind::AlreadyExists,
@@ -429,9 +465,9 @@ fn replay(
 
 /// Audits the refusal of `request`, whatever refused it (validation or a
 /// reused request id).
-fn audit_refusal(
+pub(super) fn audit_refusal(
     batch: &mut Batch<'_>,
-    principal: &Principal,
+    principal: &str,
     request: &AccessRequest,
     refusal: &Refusal,
     now: SystemTime,
@@ -442,7 +478,7 @@ fn audit_refusal(
     batch.audit(
         Event::new(
             Kind::RequestRefused,
-            &principal.name,
+            principal,
             0,
             format!("request \"{request_id}\" refused: {}", refusal.message),
         )
@@ -458,30 +494,33 @@ fn audit_refusal(
 
 /// Who asks for what.
 #[derive(Clone, Copy)]
-struct Caller<'a> {
-    principal: &'a Principal,
-    request: &'a AccessRequest,
-    fingerprint: &'a str,
+pub(super) struct Caller<'a> {
+    pub principal: &'a str,
+    pub request: &'a AccessRequest,
+    pub fingerprint: &'a str,
 }
 
 /// The instant a batch of requests is granted at, on both clocks.
 #[derive(Clone, Copy)]
-struct Now<'a> {
-    wall: SystemTime,
-    boot: Deadline,
-    boot_id: &'a str,
+pub(super) struct Now<'a> {
+    pub wall: SystemTime,
+    pub boot: Deadline,
+    pub boot_id: &'a str,
 }
 
 /// Validates the caller's request and, if acceptable, inserts its grants
 /// and audit records into `batch`. Each grant's deadline is fixed here, on
 /// the boot clock: the duration from `now`. A limit on connections is
-/// refused while `limits_unenforceable` says why it could not be kept.
-fn grant_request(
+/// refused while `limits_unenforceable` says why it could not be kept. A
+/// request whose ports need approvals is held (`Approval::Hold`) instead,
+/// unless it was just approved.
+pub(super) fn grant_request(
     batch: &mut Batch<'_>,
     policy: &Policy,
     caller: Caller<'_>,
     now: Now<'_>,
     limits_unenforceable: Option<&str>,
+    approval: Approval<'_>,
 ) -> anyhow::Result<Pending> {
     let Caller {
         principal,
@@ -502,6 +541,12 @@ fn grant_request(
             ),
         )));
     }
+    if let Approval::Hold(limits) = approval {
+        let needed = approvals_needed(policy, &specs);
+        if needed > 0 {
+            return super::approvals::hold(batch, caller, now.wall, needed, limits);
+        }
+    }
     let mut grants = Vec::with_capacity(specs.len());
     for spec in specs {
         let mut grant = Grant {
@@ -511,7 +556,7 @@ fn grant_request(
             requester: request.requester.clone(),
             justification: request.justification.clone(),
             ticket: request.ticket.clone(),
-            principal: principal.name.clone(),
+            principal: principal.to_owned(),
             created_at: now.wall,
             granted: spec.duration,
             deadline: now.boot.plus(spec.duration),
@@ -526,7 +571,7 @@ fn grant_request(
         batch.audit(
             Event::new(
                 Kind::GrantCreated,
-                &principal.name,
+                principal,
                 grant.id,
                 format!(
                     "grant {} for {} until {} to {}{}",

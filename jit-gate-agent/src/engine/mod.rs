@@ -5,6 +5,7 @@
 //! flows and denied sources, and reconciles enforcement. The kernel is
 //! reached only through `enforce::Enforcement`, given domain state.
 
+mod approvals;
 mod configure;
 mod denials;
 mod lifecycle;
@@ -17,6 +18,7 @@ mod status;
 use std::time::{Instant, SystemTime};
 
 use anyhow::Context;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::sync::{broadcast, oneshot};
 
 pub use crate::enforce::{
@@ -25,6 +27,7 @@ pub use crate::enforce::{
 };
 
 use crate::{
+    approvals::{ApprovalRequest, RequestFilter},
     audit::{AGENT, AuditRecord, Broken, Event, Kind},
     auth::Principal,
     checkpoint::{Checkpoint, CheckpointKey},
@@ -54,6 +57,8 @@ pub enum PolicyChange {
 pub struct AccessOutcome {
     pub grants: Vec<Grant>,
     pub replayed: bool,
+    /// Set when the request is (or was) held for approval.
+    pub approval: Option<ApprovalRequest>,
 }
 
 pub struct RevokeOutcome {
@@ -97,6 +102,21 @@ pub enum Command {
         reply: Reply<Vec<Grant>>,
     },
     ListConnections(Reply<Vec<ConnectionInfo>>),
+    /// An approver approves (`approve`) or denies a held request.
+    Decide {
+        principal: Principal,
+        id: u64,
+        approve: bool,
+        comment: String,
+        reply: Reply<ApprovalRequest>,
+    },
+    ListRequests {
+        filter: RequestFilter,
+        /// Only requests with a smaller id (the page token).
+        before: Option<u64>,
+        limit: u32,
+        reply: Reply<Vec<ApprovalRequest>>,
+    },
     /// Records an event the API saw (a refused call).
     Record {
         event: Event,
@@ -140,6 +160,13 @@ pub struct Engine {
     last_checkpoint: Option<Checkpoint>,
     /// Events whose commit failed (disk full), retried first next time.
     unrecorded: Vec<Event>,
+    /// How long reconciliations took (seconds), shown as a metric.
+    reconcile_durations: Histogram,
+}
+
+/// Buckets of the reconciliation time: 1 ms to about 16 s.
+fn reconcile_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
 }
 
 /// What start-up checked and opened before anything is attached.
@@ -251,6 +278,7 @@ impl Engine {
             key,
             last_checkpoint,
             unrecorded: Vec::new(),
+            reconcile_durations: reconcile_histogram(),
         };
         engine.record_restored(&restored)?;
         let protected = engine.policy.protected();

@@ -175,12 +175,14 @@ impl Engine {
             }
             if now >= next_reconcile {
                 let started = Instant::now();
+                self.log_failure("expiring pending requests", Engine::expire_pending);
                 self.log_failure("reconciling", Engine::reconcile);
                 // Reading every kernel entry back takes time in proportion
                 // to the grants: keep it under a fixed share of the
                 // engine's time.
                 let took = started.elapsed();
                 tracing::debug!("reconciled in {took:?}");
+                self.reconcile_durations.observe(took.as_secs_f64());
                 next_reconcile = Instant::now()
                     + self
                         .config
@@ -292,6 +294,27 @@ impl Engine {
                     .enforcement
                     .connections(&self.policy.protected(), &self.active)
                     .map_err(|e| Refusal::internal("listing connections", e));
+                let _ = reply.send(listed);
+            }
+            Command::Decide {
+                principal,
+                id,
+                approve,
+                comment,
+                reply,
+            } => {
+                let _ = reply.send(self.decide(&principal, id, approve, &comment));
+            }
+            Command::ListRequests {
+                filter,
+                before,
+                limit,
+                reply,
+            } => {
+                let listed = self
+                    .store
+                    .list_requests(filter, before, limit)
+                    .map_err(|e| Refusal::unavailable("listing requests", e));
                 let _ = reply.send(listed);
             }
             Command::Record { event, reply } => {

@@ -1,6 +1,6 @@
 //! The status report: per protected port (grants, connections, history,
 //! kernel drop counters), the flow table, enforcement health and the
-//! audit chain's.
+//! audit chain's, pending approvals and reconciliation times.
 
 use std::{
     collections::BTreeMap,
@@ -8,6 +8,7 @@ use std::{
 };
 
 use jit_gate_common::verdict::Reason;
+use prometheus_client::metrics::histogram::Histogram;
 
 use super::{AuditHealth, EnforcementStatus, Engine, FlowTableReport};
 use crate::{config::Mode, enforce::Counters, net::Protocol, refusal::Refusal, store::LastAccess};
@@ -44,6 +45,13 @@ pub struct StatusReport {
     /// Packets the XDP gate decided since its state was created, by reason
     /// (empty without XDP).
     pub xdp_reasons: BTreeMap<Reason, u64>,
+    /// Packets and bytes the nftables gate dropped since its table was
+    /// installed (`None` without nftables, or when it could not be read).
+    pub nftables_dropped: Option<(u64, u64)>,
+    /// Access requests waiting for approval.
+    pub pending_approvals: u32,
+    /// How long each reconciliation took, since the agent started.
+    pub reconcile_durations: Histogram,
 }
 
 impl Engine {
@@ -100,6 +108,15 @@ impl Engine {
                 }
             })
             .collect();
+        let nftables_dropped = self
+            .enforcement
+            .nftables_dropped()
+            .inspect_err(|e| tracing::warn!("reading the nftables drop counter: {e:#}"))
+            .unwrap_or(None);
+        let (_, pending_approvals) = self
+            .store
+            .pending_counts("")
+            .map_err(|e| Refusal::unavailable("counting pending requests", e))?;
         Ok(StatusReport {
             audit: self.audit.clone(),
             started_at: self.started_at,
@@ -112,6 +129,9 @@ impl Engine {
             policy_revision: self.policy.revision,
             flows,
             xdp_reasons: counters.by_reason,
+            nftables_dropped,
+            pending_approvals,
+            reconcile_durations: self.reconcile_durations.clone(),
         })
     }
 }

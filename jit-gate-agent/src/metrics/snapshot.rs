@@ -1,7 +1,9 @@
 //! The figures read at each scrape, from the engine's status: the XDP
-//! gate's counters (per port and verdict, per reason), grants, the flow
-//! table and enforcement health. A fresh registry each time: a counter here
-//! is the kernel's own value, not a sum kept by the agent.
+//! gate's counters (per port and verdict, per reason), the nftables drop
+//! counter, grants, pending approvals, the flow table, enforcement health
+//! and the reconciliation times the engine keeps. A fresh registry each
+//! time: a counter here is the kernel's own value, not a sum kept by the
+//! agent.
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -153,6 +155,34 @@ pub(super) fn registry(status: &StatusReport) -> Registry {
         "jit_gate_healthy",
         "1 if nothing is wrong in any layer or interface",
         gauge(i64::from(status.enforcement.healthy())),
+    );
+    if let Some((packets, bytes)) = status.nftables_dropped {
+        for (name, help, value) in [
+            (
+                "jit_gate_nftables_dropped_packets",
+                "Packets to protected ports the nftables gate dropped since its table was installed",
+                packets,
+            ),
+            (
+                "jit_gate_nftables_dropped_bytes",
+                "Bytes of the packets the nftables gate dropped since its table was installed",
+                bytes,
+            ),
+        ] {
+            let counter = Counter::<u64>::default();
+            counter.inc_by(value);
+            registry.register(name, help, counter);
+        }
+    }
+    registry.register(
+        "jit_gate_requests_pending",
+        "Access requests waiting for approval",
+        gauge(status.pending_approvals),
+    );
+    registry.register(
+        "jit_gate_reconcile_duration_seconds",
+        "How long each reconciliation of the store with the kernel took, since the agent started",
+        status.reconcile_durations.clone(),
     );
     if let Some(flows) = &status.flows {
         registry.register(

@@ -1,9 +1,11 @@
 //! Persistence: grants, policy and the audit log in `SQLite` (WAL mode,
 //! synchronous=FULL, bundled `SQLite`). Every change goes through a `Batch`,
 //! one transaction, so a request's grants and their audit records are
-//! committed together or not at all. The audit tables are in `audit_log`.
+//! committed together or not at all. The audit tables are in `audit_log`,
+//! the approval tables in `requests`.
 
 mod audit_log;
+mod requests;
 
 use std::{
     os::unix::fs::PermissionsExt,
@@ -41,7 +43,7 @@ pub enum StoreError {
     Sql(#[from] rusqlite::Error),
     #[error("database holds a malformed {what}: {value:?}")]
     Corrupt { what: &'static str, value: String },
-    #[error("stored policy: {0}")]
+    #[error("stored JSON (policy or held request): {0}")]
     Policy(#[from] serde_json::Error),
     #[error(
         "database {path} was made by an earlier development version (schema {found}, this agent needs {SCHEMA_VERSION}); move it aside and start with --reinitialize"
@@ -53,8 +55,9 @@ pub enum StoreError {
 /// layout of README "Audit log" (payload digests); 3 adds the grants'
 /// boot-clock deadlines and 4 their limit on connections opened
 /// (`GRANT_COLUMNS_ADDED`), to which version-2 and -3 databases are brought
-/// up to date in place.
-const SCHEMA_VERSION: i64 = 4;
+/// up to date in place; 5 adds the approval tables (`requests`), created
+/// when missing.
+const SCHEMA_VERSION: i64 = 5;
 /// The oldest version brought up to date rather than refused.
 const UPGRADABLE_FROM: i64 = 2;
 
@@ -168,6 +171,7 @@ impl Store {
         conn.execute_batch(SCHEMA).map_err(open_err)?;
         add_grant_columns(&conn).map_err(open_err)?;
         conn.execute_batch(audit_log::SCHEMA).map_err(open_err)?;
+        conn.execute_batch(requests::SCHEMA).map_err(open_err)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(open_err)?;
         // The database, its WAL and shared-memory files: the agent's alone,
@@ -677,6 +681,135 @@ mod tests {
         // Opening again changes nothing more.
         let store = Store::open(&path).unwrap();
         assert_eq!(store.grant(1).unwrap().unwrap(), old);
+    }
+
+    #[test]
+    fn schema_4_databases_get_the_approval_tables_and_keep_their_grants() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.db");
+        let id = {
+            let mut store = Store::open(&path).unwrap();
+            let mut batch = store.batch().unwrap();
+            let id = batch
+                .insert_grant(&grant("r1", "192.0.2.7/32"), "fp")
+                .unwrap();
+            batch.commit().unwrap();
+            id
+        };
+        {
+            // What a schema-4 agent left: no approval tables.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "DROP TABLE request_decisions; DROP TABLE requests; PRAGMA user_version = 4;",
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let version: i64 = store
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(store.grant(id).unwrap().unwrap().request_id, "r1");
+        assert_eq!(store.pending_counts("uid:0").unwrap(), (0, 0));
+        assert!(
+            store
+                .list_requests(crate::approvals::RequestFilter::All, None, 10)
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn held_requests_round_trip_with_their_decisions() {
+        use crate::{
+            approvals::{ApprovalRequest, ApprovalState, Decision, RequestFilter},
+            request::{AccessRequest, Lifetime, PortAccess, RequestedProtocol},
+        };
+        let (_dir, mut store) = temp_db();
+        let now = crate::time::now_ms();
+        let request = AccessRequest {
+            request_id: "held-1".into(),
+            ports: vec![PortAccess {
+                port: 22,
+                protocol: RequestedProtocol::Covered,
+                source: "192.0.2.7".into(),
+            }],
+            lifetime: Lifetime::For {
+                seconds: 600,
+                nanos: 0,
+            },
+            requester: "alice".into(),
+            justification: "deploy".into(),
+            ticket: String::new(),
+            max_connections: 1,
+        };
+        let held = ApprovalRequest {
+            id: 0,
+            principal: "uid:1001".into(),
+            fingerprint: request.fingerprint(),
+            request,
+            needed: 2,
+            state: ApprovalState::Pending,
+            created_at: now,
+            expires_at: now + Duration::from_mins(5),
+            decided_at: None,
+            reason: String::new(),
+            decisions: Vec::new(),
+            grants: Vec::new(),
+        };
+        let mut batch = store.batch().unwrap();
+        let id = batch.insert_approval_request(&held).unwrap();
+        let approval = Decision {
+            principal: "uid:1002".into(),
+            approved: true,
+            comment: "ok".into(),
+            at: now,
+        };
+        assert!(batch.add_decision(id, &approval).unwrap());
+        assert!(!batch.add_decision(id, &approval).unwrap(), "once each");
+        batch.commit().unwrap();
+        let stored = store.approval_request(id).unwrap().unwrap();
+        assert_eq!(
+            stored,
+            ApprovalRequest {
+                id,
+                decisions: vec![approval],
+                ..held.clone()
+            }
+        );
+        assert_eq!(store.pending_counts("uid:1001").unwrap(), (1, 1));
+        assert_eq!(store.pending_counts("uid:1003").unwrap(), (0, 1));
+        assert!(store.pending_due(now).unwrap().is_empty());
+        assert_eq!(
+            store.pending_due(now + Duration::from_mins(5)).unwrap()[0].id,
+            id
+        );
+        let mut batch = store.batch().unwrap();
+        assert!(
+            batch
+                .decide_request(id, ApprovalState::Denied, now, "no")
+                .unwrap()
+        );
+        assert!(
+            !batch
+                .decide_request(id, ApprovalState::Expired, now, "late")
+                .unwrap()
+        );
+        batch.commit().unwrap();
+        assert!(
+            store
+                .list_requests(RequestFilter::Pending, None, 10)
+                .unwrap()
+                .is_empty()
+        );
+        let decided = store
+            .list_requests(RequestFilter::Decided, None, 10)
+            .unwrap();
+        assert_eq!(
+            (decided[0].state, decided[0].reason.as_str()),
+            (ApprovalState::Denied, "no")
+        );
     }
 
     #[test]

@@ -60,6 +60,12 @@ pub(crate) enum Command {
     Connections,
     /// Stream audit events until interrupted.
     Watch(WatchArgs),
+    /// List access requests waiting for approval (all with --all).
+    Requests(crate::approvals::RequestsArgs),
+    /// Approve another principal's pending access request (role approver).
+    Approve(crate::approvals::ApproveArgs),
+    /// Deny another principal's pending access request (role approver).
+    Deny(crate::approvals::DenyArgs),
     /// Verify, checkpoint or export the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -147,6 +153,10 @@ pub(crate) enum PolicyChange {
         /// Requests must give a ticket.
         #[arg(long)]
         require_ticket: bool,
+        /// Distinct approvers a request needs before it is granted (0 to 3).
+        #[arg(long, value_name = "N", default_value_t = 0,
+              value_parser = clap::value_parser!(u8).range(0..=3))]
+        approvals: u8,
         #[command(flatten)]
         revision: ExpectRevision,
     },
@@ -202,6 +212,16 @@ pub(crate) struct RequestArgs {
     /// those opened continue until they end. Default: no limit.
     #[arg(long, value_name = "N", value_parser = parse_max_connections)]
     pub max_connections: Option<u32>,
+    /// If the request is held for approval, wait until it is approved,
+    /// denied or expires (one agent only). Exit status: 0 granted, 4 denied,
+    /// 5 expired, 6 refused by the policy when approved, 7 still pending
+    /// after --wait-timeout.
+    #[arg(long)]
+    pub wait: bool,
+    /// Longest wait with --wait, e.g. "15m".
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_timeout,
+          requires = "wait")]
+    pub wait_timeout: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -623,6 +643,8 @@ mod tests {
             "--max-duration",
             "1h",
             "--require-ticket",
+            "--approvals",
+            "2",
             "--expect-revision",
             "7",
         ])
@@ -634,6 +656,7 @@ mod tests {
             max_duration,
             require_justification,
             require_ticket,
+            approvals,
             revision,
         })) = cli.command
         else {
@@ -646,7 +669,10 @@ mod tests {
         );
         assert_eq!(max_duration, Some(Duration::from_hours(1)));
         assert!(!require_justification && require_ticket);
+        assert_eq!(approvals, 2);
         assert_eq!(revision.expect_revision, Some(7));
+        let err = error(&["policy", "add-port", "22", "--approvals", "4"]);
+        assert!(err.contains("0..=3"), "{err}");
 
         let err = error(&["policy", "remove-port", "22", "--protocol", "icmp"]);
         assert!(err.contains("expected tcp, udp or both"), "{err}");

@@ -15,6 +15,7 @@ use jit_gate_agent::{
 use serde::Deserialize;
 
 use crate::{
+    approvals,
     args::{Cli, Command, PolicyChange, PolicyCommand, RequestArgs},
     audit,
     connect::{Agent, Fleet, read_agents_file},
@@ -31,6 +32,8 @@ pub(crate) enum Outcome {
     Failure,
     /// An agent's audit log does not verify.
     AuditBroken,
+    /// `request --wait` ended without a grant: how (its exit status).
+    NotGranted(approvals::WaitEnd),
 }
 
 impl From<bool> for Outcome {
@@ -92,6 +95,10 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 json,
             )
         }
+        Command::Request(args) if args.wait => {
+            let timeout = args.wait_timeout;
+            return approvals::request_and_wait(&fleet, access_request(args), timeout, json).await;
+        }
         Command::Request(args) => report(
             &fleet
                 .call(access_request(args), |mut c, r| async move {
@@ -100,6 +107,9 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 .await,
             json,
         ),
+        Command::Requests(args) => approvals::list(&fleet, &args, json).await,
+        Command::Approve(args) => approvals::approve(&fleet, args, json).await,
+        Command::Deny(args) => approvals::deny(&fleet, args, json).await,
         Command::Revoke(args) => {
             let request = RevokeGrantRequest {
                 grant_id: args.grant_id,
@@ -187,6 +197,7 @@ fn policy_change(command: PolicyChange) -> anyhow::Result<UpdatePolicyRequest> {
             max_duration,
             require_justification,
             require_ticket,
+            approvals,
             revision,
         } => {
             let rule = policy::PortRule {
@@ -194,6 +205,7 @@ fn policy_change(command: PolicyChange) -> anyhow::Result<UpdatePolicyRequest> {
                 max_duration: max_duration.unwrap_or(policy::DEFAULT_MAX_DURATION),
                 require_justification,
                 require_ticket,
+                approvals,
                 ..policy::PortRule::open(port, protocol)
             };
             // Same checks as the agent, so a bad rule is refused once here
@@ -424,6 +436,7 @@ mod tests {
                 }),
                 require_justification: false,
                 require_ticket: false,
+                approvals: 0,
             }))
         );
         let err = policy_request(&["policy", "add-port", "22", "--max-duration", "25h"])

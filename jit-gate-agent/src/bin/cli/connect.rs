@@ -202,7 +202,7 @@ impl Fleet {
             .await
     }
 
-    async fn connect(&self, agent: &Agent) -> Result<Client, CallError> {
+    pub(crate) async fn connect(&self, agent: &Agent) -> Result<Client, CallError> {
         let channel = match agent {
             Agent::Unix(path) => unix_channel(path).await,
             Agent::Tls(target) => {

@@ -3,9 +3,9 @@
 //! RFC 3339, durations as humantime strings, enums by lowercase name.
 
 use jit_gate_agent::proto::{
-    AccessResponse, Connection, EnforcementMode, Event, EventKind, FlowTable, Grant, GrantState,
-    InterfaceStatus, LayerHealth, ListConnectionsResponse, ListGrantsResponse, Policy, PortRule,
-    PortStatus, Protocol, Repair, RevokeGrantResponse, Status,
+    AccessResponse, ApprovalState, Connection, EnforcementMode, Event, EventKind, FlowTable, Grant,
+    GrantState, InterfaceStatus, LayerHealth, ListConnectionsResponse, ListGrantsResponse, Policy,
+    PortRule, PortStatus, Protocol, Repair, RevokeGrantResponse, Status,
 };
 use serde_json::{Value, json};
 
@@ -40,15 +40,19 @@ pub(crate) fn enforcement_mode(raw: i32) -> String {
     enum_name(raw, "ENFORCEMENT_MODE_", EnforcementMode::as_str_name)
 }
 
+pub(crate) fn approval_state(raw: i32) -> String {
+    enum_name(raw, "APPROVAL_STATE_", ApprovalState::as_str_name)
+}
+
 pub(crate) fn event_kind(raw: i32) -> String {
     enum_name(raw, "EVENT_KIND_", EventKind::as_str_name)
 }
 
-fn timestamp(at: Option<&prost_types::Timestamp>) -> Value {
+pub(crate) fn timestamp(at: Option<&prost_types::Timestamp>) -> Value {
     at.map_or(Value::Null, |t| Value::String(t.to_string()))
 }
 
-fn duration(d: Option<&prost_types::Duration>) -> Value {
+pub(crate) fn duration(d: Option<&prost_types::Duration>) -> Value {
     d.map_or(Value::Null, |d| Value::String(duration_text(d)))
 }
 
@@ -85,6 +89,7 @@ pub(crate) fn status(s: &Status) -> Value {
         "xdp": s.xdp.as_ref().map(layer),
         "nftables": s.nftables.as_ref().map(layer),
         "flows": s.flows.as_ref().map(flow_table),
+        "pending_approvals": s.pending_approvals,
     })
 }
 
@@ -153,6 +158,7 @@ fn rule(r: &PortRule) -> Value {
         "max_duration": duration(r.max_duration.as_ref()),
         "require_justification": r.require_justification,
         "require_ticket": r.require_ticket,
+        "approvals": r.approvals,
     })
 }
 
@@ -180,12 +186,16 @@ fn grant(g: &Grant) -> Value {
     })
 }
 
-fn grants(list: &[Grant]) -> Vec<Value> {
+pub(crate) fn grants(list: &[Grant]) -> Vec<Value> {
     list.iter().map(grant).collect()
 }
 
 pub(crate) fn access(r: &AccessResponse) -> Value {
-    json!({ "grants": grants(&r.grants), "replayed": r.replayed })
+    json!({
+        "grants": grants(&r.grants),
+        "replayed": r.replayed,
+        "approval": r.approval.as_ref().map_or(Value::Null, crate::approvals::json),
+    })
 }
 
 pub(crate) fn revoke(r: &RevokeGrantResponse) -> Value {
@@ -367,9 +377,11 @@ mod tests {
                 refused_opens_exhausted: 2,
                 refused_table_full: 0,
             }),
+            pending_approvals: 3,
         };
         let v = status(&s);
         assert_eq!(v["healthy"], false);
+        assert_eq!(v["pending_approvals"], 3);
         assert_eq!(v["interfaces"][0]["problem"], "no XDP program runs on it");
         assert_eq!(v["xdp"]["last_repair"]["what"], "XDP: pins missing");
         assert_eq!(v["xdp"]["last_repair"]["at"], "1970-01-01T00:01:00Z");
@@ -405,6 +417,7 @@ mod tests {
                 }),
                 require_justification: true,
                 require_ticket: false,
+                approvals: 2,
             }],
             revision: 3,
         };
@@ -415,7 +428,7 @@ mod tests {
                 "rules": [{
                     "port": 500, "protocol": "both", "allowed_sources": ["10.0.0.0/8"],
                     "max_duration": "1h 30m", "require_justification": true,
-                    "require_ticket": false,
+                    "require_ticket": false, "approvals": 2,
                 }],
             })
         );

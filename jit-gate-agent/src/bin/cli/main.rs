@@ -12,6 +12,7 @@
     reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
 )]
 
+mod approvals;
 mod args;
 mod audit;
 mod commands;
@@ -58,6 +59,7 @@ fn main() -> ExitCode {
         Ok(commands::Outcome::Success) => ExitCode::SUCCESS,
         Ok(commands::Outcome::Failure) => ExitCode::FAILURE,
         Ok(commands::Outcome::AuditBroken) => ExitCode::from(3),
+        Ok(commands::Outcome::NotGranted(end)) => ExitCode::from(end.exit_status()),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)

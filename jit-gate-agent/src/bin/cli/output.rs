@@ -159,7 +159,7 @@ pub(crate) fn printable(text: &str) -> String {
 }
 
 /// A borderless table with a header: easy to read and to grep.
-fn table(header: &[&str]) -> Table {
+pub(crate) fn table(header: &[&str]) -> Table {
     let mut table = Table::new();
     table
         .load_preset(presets::NOTHING)
@@ -168,7 +168,7 @@ fn table(header: &[&str]) -> Table {
 }
 
 /// A time for people: RFC 3339 to the second, "-" if unset.
-fn time(at: Option<&prost_types::Timestamp>) -> String {
+pub(crate) fn time(at: Option<&prost_types::Timestamp>) -> String {
     at.map_or_else(
         || "-".into(),
         |t| {
@@ -181,16 +181,16 @@ fn time(at: Option<&prost_types::Timestamp>) -> String {
     )
 }
 
-fn port(port: u32, protocol: i32) -> String {
+pub(crate) fn port(port: u32, protocol: i32) -> String {
     format!("{port}/{}", convert::protocol(protocol))
 }
 
-fn plural(n: usize, one: &str, many: &str) -> String {
+pub(crate) fn plural(n: usize, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
 }
 
 /// The grants table shared by request, revoke and grants.
-fn grants_table(grants: &[Grant]) -> Table {
+pub(crate) fn grants_table(grants: &[Grant]) -> Table {
     let mut table = table(&[
         "ID",
         "PORT",
@@ -316,6 +316,7 @@ impl Render for Status {
              XDP:              {}\n\
              nftables:         {}\n\
              active grants:    {}\n\
+             pending requests: {}\n\
              policy revision:  {}\n\
              audit chain:      {audit}\n",
             self.version,
@@ -325,6 +326,7 @@ impl Render for Status {
             layer(self.xdp.as_ref()),
             layer(self.nftables.as_ref()),
             self.active_grants,
+            self.pending_approvals,
             self.policy_revision
         );
         let mut interfaces = table(&["INTERFACE", "KIND", "ENFORCEMENT", "REASON", "HEALTH"]);
@@ -394,6 +396,7 @@ impl Render for Policy {
             "MAX DURATION",
             "JUSTIFICATION",
             "TICKET",
+            "APPROVALS",
         ]);
         for r in &self.rules {
             rules.add_row(vec![
@@ -413,6 +416,10 @@ impl Render for Policy {
                 }
                 .into(),
                 if r.require_ticket { "required" } else { "-" }.into(),
+                match r.approvals {
+                    0 => "-".into(),
+                    n => n.to_string(),
+                },
             ]);
         }
         format!("policy revision {}\n\n{rules}\n", self.revision)
@@ -425,6 +432,13 @@ impl Render for AccessResponse {
     }
 
     fn summary(&self) -> String {
+        if let Some(held) = self.approval.as_ref().filter(|_| self.grants.is_empty()) {
+            return format!(
+                "{}{}",
+                held.summary(),
+                if self.replayed { " (replayed)" } else { "" }
+            );
+        }
         let grants: Vec<String> = self
             .grants
             .iter()
@@ -445,6 +459,9 @@ impl Render for AccessResponse {
     }
 
     fn detail(&self) -> String {
+        if let Some(held) = self.approval.as_ref().filter(|_| self.grants.is_empty()) {
+            return held.detail();
+        }
         let request = self.grants.first().map_or("", |g| g.request_id.as_str());
         let note = if self.replayed {
             " (seen before: these are the grants it created)"
@@ -693,6 +710,7 @@ mod tests {
         let response = AccessResponse {
             grants: vec![grant(12, 22), grant(13, 3389)],
             replayed: true,
+            approval: None,
         };
         assert_eq!(
             response.summary(),

@@ -360,6 +360,14 @@ impl NftGate {
         Ok((!differences.is_empty()).then(|| differences.join("; ")))
     }
 
+    /// Packets and bytes the table dropped since it was installed (its drop
+    /// rule's counter); `None` if the table does not exist.
+    pub fn dropped(&self) -> Result<Option<(u64, u64)>> {
+        let (table, mut socket) = self.open()?;
+        let result = structure::drop_counter(&table, &mut socket);
+        socket.done(result)
+    }
+
     /// Deletes the table; returns whether it existed.
     pub fn remove(&self) -> Result<bool> {
         let (table, mut socket) = self.open()?;

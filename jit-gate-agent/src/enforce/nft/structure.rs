@@ -329,6 +329,55 @@ fn chain_definition(chain: &Object<sys::nftnl_chain>) -> (String, String) {
     }
 }
 
+/// Packets and bytes the gate's drop rule counted (the table's only
+/// counter: `counter drop` at the end of chain `gate`); `None` without the
+/// table.
+pub(super) fn drop_counter(table: &GateTable, socket: &mut Socket) -> Result<Option<(u64, u64)>> {
+    let mut counted = (0, 0);
+    let request = Request {
+        table,
+        get: Get::Rules,
+    };
+    let result = socket.dump(&table.what("read the drop counter"), &request, |msg| {
+        if msg.msg_type() >> 8 == NFNL_SUBSYS_NFTABLES
+            && msg.msg_type() & 0xff == libc::NFT_MSG_NEWRULE
+            && let Some(rule) = Object::<sys::nftnl_rule>::parse(msg)
+        {
+            let (packets, bytes) = counter_values(&rule);
+            counted.0 += packets;
+            counted.1 += bytes;
+        }
+        Ok(())
+    });
+    match result {
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e),
+        Ok(()) => Ok(Some(counted)),
+    }
+}
+
+/// The packets and bytes of a rule's counter expressions.
+fn counter_values(rule: &Object<sys::nftnl_rule>) -> (u64, u64) {
+    let mut counted = (0, 0);
+    // SAFETY: a parsed rule; the iterator is destroyed before the rule.
+    unsafe {
+        let iter = sys::nftnl_expr_iter_create(rule.ptr());
+        if iter.is_null() {
+            return counted;
+        }
+        let mut expr = sys::nftnl_expr_iter_next(iter);
+        while !expr.is_null() {
+            if text(sys::nftnl_expr_get_str(expr, sys::NFTNL_EXPR_NAME as u16)) == "counter" {
+                counted.0 += sys::nftnl_expr_get_u64(expr, sys::NFTNL_EXPR_CTR_PACKETS as u16);
+                counted.1 += sys::nftnl_expr_get_u64(expr, sys::NFTNL_EXPR_CTR_BYTES as u16);
+            }
+            expr = sys::nftnl_expr_iter_next(iter);
+        }
+        sys::nftnl_expr_iter_destroy(iter);
+    }
+    counted
+}
+
 /// The chain of a rule and its expressions as libnftnl prints them, with
 /// counter values left out (they change as packets pass).
 fn rule_text(rule: &Object<sys::nftnl_rule>) -> (String, String) {

@@ -1,6 +1,9 @@
 //! Conversions between the wire types (`proto`) and the agent's own, in
 //! one place for the server and the CLI (`From`/`TryFrom` where the
-//! conversion is total or fails with a message).
+//! conversion is total or fails with a message). Approval requests are in
+//! `approvals`.
+
+mod approvals;
 
 use std::time::{Duration, SystemTime};
 
@@ -20,6 +23,8 @@ use crate::{
     refusal::{Refusal, RefusalKind},
     request::{AccessRequest, Lifetime, PortAccess, RequestedProtocol},
 };
+
+pub use approvals::{access_request_to_wire, approval_request, request_filter};
 
 pub fn status(refusal: Refusal) -> Status {
     let code = match refusal.kind {
@@ -130,6 +135,8 @@ pub fn rule_from_wire(rule: &proto::PortRule, field: &str) -> Result<PortRule, S
         max_duration,
         require_justification: rule.require_justification,
         require_ticket: rule.require_ticket,
+        // Anything past a u8 is refused as over the maximum by validation.
+        approvals: u8::try_from(rule.approvals).unwrap_or(u8::MAX),
     })
 }
 
@@ -151,6 +158,7 @@ impl From<&PortRule> for proto::PortRule {
             max_duration: Some(duration(r.max_duration)),
             require_justification: r.require_justification,
             require_ticket: r.require_ticket,
+            approvals: u32::from(r.approvals),
         }
     }
 }
@@ -322,6 +330,7 @@ pub fn status_report(report: &StatusReport) -> proto::Status {
         xdp: Some(layer(report.xdp_active, &enforcement.xdp)),
         nftables: Some(layer(report.nftables_active, &enforcement.nftables)),
         healthy: enforcement.healthy(),
+        pending_approvals: report.pending_approvals,
     }
 }
 
@@ -343,6 +352,11 @@ pub fn event_kind(kind: Kind) -> proto::EventKind {
         Kind::AuditChainBroken => proto::EventKind::AuditChainBroken,
         Kind::DatabaseReinitialized => proto::EventKind::DatabaseReinitialized,
         Kind::GrantUsedUp => proto::EventKind::GrantUsedUp,
+        Kind::RequestPending => proto::EventKind::RequestPending,
+        Kind::RequestApproved => proto::EventKind::RequestApproved,
+        Kind::RequestDenied => proto::EventKind::RequestDenied,
+        Kind::RequestExpired => proto::EventKind::RequestExpired,
+        Kind::DecisionRefused => proto::EventKind::DecisionRefused,
     }
 }
 
