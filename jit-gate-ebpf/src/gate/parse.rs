@@ -41,23 +41,36 @@ fn read<const N: usize>(ctx: &XdpContext, offset: usize, limit: usize) -> Option
     // The packet-pointer check comes before the limit check: LLVM drops
     // whichever of two equivalent checks comes second, and the verifier
     // needs the pointer one.
-    let bytes = match offset {
-        14 => read_fixed::<14, N>(ctx),
-        18 => read_fixed::<18, N>(ctx),
-        22 => read_fixed::<22, N>(ctx),
-        34 => read_fixed::<34, N>(ctx),
-        38 => read_fixed::<38, N>(ctx),
-        42 => read_fixed::<42, N>(ctx),
+    //
+    // The arms give bytes and a flag rather than an `Option`: a `None`
+    // leaves its payload undefined, and where LLVM merges the arms it may
+    // spill that undefined register, which the verifier rejects.
+    let (bytes, read) = match offset {
+        14 => defined(read_fixed::<14, N>(ctx)),
+        18 => defined(read_fixed::<18, N>(ctx)),
+        22 => defined(read_fixed::<22, N>(ctx)),
+        34 => defined(read_fixed::<34, N>(ctx)),
+        38 => defined(read_fixed::<38, N>(ctx)),
+        42 => defined(read_fixed::<42, N>(ctx)),
         _ => read_helper::<N>(ctx, offset),
     };
-    if offset + N > limit {
+    if !read || offset + N > limit {
         return None;
     }
-    bytes
+    Some(bytes)
+}
+
+/// The bytes read and `true`, or zeroes and `false`.
+#[inline(always)]
+fn defined<const N: usize>(bytes: Option<[u8; N]>) -> ([u8; N], bool) {
+    match bytes {
+        Some(bytes) => (bytes, true),
+        None => ([0; N], false),
+    }
 }
 
 #[inline(always)]
-fn read_helper<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<[u8; N]> {
+fn read_helper<const N: usize>(ctx: &XdpContext, offset: usize) -> ([u8; N], bool) {
     let mut buf = [0u8; N];
     // SAFETY: `buf` is a writable stack buffer of exactly N bytes.
     let rc = unsafe {
@@ -68,7 +81,8 @@ fn read_helper<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<[u8; N
             N as u32,
         )
     };
-    (rc == 0).then_some(buf)
+    // `buf` starts zeroed: every byte is defined either way.
+    (buf, rc == 0)
 }
 
 /// Reads `N` bytes at the constant offset `OFFSET` with direct packet
