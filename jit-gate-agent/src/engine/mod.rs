@@ -68,6 +68,8 @@ pub struct AuditHealth {
 }
 
 pub enum Command {
+    /// What a reconciliation's reader read (sent by its thread).
+    KernelRead(Box<anyhow::Result<crate::enforce::KernelSnapshot>>),
     Status(Reply<StatusReport>),
     Policy(Reply<Policy>),
     UpdatePolicy {
@@ -140,6 +142,11 @@ pub struct Engine {
     last_checkpoint: Option<Checkpoint>,
     /// Events whose commit failed (disk full), retried first next time.
     unrecorded: Vec<Event>,
+    /// The reconciliation under way, if one is.
+    reconciliation: Option<observe::Reconciliation>,
+    /// Where the reconciliation's reader sends what it read (the engine's
+    /// own command channel, once it runs).
+    read_results: Option<std::sync::mpsc::Sender<Command>>,
 }
 
 /// What start-up checked and opened before anything is attached.
@@ -251,6 +258,8 @@ impl Engine {
             key,
             last_checkpoint,
             unrecorded: Vec::new(),
+            reconciliation: None,
+            read_results: None,
         };
         engine.record_restored(&restored)?;
         let protected = engine.policy.protected();

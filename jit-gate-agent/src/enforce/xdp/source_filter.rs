@@ -92,6 +92,12 @@ fn bit_of(addr: IpAddr) -> u32 {
     source_filter::bit(&bytes, fam)
 }
 
+/// Sets the bit of `source` in a bitmap being built.
+fn want(wanted: &mut [u64], source: IpAddr) {
+    let bit = bit_of(source);
+    wanted[source_filter::word(bit) as usize] |= source_filter::mask(bit);
+}
+
 impl XdpGate {
     /// Sets the bit of `source`.
     pub(super) fn admit_source(&mut self, source: IpAddr) {
@@ -125,12 +131,16 @@ impl XdpGate {
         Ok(())
     }
 
-    /// Sets again the bits of granted sources that are missing from the
-    /// filter (someone wrote the pinned map: the program would drop those
-    /// sources); returns how many bits were missing. Stale bits are left
-    /// to the next rebuild: they cost a lookup, never a grant.
-    pub fn repair_source_filter(&mut self) -> Result<usize> {
-        let (wanted, _) = self.wanted_source_bits()?;
+    /// Sets again the bits of `sources` (the granted exact sources, as
+    /// read) that are missing from the filter (someone wrote the pinned
+    /// map: the program would drop those sources); returns how many bits
+    /// were missing. Stale bits are left to the next rebuild: they cost a
+    /// lookup, never a grant.
+    pub fn repair_source_filter(&mut self, sources: impl Iterator<Item = IpAddr>) -> usize {
+        let mut wanted = vec![0u64; source_filter::WORDS as usize];
+        for source in sources {
+            want(&mut wanted, source);
+        }
         let mut missing = 0;
         for (index, want) in (0..).zip(wanted) {
             let word = self.source_filter.word(index);
@@ -140,7 +150,7 @@ impl XdpGate {
                 missing += lost.count_ones() as usize;
             }
         }
-        Ok(missing)
+        missing
     }
 
     /// The bitmap the exact entries call for, and how many entries there
@@ -149,8 +159,7 @@ impl XdpGate {
         let mut wanted = vec![0u64; source_filter::WORDS as usize];
         let mut sources = 0;
         let mut note = |source: IpAddr| {
-            let bit = bit_of(source);
-            wanted[source_filter::word(bit) as usize] |= source_filter::mask(bit);
+            want(&mut wanted, source);
             sources += 1;
         };
         for key in self.maps.grants_v4.keys() {
