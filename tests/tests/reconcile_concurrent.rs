@@ -103,7 +103,7 @@ async fn writes_during_a_reconciliation_are_not_drift_and_drift_is_still_repaire
     // Several reconciliations with writes all through them, nothing
     // touched behind the agent's back: no repair may be reported.
     let quiet_until = Instant::now() + Duration::from_secs(6);
-    while let Ok(event) = tokio::time::timeout_at(quiet_until.into(), events.next()).await {
+    if let Ok(event) = tokio::time::timeout_at(quiet_until.into(), events.next()).await {
         let event = event.expect("event stream ended").expect("event");
         panic!(
             "the agent's own writes were reported as drift: {}",

@@ -231,7 +231,7 @@ impl Pass {
                 xdp.remove_grant(&entry.target)?;
                 self.xdp_removed += 1;
             }
-            if self.next_entry % CLOCK_EVERY == 0 && started.elapsed() >= budget {
+            if self.next_entry.is_multiple_of(CLOCK_EVERY) && started.elapsed() >= budget {
                 return Ok(false);
             }
         }
@@ -284,7 +284,7 @@ impl Pass {
             if !touched.contains(target) && active.own_entry(target).is_none() {
                 extra.push(*target);
             }
-            if self.next_entry % CLOCK_EVERY == 0 && started.elapsed() >= budget {
+            if self.next_entry.is_multiple_of(CLOCK_EVERY) && started.elapsed() >= budget {
                 finished = false;
                 break;
             }
