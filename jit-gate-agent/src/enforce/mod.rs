@@ -555,7 +555,7 @@ impl Enforcement {
                 .exact_targets()
                 .filter(|t| !touched.is_some_and(|touched| touched.targets.contains(*t)))
                 .map(|t| t.source.addr());
-            let missing = xdp.repair_source_filter(sources);
+            let missing = xdp.repair_source_filter(sources)?;
             if missing > 0 {
                 xdp_repairs.push(format!(
                     "XDP: source filter missing {missing} granted sources' bits; set again"
