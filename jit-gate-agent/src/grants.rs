@@ -18,6 +18,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt,
+    ops::Bound,
     time::{Duration, SystemTime},
 };
 
@@ -293,6 +294,15 @@ impl ActiveGrants {
     /// Every target with an active grant.
     pub fn targets(&self) -> impl Iterator<Item = &GrantTarget> {
         self.by_target.keys()
+    }
+
+    /// The targets with an active grant after `after` (all if `None`), in
+    /// order: a walk that can stop and resume.
+    pub fn targets_after(&self, after: Option<&GrantTarget>) -> impl Iterator<Item = &GrantTarget> {
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        self.by_target
+            .range::<GrantTarget, _>((start, Bound::Unbounded))
+            .map(|(target, _)| target)
     }
 }
 

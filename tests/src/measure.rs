@@ -13,6 +13,7 @@ use serde::Serialize;
 pub struct Percentiles {
     pub p50_us: f64,
     pub p99_us: f64,
+    pub p999_us: f64,
     pub max_us: f64,
 }
 
@@ -23,6 +24,7 @@ pub fn percentiles(mut xs: Vec<Duration>) -> Percentiles {
     Percentiles {
         p50_us: at(0.5),
         p99_us: at(0.99),
+        p999_us: at(0.999),
         max_us: at(1.0),
     }
 }

@@ -350,8 +350,8 @@ async fn drift_in_nftables_and_xdp_is_repaired_within_the_reconcile_period() {
 
     // Each change behind the agent's back, checked to have happened, must be
     // undone within 5 s and reported: reconcile_interval is 1 s, stretched
-    // when reconciling takes long (it may take at most 5% of the agent's
-    // time), as it does on a loaded machine.
+    // when reconciling takes long (it may run at most two thirds of the
+    // time), as it may on a loaded machine.
     let mut repaired = async |what: &str, layer: &str| {
         let event = events
             .expect(

@@ -11,11 +11,12 @@ mod interfaces;
 pub mod links;
 pub mod nft;
 mod reconcile;
+mod snapshot;
 pub mod xdp;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
-    time::SystemTime,
+    collections::{BTreeMap, BTreeSet, HashSet},
+    time::{Duration, SystemTime},
 };
 
 use aya::maps::{MapData, RingBuf};
@@ -26,6 +27,7 @@ pub use connections::FlowSnapshot;
 use connections::FlowWatch;
 use interfaces::Interfaces;
 pub use interfaces::{InterfaceMode, InterfaceStatus, Repair};
+pub use snapshot::{KernelReader, KernelSnapshot, Pass};
 pub use xdp::{Counters, DeniedPacket, GrantFlowCounts};
 
 use crate::{
@@ -121,6 +123,15 @@ pub struct Enforcement {
     nft_health: LayerHealth,
     /// The flows already audited.
     flow_watch: FlowWatch,
+    /// What was written since the current reconciliation's read began.
+    touched: Option<Touched>,
+}
+
+/// Written since a reconciliation's read began: its comparison skips it.
+#[derive(Default)]
+struct Touched {
+    targets: HashSet<GrantTarget>,
+    protected: bool,
 }
 
 impl Enforcement {
@@ -152,6 +163,7 @@ impl Enforcement {
             xdp_health: LayerHealth::default(),
             nft_health: LayerHealth::default(),
             flow_watch: FlowWatch::default(),
+            touched: None,
         }
     }
 
@@ -410,6 +422,9 @@ impl Enforcement {
         protected: &BTreeSet<(Protocol, u16)>,
         newly: &BTreeSet<(Protocol, u16)>,
     ) -> anyhow::Result<()> {
+        if let Some(touched) = &mut self.touched {
+            touched.protected = true;
+        }
         if let Some(xdp) = self.xdp.as_mut() {
             if !newly.is_empty()
                 && let Err(e) = connections::seed(xdp, newly)
@@ -431,6 +446,11 @@ impl Enforcement {
         targets: &BTreeSet<GrantTarget>,
         active: &ActiveGrants,
     ) -> anyhow::Result<()> {
+        if let Some(touched) = &mut self.touched {
+            for target in targets {
+                touched.targets.extend(active.dependents(target));
+            }
+        }
         if let Some(xdp) = self.xdp.as_mut() {
             reconcile::apply_xdp(xdp, targets, active)?;
         }
@@ -441,15 +461,47 @@ impl Enforcement {
     }
 
     /// Compares every layer with `active` and `protected`, repairs what
-    /// differs, and describes each repair (empty: nothing had drifted).
+    /// differs, and describes each repair (empty: nothing had drifted), all
+    /// at once: what the engine does in steps (`begin_reconcile`, the
+    /// reader on another thread, `reconcile_step`), for the start.
     pub fn reconcile(
         &mut self,
         active: &ActiveGrants,
         protected: &BTreeSet<(Protocol, u16)>,
     ) -> anyhow::Result<Vec<String>> {
+        let (mut repairs, reader) = self.begin_reconcile(active, protected)?;
+        let mut snapshots = Vec::new();
+        reader.read(|snapshot| snapshots.push(snapshot));
+        let compared = (|| {
+            for snapshot in snapshots {
+                let mut pass = Pass::new(snapshot?);
+                while !pass.is_done() {
+                    if let Some(done) =
+                        self.reconcile_step(&mut pass, active, protected, Duration::MAX)?
+                    {
+                        repairs.extend(done);
+                    }
+                }
+            }
+            anyhow::Ok(())
+        })();
+        self.end_reconcile();
+        compared.map(|()| repairs)
+    }
+
+    /// The first part of a reconciliation, done at once: ports, pins,
+    /// interfaces and the nftables table's structure (repaired, and
+    /// described). Returns the reader of the grant entries, to run on any
+    /// thread; from now on the targets written are noted, and skipped by
+    /// the comparison.
+    pub fn begin_reconcile(
+        &mut self,
+        active: &ActiveGrants,
+        protected: &BTreeSet<(Protocol, u16)>,
+    ) -> anyhow::Result<(Vec<String>, KernelReader)> {
         let mut repairs = Vec::new();
         if let Some(xdp) = self.xdp.as_mut() {
-            reconcile::reconcile_xdp(xdp, active, protected, &mut repairs)?;
+            reconcile::reconcile_xdp_ports(xdp, protected, &mut repairs)?;
             let missing = xdp.repin()?;
             if !missing.is_empty() {
                 repairs.push(format!(
@@ -467,11 +519,76 @@ impl Enforcement {
             tracing::info!("{seeded} established connections recorded in conntrack");
             self.nft = Some(NftGate::new(self.nft_table.clone()));
         }
+        let mut nft_installed = false;
         if let Some(nft) = &self.nft {
-            reconcile::reconcile_nft(nft, active, protected, &mut repairs)?;
+            nft_installed =
+                reconcile::reconcile_nft_structure(nft, active, protected, &mut repairs)?;
         }
         self.nft_health.repaired(&repairs[xdp_repairs..]);
-        Ok(repairs)
+        self.touched = Some(Touched::default());
+        let nft = self.nft.as_ref().filter(|_| !nft_installed);
+        Ok((repairs, KernelReader::new(self.xdp.as_ref(), nft)?))
+    }
+
+    /// Compares the next part of `pass` (one of the reader's snapshots)
+    /// with `active` and repairs it, for about `budget`; once the pass is
+    /// done, returns its repairs. `end_reconcile` follows the last pass.
+    pub fn reconcile_step(
+        &mut self,
+        pass: &mut Pass,
+        active: &ActiveGrants,
+        protected: &BTreeSet<(Protocol, u16)>,
+        budget: Duration,
+    ) -> anyhow::Result<Option<Vec<String>>> {
+        let touched = self.touched.get_or_insert_default();
+        pass.step(
+            self.xdp.as_mut(),
+            self.nft.as_ref(),
+            active,
+            &touched.targets,
+            budget,
+        )?;
+        if !pass.is_done() {
+            return Ok(None);
+        }
+        let touched = self.touched.as_ref();
+        let (xdp_entries, nft_elements) = pass.repairs();
+        let mut xdp_repairs: Vec<String> = xdp_entries.into_iter().collect();
+        if let Some(xdp) = self.xdp.as_mut()
+            && pass.exact_targets().next().is_some()
+        {
+            // After the entries: writing one sets its source's bit. A
+            // target written since the read may have lost its entry (and,
+            // after a rebuild, its bit) on purpose.
+            let sources = pass
+                .exact_targets()
+                .filter(|t| !touched.is_some_and(|touched| touched.targets.contains(*t)))
+                .map(|t| t.source.addr());
+            let missing = xdp.repair_source_filter(sources)?;
+            if missing > 0 {
+                xdp_repairs.push(format!(
+                    "XDP: source filter missing {missing} granted sources' bits; set again"
+                ));
+            }
+        }
+        let mut nft_repairs: Vec<String> = nft_elements.into_iter().collect();
+        if let (Some(nft), Some(read)) = (&self.nft, pass.nft_protected())
+            && !touched.is_some_and(|t| t.protected)
+            && read != protected
+        {
+            nft.set_protected(protected)?;
+            nft_repairs.push("nftables: protected ports differed".into());
+        }
+        self.xdp_health.repaired(&xdp_repairs);
+        self.nft_health.repaired(&nft_repairs);
+        xdp_repairs.extend(nft_repairs);
+        Ok(Some(xdp_repairs))
+    }
+
+    /// Ends a reconciliation (done, or its read failed): writes are no
+    /// longer noted.
+    pub fn end_reconcile(&mut self) {
+        self.touched = None;
     }
 }
 

@@ -73,6 +73,8 @@ pub struct AuditHealth {
 }
 
 pub enum Command {
+    /// What a reconciliation's reader read (sent by its thread).
+    KernelRead(Box<anyhow::Result<crate::enforce::KernelSnapshot>>),
     Status(Reply<StatusReport>),
     Policy(Reply<Policy>),
     UpdatePolicy {
@@ -162,6 +164,11 @@ pub struct Engine {
     unrecorded: Vec<Event>,
     /// How long reconciliations took (seconds), shown as a metric.
     reconcile_durations: Histogram,
+    /// The reconciliation under way, if one is.
+    reconciliation: Option<observe::Reconciliation>,
+    /// Where the reconciliation's reader sends what it read (the engine's
+    /// own command channel, once it runs).
+    read_results: Option<std::sync::mpsc::Sender<Command>>,
 }
 
 /// Buckets of the reconciliation time: 1 ms to about 16 s.
@@ -279,6 +286,8 @@ impl Engine {
             last_checkpoint,
             unrecorded: Vec::new(),
             reconcile_durations: reconcile_histogram(),
+            reconciliation: None,
+            read_results: None,
         };
         engine.record_restored(&restored)?;
         let protected = engine.policy.protected();

@@ -60,8 +60,10 @@ const OBSERVE_EVERY: Duration = Duration::from_secs(1);
 /// How often flows of ended connections are forgotten.
 const FORGET_FLOWS_EVERY: Duration = Duration::from_secs(10);
 
-/// Reconciliation takes at most 1/20 of the engine's time.
-const RECONCILE_TIME_SHARE_INVERSE: u32 = 20;
+/// A reconciliation (reading the kernel, mostly on the reader's thread)
+/// runs at most half the time: the next starts no sooner than its own
+/// duration after the last one ended.
+const RECONCILE_DUTY_INVERSE: u32 = 2;
 
 /// Old `ACCESS_DENIED` payloads are pruned every half retention, at most
 /// this often and at least every `PRUNE_EVERY_MAX`, this many at once.
@@ -99,8 +101,9 @@ fn release_free_memory() {
 
 impl Engine {
     /// Runs until every handle is dropped.
-    pub fn spawn(self) -> anyhow::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
+    pub fn spawn(mut self) -> anyhow::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
         let (commands, receiver) = mpsc::channel();
+        self.read_results = Some(commands.clone());
         let handle = EngineHandle {
             commands: commands.clone(),
             events: self.events.clone(),
@@ -132,6 +135,8 @@ impl Engine {
             ]
             .into_iter()
             .chain(self.next_expiry_instant())
+            // A snapshot being compared: only the commands waiting now.
+            .chain(self.comparing().then(Instant::now))
             .min()
             .expect("at least one timer");
             match commands.recv_timeout(wake.saturating_duration_since(Instant::now())) {
@@ -173,22 +178,21 @@ impl Engine {
                 self.log_failure("signing an audit checkpoint", |e| e.checkpoint().map(drop));
                 next_checkpoint = now + self.config.audit.checkpoint_interval;
             }
-            if now >= next_reconcile {
-                let started = Instant::now();
+            if now >= next_reconcile && !self.reconciling() {
                 self.log_failure("expiring pending requests", Engine::expire_pending);
-                self.log_failure("reconciling", Engine::reconcile);
-                // Reading every kernel entry back takes time in proportion
-                // to the grants: keep it under a fixed share of the
-                // engine's time.
-                let took = started.elapsed();
-                tracing::debug!("reconciled in {took:?}");
-                self.reconcile_durations.observe(took.as_secs_f64());
-                next_reconcile = Instant::now()
-                    + self
-                        .config
-                        .reconcile_interval
-                        .max(took * RECONCILE_TIME_SHARE_INVERSE);
-                release_free_memory();
+                self.log_failure("reconciling", Engine::start_reconcile);
+                next_reconcile = now + self.config.reconcile_interval;
+            }
+            match self.reconcile_step() {
+                Ok(Some(took)) => {
+                    tracing::debug!("reconciled in {took:?}");
+                    self.reconcile_durations.observe(took.as_secs_f64());
+                    next_reconcile =
+                        next_reconcile.max(Instant::now() + took / RECONCILE_DUTY_INVERSE);
+                    release_free_memory();
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!("reconciling: {e:#}"),
             }
             if self.witnessed_at.elapsed() >= WITNESS_EVERY {
                 self.log_failure("recording the boot clock", Engine::witness_boot_clock);
@@ -332,6 +336,7 @@ impl Engine {
             Command::Reload { config, reply } => {
                 let _ = reply.send(self.reload(*config));
             }
+            Command::KernelRead(read) => self.kernel_read(*read),
             Command::LinksChanged => {
                 self.log_failure("gating new interfaces", |e| {
                     let repairs = e.enforcement.scan_interfaces()?;

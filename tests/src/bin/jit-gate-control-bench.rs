@@ -8,7 +8,17 @@
 //! - sustained grants/s through the API with concurrent brokers, up to
 //!   `--grants` active grants, then the agent's resident memory;
 //! - expiry lateness: short grants among all the others, the time from each
-//!   grant's expiry to the agent's `GRANT_EXPIRED` record.
+//!   grant's expiry to the agent's `GRANT_EXPIRED` record;
+//! - at full scale (1,000,000 grants by default): the database's size, and
+//!   the latency of a probe RPC stream (`GetPolicy`, answered by the engine,
+//!   one call started every 5 ms whatever the previous ones do, so a stall
+//!   delays every call that arrives during it) across full reconciliations,
+//!   each proven by a drift repair: an XDP entry and an nftables element
+//!   removed by hand, timed until the agent's `DRIFT_REPAIRED` record.
+//!
+//! The API has no batch request (a `RequestAccess` holds one source per
+//! port); a broker granting many sources sends concurrent requests over one
+//! connection, and the agent commits the requests waiting at once together.
 
 #![allow(
     unused_crate_dependencies,
@@ -23,9 +33,12 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
-use jit_gate_agent::proto::{self, Protocol, jit_gate_client::JitGateClient};
+use jit_gate_agent::{
+    net::GrantTarget,
+    proto::{self, Protocol, jit_gate_client::JitGateClient},
+};
 use jit_gate_tests::{
-    agent::{Agent, AgentFiles, access, client},
+    agent::{Agent, AgentFiles, PinnedGrants, access, client},
     measure::{Percentiles, connect_time, percentiles},
     netns::{GATED_V4, Netns, Topology, enter},
     traffic::TcpEcho,
@@ -39,8 +52,8 @@ struct Args {
     /// Grant-to-enforced samples.
     #[arg(long, default_value_t = 300)]
     samples: usize,
-    /// Active grants to reach (throughput and memory phase).
-    #[arg(long, default_value_t = 100_000)]
+    /// Active grants to reach (throughput, memory and reconciliation phase).
+    #[arg(long, default_value_t = 1_000_000)]
     grants: u32,
     /// Concurrent brokers in the throughput phase (the agent commits the
     /// requests waiting at once in one transaction).
@@ -49,6 +62,9 @@ struct Args {
     /// Short grants whose expiry lateness is measured.
     #[arg(long, default_value_t = 500)]
     expiring: u32,
+    /// Drift repairs (each a full reconciliation) the probe stream spans.
+    #[arg(long, default_value_t = 2)]
+    repairs: u32,
     #[arg(long, default_value = "target/bench/control.json")]
     output: PathBuf,
 }
@@ -58,6 +74,10 @@ const OPEN_PORT: u16 = 8080;
 /// Client addresses used as fresh sources in the latency loop (192.0.2.10
 /// and up, clear of the topology's own client addresses).
 const LATENCY_SOURCES: u8 = 100;
+/// One probe RPC is started this often.
+const PROBE_EVERY: Duration = Duration::from_millis(5);
+/// Longest wait for a drift repair (the agent's interval may stretch).
+const REPAIR_TIMEOUT: Duration = Duration::from_mins(10);
 
 #[derive(Serialize)]
 struct Results {
@@ -71,6 +91,11 @@ struct Results {
     active_grants: u32,
     agent_rss_mib: f64,
     agent_peak_rss_mib: f64,
+    database_mib: f64,
+    probe_rpc_during_reconciliation: Percentiles,
+    probe_samples: usize,
+    xdp_drift_repaired_after: Percentiles,
+    nft_drift_repaired_after: Percentiles,
     expiry_lateness: Percentiles,
 }
 
@@ -207,6 +232,119 @@ fn rss_mib(pid: i32) -> Result<(f64, f64)> {
     Ok((field("VmRSS:")?, field("VmHWM:")?))
 }
 
+/// Size of the database with its write-ahead log.
+fn database_mib(files: &AgentFiles) -> Result<f64> {
+    let db = files.database();
+    let mut bytes = 0;
+    for suffix in ["", "-wal", "-shm"] {
+        let path = PathBuf::from(format!("{}{suffix}", db.display()));
+        bytes += std::fs::metadata(&path).map_or(0, |m| m.len());
+    }
+    Ok(bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// Starts one `GetPolicy` every `PROBE_EVERY`, each timed from the moment
+/// it was due, until `stop` is set; returns every latency.
+async fn probe_stream(
+    api: JitGateClient<Channel>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<Vec<Duration>> {
+    let mut ticks = tokio::time::interval(PROBE_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut calls = tokio::task::JoinSet::new();
+    while !*stop.borrow() {
+        let due = ticks.tick().await;
+        let mut api = api.clone();
+        calls.spawn(async move {
+            api.get_policy(proto::GetPolicyRequest {}).await?;
+            Ok::<_, anyhow::Error>(due.elapsed())
+        });
+    }
+    let mut out = Vec::new();
+    while let Some(call) = calls.join_next().await {
+        out.push(call??);
+    }
+    Ok(out)
+}
+
+/// Removes one granted source's XDP entry and nftables element by hand,
+/// then waits for the agent's record of the repair; returns how long it took.
+async fn drift_repair(
+    events: &mut tonic::Streaming<proto::Event>,
+    files: &AgentFiles,
+    gated: &Netns,
+    source: IpAddr,
+) -> Result<Repaired> {
+    let target = GrantTarget {
+        source: source.into(),
+        protocol: jit_gate_agent::net::Protocol::Tcp,
+        port: SSH,
+    };
+    let started = Instant::now();
+    PinnedGrants::open(&files.pins.path).remove_v4(&target);
+    gated.exec(
+        "nft",
+        &[
+            "delete",
+            "element",
+            "inet",
+            "jit_gate",
+            "allow_v4_32",
+            &format!("{{ {source} . tcp . {SSH} }}"),
+        ],
+    );
+    let (mut xdp, mut nft) = (None, None);
+    while xdp.is_none() || nft.is_none() {
+        let event = tokio::time::timeout(REPAIR_TIMEOUT, events.next())
+            .await
+            .context("no drift repair recorded")?
+            .context("event stream ended")??;
+        if event.message.contains("XDP: 1 grant entries missing") {
+            xdp = xdp.or(Some(started.elapsed()));
+        }
+        if event.message.contains("nftables: 1 elements missing") {
+            nft = nft.or(Some(started.elapsed()));
+        }
+    }
+    Ok(Repaired {
+        xdp: xdp.expect("loop ends with both"),
+        nft: nft.expect("loop ends with both"),
+    })
+}
+
+/// How long after the drift each layer's repair was recorded.
+struct Repaired {
+    xdp: Duration,
+    nft: Duration,
+}
+
+/// The probe stream across `repairs` full reconciliations (each proven by
+/// a drift repair); returns the probe latencies and the repair times.
+async fn during_reconciliation(
+    api: &mut JitGateClient<Channel>,
+    files: &AgentFiles,
+    gated: &Netns,
+    repairs: u32,
+    grants: u32,
+) -> Result<(Vec<Duration>, Vec<Repaired>)> {
+    let mut events = api
+        .watch_events(proto::WatchEventsRequest {
+            after_sequence: None,
+            kinds: vec![proto::EventKind::DriftRepaired as i32],
+        })
+        .await?
+        .into_inner();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let probe = tokio::spawn(probe_stream(api.clone(), stopped));
+    let mut repaired = Vec::new();
+    for round in 0..repairs {
+        let source = bulk_source((round * 7919 + 1) % grants);
+        repaired.push(drift_repair(&mut events, files, gated, source).await?);
+    }
+    stop.send(true)?;
+    Ok((probe.await??, repaired))
+}
+
 async fn expiry_lateness(api: &mut JitGateClient<Channel>, count: u32) -> Result<Vec<Duration>> {
     let mut events = api
         .watch_events(proto::WatchEventsRequest {
@@ -249,8 +387,8 @@ async fn expiry_lateness(api: &mut JitGateClient<Channel>, count: u32) -> Result
 fn main() -> Result<()> {
     let args = Args::parse();
     ensure!(
-        args.samples > 0 && args.expiring > 0,
-        "samples and expiring must be positive"
+        args.samples > 0 && args.expiring > 0 && args.repairs > 0 && args.grants > 0,
+        "samples, expiring, repairs and grants must be positive"
     );
     let topo = Topology::new();
     let files = AgentFiles::new(&topo.gated);
@@ -304,6 +442,9 @@ fn main() -> Result<()> {
             );
         }
         let (rss, peak) = rss_mib(agent.pid())?;
+        let database_mib = database_mib(&files)?;
+        let (probe, repaired) =
+            during_reconciliation(&mut api, &files, &topo.gated, args.repairs, args.grants).await?;
         let lateness = expiry_lateness(&mut api, args.expiring).await?;
         Ok::<_, anyhow::Error>(Results {
             grant_rpc: percentiles(latency.grant_rpc),
@@ -316,6 +457,11 @@ fn main() -> Result<()> {
             active_grants: listed,
             agent_rss_mib: rss,
             agent_peak_rss_mib: peak,
+            database_mib,
+            probe_samples: probe.len(),
+            probe_rpc_during_reconciliation: percentiles(probe),
+            xdp_drift_repaired_after: percentiles(repaired.iter().map(|r| r.xdp).collect()),
+            nft_drift_repaired_after: percentiles(repaired.iter().map(|r| r.nft).collect()),
             expiry_lateness: percentiles(lateness),
         })
     })?;
@@ -332,13 +478,13 @@ fn main() -> Result<()> {
 fn print_table(args: &Args, r: &Results) {
     let row = |name: &str, p: &Percentiles| {
         println!(
-            "{name:<44} {:>9.0} {:>9.0} {:>9.0}",
-            p.p50_us, p.p99_us, p.max_us
+            "{name:<48} {:>9.0} {:>9.0} {:>9.0} {:>9.0}",
+            p.p50_us, p.p99_us, p.p999_us, p.max_us
         );
     };
     println!(
-        "{:<44} {:>9} {:>9} {:>9}",
-        "latency (µs)", "p50", "p99", "max"
+        "{:<48} {:>9} {:>9} {:>9} {:>9}",
+        "latency (µs)", "p50", "p99", "p99.9", "max"
     );
     row(
         &format!("RequestAccess RPC ({} samples)", args.samples),
@@ -362,6 +508,21 @@ fn print_table(args: &Args, r: &Results) {
         &format!("expiry lateness ({} grants)", args.expiring),
         &r.expiry_lateness,
     );
+    row(
+        &format!(
+            "GetPolicy every 5 ms across {} reconciliations",
+            args.repairs
+        ),
+        &r.probe_rpc_during_reconciliation,
+    );
+    row(
+        "XDP entry removed → DRIFT_REPAIRED",
+        &r.xdp_drift_repaired_after,
+    );
+    row(
+        "nftables element removed → DRIFT_REPAIRED",
+        &r.nft_drift_repaired_after,
+    );
     println!(
         "\ngrant-to-enforced p99 / handshake p99: {:.2}x",
         r.grant_to_enforced.p99_us / r.handshake_floor.p99_us
@@ -373,5 +534,9 @@ fn print_table(args: &Args, r: &Results) {
     println!(
         "agent memory with {} active grants: RSS {:.1} MiB (peak {:.1} MiB)",
         r.active_grants, r.agent_rss_mib, r.agent_peak_rss_mib
+    );
+    println!(
+        "database with {} active grants: {:.1} MiB (with WAL); {} probe RPCs",
+        r.active_grants, r.database_mib, r.probe_samples
     );
 }

@@ -289,6 +289,24 @@ impl NftGate {
         Err(NftError::Interrupted)
     }
 
+    /// Reads the table back while the agent may write it: two dumps, and
+    /// every element either saw (a dump overlapping a hash resize can miss
+    /// some, see `read`; the caller skips what it wrote meanwhile), with
+    /// the time left the later dump saw; the protected set of the later.
+    pub fn read_merged(&self) -> Result<Option<NftState>> {
+        let first = self.read_dump()?;
+        let second = self.read_dump()?;
+        Ok(match (first, second) {
+            (Some(first), Some(mut second)) => {
+                for (target, left) in first.allowed {
+                    second.allowed.entry(target).or_insert(left);
+                }
+                Some(second)
+            }
+            (_, second) => second,
+        })
+    }
+
     /// One dump of the table, started again if the kernel flags it as
     /// interrupted by a change.
     fn read_dump(&self) -> Result<Option<NftState>> {

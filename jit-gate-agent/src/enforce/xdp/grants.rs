@@ -1,7 +1,5 @@
 //! The grant maps: exact entries (hash maps) and CIDR entries (LPM tries),
-//! written with their flow limits, removed, and read back.
-
-use std::net::IpAddr;
+//! written with their flow limits and removed (`reader` reads them back).
 
 use aya::maps::lpm_trie::Key;
 use ipnet::IpNet;
@@ -13,8 +11,8 @@ use jit_gate_common::{
     },
 };
 
-use super::{GrantEntry, GrantLimits, Result, XdpGate, existed, map_err};
-use crate::net::{GrantTarget, Protocol};
+use super::{GrantLimits, Result, XdpGate, existed, map_err};
+use crate::net::GrantTarget;
 
 impl XdpGate {
     /// Writes the kernel entry for `target`: live until `expires_at_boot_ns`,
@@ -146,49 +144,6 @@ impl XdpGate {
         Ok(existed)
     }
 
-    /// Every grant entry in the kernel.
-    pub fn grants(&self) -> Result<Vec<GrantEntry>> {
-        let mut out = Vec::new();
-        let entry = |source: IpNet, protocol: u8, port: u16, value: GrantValue| {
-            Protocol::from_number(protocol).map(|protocol| GrantEntry {
-                target: GrantTarget {
-                    source,
-                    protocol,
-                    port,
-                },
-                expires_at_boot_ns: value.expires_at_boot_ns,
-                grant_id: value.grant_id,
-                limits: GrantLimits {
-                    flow_quota: value.flow_quota,
-                    max_opens: value.max_opens,
-                },
-            })
-        };
-        for item in &self.maps.grants_v4 {
-            let (k, v) = item.map_err(map_err(names::GRANTS_V4))?;
-            let source = IpNet::from(IpAddr::from(k.addr));
-            out.extend(entry(source, k.protocol, k.port, v));
-        }
-        for item in &self.maps.grants_v6 {
-            let (k, v) = item.map_err(map_err(names::GRANTS_V6))?;
-            let source = IpNet::from(IpAddr::from(k.addr));
-            out.extend(entry(source, k.protocol, k.port, v));
-        }
-        for item in &self.maps.cidr_v4 {
-            let (k, v) = item.map_err(map_err(names::CIDR_GRANTS_V4))?;
-            let (protocol, port, addr, len) = split_cidr_key::<7, 4>(&k);
-            let source = IpNet::new(IpAddr::from(addr), len).expect("trie prefix fits the family");
-            out.extend(entry(source, protocol, port, v));
-        }
-        for item in &self.maps.cidr_v6 {
-            let (k, v) = item.map_err(map_err(names::CIDR_GRANTS_V6))?;
-            let (protocol, port, addr, len) = split_cidr_key::<19, 16>(&k);
-            let source = IpNet::new(IpAddr::from(addr), len).expect("trie prefix fits the family");
-            out.extend(entry(source, protocol, port, v));
-        }
-        Ok(out)
-    }
-
     fn adjust_cidr_count(&mut self, fam: u8, delta: i64) -> Result<()> {
         let mut config = self.config()?;
         let count = if fam == family::V4 {
@@ -217,16 +172,4 @@ fn cidr_key_v6(target: &GrantTarget, net: ipnet::Ipv6Net) -> Key<CidrDataV6> {
         &net.network().octets(),
     );
     Key::new(CIDR_KEY_FIXED_BITS + u32::from(net.prefix_len()), data)
-}
-
-/// (protocol, port, address, prefix length) from an LPM key.
-fn split_cidr_key<const N: usize, const A: usize>(key: &Key<[u8; N]>) -> (u8, u16, [u8; A], u8)
-where
-    [u8; A]: Into<IpAddr>,
-{
-    let data = key.data();
-    let mut addr = [0u8; A];
-    addr.copy_from_slice(&data[3..3 + A]);
-    let len = (key.prefix_len() - CIDR_KEY_FIXED_BITS) as u8;
-    (data[0], u16::from_be_bytes([data[1], data[2]]), addr, len)
 }

@@ -13,11 +13,13 @@ mod attach;
 mod flows;
 mod grants;
 mod pins;
+mod reader;
 mod source_filter;
 
 use source_filter::SourceFilter;
 
 pub use flows::{Counters, DeniedPacket, Flow, GrantFlowCounts, parse_deny_event};
+pub use reader::GrantReader;
 
 use std::{
     collections::{BTreeMap, BTreeSet},

@@ -176,14 +176,15 @@ impl XdpGate {
         Ok(())
     }
 
-    /// Sets again the bits of granted sources that are missing from the
-    /// filter (someone wrote the pinned map: the program would drop those
-    /// sources), and rebuilds a filter whose shape word no longer decodes
-    /// (the program then looks every source up); returns how many granted
-    /// sources' bits were missing. Stale bits are left to the next
-    /// rebuild: they cost a lookup, never a grant.
-    pub fn repair_source_filter(&mut self) -> Result<usize> {
-        let sources = self.exact_sources()?;
+    /// Sets again the bits of `sources` (the granted exact sources, as
+    /// read) that are missing from the filter (someone wrote the pinned
+    /// map: the program would drop those sources), and rebuilds a filter
+    /// whose shape word no longer decodes (the program then looks every
+    /// source up); returns how many granted sources' bits were missing.
+    /// Stale bits are left to the next rebuild: they cost a lookup, never
+    /// a grant.
+    pub fn repair_source_filter(&mut self, sources: impl Iterator<Item = IpAddr>) -> Result<usize> {
+        let sources: Vec<IpAddr> = sources.collect();
         let Some(shape) = self.source_filter.shape() else {
             self.rebuild_source_filter()?;
             return Ok(sources.len());
