@@ -56,6 +56,9 @@ kinds! {
     AuditChainBroken = "audit-chain-broken",
     DatabaseReinitialized = "database-reinitialized",
     GrantUsedUp = "grant-used-up",
+    FleetConnected = "fleet-connected",
+    FleetDisconnected = "fleet-disconnected",
+    FleetResynchronized = "fleet-resynchronized",
 }
 
 impl Kind {
@@ -161,7 +164,9 @@ impl AuditRecord {
         }
         match self.kind {
             Kind::AuditChainBroken => at_level!(error),
-            Kind::DriftRepaired | Kind::DatabaseReinitialized => at_level!(warn),
+            Kind::DriftRepaired | Kind::DatabaseReinitialized | Kind::FleetDisconnected => {
+                at_level!(warn)
+            }
             _ => at_level!(info),
         }
     }

@@ -322,6 +322,19 @@ pub fn status_report(report: &StatusReport) -> proto::Status {
         xdp: Some(layer(report.xdp_active, &enforcement.xdp)),
         nftables: Some(layer(report.nftables_active, &enforcement.nftables)),
         healthy: enforcement.healthy(),
+        fleet: report.fleet.as_ref().map(fleet_status),
+    }
+}
+
+fn fleet_status(report: &crate::engine::FleetReport) -> proto::FleetStatus {
+    proto::FleetStatus {
+        host: report.host.clone(),
+        connected: report.connected,
+        since: Some(timestamp(report.since)),
+        last_error: report.last_error.clone(),
+        applied_revision: report.applied_revision,
+        grants_applied: report.grants_applied,
+        grants_refused: report.grants_refused,
     }
 }
 
@@ -343,6 +356,9 @@ pub fn event_kind(kind: Kind) -> proto::EventKind {
         Kind::AuditChainBroken => proto::EventKind::AuditChainBroken,
         Kind::DatabaseReinitialized => proto::EventKind::DatabaseReinitialized,
         Kind::GrantUsedUp => proto::EventKind::GrantUsedUp,
+        Kind::FleetConnected => proto::EventKind::FleetConnected,
+        Kind::FleetDisconnected => proto::EventKind::FleetDisconnected,
+        Kind::FleetResynchronized => proto::EventKind::FleetResynchronized,
     }
 }
 

@@ -7,6 +7,7 @@
 
 mod configure;
 mod denials;
+mod fleet;
 mod lifecycle;
 mod observe;
 mod record;
@@ -40,6 +41,7 @@ use configure::initial_policy;
 use denials::{CounterSnapshot, Denials};
 use observe::drop_counters;
 use restore::restore_grants;
+pub use fleet::{FLEET_PRINCIPAL_PREFIX, FleetCommand, FleetReport};
 pub use run::EngineHandle;
 pub use status::{PortReport, StatusReport};
 
@@ -108,6 +110,8 @@ pub enum Command {
         config: Box<Config>,
         reply: Reply<()>,
     },
+    /// Fleet mode's progress and grant ends.
+    Fleet(FleetCommand),
     /// The kernel announced a change to the namespace's interfaces.
     LinksChanged,
     /// Every handle is gone: stop.
@@ -140,6 +144,8 @@ pub struct Engine {
     last_checkpoint: Option<Checkpoint>,
     /// Events whose commit failed (disk full), retried first next time.
     unrecorded: Vec<Event>,
+    /// The fleet link's last report (`None`: fleet mode off).
+    fleet_report: Option<FleetReport>,
 }
 
 /// What start-up checked and opened before anything is attached.
@@ -251,6 +257,7 @@ impl Engine {
             key,
             last_checkpoint,
             unrecorded: Vec::new(),
+            fleet_report: None,
         };
         engine.record_restored(&restored)?;
         let protected = engine.policy.protected();

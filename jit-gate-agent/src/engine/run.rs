@@ -309,6 +309,7 @@ impl Engine {
             Command::Reload { config, reply } => {
                 let _ = reply.send(self.reload(*config));
             }
+            Command::Fleet(command) => self.fleet(command),
             Command::LinksChanged => {
                 self.log_failure("gating new interfaces", |e| {
                     let repairs = e.enforcement.scan_interfaces()?;

@@ -44,6 +44,8 @@ pub struct StatusReport {
     /// Packets the XDP gate decided since its state was created, by reason
     /// (empty without XDP).
     pub xdp_reasons: BTreeMap<Reason, u64>,
+    /// The fleet link (`None`: fleet mode off).
+    pub fleet: Option<super::FleetReport>,
 }
 
 impl Engine {
@@ -112,6 +114,7 @@ impl Engine {
             policy_revision: self.policy.revision,
             flows,
             xdp_reasons: counters.by_reason,
+            fleet: self.fleet_report.clone(),
         })
     }
 }

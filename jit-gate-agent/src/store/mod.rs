@@ -4,6 +4,7 @@
 //! committed together or not at all. The audit tables are in `audit_log`.
 
 mod audit_log;
+mod fleet_progress;
 
 use std::{
     os::unix::fs::PermissionsExt,
@@ -15,6 +16,7 @@ use ipnet::IpNet;
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 
 pub use audit_log::{AuditFilter, AuditReader};
+pub use fleet_progress::FleetCursor;
 
 use crate::{
     audit::AuditRecord,
@@ -53,8 +55,8 @@ pub enum StoreError {
 /// layout of README "Audit log" (payload digests); 3 adds the grants'
 /// boot-clock deadlines and 4 their limit on connections opened
 /// (`GRANT_COLUMNS_ADDED`), to which version-2 and -3 databases are brought
-/// up to date in place.
-const SCHEMA_VERSION: i64 = 4;
+/// up to date in place. 6 adds `fleet_progress` (5 is another change's).
+const SCHEMA_VERSION: i64 = 6;
 /// The oldest version brought up to date rather than refused.
 const UPGRADABLE_FROM: i64 = 2;
 
@@ -168,6 +170,8 @@ impl Store {
         conn.execute_batch(SCHEMA).map_err(open_err)?;
         add_grant_columns(&conn).map_err(open_err)?;
         conn.execute_batch(audit_log::SCHEMA).map_err(open_err)?;
+        conn.execute_batch(fleet_progress::SCHEMA)
+            .map_err(open_err)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(open_err)?;
         // The database, its WAL and shared-memory files: the agent's alone,

@@ -17,6 +17,7 @@ mod audit;
 mod commands;
 mod connect;
 mod convert;
+mod fleet;
 mod output;
 mod tls;
 mod watch;

@@ -1,0 +1,115 @@
+//! Connecting to etcd: TLS material read (and checked) before the agent
+//! attaches anything, and a client whose calls and watches notice a dead
+//! member or a member without a leader.
+
+use std::time::Duration;
+
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+
+use super::FleetConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FleetClientError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} holds no PEM {what}")]
+    NotPem {
+        path: std::path::PathBuf,
+        what: &'static str,
+    },
+    #[error("connecting to etcd at {endpoints}: {source}")]
+    Connect {
+        endpoints: String,
+        source: etcd_client::Error,
+    },
+}
+
+/// The TLS settings and timeouts of the etcd connection, read once.
+#[derive(Clone, Debug)]
+pub struct EtcdOptions {
+    pub endpoints: Vec<String>,
+    tls: Option<TlsOptions>,
+    timeout: Duration,
+}
+
+fn read_pem(path: &std::path::Path, what: &'static str) -> Result<Vec<u8>, FleetClientError> {
+    let bytes = std::fs::read(path).map_err(|source| FleetClientError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let marker = if what == "key" { "PRIVATE KEY-----" } else { "-----BEGIN CERTIFICATE-----" };
+    if !String::from_utf8_lossy(&bytes).contains(marker) {
+        return Err(FleetClientError::NotPem {
+            path: path.to_owned(),
+            what,
+        });
+    }
+    Ok(bytes)
+}
+
+impl EtcdOptions {
+    /// Reads the TLS files `[fleet.tls]` names (errors name the file).
+    pub fn load(config: &FleetConfig) -> Result<EtcdOptions, FleetClientError> {
+        Self::new(
+            config.endpoints.clone(),
+            config
+                .tls
+                .as_ref()
+                .map(|t| (t.ca.as_path(), t.certificate.as_path(), t.key.as_path())),
+            config.timeout,
+        )
+    }
+
+    /// Endpoints, (CA, certificate, key) files if TLS, and the timeout.
+    pub fn new(
+        endpoints: Vec<String>,
+        tls: Option<(&std::path::Path, &std::path::Path, &std::path::Path)>,
+        timeout: Duration,
+    ) -> Result<EtcdOptions, FleetClientError> {
+        let tls = tls
+            .map(|(ca, certificate, key)| {
+                Ok::<_, FleetClientError>(
+                    TlsOptions::new()
+                        .ca_certificate(Certificate::from_pem(read_pem(ca, "certificate")?))
+                        .identity(Identity::from_pem(
+                            read_pem(certificate, "certificate")?,
+                            read_pem(key, "key")?,
+                        )),
+                )
+            })
+            .transpose()?;
+        Ok(EtcdOptions {
+            endpoints,
+            tls,
+            timeout,
+        })
+    }
+
+    /// A client. Calls time out after `timeout`; HTTP/2 pings every
+    /// `timeout` notice a dead member; `require_leader` makes a member cut
+    /// off from its cluster end watches instead of going quiet.
+    pub async fn connect(&self) -> Result<Client, FleetClientError> {
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(self.timeout)
+            .with_timeout(self.timeout)
+            .with_keep_alive(self.timeout, self.timeout)
+            .with_keep_alive_while_idle(true)
+            .with_require_leader(true);
+        if let Some(tls) = &self.tls {
+            options = options.with_tls(tls.clone());
+        }
+        Client::connect(&self.endpoints, Some(options))
+            .await
+            .map_err(|source| FleetClientError::Connect {
+                endpoints: self.endpoints.join(","),
+                source,
+            })
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+}
