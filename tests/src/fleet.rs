@@ -161,6 +161,11 @@ pub struct Broker {
 }
 
 impl Broker {
+    /// The bridge gated hosts (and etcd members) join.
+    pub fn bridge(&self) -> &str {
+        &self.bridge
+    }
+
     pub fn new() -> Broker {
         let ns = Netns::new("jgb");
         let bridge = "br0".to_owned();
@@ -339,7 +344,8 @@ impl Fleet {
     }
 }
 
-fn add_host(broker: &Broker, pki: &Pki, index: usize) -> Host {
+/// Adds gated host `index` to the broker's bridge (agent configured by the caller).
+pub fn add_host(broker: &Broker, pki: &Pki, index: usize) -> Host {
     let ns = Netns::new("jgf");
     let interface = unique_name("vf");
     let peer = unique_name("vp");

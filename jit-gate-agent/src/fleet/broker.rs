@@ -37,7 +37,8 @@ pub struct GrantAsk {
     pub ticket: String,
 }
 
-/// A fleet grant written: its record, and the revision of the write.
+/// A fleet grant written: its record, and the revision of its first write
+/// (every host's answer comes later).
 pub struct Written {
     pub record: GrantRecord,
     pub revision: i64,
@@ -147,15 +148,18 @@ pub async fn request(client: &mut Client, ask: &GrantAsk) -> anyhow::Result<Writ
             .iter()
             .map(|host| TxnOp::put(layout::host_grant_key(host, &ask.id), value.clone(), with_lease())),
     );
-    let mut revision = 0;
+    let mut first = None;
     for chunk in puts.chunks(PUTS_PER_TXN) {
         let done = client
             .txn(Txn::new().and_then(chunk.to_vec()))
             .await
             .context("writing the grant")?;
-        revision = done.header().map_or(revision, etcd_client::ResponseHeader::revision);
+        first = first.or(done.header().map(etcd_client::ResponseHeader::revision));
     }
-    Ok(Written { record, revision })
+    Ok(Written {
+        record,
+        revision: first.unwrap_or_default(),
+    })
 }
 
 /// The broker's record of fleet grant `id`.
@@ -173,7 +177,7 @@ pub async fn record(client: &mut Client, id: &str) -> anyhow::Result<GrantRecord
 }
 
 /// Marks every host's copy revoked (keeping its lease); returns the
-/// revision of the last write.
+/// revision of the first write (every host's answer comes later).
 pub async fn revoke(
     client: &mut Client,
     id: &str,
@@ -183,7 +187,7 @@ pub async fn revoke(
     crate::validate::text("reason", reason, crate::validate::MAX_REASON_LEN)
         .map_err(anyhow::Error::msg)?;
     let record = record(client, id).await?;
-    let mut revision = 0;
+    let mut first = None;
     for host in &record.targeted {
         let key = layout::host_grant_key(host, id);
         let read = client.get(key.clone(), None).await?;
@@ -199,9 +203,9 @@ pub async fn revoke(
             .put(key, serde_json::to_vec(&grant)?, Some(PutOptions::new().with_ignore_lease()))
             .await
             .context("writing the revocation")?;
-        revision = put.header().map_or(revision, etcd_client::ResponseHeader::revision);
+        first = first.or(put.header().map(etcd_client::ResponseHeader::revision));
     }
-    Ok((record, revision))
+    Ok((record, first.unwrap_or_default()))
 }
 
 /// One targeted host's answer, if any.

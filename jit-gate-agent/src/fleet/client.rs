@@ -2,7 +2,13 @@
 //! attaches anything, and a client whose calls and watches notice a dead
 //! member or a member without a leader.
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 
@@ -20,6 +26,8 @@ pub enum FleetClientError {
         path: std::path::PathBuf,
         what: &'static str,
     },
+    #[error("no etcd endpoint given")]
+    NoEndpoints,
     #[error("connecting to etcd at {endpoints}: {source}")]
     Connect {
         endpoints: String,
@@ -33,6 +41,8 @@ pub struct EtcdOptions {
     pub endpoints: Vec<String>,
     tls: Option<TlsOptions>,
     timeout: Duration,
+    /// The endpoint tried first by the next connection.
+    next: Arc<AtomicUsize>,
 }
 
 fn read_pem(path: &std::path::Path, what: &'static str) -> Result<Vec<u8>, FleetClientError> {
@@ -69,6 +79,9 @@ impl EtcdOptions {
         tls: Option<(&std::path::Path, &std::path::Path, &std::path::Path)>,
         timeout: Duration,
     ) -> Result<EtcdOptions, FleetClientError> {
+        if endpoints.is_empty() {
+            return Err(FleetClientError::NoEndpoints);
+        }
         let tls = tls
             .map(|(ca, certificate, key)| {
                 Ok::<_, FleetClientError>(
@@ -85,12 +98,16 @@ impl EtcdOptions {
             endpoints,
             tls,
             timeout,
+            next: Arc::default(),
         })
     }
 
-    /// A client. Calls time out after `timeout`; HTTP/2 pings every
-    /// `timeout` notice a dead member; `require_leader` makes a member cut
-    /// off from its cluster end watches instead of going quiet.
+    /// A client of the first member that answers, trying each endpoint in
+    /// turn from the one after the last used (the crate's balanced channel
+    /// keeps sending calls to a dead member). Calls time out after
+    /// `timeout`; HTTP/2 pings every `timeout` notice a member that died;
+    /// `require_leader` makes a member cut off from its cluster fail calls
+    /// and end watches instead of going quiet.
     pub async fn connect(&self) -> Result<Client, FleetClientError> {
         let mut options = ConnectOptions::new()
             .with_connect_timeout(self.timeout)
@@ -101,12 +118,29 @@ impl EtcdOptions {
         if let Some(tls) = &self.tls {
             options = options.with_tls(tls.clone());
         }
-        Client::connect(&self.endpoints, Some(options))
-            .await
-            .map_err(|source| FleetClientError::Connect {
-                endpoints: self.endpoints.join(","),
-                source,
-            })
+        let count = self.endpoints.len();
+        let first = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut failure = None;
+        for offset in 0..count {
+            let endpoint = &self.endpoints[(first + offset) % count];
+            let answered = match Client::connect([endpoint], Some(options.clone())).await {
+                Ok(mut client) => client.status().await.map(|_| client),
+                Err(e) => Err(e),
+            };
+            match answered {
+                Ok(client) => {
+                    // The next session starts here again.
+                    self.next.store((first + offset) % count, Ordering::Relaxed);
+                    return Ok(client);
+                }
+                Err(e) => failure = Some((endpoint.clone(), e)),
+            }
+        }
+        let (endpoint, source) = failure.expect("`new` refuses an empty list of endpoints");
+        Err(FleetClientError::Connect {
+            endpoints: format!("{} (last tried {endpoint})", self.endpoints.join(",")),
+            source,
+        })
     }
 
     pub fn timeout(&self) -> Duration {

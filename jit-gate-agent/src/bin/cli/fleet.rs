@@ -72,6 +72,7 @@ pub(crate) struct FleetRequestArgs {
     /// This broker's name (hosts record the grant as `fleet:<name>`).
     #[arg(long, value_name = "NAME", env = "JIT_GATE_BROKER")]
     pub broker: String,
+    /// Who the access is for. Default: $USER, else the broker's name.
     #[arg(long, value_name = "NAME")]
     pub requester: Option<String>,
     #[arg(long, value_name = "TEXT", default_value = "")]
@@ -116,6 +117,10 @@ pub(crate) async fn run(args: FleetArgs, json: bool) -> anyhow::Result<Exit> {
     let mut client = options.connect().await?;
     match args.command {
         FleetCommand::Request(request) => {
+            let requester = request
+                .requester
+                .or_else(|| std::env::var("USER").ok())
+                .unwrap_or_else(|| request.broker.clone());
             let ask = GrantAsk {
                 id: request.id.unwrap_or_else(random_request_id),
                 broker: request.broker,
@@ -131,10 +136,7 @@ pub(crate) async fn run(args: FleetArgs, json: bool) -> anyhow::Result<Exit> {
                     })
                     .collect(),
                 duration: request.duration,
-                requester: request
-                    .requester
-                    .or_else(|| std::env::var("USER").ok())
-                    .unwrap_or_default(),
+                requester,
                 justification: request.justification,
                 ticket: request.ticket,
             };
