@@ -165,7 +165,7 @@ impl AuditRecord {
         match self.kind {
             Kind::AuditChainBroken => at_level!(error),
             Kind::DriftRepaired | Kind::DatabaseReinitialized | Kind::FleetDisconnected => {
-                at_level!(warn)
+                at_level!(warn);
             }
             _ => at_level!(info),
         }

@@ -88,7 +88,12 @@ impl Member {
 
     /// Its link to the bridge down (`false`) or up.
     pub fn link(&self, up: bool) {
-        self.ns.exec_ip(&["link", "set", &self.interface, if up { "up" } else { "down" }]);
+        self.ns.exec_ip(&[
+            "link",
+            "set",
+            &self.interface,
+            if up { "up" } else { "down" },
+        ]);
     }
 
     pub fn log_text(&self) -> String {
@@ -130,10 +135,14 @@ impl Cluster {
             let ns = Netns::new("jge");
             let interface = unique_name("ve");
             let peer = unique_name("vq");
-            ip(&["link", "add", &interface, "type", "veth", "peer", "name", &peer]);
+            ip(&[
+                "link", "add", &interface, "type", "veth", "peer", "name", &peer,
+            ]);
             ip(&["link", "set", &interface, "netns", &ns.name]);
             ip(&["link", "set", &peer, "netns", &broker.ns.name]);
-            broker.ns.exec_ip(&["link", "set", &peer, "master", broker.bridge()]);
+            broker
+                .ns
+                .exec_ip(&["link", "set", &peer, "master", broker.bridge()]);
             broker.ns.exec_ip(&["link", "set", &peer, "up"]);
             ns.exec_ip(&["addr", "add", &format!("{address}/15"), "dev", &interface]);
             ns.exec_ip(&["link", "set", &interface, "up"]);
@@ -143,23 +152,39 @@ impl Cluster {
             let client_url = format!("https://{address}:{CLIENT_PORT}");
             let peer_url = format!("http://{address}:{PEER_PORT}");
             let arguments = [
-                "--name", name,
-                "--data-dir", &data.path().join("data").display().to_string(),
-                "--listen-client-urls", &client_url,
-                "--advertise-client-urls", &client_url,
-                "--listen-peer-urls", &peer_url,
-                "--initial-advertise-peer-urls", &peer_url,
-                "--initial-cluster", &initial,
-                "--initial-cluster-token", &token,
-                "--initial-cluster-state", "new",
-                "--cert-file", &cert.certificate.display().to_string(),
-                "--key-file", &cert.key.display().to_string(),
-                "--trusted-ca-file", &pki.ca_path().display().to_string(),
+                "--name",
+                name,
+                "--data-dir",
+                &data.path().join("data").display().to_string(),
+                "--listen-client-urls",
+                &client_url,
+                "--advertise-client-urls",
+                &client_url,
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+                "--initial-cluster",
+                &initial,
+                "--initial-cluster-token",
+                &token,
+                "--initial-cluster-state",
+                "new",
+                "--cert-file",
+                &cert.certificate.display().to_string(),
+                "--key-file",
+                &cert.key.display().to_string(),
+                "--trusted-ca-file",
+                &pki.ca_path().display().to_string(),
                 "--client-cert-auth",
-                "--heartbeat-interval", "100",
-                "--election-timeout", "1000",
-                "--logger", "zap",
-                "--log-level", "warn",
+                "--heartbeat-interval",
+                "100",
+                "--election-timeout",
+                "1000",
+                "--logger",
+                "zap",
+                "--log-level",
+                "warn",
             ]
             .map(str::to_owned)
             .to_vec();
@@ -184,7 +209,13 @@ impl Cluster {
         };
         cluster.wait_healthy();
         // Before access control: the root user and role (README).
-        cluster.etcdctl_ok(&["user", "add", "root", "--new-user-password", &unique_name("pw")]);
+        cluster.etcdctl_ok(&[
+            "user",
+            "add",
+            "root",
+            "--new-user-password",
+            &unique_name("pw"),
+        ]);
         cluster.etcdctl_ok(&["user", "grant-role", "root", "root"]);
         cluster.etcdctl_ok(&["auth", "enable"]);
         cluster
@@ -233,7 +264,11 @@ impl Cluster {
                 Instant::now() < deadline,
                 "etcd not healthy within {HEALTHY_WITHIN:?}: {}\n{}",
                 String::from_utf8_lossy(&out.stderr),
-                self.members.iter().map(Member::log_text).collect::<Vec<_>>().join("\n")
+                self.members
+                    .iter()
+                    .map(Member::log_text)
+                    .collect::<Vec<_>>()
+                    .join("\n")
             );
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -242,7 +277,8 @@ impl Cluster {
     /// The index of the member that leads now.
     pub fn leader(&self) -> usize {
         let json = self.etcdctl_ok(&["endpoint", "status", "--write-out=json"]);
-        let statuses: serde_json::Value = serde_json::from_str(&json).expect("endpoint status JSON");
+        let statuses: serde_json::Value =
+            serde_json::from_str(&json).expect("endpoint status JSON");
         let leader = statuses
             .as_array()
             .expect("array")
@@ -275,14 +311,24 @@ impl Cluster {
             let prefix = format!("--prefix={prefix}");
             self.etcdctl_ok(&["role", "grant-permission", &role, permission, &key, &prefix]);
         }
-        self.etcdctl_ok(&["user", "add", host, "--new-user-password", &unique_name("pw")]);
+        self.etcdctl_ok(&[
+            "user",
+            "add",
+            host,
+            "--new-user-password",
+            &unique_name("pw"),
+        ]);
         self.etcdctl_ok(&["user", "grant-role", host, &role]);
     }
 
     /// The etcd user and role of broker `name` (README "Fleet mode").
     pub fn add_broker_role(&self, name: &str) {
         let role = "jit-gate-broker";
-        if !self.etcdctl_ok(&["role", "list"]).lines().any(|l| l == role) {
+        if !self
+            .etcdctl_ok(&["role", "list"])
+            .lines()
+            .any(|l| l == role)
+        {
             self.etcdctl_ok(&["role", "add", role]);
             for (permission, key) in [
                 ("read", "/jit-gate/v1/inventory/"),
@@ -291,10 +337,23 @@ impl Cluster {
                 ("readwrite", "/jit-gate/v1/hosts/"),
                 ("readwrite", "/jit-gate/v1/grants/"),
             ] {
-                self.etcdctl_ok(&["role", "grant-permission", role, permission, key, "--prefix=true"]);
+                self.etcdctl_ok(&[
+                    "role",
+                    "grant-permission",
+                    role,
+                    permission,
+                    key,
+                    "--prefix=true",
+                ]);
             }
         }
-        self.etcdctl_ok(&["user", "add", name, "--new-user-password", &unique_name("pw")]);
+        self.etcdctl_ok(&[
+            "user",
+            "add",
+            name,
+            "--new-user-password",
+            &unique_name("pw"),
+        ]);
         self.etcdctl_ok(&["user", "grant-role", name, role]);
     }
 

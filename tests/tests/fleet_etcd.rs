@@ -4,7 +4,8 @@
 //! every case in turn (each case its own grant ids): label-addressed grants
 //! enforced exactly where they should be (real TCP connects from the
 //! broker), per-host outcomes, a local policy refusal, revoke everywhere,
-//! an agent down catching up, the leader killed mid-fan-out, a member cut
+//! an agent down catching up, an agent whose revision was compacted away
+//! re-reading a snapshot, the leader killed mid-fan-out, a member cut
 //! off, and etcd unreachable while grants expire on time.
 
 #![allow(
@@ -78,7 +79,7 @@ impl Setup {
                 &format!(
                     "[[policy]]\nport = {PORT}\nprotocol = \"tcp\"\nmax_duration = \"1h\"\n{sources}\n\
                      [fleet]\nendpoints = {endpoints:?}\nhost = \"{name}\"\nlabels = [\"{label}\", \"all\"]\n\
-                     timeout = \"1s\"\ntls = {{ ca = {:?}, certificate = {:?}, key = {:?} }}\n",
+                     timeout = \"2s\"\ntls = {{ ca = {:?}, certificate = {:?}, key = {:?} }}\n",
                     cluster.ca(),
                     cert.certificate,
                     cert.key
@@ -111,9 +112,12 @@ impl Setup {
         }
         // Every agent registered before any label is resolved.
         setup.wait_until("every agent registered", || {
-            let listed = setup
-                .cluster
-                .etcdctl_ok(&["get", "/jit-gate/v1/inventory/", "--prefix", "--keys-only"]);
+            let listed = setup.cluster.etcdctl_ok(&[
+                "get",
+                "/jit-gate/v1/inventory/",
+                "--prefix",
+                "--keys-only",
+            ]);
             listed.lines().filter(|l| !l.is_empty()).count() == HOSTS
         });
         setup
@@ -140,6 +144,10 @@ impl Setup {
             self.broker_cert.certificate.display().to_string(),
             "--etcd-key".into(),
             self.broker_cert.key.display().to_string(),
+            // etcd fsyncs every write: on a loaded two-core machine a call
+            // can take seconds.
+            "--etcd-timeout".into(),
+            "20s".into(),
         ];
         full.extend(args.iter().map(|a| (*a).to_owned()));
         let full: Vec<&str> = full.iter().map(String::as_str).collect();
@@ -148,8 +156,18 @@ impl Setup {
 
     fn request(&self, id: &str, label: &str, duration: &str, wait: bool) -> Output {
         let mut args = vec![
-            "request", "2222/tcp", "--source", "198.18.0.1", "--duration", duration, "--label",
-            label, "--broker", "broker-alice", "--id", id,
+            "request",
+            "2222/tcp",
+            "--source",
+            "198.18.0.1",
+            "--duration",
+            duration,
+            "--label",
+            label,
+            "--broker",
+            "broker-alice",
+            "--id",
+            id,
         ];
         if wait {
             args.extend(["--wait", "--wait-timeout", "30s"]);
@@ -229,7 +247,10 @@ impl Setup {
                     })
                 })
                 .collect();
-            probes.into_iter().map(|p| p.join().expect("probe")).collect()
+            probes
+                .into_iter()
+                .map(|p| p.join().expect("probe"))
+                .collect()
         })
     }
 
@@ -284,6 +305,7 @@ fn fleet_mode_with_a_real_etcd_cluster() {
     let mut setup = Setup::new();
     label_grant_reaches_exactly_its_hosts_and_revoke_closes_everywhere(&setup);
     agent_down_catches_up_and_restarts_apply_nothing_twice(&mut setup);
+    compacted_revision_rereads_a_snapshot_and_reconciles(&mut setup);
     leader_killed_mid_fan_out_and_member_cut_off_lose_nothing(&mut setup);
     etcd_unreachable_enforcement_goes_on_and_grants_expire(&setup);
 }
@@ -322,9 +344,10 @@ fn label_grant_reaches_exactly_its_hosts_and_revoke_closes_everywhere(setup: &Se
     setup.assert_applied_once("g-label", is_db);
     // An agent cannot read another host's grants (etcd access control).
     let other = setup.pki.client("h1");
-    let peek = setup
-        .cluster
-        .etcdctl_as(&other, &["get", "/jit-gate/v1/hosts/h0/grants/", "--prefix"]);
+    let peek = setup.cluster.etcdctl_as(
+        &other,
+        &["get", "/jit-gate/v1/hosts/h0/grants/", "--prefix"],
+    );
     assert!(
         !peek.status.success() && text(&peek).contains("permission denied"),
         "h1 read h0's grants: {}",
@@ -333,9 +356,20 @@ fn label_grant_reaches_exactly_its_hosts_and_revoke_closes_everywhere(setup: &Se
     let forge = setup
         .cluster
         .etcdctl_as(&other, &["put", "/jit-gate/v1/status/h0/g-label", "{}"]);
-    assert!(!forge.status.success(), "h1 wrote h0's status: {}", text(&forge));
+    assert!(
+        !forge.status.success(),
+        "h1 wrote h0's status: {}",
+        text(&forge)
+    );
 
-    let out = setup.fleet(&["revoke", "g-label", "--terminate", "--wait", "--wait-timeout", "30s"]);
+    let out = setup.fleet(&[
+        "revoke",
+        "g-label",
+        "--terminate",
+        "--wait",
+        "--wait-timeout",
+        "30s",
+    ]);
     assert!(out.status.success(), "revoke: {}", text(&out));
     setup.assert_reachable_exactly(|_| false, "after revoke");
 }
@@ -350,7 +384,10 @@ fn agent_down_catches_up_and_restarts_apply_nothing_twice(setup: &mut Setup) {
         .filter(|i| is_db(*i) && *i != DOWN && *i != REFUSING_HOST)
         .collect();
     setup.wait_outcome("g-catch", &up, Outcome::Applied);
-    assert!(setup.outcomes("g-catch")[&host_name(DOWN)].is_none(), "a stopped agent answered");
+    assert!(
+        setup.outcomes("g-catch")[&host_name(DOWN)].is_none(),
+        "a stopped agent answered"
+    );
     setup.hosts[DOWN].agent = Some(Agent::start(&setup.hosts[DOWN].files));
     setup.wait_outcome("g-catch", &[DOWN], Outcome::Applied);
     // Another agent restarts: it resumes from its revision, nothing twice.
@@ -362,6 +399,55 @@ fn agent_down_catches_up_and_restarts_apply_nothing_twice(setup: &mut Setup) {
     setup.assert_applied_once("g-catch", is_db);
     let revoked = setup.fleet(&["revoke", "g-catch", "--wait"]);
     assert!(revoked.status.success(), "{}", text(&revoked));
+}
+
+fn compacted_revision_rereads_a_snapshot_and_reconciles(setup: &mut Setup) {
+    const HOST: usize = 6;
+    let out = setup.request("g-keep", "db", "10m", true);
+    assert_eq!(out.status.code(), Some(1), "host 2 refuses: {}", text(&out));
+    assert_eq!(setup.grants_for(HOST, "g-keep"), 1);
+    let agent = setup.hosts[HOST].agent.take().expect("agent");
+    assert!(agent.stop().success());
+    // While it is down: its copy of g-keep deleted, g-new written, and the
+    // history it would resume from compacted away.
+    setup
+        .cluster
+        .etcdctl_ok(&["del", "/jit-gate/v1/hosts/h6/grants/g-keep"]);
+    let out = setup.request("g-new", "db", "10m", false);
+    assert!(out.status.success(), "{}", text(&out));
+    let header = setup.cluster.etcdctl_ok(&[
+        "get",
+        "/jit-gate/v1/",
+        "--prefix",
+        "--keys-only",
+        "-w",
+        "json",
+    ]);
+    let revision =
+        serde_json::from_str::<serde_json::Value>(&header).expect("JSON")["header"]["revision"]
+            .as_i64()
+            .expect("revision");
+    setup
+        .cluster
+        .etcdctl_ok(&["compact", &revision.to_string()]);
+    setup.hosts[HOST].agent = Some(Agent::start(&setup.hosts[HOST].files));
+    setup.wait_outcome("g-new", &[HOST], Outcome::Applied);
+    setup.wait_outcome("g-keep", &[HOST], Outcome::Revoked);
+    let active: Vec<String> = setup.runtime.block_on(async {
+        let mut api = Api::connect(&setup.hosts[HOST].files).await;
+        api.grants(false)
+            .await
+            .into_iter()
+            .map(|g| g.request_id)
+            .collect()
+    });
+    assert_eq!(active, ["g-new"], "host {HOST} after the snapshot");
+    assert_eq!(setup.grants_for(HOST, "g-new"), 1);
+    for id in ["g-keep", "g-new"] {
+        let out = setup.fleet(&["revoke", id, "--wait"]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    setup.assert_reachable_exactly(|_| false, "after the compaction case");
 }
 
 fn leader_killed_mid_fan_out_and_member_cut_off_lose_nothing(setup: &mut Setup) {
@@ -407,8 +493,14 @@ fn etcd_unreachable_enforcement_goes_on_and_grants_expire(setup: &Setup) {
     let status = setup.fleet_status(0);
     assert!(!status.last_error.is_empty(), "{status:?}");
     assert!(status.applied_revision > 0, "{status:?}");
-    assert!(written.elapsed() < LIFETIME, "too slow to check the grant while live");
-    setup.assert_reachable_exactly(|i| is_db(i) && i != REFUSING_HOST, "etcd unreachable, grant live");
+    assert!(
+        written.elapsed() < LIFETIME,
+        "too slow to check the grant while live"
+    );
+    setup.assert_reachable_exactly(
+        |i| is_db(i) && i != REFUSING_HOST,
+        "etcd unreachable, grant live",
+    );
     std::thread::sleep((LIFETIME + Duration::from_secs(1)).saturating_sub(written.elapsed()));
     setup.assert_reachable_exactly(|_| false, "etcd unreachable, grant expired");
     for member in &setup.cluster.members {

@@ -85,7 +85,8 @@ impl Engine {
                 reason,
                 reply,
             } => {
-                let _ = reply.send(self.revoke_request(&principal, &request_id, terminate, &reason));
+                let _ =
+                    reply.send(self.revoke_request(&principal, &request_id, terminate, &reason));
             }
             FleetCommand::Live(reply) => {
                 let live = self

@@ -39,9 +39,9 @@ use crate::{
 };
 use configure::initial_policy;
 use denials::{CounterSnapshot, Denials};
+pub use fleet::{FLEET_PRINCIPAL_PREFIX, FleetCommand, FleetReport};
 use observe::drop_counters;
 use restore::restore_grants;
-pub use fleet::{FLEET_PRINCIPAL_PREFIX, FleetCommand, FleetReport};
 pub use run::EngineHandle;
 pub use status::{PortReport, StatusReport};
 

@@ -47,7 +47,10 @@ pub struct Written {
 /// The hosts registered in the inventory, with their labels.
 pub async fn inventory(client: &mut Client) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
     let read = client
-        .get(layout::inventory_prefix(), Some(GetOptions::new().with_prefix()))
+        .get(
+            layout::inventory_prefix(),
+            Some(GetOptions::new().with_prefix()),
+        )
         .await
         .context("reading the inventory")?;
     let mut hosts = BTreeMap::new();
@@ -57,7 +60,10 @@ pub async fn inventory(client: &mut Client) -> anyhow::Result<BTreeMap<String, V
                 hosts.insert(entry.host, entry.labels);
             }
             Ok(_) | Err(_) => {
-                tracing::warn!("skipping inventory entry {:?}", String::from_utf8_lossy(kv.key()));
+                tracing::warn!(
+                    "skipping inventory entry {:?}",
+                    String::from_utf8_lossy(kv.key())
+                );
             }
         }
     }
@@ -68,7 +74,10 @@ pub async fn inventory(client: &mut Client) -> anyhow::Result<BTreeMap<String, V
 pub async fn live_hosts(client: &mut Client) -> anyhow::Result<BTreeSet<String>> {
     let prefix = layout::presence_prefix();
     let read = client
-        .get(prefix.clone(), Some(GetOptions::new().with_prefix().with_keys_only()))
+        .get(
+            prefix.clone(),
+            Some(GetOptions::new().with_prefix().with_keys_only()),
+        )
         .await
         .context("reading presence")?;
     Ok(read
@@ -101,17 +110,28 @@ pub async fn request(client: &mut Client, ask: &GrantAsk) -> anyhow::Result<Writ
         bail!("no registered host carries every label of {:?}", ask.labels);
     }
     if targeted.len() > layout::MAX_HOSTS_PER_GRANT {
-        bail!("{} hosts targeted, at most {}", targeted.len(), layout::MAX_HOSTS_PER_GRANT);
+        bail!(
+            "{} hosts targeted, at most {}",
+            targeted.len(),
+            layout::MAX_HOSTS_PER_GRANT
+        );
     }
     let existing = client
-        .get(layout::grant_record_key(&ask.id), Some(GetOptions::new().with_count_only()))
+        .get(
+            layout::grant_record_key(&ask.id),
+            Some(GetOptions::new().with_count_only()),
+        )
         .await?;
     if existing.count() > 0 {
         bail!("fleet grant {} exists already; choose another id", ask.id);
     }
     let until_ms = to_ms(SystemTime::now() + ask.duration);
     let ttl = (ask.duration + LEASE_GRACE).as_secs().max(1) as i64;
-    let lease = client.lease_grant(ttl, None).await.context("granting the lease")?.id();
+    let lease = client
+        .lease_grant(ttl, None)
+        .await
+        .context("granting the lease")?
+        .id();
     let record = GrantRecord {
         version: VALUE_VERSION,
         id: ask.id.clone(),
@@ -135,7 +155,11 @@ pub async fn request(client: &mut Client, ask: &GrantAsk) -> anyhow::Result<Writ
     };
     let value = serde_json::to_vec(&grant)?;
     if value.len() > layout::MAX_VALUE_BYTES {
-        bail!("the grant is {} bytes, at most {}", value.len(), layout::MAX_VALUE_BYTES);
+        bail!(
+            "the grant is {} bytes, at most {}",
+            value.len(),
+            layout::MAX_VALUE_BYTES
+        );
     }
     let with_lease = || Some(PutOptions::new().with_lease(lease));
     let mut puts = vec![TxnOp::put(
@@ -143,11 +167,13 @@ pub async fn request(client: &mut Client, ask: &GrantAsk) -> anyhow::Result<Writ
         serde_json::to_vec(&record)?,
         with_lease(),
     )];
-    puts.extend(
-        targeted
-            .iter()
-            .map(|host| TxnOp::put(layout::host_grant_key(host, &ask.id), value.clone(), with_lease())),
-    );
+    puts.extend(targeted.iter().map(|host| {
+        TxnOp::put(
+            layout::host_grant_key(host, &ask.id),
+            value.clone(),
+            with_lease(),
+        )
+    }));
     let mut first = None;
     for chunk in puts.chunks(PUTS_PER_TXN) {
         let done = client
@@ -176,18 +202,26 @@ pub async fn record(client: &mut Client, id: &str) -> anyhow::Result<GrantRecord
     layout::parse_bounded(kv.value()).map_err(anyhow::Error::msg)
 }
 
-/// Marks every host's copy revoked (keeping its lease); returns the
-/// revision of the first write (every host's answer comes later).
+/// A revocation written: the grant's record, the hosts whose copy was
+/// still there and is now marked, and the revision of the first write.
+pub struct Revoked {
+    pub record: GrantRecord,
+    pub hosts: Vec<String>,
+    pub revision: i64,
+}
+
+/// Marks every host's remaining copy revoked (keeping its lease).
 pub async fn revoke(
     client: &mut Client,
     id: &str,
     terminate: bool,
     reason: &str,
-) -> anyhow::Result<(GrantRecord, i64)> {
+) -> anyhow::Result<Revoked> {
     crate::validate::text("reason", reason, crate::validate::MAX_REASON_LEN)
         .map_err(anyhow::Error::msg)?;
     let record = record(client, id).await?;
     let mut first = None;
+    let mut hosts = Vec::new();
     for host in &record.targeted {
         let key = layout::host_grant_key(host, id);
         let read = client.get(key.clone(), None).await?;
@@ -200,12 +234,21 @@ pub async fn revoke(
             reason: reason.to_owned(),
         });
         let put = client
-            .put(key, serde_json::to_vec(&grant)?, Some(PutOptions::new().with_ignore_lease()))
+            .put(
+                key,
+                serde_json::to_vec(&grant)?,
+                Some(PutOptions::new().with_ignore_lease()),
+            )
             .await
             .context("writing the revocation")?;
         first = first.or(put.header().map(etcd_client::ResponseHeader::revision));
+        hosts.push(host.clone());
     }
-    Ok((record, first.unwrap_or_default()))
+    Ok(Revoked {
+        record,
+        hosts,
+        revision: first.unwrap_or_default(),
+    })
 }
 
 /// One targeted host's answer, if any.
@@ -217,7 +260,10 @@ pub struct HostOutcome {
 }
 
 /// Every targeted host's current answer.
-pub async fn status(client: &mut Client, id: &str) -> anyhow::Result<(GrantRecord, Vec<HostOutcome>)> {
+pub async fn status(
+    client: &mut Client,
+    id: &str,
+) -> anyhow::Result<(GrantRecord, Vec<HostOutcome>)> {
     let record = record(client, id).await?;
     let live = live_hosts(client).await?;
     let mut outcomes = Vec::new();
@@ -236,20 +282,21 @@ pub async fn status(client: &mut Client, id: &str) -> anyhow::Result<(GrantRecor
     Ok((record, outcomes))
 }
 
-/// Waits until every live targeted host answered `id` with an outcome in
-/// `wanted`, written after `revision`, or `timeout` passes; calls `seen`
-/// with each answer as it arrives. Returns the hosts that did not answer.
+/// Waits until every live host of `hosts` answered `id` with an outcome
+/// in `wanted`, written from `revision` on, or `timeout` passes; calls
+/// `seen` with each answer as it arrives. Returns the hosts that did not
+/// answer.
 pub async fn wait(
     client: &mut Client,
-    record: &GrantRecord,
+    id: &str,
+    hosts: &[String],
     revision: i64,
     wanted: &[Outcome],
     timeout: Duration,
     mut seen: impl FnMut(&StatusValue),
 ) -> anyhow::Result<BTreeSet<String>> {
     let live = live_hosts(client).await?;
-    let mut waiting: BTreeSet<String> = record
-        .targeted
+    let mut waiting: BTreeSet<String> = hosts
         .iter()
         .filter(|h| live.contains(*h))
         .cloned()
@@ -257,7 +304,11 @@ pub async fn wait(
     let mut watch = client
         .watch(
             format!("{}status/", layout::ROOT),
-            Some(WatchOptions::new().with_prefix().with_start_revision(revision)),
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(revision),
+            ),
         )
         .await
         .context("watching outcomes")?;
@@ -274,10 +325,7 @@ pub async fn wait(
             let Ok(status) = layout::parse_bounded::<StatusValue>(kv.value()) else {
                 continue;
             };
-            if status.id == record.id
-                && record.targeted.contains(&status.host)
-                && wanted.contains(&status.outcome)
-            {
+            if status.id == id && hosts.contains(&status.host) && wanted.contains(&status.outcome) {
                 seen(&status);
                 waiting.remove(&status.host);
             }

@@ -50,7 +50,11 @@ fn read_pem(path: &std::path::Path, what: &'static str) -> Result<Vec<u8>, Fleet
         path: path.to_owned(),
         source,
     })?;
-    let marker = if what == "key" { "PRIVATE KEY-----" } else { "-----BEGIN CERTIFICATE-----" };
+    let marker = if what == "key" {
+        "PRIVATE KEY-----"
+    } else {
+        "-----BEGIN CERTIFICATE-----"
+    };
     if !String::from_utf8_lossy(&bytes).contains(marker) {
         return Err(FleetClientError::NotPem {
             path: path.to_owned(),

@@ -79,7 +79,8 @@ impl FleetConfig {
                     if !self.allow_plaintext || self.tls.is_some() {
                         return field(
                             &here,
-                            "plain http needs allow_plaintext = true and no [fleet.tls]; use https".into(),
+                            "plain http needs allow_plaintext = true and no [fleet.tls]; use https"
+                                .into(),
                         );
                     }
                 }
@@ -126,8 +127,14 @@ mod tests {
         .unwrap();
         assert_eq!(ok.max_grants, 1024);
         for (text, expected) in [
-            ("endpoints = [\"http://e:2379\"]\nhost = \"h\"", "allow_plaintext"),
-            ("endpoints = [\"https://e:2379\"]\nhost = \"h\"", "needs [fleet.tls]"),
+            (
+                "endpoints = [\"http://e:2379\"]\nhost = \"h\"",
+                "allow_plaintext",
+            ),
+            (
+                "endpoints = [\"https://e:2379\"]\nhost = \"h\"",
+                "needs [fleet.tls]",
+            ),
             ("endpoints = []\nhost = \"h\"", "fleet.endpoints"),
             ("endpoints = [\"e:2379\"]\nhost = \"h\"", "not an http(s)"),
             (
@@ -142,7 +149,10 @@ mod tests {
                 "endpoints = [\"http://e:2379\"]\nhost = \"h\"\nallow_plaintext = true\nmax_grants = 0",
                 "fleet.max_grants",
             ),
-            ("endpoints = [\"http://e:2379\"]\nhost = \"h\"\nallow_plaintext = true\nx = 1", "unknown field"),
+            (
+                "endpoints = [\"http://e:2379\"]\nhost = \"h\"\nallow_plaintext = true\nx = 1",
+                "unknown field",
+            ),
         ] {
             let err = parse(text).unwrap_err();
             assert!(err.contains(expected), "{text}: {err}");

@@ -329,7 +329,11 @@ mod tests {
         let v2 = String::from_utf8(bytes.clone())
             .unwrap()
             .replace("\"version\":1", "\"version\":2");
-        assert!(FleetGrant::parse(v2.as_bytes()).unwrap_err().contains("version"));
+        assert!(
+            FleetGrant::parse(v2.as_bytes())
+                .unwrap_err()
+                .contains("version")
+        );
         let mut big = grant.clone();
         big.justification = "x".repeat(MAX_VALUE_BYTES);
         let err = FleetGrant::parse(&serde_json::to_vec(&big).unwrap()).unwrap_err();

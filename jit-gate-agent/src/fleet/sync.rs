@@ -122,7 +122,12 @@ impl Session<'_> {
             .header()
             .map(etcd_client::ResponseHeader::cluster_id)
             .context("etcd sent no header")?;
-        let mut revision = match self.link.cursor().await.map_err(|e| anyhow::anyhow!(e.message))? {
+        let mut revision = match self
+            .link
+            .cursor()
+            .await
+            .map_err(|e| anyhow::anyhow!(e.message))?
+        {
             Some(cursor) if cursor.cluster_id == cluster_id => cursor.revision,
             _ => self.snapshot(&mut client, cluster_id, "first read").await?,
         };
@@ -232,8 +237,15 @@ impl Session<'_> {
         for (principal, request_id) in live {
             if !present.contains(&request_id) {
                 gone += 1;
-                self.end(client, &principal, &request_id, false, "its grant key is gone from etcd", 0)
-                    .await?;
+                self.end(
+                    client,
+                    &principal,
+                    &request_id,
+                    false,
+                    "its grant key is gone from etcd",
+                    0,
+                )
+                .await?;
             }
         }
         self.progress(cluster_id, revision).await?;
@@ -253,8 +265,15 @@ impl Session<'_> {
     /// A grant key was written: apply it, or end it if it says revoked.
     async fn put(&mut self, client: &mut Client, kv: &KeyValue) -> anyhow::Result<()> {
         let prefix = layout::host_grants_prefix(self.link.host());
-        let Some(id) = kv.key_str().ok().and_then(|key| layout::id_below(&prefix, key)) else {
-            tracing::warn!("fleet: ignoring key {:?}: not a grant id", String::from_utf8_lossy(kv.key()));
+        let Some(id) = kv
+            .key_str()
+            .ok()
+            .and_then(|key| layout::id_below(&prefix, key))
+        else {
+            tracing::warn!(
+                "fleet: ignoring key {:?}: not a grant id",
+                String::from_utf8_lossy(kv.key())
+            );
             return Ok(());
         };
         let id = id.to_owned();
@@ -297,7 +316,9 @@ impl Session<'_> {
                 live.len(),
                 self.config.max_grants
             );
-            return self.answer(client, &id, revision, Err(reason), grant.until_ms).await;
+            return self
+                .answer(client, &id, revision, Err(reason), grant.until_ms)
+                .await;
         }
         let outcome = self
             .link
@@ -320,14 +341,19 @@ impl Session<'_> {
                 Err(refusal.message)
             }
         };
-        self.answer(client, &id, revision, answer, grant.until_ms).await
+        self.answer(client, &id, revision, answer, grant.until_ms)
+            .await
     }
 
     /// A grant key was deleted (its lease ran out, or a broker deleted
     /// it): its live grants end, connections kept.
     async fn deleted(&mut self, client: &mut Client, kv: &KeyValue) -> anyhow::Result<()> {
         let prefix = layout::host_grants_prefix(self.link.host());
-        let Some(id) = kv.key_str().ok().and_then(|key| layout::id_below(&prefix, key)) else {
+        let Some(id) = kv
+            .key_str()
+            .ok()
+            .and_then(|key| layout::id_below(&prefix, key))
+        else {
             return Ok(());
         };
         let id = id.to_owned();
@@ -339,8 +365,15 @@ impl Session<'_> {
             .map_err(|e| anyhow::anyhow!(e.message))?;
         for (principal, request_id) in live {
             if request_id == id {
-                self.end(client, &principal, &id, false, "its grant key was deleted", kv.mod_revision())
-                    .await?;
+                self.end(
+                    client,
+                    &principal,
+                    &id,
+                    false,
+                    "its grant key was deleted",
+                    kv.mod_revision(),
+                )
+                .await?;
             }
         }
         Ok(())
@@ -385,15 +418,14 @@ impl Session<'_> {
                 Ok(outcomes) => format!(
                     "{reason}; {} grants ended, {} connections terminated",
                     outcomes.len(),
-                    outcomes.iter().map(|o| o.connections_terminated).sum::<usize>()
+                    outcomes
+                        .iter()
+                        .map(|o| o.connections_terminated)
+                        .sum::<usize>()
                 ),
                 Err(refusal) => format!("{reason}; ending it failed: {}", refusal.message),
             },
-            grant_ids: ended
-                .iter()
-                .flatten()
-                .map(|o| o.grant.id)
-                .collect(),
+            grant_ids: ended.iter().flatten().map(|o| o.grant.id).collect(),
             enforced_until_ms: 0,
             at_ms: to_ms(SystemTime::now()),
             grant_revision: revision,
@@ -416,7 +448,11 @@ impl Session<'_> {
                 Outcome::Applied,
                 String::new(),
                 grants.iter().map(|g| g.id).collect(),
-                grants.iter().map(|g| to_ms(g.expires_at)).max().unwrap_or(0),
+                grants
+                    .iter()
+                    .map(|g| to_ms(g.expires_at))
+                    .max()
+                    .unwrap_or(0),
             ),
             Err(reason) => {
                 tracing::warn!("fleet: grant {id} refused: {reason}");

@@ -175,7 +175,9 @@ pub(super) fn registry(status: &StatusReport) -> Registry {
             ("applied", fleet.grants_applied),
             ("refused", fleet.grants_refused),
         ] {
-            outcomes.get_or_create(&OutcomeLabel { outcome }).inc_by(value);
+            outcomes
+                .get_or_create(&OutcomeLabel { outcome })
+                .inc_by(value);
         }
         registry.register(
             "jit_gate_fleet_grants",

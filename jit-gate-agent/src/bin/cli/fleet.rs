@@ -21,15 +21,31 @@ use crate::{
 #[derive(Debug, Args)]
 pub(crate) struct FleetArgs {
     /// etcd client URL (`https://host:2379`); repeatable.
-    #[arg(long = "etcd", value_name = "URL", env = "JIT_GATE_ETCD", value_delimiter = ',', required = true)]
+    #[arg(
+        long = "etcd",
+        value_name = "URL",
+        env = "JIT_GATE_ETCD",
+        value_delimiter = ',',
+        required = true
+    )]
     pub endpoints: Vec<String>,
     /// PEM file of the CA that signed etcd's certificates (with --etcd-cert
     /// and --etcd-key: TLS with this broker's client certificate).
     #[arg(long, value_name = "PEM", env = "JIT_GATE_ETCD_CA", requires_all = ["etcd_cert", "etcd_key"])]
     pub etcd_ca: Option<PathBuf>,
-    #[arg(long, value_name = "PEM", env = "JIT_GATE_ETCD_CERT", requires = "etcd_ca")]
+    #[arg(
+        long,
+        value_name = "PEM",
+        env = "JIT_GATE_ETCD_CERT",
+        requires = "etcd_ca"
+    )]
     pub etcd_cert: Option<PathBuf>,
-    #[arg(long, value_name = "PEM", env = "JIT_GATE_ETCD_KEY", requires = "etcd_ca")]
+    #[arg(
+        long,
+        value_name = "PEM",
+        env = "JIT_GATE_ETCD_KEY",
+        requires = "etcd_ca"
+    )]
     pub etcd_key: Option<PathBuf>,
     /// Longest wait for each etcd call.
     #[arg(long = "etcd-timeout", value_name = "DURATION", default_value = "5s", value_parser = parse_timeout)]
@@ -144,7 +160,8 @@ pub(crate) async fn run(args: FleetArgs, json: bool) -> anyhow::Result<Exit> {
             print_written(&written.record, json);
             finish(
                 &mut client,
-                &written.record,
+                &written.record.id,
+                &written.record.targeted,
                 written.revision,
                 &[Outcome::Applied, Outcome::Refused],
                 &request.wait,
@@ -153,17 +170,34 @@ pub(crate) async fn run(args: FleetArgs, json: bool) -> anyhow::Result<Exit> {
             .await
         }
         FleetCommand::Revoke(revoke) => {
-            let (record, revision) =
+            let revoked =
                 broker::revoke(&mut client, &revoke.id, revoke.terminate, &revoke.reason).await?;
             if !json {
-                println!("revoked {} on {} hosts", record.id, record.targeted.len());
+                println!(
+                    "revoked {} on {} hosts (of {} targeted; the others' copies are gone)",
+                    revoked.record.id,
+                    revoked.hosts.len(),
+                    revoked.record.targeted.len()
+                );
             }
-            finish(&mut client, &record, revision, &[Outcome::Revoked], &revoke.wait, json).await
+            finish(
+                &mut client,
+                &revoked.record.id,
+                &revoked.hosts,
+                revoked.revision,
+                &[Outcome::Revoked],
+                &revoke.wait,
+                json,
+            )
+            .await
         }
         FleetCommand::Status { id } => {
             let (record, outcomes) = broker::status(&mut client, &id).await?;
             if json {
-                println!("{}", serde_json::json!({ "grant": record, "hosts": outcomes }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "grant": record, "hosts": outcomes })
+                );
             } else {
                 for outcome in &outcomes {
                     print_outcome(outcome);
@@ -195,7 +229,9 @@ fn print_status(status: &StatusValue, json: bool) {
     let outcome = match status.outcome {
         Outcome::Applied => format!(
             "applied until {}",
-            humantime::format_rfc3339_millis(jit_gate_agent::time::from_ms(status.enforced_until_ms))
+            humantime::format_rfc3339_millis(jit_gate_agent::time::from_ms(
+                status.enforced_until_ms
+            ))
         ),
         Outcome::Refused => format!("refused: {}", status.reason),
         Outcome::Revoked => format!("revoked: {}", status.reason),
@@ -215,7 +251,8 @@ fn print_outcome(outcome: &HostOutcome) {
 /// answer in time or any refused.
 async fn finish(
     client: &mut etcd_client::Client,
-    record: &GrantRecord,
+    id: &str,
+    hosts: &[String],
     revision: i64,
     wanted: &[Outcome],
     wait: &WaitArgs,
@@ -225,19 +262,30 @@ async fn finish(
         return Ok(Exit::Success);
     }
     let mut refused = 0;
-    let silent = broker::wait(client, record, revision, wanted, wait.wait_timeout, |status| {
-        if status.outcome == Outcome::Refused {
-            refused += 1;
-        }
-        print_status(status, json);
-    })
+    let silent = broker::wait(
+        client,
+        id,
+        hosts,
+        revision,
+        wanted,
+        wait.wait_timeout,
+        |status| {
+            if status.outcome == Outcome::Refused {
+                refused += 1;
+            }
+            print_status(status, json);
+        },
+    )
     .await
     .context("waiting for outcomes")?;
     for host in &silent {
         if json {
             println!("{}", serde_json::json!({ "no_answer": host }));
         } else {
-            println!("{host}\tno answer within {}", humantime::format_duration(wait.wait_timeout));
+            println!(
+                "{host}\tno answer within {}",
+                humantime::format_duration(wait.wait_timeout)
+            );
         }
     }
     Ok((silent.is_empty() && refused == 0).into())
