@@ -14,7 +14,7 @@ use std::{
 use crate::{
     env::unique_name,
     fleet::{BROKER_V4, Broker, ClientCert, Pki},
-    netns::{Netns, ip},
+    netns::Netns,
 };
 
 pub const CLIENT_PORT: u16 = 2379;
@@ -133,19 +133,7 @@ impl Cluster {
         for (index, name) in names.iter().enumerate() {
             let address = member_address(index);
             let ns = Netns::new("jge");
-            let interface = unique_name("ve");
-            let peer = unique_name("vq");
-            ip(&[
-                "link", "add", &interface, "type", "veth", "peer", "name", &peer,
-            ]);
-            ip(&["link", "set", &interface, "netns", &ns.name]);
-            ip(&["link", "set", &peer, "netns", &broker.ns.name]);
-            broker
-                .ns
-                .exec_ip(&["link", "set", &peer, "master", broker.bridge()]);
-            broker.ns.exec_ip(&["link", "set", &peer, "up"]);
-            ns.exec_ip(&["addr", "add", &format!("{address}/15"), "dev", &interface]);
-            ns.exec_ip(&["link", "set", &interface, "up"]);
+            let interface = broker.join(&ns, address);
             let cert = pki.server(&format!("etcd-{name}"), address);
             let data = tempfile::tempdir().expect("etcd data directory");
             let log = data.path().join("etcd.log");

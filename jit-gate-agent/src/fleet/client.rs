@@ -151,3 +151,35 @@ impl EtcdOptions {
         self.timeout
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_files_are_read_up_front_and_named_when_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("ca.pem");
+        std::fs::write(
+            &pem,
+            "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let junk = dir.path().join("junk.key");
+        std::fs::write(&junk, "not a key").unwrap();
+        let missing = dir.path().join("missing.pem");
+        let endpoints = || vec!["https://192.0.2.1:2379".to_owned()];
+        let timeout = Duration::from_secs(1);
+        let err =
+            EtcdOptions::new(endpoints(), Some((&pem, &missing, &junk)), timeout).unwrap_err();
+        assert!(err.to_string().contains("missing.pem"), "{err}");
+        let err = EtcdOptions::new(endpoints(), Some((&pem, &pem, &junk)), timeout).unwrap_err();
+        assert!(
+            err.to_string().contains("junk.key holds no PEM key"),
+            "{err}"
+        );
+        let err = EtcdOptions::new(Vec::new(), None, timeout).unwrap_err();
+        assert!(matches!(err, FleetClientError::NoEndpoints));
+        assert!(EtcdOptions::new(endpoints(), None, timeout).is_ok());
+    }
+}

@@ -64,6 +64,14 @@ impl Link {
             .await
     }
 
+    /// (principal, request id) of every live fleet grant.
+    pub(super) async fn live(&self) -> anyhow::Result<Vec<(String, String)>> {
+        self.engine
+            .call(|reply| FleetCommand::Live(reply).into())
+            .await
+            .map_err(|e| anyhow::anyhow!("listing live fleet grants: {}", e.message))
+    }
+
     pub(super) fn counted(&mut self, applied: bool) {
         if applied {
             self.report.grants_applied += 1;

@@ -227,12 +227,7 @@ impl Session<'_> {
             }
             self.put(client, kv).await?;
         }
-        let live = self
-            .link
-            .engine
-            .call(|reply| FleetCommand::Live(reply).into())
-            .await
-            .map_err(|e| anyhow::anyhow!(e.message))?;
+        let live = self.link.live().await?;
         let mut gone = 0;
         for (principal, request_id) in live {
             if !present.contains(&request_id) {
@@ -303,12 +298,7 @@ impl Session<'_> {
             role: Role::Broker,
         };
         let request = grant.request();
-        let live = self
-            .link
-            .engine
-            .call(|reply| FleetCommand::Live(reply).into())
-            .await
-            .map_err(|e| anyhow::anyhow!(e.message))?;
+        let live = self.link.live().await?;
         let held = live.iter().any(|(_, r)| *r == id);
         if !held && live.len() >= self.config.max_grants {
             let reason = format!(
@@ -357,12 +347,7 @@ impl Session<'_> {
             return Ok(());
         };
         let id = id.to_owned();
-        let live = self
-            .link
-            .engine
-            .call(|reply| FleetCommand::Live(reply).into())
-            .await
-            .map_err(|e| anyhow::anyhow!(e.message))?;
+        let live = self.link.live().await?;
         for (principal, request_id) in live {
             if request_id == id {
                 self.end(
