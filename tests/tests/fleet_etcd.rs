@@ -38,7 +38,7 @@ fn host_name(index: usize) -> String {
 }
 
 fn is_db(index: usize) -> bool {
-    index % 2 == 0
+    index.is_multiple_of(2)
 }
 
 struct Setup {
@@ -111,7 +111,7 @@ impl Setup {
             });
         }
         // Every agent registered before any label is resolved.
-        setup.wait_until("every agent registered", || {
+        wait_until("every agent registered", || {
             let listed = setup.cluster.etcdctl_ok(&[
                 "get",
                 "/jit-gate/v1/inventory/",
@@ -121,14 +121,6 @@ impl Setup {
             listed.lines().filter(|l| !l.is_empty()).count() == HOSTS
         });
         setup
-    }
-
-    fn wait_until(&self, what: &str, mut done: impl FnMut() -> bool) {
-        let deadline = Instant::now() + WAIT;
-        while !done() {
-            assert!(Instant::now() < deadline, "not within {WAIT:?}: {what}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
     }
 
     /// `jit-gate fleet <args>` in the broker's namespace as broker-alice.
@@ -216,7 +208,7 @@ impl Setup {
 
     /// Waits until `host`'s outcome of `id` is `outcome`.
     fn wait_outcome(&self, id: &str, hosts: &[usize], outcome: Outcome) {
-        self.wait_until(&format!("{id}: {outcome:?} on {hosts:?}"), || {
+        wait_until(&format!("{id}: {outcome:?} on {hosts:?}"), || {
             let Ok(outcomes) = self.try_outcomes(id) else {
                 return false;
             };
@@ -289,6 +281,14 @@ impl Setup {
                 "{id}: grants on host {index}"
             );
         }
+    }
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !done() {
+        assert!(Instant::now() < deadline, "not within {WAIT:?}: {what}");
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -394,7 +394,7 @@ fn agent_down_catches_up_and_restarts_apply_nothing_twice(setup: &mut Setup) {
     let agent = setup.hosts[0].agent.take().expect("agent");
     assert!(agent.stop().success());
     setup.hosts[0].agent = Some(Agent::start(&setup.hosts[0].files));
-    setup.wait_until("host 0 reconnected", || setup.fleet_status(0).connected);
+    wait_until("host 0 reconnected", || setup.fleet_status(0).connected);
     setup.assert_reachable_exactly(|i| is_db(i) && i != REFUSING_HOST, "g-catch");
     setup.assert_applied_once("g-catch", is_db);
     let revoked = setup.fleet(&["revoke", "g-catch", "--wait"]);
@@ -487,7 +487,7 @@ fn etcd_unreachable_enforcement_goes_on_and_grants_expire(setup: &Setup) {
     for member in &setup.cluster.members {
         member.link(false);
     }
-    setup.wait_until("every agent reports etcd unreachable", || {
+    wait_until("every agent reports etcd unreachable", || {
         (0..HOSTS).all(|i| !setup.fleet_status(i).connected)
     });
     let status = setup.fleet_status(0);
@@ -507,7 +507,7 @@ fn etcd_unreachable_enforcement_goes_on_and_grants_expire(setup: &Setup) {
         member.link(true);
     }
     setup.cluster.wait_all_healthy();
-    setup.wait_until("every agent reconnected", || {
+    wait_until("every agent reconnected", || {
         (0..HOSTS).all(|i| setup.fleet_status(i).connected)
     });
 }
