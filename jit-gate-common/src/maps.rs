@@ -67,26 +67,110 @@ pub mod capacity {
 
 /// A bitmap over source addresses in front of the exact-grant maps: a
 /// source whose bit is clear holds no exact grant, so the program skips the
-/// hash lookup. 2^20 bits (128 KiB) stay in the CPU's cache where a table
-/// of a million buckets does not, which makes a flood from random sources
-/// cost about what a flood from one source costs, as long as few bits are
-/// set (one in a hundred with 10,000 grants; with a million grants most
-/// are, and the filter saves little). A larger bitmap misses the cache
-/// itself. User space (which maps the array into its memory) sets a
-/// source's bit before it writes the source's grant entry, and clears bits
-/// only by rebuilding the bitmap from the entries: a stale bit costs a
-/// lookup, never a grant.
+/// hash lookup.
+///
+/// The bitmap is sized to the grants, about 16 bits per exact entry, from
+/// one cache line up to 2^24 bits: a flood from random sources then reads
+/// a bitmap small enough to stay in the cache and the TLB (a fixed 128 KiB
+/// bitmap cost a random-source flood 1.5× the single-source drop path with
+/// a single grant, measured live; 4 KiB cost 1.1×), while a bitmap full of
+/// grants still rules out all but about one random source in sixteen.
+///
+/// The array holds a shape word (which of two regions is in use, and its
+/// size) and the two regions. User space builds a new size in the region
+/// not in use and then switches the shape word with one store, so the
+/// program always reads a complete bitmap. A shape word that does not
+/// decode (a fresh or tampered map) makes the program look every source up
+/// in the exact maps: slower, never wrong. User space sets a source's bit
+/// before it writes the source's grant entry, and clears bits only by
+/// rebuilding: a stale bit costs a lookup, never a grant.
 pub mod source_filter {
     use crate::family;
 
-    pub const BITS_LOG2: u32 = 20;
-    /// 64-bit words of the bitmap.
-    pub const WORDS: u32 = 1 << (BITS_LOG2 - 6);
+    /// The smallest bitmap: one cache line.
+    pub const MIN_BITS_LOG2: u32 = 9;
+    /// The largest bitmap (2 MiB), for about a million exact entries.
+    pub const MAX_BITS_LOG2: u32 = 24;
+    /// Bits per exact entry the sizing aims for (16: about one random
+    /// source in sixteen needs a lookup once the bitmap is full).
+    const BITS_PER_ENTRY_LOG2: u32 = 4;
+    /// The word holding the shape.
+    pub const SHAPE_WORD: u32 = 0;
+    /// Words of one region (each large enough for the largest bitmap).
+    pub const REGION_WORDS: u32 = 1 << (MAX_BITS_LOG2 - 6);
+    /// The first region starts one cache line after the shape word.
+    const FIRST_REGION_WORD: u32 = 8;
+    /// 64-bit words of the array: the shape's cache line and two regions.
+    pub const WORDS: u32 = FIRST_REGION_WORD + 2 * REGION_WORDS;
+    /// Marks a shape word as written by the agent (a zeroed map decodes to
+    /// no shape).
+    const SHAPE_MAGIC: u64 = 0x4a47_5346 << 32;
 
-    /// The bit of a source address (multiplicative hashing of its 32-bit
+    /// Which region is in use, and its size.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Shape {
+        /// 0 or 1.
+        pub region: u32,
+        pub bits_log2: u32,
+    }
+
+    impl Shape {
+        /// The size for `entries` exact entries, in `region`.
+        pub const fn for_entries(entries: u64, region: u32) -> Shape {
+            let wanted = entries.saturating_mul(1 << BITS_PER_ENTRY_LOG2);
+            let mut bits_log2 = MIN_BITS_LOG2;
+            while bits_log2 < MAX_BITS_LOG2 && (1u64 << bits_log2) < wanted {
+                bits_log2 += 1;
+            }
+            Shape { region, bits_log2 }
+        }
+
+        /// The other region, at another size.
+        pub const fn next(self, entries: u64) -> Shape {
+            Shape::for_entries(entries, 1 - self.region)
+        }
+
+        pub const fn encode(self) -> u64 {
+            SHAPE_MAGIC | ((self.region as u64) << 8) | self.bits_log2 as u64
+        }
+
+        /// The shape a word holds, if it holds one.
+        #[inline(always)]
+        pub const fn decode(word: u64) -> Option<Shape> {
+            let region = ((word >> 8) & 0xff) as u32;
+            let bits_log2 = (word & 0xff) as u32;
+            if word & !0xffff != SHAPE_MAGIC
+                || region > 1
+                || bits_log2 < MIN_BITS_LOG2
+                || bits_log2 > MAX_BITS_LOG2
+            {
+                return None;
+            }
+            Some(Shape { region, bits_log2 })
+        }
+
+        /// Words of the bitmap.
+        pub const fn words(self) -> u32 {
+            1 << (self.bits_log2 - 6)
+        }
+
+        /// The source's bit in this bitmap.
+        #[inline(always)]
+        pub const fn bit(self, hash: u32) -> u32 {
+            hash.wrapping_mul(0x85eb_ca6b) >> (32 - self.bits_log2)
+        }
+
+        /// The array index of the bit's word.
+        #[inline(always)]
+        pub const fn word_index(self, bit: u32) -> u32 {
+            FIRST_REGION_WORD + self.region * REGION_WORDS + (bit >> 6)
+        }
+    }
+
+    /// The hash of a source address (multiplicative hashing of its 32-bit
     /// words: a few instructions in the program).
     #[inline(always)]
-    pub const fn bit(addr: &[u8; 16], fam: u8) -> u32 {
+    pub const fn hash(addr: &[u8; 16], fam: u8) -> u32 {
         let words = if fam == family::V4 { 1 } else { 4 };
         let mut hash: u32 = 0x811c_9dc5 ^ fam as u32;
         let mut i = 0;
@@ -102,15 +186,11 @@ pub mod source_filter {
             }
             i += 1;
         }
-        hash.wrapping_mul(0x85eb_ca6b) >> (32 - BITS_LOG2)
-    }
-
-    /// The index of the bit's word in the bitmap.
-    pub const fn word(bit: u32) -> u32 {
-        bit >> 6
+        hash
     }
 
     /// The bit within its word.
+    #[inline(always)]
     pub const fn mask(bit: u32) -> u64 {
         1 << (bit & 63)
     }
@@ -433,21 +513,47 @@ mod tests {
 
     #[test]
     fn source_bits_spread_over_the_bitmap() {
+        use source_filter::Shape;
+        let shape = Shape::for_entries(1 << 20, 0);
+        assert_eq!(shape.bits_log2, source_filter::MAX_BITS_LOG2);
         let mut seen = std::collections::BTreeSet::new();
         for i in 0..4_096u32 {
             let mut addr = [0u8; 16];
             addr[..4].copy_from_slice(&(0x0a00_0000 + i).to_be_bytes());
-            let bit = source_filter::bit(&addr, crate::family::V4);
-            assert!(bit < 1 << source_filter::BITS_LOG2);
+            let bit = shape.bit(source_filter::hash(&addr, crate::family::V4));
+            assert!(bit < 1 << shape.bits_log2);
             seen.insert(bit);
         }
         // Consecutive addresses rarely share a bit.
         assert!(seen.len() > 4_000, "{}", seen.len());
         let v6 = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
         assert_ne!(
-            source_filter::bit(&v6, crate::family::V6),
-            source_filter::bit(&[0; 16], crate::family::V6)
+            source_filter::hash(&v6, crate::family::V6),
+            source_filter::hash(&[0; 16], crate::family::V6)
         );
+    }
+
+    #[test]
+    fn source_filter_shapes_size_round_trip_and_stay_inside_the_array() {
+        use source_filter::{MAX_BITS_LOG2, MIN_BITS_LOG2, Shape, WORDS};
+        assert_eq!(Shape::for_entries(0, 0).bits_log2, MIN_BITS_LOG2);
+        assert_eq!(Shape::for_entries(32, 0).bits_log2, MIN_BITS_LOG2);
+        assert_eq!(Shape::for_entries(33, 0).bits_log2, MIN_BITS_LOG2 + 1);
+        assert_eq!(Shape::for_entries(10_000, 1).bits_log2, 18);
+        assert_eq!(Shape::for_entries(u64::MAX, 0).bits_log2, MAX_BITS_LOG2);
+        let shape = Shape::for_entries(5, 1);
+        assert_eq!(Shape::decode(shape.encode()), Some(shape));
+        assert_eq!(shape.next(5).region, 0);
+        // A zeroed or scribbled word is no shape.
+        assert_eq!(Shape::decode(0), None);
+        assert_eq!(Shape::decode(shape.encode() + 64), None);
+        assert_eq!(Shape::decode(shape.encode() | 0x200), None);
+        for region in 0..2 {
+            let largest = Shape::for_entries(u64::MAX, region);
+            let last_bit = (1 << MAX_BITS_LOG2) - 1;
+            assert!(largest.word_index(last_bit) < WORDS);
+            assert!(largest.bit(u32::MAX) <= last_bit);
+        }
     }
 
     #[test]

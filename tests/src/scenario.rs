@@ -328,8 +328,9 @@ pub struct Sides {
     pub live_until: u64,
 }
 
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
+/// XDP actions as `BPF_PROG_TEST_RUN` returns them.
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
 
 impl Sides {
     /// A gate pinned under `pins` and the spec, both holding the scenario.

@@ -19,7 +19,10 @@ use std::{
 
 use aya::maps::{Array, Map, MapData};
 use jit_gate_agent::{config::Mode, proto};
-use jit_gate_common::maps::{names, source_filter};
+use jit_gate_common::maps::{
+    names,
+    source_filter::{self, Shape},
+};
 use jit_gate_tests::{
     agent::{Agent, AgentHost, Api, Events},
     env::PinDir,
@@ -301,16 +304,36 @@ fn drop_rule_handle(host: &AgentHost) -> String {
         .expect("a drop rule in chain gate")
 }
 
-/// Clears every bit of the pinned source filter, as anyone with the pin
-/// could: the program then drops every source with an exact grant.
-fn clear_source_filter(pins: &std::path::Path) {
-    let mut filter: Array<MapData, u64> = MapData::from_pin(pins.join(names::SOURCE_FILTER))
+fn pinned_source_filter(pins: &std::path::Path) -> Array<MapData, u64> {
+    MapData::from_pin(pins.join(names::SOURCE_FILTER))
         .and_then(Map::from_map_data)
         .and_then(Array::try_from)
-        .expect("the pinned source filter");
-    for index in 0..source_filter::WORDS {
-        filter.set(index, 0, 0).expect("clear a word");
+        .expect("the pinned source filter")
+}
+
+/// Clears every bit of the pinned source filter's bitmap in use, as anyone
+/// with the pin could: the program then drops every source with an exact
+/// grant.
+fn clear_source_filter(pins: &std::path::Path) {
+    let mut filter = pinned_source_filter(pins);
+    let shape = filter
+        .get(&source_filter::SHAPE_WORD, 0)
+        .ok()
+        .and_then(Shape::decode)
+        .expect("the agent wrote the filter's shape");
+    for bit in (0..shape.words()).map(|word| word * 64) {
+        filter
+            .set(shape.word_index(bit), 0, 0)
+            .expect("clear a word");
     }
+}
+
+/// Zeroes the pinned source filter's shape word: the program can no
+/// longer use the bitmap and looks every source up instead.
+fn scribble_source_filter_shape(pins: &std::path::Path) {
+    pinned_source_filter(pins)
+        .set(source_filter::SHAPE_WORD, 0, 0)
+        .expect("zero the shape word");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -353,4 +376,19 @@ async fn xdp_source_filter_cleared_is_repaired() {
     )
     .await;
     gate_holds(&host, "source filter repaired again");
+
+    // Without a shape word the program looks every source up: slower,
+    // still right; the agent rebuilds the filter.
+    let at = Instant::now();
+    scribble_source_filter_shape(&pins);
+    gate_holds(&host, "source filter shape scribbled");
+    repaired(
+        &agent,
+        &mut events,
+        "source filter shape scribbled",
+        "source filter missing 1 granted",
+        at,
+    )
+    .await;
+    gate_holds(&host, "source filter shape rebuilt");
 }

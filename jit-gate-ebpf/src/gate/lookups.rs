@@ -9,7 +9,8 @@ use jit_gate_common::{
     family,
     maps::{
         CIDR_KEY_FIXED_BITS, FlowKey, FlowValue, GrantKeyV4, GrantKeyV6, GrantValue, cidr_data,
-        defaults, protected, source_filter,
+        defaults, protected,
+        source_filter::{self, Shape},
     },
     verdict::{Address, GateLookups},
 };
@@ -55,11 +56,17 @@ impl GateLookups for MapLookups {
 
     #[inline(always)]
     fn exact_grant(&self, src: &Address, protocol: u8, port: u16) -> Option<GrantValue> {
-        // A clear bit: no exact grant for the source, no hash lookup.
-        let bit = source_filter::bit(&src.bytes, src.family);
-        let word = SOURCE_FILTER.get(source_filter::word(bit)).copied()?;
-        if word & source_filter::mask(bit) == 0 {
-            return None;
+        // A clear bit: no exact grant for the source, no hash lookup. No
+        // shape (a fresh or tampered map): look every source up.
+        let shape = SOURCE_FILTER
+            .get(source_filter::SHAPE_WORD)
+            .and_then(|word| Shape::decode(*word));
+        if let Some(shape) = shape {
+            let bit = shape.bit(source_filter::hash(&src.bytes, src.family));
+            let word = SOURCE_FILTER.get(shape.word_index(bit)).copied()?;
+            if word & source_filter::mask(bit) == 0 {
+                return None;
+            }
         }
         // SAFETY: the maps are not preallocated: a found entry is never reused.
         if src.family == family::V4 {

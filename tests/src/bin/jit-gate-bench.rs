@@ -36,7 +36,7 @@ use jit_gate_agent::{
 };
 use jit_gate_common::maps::{FlowKey, FlowValue, flow_state};
 use jit_gate_common::verdict::{Address, Transport, tcp_flags};
-use jit_gate_tests::{env::PinDir, packets::Packet};
+use jit_gate_tests::{env::PinDir, packets::Packet, scenario::XDP_PASS};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 static FLOOR_OBJECT: &[u8] =
@@ -181,7 +181,10 @@ fn run(program: &Xdp, frame: &[u8], repeat: u32) -> Result<(f64, bool), ProgramE
         ..Default::default()
     })?;
     // The kernel reports the mean duration of one repetition.
-    Ok((result.duration.as_nanos() as f64, result.return_value == 2))
+    Ok((
+        result.duration.as_nanos() as f64,
+        result.return_value == XDP_PASS,
+    ))
 }
 
 /// Mean ns per packet over `frames`, one run each.

@@ -25,7 +25,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{TestRun, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
 };
 use clap::Parser;
 use jit_gate_agent::{
@@ -46,6 +46,7 @@ use jit_gate_tests::{
     receiver_stats::{
         RunTimeStats, Snapshot, cpu_seconds, napi_threads, pin_threads, snapshot, thread_napi,
     },
+    scenario::XDP_PASS,
 };
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::SliceRandom};
 use serde::Serialize;
@@ -91,6 +92,9 @@ enum Traffic {
     Unprotected,
     /// SYNs to the SSH port, each from one of 65,536 random sources.
     RandomSources,
+    /// ACKs of the client's connection to the SSH port, established in the
+    /// flow table before the run.
+    TrackedFlow,
 }
 
 /// What sits on the receiving side.
@@ -198,6 +202,13 @@ fn contenders(grant_counts: &[u32]) -> Vec<Contender> {
             Traffic::Stranger,
             true,
         ),
+        c(
+            "jit-gate tracked flow (pass)".into(),
+            Enforcer::Gate(0),
+            Traffic::TrackedFlow,
+            false,
+        ),
+        // Last: `ratios` compares it with the single-grant drop.
         c(
             format!("jit-gate drop, {} grants", count(last)),
             Enforcer::Gate(last),
@@ -397,6 +408,7 @@ fn frames(traffic: Traffic, macs: ([u8; 6], [u8; 6])) -> Vec<Vec<u8>> {
         Traffic::Stranger => vec![syn(STRANGER, SSH, 40_000)],
         Traffic::Granted => vec![syn(CLIENT_V4, SSH, 40_000)],
         Traffic::Unprotected => vec![syn(CLIENT_V4, UNPROTECTED, 40_000)],
+        Traffic::TrackedFlow => vec![tracked_flow_ack(macs)],
         Traffic::RandomSources => {
             let mut rng = StdRng::seed_from_u64(1);
             (0..FLOOD_SOURCES)
@@ -407,6 +419,43 @@ fn frames(traffic: Traffic, macs: ([u8; 6], [u8; 6])) -> Vec<Vec<u8>> {
                 .collect()
         }
     }
+}
+
+/// The client's source port of the tracked connection.
+const TRACKED_PORT: u16 = 40_001;
+
+/// A segment of the client's tracked connection (`macs` none: the frame
+/// the gate is primed with, through `BPF_PROG_TEST_RUN`).
+fn tracked_flow_frame(flags: u8, macs: Option<([u8; 6], [u8; 6])>) -> Vec<u8> {
+    let packet = Packet::tcp(CLIENT_V4.into(), GATED_V4.into(), SSH, flags).src_port(TRACKED_PORT);
+    match macs {
+        Some((src, dst)) => packet.macs(src, dst),
+        None => packet,
+    }
+    .build()
+    .bytes
+}
+
+fn tracked_flow_ack(macs: ([u8; 6], [u8; 6])) -> Vec<u8> {
+    tracked_flow_frame(tcp_flags::ACK, Some(macs))
+}
+
+/// Opens and establishes the client's tracked connection in the gate's
+/// flow table, as its handshake would: a SYN under the grant, then an ACK.
+fn establish_tracked_flow(gate: &XdpGate) -> Result<()> {
+    let program: &Xdp = gate.program();
+    for flags in [tcp_flags::SYN, tcp_flags::ACK] {
+        let frame = tracked_flow_frame(flags, None);
+        let result = program.test_run(TestRunOptions {
+            data_in: Some(&frame),
+            ..Default::default()
+        })?;
+        ensure!(
+            result.return_value == XDP_PASS,
+            "the tracked connection's segment (flags {flags:#x}) was dropped"
+        );
+    }
+    Ok(())
 }
 
 /// A gate protecting the SSH port with a grant for the client and
@@ -555,6 +604,7 @@ fn main() -> Result<()> {
         eprintln!("loading a gate with {} grants", format_count(count));
         gates.push(gate_with_grants(pins, count)?);
     }
+    establish_tracked_flow(&gates[0])?;
     let mut floor = EbpfLoader::new()
         .load(FLOOR_OBJECT)
         .context("load floor programs")?;
@@ -642,13 +692,14 @@ fn summarize(contender: &Contender, samples: &[Sample]) -> Row {
 fn ratios(rows: &[Row], contenders: &[Contender]) -> Vec<Ratio> {
     let cost = |i: usize| rows[i].program_ns_per_packet.map(|s| s.median);
     let last = contenders.len() - 1;
-    let pairs: [(&'static str, usize, usize); 6] = [
+    let pairs: [(&'static str, usize, usize); 7] = [
         ("jit-gate drop (1 grant) / xdp-filter", 2, 7),
         ("random-source flood / single-source drop", 4, 2),
         ("granted SYN pass / drop", 5, 2),
         ("unprotected port / ceiling", 6, 1),
         ("drop with 10,000 grants / 1 grant", 3, 2),
         ("drop with the most grants / 1 grant", last, 2),
+        ("tracked-flow pass / drop", last - 1, 2),
     ];
     pairs
         .into_iter()
@@ -669,7 +720,7 @@ fn print_table(
     napi: Option<usize>,
 ) {
     println!(
-        "\nlive: SYN floods over veth, {} shuffled rounds of {:?} each, sender on CPU {}, receiving NAPI on CPU {}; median [min-max]\n",
+        "\nlive: TCP floods over veth, {} shuffled rounds of {:?} each, sender on CPU {}, receiving NAPI on CPU {}; median [min-max]\n",
         args.rounds,
         args.period,
         sender.map_or("any".into(), |c| c.to_string()),

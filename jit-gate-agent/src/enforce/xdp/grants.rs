@@ -64,7 +64,7 @@ impl XdpGate {
         if target.is_exact() {
             // Before the entry: the program looks a source up only if its
             // bit is set.
-            self.admit_source(target.source.addr());
+            self.admit_source(target.source.addr())?;
         }
         match (target.source, target.is_exact()) {
             (IpNet::V4(net), true) => self

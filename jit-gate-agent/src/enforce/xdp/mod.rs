@@ -195,6 +195,9 @@ pub struct XdpGate {
     rebuilt: Option<String>,
     /// Removals of exact entries before the source filter is rebuilt.
     filter_removals_left: usize,
+    /// Exact entries the source filter was sized for, plus those admitted
+    /// since (an entry written again counts again, erring towards growing).
+    filter_entries: u64,
     /// The kernel's id of each pinned map, to pin it again from.
     map_ids: Vec<(&'static str, u32)>,
     /// The links the agent holds, by interface name.
@@ -282,6 +285,7 @@ impl XdpGate {
             options,
             rebuilt,
             filter_removals_left: 0,
+            filter_entries: 0,
             map_ids,
             links: BTreeMap::new(),
         };

@@ -1,11 +1,13 @@
 //! The source filter in front of the exact-grant maps (see
 //! `jit_gate_common::maps::source_filter`), mapped into the agent's memory:
-//! a source's bit is set before its grant entry is written; bits are
-//! cleared only by rebuilding the bitmap from the entries, at open and once
+//! a source's bit is set before its grant entry is written. A rebuild
+//! writes the bitmap, sized to the entries, into the region not in use and
+//! then switches the shape word, so the program never sees a partial one;
+//! it happens at open, when the entries outgrow the bitmap, and once
 //! removals have left many stale bits. A stale bit costs the program a
 //! lookup; a missing one would refuse a granted source, so nothing but a
-//! rebuild ever clears one, and a rebuild sets before it clears.
-//! Reconciliation sets again any granted source's bit found missing (the
+//! rebuild ever clears one. Reconciliation sets again any granted source's
+//! bit found missing, and rebuilds a shape word found scribbled over (the
 //! pinned map written behind the agent's back).
 
 use std::{
@@ -18,7 +20,10 @@ use std::{
 use aya::maps::{Map, MapData};
 use jit_gate_common::{
     family,
-    maps::{names, source_filter},
+    maps::{
+        names,
+        source_filter::{self, Shape},
+    },
 };
 
 use super::{Result, XdpError, XdpGate, map_err};
@@ -71,6 +76,22 @@ impl SourceFilter {
         // SAFETY: within the mapping, which lives as long as `self`.
         unsafe { &*self.words.as_ptr().add(index as usize) }
     }
+
+    /// The bitmap in use; none if the shape word does not decode.
+    fn shape(&self) -> Option<Shape> {
+        Shape::decode(self.word(source_filter::SHAPE_WORD).load(Ordering::SeqCst))
+    }
+
+    /// Writes `bits` (a bitmap of `shape`) into its region, then makes it
+    /// the one in use.
+    fn install(&self, shape: Shape, bits: &[u64]) {
+        for (index, want) in (0..).zip(bits) {
+            self.word(shape.word_index(index * 64))
+                .store(*want, Ordering::SeqCst);
+        }
+        self.word(source_filter::SHAPE_WORD)
+            .store(shape.encode(), Ordering::SeqCst);
+    }
 }
 
 impl Drop for SourceFilter {
@@ -80,7 +101,7 @@ impl Drop for SourceFilter {
     }
 }
 
-fn bit_of(addr: IpAddr) -> u32 {
+fn hash_of(addr: IpAddr) -> u32 {
     let (bytes, fam) = match addr {
         IpAddr::V4(v4) => {
             let mut bytes = [0u8; 16];
@@ -89,22 +110,44 @@ fn bit_of(addr: IpAddr) -> u32 {
         }
         IpAddr::V6(v6) => (v6.octets(), family::V6),
     };
-    source_filter::bit(&bytes, fam)
+    source_filter::hash(&bytes, fam)
+}
+
+/// The bitmap of `shape` with the bits of `sources` set.
+fn bitmap(shape: Shape, sources: &[IpAddr]) -> Vec<u64> {
+    let mut bits = vec![0u64; shape.words() as usize];
+    for source in sources {
+        let bit = shape.bit(hash_of(*source));
+        bits[(bit >> 6) as usize] |= source_filter::mask(bit);
+    }
+    bits
 }
 
 impl XdpGate {
-    /// Sets the bit of `source`.
-    pub(super) fn admit_source(&mut self, source: IpAddr) {
-        let bit = bit_of(source);
-        self.source_filter
-            .word(source_filter::word(bit))
-            .fetch_or(source_filter::mask(bit), Ordering::SeqCst);
+    /// Sets the bit of `source`, whose exact entry is about to be written;
+    /// rebuilds the filter at a larger size first if the entries outgrow it.
+    pub(super) fn admit_source(&mut self, source: IpAddr) -> Result<()> {
+        self.filter_entries += 1;
+        match self.source_filter.shape() {
+            Some(shape)
+                if Shape::for_entries(self.filter_entries, shape.region).bits_log2
+                    <= shape.bits_log2 =>
+            {
+                let bit = shape.bit(hash_of(source));
+                self.source_filter
+                    .word(shape.word_index(bit))
+                    .fetch_or(source_filter::mask(bit), Ordering::SeqCst);
+                Ok(())
+            }
+            _ => self.rebuild_source_filter_with(Some(source)),
+        }
     }
 
     /// Counts the removal of an exact entry; rebuilds the filter once the
     /// removals reach the number of entries it was built from (or a floor),
     /// which keeps the cost of rebuilding constant per removal.
     pub(super) fn source_removed(&mut self) -> Result<()> {
+        self.filter_entries = self.filter_entries.saturating_sub(1);
         self.filter_removals_left = self.filter_removals_left.saturating_sub(1);
         if self.filter_removals_left == 0 {
             self.rebuild_source_filter()?;
@@ -112,28 +155,42 @@ impl XdpGate {
         Ok(())
     }
 
-    /// Rewrites the filter from the exact entries: their bits set, every
-    /// other clear, setting missing bits before clearing stale ones.
+    /// Rewrites the filter from the exact entries, sized to them.
     pub(super) fn rebuild_source_filter(&mut self) -> Result<()> {
-        let (wanted, sources) = self.wanted_source_bits()?;
-        for (index, want) in (0..).zip(wanted) {
-            let word = self.source_filter.word(index);
-            word.fetch_or(want, Ordering::SeqCst);
-            word.store(want, Ordering::SeqCst);
-        }
-        self.filter_removals_left = sources.max(REBUILD_AFTER_REMOVALS);
+        self.rebuild_source_filter_with(None)
+    }
+
+    /// Rewrites the filter from the exact entries and `extra` (an entry
+    /// about to be written), in the region not in use, and switches to it.
+    fn rebuild_source_filter_with(&mut self, extra: Option<IpAddr>) -> Result<()> {
+        let mut sources = self.exact_sources()?;
+        sources.extend(extra);
+        let entries = sources.len() as u64;
+        let shape = match self.source_filter.shape() {
+            Some(current) => current.next(entries),
+            None => Shape::for_entries(entries, 0),
+        };
+        self.source_filter.install(shape, &bitmap(shape, &sources));
+        self.filter_entries = entries;
+        self.filter_removals_left = sources.len().max(REBUILD_AFTER_REMOVALS);
         Ok(())
     }
 
     /// Sets again the bits of granted sources that are missing from the
     /// filter (someone wrote the pinned map: the program would drop those
-    /// sources); returns how many bits were missing. Stale bits are left
-    /// to the next rebuild: they cost a lookup, never a grant.
+    /// sources), and rebuilds a filter whose shape word no longer decodes
+    /// (the program then looks every source up); returns how many granted
+    /// sources' bits were missing. Stale bits are left to the next
+    /// rebuild: they cost a lookup, never a grant.
     pub fn repair_source_filter(&mut self) -> Result<usize> {
-        let (wanted, _) = self.wanted_source_bits()?;
+        let sources = self.exact_sources()?;
+        let Some(shape) = self.source_filter.shape() else {
+            self.rebuild_source_filter()?;
+            return Ok(sources.len());
+        };
         let mut missing = 0;
-        for (index, want) in (0..).zip(wanted) {
-            let word = self.source_filter.word(index);
+        for (index, want) in (0..).zip(bitmap(shape, &sources)) {
+            let word = self.source_filter.word(shape.word_index(index * 64));
             let lost = want & !word.load(Ordering::SeqCst);
             if lost != 0 {
                 word.fetch_or(lost, Ordering::SeqCst);
@@ -143,22 +200,15 @@ impl XdpGate {
         Ok(missing)
     }
 
-    /// The bitmap the exact entries call for, and how many entries there
-    /// are.
-    fn wanted_source_bits(&self) -> Result<(Vec<u64>, usize)> {
-        let mut wanted = vec![0u64; source_filter::WORDS as usize];
-        let mut sources = 0;
-        let mut note = |source: IpAddr| {
-            let bit = bit_of(source);
-            wanted[source_filter::word(bit) as usize] |= source_filter::mask(bit);
-            sources += 1;
-        };
+    /// The source of every exact entry.
+    fn exact_sources(&self) -> Result<Vec<IpAddr>> {
+        let mut sources = Vec::new();
         for key in self.maps.grants_v4.keys() {
-            note(IpAddr::from(key.map_err(map_err(names::GRANTS_V4))?.addr));
+            sources.push(IpAddr::from(key.map_err(map_err(names::GRANTS_V4))?.addr));
         }
         for key in self.maps.grants_v6.keys() {
-            note(IpAddr::from(key.map_err(map_err(names::GRANTS_V6))?.addr));
+            sources.push(IpAddr::from(key.map_err(map_err(names::GRANTS_V6))?.addr));
         }
-        Ok((wanted, sources))
+        Ok(sources)
     }
 }
