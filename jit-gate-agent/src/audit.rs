@@ -61,6 +61,9 @@ kinds! {
     RequestDenied = "request-denied",
     RequestExpired = "request-expired",
     DecisionRefused = "decision-refused",
+    FleetConnected = "fleet-connected",
+    FleetDisconnected = "fleet-disconnected",
+    FleetResynchronized = "fleet-resynchronized",
 }
 
 impl Kind {
@@ -166,7 +169,9 @@ impl AuditRecord {
         }
         match self.kind {
             Kind::AuditChainBroken => at_level!(error),
-            Kind::DriftRepaired | Kind::DatabaseReinitialized => at_level!(warn),
+            Kind::DriftRepaired | Kind::DatabaseReinitialized | Kind::FleetDisconnected => {
+                at_level!(warn);
+            }
             _ => at_level!(info),
         }
     }

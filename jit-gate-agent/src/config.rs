@@ -179,6 +179,10 @@ pub struct Config {
     /// configuration. Unset: the default policy on first start.
     #[serde(default)]
     pub policy: Option<Vec<PortRule>>,
+    /// Fleet mode: grants read from etcd (README "Fleet mode"); absent: off
+    /// (restart).
+    #[serde(default)]
+    pub fleet: Option<crate::fleet::FleetConfig>,
 }
 
 /// Every interface, also those created later: a path into the host that
@@ -496,6 +500,9 @@ impl Config {
             let rules = self.policy.as_deref().unwrap_or(&default_rules);
             tls.check_policy(rules)
                 .or_else(|r| field("policy", r.message))?;
+        }
+        if let Some(fleet) = &self.fleet {
+            fleet.validate()?;
         }
         self.validate_flows()
     }

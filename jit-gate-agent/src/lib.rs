@@ -19,6 +19,7 @@ pub mod config;
 pub mod docs;
 pub mod enforce;
 pub mod engine;
+pub mod fleet;
 pub mod flows;
 pub mod grants;
 pub mod metrics;

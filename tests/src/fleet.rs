@@ -161,6 +161,24 @@ pub struct Broker {
 }
 
 impl Broker {
+    /// Joins `ns` to the bridge by a veth pair, its end up at `address`;
+    /// returns the name of that end.
+    pub fn join(&self, ns: &Netns, address: Ipv4Addr) -> String {
+        let interface = unique_name("vf");
+        let peer = unique_name("vp");
+        ip(&[
+            "link", "add", &interface, "type", "veth", "peer", "name", &peer,
+        ]);
+        ip(&["link", "set", &interface, "netns", &ns.name]);
+        ip(&["link", "set", &peer, "netns", &self.ns.name]);
+        self.ns
+            .exec_ip(&["link", "set", &peer, "master", &self.bridge]);
+        self.ns.exec_ip(&["link", "set", &peer, "up"]);
+        ns.exec_ip(&["addr", "add", &format!("{address}/15"), "dev", &interface]);
+        ns.exec_ip(&["link", "set", &interface, "up"]);
+        interface
+    }
+
     pub fn new() -> Broker {
         let ns = Netns::new("jgb");
         let bridge = "br0".to_owned();
@@ -339,22 +357,11 @@ impl Fleet {
     }
 }
 
-fn add_host(broker: &Broker, pki: &Pki, index: usize) -> Host {
+/// Adds gated host `index` to the broker's bridge (agent configured by the caller).
+pub fn add_host(broker: &Broker, pki: &Pki, index: usize) -> Host {
     let ns = Netns::new("jgf");
-    let interface = unique_name("vf");
-    let peer = unique_name("vp");
-    ip(&[
-        "link", "add", &interface, "type", "veth", "peer", "name", &peer,
-    ]);
-    ip(&["link", "set", &interface, "netns", &ns.name]);
-    ip(&["link", "set", &peer, "netns", &broker.ns.name]);
-    broker
-        .ns
-        .exec_ip(&["link", "set", &peer, "master", &broker.bridge]);
-    broker.ns.exec_ip(&["link", "set", &peer, "up"]);
     let address = agent_address(index);
-    ns.exec_ip(&["addr", "add", &format!("{address}/15"), "dev", &interface]);
-    ns.exec_ip(&["link", "set", &interface, "up"]);
+    let interface = broker.join(&ns, address);
     let server_cert = pki.server(&format!("server-{index}"), address);
     Host {
         agent: None,

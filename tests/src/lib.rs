@@ -13,6 +13,7 @@ pub mod cases;
 pub mod checksum;
 pub mod cli;
 pub mod env;
+pub mod etcd;
 pub mod fake_clock;
 pub mod fleet;
 pub mod fragments;

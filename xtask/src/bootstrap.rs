@@ -48,6 +48,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "man-db",
     // setpriv: the unit tests call the agent as an unprivileged user.
     "util-linux",
+    // Fleet mode: the tests run a real etcd cluster and set it up with etcdctl.
+    "etcd-server",
+    "etcd-client",
 ];
 
 /// Python modules of the stock gRPC client the end-to-end tests drive the agent

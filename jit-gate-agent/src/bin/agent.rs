@@ -21,6 +21,7 @@ use jit_gate_agent::{
     config::{self, Config},
     enforce::{nft::NftGate, xdp::XdpGate},
     engine::{Command, Engine, EngineHandle},
+    fleet::{self, EtcdOptions},
     metrics::{self, Metrics},
     proto::{ReloadConfigurationRequest, jit_gate_client::JitGateClient},
     reload::Reloader,
@@ -162,9 +163,15 @@ fn main() -> ExitCode {
                 .map(TlsServer::load)
                 .transpose()
                 .map_err(|e| format!("{}: api.tls: {e}", args.config.display()))?;
-            Ok((config, tls))
+            let fleet = config
+                .fleet
+                .as_ref()
+                .map(EtcdOptions::load)
+                .transpose()
+                .map_err(|e| format!("{}: fleet.tls: {e}", args.config.display()))?;
+            Ok((config, tls, fleet))
         });
-    let (config, tls) = match loaded {
+    let (config, tls, fleet) = match loaded {
         Ok(loaded) => loaded,
         Err(e) => {
             let consequence = if matches!(action, Action::Reload) {
@@ -183,7 +190,7 @@ fn main() -> ExitCode {
         }
         Action::Remove => remove(&config),
         Action::Reload => reload(&config.api.unix_socket),
-        Action::Run => run(config, tls, &args.config, args.reinitialize),
+        Action::Run => run(config, tls, fleet, &args.config, args.reinitialize),
         Action::Tls(_) => unreachable!("handled above"),
     };
     match result {
@@ -276,6 +283,7 @@ fn remove(config: &Config) -> anyhow::Result<()> {
 fn run(
     config: Config,
     tls: Option<Arc<TlsServer>>,
+    fleet: Option<EtcdOptions>,
     config_path: &Path,
     reinitialize: bool,
 ) -> anyhow::Result<()> {
@@ -292,6 +300,7 @@ fn run(
         .context("nothing attached, nothing changed")?;
     let metrics_listeners =
         metrics::bind(&config.metrics).context("nothing attached, nothing changed")?;
+    let fleet = config.fleet.clone().zip(fleet);
     let metrics_config = config.metrics.clone();
     let reader = AuditReader::open(&config.database)?;
     let public_key = prepared.key.verifying_key();
@@ -349,6 +358,9 @@ fn run(
         } else {
             None
         };
+        if let Some((fleet, options)) = fleet {
+            fleet::spawn(fleet, options, handle.clone());
+        }
         tokio::spawn(watchdog(handle.clone()));
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
         tracing::info!("serving on {}", api.unix_socket.display());

@@ -76,6 +76,7 @@ impl Engine {
                 "audit.signing_key",
                 config.audit.signing_key == self.config.audit.signing_key,
             ),
+            ("fleet", config.fleet == self.config.fleet),
         ] {
             if !same {
                 return Err(Refusal::new(

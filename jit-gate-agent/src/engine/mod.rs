@@ -8,6 +8,7 @@
 mod approvals;
 mod configure;
 mod denials;
+mod fleet;
 mod lifecycle;
 mod observe;
 mod record;
@@ -41,6 +42,7 @@ use crate::{
 };
 use configure::initial_policy;
 use denials::{CounterSnapshot, Denials};
+pub use fleet::{FLEET_PRINCIPAL_PREFIX, FleetCommand, FleetReport};
 use observe::drop_counters;
 use restore::restore_grants;
 pub use run::EngineHandle;
@@ -130,6 +132,8 @@ pub enum Command {
         config: Box<Config>,
         reply: Reply<()>,
     },
+    /// Fleet mode's progress and grant ends.
+    Fleet(FleetCommand),
     /// The kernel announced a change to the namespace's interfaces.
     LinksChanged,
     /// Every handle is gone: stop.
@@ -169,6 +173,8 @@ pub struct Engine {
     /// Where the reconciliation's reader sends what it read (the engine's
     /// own command channel, once it runs).
     read_results: Option<std::sync::mpsc::Sender<Command>>,
+    /// The fleet link's last report (`None`: fleet mode off).
+    fleet_report: Option<FleetReport>,
 }
 
 /// Buckets of the reconciliation time: 1 ms to about 16 s.
@@ -288,6 +294,7 @@ impl Engine {
             reconcile_durations: reconcile_histogram(),
             reconciliation: None,
             read_results: None,
+            fleet_report: None,
         };
         engine.record_restored(&restored)?;
         let protected = engine.policy.protected();

@@ -337,6 +337,7 @@ impl Engine {
                 let _ = reply.send(self.reload(*config));
             }
             Command::KernelRead(read) => self.kernel_read(*read),
+            Command::Fleet(command) => self.fleet(command),
             Command::LinksChanged => {
                 self.log_failure("gating new interfaces", |e| {
                     let repairs = e.enforcement.scan_interfaces()?;

@@ -52,6 +52,8 @@ pub struct StatusReport {
     pub pending_approvals: u32,
     /// How long each reconciliation took, since the agent started.
     pub reconcile_durations: Histogram,
+    /// The fleet link (`None`: fleet mode off).
+    pub fleet: Option<super::FleetReport>,
 }
 
 impl Engine {
@@ -132,6 +134,7 @@ impl Engine {
             nftables_dropped,
             pending_approvals,
             reconcile_durations: self.reconcile_durations.clone(),
+            fleet: self.fleet_report.clone(),
         })
     }
 }

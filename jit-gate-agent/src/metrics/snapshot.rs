@@ -38,6 +38,11 @@ struct InterfaceLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LayerLabel {
     layer: &'static str,
 }
@@ -184,6 +189,32 @@ pub(super) fn registry(status: &StatusReport) -> Registry {
         "How long each reconciliation of the store with the kernel took, since the agent started",
         status.reconcile_durations.clone(),
     );
+    if let Some(fleet) = &status.fleet {
+        registry.register(
+            "jit_gate_fleet_connected",
+            "1 while the agent reaches etcd in fleet mode (enforcement goes on either way)",
+            gauge(i64::from(fleet.connected)),
+        );
+        registry.register(
+            "jit_gate_fleet_applied_revision",
+            "The etcd revision up to which every fleet grant event was applied and answered",
+            gauge(fleet.applied_revision),
+        );
+        let outcomes = Family::<OutcomeLabel, Counter>::default();
+        for (outcome, value) in [
+            ("applied", fleet.grants_applied),
+            ("refused", fleet.grants_refused),
+        ] {
+            outcomes
+                .get_or_create(&OutcomeLabel { outcome })
+                .inc_by(value);
+        }
+        registry.register(
+            "jit_gate_fleet_grants",
+            "Fleet grants this agent applied or refused since it started",
+            outcomes,
+        );
+    }
     if let Some(flows) = &status.flows {
         registry.register(
             "jit_gate_flows_tracked",

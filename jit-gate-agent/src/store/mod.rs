@@ -5,6 +5,7 @@
 //! the approval tables in `requests`.
 
 mod audit_log;
+mod fleet_progress;
 mod requests;
 
 use std::{
@@ -17,6 +18,7 @@ use ipnet::IpNet;
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 
 pub use audit_log::{AuditFilter, AuditReader};
+pub use fleet_progress::FleetCursor;
 
 use crate::{
     audit::AuditRecord,
@@ -55,9 +57,9 @@ pub enum StoreError {
 /// layout of README "Audit log" (payload digests); 3 adds the grants'
 /// boot-clock deadlines and 4 their limit on connections opened
 /// (`GRANT_COLUMNS_ADDED`), to which version-2 and -3 databases are brought
-/// up to date in place; 5 adds the approval tables (`requests`), created
-/// when missing.
-const SCHEMA_VERSION: i64 = 5;
+/// up to date in place; 5 adds the approval tables (`requests`), 6 adds
+/// `fleet_progress`, each created when missing.
+const SCHEMA_VERSION: i64 = 6;
 /// The oldest version brought up to date rather than refused.
 const UPGRADABLE_FROM: i64 = 2;
 
@@ -172,6 +174,8 @@ impl Store {
         add_grant_columns(&conn).map_err(open_err)?;
         conn.execute_batch(audit_log::SCHEMA).map_err(open_err)?;
         conn.execute_batch(requests::SCHEMA).map_err(open_err)?;
+        conn.execute_batch(fleet_progress::SCHEMA)
+            .map_err(open_err)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(open_err)?;
         // The database, its WAL and shared-memory files: the agent's alone,

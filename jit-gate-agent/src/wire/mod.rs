@@ -331,6 +331,19 @@ pub fn status_report(report: &StatusReport) -> proto::Status {
         nftables: Some(layer(report.nftables_active, &enforcement.nftables)),
         healthy: enforcement.healthy(),
         pending_approvals: report.pending_approvals,
+        fleet: report.fleet.as_ref().map(fleet_status),
+    }
+}
+
+fn fleet_status(report: &crate::engine::FleetReport) -> proto::FleetStatus {
+    proto::FleetStatus {
+        host: report.host.clone(),
+        connected: report.connected,
+        since: Some(timestamp(report.since)),
+        last_error: report.last_error.clone(),
+        applied_revision: report.applied_revision,
+        grants_applied: report.grants_applied,
+        grants_refused: report.grants_refused,
     }
 }
 
@@ -357,6 +370,9 @@ pub fn event_kind(kind: Kind) -> proto::EventKind {
         Kind::RequestDenied => proto::EventKind::RequestDenied,
         Kind::RequestExpired => proto::EventKind::RequestExpired,
         Kind::DecisionRefused => proto::EventKind::DecisionRefused,
+        Kind::FleetConnected => proto::EventKind::FleetConnected,
+        Kind::FleetDisconnected => proto::EventKind::FleetDisconnected,
+        Kind::FleetResynchronized => proto::EventKind::FleetResynchronized,
     }
 }
 

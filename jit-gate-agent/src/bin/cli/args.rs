@@ -69,6 +69,9 @@ pub(crate) enum Command {
     /// Verify, checkpoint or export the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Fleet mode: write grants into etcd for hosts and labels, revoke them,
+    /// and read each host's outcome (no agent is contacted).
+    Fleet(crate::fleet::FleetArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -300,18 +303,18 @@ fn parse_max_connections(s: &str) -> Result<u32, String> {
 }
 
 /// An address (taken as a host prefix) or a prefix without host bits.
-fn parse_prefix(s: &str) -> Result<IpNet, String> {
+pub(crate) fn parse_prefix(s: &str) -> Result<IpNet, String> {
     validate::address_or_prefix(s)
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
         .map_err(|e| format!("{s:?} is not a duration like \"90s\", \"30m\" or \"2h\": {e}"))
 }
 
 /// A wait for an answer: a duration above zero (0 would fail every call
 /// before it is sent).
-fn parse_timeout(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_timeout(s: &str) -> Result<Duration, String> {
     match parse_duration(s)? {
         d if d.is_zero() => Err(
             "a timeout of 0 would give up before any agent answers: give a duration like \"10s\""

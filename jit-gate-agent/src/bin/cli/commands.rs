@@ -147,6 +147,8 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             json,
         ),
         Command::Watch(args) => watch::run(&fleet, args, json).await,
+        // etcd, not the agents, is contacted.
+        Command::Fleet(args) => return crate::fleet::run(args, json).await,
     }
     .into())
 }
@@ -297,7 +299,7 @@ fn default_requester() -> String {
 }
 
 /// A random version-4 UUID in its usual text form.
-fn random_request_id() -> String {
+pub(crate) fn random_request_id() -> String {
     let bits: u128 = rand::random();
     // Version 4 (bits 76..80) and the RFC 4122 variant (bits 62..64).
     let bits = (bits & !(0xf << 76) & !(0b11 << 62)) | (0x4 << 76) | (0b10 << 62);

@@ -3,9 +3,10 @@
 //! RFC 3339, durations as humantime strings, enums by lowercase name.
 
 use jit_gate_agent::proto::{
-    AccessResponse, ApprovalState, Connection, EnforcementMode, Event, EventKind, FlowTable, Grant,
-    GrantState, InterfaceStatus, LayerHealth, ListConnectionsResponse, ListGrantsResponse, Policy,
-    PortRule, PortStatus, Protocol, Repair, RevokeGrantResponse, Status,
+    AccessResponse, ApprovalState, Connection, EnforcementMode, Event, EventKind, FleetStatus,
+    FlowTable, Grant, GrantState, InterfaceStatus, LayerHealth, ListConnectionsResponse,
+    ListGrantsResponse, Policy, PortRule, PortStatus, Protocol, Repair, RevokeGrantResponse,
+    Status,
 };
 use serde_json::{Value, json};
 
@@ -90,6 +91,19 @@ pub(crate) fn status(s: &Status) -> Value {
         "nftables": s.nftables.as_ref().map(layer),
         "flows": s.flows.as_ref().map(flow_table),
         "pending_approvals": s.pending_approvals,
+        "fleet": s.fleet.as_ref().map(fleet),
+    })
+}
+
+fn fleet(f: &FleetStatus) -> Value {
+    json!({
+        "host": f.host,
+        "connected": f.connected,
+        "since": timestamp(f.since.as_ref()),
+        "last_error": f.last_error,
+        "applied_revision": f.applied_revision,
+        "grants_applied": f.grants_applied,
+        "grants_refused": f.grants_refused,
     })
 }
 
@@ -378,8 +392,26 @@ mod tests {
                 refused_table_full: 0,
             }),
             pending_approvals: 3,
+            fleet: Some(FleetStatus {
+                host: "db-7".into(),
+                connected: false,
+                since: at(120),
+                last_error: "connecting to etcd: refused".into(),
+                applied_revision: 42,
+                grants_applied: 3,
+                grants_refused: 1,
+            }),
         };
         let v = status(&s);
+        assert_eq!(
+            v["fleet"],
+            json!({
+                "host": "db-7", "connected": false, "since": "1970-01-01T00:02:00Z",
+                "last_error": "connecting to etcd: refused", "applied_revision": 42,
+                "grants_applied": 3, "grants_refused": 1,
+            })
+        );
+
         assert_eq!(v["healthy"], false);
         assert_eq!(v["pending_approvals"], 3);
         assert_eq!(v["interfaces"][0]["problem"], "no XDP program runs on it");

@@ -18,6 +18,7 @@ mod audit;
 mod commands;
 mod connect;
 mod convert;
+mod fleet;
 mod output;
 mod tls;
 mod watch;

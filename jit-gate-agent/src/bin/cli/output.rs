@@ -239,6 +239,23 @@ fn connection_limit(g: &Grant) -> String {
 }
 
 /// A layer's state in one line: inactive, or its health.
+/// The fleet link in `status` (fleet mode only).
+fn fleet_line(f: &jit_gate_agent::proto::FleetStatus) -> String {
+    let link = if f.connected {
+        "connected".to_owned()
+    } else {
+        format!("ETCD UNREACHABLE ({})", printable(&f.last_error))
+    };
+    format!(
+        "fleet:            {link} as {}, since {}, revision {}, {} applied, {} refused\n",
+        printable(&f.host),
+        time(f.since.as_ref()),
+        f.applied_revision,
+        f.grants_applied,
+        f.grants_refused
+    )
+}
+
 fn layer(layer: Option<&jit_gate_agent::proto::LayerHealth>) -> String {
     match layer {
         Some(l) if l.active => health(&l.problem, l.last_repair.as_ref()),
@@ -318,7 +335,7 @@ impl Render for Status {
              active grants:    {}\n\
              pending requests: {}\n\
              policy revision:  {}\n\
-             audit chain:      {audit}\n",
+             audit chain:      {audit}\n{}",
             self.version,
             time(self.started_at.as_ref()),
             self.configured_mode,
@@ -327,7 +344,8 @@ impl Render for Status {
             layer(self.nftables.as_ref()),
             self.active_grants,
             self.pending_approvals,
-            self.policy_revision
+            self.policy_revision,
+            self.fleet.as_ref().map(fleet_line).unwrap_or_default()
         );
         let mut interfaces = table(&["INTERFACE", "KIND", "ENFORCEMENT", "REASON", "HEALTH"]);
         for i in &self.interfaces {
