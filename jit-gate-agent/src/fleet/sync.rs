@@ -257,21 +257,25 @@ impl Session<'_> {
         Ok(revision)
     }
 
-    /// A grant key was written: apply it, or end it if it says revoked.
-    async fn put(&mut self, client: &mut Client, kv: &KeyValue) -> anyhow::Result<()> {
+    /// The grant id a key under this host's grant prefix names, if it
+    /// names one.
+    fn grant_id(&self, kv: &KeyValue) -> Option<String> {
         let prefix = layout::host_grants_prefix(self.link.host());
-        let Some(id) = kv
-            .key_str()
+        kv.key_str()
             .ok()
             .and_then(|key| layout::id_below(&prefix, key))
-        else {
+            .map(str::to_owned)
+    }
+
+    /// A grant key was written: apply it, or end it if it says revoked.
+    async fn put(&mut self, client: &mut Client, kv: &KeyValue) -> anyhow::Result<()> {
+        let Some(id) = self.grant_id(kv) else {
             tracing::warn!(
                 "fleet: ignoring key {:?}: not a grant id",
                 String::from_utf8_lossy(kv.key())
             );
             return Ok(());
         };
-        let id = id.to_owned();
         let revision = kv.mod_revision();
         let grant = match FleetGrant::parse(kv.value()) {
             Ok(grant) if grant.id == id => grant,
@@ -338,15 +342,9 @@ impl Session<'_> {
     /// A grant key was deleted (its lease ran out, or a broker deleted
     /// it): its live grants end, connections kept.
     async fn deleted(&mut self, client: &mut Client, kv: &KeyValue) -> anyhow::Result<()> {
-        let prefix = layout::host_grants_prefix(self.link.host());
-        let Some(id) = kv
-            .key_str()
-            .ok()
-            .and_then(|key| layout::id_below(&prefix, key))
-        else {
+        let Some(id) = self.grant_id(kv) else {
             return Ok(());
         };
-        let id = id.to_owned();
         let live = self.link.live().await?;
         for (principal, request_id) in live {
             if request_id == id {
