@@ -19,6 +19,7 @@ pub mod fleet;
 pub mod fragments;
 pub mod frames;
 pub mod gated_host;
+pub mod interruption;
 pub mod measure;
 pub mod mutate;
 pub mod netns;

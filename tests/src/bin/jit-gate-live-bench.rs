@@ -40,6 +40,7 @@ use jit_gate_common::verdict::tcp_flags;
 use jit_gate_tests::{
     bar_chart::{Bar, Panel, write_svg},
     env::PinDir,
+    interruption::Interruption,
     netns::{CLIENT_V4, GATED_V4, Netns, Topology, nsenter},
     packet_sender::{PacketSender, Sent},
     packets::Packet,
@@ -587,6 +588,7 @@ struct Results {
 fn main() -> Result<()> {
     let args = Args::parse();
     ensure!(args.rounds > 0, "--rounds must be at least 1");
+    let interruption = Interruption::register()?;
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     let (sender_cpu, napi_cpu) = if cpus >= 2 {
         (Some(0), Some(1))
@@ -611,6 +613,7 @@ fn main() -> Result<()> {
     for (pins, &count) in pins.iter().zip(&grant_counts) {
         eprintln!("loading a gate with {} grants", format_count(count));
         gates.push(gate_with_grants(pins, count)?);
+        interruption.check()?;
     }
     establish_tracked_flow(&gates[0])?;
     let mut floor = EbpfLoader::new()
@@ -656,6 +659,7 @@ fn main() -> Result<()> {
             let sample = measure(&before, &after, sent, napi_after - napi_before);
             check_verdict(contender, &sample)?;
             samples[i].push(sample);
+            interruption.check()?;
         }
     }
     let rows: Vec<Row> = contenders

@@ -1,0 +1,34 @@
+//! SIGINT and SIGTERM for the benchmarks: a flag the run checks between
+//! steps, so that it returns an error and its namespaces, pins and programs
+//! are dropped (removed) on the way out instead of left behind.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+
+use anyhow::{Context as _, Result, ensure};
+use signal_hook::consts::{SIGINT, SIGTERM};
+
+pub struct Interruption(Arc<AtomicBool>);
+
+impl Interruption {
+    /// Handles SIGINT and SIGTERM from now on.
+    pub fn register() -> Result<Self> {
+        let flag = Arc::new(AtomicBool::new(false));
+        for signal in [SIGINT, SIGTERM] {
+            signal_hook::flag::register(signal, Arc::clone(&flag))
+                .context("handle SIGINT and SIGTERM")?;
+        }
+        Ok(Interruption(flag))
+    }
+
+    /// An error once a signal came.
+    pub fn check(&self) -> Result<()> {
+        ensure!(
+            !self.0.load(Ordering::Relaxed),
+            "interrupted; namespaces, pins and programs removed"
+        );
+        Ok(())
+    }
+}
