@@ -1,9 +1,17 @@
 //! Small network vocabulary shared by the control plane and the enforcers.
 
-use std::{fmt, str::FromStr};
+use std::{fmt, net::IpAddr, str::FromStr};
 
 use ipnet::IpNet;
-use jit_gate_common::ip_proto;
+use jit_gate_common::{ip_proto, verdict::Address};
+
+/// An address as the XDP maps carry it.
+pub fn map_address(ip: IpAddr) -> Address {
+    match ip {
+        IpAddr::V4(v4) => Address::v4(v4.octets()),
+        IpAddr::V6(v6) => Address::v6(v6.octets()),
+    }
+}
 
 /// A transport protocol the gate can protect.
 #[derive(

@@ -17,13 +17,9 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use jit_gate_common::{
-    family,
-    maps::FlowKey,
-    verdict::{Address, Transport},
-};
+use jit_gate_common::{family, maps::FlowKey, verdict::Transport};
 
-use crate::net::Protocol;
+use crate::net::{Protocol, map_address};
 
 /// A connection to the gated host: `remote` is the peer, `local` the host's
 /// own end (protected port). Both ends are of the same address family.
@@ -46,8 +42,8 @@ impl Connection {
             tcp_flags: 0,
         };
         FlowKey::of(
-            &key_address(self.remote.ip()),
-            &key_address(self.local.ip()),
+            &map_address(self.remote.ip()),
+            &map_address(self.local.ip()),
             &transport,
         )
     }
@@ -74,13 +70,6 @@ impl Connection {
 impl fmt::Display for Connection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} {} -> {}", self.protocol, self.remote, self.local)
-    }
-}
-
-fn key_address(ip: IpAddr) -> Address {
-    match ip {
-        IpAddr::V4(v4) => Address::v4(v4.octets()),
-        IpAddr::V6(v6) => Address::v6(v6.octets()),
     }
 }
 

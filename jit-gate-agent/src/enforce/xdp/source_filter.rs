@@ -18,15 +18,13 @@ use std::{
 };
 
 use aya::maps::{Map, MapData};
-use jit_gate_common::{
-    family,
-    maps::{
-        names,
-        source_filter::{self, Shape},
-    },
+use jit_gate_common::maps::{
+    names,
+    source_filter::{self, Shape},
 };
 
 use super::{Result, XdpError, XdpGate, map_err};
+use crate::net::map_address;
 
 /// Removals of exact entries that trigger a rebuild, at least.
 const REBUILD_AFTER_REMOVALS: usize = 4_096;
@@ -102,15 +100,8 @@ impl Drop for SourceFilter {
 }
 
 fn hash_of(addr: IpAddr) -> u32 {
-    let (bytes, fam) = match addr {
-        IpAddr::V4(v4) => {
-            let mut bytes = [0u8; 16];
-            bytes[..4].copy_from_slice(&v4.octets());
-            (bytes, family::V4)
-        }
-        IpAddr::V6(v6) => (v6.octets(), family::V6),
-    };
-    source_filter::hash(&bytes, fam)
+    let address = map_address(addr);
+    source_filter::hash(&address.bytes, address.family)
 }
 
 /// The bitmap of `shape` with the bits of `sources` set.
