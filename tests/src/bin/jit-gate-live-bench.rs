@@ -286,7 +286,9 @@ struct Receiver {
 }
 
 fn loaded(gates: &mut [Option<XdpGate>], i: usize) -> Result<&mut XdpGate> {
-    gates[i].as_mut().context("a gate no selected contender uses")
+    gates[i]
+        .as_mut()
+        .context("a gate no selected contender uses")
 }
 
 /// What a contender left to undo.
@@ -740,8 +742,16 @@ fn summarize(contender: &Contender, samples: &[Sample]) -> Row {
 /// The ratios of program cost per packet that issue 10 sets targets for,
 /// by contender key.
 const RATIOS: [(&str, &str, &str); 8] = [
-    ("jit-gate drop (1 grant) / xdp-filter", "drop-1", "xdp-filter"),
-    ("random-source flood / single-source drop", "flood", "drop-1"),
+    (
+        "jit-gate drop (1 grant) / xdp-filter",
+        "drop-1",
+        "xdp-filter",
+    ),
+    (
+        "random-source flood / single-source drop",
+        "flood",
+        "drop-1",
+    ),
     ("granted SYN pass / drop", "granted", "drop-1"),
     ("unprotected port / ceiling", "unprotected", "ceiling"),
     ("drop with 10,000 grants / 1 grant", "drop-10k", "drop-1"),
@@ -774,9 +784,15 @@ fn ratios(rows: &[Row], contenders: &[Contender]) -> Vec<Ratio> {
 /// The contenders `--only` names (all if it names none); an unknown key
 /// is an error.
 fn selected(all: Vec<Contender>, only: &[String]) -> Result<Vec<Contender>> {
-    if let Some(unknown) = only.iter().find(|k| !all.iter().any(|c| c.key == k.as_str())) {
+    if let Some(unknown) = only
+        .iter()
+        .find(|k| !all.iter().any(|c| c.key == k.as_str()))
+    {
         let keys: Vec<&str> = all.iter().map(|c| c.key).collect();
-        bail!("--only: no contender {unknown:?}; keys: {}", keys.join(", "));
+        bail!(
+            "--only: no contender {unknown:?}; keys: {}",
+            keys.join(", ")
+        );
     }
     Ok(all
         .into_iter()
