@@ -417,10 +417,7 @@ pub struct DenyEvent {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct DenyBudget {
-    /// On the kernel's coarse monotonic clock, cheaper than boot time and
-    /// fine for a window (a boot-time value from an older program only
-    /// ends the current window early).
-    pub window_start_coarse_ns: u64,
+    pub window_start_boot_ns: u64,
     pub sent: u64,
 }
 

@@ -5,19 +5,18 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xsub};
 
-use aya_ebpf::bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP};
+use aya_ebpf::{
+    bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP},
+    helpers::bpf_ktime_get_boot_ns,
+};
 use jit_gate_common::{
     maps::{DenyEvent, FlowKey, FlowValue, GrantOpens, GrantValue, protected},
-    verdict::{
-        Address, BootClock, FlowAction, PacketFacts, Reason, Rules, Transport, Upper, Verdict,
-    },
+    verdict::{Address, FlowAction, PacketFacts, Reason, Rules, Transport, Upper, Verdict},
 };
 
 use super::{
     CONFIG, DENY_BUDGET, DENY_EVENTS, FLOWS, GRANT_CLOSES, GRANT_OPENS, PORT_COUNTERS,
-    PROTECTED_PORTS, REASON_COUNTERS,
-    clock::{LazyBootClock, coarse_ns},
-    lookups::MapLookups,
+    PROTECTED_PORTS, REASON_COUNTERS, lookups::MapLookups,
 };
 
 /// `-EEXIST`: another CPU recorded the same flow first.
@@ -34,7 +33,7 @@ pub fn carry_out<R: Rules>(
     facts: &PacketFacts,
     verdict: &mut Verdict,
     lookups: &MapLookups,
-    clock: &LazyBootClock,
+    now: u64,
 ) -> u64 {
     match verdict.flow {
         FlowAction::None => 0,
@@ -51,7 +50,6 @@ pub fn carry_out<R: Rules>(
                 if flow.state & set_state != set_state {
                     flow.state |= set_state;
                 }
-                let now = clock.boot_ns();
                 if restart_handshake {
                     flow.opened_at_boot_ns = now;
                     flow.last_seen_boot_ns = now;
@@ -70,8 +68,7 @@ pub fn carry_out<R: Rules>(
             else {
                 return 0;
             };
-            let key = FlowKey::of(src, dst, transport);
-            match open_flow::<R>(&key, &grant, state, clock.boot_ns()) {
+            match open_flow::<R>(&FlowKey::of(src, dst, transport), &grant, state, now) {
                 Ok(()) => 0,
                 Err(reason) => {
                     verdict.reason = reason;
@@ -146,7 +143,7 @@ fn open_flow<R: Rules>(
 
 /// Counts the verdict and reports a denial.
 #[inline(always)]
-pub fn record(facts: &PacketFacts, verdict: &Verdict, refused_under: u64, clock: &LazyBootClock) {
+pub fn record(facts: &PacketFacts, verdict: &Verdict, refused_under: u64, now: u64) {
     count_reason(verdict.reason);
     let PacketFacts::Ip { src, upper, .. } = facts else {
         return;
@@ -171,7 +168,7 @@ pub fn record(facts: &PacketFacts, verdict: &Verdict, refused_under: u64, clock:
     }
     count_port(protocol, port, verdict.reason);
     if !verdict.passes() {
-        report_deny(src, protocol, port, verdict.reason, refused_under, clock);
+        report_deny(src, protocol, port, verdict.reason, refused_under, now);
     }
 }
 
@@ -208,25 +205,22 @@ fn count_port(protocol: u8, port: u16, reason: Reason) {
 
 /// Reports a denied packet through the ring buffer while this CPU's budget
 /// for the current window lasts. The counters carry the exact totals; the
-/// events are a sample of who was denied. The window runs on the coarse
-/// clock, so a flood past the budget reads no precise time.
+/// events are a sample of who was denied.
 #[inline(always)]
-fn report_deny(
-    src: &Address,
-    protocol: u8,
-    port: u16,
-    reason: Reason,
-    grant_id: u64,
-    clock: &LazyBootClock,
-) {
+fn report_deny(src: &Address, protocol: u8, port: u16, reason: Reason, grant_id: u64, now: u64) {
     let (Some(budget), Some(config)) = (DENY_BUDGET.get_ptr_mut(0), CONFIG.get(0)) else {
         return;
     };
+    let now = if now == 0 {
+        // SAFETY: a helper without arguments.
+        unsafe { bpf_ktime_get_boot_ns() }
+    } else {
+        now
+    };
     // SAFETY: this CPU's slot.
     let budget = unsafe { &mut *budget };
-    let now = coarse_ns();
-    if now.wrapping_sub(budget.window_start_coarse_ns) >= config.deny_window_ns {
-        budget.window_start_coarse_ns = now;
+    if now.wrapping_sub(budget.window_start_boot_ns) >= config.deny_window_ns {
+        budget.window_start_boot_ns = now;
         budget.sent = 0;
     }
     if budget.sent >= u64::from(config.deny_events_per_window) {
@@ -239,7 +233,7 @@ fn report_deny(
         protocol,
         dst_port: port,
         reason: reason as u32,
-        at_boot_ns: clock.boot_ns(),
+        at_boot_ns: now,
         grant_id,
     };
     // A full ring loses the sample, never the count. The agent polls, so
