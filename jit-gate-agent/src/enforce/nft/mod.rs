@@ -37,6 +37,7 @@ mod keys;
 mod netlink;
 mod ruleset;
 mod sets;
+mod shards;
 mod structure;
 
 use std::{
@@ -260,7 +261,7 @@ impl NftGate {
             return socket.done(Ok(()));
         };
         let mut allowed = Allowed::new(&table, targets.iter().map(|t| (*t, None)));
-        allowed.0.retain(|set, _| existing.contains(set));
+        allowed.0.retain(|(set, _), _| existing.contains(set));
         let mut batch = Batch::new();
         allowed.push(&table, &mut batch, ElementOp::Destroy);
         if batch.is_empty() {
@@ -332,27 +333,32 @@ impl NftGate {
         };
         let mut state = NftState::default();
         for name in names {
-            let elements = dump_elements(table, socket, &name)?;
             if name == PROTECTED_SET {
-                for element in elements {
+                for element in dump_elements(table, socket, &name)? {
                     let service = keys::parse_service_key(&element.key).ok_or_else(|| {
                         unexpected(format!("a key {:?} in set {name}", element.key))
                     })?;
                     state.protected.insert(service);
                 }
-            } else if let Some(set) = AllowSet::parse_name(&name) {
-                for element in elements {
-                    let target = set.parse_key(&element.key).ok_or_else(|| {
-                        unexpected(format!("a key {:?} in set {name}", element.key))
-                    })?;
+            } else if let Some((set, shard)) = AllowSet::parse_shard_name(&name) {
+                for element in dump_elements(table, socket, &name)? {
+                    let target = set
+                        .parse_key(&element.key)
+                        .filter(|_| shards::shard_of(&element.key) == shard)
+                        .ok_or_else(|| {
+                            unexpected(format!("a key {:?} in set {name}", element.key))
+                        })?;
                     let left = element.expires_in.ok_or_else(|| {
                         unexpected(format!("{target} without a timeout in set {name}"))
                     })?;
                     state.allowed.insert(target, left);
                 }
-            } else {
+            } else if AllowSet::parse_name(&name).is_none() {
                 return Err(unexpected(format!("a set named {name}")));
             }
+            // A group's dispatch map is constant once its rule binds it
+            // (the kernel refuses element changes): `check_structure`
+            // compares it with what `install` creates.
         }
         Ok(Some(state))
     }
@@ -423,9 +429,9 @@ fn push_protected(table: &GateTable, batch: &mut Batch, protected: &BTreeSet<(Pr
     );
 }
 
-/// Targets grouped by the allow set that holds them, each group an nftnl
+/// Targets grouped by the shard set that holds them, each group an nftnl
 /// set carrying its elements.
-struct Allowed(BTreeMap<AllowSet, Set>);
+struct Allowed(BTreeMap<(AllowSet, u32), Set>);
 
 impl Allowed {
     /// Groups targets, with optional timeouts in milliseconds; a target
@@ -444,9 +450,11 @@ impl Allowed {
         let mut sets = BTreeMap::new();
         for (target, timeout_ms) in unique {
             let allow = AllowSet::of(&target);
-            sets.entry(allow)
-                .or_insert_with(|| Set::named(table.name(), &c_name(&allow.name())))
-                .add_element(&AllowSet::key(&target), timeout_ms);
+            let key = AllowSet::key(&target);
+            let shard = shards::shard_of(&key);
+            sets.entry((allow, shard))
+                .or_insert_with(|| Set::named(table.name(), &c_name(&allow.shard_name(shard))))
+                .add_element(&key, timeout_ms);
         }
         Allowed(sets)
     }
@@ -462,8 +470,13 @@ impl Allowed {
         Ok(Allowed::new(table, entries))
     }
 
+    /// The allow groups the targets belong to.
     fn sets(&self) -> impl Iterator<Item = AllowSet> + '_ {
-        self.0.keys().copied()
+        self.0
+            .keys()
+            .map(|&(allow, _)| allow)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
     }
 
     fn push(&self, table: &GateTable, batch: &mut Batch, op: ElementOp) {
@@ -471,11 +484,11 @@ impl Allowed {
             ElementOp::Add => "add elements to",
             ElementOp::Destroy => "destroy elements of",
         };
-        for (allow, set) in &self.0 {
+        for (&(allow, shard), set) in &self.0 {
             set.push_elements(
                 batch,
                 op,
-                &table.what(&format!("{verb} set {}", allow.name())),
+                &table.what(&format!("{verb} set {}", allow.shard_name(shard))),
             );
         }
     }
