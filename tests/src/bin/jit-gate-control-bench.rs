@@ -289,7 +289,7 @@ async fn drift_repair(
             "element",
             "inet",
             "jit_gate",
-            "allow_v4_32",
+            &jit_gate_agent::enforce::nft::NftGate::set_holding(&target),
             &format!("{{ {source} . tcp . {SSH} }}"),
         ],
     );

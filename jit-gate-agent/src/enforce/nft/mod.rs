@@ -175,6 +175,13 @@ impl NftGate {
         &self.table
     }
 
+    /// The name of the set that holds `target` (its group's shard for the
+    /// target's key), as `nft` commands name it.
+    pub fn set_holding(target: &GrantTarget) -> String {
+        let allow = AllowSet::of(target);
+        allow.shard_name(shards::shard_of(&AllowSet::key(target)))
+    }
+
     fn open(&self) -> Result<(GateTable, Lease<'_>)> {
         let name = CString::new(self.table.as_str())
             .ok()
