@@ -281,7 +281,12 @@ mod tests {
         ] {
             assert_eq!(AllowSet::parse_name(name), None, "{name}");
         }
-        for name in ["allow_v4_24_64", "allow_v4_24_07", "allow_v4_24_", "allow_v4_33_1"] {
+        for name in [
+            "allow_v4_24_64",
+            "allow_v4_24_07",
+            "allow_v4_24_",
+            "allow_v4_33_1",
+        ] {
             assert_eq!(AllowSet::parse_shard_name(name), None, "{name}");
         }
         let set = AllowSet {

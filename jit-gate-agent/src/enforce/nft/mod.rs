@@ -349,12 +349,17 @@ impl NftGate {
                 }
             } else if let Some((set, shard)) = AllowSet::parse_shard_name(&name) {
                 for element in dump_elements(table, socket, &name)? {
-                    let target = set
-                        .parse_key(&element.key)
-                        .filter(|_| shards::shard_of(&element.key) == shard)
-                        .ok_or_else(|| {
-                            unexpected(format!("a key {:?} in set {name}", element.key))
-                        })?;
+                    let target = set.parse_key(&element.key).ok_or_else(|| {
+                        unexpected(format!("a key {:?} in set {name}", element.key))
+                    })?;
+                    // The dispatch rule never looks for this key in this
+                    // shard: no packet can match it, so it grants nothing.
+                    if shards::shard_of(&element.key) != shard {
+                        tracing::warn!(
+                            "{target} in set {name}, which its hash does not select: ignored"
+                        );
+                        continue;
+                    }
                     let left = element.expires_in.ok_or_else(|| {
                         unexpected(format!("{target} without a timeout in set {name}"))
                     })?;

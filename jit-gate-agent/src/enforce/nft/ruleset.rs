@@ -176,7 +176,10 @@ impl GateTable {
                 allow.key_len(),
                 libc::NFT_SET_TIMEOUT as u32,
             )
-            .push_definition(batch, self.what(&format!("add set {}", allow.shard_name(shard))));
+            .push_definition(
+                batch,
+                self.what(&format!("add set {}", allow.shard_name(shard))),
+            );
 
             let chain = Chain::new(&name, &self.table);
             batch.push(&Op(&chain, MsgType::Add), self.what("add chain"));
@@ -184,7 +187,11 @@ impl GateTable {
             push_key(&mut rule, allow);
             rule.add_expr(&Lookup::key(&name));
             rule.add_expr(&Verdict::Accept);
-            self.push_rule(batch, &rule, &format!("add rule to chain {}", allow.shard_name(shard)));
+            self.push_rule(
+                batch,
+                &rule,
+                &format!("add rule to chain {}", allow.shard_name(shard)),
+            );
         }
 
         let map_name = c_name(&allow.name());

@@ -83,7 +83,13 @@ impl Set {
 
     /// A constant verdict map to define: once a rule refers to it, the
     /// kernel refuses to add or remove its elements (EBUSY).
-    pub(super) fn verdict_map(table: &CStr, name: &CStr, id: u32, key_type: u32, key_len: u32) -> Self {
+    pub(super) fn verdict_map(
+        table: &CStr,
+        name: &CStr,
+        id: u32,
+        key_type: u32,
+        key_len: u32,
+    ) -> Self {
         let mut map = Set::with_key(
             table,
             name,
