@@ -264,24 +264,20 @@ fn dispatch_maps_are_constant_and_misplaced_elements_grant_nothing() {
     let right = NftGate::set_holding(&stray);
     let shard: u32 = right.rsplit('_').next().unwrap().parse().unwrap();
     let wrong = format!("allow_v4_32_{}", (shard + 1) % 64);
-    let out = nft(&format!(
-        "add element inet {table} {wrong} {{ 10.9.9.9 . tcp . 22 timeout 1h }}"
-    ));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let add_stray = |set: &str| {
+        let out = nft(&format!(
+            "add element inet {table} {set} {{ 10.9.9.9 . tcp . 22 timeout 1h }}"
+        ));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    add_stray(&wrong);
     assert_matches(&gate.read(), &sample_state());
     // In its own shard it is a grant.
-    let out = nft(&format!(
-        "add element inet {table} {right} {{ 10.9.9.9 . tcp . 22 timeout 1h }}"
-    ));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    add_stray(&right);
     assert!(gate.read().allowed.contains_key(&stray));
 }
 
