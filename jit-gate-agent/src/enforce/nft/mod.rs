@@ -9,17 +9,21 @@
 //!   `gate` for packets to these ports only; other traffic is never touched.
 //! - `gate` accepts `ct state established,related`, then tries `allow`, then
 //!   counts and drops.
-//! - Grants live in hash sets with `flags timeout`, one per (address family,
-//!   source prefix length) in use, named `allow_v4_<len>` / `allow_v6_<len>`,
-//!   keyed by `masked source . protocol . port`. Each element carries its own
-//!   timeout, so the kernel expires it even if the agent is dead. `allow`
-//!   has one rule per set, `ip saddr & <mask> . meta l4proto . th dport
-//!   @allow_v4_<len> accept`, added with the set when its prefix length is
-//!   first used. A source is allowed if any live element of any length
-//!   covers it, so prefixes may overlap freely (10.0.0.0/16, 10.0.0.0/24 and
-//!   10.0.0.5/32 on one port, each with its own timeout) — which interval
-//!   sets, rejecting overlapping elements, could not hold. A packet costs
-//!   one hash lookup per prefix length in use.
+//! - Grants live in hash sets with `flags timeout`, keyed by `masked source
+//!   . protocol . port`: one group per (address family, source prefix
+//!   length) in use, each of `shards::SHARDS` sets `allow_v4_<len>_<k>`,
+//!   the key's `jhash` choosing `k` (so reading a set back, quadratic in
+//!   its size in the kernel, stays cheap at a million grants). Each element
+//!   carries its own timeout, so the kernel expires it even if the agent is
+//!   dead. `allow` has one rule per group, hashing the packet's key and
+//!   jumping through the constant map `allow_v4_<len>` to chain
+//!   `allow_v4_<len>_<k>`, whose rule accepts what set `k` holds; all of it
+//!   is added when the prefix length is first used. A source is allowed if
+//!   any live element of any length covers it, so prefixes may overlap
+//!   freely (10.0.0.0/16, 10.0.0.0/24 and 10.0.0.5/32 on one port, each
+//!   with its own timeout) — which interval sets, rejecting overlapping
+//!   elements, could not hold. A packet costs one hash, one map lookup and
+//!   one set lookup per prefix length in use.
 //! - Every change is one netlink batch, i.e. one kernel transaction: it
 //!   applies whole or not at all, and the drop rule is never missing for a
 //!   protected port. `install` replaces the table within its batch.
