@@ -868,7 +868,7 @@ impl AgentHost {
             .gated
             .run(|| NftGate::new(DEFAULT_TABLE).read())
             .unwrap_or_else(|e| panic!("reading table inet {DEFAULT_TABLE}: {e}"))
-            .map(|state| state.allowed)
+            .map(|read| read.state.allowed)
     }
 
     /// Runs `nft <args>` in the gated namespace (changes behind the agent's back).

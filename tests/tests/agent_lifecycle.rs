@@ -391,6 +391,36 @@ async fn drift_in_nftables_and_xdp_is_repaired_within_the_reconcile_period() {
     assert_eq!(host.nft_allowed().map(|a| a.len()), Some(2));
     repaired("bogus nftables element", "nftables").await;
 
+    // Elements the agent never writes so: one without a timeout (it would
+    // let its source in for ever) and one in a shard its hash does not
+    // select. Reads leave both out; reconciliation removes them.
+    let holding = jit_gate_agent::enforce::nft::NftGate::set_holding(&planted);
+    let (group, shard) = holding.rsplit_once('_').expect("a shard set's name");
+    let shard: u32 = shard.parse().expect("a shard number");
+    let other_shard = format!("{group}_{}", (shard + 1) % 64);
+    for (what, set, element) in [
+        (
+            "element without a timeout",
+            &holding,
+            "{ 192.0.2.130 . tcp . 22 }",
+        ),
+        (
+            "element in another shard",
+            &other_shard,
+            "{ 192.0.2.2 . tcp . 22 timeout 60s }",
+        ),
+    ] {
+        let listed = || {
+            host.topo
+                .gated
+                .exec("nft", &["list", "set", "inet", "jit_gate", set])
+        };
+        host.nft(&["add", "element", "inet", "jit_gate", set, element]);
+        assert!(listed().contains("192.0.2."), "{what}: not planted");
+        repaired(what, "1 stray elements removed").await;
+        assert!(!listed().contains("192.0.2."), "{what}: still there");
+    }
+
     let bogus = jit_gate_agent::net::GrantTarget {
         source: IpAddr::V4(CLIENT_V4_OUTSIDE).into(),
         ..target

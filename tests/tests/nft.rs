@@ -18,7 +18,7 @@ use std::{
 
 use ipnet::IpNet;
 use jit_gate_agent::{
-    enforce::nft::{NftError, NftGate, NftState},
+    enforce::nft::{NftError, NftGate, NftRead, NftState},
     net::{GrantTarget, Protocol},
 };
 use jit_gate_tests::{
@@ -72,7 +72,14 @@ impl<'a> NsGate<'a> {
             .unwrap_or_else(|e| panic!("remove_allowed: {e}"));
     }
 
+    /// What the table enforces, read back; it holds no stray element.
     fn read(&self) -> NftState {
+        let read = self.read_all();
+        assert_eq!(read.strays, [], "stray elements");
+        read.state
+    }
+
+    fn read_all(&self) -> NftRead {
         self.run(NftGate::read)
             .unwrap_or_else(|e| panic!("read: {e}"))
             .expect("the table exists")
@@ -275,7 +282,16 @@ fn dispatch_maps_are_constant_and_misplaced_elements_grant_nothing() {
         );
     };
     add_stray(&wrong);
-    assert_matches(&gate.read(), &sample_state());
+    let read = gate.read_all();
+    assert_matches(&read.state, &sample_state());
+    let [misplaced] = read.strays.as_slice() else {
+        panic!("one stray element expected: {:?}", read.strays);
+    };
+    assert_eq!(misplaced.target, Some(stray));
+    assert_eq!(misplaced.to_string(), format!("{stray} in set {wrong}"));
+    gate.run(|g| g.remove_strays(&read.strays))
+        .expect("remove the stray");
+    assert!(!gate.listing().contains("10.9.9.9"), "{}", gate.listing());
     // In its own shard it is a grant.
     add_stray(&right);
     assert!(gate.read().allowed.contains_key(&stray));

@@ -13,7 +13,7 @@ use std::{
 };
 
 use super::{
-    nft::NftGate,
+    nft::{NftGate, StrayElement},
     reconcile::{NFT_EARLIER_TOLERANCE, NFT_LATER_TOLERANCE, write_xdp_entry},
     xdp::{GrantEntry, GrantReader, XdpGate},
 };
@@ -43,6 +43,7 @@ pub struct KernelSnapshot {
 struct NftElements {
     protected: BTreeSet<(Protocol, u16)>,
     allowed: Vec<(GrantTarget, Duration)>,
+    strays: Vec<StrayElement>,
     from: Deadline,
     until: Deadline,
 }
@@ -85,13 +86,14 @@ impl KernelReader {
 
 fn read_nft(nft: &NftGate) -> anyhow::Result<NftElements> {
     let from = Deadline::now();
-    let state = nft
+    let read = nft
         .read_merged()?
         .ok_or_else(|| anyhow::anyhow!("table {} vanished while read", nft.table()))?;
     Ok(NftElements {
-        protected: state.protected,
+        protected: read.state.protected,
         // A B-tree map yields its entries in order.
-        allowed: state.allowed.into_iter().collect(),
+        allowed: read.state.allowed.into_iter().collect(),
+        strays: read.strays,
         from,
         until: Deadline::now(),
     })
@@ -120,6 +122,8 @@ pub struct Pass {
     xdp_removed: usize,
     nft_written: usize,
     nft_removed: usize,
+    /// Stray elements removed, the first of them described.
+    nft_strays: Option<(usize, String)>,
 }
 
 impl Pass {
@@ -140,6 +144,7 @@ impl Pass {
             xdp_removed: 0,
             nft_written: 0,
             nft_removed: 0,
+            nft_strays: None,
         }
     }
 
@@ -250,6 +255,20 @@ impl Pass {
             return Ok(true);
         };
         let now = Deadline::now();
+        if self.walk == Walk::NftGranted && self.after_target.is_none() {
+            // Before the missing elements are added: a stray may share
+            // its key with one of them (an element without a timeout).
+            let strays: Vec<StrayElement> = elements
+                .strays
+                .iter()
+                .filter(|s| s.target.is_none_or(|t| !touched.contains(&t)))
+                .cloned()
+                .collect();
+            nft.remove_strays(&strays)?;
+            if let Some(first) = strays.first() {
+                self.nft_strays = Some((strays.len(), first.to_string()));
+            }
+        }
         if self.walk == Walk::NftGranted {
             let mut stale = Vec::new();
             let last = loop {
@@ -302,12 +321,21 @@ impl Pass {
                 self.xdp_written, self.xdp_removed
             )
         });
-        let nft = (self.nft_written + self.nft_removed > 0).then(|| {
+        let elements = (self.nft_written + self.nft_removed > 0).then(|| {
             format!(
-                "nftables: {} elements missing or wrong, {} without a grant",
+                "{} elements missing or wrong, {} without a grant",
                 self.nft_written, self.nft_removed
             )
         });
+        let strays = self
+            .nft_strays
+            .as_ref()
+            .map(|(count, first)| format!("{count} stray elements removed (first: {first})"));
+        let nft = match (elements, strays) {
+            (None, None) => None,
+            (Some(one), None) | (None, Some(one)) => Some(format!("nftables: {one}")),
+            (Some(elements), Some(strays)) => Some(format!("nftables: {elements}; {strays}")),
+        };
         (xdp, nft)
     }
 

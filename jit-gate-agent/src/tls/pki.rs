@@ -85,7 +85,9 @@ impl Leaf {
 
 fn random_serial() -> SerialNumber {
     let mut bytes: [u8; 16] = rand::random();
-    bytes[0] &= 0x7f; // positive, as DER integers go
+    // Positive, as DER integers go, and without a leading zero byte, which
+    // DER would drop: the serial kept is the one the certificate carries.
+    bytes[0] = (bytes[0] & 0x7f).max(1);
     SerialNumber::from_slice(&bytes)
 }
 

@@ -70,6 +70,35 @@ pub struct NftState {
     pub allowed: BTreeMap<GrantTarget, Duration>,
 }
 
+/// The table as read back: what it enforces, and the allow-set elements
+/// the agent never writes where they lie.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NftRead {
+    pub state: NftState,
+    pub strays: Vec<StrayElement>,
+}
+
+/// An allow-set element of a shape the agent never writes (a key it does
+/// not parse, a shard its hash does not select, no timeout): someone
+/// else's. Reads leave it out of the state, so one such element cannot
+/// blind reconciliation, which removes it instead.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct StrayElement {
+    set: String,
+    key: Vec<u8>,
+    /// The grant target the key spells, if it spells one.
+    pub target: Option<GrantTarget>,
+}
+
+impl fmt::Display for StrayElement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.target {
+            Some(target) => write!(f, "{target} in set {}", self.set),
+            None => write!(f, "key {:02x?} in set {}", self.key, self.set),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
     #[error("invalid nftables table name {0:?}: 1 to 255 bytes, no NUL")]
@@ -282,6 +311,26 @@ impl NftGate {
         socket.done(result)
     }
 
+    /// Removes elements reads found stray (absent ones are ignored).
+    pub fn remove_strays(&self, strays: &[StrayElement]) -> Result<()> {
+        if strays.is_empty() {
+            return Ok(());
+        }
+        let (table, mut socket) = self.open()?;
+        let mut batch = Batch::new();
+        for stray in strays {
+            let mut set = Set::named(table.name(), &c_name(&stray.set));
+            set.add_element(&stray.key, None);
+            set.push_elements(
+                &mut batch,
+                ElementOp::Destroy,
+                &table.what(&format!("destroy stray {stray}")),
+            );
+        }
+        let result = socket.commit(batch);
+        socket.done(result)
+    }
+
     /// Reads the table back (netlink dump): protected set and live elements
     /// with remaining timeouts; `Ok(None)` if the table does not exist.
     ///
@@ -289,7 +338,7 @@ impl NftGate {
     /// many elements came or went) can miss elements without flagging the
     /// dump as interrupted, so the state is taken from two consecutive
     /// dumps that agree on what the table holds.
-    pub fn read(&self) -> Result<Option<NftState>> {
+    pub fn read(&self) -> Result<Option<NftRead>> {
         let mut previous = self.read_dump()?;
         for _ in 0..READ_ATTEMPTS {
             let next = self.read_dump()?;
@@ -305,14 +354,17 @@ impl NftGate {
     /// every element either saw (a dump overlapping a hash resize can miss
     /// some, see `read`; the caller skips what it wrote meanwhile), with
     /// the time left the later dump saw; the protected set of the later.
-    pub fn read_merged(&self) -> Result<Option<NftState>> {
+    pub fn read_merged(&self) -> Result<Option<NftRead>> {
         let first = self.read_dump()?;
         let second = self.read_dump()?;
         Ok(match (first, second) {
             (Some(first), Some(mut second)) => {
-                for (target, left) in first.allowed {
-                    second.allowed.entry(target).or_insert(left);
+                for (target, left) in first.state.allowed {
+                    second.state.allowed.entry(target).or_insert(left);
                 }
+                second.strays.extend(first.strays);
+                second.strays.sort_unstable();
+                second.strays.dedup();
                 Some(second)
             }
             (_, second) => second,
@@ -321,7 +373,7 @@ impl NftGate {
 
     /// One dump of the table, started again if the kernel flags it as
     /// interrupted by a change.
-    fn read_dump(&self) -> Result<Option<NftState>> {
+    fn read_dump(&self) -> Result<Option<NftRead>> {
         let mut attempts = 1;
         loop {
             // An interrupted dump leaves answers queued: the lease closes
@@ -334,7 +386,7 @@ impl NftGate {
         }
     }
 
-    fn read_once(&self, table: &GateTable, socket: &mut Socket) -> Result<Option<NftState>> {
+    fn read_once(&self, table: &GateTable, socket: &mut Socket) -> Result<Option<NftRead>> {
         let Some(names) = set_names(table, socket)? else {
             return Ok(None);
         };
@@ -342,32 +394,33 @@ impl NftGate {
             table: self.table.clone(),
             what,
         };
-        let mut state = NftState::default();
+        let mut read = NftRead::default();
         for name in names {
             if name == PROTECTED_SET {
                 for element in dump_elements(table, socket, &name)? {
                     let service = keys::parse_service_key(&element.key).ok_or_else(|| {
                         unexpected(format!("a key {:?} in set {name}", element.key))
                     })?;
-                    state.protected.insert(service);
+                    read.state.protected.insert(service);
                 }
             } else if let Some((set, shard)) = AllowSet::parse_shard_name(&name) {
                 for element in dump_elements(table, socket, &name)? {
-                    let target = set.parse_key(&element.key).ok_or_else(|| {
-                        unexpected(format!("a key {:?} in set {name}", element.key))
-                    })?;
-                    // The dispatch rule never looks for this key in this
-                    // shard: no packet can match it, so it grants nothing.
-                    if shards::shard_of(&element.key) != shard {
-                        tracing::warn!(
-                            "{target} in set {name}, which its hash does not select: ignored"
-                        );
-                        continue;
+                    let target = set.parse_key(&element.key);
+                    // A key in a shard its hash does not select is never
+                    // looked up there: it grants nothing, but is not ours.
+                    let ours = target
+                        .zip(element.expires_in)
+                        .filter(|_| shards::shard_of(&element.key) == shard);
+                    match ours {
+                        Some((target, left)) => {
+                            read.state.allowed.insert(target, left);
+                        }
+                        None => read.strays.push(StrayElement {
+                            set: name.clone(),
+                            key: element.key,
+                            target,
+                        }),
                     }
-                    let left = element.expires_in.ok_or_else(|| {
-                        unexpected(format!("{target} without a timeout in set {name}"))
-                    })?;
-                    state.allowed.insert(target, left);
                 }
             } else if AllowSet::parse_name(&name).is_none() {
                 return Err(unexpected(format!("a set named {name}")));
@@ -376,7 +429,8 @@ impl NftGate {
             // (the kernel refuses element changes): `check_structure`
             // compares it with what `install` creates.
         }
-        Ok(Some(state))
+        read.strays.sort_unstable();
+        Ok(Some(read))
     }
 
     /// What differs between the table's structure in the kernel (table
@@ -424,9 +478,13 @@ impl NftGate {
 
 /// Whether two reads saw the same protected set and the same elements
 /// (timeouts count down between them, so they are not compared).
-fn same_contents(a: Option<&NftState>, b: Option<&NftState>) -> bool {
+fn same_contents(a: Option<&NftRead>, b: Option<&NftRead>) -> bool {
     match (a, b) {
-        (Some(a), Some(b)) => a.protected == b.protected && a.allowed.keys().eq(b.allowed.keys()),
+        (Some(a), Some(b)) => {
+            a.state.protected == b.state.protected
+                && a.state.allowed.keys().eq(b.state.allowed.keys())
+                && a.strays == b.strays
+        }
         (None, None) => true,
         _ => false,
     }

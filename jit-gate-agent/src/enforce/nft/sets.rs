@@ -221,12 +221,15 @@ impl Set {
 
     fn each_element(&self, mut f: impl FnMut(*mut sys::nftnl_set_elem)) {
         let iter = ElementsIter::new(self);
-        // SAFETY: a live iterator over this set, which is not changed meanwhile.
-        let mut elem = unsafe { sys::nftnl_set_elems_iter_cur(iter.0.as_ptr()) };
-        while !elem.is_null() {
+        // `next` yields the current element, then moves on (NULL after the
+        // last): starting from `cur` would yield the first one twice.
+        loop {
+            // SAFETY: a live iterator over this set, which is not changed meanwhile.
+            let elem = unsafe { sys::nftnl_set_elems_iter_next(iter.0.as_ptr()) };
+            if elem.is_null() {
+                break;
+            }
             f(elem);
-            // SAFETY: as above.
-            elem = unsafe { sys::nftnl_set_elems_iter_next(iter.0.as_ptr()) };
         }
     }
 
