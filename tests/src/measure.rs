@@ -43,7 +43,7 @@ pub fn connect_time(src: IpAddr, dst: SocketAddr) -> Result<Duration> {
     Ok(took)
 }
 
-/// A process's resident memory now and at its peak (VmRSS, VmHWM), MiB.
+/// A process's resident memory now and at its peak (`VmRSS`, `VmHWM`), MiB.
 pub fn rss_mib(pid: i32) -> Result<(f64, f64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let field = |name: &str| -> Result<f64> {
