@@ -273,6 +273,10 @@ pub trait Rules {
     const EXTENSION_HEADERS: usize = MAX_IP_EXTENSION_HEADERS;
     /// Whether the parser walks authentication headers over IPv4.
     const WALK_IPV4_AH: bool = true;
+    /// Whether the program's fast path for unprotected ports leaves IPv4
+    /// headers with options to the full parse (it reads the port where a
+    /// header without options puts it).
+    const FAST_PATH_CHECKS_IHL: bool = true;
 
     /// A grant is live strictly before its expiry.
     #[inline(always)]

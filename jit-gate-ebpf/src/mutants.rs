@@ -28,6 +28,13 @@ impl Rules for Ipv4AhNotWalked {
     const WALK_IPV4_AH: bool = false;
 }
 
+/// The fast path takes the port of an IPv4 header with options from where
+/// a header without options puts it.
+struct FastPathIgnoresIhl;
+impl Rules for FastPathIgnoresIhl {
+    const FAST_PATH_CHECKS_IHL: bool = false;
+}
+
 /// Walks four extension headers instead of eight.
 struct ShortHeaderWalk;
 impl Rules for ShortHeaderWalk {
@@ -108,6 +115,7 @@ macro_rules! mutants {
 mutants! {
     mutant_vlan_bound_four: VlanBoundFour,
     mutant_ipv4_ah_not_walked: Ipv4AhNotWalked,
+    mutant_fast_path_ignores_ihl: FastPathIgnoresIhl,
     mutant_short_header_walk: ShortHeaderWalk,
     mutant_grants_outlive_expiry: GrantsOutliveExpiry,
     mutant_syn_passes_as_flow: SynPassesAsFlow,

@@ -81,6 +81,11 @@ impl Table {
     fn ssh(&self, src: IpAddr, flags: u8) -> Packet {
         tcp(src, 22, flags).src_port(self.ports.next())
     }
+
+    /// A SYN from `src` to 80/tcp (not protected) on a fresh tuple.
+    fn web(&self, src: IpAddr) -> Packet {
+        tcp(src, 80, SYN).src_port(self.ports.next())
+    }
 }
 
 fn family(src: IpAddr) -> &'static str {
@@ -108,6 +113,7 @@ pub fn cases() -> Vec<Case> {
     let s = sources();
     layer_two(&mut t, &s);
     layer_three(&mut t, &s);
+    fast_path_edges(&mut t, &s);
     upper_layer(&mut t, &s);
     new_connections(&mut t, &s);
     packets_of_connections(&mut t, &s);
@@ -297,6 +303,87 @@ fn layer_three(t: &mut Table, s: &Sources) {
             DROP_TRUNCATED,
         )],
     );
+}
+
+/// Decisions 2 to 4 where the program's fast path for unprotected ports
+/// (untagged, no IPv4 options, no IPv6 extension headers, first fragment
+/// or whole, port readable and not 0) ends: frames just inside it pass,
+/// frames just outside it get the full parse's verdict.
+fn fast_path_edges(t: &mut Table, s: &Sources) {
+    let (v4, v6) = (s.stranger[0], s.stranger[1]);
+    t.case(
+        "2: IPv4 with 4 bytes of options (read as port 257 where a header without options has its port), SYN to 22/tcp from a stranger",
+        vec![(t.ssh(v4, SYN).ipv4_options(1).build().bytes, DROP_NO_GRANT)],
+    );
+    t.case(
+        "2: IPv4 with 4 bytes of options, SYN to 80/tcp",
+        vec![(t.web(v4).ipv4_options(1).build().bytes, PASS_NOT_PROTECTED)],
+    );
+    t.case(
+        "2: IPv4 first fragment to 80/tcp, then a later fragment of it",
+        vec![
+            (
+                t.web(v4).fragment(0, true).build().bytes,
+                PASS_NOT_PROTECTED,
+            ),
+            (
+                t.web(v4).fragment(3, false).build().bytes,
+                PASS_NON_FIRST_FRAGMENT,
+            ),
+        ],
+    );
+    t.case(
+        "2: IPv4 first fragment holding the whole header, SYN to 22/tcp from a stranger",
+        vec![(
+            t.ssh(v4, SYN).fragment(0, true).build().bytes,
+            DROP_NO_GRANT,
+        )],
+    );
+    for src in [v4, v6] {
+        let f = family(src);
+        let tag = [(EtherType::VLAN_TAGGED_FRAME, 5)];
+        t.case(
+            format!("2: one 802.1Q tag, {f} SYN to 80/tcp, then to 22/tcp from a stranger"),
+            vec![
+                (t.web(src).vlan_ids(&tag).build().bytes, PASS_NOT_PROTECTED),
+                (t.ssh(src, SYN).vlan_ids(&tag).build().bytes, DROP_NO_GRANT),
+            ],
+        );
+    }
+    let hop = Extension::Options {
+        kind: IpNumber::IPV6_HEADER_HOP_BY_HOP,
+        extra_units: 0,
+    };
+    t.case(
+        "2: IPv6 hop-by-hop header, then SYN to 80/tcp, then to 22/tcp from a stranger",
+        vec![
+            (
+                t.web(v6).extensions(&[hop]).build().bytes,
+                PASS_NOT_PROTECTED,
+            ),
+            (
+                t.ssh(v6, SYN).extensions(&[hop]).build().bytes,
+                DROP_NO_GRANT,
+            ),
+        ],
+    );
+    for src in [v4, v6] {
+        let f = family(src);
+        t.case(
+            format!("3: {f} TCP header cut after its 4 bytes of ports, to 80/tcp"),
+            vec![(
+                t.web(src).cut_ip_payload(4).build().bytes,
+                PASS_NOT_PROTECTED,
+            )],
+        );
+        t.case(
+            format!("3: {f} IP length ending inside the destination port, to 80/tcp"),
+            vec![(
+                t.web(src).cut_ip_payload(3).padding(8).build().bytes,
+                DROP_TRUNCATED,
+            )],
+        );
+    }
 }
 
 /// Decisions 3 and 4: the upper layer, and which ports are protected.

@@ -10,6 +10,7 @@ use std::sync::{
 use anyhow::{Context as _, Result, ensure};
 use signal_hook::consts::{SIGINT, SIGTERM};
 
+#[derive(Clone)]
 pub struct Interruption(Arc<AtomicBool>);
 
 impl Interruption {
@@ -21,6 +22,17 @@ impl Interruption {
                 .context("handle SIGINT and SIGTERM")?;
         }
         Ok(Interruption(flag))
+    }
+
+    /// Waits until a signal comes, then gives the error `check` gives: for
+    /// racing async work that has no step boundary to check at.
+    pub async fn signalled(&self) -> anyhow::Error {
+        loop {
+            if let Err(e) = self.check() {
+                return e;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
     }
 
     /// An error once a signal came.

@@ -376,12 +376,16 @@ async fn drift_in_nftables_and_xdp_is_repaired_within_the_reconcile_period() {
     assert!(!host.pinned_grants().read().contains_key(&target));
     repaired("XDP entry deleted", "XDP").await;
 
+    let planted = jit_gate_agent::net::GrantTarget {
+        source: "192.0.2.130/32".parse().expect("a prefix"),
+        ..target
+    };
     host.nft(&[
         "add",
         "element",
         "inet",
         "jit_gate",
-        "allow_v4_32",
+        &jit_gate_agent::enforce::nft::NftGate::set_holding(&planted),
         "{ 192.0.2.130 . tcp . 22 timeout 60s }",
     ]);
     assert_eq!(host.nft_allowed().map(|a| a.len()), Some(2));

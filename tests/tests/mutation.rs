@@ -14,11 +14,15 @@ static MUTANTS_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("JIT_GATE_EBPF_OBJECTS"), "/jit-gate-mutants"));
 
 /// Every program of the mutants object, with the rule it breaks.
-const MUTANTS: [(&str, &str); 10] = [
+const MUTANTS: [(&str, &str); 11] = [
     ("mutant_vlan_bound_four", "VLAN tags followed: four"),
     (
         "mutant_ipv4_ah_not_walked",
         "IPv4 authentication headers not walked",
+    ),
+    (
+        "mutant_fast_path_ignores_ihl",
+        "the fast path reads the port past IPv4 options",
     ),
     ("mutant_short_header_walk", "extension headers walked: four"),
     (

@@ -215,15 +215,70 @@ fn nft_lists_the_documented_ruleset() {
         "ct state established,related accept",
         "jump allow",
         "counter packets 0 bytes 0 drop",
-        "ip saddr & 255.255.0.0 . meta l4proto . th dport @allow_v4_16 accept",
-        "ip saddr . meta l4proto . th dport @allow_v4_32 accept",
-        "ip6 saddr & ffff:ffff:ffff:ffff:: . meta l4proto . th dport @allow_v6_64 accept",
+        "jhash ip saddr & 255.255.0.0 . meta l4proto . th dport mod 64 seed 0x6a697467 vmap @allow_v4_16\n",
+        "chain allow_v4_16_63 {",
+        "ip saddr & 255.255.0.0 . meta l4proto . th dport @allow_v4_16_63 accept",
+        "ip saddr . meta l4proto . th dport @allow_v4_32_0 accept",
+        "ip6 saddr & ffff:ffff:ffff:ffff:: . meta l4proto . th dport @allow_v6_64_17 accept",
+        "map allow_v4_16 {",
+        "flags constant",
+        "jump allow_v4_16_63",
         "type ipv4_addr . inet_proto . inet_service",
         "type inet_proto . inet_service",
         "10.0.0.0 . tcp . 22 timeout 1h",
     ] {
         assert!(listing.contains(line), "missing {line:?} in:\n{listing}");
     }
+}
+
+#[test]
+fn dispatch_maps_are_constant_and_misplaced_elements_grant_nothing() {
+    let ns = Netns::new("jgn");
+    let gate = NsGate::new(&ns);
+    gate.install(&sample_state());
+    let nft = |command: &str| {
+        Command::new("ip")
+            .args(["netns", "exec", &ns.name, "nft", command])
+            .output()
+            .expect("run nft")
+    };
+    let table = gate.gate.table().to_owned();
+    for change in [
+        format!("add element inet {table} allow_v4_32 {{ 0x40 : jump allow_v4_32_0 }}"),
+        format!("delete element inet {table} allow_v4_32 {{ 0x0 }}"),
+    ] {
+        let out = nft(&change);
+        assert!(
+            !out.status.success(),
+            "the kernel took `{change}` on a bound constant map"
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("busy"),
+            "{change}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // An element in a shard its hash does not select: no packet reaches
+    // it there, so the read must not count it as a grant.
+    let stray = target("10.9.9.9/32", Protocol::Tcp, SSH);
+    let right = NftGate::set_holding(&stray);
+    let shard: u32 = right.rsplit('_').next().unwrap().parse().unwrap();
+    let wrong = format!("allow_v4_32_{}", (shard + 1) % 64);
+    let add_stray = |set: &str| {
+        let out = nft(&format!(
+            "add element inet {table} {set} {{ 10.9.9.9 . tcp . 22 timeout 1h }}"
+        ));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    add_stray(&wrong);
+    assert_matches(&gate.read(), &sample_state());
+    // In its own shard it is a grant.
+    add_stray(&right);
+    assert!(gate.read().allowed.contains_key(&stray));
 }
 
 #[test]

@@ -126,7 +126,7 @@ async fn writes_during_a_reconciliation_are_not_drift_and_drift_is_still_repaire
         "element",
         "inet",
         "jit_gate",
-        "allow_v4_32",
+        &jit_gate_agent::enforce::nft::NftGate::set_holding(&target),
         &format!("{{ {} . tcp . {SSH} }}", source(7)),
     ]);
     let (mut xdp, mut nft) = (false, false);

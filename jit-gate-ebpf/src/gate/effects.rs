@@ -144,10 +144,7 @@ fn open_flow<R: Rules>(
 /// Counts the verdict and reports a denial.
 #[inline(always)]
 pub fn record(facts: &PacketFacts, verdict: &Verdict, refused_under: u64, now: u64) {
-    if let Some(count) = REASON_COUNTERS.get_ptr_mut(verdict.reason as u32) {
-        // SAFETY: this CPU's slot; XDP runs without preemption.
-        unsafe { *count += 1 };
-    }
+    count_reason(verdict.reason);
     let PacketFacts::Ip { src, upper, .. } = facts else {
         return;
     };
@@ -172,6 +169,15 @@ pub fn record(facts: &PacketFacts, verdict: &Verdict, refused_under: u64, now: u
     count_port(protocol, port, verdict.reason);
     if !verdict.passes() {
         report_deny(src, protocol, port, verdict.reason, refused_under, now);
+    }
+}
+
+/// Counts one verdict of `reason` on this CPU.
+#[inline(always)]
+pub fn count_reason(reason: Reason) {
+    if let Some(count) = REASON_COUNTERS.get_ptr_mut(reason as u32) {
+        // SAFETY: this CPU's slot; XDP runs without preemption.
+        unsafe { *count += 1 };
     }
 }
 

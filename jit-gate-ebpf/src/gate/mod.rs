@@ -1,9 +1,11 @@
 //! The gate program's body, generic over its rules: the maps, one run over
-//! a frame (parse, decide, carry out), and the side effects of a verdict
-//! (flow records, counters, deny events). `main.rs` instantiates it with the
-//! shipped rules; `mutants.rs` with deliberately broken ones.
+//! a frame (the fast path for unprotected ports, else parse, decide, carry
+//! out), and the side effects of a verdict (flow records, counters, deny
+//! events). `main.rs` instantiates it with the shipped rules; `mutants.rs`
+//! with deliberately broken ones.
 
 mod effects;
+mod fast;
 mod lookups;
 mod parse;
 
@@ -68,8 +70,12 @@ static LAYOUT: Array<u32> = Array::pinned(1, 0);
 /// The verdict on one frame, as an XDP action.
 #[inline(always)]
 pub fn run<R: Rules>(ctx: &XdpContext) -> u32 {
-    let facts = parse::parse::<R>(ctx);
     let lookups = lookups::MapLookups::new();
+    if fast::passes_unprotected::<R>(ctx, &lookups) {
+        effects::count_reason(Reason::PassNotProtected);
+        return xdp_action::XDP_PASS;
+    }
+    let facts = parse::parse::<R>(ctx);
     let now = if checks_time(&facts, &lookups) {
         // SAFETY: a helper without arguments.
         unsafe { bpf_ktime_get_boot_ns() }

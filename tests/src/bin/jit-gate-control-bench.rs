@@ -39,6 +39,7 @@ use jit_gate_agent::{
 };
 use jit_gate_tests::{
     agent::{Agent, AgentFiles, PinnedGrants, access, client},
+    interruption::Interruption,
     measure::{Percentiles, connect_time, percentiles, rss_mib},
     netns::{GATED_V4, Netns, Topology, enter},
     traffic::TcpEcho,
@@ -126,7 +127,12 @@ struct Latency {
 
 /// The latency loop, on a thread inside the client namespace so that the
 /// connections start there without a namespace switch per sample.
-fn measure_latency(ns: String, socket: PathBuf, samples: usize) -> Result<Latency> {
+fn measure_latency(
+    ns: String,
+    socket: PathBuf,
+    samples: usize,
+    interruption: Interruption,
+) -> Result<Latency> {
     std::thread::spawn(move || {
         enter(&ns);
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -144,6 +150,7 @@ fn measure_latency(ns: String, socket: PathBuf, samples: usize) -> Result<Latenc
             let ssh = SocketAddr::new(GATED_V4.into(), SSH);
             let open = SocketAddr::new(GATED_V4.into(), OPEN_PORT);
             for i in 0..samples {
+                interruption.check()?;
                 let src = IpAddr::V4(latency_source(i));
                 out.handshake.push(connect_time(src, open)?);
                 let start = Instant::now();
@@ -276,7 +283,7 @@ async fn drift_repair(
             "element",
             "inet",
             "jit_gate",
-            "allow_v4_32",
+            &jit_gate_agent::enforce::nft::NftGate::set_holding(&target),
             &format!("{{ {source} . tcp . {SSH} }}"),
         ],
     );
@@ -377,6 +384,9 @@ fn main() -> Result<()> {
         args.samples > 0 && args.expiring > 0 && args.repairs > 0 && args.grants > 0,
         "samples, expiring, repairs and grants must be positive"
     );
+    // Registered before anything is set up: from here on a signal ends the
+    // run with an error, and the drops remove what it made.
+    let interruption = Interruption::register()?;
     let topo = Topology::new();
     let files = AgentFiles::new(&topo.gated);
     // The production defaults (reconcile every 5 s), not the tests' 1 s.
@@ -409,12 +419,17 @@ fn main() -> Result<()> {
         topo.gated_if
     );
 
-    let latency = measure_latency(topo.client.name.clone(), files.socket(), args.samples)?;
+    let latency = measure_latency(
+        topo.client.name.clone(),
+        files.socket(),
+        args.samples,
+        interruption.clone(),
+    )?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let results = runtime.block_on(async {
+    let run = async {
         let mut api = client(&files).await;
         let (grants_per_second, throughput_rpc) = fill(&api, args.grants, args.concurrency).await?;
         let listed = api
@@ -451,6 +466,12 @@ fn main() -> Result<()> {
             nft_drift_repaired_after: percentiles(repaired.iter().map(|r| r.nft).collect()),
             expiry_lateness: percentiles(lateness),
         })
+    };
+    let results = runtime.block_on(async {
+        tokio::select! {
+            results = run => results,
+            interrupted = interruption.signalled() => Err(interrupted),
+        }
     })?;
     print_table(&args, &results);
     if let Some(dir) = args.output.parent() {

@@ -73,6 +73,12 @@ struct Args {
     output: PathBuf,
     #[arg(long, default_value = "target/bench/live.svg")]
     chart: PathBuf,
+    /// Run only these contenders, by key (comma-separated): nothing,
+    /// ceiling, drop-1, drop-10k, flood, granted, unprotected, xdp-filter,
+    /// nft-ingress, iptables, nft-conntrack, nft-only, read-floor, tracked,
+    /// drop-most. Ratios whose two sides did not both run are left out.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 const SSH: u16 = 22;
@@ -128,6 +134,8 @@ enum Enforcer {
 }
 
 struct Contender {
+    /// Short and stable: what `--only` and `ratios` name it by.
+    key: &'static str,
     name: String,
     enforcer: Enforcer,
     traffic: Traffic,
@@ -135,7 +143,8 @@ struct Contender {
 }
 
 fn contenders(grant_counts: &[u32]) -> Vec<Contender> {
-    let c = |name: String, enforcer, traffic, drops| Contender {
+    let c = |key, name: String, enforcer, traffic, drops| Contender {
+        key,
         name,
         enforcer,
         traffic,
@@ -145,91 +154,105 @@ fn contenders(grant_counts: &[u32]) -> Vec<Contender> {
     let last = grant_counts.len() - 1;
     vec![
         c(
+            "nothing",
             "nothing attached".into(),
             Enforcer::Nothing,
             Traffic::Stranger,
             false,
         ),
         c(
+            "ceiling",
             "bare XDP_DROP (ceiling)".into(),
             Enforcer::Floor(CEILING),
             Traffic::Stranger,
             true,
         ),
         c(
+            "drop-1",
             format!("jit-gate drop, {} grant", count(0)),
             Enforcer::Gate(0),
             Traffic::Stranger,
             true,
         ),
         c(
+            "drop-10k",
             format!("jit-gate drop, {} grants", count(1)),
             Enforcer::Gate(1),
             Traffic::Stranger,
             true,
         ),
         c(
+            "flood",
             format!("jit-gate drop, {FLOOD_SOURCES} random sources"),
             Enforcer::Gate(0),
             Traffic::RandomSources,
             true,
         ),
         c(
+            "granted",
             "jit-gate granted SYN (pass)".into(),
             Enforcer::Gate(0),
             Traffic::Granted,
             false,
         ),
         c(
+            "unprotected",
             "jit-gate unprotected port (pass)".into(),
             Enforcer::Gate(0),
             Traffic::Unprotected,
             false,
         ),
         c(
+            "xdp-filter",
             "xdp-filter, port 22".into(),
             Enforcer::XdpFilter,
             Traffic::Stranger,
             true,
         ),
         c(
+            "nft-ingress",
             "nft netdev ingress drop".into(),
             Enforcer::NftIngress,
             Traffic::Stranger,
             true,
         ),
         c(
+            "iptables",
             "iptables raw drop".into(),
             Enforcer::IptablesRaw,
             Traffic::Stranger,
             true,
         ),
         c(
+            "nft-conntrack",
             "nft inet input drop, conntrack".into(),
             Enforcer::NftConntrack,
             Traffic::Stranger,
             true,
         ),
         c(
+            "nft-only",
             "jit-gate nftables-only mode".into(),
             Enforcer::NftOnly,
             Traffic::Stranger,
             true,
         ),
         c(
+            "read-floor",
             "XDP_DROP after reading the headers".into(),
             Enforcer::Floor(READ_FLOOR),
             Traffic::Stranger,
             true,
         ),
         c(
+            "tracked",
             "jit-gate tracked flow (pass)".into(),
             Enforcer::Gate(0),
             Traffic::TrackedFlow,
             false,
         ),
-        // Last: `ratios` compares it with the single-grant drop.
         c(
+            "drop-most",
             format!("jit-gate drop, {} grants", count(last)),
             Enforcer::Gate(last),
             Traffic::Stranger,
@@ -254,11 +277,18 @@ fn format_count(n: u32) -> String {
 struct Receiver {
     // Field order is drop order: gates, their pins, the floor program, then
     // the namespaces (which takes whatever is left with them).
-    gates: Vec<XdpGate>,
+    // By grant count; none where no selected contender uses it.
+    gates: Vec<Option<XdpGate>>,
     // Held for their drop, which removes the pins.
     _pins: Vec<PinDir>,
     floor: Ebpf,
     topo: Topology,
+}
+
+fn loaded(gates: &mut [Option<XdpGate>], i: usize) -> Result<&mut XdpGate> {
+    gates[i]
+        .as_mut()
+        .context("a gate no selected contender uses")
 }
 
 /// What a contender left to undo.
@@ -299,7 +329,7 @@ impl Receiver {
                 Installed::Floor(name, link)
             }
             Enforcer::Gate(i) => {
-                let gate = &mut self.gates[i];
+                let gate = loaded(&mut self.gates, i)?;
                 self.topo.gated.run(|| gate.attach(&ifname))?;
                 Installed::Gate(i)
             }
@@ -336,7 +366,9 @@ impl Receiver {
         match installed {
             Installed::Nothing => {}
             Installed::Floor(name, link) => floor_program(&mut self.floor, name)?.detach(link)?,
-            Installed::Gate(i) => self.gates[i].detach(&self.topo.gated_if)?,
+            Installed::Gate(i) => {
+                loaded(&mut self.gates, i)?.detach(&self.topo.gated_if)?;
+            }
             Installed::XdpFilter(mut child) => {
                 drop(child.stdin.take()); // lets the shell go on to unload
                 let status = child.wait()?;
@@ -608,14 +640,24 @@ fn main() -> Result<()> {
     );
     let client_if = topo.client_if.clone();
     let sender = topo.client.run(|| PacketSender::open(&client_if))?;
+    let contenders = selected(contenders(&grant_counts), &args.only)?;
     let pins: Vec<PinDir> = grant_counts.iter().map(|_| PinDir::new()).collect();
     let mut gates = Vec::new();
-    for (pins, &count) in pins.iter().zip(&grant_counts) {
+    for (i, (pins, &count)) in pins.iter().zip(&grant_counts).enumerate() {
+        let used = contenders
+            .iter()
+            .any(|c| matches!(c.enforcer, Enforcer::Gate(g) if g == i));
+        if !used {
+            gates.push(None);
+            continue;
+        }
         eprintln!("loading a gate with {} grants", format_count(count));
-        gates.push(gate_with_grants(pins, count)?);
+        gates.push(Some(gate_with_grants(pins, count)?));
         interruption.check()?;
     }
-    establish_tracked_flow(&gates[0])?;
+    if let Some(gate) = &gates[0] {
+        establish_tracked_flow(gate)?;
+    }
     let mut floor = EbpfLoader::new()
         .load(FLOOR_OBJECT)
         .context("load floor programs")?;
@@ -629,7 +671,6 @@ fn main() -> Result<()> {
         topo,
     };
 
-    let contenders = contenders(&grant_counts);
     let traffic: Vec<Vec<Vec<u8>>> = contenders.iter().map(|c| frames(c.traffic, macs)).collect();
     let mut samples: Vec<Vec<Sample>> = contenders.iter().map(|_| Vec::new()).collect();
     let mut order: Vec<usize> = (0..contenders.len()).collect();
@@ -698,25 +739,38 @@ fn summarize(contender: &Contender, samples: &[Sample]) -> Row {
     }
 }
 
-/// The ratios of program cost per packet that issue 10 sets targets for.
+/// The ratios of program cost per packet that issue 10 sets targets for,
+/// by contender key.
+const RATIOS: [(&str, &str, &str); 8] = [
+    (
+        "jit-gate drop (1 grant) / xdp-filter",
+        "drop-1",
+        "xdp-filter",
+    ),
+    (
+        "random-source flood / single-source drop",
+        "flood",
+        "drop-1",
+    ),
+    ("granted SYN pass / drop", "granted", "drop-1"),
+    ("unprotected port / ceiling", "unprotected", "ceiling"),
+    ("drop with 10,000 grants / 1 grant", "drop-10k", "drop-1"),
+    ("drop with the most grants / 1 grant", "drop-most", "drop-1"),
+    ("tracked-flow pass / drop", "tracked", "drop-1"),
+    (
+        "unprotected port / drop after reading the headers",
+        "unprotected",
+        "read-floor",
+    ),
+];
+
+/// The ratios of the medians of the contenders that ran.
 fn ratios(rows: &[Row], contenders: &[Contender]) -> Vec<Ratio> {
-    let cost = |i: usize| rows[i].program_ns_per_packet.map(|s| s.median);
-    let last = contenders.len() - 1;
-    let pairs: [(&'static str, usize, usize); 8] = [
-        ("jit-gate drop (1 grant) / xdp-filter", 2, 7),
-        ("random-source flood / single-source drop", 4, 2),
-        ("granted SYN pass / drop", 5, 2),
-        ("unprotected port / ceiling", 6, 1),
-        ("drop with 10,000 grants / 1 grant", 3, 2),
-        ("drop with the most grants / 1 grant", last, 2),
-        ("tracked-flow pass / drop", last - 1, 2),
-        (
-            "unprotected port / drop after reading the headers",
-            6,
-            last - 2,
-        ),
-    ];
-    pairs
+    let cost = |key: &str| {
+        let i = contenders.iter().position(|c| c.key == key)?;
+        rows[i].program_ns_per_packet.map(|s| s.median)
+    };
+    RATIOS
         .into_iter()
         .filter_map(|(what, a, b)| {
             Some(Ratio {
@@ -725,6 +779,25 @@ fn ratios(rows: &[Row], contenders: &[Contender]) -> Vec<Ratio> {
             })
         })
         .collect()
+}
+
+/// The contenders `--only` names (all if it names none); an unknown key
+/// is an error.
+fn selected(all: Vec<Contender>, only: &[String]) -> Result<Vec<Contender>> {
+    if let Some(unknown) = only
+        .iter()
+        .find(|k| !all.iter().any(|c| c.key == k.as_str()))
+    {
+        let keys: Vec<&str> = all.iter().map(|c| c.key).collect();
+        bail!(
+            "--only: no contender {unknown:?}; keys: {}",
+            keys.join(", ")
+        );
+    }
+    Ok(all
+        .into_iter()
+        .filter(|c| only.is_empty() || only.iter().any(|k| k == c.key))
+        .collect())
 }
 
 fn print_table(

@@ -8,6 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 
+use super::shards::SHARDS;
 use crate::net::{GrantTarget, Protocol};
 
 /// Name of the set of protected (protocol . port).
@@ -20,6 +21,7 @@ mod datatype {
     pub(super) const IP6ADDR: u32 = 8;
     pub(super) const INET_PROTOCOL: u32 = 12;
     pub(super) const INET_SERVICE: u32 = 13;
+    pub(super) const MARK: u32 = 19;
 }
 
 /// nft's encoding of a concatenated type: 6 bits per field, first field highest.
@@ -39,6 +41,11 @@ const SERVICE_LEN: usize = 8;
 pub(super) const PROTECTED_KEY_TYPE: u32 =
     concat(&[datatype::INET_PROTOCOL, datatype::INET_SERVICE]);
 pub(super) const PROTECTED_KEY_LEN: u32 = SERVICE_LEN as u32;
+
+/// Key of a dispatch map: the shard number the hash leaves in a register,
+/// in host byte order (nft prints it as a mark).
+pub(super) const SHARD_KEY_TYPE: u32 = datatype::MARK;
+pub(super) const SHARD_KEY_LEN: u32 = 4;
 
 /// `protocol . port`: the protocol number in the first register, the port
 /// in network byte order at the start of the second.
@@ -116,9 +123,13 @@ impl Family {
     }
 }
 
-/// One allow set: the live grants of one family and source prefix length,
-/// keyed by `masked source . protocol . port`. One set per prefix length
+/// One allow group: the live grants of one family and source prefix
+/// length, keyed by `masked source . protocol . port` and spread over
+/// `SHARDS` shard sets by a hash of the key. One group per prefix length
 /// lets prefixes of any lengths overlap, which interval sets forbid.
+///
+/// Names: the group's dispatch map is `allow_v4_24`; shard `k` is the set
+/// and the chain `allow_v4_24_<k>`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) struct AllowSet {
     pub family: Family,
@@ -136,9 +147,24 @@ impl AllowSet {
         }
     }
 
-    /// `allow_v4_24`, `allow_v6_128`, …
+    /// `allow_v4_24`, `allow_v6_128`, …: the name of the dispatch map.
     pub(super) fn name(self) -> String {
         format!("{ALLOW_PREFIX}{}_{}", self.family.tag(), self.prefix_len)
+    }
+
+    /// `allow_v4_24_7`: the name of shard set (and chain) `shard`.
+    pub(super) fn shard_name(self, shard: u32) -> String {
+        format!("{}_{shard}", self.name())
+    }
+
+    /// The group and shard a shard set's name stands for.
+    pub(super) fn parse_shard_name(name: &str) -> Option<(Self, u32)> {
+        let (group, shard) = name.rsplit_once('_')?;
+        let shard: u32 = shard.parse().ok()?;
+        // One spelling per number: `07` is not shard 7.
+        (shard < SHARDS && shard.to_string() == name[group.len() + 1..])
+            .then_some(())
+            .and(Self::parse_name(group).map(|set| (set, shard)))
     }
 
     pub(super) fn parse_name(name: &str) -> Option<Self> {
@@ -232,6 +258,14 @@ mod tests {
         ] {
             let set = AllowSet::of(&t);
             assert_eq!(AllowSet::parse_name(&set.name()), Some(set));
+            for shard in [0, 9, SHARDS - 1] {
+                assert_eq!(
+                    AllowSet::parse_shard_name(&set.shard_name(shard)),
+                    Some((set, shard))
+                );
+            }
+            assert_eq!(AllowSet::parse_shard_name(&set.name()), None);
+            assert_eq!(AllowSet::parse_name(&set.shard_name(3)), None);
             assert_eq!(set.parse_key(&AllowSet::key(&t)), Some(t));
         }
     }
@@ -246,6 +280,14 @@ mod tests {
             "allow_v4_-1",
         ] {
             assert_eq!(AllowSet::parse_name(name), None, "{name}");
+        }
+        for name in [
+            "allow_v4_24_64",
+            "allow_v4_24_07",
+            "allow_v4_24_",
+            "allow_v4_33_1",
+        ] {
+            assert_eq!(AllowSet::parse_shard_name(name), None, "{name}");
         }
         let set = AllowSet {
             family: Family::V4,

@@ -9,17 +9,21 @@
 //!   `gate` for packets to these ports only; other traffic is never touched.
 //! - `gate` accepts `ct state established,related`, then tries `allow`, then
 //!   counts and drops.
-//! - Grants live in hash sets with `flags timeout`, one per (address family,
-//!   source prefix length) in use, named `allow_v4_<len>` / `allow_v6_<len>`,
-//!   keyed by `masked source . protocol . port`. Each element carries its own
-//!   timeout, so the kernel expires it even if the agent is dead. `allow`
-//!   has one rule per set, `ip saddr & <mask> . meta l4proto . th dport
-//!   @allow_v4_<len> accept`, added with the set when its prefix length is
-//!   first used. A source is allowed if any live element of any length
-//!   covers it, so prefixes may overlap freely (10.0.0.0/16, 10.0.0.0/24 and
-//!   10.0.0.5/32 on one port, each with its own timeout) — which interval
-//!   sets, rejecting overlapping elements, could not hold. A packet costs
-//!   one hash lookup per prefix length in use.
+//! - Grants live in hash sets with `flags timeout`, keyed by `masked source
+//!   . protocol . port`: one group per (address family, source prefix
+//!   length) in use, each of `shards::SHARDS` sets `allow_v4_<len>_<k>`,
+//!   the key's `jhash` choosing `k` (so reading a set back, quadratic in
+//!   its size in the kernel, stays cheap at a million grants). Each element
+//!   carries its own timeout, so the kernel expires it even if the agent is
+//!   dead. `allow` has one rule per group, hashing the packet's key and
+//!   jumping through the constant map `allow_v4_<len>` to chain
+//!   `allow_v4_<len>_<k>`, whose rule accepts what set `k` holds; all of it
+//!   is added when the prefix length is first used. A source is allowed if
+//!   any live element of any length covers it, so prefixes may overlap
+//!   freely (10.0.0.0/16, 10.0.0.0/24 and 10.0.0.5/32 on one port, each
+//!   with its own timeout) — which interval sets, rejecting overlapping
+//!   elements, could not hold. A packet costs one hash, one map lookup and
+//!   one set lookup per prefix length in use.
 //! - Every change is one netlink batch, i.e. one kernel transaction: it
 //!   applies whole or not at all, and the drop rule is never missing for a
 //!   protected port. `install` replaces the table within its batch.
@@ -37,6 +41,7 @@ mod keys;
 mod netlink;
 mod ruleset;
 mod sets;
+mod shards;
 mod structure;
 
 use std::{
@@ -174,6 +179,13 @@ impl NftGate {
         &self.table
     }
 
+    /// The name of the set that holds `target` (its group's shard for the
+    /// target's key), as `nft` commands name it.
+    pub fn set_holding(target: &GrantTarget) -> String {
+        let allow = AllowSet::of(target);
+        allow.shard_name(shards::shard_of(&AllowSet::key(target)))
+    }
+
     fn open(&self) -> Result<(GateTable, Lease<'_>)> {
         let name = CString::new(self.table.as_str())
             .ok()
@@ -260,7 +272,7 @@ impl NftGate {
             return socket.done(Ok(()));
         };
         let mut allowed = Allowed::new(&table, targets.iter().map(|t| (*t, None)));
-        allowed.0.retain(|set, _| existing.contains(set));
+        allowed.0.retain(|(set, _), _| existing.contains(set));
         let mut batch = Batch::new();
         allowed.push(&table, &mut batch, ElementOp::Destroy);
         if batch.is_empty() {
@@ -332,27 +344,37 @@ impl NftGate {
         };
         let mut state = NftState::default();
         for name in names {
-            let elements = dump_elements(table, socket, &name)?;
             if name == PROTECTED_SET {
-                for element in elements {
+                for element in dump_elements(table, socket, &name)? {
                     let service = keys::parse_service_key(&element.key).ok_or_else(|| {
                         unexpected(format!("a key {:?} in set {name}", element.key))
                     })?;
                     state.protected.insert(service);
                 }
-            } else if let Some(set) = AllowSet::parse_name(&name) {
-                for element in elements {
+            } else if let Some((set, shard)) = AllowSet::parse_shard_name(&name) {
+                for element in dump_elements(table, socket, &name)? {
                     let target = set.parse_key(&element.key).ok_or_else(|| {
                         unexpected(format!("a key {:?} in set {name}", element.key))
                     })?;
+                    // The dispatch rule never looks for this key in this
+                    // shard: no packet can match it, so it grants nothing.
+                    if shards::shard_of(&element.key) != shard {
+                        tracing::warn!(
+                            "{target} in set {name}, which its hash does not select: ignored"
+                        );
+                        continue;
+                    }
                     let left = element.expires_in.ok_or_else(|| {
                         unexpected(format!("{target} without a timeout in set {name}"))
                     })?;
                     state.allowed.insert(target, left);
                 }
-            } else {
+            } else if AllowSet::parse_name(&name).is_none() {
                 return Err(unexpected(format!("a set named {name}")));
             }
+            // A group's dispatch map is constant once its rule binds it
+            // (the kernel refuses element changes): `check_structure`
+            // compares it with what `install` creates.
         }
         Ok(Some(state))
     }
@@ -423,9 +445,9 @@ fn push_protected(table: &GateTable, batch: &mut Batch, protected: &BTreeSet<(Pr
     );
 }
 
-/// Targets grouped by the allow set that holds them, each group an nftnl
+/// Targets grouped by the shard set that holds them, each group an nftnl
 /// set carrying its elements.
-struct Allowed(BTreeMap<AllowSet, Set>);
+struct Allowed(BTreeMap<(AllowSet, u32), Set>);
 
 impl Allowed {
     /// Groups targets, with optional timeouts in milliseconds; a target
@@ -444,9 +466,11 @@ impl Allowed {
         let mut sets = BTreeMap::new();
         for (target, timeout_ms) in unique {
             let allow = AllowSet::of(&target);
-            sets.entry(allow)
-                .or_insert_with(|| Set::named(table.name(), &c_name(&allow.name())))
-                .add_element(&AllowSet::key(&target), timeout_ms);
+            let key = AllowSet::key(&target);
+            let shard = shards::shard_of(&key);
+            sets.entry((allow, shard))
+                .or_insert_with(|| Set::named(table.name(), &c_name(&allow.shard_name(shard))))
+                .add_element(&key, timeout_ms);
         }
         Allowed(sets)
     }
@@ -462,8 +486,13 @@ impl Allowed {
         Ok(Allowed::new(table, entries))
     }
 
+    /// The allow groups the targets belong to.
     fn sets(&self) -> impl Iterator<Item = AllowSet> + '_ {
-        self.0.keys().copied()
+        self.0
+            .keys()
+            .map(|&(allow, _)| allow)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
     }
 
     fn push(&self, table: &GateTable, batch: &mut Batch, op: ElementOp) {
@@ -471,11 +500,11 @@ impl Allowed {
             ElementOp::Add => "add elements to",
             ElementOp::Destroy => "destroy elements of",
         };
-        for (allow, set) in &self.0 {
+        for (&(allow, shard), set) in &self.0 {
             set.push_elements(
                 batch,
                 op,
-                &table.what(&format!("{verb} set {}", allow.name())),
+                &table.what(&format!("{verb} set {}", allow.shard_name(shard))),
             );
         }
     }

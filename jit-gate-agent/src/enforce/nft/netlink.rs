@@ -84,13 +84,29 @@ const NLMSG_ALIGNTO: usize = 4;
 const NLMSG_HDRLEN: usize = size_of::<libc::nlmsghdr>();
 
 /// Appends `msg` to `buf`, padded to the netlink alignment.
+///
+/// The room for the largest message is reserved, not zeroed: zeroing
+/// 64 KiB for every message made batches and dumps of many small
+/// messages slow (most of a read of a table with hundreds of sets).
 fn append(buf: &mut Vec<u8>, msg: &impl Message, seq: u32) {
     let start = buf.len();
-    buf.resize(start + nft_nlmsg_maxsize() as usize, 0);
-    // SAFETY: the buffer has nft_nlmsg_maxsize() writable bytes from `start`.
-    unsafe { msg.write(buf[start..].as_mut_ptr().cast(), seq) };
-    let len = u32_at(&buf[start..], 0) as usize;
-    buf.truncate(start + len.next_multiple_of(NLMSG_ALIGNTO));
+    let max = nft_nlmsg_maxsize() as usize;
+    buf.reserve(max + NLMSG_ALIGNTO);
+    let room = buf.spare_capacity_mut();
+    // SAFETY: `room` has at least nft_nlmsg_maxsize() writable bytes.
+    unsafe { msg.write(room.as_mut_ptr().cast(), seq) };
+    // SAFETY: `write` initialised the header, whose first field is the
+    // message length, and the `len` bytes it counts (libmnl zeroes the
+    // padding inside the message).
+    let len = unsafe { room.as_ptr().cast::<u32>().read_unaligned() } as usize;
+    assert!(
+        (NLMSG_HDRLEN..=max).contains(&len),
+        "libnftnl built a message of {len} bytes"
+    );
+    let padded = len.next_multiple_of(NLMSG_ALIGNTO);
+    room[len..padded].fill(std::mem::MaybeUninit::new(0));
+    // SAFETY: the first `padded` bytes of the spare room are initialised.
+    unsafe { buf.set_len(start + padded) };
 }
 
 fn u32_at(buf: &[u8], offset: usize) -> u32 {

@@ -81,6 +81,27 @@ impl Set {
         set
     }
 
+    /// A constant verdict map to define: once a rule refers to it, the
+    /// kernel refuses to add or remove its elements (EBUSY).
+    pub(super) fn verdict_map(
+        table: &CStr,
+        name: &CStr,
+        id: u32,
+        key_type: u32,
+        key_len: u32,
+    ) -> Self {
+        let mut map = Set::with_key(
+            table,
+            name,
+            id,
+            key_type,
+            key_len,
+            (libc::NFT_SET_MAP | libc::NFT_SET_CONSTANT) as u32,
+        );
+        map.set_u32(sys::NFTNL_SET_DATA_TYPE, libc::NFT_DATA_VERDICT);
+        map
+    }
+
     /// The inet set described by a GETSET answer.
     pub(super) fn parse(msg: Received<'_>) -> Option<Self> {
         let set = Set::alloc();
@@ -112,20 +133,50 @@ impl Set {
             unsafe { sys::nftnl_set_get_u32(self.ptr(), attr as u16) }
         };
         format!(
-            "type {:#x} length {} flags {:#x}",
+            "type {:#x} length {} flags {:#x} data {:#x}",
             get(sys::NFTNL_SET_KEY_TYPE),
             get(sys::NFTNL_SET_KEY_LEN),
-            get(sys::NFTNL_SET_FLAGS)
+            get(sys::NFTNL_SET_FLAGS),
+            get(sys::NFTNL_SET_DATA_TYPE)
         )
     }
 
     /// Adds an element with `key`, expiring after `timeout_ms` if given.
     pub(super) fn add_element(&mut self, key: &[u8], timeout_ms: Option<u64>) {
+        let elem = self.new_element(key);
+        if let Some(ms) = timeout_ms {
+            // SAFETY: an element of this set.
+            unsafe {
+                sys::nftnl_set_elem_set_u64(elem.as_ptr(), sys::NFTNL_SET_ELEM_TIMEOUT as u16, ms);
+            }
+        }
+    }
+
+    /// Adds a verdict map element: `key : jump <chain>`.
+    pub(super) fn add_jump_element(&mut self, key: &[u8], chain: &CStr) {
+        let elem = self.new_element(key);
+        // SAFETY: an element of this set; libnftnl copies the chain name.
+        unsafe {
+            sys::nftnl_set_elem_set_u32(
+                elem.as_ptr(),
+                sys::NFTNL_SET_ELEM_VERDICT as u16,
+                libc::NFT_JUMP as u32,
+            );
+            sys::nftnl_set_elem_set_str(
+                elem.as_ptr(),
+                sys::NFTNL_SET_ELEM_CHAIN as u16,
+                chain.as_ptr(),
+            );
+        }
+    }
+
+    /// A new element with `key`, owned by this set.
+    fn new_element(&mut self, key: &[u8]) -> NonNull<sys::nftnl_set_elem> {
         // SAFETY: allocation only; null (out of memory) is checked.
         let elem =
             NonNull::new(unsafe { sys::nftnl_set_elem_alloc() }).expect("libnftnl: out of memory");
         // SAFETY: a fresh element; libnftnl copies the key, and the set takes
-        // ownership of the element.
+        // ownership of the element (which lives as long as the set).
         unsafe {
             sys::nftnl_set_elem_set(
                 elem.as_ptr(),
@@ -133,11 +184,9 @@ impl Set {
                 key.as_ptr().cast::<c_void>(),
                 key.len() as u32,
             );
-            if let Some(ms) = timeout_ms {
-                sys::nftnl_set_elem_set_u64(elem.as_ptr(), sys::NFTNL_SET_ELEM_TIMEOUT as u16, ms);
-            }
             sys::nftnl_set_elem_add(self.ptr(), elem.as_ptr());
         }
+        elem
     }
 
     /// The elements added or parsed so far.

@@ -170,16 +170,20 @@ fn kernel_register(reg: u32) -> u32 {
     }
 }
 
-/// `text` with every `reg N` written as the kernel reports it.
+/// `text` with every `reg N` written as the kernel reports it, also where
+/// the word before it or the number carries punctuation (`jhash(reg 8,`).
 fn normalise_registers(text: &str) -> String {
     let mut out = Vec::new();
     let mut words = text.split(' ').peekable();
     while let Some(word) = words.next() {
         out.push(word.to_owned());
-        if word == "reg"
-            && let Some(n) = words.peek().and_then(|n| n.parse::<u32>().ok())
-        {
-            out.push(kernel_register(n).to_string());
+        if !word.ends_with("reg") {
+            continue;
+        }
+        let Some(next) = words.peek() else { continue };
+        let digits = next.len() - next.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        if let Ok(n) = next[..digits].parse::<u32>() {
+            out.push(format!("{}{}", kernel_register(n), &next[digits..]));
             words.next();
         }
     }
@@ -485,6 +489,14 @@ mod tests {
         assert_eq!(
             normalise_registers("lookup reg 8 set protected ; load => reg 9 ; cmp reg 12 x"),
             "lookup reg 1 set protected ; load => reg 9 ; cmp reg 2 x"
+        );
+        assert_eq!(
+            normalise_registers("immediate reg 0 accept"),
+            "immediate reg 0 accept"
+        );
+        assert_eq!(
+            normalise_registers("hash reg 11 = jhash(reg 8, 12, 0x1) % mod 64"),
+            "hash reg 11 = jhash(reg 1, 12, 0x1) % mod 64"
         );
         assert_eq!(
             normalise_registers("immediate reg 0 accept"),
