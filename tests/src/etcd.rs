@@ -11,6 +11,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use jit_gate_agent::fleet::EtcdOptions;
+
 use crate::{
     env::unique_name,
     fleet::{BROKER_V4, Broker, ClientCert, Pki},
@@ -20,6 +22,9 @@ use crate::{
 pub const CLIENT_PORT: u16 = 2379;
 const PEER_PORT: u16 = 2380;
 const HEALTHY_WITHIN: Duration = Duration::from_secs(30);
+/// etcd fsyncs every write: on a loaded two-core machine a call can take
+/// seconds.
+const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The address of member `index`.
 pub fn member_address(index: usize) -> Ipv4Addr {
@@ -98,6 +103,11 @@ impl Member {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The etcd process's id while it runs (`ip netns exec` execs it).
+    pub fn pid(&self) -> Option<i32> {
+        self.process.as_ref().map(|child| child.id() as i32)
     }
 }
 
@@ -347,5 +357,43 @@ impl Cluster {
 
     pub fn ca(&self) -> &Path {
         &self.ca
+    }
+
+    /// Runs `call` with an etcd client of the library `jit-gate fleet`
+    /// uses, connected from namespace `ns` as `client`, on a runtime of its
+    /// own there.
+    pub fn with_client<T: Send>(
+        &self,
+        ns: &Netns,
+        client: &ClientCert,
+        call: impl AsyncFnOnce(&mut etcd_client::Client) -> anyhow::Result<T> + Send,
+    ) -> anyhow::Result<T> {
+        let options = EtcdOptions::new(
+            self.endpoints(),
+            Some((&self.ca, &client.certificate, &client.key)),
+            CALL_TIMEOUT,
+        )?;
+        ns.run(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(async move {
+                    let mut client = options.connect().await?;
+                    call(&mut client).await
+                })
+        })
+    }
+
+    /// The `[fleet]` table of agent `host`, labelled `labels`, presenting
+    /// `cert` to this cluster.
+    pub fn fleet_table(&self, host: &str, labels: &[&str], cert: &ClientCert) -> String {
+        format!(
+            "[fleet]\nendpoints = {:?}\nhost = \"{host}\"\nlabels = {labels:?}\n\
+             timeout = \"2s\"\ntls = {{ ca = {:?}, certificate = {:?}, key = {:?} }}\n",
+            self.endpoints(),
+            self.ca,
+            cert.certificate,
+            cert.key
+        )
     }
 }

@@ -1,5 +1,5 @@
-//! What the benchmarks measure with: latency percentiles, and the time a
-//! TCP handshake from a given source takes.
+//! What the benchmarks measure with: latency percentiles, the time a TCP
+//! handshake from a given source takes, and a process's memory.
 
 use std::{
     net::{IpAddr, SocketAddr, TcpStream},
@@ -41,4 +41,18 @@ pub fn connect_time(src: IpAddr, dst: SocketAddr) -> Result<Duration> {
     let took = start.elapsed();
     drop(TcpStream::from(socket));
     Ok(took)
+}
+
+/// A process's resident memory now and at its peak (`VmRSS`, `VmHWM`), MiB.
+pub fn rss_mib(pid: i32) -> Result<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> Result<f64> {
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .with_context(|| format!("{name} missing"))?;
+        let kib: f64 = line.split_whitespace().nth(1).context("value")?.parse()?;
+        Ok(kib / 1024.0)
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
 }

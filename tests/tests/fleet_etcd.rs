@@ -6,7 +6,9 @@
 //! broker), per-host outcomes, a local policy refusal, revoke everywhere,
 //! an agent down catching up, an agent whose revision was compacted away
 //! re-reading a snapshot, the leader killed mid-fan-out, a member cut
-//! off, and etcd unreachable while grants expire on time.
+//! off, and etcd unreachable while grants expire on time. Two hosts'
+//! fleet metrics, scraped, follow it all: connected, the revision answered,
+//! and every grant counted exactly once as applied or refused.
 
 #![allow(
     unused_crate_dependencies,
@@ -20,17 +22,28 @@ use std::{
     time::{Duration, Instant},
 };
 
-use jit_gate_agent::fleet::layout::{Outcome, StatusValue};
+use jit_gate_agent::fleet::{
+    broker::{self, GrantAsk},
+    layout::{FleetPort, Outcome, StatusValue},
+};
 use jit_gate_tests::{
     agent::{Agent, Api},
     etcd::Cluster,
     fleet::{Broker, ClientCert, Host, Pki, add_host},
+    scrape::{sample, scrape},
 };
 
 const HOSTS: usize = 20;
 const PORT: u16 = 2222;
 /// Host 2 (labelled db) allows the port only from a range the broker is not in.
 const REFUSING_HOST: usize = 2;
+/// Host 8 (labelled db) applies every grant and is never restarted: its
+/// metrics, and host 2's, count every grant of the run.
+const APPLYING_HOST: usize = 8;
+const METRICS: &str = "127.0.0.1:9847";
+/// Grants the db hosts receive in the whole run: g-label, g-catch,
+/// g-keep, g-new, g-kill, g-elect, g-part, g-twice, g-short.
+const DB_GRANTS: u64 = 9;
 const WAIT: Duration = Duration::from_secs(40);
 
 fn host_name(index: usize) -> String {
@@ -60,7 +73,6 @@ impl Setup {
         let cluster = Cluster::start(&broker, &pki, 3);
         cluster.add_broker_role("broker-alice");
         let broker_cert = pki.client("broker-alice");
-        let endpoints = cluster.endpoints();
         let mut hosts = Vec::new();
         let mut listeners = Vec::new();
         for index in 0..HOSTS {
@@ -74,15 +86,16 @@ impl Setup {
             } else {
                 ""
             };
+            let metrics = if [REFUSING_HOST, APPLYING_HOST].contains(&index) {
+                format!("[metrics]\nenabled = true\nlisten = [\"{METRICS}\"]\n")
+            } else {
+                String::new()
+            };
             host.files.write_config(
                 &[&host.interface],
                 &format!(
-                    "[[policy]]\nport = {PORT}\nprotocol = \"tcp\"\nmax_duration = \"1h\"\n{sources}\n\
-                     [fleet]\nendpoints = {endpoints:?}\nhost = \"{name}\"\nlabels = [\"{label}\", \"all\"]\n\
-                     timeout = \"2s\"\ntls = {{ ca = {:?}, certificate = {:?}, key = {:?} }}\n",
-                    cluster.ca(),
-                    cert.certificate,
-                    cert.key
+                    "[[policy]]\nport = {PORT}\nprotocol = \"tcp\"\nmax_duration = \"1h\"\n{sources}\n{metrics}{}",
+                    cluster.fleet_table(&name, &[label, "all"], &cert)
                 ),
             );
             listeners.push(
@@ -164,18 +177,8 @@ impl Setup {
         if wait {
             args.extend(["--wait", "--wait-timeout", "30s"]);
         }
-        // As a broker does: a call that met an election is retried with the
-        // same id (a write whose answer was lost shows as "exists already").
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let out = self.fleet(&args);
-            let said = text(&out);
-            let election = said.contains("leader changed") || said.contains("no leader");
-            if !election || Instant::now() > deadline {
-                return out;
-            }
-            std::thread::sleep(Duration::from_millis(300));
-        }
+        // Once: the CLI itself retries a call that meets an election.
+        self.fleet(&args)
     }
 
     /// Each targeted host's current outcome of `id`.
@@ -271,6 +274,36 @@ impl Setup {
         })
     }
 
+    /// Host `index`'s fleet metrics, scraped as Prometheus would.
+    fn fleet_metrics(&self, index: usize) -> FleetMetrics {
+        let text = scrape(&self.hosts[index].ns, METRICS);
+        FleetMetrics {
+            connected: sample(&text, "jit_gate_fleet_connected"),
+            revision: sample(&text, "jit_gate_fleet_applied_revision"),
+            applied: sample(&text, "jit_gate_fleet_grants_total{outcome=\"applied\"}"),
+            refused: sample(&text, "jit_gate_fleet_grants_total{outcome=\"refused\"}"),
+        }
+    }
+
+    /// The metered hosts' counts: host 8 applied `applied` grants, host 2
+    /// refused as many; nothing else counted.
+    fn assert_counted(&self, applied: u64, step: &str) {
+        let counted = |i| {
+            let m = self.fleet_metrics(i);
+            (m.applied, m.refused)
+        };
+        assert_eq!(
+            counted(APPLYING_HOST),
+            (applied, 0),
+            "{step}: host 8 (applied, refused)"
+        );
+        assert_eq!(
+            counted(REFUSING_HOST),
+            (0, applied),
+            "{step}: host 2 (applied, refused)"
+        );
+    }
+
     /// Every host applied `id` exactly once, except those refusing it.
     fn assert_applied_once(&self, id: &str, targeted: impl Fn(usize) -> bool) {
         for index in 0..HOSTS {
@@ -282,6 +315,14 @@ impl Setup {
             );
         }
     }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct FleetMetrics {
+    connected: u64,
+    revision: u64,
+    applied: u64,
+    refused: u64,
 }
 
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
@@ -307,11 +348,20 @@ fn fleet_mode_with_a_real_etcd_cluster() {
     agent_down_catches_up_and_restarts_apply_nothing_twice(&mut setup);
     compacted_revision_rereads_a_snapshot_and_reconciles(&mut setup);
     leader_killed_mid_fan_out_and_member_cut_off_lose_nothing(&mut setup);
+    repeated_write_creates_no_second_grant(&setup);
     etcd_unreachable_enforcement_goes_on_and_grants_expire(&setup);
+    // Every grant counted once, whatever reconnections redelivered.
+    setup.assert_counted(DB_GRANTS, "end of the run");
 }
 
 fn label_grant_reaches_exactly_its_hosts_and_revoke_closes_everywhere(setup: &Setup) {
     setup.assert_reachable_exactly(|_| false, "before any grant");
+    for index in [APPLYING_HOST, REFUSING_HOST] {
+        wait_until(&format!("host {index}'s connected metric"), || {
+            setup.fleet_metrics(index).connected == 1
+        });
+    }
+    setup.assert_counted(0, "before any grant");
     let out = setup.request("g-label", "db", "10m", true);
     let printed = text(&out);
     // Host 2 refuses: --wait reports it and fails.
@@ -342,6 +392,19 @@ fn label_grant_reaches_exactly_its_hosts_and_revoke_closes_everywhere(setup: &Se
     assert_eq!(refused.outcome, Outcome::Refused);
     assert!(refused.reason.contains("198.18.0.1"), "{}", refused.reason);
     setup.assert_applied_once("g-label", is_db);
+    // The metrics: the revision answered is the grant key's, each outcome
+    // counted once.
+    let outcomes = setup.outcomes("g-label");
+    let answered = |i: usize| {
+        let status = outcomes[&host_name(i)].as_ref().expect("answered");
+        u64::try_from(status.grant_revision).expect("revision")
+    };
+    for index in [APPLYING_HOST, REFUSING_HOST] {
+        wait_until(&format!("host {index}'s revision metric"), || {
+            setup.fleet_metrics(index).revision == answered(index)
+        });
+    }
+    setup.assert_counted(1, "g-label");
     // An agent cannot read another host's grants (etcd access control).
     let other = setup.pki.client("h1");
     let peek = setup.cluster.etcdctl_as(
@@ -457,9 +520,14 @@ fn leader_killed_mid_fan_out_and_member_cut_off_lose_nothing(setup: &mut Setup) 
     // The write is committed; the agents' watches are still delivering it.
     setup.cluster.members[leader].kill();
     assert!(out.status.success(), "{}", text(&out));
-    setup.wait_outcome("g-kill", &all_but_refusing, Outcome::Applied);
-    setup.wait_outcome("g-kill", &[REFUSING_HOST], Outcome::Refused);
-    setup.assert_applied_once("g-kill", |_| true);
+    // Written right away, in the election: the CLI retries on its own.
+    let elected = setup.request("g-elect", "all", "10m", false);
+    assert!(elected.status.success(), "{}", text(&elected));
+    for id in ["g-kill", "g-elect"] {
+        setup.wait_outcome(id, &all_but_refusing, Outcome::Applied);
+        setup.wait_outcome(id, &[REFUSING_HOST], Outcome::Refused);
+        setup.assert_applied_once(id, |_| true);
+    }
     setup.cluster.members[leader].restart();
     setup.cluster.wait_all_healthy();
 
@@ -472,11 +540,59 @@ fn leader_killed_mid_fan_out_and_member_cut_off_lose_nothing(setup: &mut Setup) 
     setup.cluster.members[cut].link(true);
     setup.cluster.wait_all_healthy();
     setup.assert_reachable_exactly(|i| i != REFUSING_HOST, "g-kill and g-part");
-    for id in ["g-kill", "g-part"] {
+    for id in ["g-kill", "g-elect", "g-part"] {
         let out = setup.fleet(&["revoke", id, "--wait"]);
         assert!(out.status.success(), "{}", text(&out));
     }
     setup.assert_reachable_exactly(|_| false, "after both revokes");
+}
+
+/// A write repeated with the same plan (what the CLI does when an answer
+/// was lost) writes every copy again and creates no second grant.
+fn repeated_write_creates_no_second_grant(setup: &Setup) {
+    let ask = GrantAsk {
+        id: "g-twice".into(),
+        broker: "broker-alice".into(),
+        hosts: Vec::new(),
+        labels: vec!["db".into()],
+        source: "198.18.0.1".into(),
+        ports: vec![FleetPort {
+            port: PORT.into(),
+            protocol: Some("tcp".into()),
+        }],
+        duration: Duration::from_mins(10),
+        requester: "test".into(),
+        justification: String::new(),
+        ticket: String::new(),
+    };
+    let (first, again) = setup
+        .cluster
+        .with_client(&setup.broker.ns, &setup.broker_cert, async |client| {
+            let planned = broker::plan(client, &ask).await?;
+            let first = broker::write(client, &planned).await?;
+            let again = broker::write(client, &planned).await?;
+            // Another plan under the same id is refused.
+            let other = broker::plan(client, &ask).await;
+            anyhow::ensure!(
+                other.is_err_and(|e| e.to_string().contains("exists already")),
+                "a second plan for g-twice was accepted"
+            );
+            Ok((first, again))
+        })
+        .expect("write g-twice twice");
+    assert_eq!(first.record, again.record);
+    assert_eq!(
+        again.committed.len(),
+        HOSTS / 2,
+        "every db copy written again"
+    );
+    let db_but_refusing: Vec<usize> = (0..HOSTS)
+        .filter(|i| is_db(*i) && *i != REFUSING_HOST)
+        .collect();
+    setup.wait_outcome("g-twice", &db_but_refusing, Outcome::Applied);
+    setup.assert_applied_once("g-twice", is_db);
+    let out = setup.fleet(&["revoke", "g-twice", "--wait"]);
+    assert!(out.status.success(), "{}", text(&out));
 }
 
 fn etcd_unreachable_enforcement_goes_on_and_grants_expire(setup: &Setup) {
@@ -490,6 +606,9 @@ fn etcd_unreachable_enforcement_goes_on_and_grants_expire(setup: &Setup) {
     wait_until("every agent reports etcd unreachable", || {
         (0..HOSTS).all(|i| !setup.fleet_status(i).connected)
     });
+    for index in [APPLYING_HOST, REFUSING_HOST] {
+        assert_eq!(setup.fleet_metrics(index).connected, 0, "host {index}");
+    }
     let status = setup.fleet_status(0);
     assert!(!status.last_error.is_empty(), "{status:?}");
     assert!(status.applied_revision > 0, "{status:?}");
@@ -510,4 +629,7 @@ fn etcd_unreachable_enforcement_goes_on_and_grants_expire(setup: &Setup) {
     wait_until("every agent reconnected", || {
         (0..HOSTS).all(|i| setup.fleet_status(i).connected)
     });
+    for index in [APPLYING_HOST, REFUSING_HOST] {
+        assert_eq!(setup.fleet_metrics(index).connected, 1, "host {index}");
+    }
 }

@@ -11,7 +11,6 @@
 )]
 
 use std::{
-    io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr},
     time::Duration,
 };
@@ -20,6 +19,7 @@ use jit_gate_agent::{config::Mode, proto};
 use jit_gate_tests::{
     agent::{Agent, AgentHost, Api, request},
     netns::{CLIENT_V4, GATED_V4},
+    scrape::{self, sample},
     traffic::{UdpSink, udp_send},
 };
 
@@ -28,34 +28,9 @@ const LISTEN: &str = "127.0.0.1:9847";
 const DROPPED: u64 = 40;
 const PASSED: u64 = 25;
 
-/// GET /metrics from inside the gated namespace (the listener is on its
-/// loopback).
+/// GET /metrics from inside the gated namespace.
 fn scrape(host: &AgentHost) -> String {
-    let text = host
-        .topo
-        .gated
-        .run(|| -> std::io::Result<String> {
-            let mut stream = std::net::TcpStream::connect(LISTEN)?;
-            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-            stream
-                .write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")?;
-            let mut response = String::new();
-            stream.read_to_string(&mut response)?;
-            Ok(response)
-        })
-        .expect("scrape the metrics");
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    assert!(text.contains("application/openmetrics-text"), "{text}");
-    text
-}
-
-/// The value of the sample `name{labels}` (labels as printed); every
-/// sample checked here is a whole number.
-fn sample(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
+    scrape::scrape(&host.topo.gated, LISTEN)
 }
 
 fn port_packets(text: &str, verdict: &str) -> u64 {

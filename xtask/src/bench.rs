@@ -1,7 +1,8 @@
 //! `cargo xtask bench`: the benchmarks, in release mode: per-packet costs
 //! of the XDP program, live traffic against the gate's peers, the control
-//! plane through a real agent, then remote brokers (mutual TLS beside the
-//! Unix socket, and fleet fan-outs).
+//! plane through a real agent, remote brokers (mutual TLS beside the Unix
+//! socket, and fan-outs), then fleet mode on etcd (write-to-enforced
+//! latency and idle cost, stepping up the number of agents).
 
 use anyhow::Result;
 
@@ -14,6 +15,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         "jit-gate-live-bench",
         "jit-gate-control-bench",
         "jit-gate-tls-bench",
+        "jit-gate-fleet-bench",
     ] {
         let mut command = cargo();
         command.args([

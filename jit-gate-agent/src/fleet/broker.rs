@@ -4,11 +4,11 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context, bail};
-use etcd_client::{Client, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
 
 use super::layout::{
     self, FleetGrant, FleetPort, GrantRecord, Inventory, Outcome, Revocation, StatusValue,
@@ -37,11 +37,13 @@ pub struct GrantAsk {
     pub ticket: String,
 }
 
-/// A fleet grant written: its record, and the revision of its first write
-/// (every host's answer comes later).
+/// A fleet grant written: its record, the revision of its first write
+/// (every host's answer comes later), and when each host's copy was
+/// committed (the answer to the transaction holding it).
 pub struct Written {
     pub record: GrantRecord,
     pub revision: i64,
+    pub committed: BTreeMap<String, Instant>,
 }
 
 /// The hosts registered in the inventory, with their labels.
@@ -87,8 +89,20 @@ pub async fn live_hosts(client: &mut Client) -> anyhow::Result<BTreeSet<String>>
         .collect())
 }
 
-/// Writes the grant for every host named or carrying all of `labels`.
-pub async fn request(client: &mut Client, ask: &GrantAsk) -> anyhow::Result<Written> {
+/// A fleet grant resolved and ready to write: the same plan written twice
+/// (a retry) writes the same values.
+#[derive(Clone, Debug)]
+pub struct Planned {
+    pub record: GrantRecord,
+    /// Every host's copy (one value).
+    value: Vec<u8>,
+    /// The lease's time to live, seconds.
+    ttl: i64,
+}
+
+/// Checks `ask`, resolves its labels against the inventory and fixes the
+/// grant's end; refuses an id already used.
+pub async fn plan(client: &mut Client, ask: &GrantAsk) -> anyhow::Result<Planned> {
     layout::name("grant id", &ask.id).map_err(anyhow::Error::msg)?;
     layout::name("broker", &ask.broker).map_err(anyhow::Error::msg)?;
     layout::labels("label", &ask.labels).map_err(anyhow::Error::msg)?;
@@ -116,31 +130,7 @@ pub async fn request(client: &mut Client, ask: &GrantAsk) -> anyhow::Result<Writ
             layout::MAX_HOSTS_PER_GRANT
         );
     }
-    let existing = client
-        .get(
-            layout::grant_record_key(&ask.id),
-            Some(GetOptions::new().with_count_only()),
-        )
-        .await?;
-    if existing.count() > 0 {
-        bail!("fleet grant {} exists already; choose another id", ask.id);
-    }
     let until_ms = to_ms(SystemTime::now() + ask.duration);
-    let ttl = (ask.duration + LEASE_GRACE).as_secs().max(1) as i64;
-    let lease = client
-        .lease_grant(ttl, None)
-        .await
-        .context("granting the lease")?
-        .id();
-    let record = GrantRecord {
-        version: VALUE_VERSION,
-        id: ask.id.clone(),
-        broker: ask.broker.clone(),
-        hosts: ask.hosts.clone(),
-        labels: ask.labels.clone(),
-        targeted: targeted.iter().cloned().collect(),
-        until_ms,
-    };
     let grant = FleetGrant {
         version: VALUE_VERSION,
         id: ask.id.clone(),
@@ -161,31 +151,136 @@ pub async fn request(client: &mut Client, ask: &GrantAsk) -> anyhow::Result<Writ
             layout::MAX_VALUE_BYTES
         );
     }
-    let with_lease = || Some(PutOptions::new().with_lease(lease));
+    let planned = Planned {
+        record: GrantRecord {
+            version: VALUE_VERSION,
+            id: ask.id.clone(),
+            broker: ask.broker.clone(),
+            hosts: ask.hosts.clone(),
+            labels: ask.labels.clone(),
+            targeted: targeted.into_iter().collect(),
+            until_ms,
+        },
+        value,
+        ttl: (ask.duration + LEASE_GRACE).as_secs().max(1) as i64,
+    };
+    if existing_record(client, &ask.id).await?.is_some() {
+        bail!("fleet grant {} exists already; choose another id", ask.id);
+    }
+    Ok(planned)
+}
+
+/// The record stored under `id` and its lease, if any.
+async fn existing_record(
+    client: &mut Client,
+    id: &str,
+) -> anyhow::Result<Option<(GrantRecord, i64)>> {
+    let read = client
+        .get(layout::grant_record_key(id), None)
+        .await
+        .context("reading the grant's record")?;
+    read.kvs()
+        .first()
+        .map(|kv| {
+            layout::parse_bounded(kv.value())
+                .map(|record| (record, kv.lease()))
+                .map_err(anyhow::Error::msg)
+        })
+        .transpose()
+}
+
+/// Writes the record and one copy per targeted host, all under one lease,
+/// in transactions of `PUTS_PER_TXN`. The first transaction writes only
+/// if the record does not exist; if it does and is this very plan (an
+/// earlier attempt whose answer was lost, or that stopped part way), every
+/// copy is written again under that record's lease — hosts apply a grant
+/// id once, so a repeated write creates no second grant.
+pub async fn write(client: &mut Client, planned: &Planned) -> anyhow::Result<Written> {
+    let id = &planned.record.id;
+    let record_key = layout::grant_record_key(id);
+    let mut lease = client
+        .lease_grant(planned.ttl, None)
+        .await
+        .context("granting the lease")?
+        .id();
+    let copies = |lease: i64| -> Vec<TxnOp> {
+        planned
+            .record
+            .targeted
+            .iter()
+            .map(|host| {
+                TxnOp::put(
+                    layout::host_grant_key(host, id),
+                    planned.value.clone(),
+                    Some(PutOptions::new().with_lease(lease)),
+                )
+            })
+            .collect()
+    };
     let mut puts = vec![TxnOp::put(
-        layout::grant_record_key(&ask.id),
-        serde_json::to_vec(&record)?,
-        with_lease(),
+        record_key.clone(),
+        serde_json::to_vec(&planned.record)?,
+        Some(PutOptions::new().with_lease(lease)),
     )];
-    puts.extend(targeted.iter().map(|host| {
-        TxnOp::put(
-            layout::host_grant_key(host, &ask.id),
-            value.clone(),
-            with_lease(),
+    puts.extend(copies(lease));
+    let first_chunk = puts.len().min(PUTS_PER_TXN);
+    let created = client
+        .txn(
+            Txn::new()
+                .when([Compare::create_revision(
+                    record_key.clone(),
+                    CompareOp::Equal,
+                    0,
+                )])
+                .and_then(puts[..first_chunk].to_vec()),
         )
-    }));
-    let mut first = None;
-    for chunk in puts.chunks(PUTS_PER_TXN) {
+        .await
+        .context("writing the grant")?;
+    let mut committed = BTreeMap::new();
+    let mut revision = created.header().map(etcd_client::ResponseHeader::revision);
+    let rest = if created.succeeded() {
+        let now = Instant::now();
+        committed.extend(
+            planned.record.targeted[..first_chunk - 1]
+                .iter()
+                .map(|h| (h.clone(), now)),
+        );
+        puts.split_off(first_chunk)
+    } else {
+        match existing_record(client, id).await? {
+            Some((record, own)) if record == planned.record => {
+                tracing::info!("fleet grant {id}: an earlier attempt wrote it; writing every copy");
+                let _ = client.lease_revoke(lease).await;
+                lease = own;
+                revision = None;
+                copies(lease)
+            }
+            Some(_) => bail!("fleet grant {id} exists already; choose another id"),
+            None => bail!("fleet grant {id}: its record vanished while writing; try again"),
+        }
+    };
+    let mut hosts = planned.record.targeted[planned.record.targeted.len() - rest.len()..].iter();
+    for chunk in rest.chunks(PUTS_PER_TXN) {
         let done = client
             .txn(Txn::new().and_then(chunk.to_vec()))
             .await
             .context("writing the grant")?;
-        first = first.or(done.header().map(etcd_client::ResponseHeader::revision));
+        let now = Instant::now();
+        revision = revision.or(done.header().map(etcd_client::ResponseHeader::revision));
+        committed.extend(hosts.by_ref().take(chunk.len()).map(|h| (h.clone(), now)));
     }
     Ok(Written {
-        record,
-        revision: first.unwrap_or_default(),
+        record: planned.record.clone(),
+        revision: revision.unwrap_or_default(),
+        committed,
     })
+}
+
+/// Plans and writes the grant for every host named or carrying all of
+/// `labels`.
+pub async fn request(client: &mut Client, ask: &GrantAsk) -> anyhow::Result<Written> {
+    let planned = plan(client, ask).await?;
+    write(client, &planned).await
 }
 
 /// The broker's record of fleet grant `id`.

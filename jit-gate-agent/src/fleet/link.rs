@@ -2,7 +2,7 @@
 //! log see it: connected or not since when, why the last call failed, the
 //! revision applied, and counts of outcomes. Transitions are audited.
 
-use std::time::SystemTime;
+use std::{collections::VecDeque, time::SystemTime};
 
 use crate::{
     audit::{AGENT, Event, Kind},
@@ -16,7 +16,15 @@ pub(super) struct Link {
     report: FleetReport,
     /// The connection state last audited (`None`: nothing audited yet).
     audited: Option<bool>,
+    /// The grant ids refused lately, so that a grant answered again (its
+    /// event redelivered after a session broke before its revision was
+    /// persisted) counts once; applied grants count once by the engine's
+    /// idempotency key.
+    refused: VecDeque<String>,
 }
+
+/// Refused grant ids remembered for counting.
+const REFUSALS_REMEMBERED: usize = 4096;
 
 impl Link {
     pub(super) fn new(host: String, engine: EngineHandle) -> Link {
@@ -32,6 +40,7 @@ impl Link {
                 grants_refused: 0,
             },
             audited: None,
+            refused: VecDeque::new(),
         }
     }
 
@@ -72,12 +81,21 @@ impl Link {
             .map_err(|e| anyhow::anyhow!("listing live fleet grants: {}", e.message))
     }
 
-    pub(super) fn counted(&mut self, applied: bool) {
-        if applied {
-            self.report.grants_applied += 1;
-        } else {
-            self.report.grants_refused += 1;
+    /// Counts a grant applied for the first time.
+    pub(super) fn applied(&mut self) {
+        self.report.grants_applied += 1;
+    }
+
+    /// Counts grant `id` refused, unless it was refused lately.
+    pub(super) fn refused(&mut self, id: &str) {
+        if self.refused.iter().any(|r| r == id) {
+            return;
         }
+        if self.refused.len() == REFUSALS_REMEMBERED {
+            self.refused.pop_front();
+        }
+        self.refused.push_back(id.to_owned());
+        self.report.grants_refused += 1;
     }
 
     /// etcd answered: reported, audited if it was not connected.

@@ -3,13 +3,15 @@
 //! policy. `layout`: keys and values (shared with the broker CLI);
 //! `config`: `[fleet]`; `client`: the etcd connection; `link`: the link's
 //! state for status, metrics and audit; `sync`: the agent's snapshot and
-//! watch loop; `broker`: what `jit-gate fleet` writes and reads.
+//! watch loop; `broker`: what `jit-gate fleet` writes and reads; `retry`:
+//! the broker's calls retried across elections.
 
 pub mod broker;
 mod client;
 mod config;
 pub mod layout;
 mod link;
+pub mod retry;
 mod sync;
 
 pub use client::{EtcdOptions, FleetClientError};

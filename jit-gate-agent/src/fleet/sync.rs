@@ -326,12 +326,12 @@ impl Session<'_> {
         let answer = match outcome {
             Ok(outcome) => {
                 if !outcome.replayed {
-                    self.link.counted(true);
+                    self.link.applied();
                 }
                 Ok(outcome.grants)
             }
             Err(refusal) => {
-                self.link.counted(false);
+                self.link.refused(&id);
                 Err(refusal.message)
             }
         };

@@ -40,7 +40,7 @@ use jit_gate_agent::{
 use jit_gate_tests::{
     agent::{Agent, AgentFiles, PinnedGrants, access, client},
     interruption::Interruption,
-    measure::{Percentiles, connect_time, percentiles},
+    measure::{Percentiles, connect_time, percentiles, rss_mib},
     netns::{GATED_V4, Netns, Topology, enter},
     traffic::TcpEcho,
 };
@@ -224,19 +224,6 @@ async fn fill(
         times.extend(task.await??);
     }
     Ok((f64::from(total) / start.elapsed().as_secs_f64(), times))
-}
-
-fn rss_mib(pid: i32) -> Result<(f64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| -> Result<f64> {
-        let line = status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .with_context(|| format!("{name} missing"))?;
-        let kib: f64 = line.split_whitespace().nth(1).context("value")?.parse()?;
-        Ok(kib / 1024.0)
-    };
-    Ok((field("VmRSS:")?, field("VmHWM:")?))
 }
 
 /// Size of the database with its write-ahead log.

@@ -11,6 +11,7 @@ use jit_gate_agent::fleet::{
     EtcdOptions,
     broker::{self, GrantAsk, HostOutcome},
     layout::{FleetPort, GrantRecord, Outcome, StatusValue},
+    retry::retrying,
 };
 
 use crate::{
@@ -50,6 +51,10 @@ pub(crate) struct FleetArgs {
     /// Longest wait for each etcd call.
     #[arg(long = "etcd-timeout", value_name = "DURATION", default_value = "5s", value_parser = parse_timeout)]
     pub etcd_timeout: Duration,
+    /// How long a command whose etcd call met an election or a member that
+    /// went away keeps retrying (on the next member, with backoff).
+    #[arg(long = "etcd-retry", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub etcd_retry: Duration,
     #[command(subcommand)]
     pub command: FleetCommand,
 }
@@ -130,7 +135,7 @@ pub(crate) async fn run(args: FleetArgs, json: bool) -> anyhow::Result<Exit> {
         _ => None,
     };
     let options = EtcdOptions::new(args.endpoints.clone(), tls, args.etcd_timeout)?;
-    let mut client = options.connect().await?;
+    let retry = args.etcd_retry;
     match args.command {
         FleetCommand::Request(request) => {
             let requester = request
@@ -156,7 +161,16 @@ pub(crate) async fn run(args: FleetArgs, json: bool) -> anyhow::Result<Exit> {
                 justification: request.justification,
                 ticket: request.ticket,
             };
-            let written = broker::request(&mut client, &ask).await?;
+            // Planned once: a retried write writes the same grant, which
+            // hosts apply once (`broker::write`).
+            let (_, planned) = retrying(&options, retry, async |client| {
+                broker::plan(client, &ask).await
+            })
+            .await?;
+            let (mut client, written) = retrying(&options, retry, async |client| {
+                broker::write(client, &planned).await
+            })
+            .await?;
             print_written(&written.record, json);
             finish(
                 &mut client,
@@ -170,8 +184,10 @@ pub(crate) async fn run(args: FleetArgs, json: bool) -> anyhow::Result<Exit> {
             .await
         }
         FleetCommand::Revoke(revoke) => {
-            let revoked =
-                broker::revoke(&mut client, &revoke.id, revoke.terminate, &revoke.reason).await?;
+            let (mut client, revoked) = retrying(&options, retry, async |client| {
+                broker::revoke(client, &revoke.id, revoke.terminate, &revoke.reason).await
+            })
+            .await?;
             if !json {
                 println!(
                     "revoked {} on {} hosts (of {} targeted; the others' copies are gone)",
@@ -192,7 +208,10 @@ pub(crate) async fn run(args: FleetArgs, json: bool) -> anyhow::Result<Exit> {
             .await
         }
         FleetCommand::Status { id } => {
-            let (record, outcomes) = broker::status(&mut client, &id).await?;
+            let (_, (record, outcomes)) = retrying(&options, retry, async |client| {
+                broker::status(client, &id).await
+            })
+            .await?;
             if json {
                 println!(
                     "{}",
