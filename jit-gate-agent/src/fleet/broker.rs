@@ -164,6 +164,14 @@ pub async fn plan(client: &mut Client, ask: &GrantAsk) -> anyhow::Result<Planned
         value,
         ttl: (ask.duration + LEASE_GRACE).as_secs().max(1) as i64,
     };
+    let record_bytes = serde_json::to_vec(&planned.record)?.len();
+    if record_bytes > layout::MAX_RECORD_BYTES {
+        bail!(
+            "the grant's record (every targeted host by name) is {record_bytes} bytes, at most {}: \
+             split the grant",
+            layout::MAX_RECORD_BYTES
+        );
+    }
     if existing_record(client, &ask.id).await?.is_some() {
         bail!("fleet grant {} exists already; choose another id", ask.id);
     }
@@ -182,7 +190,7 @@ async fn existing_record(
     read.kvs()
         .first()
         .map(|kv| {
-            layout::parse_bounded(kv.value())
+            GrantRecord::parse(kv.value())
                 .map(|record| (record, kv.lease()))
                 .map_err(anyhow::Error::msg)
         })
@@ -294,7 +302,7 @@ pub async fn record(client: &mut Client, id: &str) -> anyhow::Result<GrantRecord
         .kvs()
         .first()
         .with_context(|| format!("no fleet grant {id} (never written, or its lease ran out)"))?;
-    layout::parse_bounded(kv.value()).map_err(anyhow::Error::msg)
+    GrantRecord::parse(kv.value()).map_err(anyhow::Error::msg)
 }
 
 /// A revocation written: the grant's record, the hosts whose copy was

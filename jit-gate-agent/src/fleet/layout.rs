@@ -24,6 +24,10 @@ pub const ROOT: &str = "/jit-gate/v1/";
 pub const VALUE_VERSION: u32 = 1;
 /// Largest value the agent reads; a bigger one is refused unread.
 pub const MAX_VALUE_BYTES: usize = 16 * 1024;
+/// Largest grant record, which only brokers read: it names every host
+/// targeted (about 1,500 host names fill `MAX_VALUE_BYTES`), and stays
+/// under etcd's default request limit of 1.5 MiB.
+pub const MAX_RECORD_BYTES: usize = 1024 * 1024;
 /// Longest host name, grant id, broker name and label.
 pub const MAX_NAME_LEN: usize = 63;
 /// Labels one host may carry and one grant may address.
@@ -259,11 +263,19 @@ pub struct StatusValue {
 
 /// Parses a JSON value of at most `MAX_VALUE_BYTES` with `"version": 1`.
 pub fn parse_bounded<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, String> {
-    if bytes.len() > MAX_VALUE_BYTES {
-        return Err(format!(
-            "value of {} bytes, at most {MAX_VALUE_BYTES}",
-            bytes.len()
-        ));
+    parse_within(bytes, MAX_VALUE_BYTES)
+}
+
+impl GrantRecord {
+    /// Parses a record of at most `MAX_RECORD_BYTES`.
+    pub fn parse(bytes: &[u8]) -> Result<GrantRecord, String> {
+        parse_within(bytes, MAX_RECORD_BYTES)
+    }
+}
+
+fn parse_within<T: for<'de> Deserialize<'de>>(bytes: &[u8], limit: usize) -> Result<T, String> {
+    if bytes.len() > limit {
+        return Err(format!("value of {} bytes, at most {limit}", bytes.len()));
     }
     let probe: serde_json::Value =
         serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
@@ -287,6 +299,28 @@ pub fn id_below<'k>(prefix: &str, key: &'k str) -> Option<&'k str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn records_of_thousands_of_hosts_parse_and_their_bound_holds() {
+        let record = |hosts: usize| GrantRecord {
+            version: VALUE_VERSION,
+            id: "g".into(),
+            broker: "b".into(),
+            hosts: Vec::new(),
+            labels: vec!["db".into()],
+            targeted: (0..hosts).map(|i| format!("host-{i:05}")).collect(),
+            until_ms: 1,
+        };
+        let ten_thousand = serde_json::to_vec(&record(10_000)).unwrap();
+        assert!(ten_thousand.len() > MAX_VALUE_BYTES);
+        assert_eq!(GrantRecord::parse(&ten_thousand), Ok(record(10_000)));
+        let too_big = serde_json::to_vec(&record(MAX_RECORD_BYTES / 10)).unwrap();
+        assert!(
+            GrantRecord::parse(&too_big)
+                .unwrap_err()
+                .contains("at most")
+        );
+    }
 
     #[test]
     fn names_cannot_escape_their_key() {
