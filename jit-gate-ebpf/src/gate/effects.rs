@@ -228,7 +228,10 @@ fn report_deny(
     };
     // SAFETY: this CPU's slot.
     let budget = unsafe { &mut *budget };
-    let (limit, window) = (u64::from(config.deny_events_per_window), config.deny_window_ns);
+    let (limit, window) = (
+        u64::from(config.deny_events_per_window),
+        config.deny_window_ns,
+    );
     if budget.sent >= limit && !window_may_have_ended(budget.window_start_coarse_ns, window) {
         return;
     }
