@@ -348,8 +348,8 @@ impl Rules for Gate {}
 
 /// The boot-time clock the verdict reads, only when a grant's expiry or a
 /// flow's age matters: most drops and passes never need the time. A `u64`
-/// is a clock stopped at that instant; the program's reads the kernel's
-/// clock once, the first time it is asked.
+/// is a clock stopped at that instant; the program's clock reads the
+/// kernel's once, the first time it is asked.
 pub trait BootClock {
     fn boot_ns(&self) -> u64;
 }
