@@ -14,24 +14,13 @@ const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
 
 /// Nanoseconds since boot (`CLOCK_BOOTTIME`), as `bpf_ktime_get_boot_ns` sees it.
 pub fn boot_now_ns() -> u64 {
-    clock_now_ns(libc::CLOCK_BOOTTIME, "CLOCK_BOOTTIME")
-}
-
-/// `CLOCK_MONOTONIC` now: the clock of a flow's last-seen time, which the
-/// program reads with `bpf_ktime_get_coarse_ns` (the same clock at the last
-/// tick, so never ahead of this one). It stops during suspend.
-pub fn monotonic_now_ns() -> u64 {
-    clock_now_ns(libc::CLOCK_MONOTONIC, "CLOCK_MONOTONIC")
-}
-
-fn clock_now_ns(clock: libc::clockid_t, name: &str) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: `ts` is a valid, writable timespec; both clocks always exist on Linux.
-    let rc = unsafe { libc::clock_gettime(clock, &raw mut ts) };
-    assert_eq!(rc, 0, "clock_gettime({name}) failed");
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_BOOTTIME always exists on Linux.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &raw mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_BOOTTIME) failed");
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 

@@ -381,12 +381,8 @@ pub struct FlowValue {
     /// When its SYN (or first datagram) passed; a SYN under a live grant
     /// restarts it while the handshake is incomplete.
     pub opened_at_boot_ns: u64,
-    /// When a packet of the flow last passed, to the second, on
-    /// `CLOCK_MONOTONIC` as the kernel's coarse clock reads it (to a tick,
-    /// a few nanoseconds where boot time costs a clock read). Not boot time:
-    /// it stops during suspend, so a flow idle across a suspend ages out
-    /// that much later; only flow ageing reads it, never a grant's expiry.
-    pub last_seen_mono_ns: u64,
+    /// When a packet of the flow last passed, to the second.
+    pub last_seen_boot_ns: u64,
     /// `flow_state` bits.
     pub state: u32,
     pub _pad: u32,

@@ -521,7 +521,7 @@ mod tests {
         FlowValue {
             grant_id: 7,
             opened_at_boot_ns,
-            last_seen_mono_ns: opened_at_boot_ns,
+            last_seen_boot_ns: opened_at_boot_ns,
             state,
             _pad: 0,
         }

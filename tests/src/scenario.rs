@@ -17,7 +17,7 @@ use aya::{
 };
 use ipnet::IpNet;
 use jit_gate_agent::{
-    clock::{boot_now_ns, monotonic_now_ns},
+    clock::boot_now_ns,
     enforce::xdp::{GateOptions, GrantLimits, XdpGate},
     net::{
         GrantTarget,
@@ -429,7 +429,7 @@ impl Sides {
             let value = FlowValue {
                 grant_id,
                 opened_at_boot_ns: opened,
-                last_seen_mono_ns: monotonic_now_ns(),
+                last_seen_boot_ns: opened,
                 state: if established {
                     flow_state::ESTABLISHED
                 } else {

@@ -15,8 +15,8 @@ use std::{
 use jit_gate_common::maps::{FlowKey, FlowValue, flow_state};
 
 use crate::{
-    clock::{boot_now_ns, boot_to_wall, monotonic_now_ns},
-    enforce::xdp::{Flow, XdpGate},
+    clock::{boot_now_ns, boot_to_wall},
+    enforce::xdp::XdpGate,
     flows::{Connection, conntrack, sockets},
     grants::{ActiveGrant, ActiveGrants},
     net::{GrantTarget, Protocol},
@@ -27,8 +27,7 @@ use crate::{
 /// sent FIN or RST.
 const TCP_FLOW_GRACE: Duration = Duration::from_secs(30);
 /// A UDP flow neither conntrack nor a connected socket shows is forgotten
-/// once no packet of it passed for this long (on `CLOCK_MONOTONIC`, as the
-/// program keeps last-seen times: a suspend does not count).
+/// once no packet of it passed for this long.
 const UDP_FLOW_IDLE: Duration = Duration::from_mins(2);
 
 /// A connection as listed by the API.
@@ -91,12 +90,13 @@ pub(super) fn seed(
     for connection in host_connections(protected) {
         let key = connection.flow_key();
         if !tracked.contains(&key) {
+            let now = boot_now_ns();
             xdp.insert_flow(
                 key,
                 FlowValue {
                     grant_id: 0,
-                    opened_at_boot_ns: boot_now_ns(),
-                    last_seen_mono_ns: monotonic_now_ns(),
+                    opened_at_boot_ns: now,
+                    last_seen_boot_ns: now,
                     state: flow_state::ESTABLISHED,
                     _pad: 0,
                 },
@@ -160,43 +160,25 @@ impl FlowWatch {
     }
 }
 
-/// The clocks a flow's times are on, read once per pass over the table.
-#[derive(Clone, Copy)]
-struct Now {
-    /// `CLOCK_BOOTTIME`: when a flow opened.
-    boot_ns: u64,
-    /// `CLOCK_MONOTONIC`: when a flow's packet last passed.
-    monotonic_ns: u64,
-}
-
-impl Now {
-    fn read() -> Self {
-        Now {
-            boot_ns: boot_now_ns(),
-            monotonic_ns: monotonic_now_ns(),
-        }
-    }
-}
-
-/// Whether a UDP flow has seen no packet for the idle timeout.
-fn udp_idle(flow: &Flow, now: Now) -> bool {
-    flow.idle_for(now.monotonic_ns) > UDP_FLOW_IDLE
-}
-
 /// Why a flow is removed, if it is.
-fn dead(flow: &Flow, connection: &Connection, alive: bool, now: Now, half_open: Duration) -> bool {
-    let (value, now_boot) = (&flow.value, now.boot_ns);
+fn dead(
+    flow: &FlowValue,
+    connection: &Connection,
+    alive: bool,
+    now: u64,
+    half_open: Duration,
+) -> bool {
     match connection.protocol {
-        Protocol::Tcp if value.state & flow_state::ESTABLISHED == 0 => {
+        Protocol::Tcp if flow.state & flow_state::ESTABLISHED == 0 => {
             // The program no longer honours it; it only holds quota.
-            since(value.opened_at_boot_ns, now_boot) >= half_open
+            since(flow.opened_at_boot_ns, now) >= half_open
         }
         Protocol::Tcp => {
             !alive
-                && (value.state & (flow_state::FIN_SEEN | flow_state::RST_SEEN) != 0
-                    || since(value.opened_at_boot_ns, now_boot) > TCP_FLOW_GRACE)
+                && (flow.state & (flow_state::FIN_SEEN | flow_state::RST_SEEN) != 0
+                    || since(flow.opened_at_boot_ns, now) > TCP_FLOW_GRACE)
         }
-        Protocol::Udp => !alive && udp_idle(flow, now),
+        Protocol::Udp => !alive && since(flow.last_seen_boot_ns, now) > UDP_FLOW_IDLE,
     }
 }
 
@@ -213,7 +195,7 @@ pub(super) fn forget_dead_flows(
         .iter()
         .map(Connection::flow_key)
         .collect();
-    let now = Now::read();
+    let now = boot_now_ns();
     let half_open = xdp.options().half_open_timeout;
     let mut removed = 0;
     let mut grants_with_flows = BTreeSet::new();
@@ -222,7 +204,7 @@ pub(super) fn forget_dead_flows(
             continue;
         };
         if dead(
-            &flow,
+            &flow.value,
             &connection,
             alive.contains(&flow.key),
             now,
@@ -324,14 +306,15 @@ pub(super) fn list(
     active: &ActiveGrants,
 ) -> anyhow::Result<Vec<ConnectionInfo>> {
     let host = host_connections(protected);
-    let now = Now::read();
+    let now = boot_now_ns();
     let mut out: BTreeMap<Connection, ConnectionInfo> = BTreeMap::new();
     if let Some(xdp) = xdp {
         for flow in xdp.flows()? {
             let Some(connection) = Connection::from_flow_key(&flow.key) else {
                 continue;
             };
-            let udp_recent = connection.protocol == Protocol::Udp && !udp_idle(&flow, now);
+            let udp_recent = connection.protocol == Protocol::Udp
+                && since(flow.value.last_seen_boot_ns, now) <= UDP_FLOW_IDLE;
             if host.contains(&connection) || udp_recent {
                 out.insert(
                     connection,

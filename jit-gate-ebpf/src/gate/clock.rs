@@ -1,8 +1,7 @@
 //! The program's clocks: boot time read from the kernel at most once per
-//! frame and only when asked (a grant's expiry, a handshake's age, a deny
-//! event's time or window), and the coarse clock: a flow's last-seen time,
-//! and what lets a spent deny budget skip boot time until its window may
-//! have ended.
+//! frame and only when asked (a grant's expiry, a flow's age, a deny
+//! event's time or window), and the coarse clock that lets a spent deny
+//! budget skip boot time until its window may have ended.
 
 use core::cell::Cell;
 

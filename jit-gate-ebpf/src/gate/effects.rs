@@ -51,14 +51,12 @@ pub fn carry_out<R: Rules>(
                 if flow.state & set_state != set_state {
                     flow.state |= set_state;
                 }
-                // Last-seen is on the coarse clock: the tracked path reads
-                // no precise time (boot time only restarts a handshake).
-                let seen = coarse_ns();
+                let now = clock.boot_ns();
                 if restart_handshake {
-                    flow.opened_at_boot_ns = clock.boot_ns();
-                    flow.last_seen_mono_ns = seen;
-                } else if seen.wrapping_sub(flow.last_seen_mono_ns) >= LAST_SEEN_GRANULARITY_NS {
-                    flow.last_seen_mono_ns = seen;
+                    flow.opened_at_boot_ns = now;
+                    flow.last_seen_boot_ns = now;
+                } else if now.wrapping_sub(flow.last_seen_boot_ns) >= LAST_SEEN_GRANULARITY_NS {
+                    flow.last_seen_boot_ns = now;
                 }
             }
             0
@@ -131,7 +129,7 @@ fn open_flow<R: Rules>(
     let flow = FlowValue {
         grant_id: id,
         opened_at_boot_ns: now,
-        last_seen_mono_ns: coarse_ns(),
+        last_seen_boot_ns: now,
         state,
         _pad: 0,
     };

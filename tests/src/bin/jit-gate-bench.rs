@@ -30,7 +30,7 @@ use aya::{
 };
 use clap::Parser;
 use jit_gate_agent::{
-    clock::{boot_now_ns, monotonic_now_ns},
+    clock::boot_now_ns,
     enforce::xdp::XdpGate,
     net::{GrantTarget, Protocol},
 };
@@ -267,7 +267,7 @@ fn setup(gate: &mut XdpGate) -> Result<u64> {
         FlowValue {
             grant_id: 4,
             opened_at_boot_ns: boot_now_ns(),
-            last_seen_mono_ns: monotonic_now_ns(),
+            last_seen_boot_ns: boot_now_ns(),
             state: flow_state::ESTABLISHED,
             _pad: 0,
         },

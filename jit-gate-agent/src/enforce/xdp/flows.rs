@@ -5,7 +5,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
-    time::Duration,
 };
 
 use aya::maps::{MapData, MapError, RingBuf};
@@ -23,14 +22,6 @@ use crate::net::Protocol;
 pub struct Flow {
     pub key: FlowKey,
     pub value: FlowValue,
-}
-
-impl Flow {
-    /// How long before `monotonic_now_ns` (`clock::monotonic_now_ns`) a
-    /// packet of the flow last passed, to the second the program keeps.
-    pub fn idle_for(&self, monotonic_now_ns: u64) -> Duration {
-        Duration::from_nanos(monotonic_now_ns.saturating_sub(self.value.last_seen_mono_ns))
-    }
 }
 
 /// A grant's flow counters.
