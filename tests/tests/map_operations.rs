@@ -1,7 +1,9 @@
 //! The enforcement library's map operations, observed through the loaded
 //! program with `BPF_PROG_TEST_RUN`: removing grants and flows, wall-clock
 //! expiries, per-grant flow limits (quota, single use) and their counters,
-//! a full flow table, and the budgeted deny-event ring buffer.
+//! a full flow table, flows' last-seen times on the clock the agent ages
+//! flows by,
+//! and the budgeted deny-event ring buffer.
 
 #![allow(
     unused_crate_dependencies,
@@ -233,6 +235,82 @@ fn a_full_flow_table_refuses_new_connections_and_keeps_every_flow() {
     let first = gate.flows().expect("flows")[0].key;
     gate.remove_flow(&first).expect("remove");
     assert!(passes_from(&gate, other, 1, tcp_flags::SYN), "room again");
+}
+
+#[test]
+fn last_seen_times_are_on_the_clock_the_agent_ages_flows_by() {
+    const SYSLOG: u16 = 514;
+    let pins = PinDir::new();
+    let mut gate = gate(&pins);
+    gate.set_protected_ports(&BTreeSet::from([(Protocol::Udp, SYSLOG)]))
+        .expect("protect syslog");
+    let syslog = GrantTarget {
+        source: "198.51.100.7/32".parse().expect("source"),
+        protocol: Protocol::Udp,
+        port: SYSLOG,
+    };
+    gate.upsert_grant(&syslog, boot_now_ns() + MINUTE_NS, 1)
+        .expect("grant");
+    let datagram = |gate: &XdpGate, src_port: u16| {
+        let frame = Packet::udp(CLIENT, HOST, SYSLOG)
+            .src_port(src_port)
+            .build()
+            .bytes;
+        let result = gate
+            .program()
+            .test_run(TestRunOptions {
+                data_in: Some(&frame),
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        assert_eq!(
+            result.return_value, 2,
+            "datagram from port {src_port} passes"
+        );
+    };
+    let within = |flow: &jit_gate_agent::enforce::xdp::Flow, before: u64, after: u64| {
+        let seen = flow.value.last_seen_boot_ns;
+        assert!(
+            (before..=after).contains(&seen),
+            "last seen at {seen}, read between {before} and {after} on CLOCK_BOOTTIME"
+        );
+        assert!(flow.idle_for(after) <= Duration::from_nanos(after - before));
+    };
+    let flow_from = |gate: &XdpGate, src_port: u16| {
+        gate.flows()
+            .expect("flows")
+            .into_iter()
+            .find(|f| f.key.src_port == src_port)
+            .unwrap_or_else(|| panic!("no flow from port {src_port}"))
+    };
+
+    // A new flow is stamped on the agent's clock.
+    let before = boot_now_ns();
+    datagram(&gate, 40_001);
+    datagram(&gate, 40_002);
+    let after = boot_now_ns();
+    for src_port in [40_001, 40_002] {
+        within(&flow_from(&gate, src_port), before, after);
+    }
+
+    // Both idle for ten minutes; then traffic on one refreshes it.
+    let ten_minutes_ago = boot_now_ns() - 10 * MINUTE_NS;
+    for src_port in [40_001, 40_002] {
+        let mut flow = flow_from(&gate, src_port);
+        flow.value.last_seen_boot_ns = ten_minutes_ago;
+        gate.insert_flow(flow.key, flow.value)
+            .expect("age the flow");
+    }
+    let before = boot_now_ns();
+    datagram(&gate, 40_001);
+    let after = boot_now_ns();
+    within(&flow_from(&gate, 40_001), before, after);
+    let idle = flow_from(&gate, 40_002).idle_for(boot_now_ns());
+    assert!(
+        idle >= Duration::from_secs(10 * 60),
+        "a flow without traffic stays idle, {idle:?}"
+    );
+    assert_eq!(reasons(&gate)[&Reason::PassTrackedFlow], 1);
 }
 
 fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>) -> Vec<DenyEvent> {

@@ -16,7 +16,7 @@ use jit_gate_common::maps::{FlowKey, FlowValue, flow_state};
 
 use crate::{
     clock::{boot_now_ns, boot_to_wall},
-    enforce::xdp::XdpGate,
+    enforce::xdp::{Flow, XdpGate},
     flows::{Connection, conntrack, sockets},
     grants::{ActiveGrant, ActiveGrants},
     net::{GrantTarget, Protocol},
@@ -160,25 +160,26 @@ impl FlowWatch {
     }
 }
 
+/// Whether a UDP flow has seen no packet for the idle timeout at boot time
+/// `now`.
+fn udp_idle(flow: &Flow, now: u64) -> bool {
+    flow.idle_for(now) > UDP_FLOW_IDLE
+}
+
 /// Why a flow is removed, if it is.
-fn dead(
-    flow: &FlowValue,
-    connection: &Connection,
-    alive: bool,
-    now: u64,
-    half_open: Duration,
-) -> bool {
+fn dead(flow: &Flow, connection: &Connection, alive: bool, now: u64, half_open: Duration) -> bool {
+    let value = &flow.value;
     match connection.protocol {
-        Protocol::Tcp if flow.state & flow_state::ESTABLISHED == 0 => {
+        Protocol::Tcp if value.state & flow_state::ESTABLISHED == 0 => {
             // The program no longer honours it; it only holds quota.
-            since(flow.opened_at_boot_ns, now) >= half_open
+            since(value.opened_at_boot_ns, now) >= half_open
         }
         Protocol::Tcp => {
             !alive
-                && (flow.state & (flow_state::FIN_SEEN | flow_state::RST_SEEN) != 0
-                    || since(flow.opened_at_boot_ns, now) > TCP_FLOW_GRACE)
+                && (value.state & (flow_state::FIN_SEEN | flow_state::RST_SEEN) != 0
+                    || since(value.opened_at_boot_ns, now) > TCP_FLOW_GRACE)
         }
-        Protocol::Udp => !alive && since(flow.last_seen_boot_ns, now) > UDP_FLOW_IDLE,
+        Protocol::Udp => !alive && udp_idle(flow, now),
     }
 }
 
@@ -204,7 +205,7 @@ pub(super) fn forget_dead_flows(
             continue;
         };
         if dead(
-            &flow.value,
+            &flow,
             &connection,
             alive.contains(&flow.key),
             now,
@@ -313,8 +314,7 @@ pub(super) fn list(
             let Some(connection) = Connection::from_flow_key(&flow.key) else {
                 continue;
             };
-            let udp_recent = connection.protocol == Protocol::Udp
-                && since(flow.value.last_seen_boot_ns, now) <= UDP_FLOW_IDLE;
+            let udp_recent = connection.protocol == Protocol::Udp && !udp_idle(&flow, now);
             if host.contains(&connection) || udp_recent {
                 out.insert(
                     connection,

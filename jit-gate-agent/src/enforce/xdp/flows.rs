@@ -5,6 +5,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    time::Duration,
 };
 
 use aya::maps::{MapData, MapError, RingBuf};
@@ -22,6 +23,14 @@ use crate::net::Protocol;
 pub struct Flow {
     pub key: FlowKey,
     pub value: FlowValue,
+}
+
+impl Flow {
+    /// How long before boot time `now_boot_ns` a packet of the flow last
+    /// passed, to the second the program keeps: what ages idle flows.
+    pub fn idle_for(&self, now_boot_ns: u64) -> Duration {
+        Duration::from_nanos(now_boot_ns.saturating_sub(self.value.last_seen_boot_ns))
+    }
 }
 
 /// A grant's flow counters.
