@@ -50,11 +50,11 @@ fn gate(pins: &PinDir) -> XdpGate {
 
 /// Whether a TCP segment from `src`:`src_port` to SSH passes.
 fn passes_from(gate: &XdpGate, src: IpAddr, src_port: u16, flags: u8) -> bool {
-    frame_passes(gate, Packet::tcp(src, HOST, SSH, flags).src_port(src_port))
+    frame_passes(gate, &Packet::tcp(src, HOST, SSH, flags).src_port(src_port))
 }
 
 /// Whether the program passes `packet`.
-fn frame_passes(gate: &XdpGate, packet: Packet) -> bool {
+fn frame_passes(gate: &XdpGate, packet: &Packet) -> bool {
     let frame = packet.build().bytes;
     let result = gate
         .program()
@@ -256,7 +256,7 @@ fn last_seen_times_are_on_the_clock_the_agent_ages_flows_by() {
     let datagram = |gate: &XdpGate, src_port: u16| {
         let datagram = Packet::udp(CLIENT, HOST, SYSLOG).src_port(src_port);
         assert!(
-            frame_passes(gate, datagram),
+            frame_passes(gate, &datagram),
             "datagram from port {src_port} passes"
         );
     };
@@ -299,7 +299,7 @@ fn last_seen_times_are_on_the_clock_the_agent_ages_flows_by() {
     within(&flow_from(&gate, 40_001), before, after);
     let idle = flow_from(&gate, 40_002).idle_for(boot_now_ns());
     assert!(
-        idle >= Duration::from_secs(10 * 60),
+        idle >= Duration::from_mins(10),
         "a flow without traffic stays idle, {idle:?}"
     );
     assert_eq!(reasons(&gate)[&Reason::PassTrackedFlow], 1);
