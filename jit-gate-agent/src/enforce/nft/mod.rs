@@ -147,8 +147,8 @@ pub struct NftGate {
     /// for: building it takes a while, and it rarely changes.
     wanted: Mutex<Option<(Vec<AllowSet>, structure::Structure)>>,
     /// The allow groups the table holds, as this gate last read or wrote
-    /// them (`None`: unknown, read on the next write). Listing the table's
-    /// sets (65 per group) on every write cost more than the write.
+    /// them (`None`: unknown, read on the next write), so that a write
+    /// does not first dump the table's sets (65 per group).
     groups: Mutex<Option<BTreeSet<AllowSet>>>,
 }
 
