@@ -443,7 +443,7 @@ fn main() -> Result<()> {
         let (grants_per_second, throughput_rpc) = fill(&api, args.grants, args.concurrency).await?;
         let cpu_after = cpu_time(agent.pid(), ENGINE_THREAD)?;
         let per_grant = |before: Duration, after: Duration| {
-            (after - before).as_secs_f64() * 1e6 / f64::from(args.grants)
+            after.saturating_sub(before).as_secs_f64() * 1e6 / f64::from(args.grants)
         };
         let listed = api
             .get_status(proto::GetStatusRequest {})
