@@ -346,12 +346,12 @@ fn request(
     principal: &str,
     request_id: &str,
 ) -> Result<Option<(String, Vec<Grant>)>> {
+    // Asked once per request: prepared once (parsing it cost more than running it).
     let fingerprint: Option<String> = conn
-        .query_row(
+        .prepare_cached(
             "SELECT request_fingerprint FROM grants WHERE principal = ?1 AND request_id = ?2 LIMIT 1",
-            [principal, request_id],
-            |r| r.get(0),
-        )
+        )?
+        .query_row([principal, request_id], |r| r.get(0))
         .optional()?;
     let Some(fingerprint) = fingerprint else {
         return Ok(None);
