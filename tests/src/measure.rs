@@ -61,11 +61,11 @@ pub fn rss_mib(pid: i32) -> Result<(f64, f64)> {
 /// Bytes of each table and index of the `SQLite` database at `path`
 /// (pages, from its `dbstat` table), largest first.
 pub fn database_bytes(path: &std::path::Path) -> Result<Vec<(String, i64)>> {
-    let db = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .with_context(|| format!("open {}", path.display()))?;
-    let mut stmt = db.prepare(
-        "SELECT name, SUM(pgsize) FROM dbstat GROUP BY name ORDER BY SUM(pgsize) DESC",
-    )?;
+    let db =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .with_context(|| format!("open {}", path.display()))?;
+    let mut stmt =
+        db.prepare("SELECT name, SUM(pgsize) FROM dbstat GROUP BY name ORDER BY SUM(pgsize) DESC")?;
     let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }

@@ -493,13 +493,9 @@ impl Enforcement {
                 for snapshot in snapshots {
                     let mut pass = Pass::new(snapshot?);
                     while !pass.is_done() {
-                        if let Some(done) = self.reconcile_step(
-                            layer,
-                            &mut pass,
-                            active,
-                            protected,
-                            Duration::MAX,
-                        )? {
+                        if let Some(done) =
+                            self.reconcile_step(layer, &mut pass, active, protected, Duration::MAX)?
+                        {
                             repairs.extend(done);
                         }
                     }

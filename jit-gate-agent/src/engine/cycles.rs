@@ -196,8 +196,8 @@ impl Engine {
         tracing::debug!("reconciled {layer:?} in {took:?}");
         self.reconcile_durations.observe(took.as_secs_f64());
         let interval = self.config.reconcile_interval;
-        self.cycles.next_start[i] = (cycle.started + interval.saturating_sub(took))
-            .max(now + took / REST_PER_CYCLE);
+        self.cycles.next_start[i] =
+            (cycle.started + interval.saturating_sub(took)).max(now + took / REST_PER_CYCLE);
         super::run::release_free_memory();
     }
 }

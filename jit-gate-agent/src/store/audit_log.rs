@@ -126,7 +126,12 @@ pub(super) fn head(conn: &Connection) -> rusqlite::Result<(u64, String)> {
         .query_row(
             "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
             [],
-            |r| Ok((r.get::<_, i64>(0)? as u64, hex::encode(r.get::<_, Vec<u8>>(1)?))),
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)? as u64,
+                    hex::encode(r.get::<_, Vec<u8>>(1)?),
+                ))
+            },
         )
         .optional()?
         .unwrap_or((0, audit::GENESIS_HASH.to_owned())))
@@ -231,7 +236,13 @@ fn page(
 impl Store {
     /// Audit records above `after`, oldest first, at most `limit`.
     pub fn audit_after(&self, after: u64, limit: u32) -> Result<Vec<AuditRecord>> {
-        page(&self.conn, &self.codec, &AuditFilter::default(), after, limit)
+        page(
+            &self.conn,
+            &self.codec,
+            &AuditFilter::default(),
+            after,
+            limit,
+        )
     }
 
     /// Drops the payload of `ACCESS_DENIED` records older than `before`, at

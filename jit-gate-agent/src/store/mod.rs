@@ -19,8 +19,8 @@ use ipnet::IpNet;
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, params, types::Value};
 
 pub use audit_log::{AuditFilter, AuditReader};
-pub use payload::CodecError;
 pub use fleet_progress::FleetCursor;
+pub use payload::CodecError;
 
 use crate::{
     audit::AuditRecord,
