@@ -413,12 +413,18 @@ pub struct DenyEvent {
     pub grant_id: u64,
 }
 
-/// Per-CPU state of the deny-event budget: events sent in the current window.
+/// Per-CPU state of the deny-event budget: events sent in the current
+/// window, and when it began on two clocks. The window is boot time, read
+/// precisely; the coarse stamp lets a CPU whose budget is spent rule out
+/// the window's end without reading boot time (see the program's
+/// `gate/clock.rs`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct DenyBudget {
     pub window_start_boot_ns: u64,
     pub sent: u64,
+    /// The kernel's coarse monotonic clock when the window began.
+    pub window_start_coarse_ns: u64,
 }
 
 /// Per protected (port, protocol) counters.
@@ -497,7 +503,7 @@ mod tests {
         assert_eq!(size_of::<FlowValue>(), 8 + 8 + 8 + 4 + 4);
         assert_eq!(size_of::<GrantOpens>(), 16);
         assert_eq!(size_of::<DenyEvent>(), 16 + 1 + 1 + 2 + 4 + 8 + 8);
-        assert_eq!(size_of::<DenyBudget>(), 16);
+        assert_eq!(size_of::<DenyBudget>(), 24);
         assert_eq!(size_of::<PortCounters>(), 24);
         assert_eq!(size_of::<GateConfig>(), 4 + 4 + 8 + 8 + 4 + 4);
     }

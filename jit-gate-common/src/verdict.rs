@@ -346,10 +346,25 @@ pub struct Gate;
 
 impl Rules for Gate {}
 
+/// The boot-time clock the verdict reads, only when a grant's expiry or a
+/// flow's age matters: most drops and passes never need the time. A `u64`
+/// is a clock stopped at that instant; the program's clock reads the
+/// kernel's once, the first time it is asked.
+pub trait BootClock {
+    fn boot_ns(&self) -> u64;
+}
+
+impl BootClock for u64 {
+    #[inline(always)]
+    fn boot_ns(&self) -> u64 {
+        *self
+    }
+}
+
 /// The verdict for a packet, at boot time `now_boot_ns`.
 #[inline(always)]
 pub fn decide<L: GateLookups>(facts: &PacketFacts, lookups: &L, now_boot_ns: u64) -> Verdict {
-    decide_by::<Gate, L>(facts, lookups, now_boot_ns)
+    decide_by::<Gate, L, u64>(facts, lookups, &now_boot_ns)
 }
 
 /// Whether the grant entry may open one more flow (see [`Rules::admit`]).
@@ -360,10 +375,10 @@ pub fn admit(grant: &GrantValue, opened_before: u64, closed: u64) -> Result<(), 
 
 /// [`decide`] under the rules `R`.
 #[inline(always)]
-pub fn decide_by<R: Rules, L: GateLookups>(
+pub fn decide_by<R: Rules, L: GateLookups, C: BootClock>(
     facts: &PacketFacts,
     lookups: &L,
-    now_boot_ns: u64,
+    clock: &C,
 ) -> Verdict {
     let (src, dst, upper) = match facts {
         PacketFacts::NotIp => return Verdict::of(Reason::PassNotIp),
@@ -391,7 +406,7 @@ pub fn decide_by<R: Rules, L: GateLookups>(
     let key = FlowKey::of(src, dst, transport);
 
     if R::opens_connection(transport) {
-        let Some((reason, grant)) = live_grant::<R, L>(src, transport, lookups, now_boot_ns) else {
+        let Some((reason, grant)) = live_grant::<R, L, C>(src, transport, lookups, clock) else {
             return Verdict::of(Reason::DropNoGrant);
         };
         let flow = match lookups.flow(&key) {
@@ -411,14 +426,14 @@ pub fn decide_by<R: Rules, L: GateLookups>(
         restart_handshake: false,
     };
     if let Some(tracked) = &flow
-        && R::flow_honoured(tracked, now_boot_ns, lookups.half_open_timeout_ns())
+        && R::flow_honoured(tracked, clock.boot_ns(), lookups.half_open_timeout_ns())
     {
         return Verdict {
             reason: Reason::PassTrackedFlow,
             flow: update,
         };
     }
-    let Some((reason, grant)) = live_grant::<R, L>(src, transport, lookups, now_boot_ns) else {
+    let Some((reason, grant)) = live_grant::<R, L, C>(src, transport, lookups, clock) else {
         return Verdict::of(Reason::DropNoGrant);
     };
     let flow = match flow {
@@ -436,14 +451,14 @@ pub fn decide_by<R: Rules, L: GateLookups>(
 /// The live grant the source holds for the packet's (protocol, port): the
 /// exact one, else (only if any CIDR grant exists) the longest CIDR prefix.
 #[inline(always)]
-fn live_grant<R: Rules, L: GateLookups>(
+fn live_grant<R: Rules, L: GateLookups, C: BootClock>(
     src: &Address,
     transport: &Transport,
     lookups: &L,
-    now_boot_ns: u64,
+    clock: &C,
 ) -> Option<(Reason, GrantValue)> {
     let (protocol, port) = (transport.protocol, transport.dst_port);
-    let live = |grant: Option<GrantValue>| grant.filter(|g| R::grant_live(g, now_boot_ns));
+    let live = |grant: Option<GrantValue>| grant.filter(|g| R::grant_live(g, clock.boot_ns()));
     if let Some(grant) = live(lookups.exact_grant(src, protocol, port)) {
         return Some((Reason::PassExactGrant, grant));
     }

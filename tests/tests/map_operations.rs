@@ -292,9 +292,20 @@ fn deny_events_are_budgeted_per_cpu_and_the_counters_carry_every_denial() {
         assert!(!passes(&gate, tcp_flags::SYN));
     }
     assert_eq!(drain(&mut ring).len(), 5);
+    // A window longer than the coarse clock's lag: a spent budget waits on
+    // the coarse clock, and still renews once the window has passed.
+    let window = Duration::from_secs(1);
+    gate.set_deny_budget(2, window).expect("budget");
+    for _ in 0..2 {
+        std::thread::sleep(window + Duration::from_millis(100));
+        for _ in 0..4 {
+            assert!(!passes(&gate, tcp_flags::SYN));
+        }
+        assert_eq!(drain(&mut ring).len(), 2, "a new window's budget");
+    }
     let counters = gate.counters(&protected()).expect("counters");
-    assert_eq!(counters.by_reason[&Reason::DropNoGrant], 15);
-    assert_eq!(counters.by_port[&(Protocol::Tcp, SSH)].dropped, 15);
+    assert_eq!(counters.by_reason[&Reason::DropNoGrant], 23);
+    assert_eq!(counters.by_port[&(Protocol::Tcp, SSH)].dropped, 23);
 }
 
 #[test]

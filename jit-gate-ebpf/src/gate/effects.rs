@@ -5,18 +5,19 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xsub};
 
-use aya_ebpf::{
-    bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP},
-    helpers::bpf_ktime_get_boot_ns,
-};
+use aya_ebpf::bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP};
 use jit_gate_common::{
     maps::{DenyEvent, FlowKey, FlowValue, GrantOpens, GrantValue, protected},
-    verdict::{Address, FlowAction, PacketFacts, Reason, Rules, Transport, Upper, Verdict},
+    verdict::{
+        Address, BootClock, FlowAction, PacketFacts, Reason, Rules, Transport, Upper, Verdict,
+    },
 };
 
 use super::{
     CONFIG, DENY_BUDGET, DENY_EVENTS, FLOWS, GRANT_CLOSES, GRANT_OPENS, PORT_COUNTERS,
-    PROTECTED_PORTS, REASON_COUNTERS, lookups::MapLookups,
+    REASON_COUNTERS,
+    clock::{LazyBootClock, coarse_ns, window_may_have_ended},
+    lookups::MapLookups,
 };
 
 /// `-EEXIST`: another CPU recorded the same flow first.
@@ -33,7 +34,7 @@ pub fn carry_out<R: Rules>(
     facts: &PacketFacts,
     verdict: &mut Verdict,
     lookups: &MapLookups,
-    now: u64,
+    clock: &LazyBootClock,
 ) -> u64 {
     match verdict.flow {
         FlowAction::None => 0,
@@ -50,6 +51,7 @@ pub fn carry_out<R: Rules>(
                 if flow.state & set_state != set_state {
                     flow.state |= set_state;
                 }
+                let now = clock.boot_ns();
                 if restart_handshake {
                     flow.opened_at_boot_ns = now;
                     flow.last_seen_boot_ns = now;
@@ -68,7 +70,8 @@ pub fn carry_out<R: Rules>(
             else {
                 return 0;
             };
-            match open_flow::<R>(&FlowKey::of(src, dst, transport), &grant, state, now) {
+            let key = FlowKey::of(src, dst, transport);
+            match open_flow::<R>(&key, &grant, state, clock.boot_ns()) {
                 Ok(()) => 0,
                 Err(reason) => {
                     verdict.reason = reason;
@@ -143,7 +146,13 @@ fn open_flow<R: Rules>(
 
 /// Counts the verdict and reports a denial.
 #[inline(always)]
-pub fn record(facts: &PacketFacts, verdict: &Verdict, refused_under: u64, now: u64) {
+pub fn record(
+    facts: &PacketFacts,
+    verdict: &Verdict,
+    refused_under: u64,
+    lookups: &MapLookups,
+    clock: &LazyBootClock,
+) {
     count_reason(verdict.reason);
     let PacketFacts::Ip { src, upper, .. } = facts else {
         return;
@@ -166,9 +175,9 @@ pub fn record(facts: &PacketFacts, verdict: &Verdict, refused_under: u64, now: u
     ) {
         return;
     }
-    count_port(protocol, port, verdict.reason);
+    count_port(lookups.protected_entry(port), protocol, verdict.reason);
     if !verdict.passes() {
-        report_deny(src, protocol, port, verdict.reason, refused_under, now);
+        report_deny(src, protocol, port, verdict.reason, refused_under, clock);
     }
 }
 
@@ -182,14 +191,11 @@ pub fn count_reason(reason: Reason) {
 }
 
 #[inline(always)]
-fn count_port(protocol: u8, port: u16, reason: Reason) {
-    let Some(value) = PROTECTED_PORTS.get(port as u32) else {
-        return;
-    };
-    if *value & protected::bit_for(protocol) == 0 {
+fn count_port(entry: u32, protocol: u8, reason: Reason) {
+    if entry & protected::bit_for(protocol) == 0 {
         return;
     }
-    if let Some(counters) = PORT_COUNTERS.get_ptr_mut(protected::counter_index(*value, protocol)) {
+    if let Some(counters) = PORT_COUNTERS.get_ptr_mut(protected::counter_index(entry, protocol)) {
         // SAFETY: this CPU's slot.
         let counters = unsafe { &mut *counters };
         if reason.is_pass() {
@@ -205,25 +211,37 @@ fn count_port(protocol: u8, port: u16, reason: Reason) {
 
 /// Reports a denied packet through the ring buffer while this CPU's budget
 /// for the current window lasts. The counters carry the exact totals; the
-/// events are a sample of who was denied.
+/// events are a sample of who was denied. The window runs on boot time; a
+/// spent budget reads it only once the coarse clock says the window may
+/// have ended, so a flood past the budget reads no precise time.
 #[inline(always)]
-fn report_deny(src: &Address, protocol: u8, port: u16, reason: Reason, grant_id: u64, now: u64) {
+fn report_deny(
+    src: &Address,
+    protocol: u8,
+    port: u16,
+    reason: Reason,
+    grant_id: u64,
+    clock: &LazyBootClock,
+) {
     let (Some(budget), Some(config)) = (DENY_BUDGET.get_ptr_mut(0), CONFIG.get(0)) else {
         return;
     };
-    let now = if now == 0 {
-        // SAFETY: a helper without arguments.
-        unsafe { bpf_ktime_get_boot_ns() }
-    } else {
-        now
-    };
     // SAFETY: this CPU's slot.
     let budget = unsafe { &mut *budget };
-    if now.wrapping_sub(budget.window_start_boot_ns) >= config.deny_window_ns {
+    let (limit, window) = (
+        u64::from(config.deny_events_per_window),
+        config.deny_window_ns,
+    );
+    if budget.sent >= limit && !window_may_have_ended(budget.window_start_coarse_ns, window) {
+        return;
+    }
+    let now = clock.boot_ns();
+    if now.wrapping_sub(budget.window_start_boot_ns) >= window {
         budget.window_start_boot_ns = now;
+        budget.window_start_coarse_ns = coarse_ns();
         budget.sent = 0;
     }
-    if budget.sent >= u64::from(config.deny_events_per_window) {
+    if budget.sent >= limit {
         return;
     }
     budget.sent += 1;

@@ -36,11 +36,18 @@ pub fn passes_unprotected<R: Rules>(ctx: &XdpContext, lookups: &MapLookups) -> b
     // IPV6_PORTS_END once that is checked.
     let at = |offset: usize| unsafe { *((start + offset) as *const u8) };
     let be16 = |offset: usize| u16::from_be_bytes([at(offset), at(offset + 1)]);
-    let (protocol, dst_port, ports_end, ip_end) = match be16(12) {
+    // Each family reads its own constant offsets and checks its own
+    // lengths: a shared tail would have LLVM compute the offsets in
+    // registers instead.
+    let (protocol, dst_port) = match be16(12) {
         ETHERTYPE_IPV4 => {
             // Version 4 and no options; the full parse handles options.
             let first = at(L3);
             if first != 0x45 && (R::FAST_PATH_CHECKS_IHL || first >> 4 != 4) {
+                return false;
+            }
+            let protocol = at(L3 + 9);
+            if !is_tcp_or_udp(protocol) {
                 return false;
             }
             // Later fragments carry no ports: the full parse passes them
@@ -48,29 +55,38 @@ pub fn passes_unprotected<R: Rules>(ctx: &XdpContext, lookups: &MapLookups) -> b
             if be16(L3 + 6) & 0x1fff != 0 {
                 return false;
             }
+            // The IP length must lie within the frame and cover the ports,
+            // as the full parse requires (which implies a total length that
+            // covers the header).
             let ip_end = L3 + be16(L3 + 2) as usize;
-            (at(L3 + 9), be16(IPV4_PORTS_END - 2), IPV4_PORTS_END, ip_end)
+            if ip_end > end - start || IPV4_PORTS_END > ip_end {
+                return false;
+            }
+            (protocol, be16(IPV4_PORTS_END - 2))
         }
         ETHERTYPE_IPV6 => {
             if start + IPV6_PORTS_END > end || at(L3) >> 4 != 6 {
                 return false;
             }
-            let ip_end = L3 + IPV6_HEADER + be16(L3 + 4) as usize;
             // The next header must be TCP/UDP itself: extension headers
             // (fragments included) take the full parse.
-            (at(L3 + 6), be16(IPV6_PORTS_END - 2), IPV6_PORTS_END, ip_end)
+            let protocol = at(L3 + 6);
+            if !is_tcp_or_udp(protocol) {
+                return false;
+            }
+            let ip_end = L3 + IPV6_HEADER + be16(L3 + 4) as usize;
+            if ip_end > end - start || IPV6_PORTS_END > ip_end {
+                return false;
+            }
+            (protocol, be16(IPV6_PORTS_END - 2))
         }
         _ => return false,
     };
-    // The IP length must lie within the frame and cover the ports, as the
-    // full parse requires (for IPv4 this implies a total length that covers
-    // the header).
-    if ip_end > end - start || ports_end > ip_end {
-        return false;
-    }
-    if protocol != ip_proto::TCP && protocol != ip_proto::UDP {
-        return false;
-    }
     // A truncated header to port 0 drops in the full parse.
     dst_port != 0 && !lookups.is_protected(protocol, dst_port)
+}
+
+#[inline(always)]
+fn is_tcp_or_udp(protocol: u8) -> bool {
+    protocol == ip_proto::TCP || protocol == ip_proto::UDP
 }

@@ -1,6 +1,8 @@
 //! `GateLookups` backed by the program's maps. The flow lookup keeps the
 //! pointer to the entry it found, so carrying out the verdict updates the
-//! entry without a second lookup.
+//! entry without a second lookup; the protected-port entry is kept the
+//! same way, so the fast path, `decide` and the per-port counter look a
+//! port up once per frame.
 
 use core::{cell::Cell, ptr};
 
@@ -23,14 +25,36 @@ use super::{
 pub struct MapLookups {
     /// The entry the last `flow` lookup found; null if none.
     flow: Cell<*mut FlowValue>,
+    /// The port `protected_entry` last looked up (`NO_PORT`: none yet)…
+    looked_up_port: Cell<u32>,
+    /// …and its `PROTECTED_PORTS` entry (0 if the lookup failed).
+    protected_entry: Cell<u32>,
 }
+
+/// Not a port: nothing looked up yet.
+const NO_PORT: u32 = u32::MAX;
 
 impl MapLookups {
     #[inline(always)]
     pub fn new() -> Self {
         MapLookups {
             flow: Cell::new(ptr::null_mut()),
+            looked_up_port: Cell::new(NO_PORT),
+            protected_entry: Cell::new(0),
         }
+    }
+
+    /// The port's `PROTECTED_PORTS` entry (protocol bits and counter slot),
+    /// looked up once per frame and port.
+    #[inline(always)]
+    pub fn protected_entry(&self, port: u16) -> u32 {
+        let port = u32::from(port);
+        if self.looked_up_port.get() != port {
+            let entry = PROTECTED_PORTS.get(port).copied().unwrap_or(0);
+            self.looked_up_port.set(port);
+            self.protected_entry.set(entry);
+        }
+        self.protected_entry.get()
     }
 
     /// The flow entry `flow` found, to update in place.
@@ -49,9 +73,7 @@ fn v4_octets(addr: &Address) -> [u8; 4] {
 impl GateLookups for MapLookups {
     #[inline(always)]
     fn is_protected(&self, protocol: u8, port: u16) -> bool {
-        PROTECTED_PORTS
-            .get(port as u32)
-            .is_some_and(|v| *v & protected::bit_for(protocol) != 0)
+        self.protected_entry(port) & protected::bit_for(protocol) != 0
     }
 
     #[inline(always)]

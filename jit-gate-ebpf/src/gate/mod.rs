@@ -4,6 +4,7 @@
 //! events). `main.rs` instantiates it with the shipped rules; `mutants.rs`
 //! with deliberately broken ones.
 
+mod clock;
 mod effects;
 mod fast;
 mod lookups;
@@ -11,7 +12,6 @@ mod parse;
 
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, xdp_action},
-    helpers::bpf_ktime_get_boot_ns,
     macros::map,
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
     programs::XdpContext,
@@ -21,7 +21,7 @@ use jit_gate_common::{
         CidrDataV4, CidrDataV6, DenyBudget, FlowKey, FlowValue, GateConfig, GrantKeyV4, GrantKeyV6,
         GrantOpens, GrantValue, PortCounters, capacity, source_filter,
     },
-    verdict::{GateLookups, PacketFacts, Reason, Rules, Upper, decide_by},
+    verdict::{Reason, Rules, decide_by},
 };
 
 #[map]
@@ -76,32 +76,13 @@ pub fn run<R: Rules>(ctx: &XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     }
     let facts = parse::parse::<R>(ctx);
-    let now = if checks_time(&facts, &lookups) {
-        // SAFETY: a helper without arguments.
-        unsafe { bpf_ktime_get_boot_ns() }
-    } else {
-        // `decide` reads the clock only for protected ports; spare the helper call.
-        0
-    };
-    let mut verdict = decide_by::<R, _>(&facts, &lookups, now);
-    let refused_under = effects::carry_out::<R>(&facts, &mut verdict, &lookups, now);
-    effects::record(&facts, &verdict, refused_under, now);
+    let clock = clock::LazyBootClock::new();
+    let mut verdict = decide_by::<R, _, _>(&facts, &lookups, &clock);
+    let refused_under = effects::carry_out::<R>(&facts, &mut verdict, &lookups, &clock);
+    effects::record(&facts, &verdict, refused_under, &lookups, &clock);
     if verdict.passes() {
         xdp_action::XDP_PASS
     } else {
         xdp_action::XDP_DROP
-    }
-}
-
-/// Whether `decide` will compare times: complete TCP/UDP headers to a
-/// protected port.
-#[inline(always)]
-fn checks_time(facts: &PacketFacts, lookups: &lookups::MapLookups) -> bool {
-    match facts {
-        PacketFacts::Ip {
-            upper: Upper::Transport(t),
-            ..
-        } => lookups.is_protected(t.protocol, t.dst_port),
-        _ => false,
     }
 }
