@@ -1,5 +1,6 @@
 //! What the benchmarks measure with: latency percentiles, the time a TCP
-//! handshake from a given source takes, and a process's memory and CPU time.
+//! handshake from a given source takes, a process's memory and CPU time,
+//! and what a database's bytes are.
 
 use std::{
     net::{IpAddr, SocketAddr, TcpStream},
@@ -82,4 +83,16 @@ pub fn cpu_time(pid: i32, thread: &str) -> Result<(Duration, Duration)> {
         }
     }
     Ok((process, named))
+}
+
+/// Bytes of each table and index of the `SQLite` database at `path`
+/// (pages, from its `dbstat` table), largest first.
+pub fn database_bytes(path: &std::path::Path) -> Result<Vec<(String, i64)>> {
+    let db =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .with_context(|| format!("open {}", path.display()))?;
+    let mut stmt =
+        db.prepare("SELECT name, SUM(pgsize) FROM dbstat GROUP BY name ORDER BY SUM(pgsize) DESC")?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
 }

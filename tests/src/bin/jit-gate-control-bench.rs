@@ -42,7 +42,7 @@ use jit_gate_agent::{
 use jit_gate_tests::{
     agent::{Agent, AgentFiles, PinnedGrants, access, client},
     interruption::Interruption,
-    measure::{Percentiles, connect_time, cpu_time, percentiles, rss_mib},
+    measure::{Percentiles, connect_time, cpu_time, database_bytes, percentiles, rss_mib},
     netns::{GATED_V4, Netns, Topology, enter},
     traffic::TcpEcho,
 };
@@ -101,6 +101,8 @@ struct Results {
     agent_rss_mib: f64,
     agent_peak_rss_mib: f64,
     database_mib: f64,
+    /// Bytes per active grant of each table and index (WAL not included).
+    database_bytes_per_grant: Vec<(String, f64)>,
     probe_rpc_during_reconciliation: Percentiles,
     probe_samples: usize,
     xdp_drift_repaired_after: Percentiles,
@@ -458,6 +460,10 @@ fn main() -> Result<()> {
         }
         let (rss, peak) = rss_mib(agent.pid())?;
         let database_mib = database_mib(&files)?;
+        let database_bytes_per_grant = database_bytes(&files.database())?
+            .into_iter()
+            .map(|(name, bytes)| (name, bytes as f64 / f64::from(listed)))
+            .collect();
         let (probe, repaired) =
             during_reconciliation(&mut api, &files, &topo.gated, args.repairs, args.grants).await?;
         let lateness = expiry_lateness(&mut api, args.expiring).await?;
@@ -475,6 +481,7 @@ fn main() -> Result<()> {
             agent_rss_mib: rss,
             agent_peak_rss_mib: peak,
             database_mib,
+            database_bytes_per_grant,
             probe_samples: probe.len(),
             probe_rpc_during_reconciliation: percentiles(probe),
             xdp_drift_repaired_after: percentiles(repaired.iter().map(|r| r.xdp).collect()),
@@ -566,4 +573,8 @@ fn print_table(args: &Args, r: &Results) {
         "database with {} active grants: {:.1} MiB (with WAL); {} probe RPCs",
         r.active_grants, r.database_mib, r.probe_samples
     );
+    println!("database bytes per active grant, by table and index:");
+    for (name, bytes) in &r.database_bytes_per_grant {
+        println!("  {name:<24} {bytes:>8.1}");
+    }
 }
