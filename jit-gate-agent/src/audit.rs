@@ -24,7 +24,7 @@ use crate::time::{from_ms, to_ms};
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 macro_rules! kinds {
-    ($($variant:ident = $name:literal),+ $(,)?) => {
+    ($($variant:ident = $name:literal / $code:literal),+ $(,)?) => {
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
         pub enum Kind { $($variant),+ }
         impl Kind {
@@ -32,38 +32,47 @@ macro_rules! kinds {
             pub const fn name(self) -> &'static str {
                 match self { $(Kind::$variant => $name),+ }
             }
+            /// The number the database stores for this kind (table
+            /// `audit_kinds` maps it to the name the chain covers); never
+            /// reused or changed.
+            pub const fn code(self) -> i64 {
+                match self { $(Kind::$variant => $code),+ }
+            }
             pub fn from_name(name: &str) -> Option<Kind> {
                 Kind::ALL.iter().copied().find(|k| k.name() == name)
+            }
+            pub fn from_code(code: i64) -> Option<Kind> {
+                Kind::ALL.iter().copied().find(|k| k.code() == code)
             }
         }
     };
 }
 
 kinds! {
-    GrantCreated = "grant-created",
-    RequestRefused = "request-refused",
-    GrantRevoked = "grant-revoked",
-    GrantExpired = "grant-expired",
-    GrantEndedByPolicy = "grant-ended-by-policy",
-    PolicyChanged = "policy-changed",
-    AccessDenied = "access-denied",
-    AgentStarted = "agent-started",
-    ConfigReloaded = "config-reloaded",
-    DriftRepaired = "drift-repaired",
-    ConnectionOpened = "connection-opened",
-    ConnectionsTerminated = "connections-terminated",
-    CallRefused = "call-refused",
-    AuditChainBroken = "audit-chain-broken",
-    DatabaseReinitialized = "database-reinitialized",
-    GrantUsedUp = "grant-used-up",
-    RequestPending = "request-pending",
-    RequestApproved = "request-approved",
-    RequestDenied = "request-denied",
-    RequestExpired = "request-expired",
-    DecisionRefused = "decision-refused",
-    FleetConnected = "fleet-connected",
-    FleetDisconnected = "fleet-disconnected",
-    FleetResynchronized = "fleet-resynchronized",
+    GrantCreated = "grant-created" / 1,
+    RequestRefused = "request-refused" / 2,
+    GrantRevoked = "grant-revoked" / 3,
+    GrantExpired = "grant-expired" / 4,
+    GrantEndedByPolicy = "grant-ended-by-policy" / 5,
+    PolicyChanged = "policy-changed" / 6,
+    AccessDenied = "access-denied" / 7,
+    AgentStarted = "agent-started" / 8,
+    ConfigReloaded = "config-reloaded" / 9,
+    DriftRepaired = "drift-repaired" / 10,
+    ConnectionOpened = "connection-opened" / 11,
+    ConnectionsTerminated = "connections-terminated" / 12,
+    CallRefused = "call-refused" / 13,
+    AuditChainBroken = "audit-chain-broken" / 14,
+    DatabaseReinitialized = "database-reinitialized" / 15,
+    GrantUsedUp = "grant-used-up" / 16,
+    RequestPending = "request-pending" / 17,
+    RequestApproved = "request-approved" / 18,
+    RequestDenied = "request-denied" / 19,
+    RequestExpired = "request-expired" / 20,
+    DecisionRefused = "decision-refused" / 21,
+    FleetConnected = "fleet-connected" / 22,
+    FleetDisconnected = "fleet-disconnected" / 23,
+    FleetResynchronized = "fleet-resynchronized" / 24,
 }
 
 impl Kind {
@@ -113,15 +122,39 @@ pub struct Payload {
 }
 
 impl Payload {
-    /// Hex SHA-256 over the payload's stored bytes (layout above).
-    pub fn sha256(&self) -> String {
-        let mut hasher = Sha256::new();
+    /// The bytes its digest covers: `len(message) ‖ message ‖ len(details)
+    /// ‖ details` (layout above); the database stores them deflated.
+    pub fn preimage(&self) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(16 + self.message.len() + self.details.len());
         for part in [self.message.as_bytes(), self.details.as_bytes()] {
-            hasher.update((part.len() as u64).to_be_bytes());
-            hasher.update(part);
+            bytes.extend_from_slice(&(part.len() as u64).to_be_bytes());
+            bytes.extend_from_slice(part);
         }
-        hex::encode(hasher.finalize())
+        bytes
     }
+
+    /// The payload whose preimage `bytes` are, if they are one.
+    pub fn from_preimage(bytes: &[u8]) -> Option<Payload> {
+        let (message, rest) = length_prefixed(bytes)?;
+        let (details, rest) = length_prefixed(rest)?;
+        rest.is_empty().then(|| Payload {
+            message: message.to_owned(),
+            details: details.to_owned(),
+        })
+    }
+
+    /// Hex SHA-256 over the payload's preimage.
+    pub fn sha256(&self) -> String {
+        hex::encode(Sha256::digest(self.preimage()))
+    }
+}
+
+/// A u64 length, that many bytes of UTF-8, and what follows.
+fn length_prefixed(bytes: &[u8]) -> Option<(&str, &[u8])> {
+    let (len, rest) = bytes.split_first_chunk::<8>()?;
+    let len = usize::try_from(u64::from_be_bytes(*len)).ok()?;
+    let (text, rest) = (rest.get(..len)?, rest.get(len..)?);
+    Some((std::str::from_utf8(text).ok()?, rest))
 }
 
 /// A stored record.
@@ -368,6 +401,7 @@ mod tests {
     fn kind_names_round_trip() {
         for kind in Kind::ALL {
             assert_eq!(Kind::from_name(kind.name()), Some(*kind));
+            assert_eq!(Kind::from_code(kind.code()), Some(*kind));
         }
     }
 }

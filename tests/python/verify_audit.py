@@ -2,15 +2,17 @@
 of the agent, following README "Audit log". Prints one JSON object:
 {"intact", "records", "pruned", "broken_sequence", "problem"}.
 
-usage: verify_audit.py DATABASE [rehash]
+usage: verify_audit.py DATABASE [rehash | edit SEQ MESSAGE]
 With "rehash", first rewrites every hash as a forger would (after editing a
-record) and exits.
+record) and exits. With "edit", rewrites record SEQ's message in place as a
+forger would (in whichever form the row stores it), leaving its hash.
 """
 
 import hashlib
 import json
 import sqlite3
 import sys
+import zlib
 
 
 def u64(n):
@@ -22,41 +24,81 @@ def text(value):
     return u64(len(data)) + data
 
 
-def payload_digest(message, details):
-    return hashlib.sha256(text(message) + text(details)).hexdigest()
+def preimage(message, details):
+    return text(message) + text(details)
+
+
+def split_preimage(data):
+    """(message, details) from a payload preimage."""
+    n = int.from_bytes(data[:8], "big")
+    message, rest = data[8 : 8 + n].decode(), data[8 + n :]
+    m = int.from_bytes(rest[:8], "big")
+    return message, rest[8 : 8 + m].decode()
 
 
 def record_hash(previous, seq, at_ms, kind, principal, grant_id, digest):
     data = (
-        bytes.fromhex(previous)
+        previous
         + u64(seq)
         + at_ms.to_bytes(8, "big", signed=True)
         + text(kind)
         + text(principal)
         + u64(grant_id)
-        + bytes.fromhex(digest)
+        + digest
     )
-    return hashlib.sha256(data).hexdigest()
+    return hashlib.sha256(data).digest()
+
+
+def dictionaries(db):
+    return dict(db.execute("SELECT id, bytes FROM audit_dictionaries"))
+
+
+def inflate(stored, dicts):
+    """The preimage a deflated payload column holds (None: not readable)."""
+    try:
+        d = zlib.decompressobj(wbits=-15, zdict=dicts[stored[0]])
+        data = d.decompress(stored[1:]) + d.flush()
+        return data if d.eof else None
+    except (KeyError, zlib.error):
+        return None
 
 
 def rows(db):
-    return db.execute(
-        "SELECT seq, at_ms, kind, principal, grant_id, message, details, payload_sha256, hash "
-        "FROM audit ORDER BY seq"
-    ).fetchall()
+    """Each record as (seq, at_ms, kind name, principal, grant_id, preimage
+    or None if pruned, stored digest or None, hash)."""
+    dicts = dictionaries(db)
+    out = []
+    for seq, at, kind, principal, grant, message, details, payload, digest, stored in db.execute(
+        "SELECT seq, at_ms, audit_kinds.name, principal, grant_id, message, details, payload, "
+        "payload_sha256, hash FROM audit LEFT JOIN audit_kinds ON audit_kinds.code = audit.kind "
+        "ORDER BY seq"
+    ):
+        if message is not None:
+            data = preimage(message, details or "")
+        elif payload is not None:
+            data = inflate(payload, dicts) or b"unreadable"
+        else:
+            data = None
+        out.append((seq, at, kind, principal, grant, data, digest, stored))
+    return out
 
 
 def verify(db):
-    previous, records, pruned = "00" * 32, 0, 0
-    for seq, at, kind, principal, grant, message, details, digest, stored in rows(db):
+    previous, records, pruned = bytes(32), 0, 0
+    for seq, at, kind, principal, grant, data, digest, stored in rows(db):
         if seq != records + 1:
             return {"intact": False, "broken_sequence": seq, "problem": "gap"}
-        if message is None:
+        if data is None:
             if kind != "access-denied":
                 return {"intact": False, "broken_sequence": seq, "problem": "pruned"}
             pruned += 1
-        elif payload_digest(message, details) != digest:
-            return {"intact": False, "broken_sequence": seq, "problem": "payload"}
+        else:
+            computed = hashlib.sha256(data).digest()
+            if digest is not None and computed != digest:
+                return {"intact": False, "broken_sequence": seq, "problem": "payload"}
+            digest = computed
+        if digest is None or kind is None:
+            return {"intact": False, "broken_sequence": seq, "problem": "digest or kind"}
         if record_hash(previous, seq, at, kind, principal, grant, digest) != stored:
             return {"intact": False, "broken_sequence": seq, "problem": "hash"}
         previous, records = stored, records + 1
@@ -64,22 +106,46 @@ def verify(db):
 
 
 def rehash(db):
-    previous = "00" * 32
-    for seq, at, kind, principal, grant, message, details, digest, _ in rows(db):
-        if message is not None:
-            digest = payload_digest(message, details)
+    previous = bytes(32)
+    for seq, at, kind, principal, grant, data, digest, _ in rows(db):
+        if data is not None:
+            digest = hashlib.sha256(data).digest()
         new = record_hash(previous, seq, at, kind, principal, grant, digest)
+        # A stored digest is rewritten too; a row that derives it keeps none.
         db.execute(
-            "UPDATE audit SET payload_sha256 = ?, hash = ? WHERE seq = ?", (digest, new, seq)
+            "UPDATE audit SET payload_sha256 = CASE WHEN payload_sha256 IS NULL THEN NULL "
+            "ELSE ? END, hash = ? WHERE seq = ?",
+            (digest, new, seq),
         )
         previous = new
     db.commit()
     return {"rehashed": True}
 
 
+def edit(db, seq, message):
+    (stored_message, details, payload) = db.execute(
+        "SELECT message, details, payload FROM audit WHERE seq = ?", (seq,)
+    ).fetchone()
+    if stored_message is not None:
+        db.execute("UPDATE audit SET message = ? WHERE seq = ?", (message, seq))
+    else:
+        dicts = dictionaries(db)
+        _, details = split_preimage(inflate(payload, dicts))
+        c = zlib.compressobj(9, zlib.DEFLATED, -15, zdict=dicts[payload[0]])
+        forged = bytes([payload[0]]) + c.compress(preimage(message, details)) + c.flush()
+        db.execute("UPDATE audit SET payload = ? WHERE seq = ?", (forged, seq))
+    db.commit()
+    return {"edited": seq}
+
+
 def main():
     db = sqlite3.connect(sys.argv[1])
-    result = rehash(db) if sys.argv[2:] == ["rehash"] else verify(db)
+    if sys.argv[2:] == ["rehash"]:
+        result = rehash(db)
+    elif sys.argv[2:3] == ["edit"]:
+        result = edit(db, int(sys.argv[3]), sys.argv[4])
+    else:
+        result = verify(db)
     print(json.dumps(result))
 
 

@@ -1,12 +1,13 @@
 //! What the benchmarks measure with: latency percentiles, the time a TCP
-//! handshake from a given source takes, and a process's memory.
+//! handshake from a given source takes, a process's memory and CPU time,
+//! and what a database's bytes are.
 
 use std::{
     net::{IpAddr, SocketAddr, TcpStream},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, ensure};
 use serde::Serialize;
 
 #[derive(Clone, Copy, Serialize)]
@@ -55,4 +56,43 @@ pub fn rss_mib(pid: i32) -> Result<(f64, f64)> {
         Ok(kib / 1024.0)
     };
     Ok((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// CPU time (user and system) a process has used so far: all its threads,
+/// and those named `thread` (as `comm` shows them). Unlike a rate, it
+/// hardly changes with what else the machine runs.
+pub fn cpu_time(pid: i32, thread: &str) -> Result<(Duration, Duration)> {
+    // SAFETY: sysconf only reads a constant.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ensure!(ticks > 0, "no clock tick rate");
+    let used = |stat: &str| -> Result<Duration> {
+        // Fields after the parenthesised name: state is the 3rd, utime the 14th.
+        let rest = stat.rsplit_once(')').context("stat without a name")?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let field =
+            |i: usize| -> Result<u64> { Ok(fields.get(i - 3).context("short stat")?.parse()?) };
+        let ticks_used = field(14)? + field(15)?;
+        Ok(Duration::from_secs_f64(ticks_used as f64 / ticks as f64))
+    };
+    let process = used(&std::fs::read_to_string(format!("/proc/{pid}/stat"))?)?;
+    let mut named = Duration::ZERO;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let dir = task?.path();
+        if std::fs::read_to_string(dir.join("comm"))?.trim_end() == thread {
+            named += used(&std::fs::read_to_string(dir.join("stat"))?)?;
+        }
+    }
+    Ok((process, named))
+}
+
+/// Bytes of each table and index of the `SQLite` database at `path`
+/// (pages, from its `dbstat` table), largest first.
+pub fn database_bytes(path: &std::path::Path) -> Result<Vec<(String, i64)>> {
+    let db =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .with_context(|| format!("open {}", path.display()))?;
+    let mut stmt =
+        db.prepare("SELECT name, SUM(pgsize) FROM dbstat GROUP BY name ORDER BY SUM(pgsize) DESC")?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
 }

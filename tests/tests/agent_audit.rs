@@ -205,7 +205,16 @@ async fn the_audit_log_proves_itself() {
     // A record edited in the middle: found at start, loudly.
     drop(api);
     assert!(agent.stop().success());
-    files.sql("UPDATE audit SET message = 'nothing happened' WHERE seq = 2;");
+    // As a forger would: the message rewritten in the row's stored form.
+    python(
+        "verify_audit.py",
+        &[
+            files.database().as_os_str(),
+            "edit".as_ref(),
+            "2".as_ref(),
+            "nothing happened".as_ref(),
+        ],
+    );
     assert_eq!(independent(&files)["broken_sequence"], 2);
     let agent = Agent::start(&files);
     let mut api = client(&files).await;

@@ -264,7 +264,9 @@ async fn reboot_carries_what_the_earlier_boot_clock_leaves_of_a_grant() {
         .expect("after 1970")
         .as_millis();
     host.files.sql(&format!(
-        "UPDATE grants SET boot_id = 'earlier-boot' WHERE state = 'active';
+        "INSERT INTO boots (boot_id) VALUES ('earlier-boot');
+         UPDATE grants SET boot = (SELECT boot FROM boots WHERE boot_id = 'earlier-boot')
+             WHERE state = 'active';
          UPDATE meta SET value = '{{\"boot_id\":\"earlier-boot\",\"boot_ns\":'
              || ((SELECT deadline_boot_ns FROM grants WHERE id = {carried}) - {left_ns})
              || '}}'

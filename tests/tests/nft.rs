@@ -348,6 +348,60 @@ fn add_refreshes_and_remove_ignores_absent_elements() {
     assert_matches(&gate.read(), &expected);
 }
 
+/// A gate remembers which allow groups its table holds rather than list
+/// the table's sets on every write; whoever changes the table behind it
+/// (deletes it, installs it anew with other groups) must not make its
+/// writes fail or go astray.
+#[test]
+fn writes_follow_changes_made_behind_the_gate() {
+    let ns = Netns::new("jgn");
+    let gate = NsGate::new(&ns);
+    let other = NsGate {
+        ns: &ns,
+        gate: NftGate::new(gate.gate.table()),
+    };
+    let ssh = protected(&[(Protocol::Tcp, SSH)]);
+    let addr = target("10.0.0.1/32", Protocol::Tcp, SSH);
+    let net = target("10.1.0.0/24", Protocol::Tcp, SSH);
+    gate.install(&NftState {
+        protected: ssh.clone(),
+        allowed: BTreeMap::new(),
+    });
+    gate.add(&[(addr, HOUR)]);
+
+    ns.exec("nft", &["delete", "table", "inet", gate.gate.table()]);
+    assert!(
+        matches!(
+            gate.run(|g| g.add_allowed(&[(addr, HOUR)])),
+            Err(NftError::NotInstalled { .. })
+        ),
+        "adding to a table deleted behind the gate"
+    );
+    gate.remove(&[addr]);
+
+    // Installed anew without the /32 group the gate had created.
+    other.install(&NftState {
+        protected: ssh.clone(),
+        allowed: BTreeMap::new(),
+    });
+    gate.add(&[(addr, HOUR)]);
+    // And with a /24 group the gate never saw.
+    other.install(&NftState {
+        protected: ssh.clone(),
+        allowed: [(net, HOUR)].into(),
+    });
+    gate.add(&[(net, 2 * HOUR), (addr, HOUR)]);
+    assert_matches(
+        &gate.read(),
+        &NftState {
+            protected: ssh,
+            allowed: [(net, 2 * HOUR), (addr, HOUR)].into(),
+        },
+    );
+    gate.remove(&[net, addr]);
+    assert_eq!(gate.read().allowed, BTreeMap::new());
+}
+
 #[test]
 fn zero_timeouts_and_bad_names_are_refused() {
     let ns = Netns::new("jgn");

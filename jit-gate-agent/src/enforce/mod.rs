@@ -123,8 +123,22 @@ pub struct Enforcement {
     nft_health: LayerHealth,
     /// The flows already audited.
     flow_watch: FlowWatch,
-    /// What was written since the current reconciliation's read began.
-    touched: Option<Touched>,
+    /// Per layer, what was written since its reconciliation's read began.
+    touched: [Option<Touched>; 2],
+}
+
+/// What a reconciliation cycle covers: `Xdp` the ports, pins, interfaces
+/// and XDP grant entries; `Nftables` the table's structure and elements.
+/// Each runs on its own, so that a slow nftables read never delays the
+/// XDP check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layer {
+    Xdp = 0,
+    Nftables = 1,
+}
+
+impl Layer {
+    pub const BOTH: [Layer; 2] = [Layer::Xdp, Layer::Nftables];
 }
 
 /// Written since a reconciliation's read began: its comparison skips it.
@@ -163,7 +177,7 @@ impl Enforcement {
             xdp_health: LayerHealth::default(),
             nft_health: LayerHealth::default(),
             flow_watch: FlowWatch::default(),
-            touched: None,
+            touched: [None, None],
         }
     }
 
@@ -422,7 +436,7 @@ impl Enforcement {
         protected: &BTreeSet<(Protocol, u16)>,
         newly: &BTreeSet<(Protocol, u16)>,
     ) -> anyhow::Result<()> {
-        if let Some(touched) = &mut self.touched {
+        for touched in self.touched.iter_mut().flatten() {
             touched.protected = true;
         }
         if let Some(xdp) = self.xdp.as_mut() {
@@ -446,7 +460,7 @@ impl Enforcement {
         targets: &BTreeSet<GrantTarget>,
         active: &ActiveGrants,
     ) -> anyhow::Result<()> {
-        if let Some(touched) = &mut self.touched {
+        for touched in self.touched.iter_mut().flatten() {
             for target in targets {
                 touched.targets.extend(active.dependents(target));
             }
@@ -469,78 +483,92 @@ impl Enforcement {
         active: &ActiveGrants,
         protected: &BTreeSet<(Protocol, u16)>,
     ) -> anyhow::Result<Vec<String>> {
-        let (mut repairs, reader) = self.begin_reconcile(active, protected)?;
-        let mut snapshots = Vec::new();
-        reader.read(|snapshot| snapshots.push(snapshot));
-        let compared = (|| {
-            for snapshot in snapshots {
-                let mut pass = Pass::new(snapshot?);
-                while !pass.is_done() {
-                    if let Some(done) =
-                        self.reconcile_step(&mut pass, active, protected, Duration::MAX)?
-                    {
-                        repairs.extend(done);
+        let mut repairs = Vec::new();
+        for layer in Layer::BOTH {
+            let (begun, reader) = self.begin_reconcile(layer, active, protected)?;
+            repairs.extend(begun);
+            let mut snapshots = Vec::new();
+            reader.read(|snapshot| snapshots.push(snapshot));
+            let compared = (|| {
+                for snapshot in snapshots {
+                    let mut pass = Pass::new(snapshot?);
+                    while !pass.is_done() {
+                        if let Some(done) =
+                            self.reconcile_step(layer, &mut pass, active, protected, Duration::MAX)?
+                        {
+                            repairs.extend(done);
+                        }
                     }
                 }
-            }
-            anyhow::Ok(())
-        })();
-        self.end_reconcile();
-        compared.map(|()| repairs)
+                anyhow::Ok(())
+            })();
+            self.end_reconcile(layer);
+            compared?;
+        }
+        Ok(repairs)
     }
 
-    /// The first part of a reconciliation, done at once: ports, pins,
-    /// interfaces and the nftables table's structure (repaired, and
-    /// described). Returns the reader of the grant entries, to run on any
-    /// thread; from now on the targets written are noted, and skipped by
-    /// the comparison.
+    /// The first part of a layer's reconciliation, done at once: for XDP
+    /// the ports, pins and interfaces, for nftables the table's structure
+    /// (repaired, and described). Returns the reader of the layer's grant
+    /// entries (none if the layer is not in use or was just installed
+    /// whole), to run on any thread; from now on the targets written are
+    /// noted, and skipped by the layer's comparison.
     pub fn begin_reconcile(
         &mut self,
+        layer: Layer,
         active: &ActiveGrants,
         protected: &BTreeSet<(Protocol, u16)>,
     ) -> anyhow::Result<(Vec<String>, KernelReader)> {
         let mut repairs = Vec::new();
-        if let Some(xdp) = self.xdp.as_mut() {
-            reconcile::reconcile_xdp_ports(xdp, protected, &mut repairs)?;
-            let missing = xdp.repin()?;
-            if !missing.is_empty() {
-                repairs.push(format!(
-                    "XDP: pins missing ({}); pinned again from the agent's handles",
-                    missing.join(", ")
-                ));
+        let reader = match layer {
+            Layer::Xdp => {
+                if let Some(xdp) = self.xdp.as_mut() {
+                    reconcile::reconcile_xdp_ports(xdp, protected, &mut repairs)?;
+                    let missing = xdp.repin()?;
+                    if !missing.is_empty() {
+                        repairs.push(format!(
+                            "XDP: pins missing ({}); pinned again from the agent's handles",
+                            missing.join(", ")
+                        ));
+                    }
+                }
+                repairs.extend(self.scan_interfaces()?);
+                self.xdp_health.repaired(&repairs);
+                KernelReader::new(self.xdp.as_ref(), None)?
             }
-        }
-        repairs.extend(self.scan_interfaces()?);
-        self.xdp_health.repaired(&repairs);
-        let xdp_repairs = repairs.len();
-        if self.nft.is_none() && self.nft_needed() {
-            // Before the table's `ct state` rule first applies.
-            let seeded = connections::seed_conntrack(protected);
-            tracing::info!("{seeded} established connections recorded in conntrack");
-            self.nft = Some(NftGate::new(self.nft_table.clone()));
-        }
-        let mut nft_installed = false;
-        if let Some(nft) = &self.nft {
-            nft_installed =
-                reconcile::reconcile_nft_structure(nft, active, protected, &mut repairs)?;
-        }
-        self.nft_health.repaired(&repairs[xdp_repairs..]);
-        self.touched = Some(Touched::default());
-        let nft = self.nft.as_ref().filter(|_| !nft_installed);
-        Ok((repairs, KernelReader::new(self.xdp.as_ref(), nft)?))
+            Layer::Nftables => {
+                if self.nft.is_none() && self.nft_needed() {
+                    // Before the table's `ct state` rule first applies.
+                    let seeded = connections::seed_conntrack(protected);
+                    tracing::info!("{seeded} established connections recorded in conntrack");
+                    self.nft = Some(NftGate::new(self.nft_table.clone()));
+                }
+                let mut nft_installed = false;
+                if let Some(nft) = &self.nft {
+                    nft_installed =
+                        reconcile::reconcile_nft_structure(nft, active, protected, &mut repairs)?;
+                }
+                self.nft_health.repaired(&repairs);
+                KernelReader::new(None, self.nft.as_ref().filter(|_| !nft_installed))?
+            }
+        };
+        self.touched[layer as usize] = Some(Touched::default());
+        Ok((repairs, reader))
     }
 
-    /// Compares the next part of `pass` (one of the reader's snapshots)
+    /// Compares the next part of `pass` (the reader's snapshot of `layer`)
     /// with `active` and repairs it, for about `budget`; once the pass is
-    /// done, returns its repairs. `end_reconcile` follows the last pass.
+    /// done, returns its repairs. `end_reconcile` follows.
     pub fn reconcile_step(
         &mut self,
+        layer: Layer,
         pass: &mut Pass,
         active: &ActiveGrants,
         protected: &BTreeSet<(Protocol, u16)>,
         budget: Duration,
     ) -> anyhow::Result<Option<Vec<String>>> {
-        let touched = self.touched.get_or_insert_default();
+        let touched = self.touched[layer as usize].get_or_insert_default();
         pass.step(
             self.xdp.as_mut(),
             self.nft.as_ref(),
@@ -551,7 +579,7 @@ impl Enforcement {
         if !pass.is_done() {
             return Ok(None);
         }
-        let touched = self.touched.as_ref();
+        let touched = self.touched[layer as usize].as_ref();
         let (xdp_entries, nft_elements) = pass.repairs();
         let mut xdp_repairs: Vec<String> = xdp_entries.into_iter().collect();
         if let Some(xdp) = self.xdp.as_mut()
@@ -585,10 +613,10 @@ impl Enforcement {
         Ok(Some(xdp_repairs))
     }
 
-    /// Ends a reconciliation (done, or its read failed): writes are no
-    /// longer noted.
-    pub fn end_reconcile(&mut self) {
-        self.touched = None;
+    /// Ends a layer's reconciliation (done, or its read failed): writes
+    /// are no longer noted for it.
+    pub fn end_reconcile(&mut self, layer: Layer) {
+        self.touched[layer as usize] = None;
     }
 }
 

@@ -61,10 +61,8 @@ impl KernelReader {
         usize::from(self.xdp.is_some()) + usize::from(self.nft.is_some())
     }
 
-    /// Reads each layer in use into a snapshot of its own, XDP first: the
-    /// nftables dump takes far longer (the kernel walks a set from its
-    /// start again for every message of a dump), and XDP's comparison need
-    /// not wait for it.
+    /// Reads each layer it holds into a snapshot of its own (a
+    /// reconciliation cycle's reader holds one layer: see `Layer`).
     pub fn read(&self, mut each: impl FnMut(anyhow::Result<KernelSnapshot>)) {
         if let Some(reader) = &self.xdp {
             each(reader.entries().map_err(Into::into).map(|mut entries| {

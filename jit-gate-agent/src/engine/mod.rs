@@ -7,6 +7,7 @@
 
 mod approvals;
 mod configure;
+mod cycles;
 mod denials;
 mod fleet;
 mod lifecycle;
@@ -75,8 +76,11 @@ pub struct AuditHealth {
 }
 
 pub enum Command {
-    /// What a reconciliation's reader read (sent by its thread).
-    KernelRead(Box<anyhow::Result<crate::enforce::KernelSnapshot>>),
+    /// What a reconciliation's reader read of a layer (sent by its thread).
+    KernelRead(
+        crate::enforce::Layer,
+        Box<anyhow::Result<crate::enforce::KernelSnapshot>>,
+    ),
     Status(Reply<StatusReport>),
     Policy(Reply<Policy>),
     UpdatePolicy {
@@ -168,8 +172,8 @@ pub struct Engine {
     unrecorded: Vec<Event>,
     /// How long reconciliations took (seconds), shown as a metric.
     reconcile_durations: Histogram,
-    /// The reconciliation under way, if one is.
-    reconciliation: Option<observe::Reconciliation>,
+    /// Each layer's reconciliation cycle.
+    cycles: cycles::Cycles,
     /// Where the reconciliation's reader sends what it read (the engine's
     /// own command channel, once it runs).
     read_results: Option<std::sync::mpsc::Sender<Command>>,
@@ -274,6 +278,7 @@ impl Engine {
             summarized,
             drop_counters(&enforcement, &policy.protected())?,
         );
+        let cycles = cycles::Cycles::new(config.reconcile_interval);
         let mut engine = Engine {
             boot_id,
             witnessed_at: Instant::now(),
@@ -292,7 +297,7 @@ impl Engine {
             last_checkpoint,
             unrecorded: Vec::new(),
             reconcile_durations: reconcile_histogram(),
-            reconciliation: None,
+            cycles,
             read_results: None,
             fleet_report: None,
         };

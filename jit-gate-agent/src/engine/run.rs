@@ -60,11 +60,6 @@ const OBSERVE_EVERY: Duration = Duration::from_secs(1);
 /// How often flows of ended connections are forgotten.
 const FORGET_FLOWS_EVERY: Duration = Duration::from_secs(10);
 
-/// A reconciliation (reading the kernel, mostly on the reader's thread)
-/// runs at most half the time: the next starts no sooner than its own
-/// duration after the last one ended.
-const RECONCILE_DUTY_INVERSE: u32 = 2;
-
 /// Old `ACCESS_DENIED` payloads are pruned every half retention, at most
 /// this often and at least every `PRUNE_EVERY_MAX`, this many at once.
 const PRUNE_EVERY_MIN: Duration = Duration::from_secs(1);
@@ -92,7 +87,7 @@ fn spawn_link_watcher(commands: mpsc::Sender<Command>) -> anyhow::Result<()> {
 
 /// Returns memory freed after a reconciliation (the kernel state read back
 /// for comparison) to the system; glibc keeps it in its arenas otherwise.
-fn release_free_memory() {
+pub(super) fn release_free_memory() {
     // SAFETY: malloc_trim only walks the allocator's own free lists.
     unsafe {
         libc::malloc_trim(0);
@@ -122,21 +117,18 @@ impl Engine {
     pub(super) fn run(mut self, commands: &mpsc::Receiver<Command>) {
         let mut next_observe = Instant::now() + OBSERVE_EVERY;
         let mut next_forget = Instant::now() + FORGET_FLOWS_EVERY;
-        let mut next_reconcile = Instant::now() + self.config.reconcile_interval;
         let mut next_prune = Instant::now();
         let mut next_checkpoint = Instant::now() + self.config.audit.checkpoint_interval;
         loop {
             let wake = [
                 next_observe,
                 next_forget,
-                next_reconcile,
+                self.next_reconcile(),
                 next_prune,
                 next_checkpoint,
             ]
             .into_iter()
             .chain(self.next_expiry_instant())
-            // A snapshot being compared: only the commands waiting now.
-            .chain(self.comparing().then(Instant::now))
             .min()
             .expect("at least one timer");
             match commands.recv_timeout(wake.saturating_duration_since(Instant::now())) {
@@ -178,22 +170,8 @@ impl Engine {
                 self.log_failure("signing an audit checkpoint", |e| e.checkpoint().map(drop));
                 next_checkpoint = now + self.config.audit.checkpoint_interval;
             }
-            if now >= next_reconcile && !self.reconciling() {
-                self.log_failure("expiring pending requests", Engine::expire_pending);
-                self.log_failure("reconciling", Engine::start_reconcile);
-                next_reconcile = now + self.config.reconcile_interval;
-            }
-            match self.reconcile_step() {
-                Ok(Some(took)) => {
-                    tracing::debug!("reconciled in {took:?}");
-                    self.reconcile_durations.observe(took.as_secs_f64());
-                    next_reconcile =
-                        next_reconcile.max(Instant::now() + took / RECONCILE_DUTY_INVERSE);
-                    release_free_memory();
-                }
-                Ok(None) => {}
-                Err(e) => tracing::error!("reconciling: {e:#}"),
-            }
+            // Cycles due start; a snapshot waiting is compared one step.
+            self.reconcile_due();
             if self.witnessed_at.elapsed() >= WITNESS_EVERY {
                 self.log_failure("recording the boot clock", Engine::witness_boot_clock);
             }
@@ -336,7 +314,7 @@ impl Engine {
             Command::Reload { config, reply } => {
                 let _ = reply.send(self.reload(*config));
             }
-            Command::KernelRead(read) => self.kernel_read(*read),
+            Command::KernelRead(layer, read) => self.kernel_read(layer, *read),
             Command::Fleet(command) => self.fleet(command),
             Command::LinksChanged => {
                 self.log_failure("gating new interfaces", |e| {

@@ -11,7 +11,10 @@ use std::{
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 
-use super::{Batch, Result, Store, StoreError};
+use super::{
+    Batch, Result, Store, StoreError,
+    payload::{self, Codec},
+};
 use crate::{
     audit::{self, AuditRecord, Event, Kind, Payload},
     checkpoint::Checkpoint,
@@ -19,18 +22,21 @@ use crate::{
 };
 
 pub(super) const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS audit_kinds (code INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY,
     at_ms INTEGER NOT NULL,
-    kind TEXT NOT NULL,
+    kind INTEGER NOT NULL,
     principal TEXT NOT NULL,
     grant_id INTEGER NOT NULL,
+    port INTEGER,
     message TEXT,
     details TEXT,
-    payload_sha256 TEXT NOT NULL,
-    hash TEXT NOT NULL
+    payload BLOB,
+    payload_sha256 BLOB,
+    hash BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS audit_by_kind ON audit (kind, at_ms);
+CREATE INDEX IF NOT EXISTS audit_denied ON audit (at_ms) WHERE kind = 7;
 CREATE TABLE IF NOT EXISTS audit_checkpoints (
     seq INTEGER PRIMARY KEY,
     hash TEXT NOT NULL,
@@ -39,15 +45,93 @@ CREATE TABLE IF NOT EXISTS audit_checkpoints (
 );
 ";
 
+/// Schema 6's audit rows in schema 7's table: kinds by code, digests and
+/// hashes as their 32 bytes (a malformed one keeps its text's bytes, and
+/// fails to verify as before), the details' port in a column; message
+/// and details stay text (`payload` is for records written since).
+const UPGRADE_FROM_6: &str = "
+ALTER TABLE audit RENAME TO audit_6;
+DROP INDEX IF EXISTS audit_by_kind;
+";
+
+const COPY_FROM_6: &str = "
+INSERT INTO audit (seq, at_ms, kind, principal, grant_id, port, message, details, payload, payload_sha256, hash)
+SELECT seq, at_ms, (SELECT code FROM audit_kinds WHERE name = audit_6.kind), principal, grant_id,
+       CASE WHEN json_valid(details) AND json_type(details, '$.port') = 'integer'
+            THEN json_extract(details, '$.port') END,
+       message, details, NULL,
+       coalesce(unhex(payload_sha256), CAST(payload_sha256 AS BLOB)),
+       coalesce(unhex(hash), CAST(hash AS BLOB))
+FROM audit_6 ORDER BY seq;
+DROP TABLE audit_6;
+";
+
 const COLUMNS: &str =
-    "seq, at_ms, kind, principal, grant_id, message, details, payload_sha256, hash";
+    "seq, at_ms, kind, principal, grant_id, message, details, payload, payload_sha256, hash";
+
+/// Creates the audit tables, or brings schema 6's up to date (one
+/// transaction), and names every kind in `audit_kinds`.
+pub(super) fn create_or_upgrade(conn: &Connection) -> Result<()> {
+    let kind_type: Option<String> = conn
+        .query_row(
+            "SELECT type FROM pragma_table_info('audit') WHERE name = 'kind'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let from_6 = kind_type.is_some_and(|t| t.eq_ignore_ascii_case("TEXT"));
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let upgraded = (|| {
+        if from_6 {
+            conn.execute_batch(UPGRADE_FROM_6)?;
+        }
+        conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(payload::SCHEMA)?;
+        name_kinds(conn)?;
+        if from_6 {
+            conn.execute_batch(COPY_FROM_6)?;
+        }
+        Ok::<_, StoreError>(())
+    })();
+    match upgraded {
+        Ok(()) => conn.execute_batch("COMMIT")?,
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Fills `audit_kinds`, and refuses a database whose codes mean other kinds.
+fn name_kinds(conn: &Connection) -> Result<()> {
+    let mut insert =
+        conn.prepare("INSERT OR IGNORE INTO audit_kinds (code, name) VALUES (?1, ?2)")?;
+    let mut named = conn.prepare("SELECT name FROM audit_kinds WHERE code = ?1")?;
+    for kind in Kind::ALL {
+        insert.execute(params![kind.code(), kind.name()])?;
+        let name: String = named.query_row([kind.code()], |r| r.get(0))?;
+        if name != kind.name() {
+            return Err(StoreError::Corrupt {
+                what: "audit kind code",
+                value: format!("{} names {name}, not {}", kind.code(), kind.name()),
+            });
+        }
+    }
+    Ok(())
+}
 
 pub(super) fn head(conn: &Connection) -> rusqlite::Result<(u64, String)> {
     Ok(conn
         .query_row(
             "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
             [],
-            |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)? as u64,
+                    hex::encode(r.get::<_, Vec<u8>>(1)?),
+                ))
+            },
         )
         .optional()?
         .unwrap_or((0, audit::GENESIS_HASH.to_owned())))
@@ -66,28 +150,49 @@ pub struct AuditFilter {
     pub port: Option<u16>,
 }
 
-fn record(r: &Row<'_>) -> rusqlite::Result<(AuditRecord, String)> {
-    let kind: String = r.get(2)?;
+/// What a payload that does not inflate reads as: its digest then differs
+/// from the one the chain covers, so the record fails to verify.
+const UNREADABLE: &str = "(the stored payload does not inflate)";
+
+fn record(codec: &Codec, r: &Row<'_>) -> rusqlite::Result<(AuditRecord, i64)> {
     let message: Option<String> = r.get(5)?;
     let details: Option<String> = r.get(6)?;
+    let deflated: Option<Vec<u8>> = r.get(7)?;
+    let digest: Option<Vec<u8>> = r.get(8)?;
+    // Text as schema 6 stored it, else the deflated form (schema 7).
+    let payload = match (message, deflated) {
+        (Some(message), _) => Some(Payload {
+            message,
+            details: details.unwrap_or_default(),
+        }),
+        (None, Some(stored)) => Some(codec.inflate(&stored).unwrap_or_else(|| Payload {
+            message: UNREADABLE.into(),
+            details: String::new(),
+        })),
+        (None, None) => None,
+    };
+    let payload_sha256 = match (digest, &payload) {
+        (Some(digest), _) => hex::encode(digest),
+        (None, Some(payload)) => payload.sha256(),
+        (None, None) => String::new(),
+    };
     let record = AuditRecord {
         sequence: r.get::<_, i64>(0)? as u64,
         at_ms: r.get(1)?,
         kind: Kind::AgentStarted,
         principal: r.get(3)?,
         grant_id: r.get::<_, i64>(4)? as u64,
-        payload: message
-            .zip(details)
-            .map(|(message, details)| Payload { message, details }),
-        payload_sha256: r.get(7)?,
-        hash: r.get(8)?,
+        payload,
+        payload_sha256,
+        hash: hex::encode(r.get::<_, Vec<u8>>(9)?),
     };
-    Ok((record, kind))
+    Ok((record, r.get(2)?))
 }
 
 /// Records above `after`, oldest first, at most `limit`, that pass `filter`.
 fn page(
     conn: &Connection,
+    codec: &Codec,
     filter: &AuditFilter,
     after: u64,
     limit: u32,
@@ -97,13 +202,12 @@ fn page(
          AND (?2 IS NULL OR kind IN (SELECT value FROM json_each(?2))) \
          AND (?3 IS NULL OR at_ms >= ?3) AND (?4 IS NULL OR at_ms < ?4) \
          AND (?5 IS NULL OR principal = ?5) \
-         AND (?6 IS NULL OR grant_id IN (SELECT id FROM grants WHERE port = ?6) \
-              OR json_extract(details, '$.port') = ?6) \
+         AND (?6 IS NULL OR port = ?6 OR grant_id IN (SELECT id FROM grants WHERE port = ?6)) \
          ORDER BY seq LIMIT ?7"
     ))?;
     let kinds = (!filter.kinds.is_empty()).then(|| {
-        serde_json::to_string(&filter.kinds.iter().map(|k| k.name()).collect::<Vec<_>>())
-            .expect("kind names serialise")
+        serde_json::to_string(&filter.kinds.iter().map(|k| k.code()).collect::<Vec<_>>())
+            .expect("kind codes serialise")
     });
     let rows = stmt.query_map(
         params![
@@ -115,14 +219,14 @@ fn page(
             filter.port,
             limit
         ],
-        record,
+        |r| record(codec, r),
     )?;
     let mut out = Vec::new();
     for row in rows {
         let (mut record, kind) = row?;
-        record.kind = Kind::from_name(&kind).ok_or(StoreError::Corrupt {
+        record.kind = Kind::from_code(kind).ok_or(StoreError::Corrupt {
             what: "audit kind",
-            value: kind,
+            value: kind.to_string(),
         })?;
         out.push(record);
     }
@@ -132,19 +236,42 @@ fn page(
 impl Store {
     /// Audit records above `after`, oldest first, at most `limit`.
     pub fn audit_after(&self, after: u64, limit: u32) -> Result<Vec<AuditRecord>> {
-        page(&self.conn, &AuditFilter::default(), after, limit)
+        page(
+            &self.conn,
+            &self.codec,
+            &AuditFilter::default(),
+            after,
+            limit,
+        )
     }
 
     /// Drops the payload of `ACCESS_DENIED` records older than `before`, at
-    /// most `limit` of them; returns how many. Their digests stay, so the
-    /// chain still verifies.
+    /// most `limit` of them; returns how many. Their digests stay (stored
+    /// now if the row held none), so the chain still verifies.
     pub fn prune_denied(&mut self, before: SystemTime, limit: u32) -> Result<usize> {
-        Ok(self.conn.execute(
-            "UPDATE audit SET message = NULL, details = NULL WHERE seq IN \
-             (SELECT seq FROM audit WHERE kind = ?1 AND at_ms < ?2 AND message IS NOT NULL \
-              ORDER BY seq LIMIT ?3)",
-            params![Kind::AccessDenied.name(), to_ms(before), limit],
-        )?)
+        let tx = self.conn.transaction()?;
+        let due = {
+            // The kind as a literal: the partial index `audit_denied` serves it.
+            let mut stmt = tx.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM audit WHERE kind = {} AND at_ms < ?1 \
+                 AND (message IS NOT NULL OR payload IS NOT NULL) ORDER BY seq LIMIT ?2",
+                Kind::AccessDenied.code()
+            ))?;
+            stmt.query_map(params![to_ms(before), limit], |r| record(&self.codec, r))?
+                .collect::<rusqlite::Result<Vec<_>>>()?
+        };
+        {
+            let mut prune = tx.prepare_cached(
+                "UPDATE audit SET message = NULL, details = NULL, payload = NULL, \
+                 payload_sha256 = ?1 WHERE seq = ?2",
+            )?;
+            for (record, _) in &due {
+                let digest = hex::decode(&record.payload_sha256).unwrap_or_default();
+                prune.execute(params![digest, record.sequence as i64])?;
+            }
+        }
+        tx.commit()?;
+        Ok(due.len())
     }
 
     pub fn save_checkpoint(&mut self, checkpoint: &Checkpoint) -> Result<()> {
@@ -184,24 +311,29 @@ impl Batch<'_> {
     /// Appends an audit record chained to the previous one.
     pub fn audit(&mut self, event: Event, at: SystemTime) -> Result<()> {
         let sequence = self.head.0 + 1;
+        let port = event
+            .details
+            .get("port")
+            .and_then(serde_json::Value::as_u64)
+            .and_then(|p| u16::try_from(p).ok());
         let record = audit::seal(sequence, at, event, &self.head.1);
         let payload = record
             .payload
             .as_ref()
             .expect("a new record has its payload");
-        let mut stmt = self.tx.prepare_cached(&format!(
-            "INSERT INTO audit ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
-        ))?;
+        let mut stmt = self.tx.prepare_cached(
+            "INSERT INTO audit (seq, at_ms, kind, principal, grant_id, port, payload, hash) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?;
         stmt.execute(params![
             sequence as i64,
             record.at_ms,
-            record.kind.name(),
+            record.kind.code(),
             record.principal,
             record.grant_id as i64,
-            payload.message,
-            payload.details,
-            record.payload_sha256,
-            record.hash,
+            port,
+            self.codec.deflate(payload),
+            hex::decode(&record.hash).expect("a sealed hash is hex"),
         ])?;
         self.head = (sequence, record.hash.clone());
         self.appended.push(record);
@@ -213,7 +345,7 @@ impl Batch<'_> {
 /// export, verification), shared and used one page at a time.
 #[derive(Clone)]
 pub struct AuditReader {
-    conn: Arc<Mutex<Connection>>,
+    conn: Arc<Mutex<(Connection, Codec)>>,
 }
 
 impl AuditReader {
@@ -227,24 +359,22 @@ impl AuditReader {
             source,
         })?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let codec = Codec::open(&conn, false)?;
         Ok(AuditReader {
-            conn: Arc::new(Mutex::new(conn)),
+            conn: Arc::new(Mutex::new((conn, codec))),
         })
     }
 
     /// Blocks: call from a blocking thread.
     pub fn checkpoints(&self) -> Result<Vec<Checkpoint>> {
-        checkpoints(&self.conn.lock().expect("audit reader lock"))
+        checkpoints(&self.conn.lock().expect("audit reader lock").0)
     }
 
     /// Blocks: call from a blocking thread.
     pub fn page(&self, filter: &AuditFilter, after: u64, limit: u32) -> Result<Vec<AuditRecord>> {
-        page(
-            &self.conn.lock().expect("audit reader lock"),
-            filter,
-            after,
-            limit,
-        )
+        let guard = self.conn.lock().expect("audit reader lock");
+        let (conn, codec) = &*guard;
+        page(conn, codec, filter, after, limit)
     }
 }
 

@@ -6,6 +6,7 @@
 
 mod audit_log;
 mod fleet_progress;
+mod payload;
 mod requests;
 
 use std::{
@@ -15,10 +16,11 @@ use std::{
 };
 
 use ipnet::IpNet;
-use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, Row, Transaction, params, types::Value};
 
 pub use audit_log::{AuditFilter, AuditReader};
 pub use fleet_progress::FleetCursor;
+pub use payload::CodecError;
 
 use crate::{
     audit::AuditRecord,
@@ -45,6 +47,8 @@ pub enum StoreError {
     Sql(#[from] rusqlite::Error),
     #[error("database holds a malformed {what}: {value:?}")]
     Corrupt { what: &'static str, value: String },
+    #[error("audit payloads: {0}")]
+    Codec(#[from] CodecError),
     #[error("stored JSON (policy or held request): {0}")]
     Policy(#[from] serde_json::Error),
     #[error(
@@ -58,8 +62,11 @@ pub enum StoreError {
 /// boot-clock deadlines and 4 their limit on connections opened
 /// (`GRANT_COLUMNS_ADDED`), to which version-2 and -3 databases are brought
 /// up to date in place; 5 adds the approval tables (`requests`), 6 adds
-/// `fleet_progress`, each created when missing.
-const SCHEMA_VERSION: i64 = 6;
+/// `fleet_progress`, each created when missing. 7 stores less per grant
+/// and record (README "Audit log"; `upgrade_grants_to_7`,
+/// `audit_log::create_or_upgrade`): fingerprints, digests and hashes as
+/// bytes, boot ids once in `boots`, kinds by code, new payloads deflated.
+const SCHEMA_VERSION: i64 = 7;
 /// The oldest version brought up to date rather than refused.
 const UPGRADABLE_FROM: i64 = 2;
 
@@ -84,13 +91,53 @@ CREATE TABLE IF NOT EXISTS grants (
     ended_ms INTEGER,
     granted_ms INTEGER,
     deadline_boot_ns INTEGER,
-    boot_id TEXT,
-    max_connections INTEGER NOT NULL DEFAULT 0
+    max_connections INTEGER NOT NULL DEFAULT 0,
+    boot INTEGER
 );
+CREATE TABLE IF NOT EXISTS boots (boot INTEGER PRIMARY KEY, boot_id TEXT NOT NULL UNIQUE);
 CREATE INDEX IF NOT EXISTS grants_by_request ON grants (principal, request_id);
 CREATE INDEX IF NOT EXISTS grants_active ON grants (state) WHERE state = 'active';
-CREATE INDEX IF NOT EXISTS grants_by_port ON grants (port, created_ms);
 ";
+
+/// The grants index of schema 7 (by port, in id order within a port).
+const GRANTS_BY_PORT: &str = "CREATE INDEX IF NOT EXISTS grants_by_port_id ON grants (port);";
+
+/// Schema 7's grants from earlier ones: the request fingerprint as its 32
+/// bytes (text that is not lower-case hex stays text), the port index
+/// without the creation time; then `BOOTS_TO_7`.
+const GRANTS_UPGRADE_TO_7: &str = "
+UPDATE grants SET request_fingerprint = unhex(request_fingerprint)
+    WHERE typeof(request_fingerprint) = 'text'
+      AND lower(hex(unhex(request_fingerprint))) = request_fingerprint;
+DROP INDEX IF EXISTS grants_by_port;
+ALTER TABLE grants ADD COLUMN boot INTEGER;
+";
+
+/// Schema 3 to 6's boot ids (text on every grant) once in `boots`.
+const BOOTS_TO_7: &str = "
+INSERT OR IGNORE INTO boots (boot_id)
+    SELECT DISTINCT boot_id FROM grants WHERE boot_id IS NOT NULL AND boot_id != '';
+UPDATE grants SET boot = (SELECT boot FROM boots WHERE boots.boot_id = grants.boot_id);
+ALTER TABLE grants DROP COLUMN boot_id;
+";
+
+/// The fingerprint as stored: its bytes if it is lower-case hex (as
+/// `AccessRequest::fingerprint` makes it), else its text.
+fn fingerprint_column(fingerprint: &str) -> Value {
+    match hex::decode(fingerprint) {
+        Ok(bytes) if hex::encode(&bytes) == fingerprint => Value::Blob(bytes),
+        _ => Value::Text(fingerprint.to_owned()),
+    }
+}
+
+/// The stored fingerprint back as text (SQL).
+const FINGERPRINT_TEXT: &str = "CASE typeof(request_fingerprint) \
+     WHEN 'blob' THEN lower(hex(request_fingerprint)) ELSE request_fingerprint END";
+
+/// The boot a grant's deadline is on, as stored: a row of `boots` (added
+/// by the statement before), none for an unknown boot.
+const BOOT_OF: &str = "(SELECT boot FROM boots WHERE boot_id = ?)";
+const ADD_BOOT: &str = "INSERT OR IGNORE INTO boots (boot_id) SELECT ?1 WHERE ?1 != ''";
 
 const POLICY_KEY: &str = "policy";
 
@@ -116,20 +163,21 @@ pub struct LastAccess {
 /// written before). Schema 3: the granted duration from the wall-clock
 /// times then recorded; no deadline and no boot id, so such a grant counts
 /// as set on an unknown earlier boot (see `clock::carry_across_reboot`).
-/// Schema 4: no limit on connections (the column's default).
-const GRANT_COLUMNS_ADDED: [(&str, &str, &str); 4] = [
+/// Schema 4: no limit on connections (the column's default). (Schema 3's
+/// `boot_id` is `boot` since schema 7, left NULL.)
+const GRANT_COLUMNS_ADDED: [(&str, &str, &str); 3] = [
     (
         "granted_ms",
         "INTEGER",
         "UPDATE grants SET granted_ms = MAX(expires_ms - created_ms, 0)",
     ),
     ("deadline_boot_ns", "INTEGER", ""),
-    ("boot_id", "TEXT", ""),
     ("max_connections", "INTEGER NOT NULL DEFAULT 0", ""),
 ];
 
 pub struct Store {
     conn: Connection,
+    codec: payload::Codec,
     /// Sequence and hash of the last audit record: the chain's head.
     audit_head: (u64, String),
 }
@@ -171,8 +219,13 @@ impl Store {
             });
         }
         conn.execute_batch(SCHEMA).map_err(open_err)?;
-        add_grant_columns(&conn).map_err(open_err)?;
-        conn.execute_batch(audit_log::SCHEMA).map_err(open_err)?;
+        if has_tables && version < SCHEMA_VERSION {
+            add_grant_columns(&conn).map_err(open_err)?;
+            upgrade_grants_to_7(&conn).map_err(open_err)?;
+        }
+        conn.execute_batch(GRANTS_BY_PORT).map_err(open_err)?;
+        audit_log::create_or_upgrade(&conn)?;
+        let codec = payload::Codec::open(&conn, true)?;
         conn.execute_batch(requests::SCHEMA).map_err(open_err)?;
         conn.execute_batch(fleet_progress::SCHEMA)
             .map_err(open_err)?;
@@ -194,7 +247,11 @@ impl Store {
             }
         }
         let audit_head = audit_log::head(&conn).map_err(open_err)?;
-        Ok(Store { conn, audit_head })
+        Ok(Store {
+            conn,
+            codec,
+            audit_head,
+        })
     }
 
     /// The last audit record's sequence and hash ((0, genesis) if none).
@@ -207,6 +264,7 @@ impl Store {
         let head = self.audit_head.clone();
         Ok(Batch {
             tx: self.conn.transaction()?,
+            codec: &mut self.codec,
             head,
             head_slot: &mut self.audit_head,
             appended: Vec::new(),
@@ -333,7 +391,7 @@ fn grants_where(
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT id, request_id, source, protocol, port, requester, justification, ticket, \
          principal, created_ms, expires_ms, state, ended_ms, granted_ms, deadline_boot_ns, \
-         boot_id, max_connections FROM grants WHERE {condition}"
+         boot_id, max_connections FROM grants LEFT JOIN boots USING (boot) WHERE {condition}"
     ))?;
     let raw = stmt
         .query_map(params, RawGrant::from_row)?
@@ -346,12 +404,12 @@ fn request(
     principal: &str,
     request_id: &str,
 ) -> Result<Option<(String, Vec<Grant>)>> {
+    // Asked once per request: prepared once (parsing it cost more than running it).
     let fingerprint: Option<String> = conn
-        .query_row(
-            "SELECT request_fingerprint FROM grants WHERE principal = ?1 AND request_id = ?2 LIMIT 1",
-            [principal, request_id],
-            |r| r.get(0),
-        )
+        .prepare_cached(&format!(
+            "SELECT {FINGERPRINT_TEXT} FROM grants WHERE principal = ?1 AND request_id = ?2 LIMIT 1"
+        ))?
+        .query_row([principal, request_id], |r| r.get(0))
         .optional()?;
     let Some(fingerprint) = fingerprint else {
         return Ok(None);
@@ -423,12 +481,31 @@ impl RawGrant {
     }
 }
 
+/// Brings an earlier grants table to schema 7 (`GRANTS_UPGRADE_TO_7`,
+/// `BOOTS_TO_7`) in one transaction; a table already there is left alone.
+fn upgrade_grants_to_7(conn: &Connection) -> rusqlite::Result<()> {
+    let present = grant_columns(conn)?;
+    if present.iter().any(|c| c == "boot") {
+        return Ok(());
+    }
+    let boots = if present.iter().any(|c| c == "boot_id") {
+        BOOTS_TO_7
+    } else {
+        ""
+    };
+    conn.execute_batch(&format!(
+        "BEGIN IMMEDIATE; {GRANTS_UPGRADE_TO_7} {boots} COMMIT;"
+    ))
+}
+
+fn grant_columns(conn: &Connection) -> rusqlite::Result<Vec<String>> {
+    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('grants')")?;
+    stmt.query_map([], |r| r.get::<_, String>(0))?.collect()
+}
+
 /// Brings a schema-2 or -3 database up to date (`GRANT_COLUMNS_ADDED`).
 fn add_grant_columns(conn: &Connection) -> rusqlite::Result<()> {
-    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('grants')")?;
-    let present = stmt
-        .query_map([], |r| r.get::<_, String>(0))?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let present = grant_columns(conn)?;
     for (column, kind, fill) in GRANT_COLUMNS_ADDED {
         if !present.iter().any(|c| c == column) {
             conn.execute_batch(&format!("ALTER TABLE grants ADD COLUMN {column} {kind}"))?;
@@ -456,6 +533,7 @@ fn parse_protocol(text: &str) -> Result<Protocol> {
 /// One transaction.
 pub struct Batch<'a> {
     tx: Transaction<'a>,
+    codec: &'a mut payload::Codec,
     head: (u64, String),
     head_slot: &'a mut (u64, String),
     appended: Vec<AuditRecord>,
@@ -473,15 +551,18 @@ impl Batch<'_> {
 
     /// Inserts a grant (its `id` is ignored) and returns the id assigned.
     pub fn insert_grant(&mut self, grant: &Grant, fingerprint: &str) -> Result<u64> {
-        let mut stmt = self.tx.prepare_cached(
+        self.tx
+            .prepare_cached(ADD_BOOT)?
+            .execute([&grant.boot_id])?;
+        let mut stmt = self.tx.prepare_cached(&format!(
             "INSERT INTO grants (request_id, request_fingerprint, source, protocol, port, requester, \
              justification, ticket, principal, created_ms, expires_ms, state, ended_ms, \
-             granted_ms, deadline_boot_ns, boot_id, max_connections) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
-        )?;
+             granted_ms, deadline_boot_ns, boot, max_connections) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, {BOOT_OF}, ?17)"
+        ))?;
         stmt.execute(params![
             grant.request_id,
-            fingerprint,
+            fingerprint_column(fingerprint),
             grant.target.source.to_string(),
             grant.target.protocol.name(),
             grant.target.port,
@@ -510,10 +591,11 @@ impl Batch<'_> {
         deadline: Deadline,
         expires_at: SystemTime,
     ) -> Result<()> {
-        let mut stmt = self.tx.prepare_cached(
-            "UPDATE grants SET deadline_boot_ns = ?1, boot_id = ?2, expires_ms = ?3 \
-             WHERE id = ?4 AND state = 'active'",
-        )?;
+        self.tx.prepare_cached(ADD_BOOT)?.execute([boot_id])?;
+        let mut stmt = self.tx.prepare_cached(&format!(
+            "UPDATE grants SET deadline_boot_ns = ?1, boot = {BOOT_OF}, expires_ms = ?3 \
+             WHERE id = ?4 AND state = 'active'"
+        ))?;
         stmt.execute(params![
             boot_ns_column(deadline),
             boot_id,
@@ -722,6 +804,157 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    /// Schema 6 as agents before schema 7 wrote it (the tables this
+    /// upgrade changes).
+    const SCHEMA_6: &str = "
+        CREATE TABLE grants (id INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL,
+            request_fingerprint TEXT NOT NULL, source TEXT NOT NULL, protocol TEXT NOT NULL,
+            port INTEGER NOT NULL, requester TEXT NOT NULL, justification TEXT NOT NULL,
+            ticket TEXT NOT NULL, principal TEXT NOT NULL, created_ms INTEGER NOT NULL,
+            expires_ms INTEGER NOT NULL, state TEXT NOT NULL, ended_ms INTEGER,
+            granted_ms INTEGER, deadline_boot_ns INTEGER, boot_id TEXT,
+            max_connections INTEGER NOT NULL DEFAULT 0);
+        CREATE INDEX grants_by_request ON grants (principal, request_id);
+        CREATE INDEX grants_active ON grants (state) WHERE state = 'active';
+        CREATE INDEX grants_by_port ON grants (port, created_ms);
+        CREATE TABLE audit (seq INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, kind TEXT NOT NULL,
+            principal TEXT NOT NULL, grant_id INTEGER NOT NULL, message TEXT, details TEXT,
+            payload_sha256 TEXT NOT NULL, hash TEXT NOT NULL);
+        CREATE INDEX audit_by_kind ON audit (kind, at_ms);
+        PRAGMA user_version = 6;";
+
+    #[test]
+    fn schema_6_databases_upgrade_keeping_grants_and_a_verifiable_chain() {
+        use crate::audit::{self, Event, Kind, Verifier};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.db");
+        let fingerprint = "ab".repeat(32);
+        let old_at = SystemTime::now() - Duration::from_hours(2);
+        let events = [
+            Event::new(Kind::AgentStarted, "agent", 0, "started"),
+            Event::new(Kind::GrantCreated, "uid:0", 1, "grant 1")
+                .with_details(serde_json::json!({ "request_id": "r1" })),
+            Event::new(Kind::AccessDenied, "agent", 0, "denied")
+                .with_details(serde_json::json!({ "port": 2222 })),
+            Event::new(Kind::GrantCreated, "uid:1001", 2, "grant 2"),
+            Event::new(Kind::AccessDenied, "agent", 0, "denied again")
+                .with_details(serde_json::json!({ "port": 2222 })),
+        ];
+        let mut previous = audit::GENESIS_HASH.to_owned();
+        let mut sealed = Vec::new();
+        for (i, event) in events.into_iter().enumerate() {
+            let record = audit::seal(i as u64 + 1, old_at, event, &previous);
+            previous.clone_from(&record.hash);
+            sealed.push(record);
+        }
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA_6).unwrap();
+            for (id, boot, state) in [(1, "boot-a", "active"), (2, "boot-b", "revoked")] {
+                conn.execute(
+                    "INSERT INTO grants VALUES (?1, 'r1', ?2, '192.0.2.7/32', 'tcp', 22, 'alice', \
+                     'why', 'T-1', 'uid:0', 1000, 91000, ?3, NULL, 90000, 5000, ?4, 2)",
+                    params![id, fingerprint, state, boot],
+                )
+                .unwrap();
+            }
+            for (i, record) in sealed.iter().enumerate() {
+                let payload = record.payload.as_ref().unwrap();
+                // The first denial's payload was pruned: its digest stays.
+                let (message, details) = if i == 2 {
+                    (None, None)
+                } else {
+                    (Some(&payload.message), Some(&payload.details))
+                };
+                conn.execute(
+                    "INSERT INTO audit VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    params![
+                        i as i64 + 1,
+                        record.at_ms,
+                        record.kind.name(),
+                        record.principal,
+                        record.grant_id as i64,
+                        message,
+                        details,
+                        record.payload_sha256,
+                        record.hash
+                    ],
+                )
+                .unwrap();
+            }
+        }
+        let mut store = Store::open(&path).unwrap();
+        let version: i64 = store
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let (kept_fingerprint, grants) = store.request("uid:0", "r1").unwrap().unwrap();
+        assert_eq!(kept_fingerprint, fingerprint);
+        assert_eq!(
+            grants
+                .iter()
+                .map(|g| (g.id, g.boot_id.as_str(), g.state, g.max_connections))
+                .collect::<Vec<_>>(),
+            [
+                (1, "boot-a", GrantState::Active, 2),
+                (2, "boot-b", GrantState::Revoked, 2)
+            ]
+        );
+        assert_eq!(grants[0].deadline, Deadline::from_boot_ns(5000));
+        assert_eq!(store.active_grants().unwrap().len(), 1);
+        assert_eq!(store.audit_head(), (5, sealed[4].hash.clone()));
+
+        // New records (deflated) follow the old ones (text) in one chain.
+        let mut batch = store.batch().unwrap();
+        batch
+            .audit(
+                Event::new(Kind::PolicyChanged, "uid:0", 0, "after the upgrade"),
+                SystemTime::now(),
+            )
+            .unwrap();
+        batch.commit().unwrap();
+        let records = store.audit_after(0, 10).unwrap();
+        let mut expected = sealed.clone();
+        expected[2].payload = None;
+        assert_eq!(records[..5], expected[..]);
+        let mut verifier = Verifier::default();
+        for record in &records {
+            verifier.check(record).unwrap();
+        }
+        assert_eq!((verifier.records, verifier.pruned), (6, 1));
+        let by_port = AuditFilter {
+            port: Some(2222),
+            ..AuditFilter::default()
+        };
+        let reader = AuditReader::open(&path).unwrap();
+        let about_the_port: Vec<u64> = reader
+            .page(&by_port, 0, 10)
+            .unwrap()
+            .iter()
+            .map(|r| r.sequence)
+            .collect();
+        assert_eq!(about_the_port, [5], "a pruned record's port is not known");
+
+        // An old record edited after the upgrade is still found.
+        store
+            .conn
+            .execute("UPDATE audit SET details = '{}' WHERE seq = 2", [])
+            .unwrap();
+        let mut verifier = Verifier::default();
+        let broken = store
+            .audit_after(0, 10)
+            .unwrap()
+            .iter()
+            .try_for_each(|r| verifier.check(r))
+            .unwrap_err();
+        assert_eq!(broken.sequence, 2);
+        drop(store);
+        // Opening again changes nothing more.
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.request("uid:0", "r1").unwrap().unwrap().1, grants);
     }
 
     #[test]

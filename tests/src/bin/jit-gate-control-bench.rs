@@ -6,7 +6,9 @@
 //!   in the same loop, a connection to an unprotected port (the handshake
 //!   floor) and a no-op RPC (`GetPolicy`, the RPC floor);
 //! - sustained grants/s through the API with concurrent brokers, up to
-//!   `--grants` active grants, then the agent's resident memory;
+//!   `--grants` active grants, the agent's CPU time per grant meanwhile
+//!   (all threads, and the engine's; a rate on a shared machine measures
+//!   the machine), then the agent's resident memory;
 //! - expiry lateness: short grants among all the others, the time from each
 //!   grant's expiry to the agent's `GRANT_EXPIRED` record;
 //! - at full scale (1,000,000 grants by default): the database's size, and
@@ -40,7 +42,7 @@ use jit_gate_agent::{
 use jit_gate_tests::{
     agent::{Agent, AgentFiles, PinnedGrants, access, client},
     interruption::Interruption,
-    measure::{Percentiles, connect_time, percentiles, rss_mib},
+    measure::{Percentiles, connect_time, cpu_time, database_bytes, percentiles, rss_mib},
     netns::{GATED_V4, Netns, Topology, enter},
     traffic::TcpEcho,
 };
@@ -75,6 +77,8 @@ const OPEN_PORT: u16 = 8080;
 /// Client addresses used as fresh sources in the latency loop (192.0.2.10
 /// and up, clear of the topology's own client addresses).
 const LATENCY_SOURCES: u8 = 100;
+/// The agent's engine thread, as `comm` names it.
+const ENGINE_THREAD: &str = "jit-gate-engine";
 /// One probe RPC is started this often.
 const PROBE_EVERY: Duration = Duration::from_millis(5);
 /// Longest wait for a drift repair (the agent's interval may stretch).
@@ -88,11 +92,17 @@ struct Results {
     handshake_floor: Percentiles,
     revoke_rpc: Percentiles,
     grants_per_second: f64,
+    /// The agent's CPU time per grant during the fill, all threads and the
+    /// engine's (which applies the grants one batch after another).
+    fill_cpu_us_per_grant: f64,
+    fill_engine_cpu_us_per_grant: f64,
     throughput_rpc: Percentiles,
     active_grants: u32,
     agent_rss_mib: f64,
     agent_peak_rss_mib: f64,
     database_mib: f64,
+    /// Bytes per active grant of each table and index (WAL not included).
+    database_bytes_per_grant: Vec<(String, f64)>,
     probe_rpc_during_reconciliation: Percentiles,
     probe_samples: usize,
     xdp_drift_repaired_after: Percentiles,
@@ -431,7 +441,12 @@ fn main() -> Result<()> {
         .build()?;
     let run = async {
         let mut api = client(&files).await;
+        let cpu_before = cpu_time(agent.pid(), ENGINE_THREAD)?;
         let (grants_per_second, throughput_rpc) = fill(&api, args.grants, args.concurrency).await?;
+        let cpu_after = cpu_time(agent.pid(), ENGINE_THREAD)?;
+        let per_grant = |before: Duration, after: Duration| {
+            after.saturating_sub(before).as_secs_f64() * 1e6 / f64::from(args.grants)
+        };
         let listed = api
             .get_status(proto::GetStatusRequest {})
             .await?
@@ -445,6 +460,10 @@ fn main() -> Result<()> {
         }
         let (rss, peak) = rss_mib(agent.pid())?;
         let database_mib = database_mib(&files)?;
+        let database_bytes_per_grant = database_bytes(&files.database())?
+            .into_iter()
+            .map(|(name, bytes)| (name, bytes as f64 / f64::from(listed)))
+            .collect();
         let (probe, repaired) =
             during_reconciliation(&mut api, &files, &topo.gated, args.repairs, args.grants).await?;
         let lateness = expiry_lateness(&mut api, args.expiring).await?;
@@ -455,11 +474,14 @@ fn main() -> Result<()> {
             handshake_floor: percentiles(latency.handshake),
             revoke_rpc: percentiles(latency.revoke_rpc),
             grants_per_second,
+            fill_cpu_us_per_grant: per_grant(cpu_before.0, cpu_after.0),
+            fill_engine_cpu_us_per_grant: per_grant(cpu_before.1, cpu_after.1),
             throughput_rpc: percentiles(throughput_rpc),
             active_grants: listed,
             agent_rss_mib: rss,
             agent_peak_rss_mib: peak,
             database_mib,
+            database_bytes_per_grant,
             probe_samples: probe.len(),
             probe_rpc_during_reconciliation: percentiles(probe),
             xdp_drift_repaired_after: percentiles(repaired.iter().map(|r| r.xdp).collect()),
@@ -540,6 +562,10 @@ fn print_table(args: &Args, r: &Results) {
         r.grants_per_second, args.concurrency, r.active_grants
     );
     println!(
+        "agent CPU per grant during the fill: {:.1} µs, of which the engine thread {:.1} µs",
+        r.fill_cpu_us_per_grant, r.fill_engine_cpu_us_per_grant
+    );
+    println!(
         "agent memory with {} active grants: RSS {:.1} MiB (peak {:.1} MiB)",
         r.active_grants, r.agent_rss_mib, r.agent_peak_rss_mib
     );
@@ -547,4 +573,8 @@ fn print_table(args: &Args, r: &Results) {
         "database with {} active grants: {:.1} MiB (with WAL); {} probe RPCs",
         r.active_grants, r.database_mib, r.probe_samples
     );
+    println!("database bytes per active grant, by table and index:");
+    for (name, bytes) in &r.database_bytes_per_grant {
+        println!("  {name:<24} {bytes:>8.1}");
+    }
 }

@@ -146,6 +146,10 @@ pub struct NftGate {
     /// The structure `install` creates, for the allow sets it was built
     /// for: building it takes a while, and it rarely changes.
     wanted: Mutex<Option<(Vec<AllowSet>, structure::Structure)>>,
+    /// The allow groups the table holds, as this gate last read or wrote
+    /// them (`None`: unknown, read on the next write), so that a write
+    /// does not first dump the table's sets (65 per group).
+    groups: Mutex<Option<BTreeSet<AllowSet>>>,
 }
 
 impl Clone for NftGate {
@@ -201,6 +205,7 @@ impl NftGate {
             table: table.into(),
             socket: Mutex::new(None),
             wanted: Mutex::new(None),
+            groups: Mutex::new(None),
         }
     }
 
@@ -251,6 +256,7 @@ impl NftGate {
         }
         allowed.push(&table, &mut batch, ElementOp::Add);
         let result = socket.commit(batch);
+        self.note_groups(result.is_ok().then(|| allowed.sets().collect()));
         socket.done(result)
     }
 
@@ -272,22 +278,24 @@ impl NftGate {
         if entries.is_empty() {
             return Ok(());
         }
-        let (table, mut socket) = self.open()?;
-        let allowed = Allowed::with_timeouts(&table, entries.iter().map(|(t, d)| (t, d)))?;
-        let existing = allow_sets(&table, &mut socket)?.ok_or_else(|| NftError::NotInstalled {
-            table: self.table.clone(),
-        })?;
-        let mut batch = Batch::new();
-        for set in allowed.sets().filter(|s| !existing.contains(s)) {
-            table.push_allow_set(&mut batch, set);
-        }
-        // Destroying then adding, in one transaction, replaces an element
-        // and its timeout on every kernel: a plain re-add only updates the
-        // timeout since Linux 6.12, and older ones silently keep the old one.
-        allowed.push(&table, &mut batch, ElementOp::Destroy);
-        allowed.push(&table, &mut batch, ElementOp::Add);
-        let result = socket.commit(batch);
-        socket.done(result)
+        self.with_known_groups(|table, socket, existing| {
+            let existing = existing.ok_or_else(|| NftError::NotInstalled {
+                table: self.table.clone(),
+            })?;
+            let allowed = Allowed::with_timeouts(table, entries.iter().map(|(t, d)| (t, d)))?;
+            let mut batch = Batch::new();
+            let created: Vec<AllowSet> = allowed.sets().filter(|s| !existing.contains(s)).collect();
+            for &set in &created {
+                table.push_allow_set(&mut batch, set);
+            }
+            // Destroying then adding, in one transaction, replaces an element
+            // and its timeout on every kernel: a plain re-add only updates the
+            // timeout since Linux 6.12, and older ones silently keep the old one.
+            allowed.push(table, &mut batch, ElementOp::Destroy);
+            allowed.push(table, &mut batch, ElementOp::Add);
+            socket.commit(batch)?;
+            Ok(Some(existing.iter().copied().chain(created).collect()))
+        })
     }
 
     /// One batch: removes elements; absent ones (or an absent table) are not
@@ -296,19 +304,62 @@ impl NftGate {
         if targets.is_empty() {
             return Ok(());
         }
-        let (table, mut socket) = self.open()?;
-        let Some(existing) = allow_sets(&table, &mut socket)? else {
-            return socket.done(Ok(()));
-        };
-        let mut allowed = Allowed::new(&table, targets.iter().map(|t| (*t, None)));
-        allowed.0.retain(|(set, _), _| existing.contains(set));
-        let mut batch = Batch::new();
-        allowed.push(&table, &mut batch, ElementOp::Destroy);
-        if batch.is_empty() {
-            return socket.done(Ok(()));
+        self.with_known_groups(|table, socket, existing| {
+            let Some(existing) = existing else {
+                return Ok(None);
+            };
+            let mut allowed = Allowed::new(table, targets.iter().map(|t| (*t, None)));
+            allowed.0.retain(|(set, _), _| existing.contains(set));
+            let mut batch = Batch::new();
+            allowed.push(table, &mut batch, ElementOp::Destroy);
+            if !batch.is_empty() {
+                socket.commit(batch)?;
+            }
+            Ok(Some(existing.clone()))
+        })
+    }
+
+    /// Runs a write given the allow groups the table holds (`None`: no
+    /// table), which returns the groups it leaves. The groups come from the
+    /// cache when known; a write that fails on cached groups is tried once
+    /// more on groups read from the kernel, since someone may have changed
+    /// the table behind the gate (deleted it, or a group). A failed write
+    /// leaves the groups unknown.
+    fn with_known_groups(
+        &self,
+        write: impl Fn(
+            &GateTable,
+            &mut Socket,
+            Option<&BTreeSet<AllowSet>>,
+        ) -> Result<Option<BTreeSet<AllowSet>>>,
+    ) -> Result<()> {
+        let cached = self
+            .groups
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if let Some(cached) = cached {
+            let (table, mut socket) = self.open()?;
+            let result = write(&table, &mut socket, Some(&cached));
+            if let Ok(groups) = &result {
+                self.note_groups(groups.clone());
+                return socket.done(result.map(drop));
+            }
+            self.note_groups(None);
         }
-        let result = socket.commit(batch);
-        socket.done(result)
+        let (table, mut socket) = self.open()?;
+        let result = allow_sets(&table, &mut socket)
+            .and_then(|existing| write(&table, &mut socket, existing.as_ref()));
+        self.note_groups(result.as_ref().ok().cloned().flatten());
+        socket.done(result.map(drop))
+    }
+
+    /// Remembers the allow groups the table holds (`None`: unknown).
+    fn note_groups(&self, groups: Option<BTreeSet<AllowSet>>) {
+        *self
+            .groups
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = groups;
     }
 
     /// Removes elements reads found stray (absent ones are ignored).
@@ -467,6 +518,7 @@ impl NftGate {
         let (table, mut socket) = self.open()?;
         let mut batch = Batch::new();
         table.push_delete(&mut batch);
+        self.note_groups(None);
         let result = match socket.commit(batch) {
             Ok(()) => Ok(true),
             Err(e) if e.is_not_found() => Ok(false),
