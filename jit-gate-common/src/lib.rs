@@ -12,7 +12,7 @@ pub mod verdict;
 /// meaning of their contents. Pins stamped with another version (or none)
 /// are never reused: the agent rebuilds the state from its store. Raise it
 /// with every change to a map, key, value or counter index.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// IP protocol numbers the gate understands.
 pub mod ip_proto {

@@ -24,10 +24,11 @@ pub mod names {
     pub const DENY_EVENTS: &str = "DENY_EVENTS";
     pub const DENY_BUDGET: &str = "DENY_BUDGET";
     pub const CONFIG: &str = "CONFIG";
+    pub const PUBLISHED_CLOCK: &str = "PUBLISHED_CLOCK";
     /// Written by user space only: the layout version the pins were made for.
     pub const LAYOUT: &str = "LAYOUT";
     /// Every map of the program, for pinning and removal.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         PROTECTED_PORTS,
         GRANTS_V4,
         GRANTS_V6,
@@ -42,6 +43,7 @@ pub mod names {
         DENY_EVENTS,
         DENY_BUDGET,
         CONFIG,
+        PUBLISHED_CLOCK,
         LAYOUT,
     ];
 }
@@ -194,6 +196,36 @@ pub mod source_filter {
     pub const fn mask(bit: u32) -> u64 {
         1 << (bit & 63)
     }
+}
+
+/// The boot clock the agent publishes in `PUBLISHED_CLOCK[0]`, so that a
+/// packet of a tracked flow stamps its last-seen time without reading the
+/// kernel's clock (a helper call on every such packet).
+///
+/// Only last-seen stamps take this clock; it ages idle UDP flows and
+/// nothing else. A grant's expiry, a handshake's age and every new flow's
+/// times stay on the kernel's boot clock, read by the program, so a stalled
+/// or dead agent can never keep a port open or a half-open flow honoured.
+///
+/// A published value is boot time at the moment it was written, so a stamp
+/// is never later than the packet; it lags by up to the time since the
+/// last publication. The slot is 0 until an agent first publishes: the
+/// program then stamps boot time itself. A slot that stops (agent stalled
+/// or dead) makes the flows it stamps look idle longer than they are; the
+/// agent's ageing allows for the longest gap between its publications and
+/// for any time it was not publishing (`enforce/xdp/clock.rs`), so no
+/// flow is ever aged out early.
+pub mod published_clock {
+    /// How often the agent publishes.
+    pub const PERIOD_NS: u64 = 250_000_000;
+    /// A gap between two publications up to this long still counts as
+    /// continuous publishing; a longer one starts a new run, and flows seen
+    /// before it count as seen when it ended.
+    pub const MAX_GAP_NS: u64 = 2_000_000_000;
+    /// The program refreshes a flow's last-seen stamp once the clock has
+    /// moved this far past it, so that its packets do not all write to the
+    /// entry.
+    pub const STAMP_GRANULARITY_NS: u64 = 1_000_000_000;
 }
 
 /// Per-grant flow limits unless configured otherwise.

@@ -299,11 +299,12 @@ pub trait Rules {
     }
 
     /// A flow carries packets once established, and while its handshake is
-    /// younger than the half-open timeout.
+    /// younger than the half-open timeout. The clock is read only for a
+    /// flow not yet established.
     #[inline(always)]
-    fn flow_honoured(flow: &FlowValue, now_boot_ns: u64, half_open_timeout_ns: u64) -> bool {
+    fn flow_honoured<C: BootClock>(flow: &FlowValue, clock: &C, half_open_timeout_ns: u64) -> bool {
         flow.state & flow_state::ESTABLISHED != 0
-            || now_boot_ns.saturating_sub(flow.opened_at_boot_ns) < half_open_timeout_ns
+            || clock.boot_ns().saturating_sub(flow.opened_at_boot_ns) < half_open_timeout_ns
     }
 
     /// The state a packet of a flow reports: an ACK without SYN completes
@@ -426,7 +427,7 @@ pub fn decide_by<R: Rules, L: GateLookups, C: BootClock>(
         restart_handshake: false,
     };
     if let Some(tracked) = &flow
-        && R::flow_honoured(tracked, clock.boot_ns(), lookups.half_open_timeout_ns())
+        && R::flow_honoured(tracked, clock, lookups.half_open_timeout_ns())
     {
         return Verdict {
             reason: Reason::PassTrackedFlow,

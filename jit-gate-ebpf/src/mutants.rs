@@ -13,7 +13,7 @@ mod gate;
 use aya_ebpf::{macros::xdp, programs::XdpContext};
 use jit_gate_common::{
     maps::{FlowValue, GrantValue},
-    verdict::{Reason, Rules, Transport},
+    verdict::{BootClock, Reason, Rules, Transport},
 };
 
 /// Follows four VLAN tags only, so longer priority-tag chains drop.
@@ -61,7 +61,11 @@ impl Rules for SynPassesAsFlow {
 /// Honours half-open flows forever.
 struct HalfOpenForever;
 impl Rules for HalfOpenForever {
-    fn flow_honoured(_flow: &FlowValue, _now: u64, _half_open_timeout_ns: u64) -> bool {
+    fn flow_honoured<C: BootClock>(
+        _flow: &FlowValue,
+        _clock: &C,
+        _half_open_timeout_ns: u64,
+    ) -> bool {
         true
     }
 }

@@ -1,9 +1,9 @@
 //! The enforcement library's map operations, observed through the loaded
 //! program with `BPF_PROG_TEST_RUN`: removing grants and flows, wall-clock
 //! expiries, per-grant flow limits (quota, single use) and their counters,
-//! a full flow table, flows' last-seen times on the clock the agent ages
-//! flows by,
-//! and the budgeted deny-event ring buffer.
+//! a full flow table, flows' last-seen times on the clock the agent
+//! publishes and ages flows by (also once it stops publishing), and the
+//! budgeted deny-event ring buffer.
 
 #![allow(
     unused_crate_dependencies,
@@ -16,14 +16,18 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use aya::programs::{TestRun, TestRunOptions};
+use aya::{
+    maps::{Array, HashMap, Map, MapData, MapError},
+    programs::{TestRun, TestRunOptions, Xdp},
+};
+use aya_obj::programs::XdpAttachType;
 use jit_gate_agent::{
     clock::{boot_now_ns, wall_to_boot_ns},
     enforce::xdp::{GateOptions, GrantLimits, XdpGate},
     net::{GrantTarget, Protocol},
 };
 use jit_gate_common::{
-    maps::DenyEvent,
+    maps::{DenyEvent, FlowKey, FlowValue, names, published_clock},
     verdict::{Reason, tcp_flags},
 };
 use jit_gate_tests::{env::PinDir, packets::Packet};
@@ -55,9 +59,13 @@ fn passes_from(gate: &XdpGate, src: IpAddr, src_port: u16, flags: u8) -> bool {
 
 /// Whether the program passes `packet`.
 fn frame_passes(gate: &XdpGate, packet: &Packet) -> bool {
+    program_passes(gate.program(), packet)
+}
+
+/// Whether `program` passes `packet`.
+fn program_passes(program: &Xdp, packet: &Packet) -> bool {
     let frame = packet.build().bytes;
-    let result = gate
-        .program()
+    let result = program
         .test_run(TestRunOptions {
             data_in: Some(&frame),
             ..Default::default()
@@ -241,51 +249,34 @@ fn a_full_flow_table_refuses_new_connections_and_keeps_every_flow() {
 
 #[test]
 fn last_seen_times_are_on_the_clock_the_agent_ages_flows_by() {
-    const SYSLOG: u16 = 514;
     let pins = PinDir::new();
     let mut gate = gate(&pins);
-    gate.set_protected_ports(&BTreeSet::from([(Protocol::Udp, SYSLOG)]))
-        .expect("protect syslog");
-    let syslog = GrantTarget {
-        source: "198.51.100.7/32".parse().expect("source"),
-        protocol: Protocol::Udp,
-        port: SYSLOG,
-    };
-    gate.upsert_grant(&syslog, boot_now_ns() + MINUTE_NS, 1)
+    protect_syslog(&mut gate);
+    gate.upsert_grant(&syslog_from(CLIENT), boot_now_ns() + MINUTE_NS, 1)
         .expect("grant");
     let datagram = |gate: &XdpGate, src_port: u16| {
-        let datagram = Packet::udp(CLIENT, HOST, SYSLOG).src_port(src_port);
         assert!(
-            frame_passes(gate, &datagram),
+            program_passes(gate.program(), &syslog_datagram(src_port)),
             "datagram from port {src_port} passes"
         );
     };
-    let within = |flow: &jit_gate_agent::enforce::xdp::Flow, before: u64, after: u64| {
-        let seen = flow.value.last_seen_boot_ns;
-        assert!(
-            (before..=after).contains(&seen),
-            "last seen at {seen}, read between {before} and {after} on CLOCK_BOOTTIME"
-        );
-        assert!(flow.idle_for(after) <= Duration::from_nanos(after - before));
-    };
-    let flow_from = |gate: &XdpGate, src_port: u16| {
-        gate.flows()
-            .expect("flows")
-            .into_iter()
-            .find(|f| f.key.src_port == src_port)
-            .unwrap_or_else(|| panic!("no flow from port {src_port}"))
-    };
+    let flow_from = |gate: &XdpGate, src_port: u16| flow_from_port(gate, src_port);
 
-    // A new flow is stamped on the agent's clock.
+    // A new flow is stamped on the kernel's boot clock.
     let before = boot_now_ns();
     datagram(&gate, 40_001);
     datagram(&gate, 40_002);
     let after = boot_now_ns();
     for src_port in [40_001, 40_002] {
-        within(&flow_from(&gate, src_port), before, after);
+        let seen = flow_from(&gate, src_port).value.last_seen_boot_ns;
+        assert!(
+            (before..=after).contains(&seen),
+            "last seen at {seen}, read between {before} and {after} on CLOCK_BOOTTIME"
+        );
     }
 
-    // Both idle for ten minutes; then traffic on one refreshes it.
+    // Both idle for ten minutes; then traffic on one refreshes it, from
+    // the boot time the agent publishes.
     let ten_minutes_ago = boot_now_ns() - 10 * MINUTE_NS;
     for src_port in [40_001, 40_002] {
         let mut flow = flow_from(&gate, src_port);
@@ -296,13 +287,146 @@ fn last_seen_times_are_on_the_clock_the_agent_ages_flows_by() {
     let before = boot_now_ns();
     datagram(&gate, 40_001);
     let after = boot_now_ns();
-    within(&flow_from(&gate, 40_001), before, after);
-    let idle = flow_from(&gate, 40_002).idle_for(boot_now_ns());
+    let refreshed = flow_from(&gate, 40_001);
+    let seen = refreshed.value.last_seen_boot_ns;
     assert!(
-        idle >= Duration::from_mins(10),
+        (before.saturating_sub(published_clock::MAX_GAP_NS)..=after).contains(&seen),
+        "last seen at {seen}: the published boot time when the datagram passed \
+         (between {before} less the publisher's largest gap and {after})"
+    );
+    let allowance =
+        Duration::from_nanos(published_clock::MAX_GAP_NS + published_clock::STAMP_GRANULARITY_NS);
+    let refreshed_idle = gate.idle_for(&refreshed, boot_now_ns());
+    assert!(
+        refreshed_idle < Duration::from_secs(1),
+        "a refreshed flow is recent, {refreshed_idle:?}"
+    );
+    // Fresh maps: every stamp so far was the kernel's clock or published,
+    // so the agent's measure of idle time only allows for the stamps' lag.
+    let idle = gate.idle_for(&flow_from(&gate, 40_002), boot_now_ns());
+    assert!(
+        idle >= Duration::from_mins(10) - allowance,
         "a flow without traffic stays idle, {idle:?}"
     );
     assert_eq!(reasons(&gate)[&Reason::PassTrackedFlow], 1);
+}
+
+/// With the publisher gone (the agent stopped), the pinned program keeps
+/// stamping flows from the slot as it was left: only forwards, from the
+/// kernel's clock while the slot is 0, and never for anything but
+/// last-seen: a half-open flow past its timeout still drops, an
+/// established one still passes.
+#[test]
+fn a_stale_or_empty_published_clock_only_delays_last_seen() {
+    let pins = PinDir::new();
+    let mut gate = gate(&pins);
+    protect_syslog(&mut gate);
+    let now = boot_now_ns();
+    let ssh = ssh_from("198.51.100.7/32");
+    gate.upsert_grant(&syslog_from(CLIENT), now + MINUTE_NS, 1)
+        .expect("syslog grant");
+    gate.upsert_grant(&ssh, now + MINUTE_NS, 2)
+        .expect("SSH grant");
+    assert!(program_passes(gate.program(), &syslog_datagram(40_001)));
+    assert!(passes(&gate, tcp_flags::SYN), "the grant opens a handshake");
+    let datagram_flow = flow_from_port(&gate, 40_001);
+    // The handshake began past the half-open timeout and never completed.
+    let mut handshake = flow_from_port(&gate, 40_000);
+    handshake.value.opened_at_boot_ns = now - 31_000_000_000;
+    gate.insert_flow(handshake.key, handshake.value)
+        .expect("age the handshake");
+    assert!(gate.remove_grant(&syslog_from(CLIENT)).expect("remove"));
+    assert!(gate.remove_grant(&ssh).expect("remove"));
+    // The agent stops: its publisher with it; program and maps stay pinned.
+    drop(gate);
+    let program = Xdp::from_pin(pins.path.join("program"), XdpAttachType::Interface)
+        .expect("the pinned program");
+    let mut slot: Array<MapData, u64> = pinned(&pins, names::PUBLISHED_CLOCK);
+    let mut flows: HashMap<MapData, FlowKey, FlowValue> = pinned(&pins, names::FLOWS);
+    let mut set_slot = |value: u64| slot.set(0, value, 0).expect("write the slot");
+    let datagram_passes = || program_passes(&program, &syslog_datagram(40_001));
+
+    // A stale slot: the flow takes exactly its value, not the kernel's clock.
+    let mut aged = datagram_flow.value;
+    aged.last_seen_boot_ns = now - 10 * MINUTE_NS;
+    flows
+        .insert(datagram_flow.key, aged, 0)
+        .expect("age the flow");
+    let stale = now - 5 * MINUTE_NS;
+    set_slot(stale);
+    assert!(datagram_passes(), "the flow passes");
+    let last_seen = |flows: &HashMap<MapData, FlowKey, FlowValue>| {
+        flows
+            .get(&datagram_flow.key, 0)
+            .expect("the flow")
+            .last_seen_boot_ns
+    };
+    assert_eq!(last_seen(&flows), stale);
+    // A slot behind the stamp never moves it back.
+    set_slot(stale - MINUTE_NS);
+    assert!(datagram_passes());
+    assert_eq!(last_seen(&flows), stale);
+    // Long stale: the handshake is past its timeout on the kernel's clock
+    // and drops; the established flow passes.
+    set_slot(1);
+    let handshake_ack = Packet::tcp(CLIENT, HOST, SSH, tcp_flags::ACK).src_port(40_000);
+    assert!(
+        !program_passes(&program, &handshake_ack),
+        "a handshake past the half-open timeout drops whatever the published clock says"
+    );
+    assert!(
+        datagram_passes(),
+        "an established flow passes on a stale clock"
+    );
+
+    // An empty slot (nothing ever published): the kernel's clock.
+    set_slot(0);
+    let before = boot_now_ns();
+    assert!(datagram_passes());
+    let after = boot_now_ns();
+    let seen = last_seen(&flows);
+    assert!(
+        (before..=after).contains(&seen),
+        "last seen at {seen}, read between {before} and {after} on CLOCK_BOOTTIME"
+    );
+}
+
+/// A map of the gate, opened from its pin.
+fn pinned<T: TryFrom<Map, Error = MapError>>(pins: &PinDir, name: &str) -> T {
+    let data = MapData::from_pin(pins.path.join(name))
+        .unwrap_or_else(|e| panic!("the pin of {name}: {e}"));
+    let map = Map::from_map_data(data).unwrap_or_else(|e| panic!("map {name}: {e}"));
+    T::try_from(map).unwrap_or_else(|e| panic!("map {name}: {e}"))
+}
+
+const SYSLOG: u16 = 514;
+
+fn protect_syslog(gate: &mut XdpGate) {
+    gate.set_protected_ports(&BTreeSet::from([
+        (Protocol::Udp, SYSLOG),
+        (Protocol::Tcp, SSH),
+    ]))
+    .expect("protect syslog and SSH");
+}
+
+fn syslog_from(source: IpAddr) -> GrantTarget {
+    GrantTarget {
+        source: source.into(),
+        protocol: Protocol::Udp,
+        port: SYSLOG,
+    }
+}
+
+fn syslog_datagram(src_port: u16) -> Packet {
+    Packet::udp(CLIENT, HOST, SYSLOG).src_port(src_port)
+}
+
+fn flow_from_port(gate: &XdpGate, src_port: u16) -> jit_gate_agent::enforce::xdp::Flow {
+    gate.flows()
+        .expect("flows")
+        .into_iter()
+        .find(|f| f.key.src_port == src_port)
+        .unwrap_or_else(|| panic!("no flow from port {src_port}"))
 }
 
 fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>) -> Vec<DenyEvent> {

@@ -162,12 +162,19 @@ impl FlowWatch {
 
 /// Whether a UDP flow has seen no packet for the idle timeout at boot time
 /// `now`.
-fn udp_idle(flow: &Flow, now: u64) -> bool {
-    flow.idle_for(now) > UDP_FLOW_IDLE
+fn udp_idle(xdp: &XdpGate, flow: &Flow, now: u64) -> bool {
+    xdp.idle_for(flow, now) > UDP_FLOW_IDLE
 }
 
 /// Why a flow is removed, if it is.
-fn dead(flow: &Flow, connection: &Connection, alive: bool, now: u64, half_open: Duration) -> bool {
+fn dead(
+    xdp: &XdpGate,
+    flow: &Flow,
+    connection: &Connection,
+    alive: bool,
+    now: u64,
+    half_open: Duration,
+) -> bool {
     let value = &flow.value;
     match connection.protocol {
         Protocol::Tcp if value.state & flow_state::ESTABLISHED == 0 => {
@@ -179,7 +186,7 @@ fn dead(flow: &Flow, connection: &Connection, alive: bool, now: u64, half_open: 
                 && (value.state & (flow_state::FIN_SEEN | flow_state::RST_SEEN) != 0
                     || since(value.opened_at_boot_ns, now) > TCP_FLOW_GRACE)
         }
-        Protocol::Udp => !alive && udp_idle(flow, now),
+        Protocol::Udp => !alive && udp_idle(xdp, flow, now),
     }
 }
 
@@ -205,6 +212,7 @@ pub(super) fn forget_dead_flows(
             continue;
         };
         if dead(
+            xdp,
             &flow,
             &connection,
             alive.contains(&flow.key),
@@ -314,7 +322,7 @@ pub(super) fn list(
             let Some(connection) = Connection::from_flow_key(&flow.key) else {
                 continue;
             };
-            let udp_recent = connection.protocol == Protocol::Udp && !udp_idle(&flow, now);
+            let udp_recent = connection.protocol == Protocol::Udp && !udp_idle(xdp, &flow, now);
             if host.contains(&connection) || udp_recent {
                 out.insert(
                     connection,

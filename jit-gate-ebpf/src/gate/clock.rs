@@ -1,12 +1,15 @@
 //! The program's clocks: boot time read from the kernel at most once per
-//! frame and only when asked (a grant's expiry, a flow's age, a deny
-//! event's time or window), and the coarse clock that lets a spent deny
-//! budget skip boot time until its window may have ended.
+//! frame and only when asked (a grant's expiry, a handshake's age, a deny
+//! event's time or window), the coarse clock that lets a spent deny
+//! budget skip boot time until its window may have ended, and the clock
+//! the agent publishes, which stamps a tracked flow's last-seen time.
 
 use core::cell::Cell;
 
 use aya_ebpf::helpers::{bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns};
 use jit_gate_common::verdict::BootClock;
+
+use super::PUBLISHED_CLOCK;
 
 /// How far the coarse clock may lag the precise one: it moves once a tick
 /// (4 ms at this kernel's 250 Hz; 10 ms at the slowest 100 Hz), doubled
@@ -58,4 +61,16 @@ pub fn window_may_have_ended(start_coarse_ns: u64, window_ns: u64) -> bool {
         .wrapping_sub(start_coarse_ns)
         .saturating_add(COARSE_LAG_NS)
         >= window_ns
+}
+
+/// The time a packet of a tracked flow stamps as its last-seen time: boot
+/// time as the agent last published it (a read of a map slot where the
+/// kernel's clock costs a helper call), or boot time itself while the slot
+/// holds nothing (no agent has published). See `maps::published_clock`.
+#[inline(always)]
+pub fn stamp_ns(clock: &LazyBootClock) -> u64 {
+    match PUBLISHED_CLOCK.get(0) {
+        Some(&published) if published != 0 => published,
+        _ => clock.boot_ns(),
+    }
 }

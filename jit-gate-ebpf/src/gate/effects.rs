@@ -7,7 +7,10 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xsub};
 
 use aya_ebpf::bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP};
 use jit_gate_common::{
-    maps::{DenyEvent, FlowKey, FlowValue, GrantOpens, GrantValue, protected},
+    maps::{
+        DenyEvent, FlowKey, FlowValue, GrantOpens, GrantValue, protected,
+        published_clock::STAMP_GRANULARITY_NS,
+    },
     verdict::{
         Address, BootClock, FlowAction, PacketFacts, Reason, Rules, Transport, Upper, Verdict,
     },
@@ -16,15 +19,12 @@ use jit_gate_common::{
 use super::{
     CONFIG, DENY_BUDGET, DENY_EVENTS, FLOWS, GRANT_CLOSES, GRANT_OPENS, PORT_COUNTERS,
     REASON_COUNTERS,
-    clock::{LazyBootClock, coarse_ns, window_may_have_ended},
+    clock::{LazyBootClock, coarse_ns, stamp_ns, window_may_have_ended},
     lookups::MapLookups,
 };
 
 /// `-EEXIST`: another CPU recorded the same flow first.
 const EEXIST: i32 = -17;
-/// A flow's last-seen time is kept to this granularity, so that its packets
-/// do not all write to the entry.
-const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 
 /// Carries out the verdict's flow action. A new flow the grant's limits (or
 /// a full table) refuse turns the verdict into a drop with that reason; the
@@ -51,12 +51,19 @@ pub fn carry_out<R: Rules>(
                 if flow.state & set_state != set_state {
                     flow.state |= set_state;
                 }
-                let now = clock.boot_ns();
                 if restart_handshake {
+                    // The handshake's age decides whether the flow is
+                    // honoured: the kernel's clock, never the published one.
+                    let now = clock.boot_ns();
                     flow.opened_at_boot_ns = now;
                     flow.last_seen_boot_ns = now;
-                } else if now.wrapping_sub(flow.last_seen_boot_ns) >= LAST_SEEN_GRANULARITY_NS {
-                    flow.last_seen_boot_ns = now;
+                } else {
+                    // Only forward: a flow opened on the kernel's clock may
+                    // be ahead of the published one.
+                    let stamp = stamp_ns(clock);
+                    if stamp.saturating_sub(flow.last_seen_boot_ns) >= STAMP_GRANULARITY_NS {
+                        flow.last_seen_boot_ns = stamp;
+                    }
                 }
             }
             0

@@ -63,6 +63,9 @@ static DENY_EVENTS: RingBuf = RingBuf::pinned(capacity::DENY_EVENT_BYTES, 0);
 static DENY_BUDGET: PerCpuArray<DenyBudget> = PerCpuArray::pinned(1, 0);
 #[map]
 static CONFIG: Array<GateConfig> = Array::pinned(1, 0);
+/// Boot time as the agent last published it (`maps::published_clock`).
+#[map]
+static PUBLISHED_CLOCK: Array<u64> = Array::pinned(1, 0);
 /// The layout version the pins were made for; the program never reads it.
 #[map]
 static LAYOUT: Array<u32> = Array::pinned(1, 0);

@@ -15,7 +15,7 @@ use jit_gate_common::{
     verdict::Reason,
 };
 
-use super::{Result, XdpGate, existed, map_err};
+use super::{Publishing, Result, XdpGate, existed, map_err};
 use crate::net::Protocol;
 
 /// A tracked flow, as read back.
@@ -23,14 +23,6 @@ use crate::net::Protocol;
 pub struct Flow {
     pub key: FlowKey,
     pub value: FlowValue,
-}
-
-impl Flow {
-    /// How long before boot time `now_boot_ns` a packet of the flow last
-    /// passed, to the second the program keeps: what ages idle flows.
-    pub fn idle_for(&self, now_boot_ns: u64) -> Duration {
-        Duration::from_nanos(now_boot_ns.saturating_sub(self.value.last_seen_boot_ns))
-    }
 }
 
 /// A grant's flow counters.
@@ -92,6 +84,20 @@ pub struct Counters {
 }
 
 impl XdpGate {
+    /// How long at boot time `now_boot_ns` the flow has at least gone
+    /// without a packet: what ages idle flows. Its last-seen stamp is on
+    /// the clock the agent publishes, which may lag (see `clock`).
+    pub fn idle_for(&self, flow: &Flow, now_boot_ns: u64) -> Duration {
+        self.clock
+            .publishing()
+            .idle_at_least(flow.value.last_seen_boot_ns, now_boot_ns)
+    }
+
+    /// What the clock publisher has done.
+    pub fn publishing(&self) -> Publishing {
+        self.clock.publishing()
+    }
+
     /// Every tracked flow.
     pub fn flows(&self) -> Result<Vec<Flow>> {
         self.maps

@@ -10,6 +10,7 @@
 //! and deny events are read and written in `flows`.
 
 mod attach;
+mod clock;
 mod flows;
 mod grants;
 mod pins;
@@ -18,6 +19,7 @@ mod source_filter;
 
 use source_filter::SourceFilter;
 
+pub use clock::Publishing;
 pub use flows::{Counters, DeniedPacket, Flow, GrantFlowCounts, parse_deny_event};
 pub use reader::GrantReader;
 
@@ -100,6 +102,8 @@ pub enum XdpError {
         map: &'static str,
         source: std::io::Error,
     },
+    #[error("starting the thread that publishes boot time to the program: {0}")]
+    ClockThread(std::io::Error),
     #[error("counting the possible CPUs: {0}")]
     Cpus(std::io::Error),
     #[error("the program object does not parse: {0}")]
@@ -204,6 +208,8 @@ pub struct XdpGate {
     map_ids: Vec<(&'static str, u32)>,
     /// The links the agent holds, by interface name.
     links: BTreeMap<String, attach::HeldLink>,
+    /// Publishes boot time for the program's flow stamps while open.
+    clock: clock::ClockPublisher,
 }
 
 fn take<T: TryFrom<Map, Error = MapError>>(ebpf: &mut Ebpf, name: &'static str) -> Result<T> {
@@ -279,6 +285,7 @@ impl XdpGate {
             ebpf.take_map(names::SOURCE_FILTER)
                 .ok_or(XdpError::MissingMap(names::SOURCE_FILTER))?,
         )?;
+        let clock = clock::ClockPublisher::start(take(&mut ebpf, names::PUBLISHED_CLOCK)?)?;
         let mut gate = XdpGate {
             pin_dir,
             ebpf,
@@ -290,6 +297,7 @@ impl XdpGate {
             filter_entries: 0,
             map_ids,
             links: BTreeMap::new(),
+            clock,
         };
         gate.rebuild_source_filter()?;
         gate.configure()?;

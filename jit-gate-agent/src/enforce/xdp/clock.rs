@@ -1,0 +1,187 @@
+//! Publishing boot time to the program (`maps::published_clock`), and how
+//! long a flow stamped on that clock has at least been idle. A thread
+//! writes the slot every period while the gate is open; the ageing side
+//! reads what it published and when, so a stalled publisher (or none)
+//! only keeps flows longer, never ages one out early.
+
+use std::{
+    sync::{
+        Arc, Mutex, PoisonError,
+        mpsc::{self, RecvTimeoutError},
+    },
+    thread,
+    time::Duration,
+};
+
+use aya::maps::{Array, MapData};
+use jit_gate_common::maps::{names, published_clock};
+
+use super::{Result, XdpError, map_err};
+use crate::clock::boot_now_ns;
+
+/// `Publishing::continuous_since` when every stamp is on the kernel's
+/// clock or published: boot time never reads 0 once anything runs.
+const SINCE_BOOT: u64 = 1;
+
+/// What the publisher has done, in boot-time nanoseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Publishing {
+    /// Since when it has published with no gap longer than
+    /// `published_clock::MAX_GAP_NS` (0: never).
+    pub continuous_since: u64,
+    /// The value it last wrote (0: none yet).
+    pub last_published: u64,
+}
+
+impl Publishing {
+    /// How long a flow last stamped at `last_seen` has at least been idle
+    /// at boot time `now`. A packet seen after `continuous_since` stamped
+    /// a value no older than the longest gap since then (the current one,
+    /// `now - last_published`, included) plus the stamp's granularity; a
+    /// packet seen before it is older than `continuous_since` itself.
+    pub fn idle_at_least(&self, last_seen: u64, now: u64) -> Duration {
+        let gap = published_clock::MAX_GAP_NS.max(now.saturating_sub(self.last_published));
+        let since_stamp = now
+            .saturating_sub(last_seen)
+            .saturating_sub(gap + published_clock::STAMP_GRANULARITY_NS);
+        let since_continuous = if self.continuous_since == 0 {
+            0
+        } else {
+            now.saturating_sub(self.continuous_since)
+        };
+        Duration::from_nanos(since_stamp.min(since_continuous))
+    }
+
+    /// Before a publication at `now`: a first one, or one after too long
+    /// a gap, starts a new run.
+    fn begin(&mut self, now: u64) {
+        if self.continuous_since == 0
+            || now.saturating_sub(self.last_published) > published_clock::MAX_GAP_NS
+        {
+            self.continuous_since = now;
+        }
+    }
+}
+
+/// The thread that publishes boot time while the gate is open; stopped
+/// and joined on drop.
+pub(super) struct ClockPublisher {
+    state: Arc<Mutex<Publishing>>,
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl ClockPublisher {
+    /// Publishes once now (so the slot is current before the gate is
+    /// used), then every period from a thread of its own. A slot still at
+    /// 0 (fresh maps) means every stamp so far came from the kernel's own
+    /// clock: publishing then counts as continuous since boot.
+    pub(super) fn start(mut slot: Array<MapData, u64>) -> Result<Self> {
+        let state = Arc::new(Mutex::new(Publishing::default()));
+        let never_published = slot.get(&0, 0).map_err(map_err(names::PUBLISHED_CLOCK))? == 0;
+        publish(&mut slot, &state)?;
+        if never_published {
+            state
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .continuous_since = SINCE_BOOT;
+        }
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread_state = Arc::clone(&state);
+        let thread = thread::Builder::new()
+            .name("clock-publisher".into())
+            .spawn(move || {
+                let period = Duration::from_nanos(published_clock::PERIOD_NS);
+                while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(period) {
+                    // A failed write leaves the slot as it was: flows then
+                    // only look idle longer, and ageing allows for it.
+                    if let Err(e) = publish(&mut slot, &thread_state) {
+                        tracing::warn!("publishing boot time to the XDP program: {e}");
+                    }
+                }
+            })
+            .map_err(XdpError::ClockThread)?;
+        Ok(ClockPublisher {
+            state,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    pub(super) fn publishing(&self) -> Publishing {
+        *self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Drop for ClockPublisher {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Writes boot time to the slot. The run's start is recorded before the
+/// write, the value after it, so a reader never sees a write it cannot
+/// account for.
+fn publish(slot: &mut Array<MapData, u64>, state: &Mutex<Publishing>) -> Result<()> {
+    let lock = || state.lock().unwrap_or_else(PoisonError::into_inner);
+    let now = boot_now_ns();
+    lock().begin(now);
+    slot.set(0, now, 0)
+        .map_err(map_err(names::PUBLISHED_CLOCK))?;
+    lock().last_published = now;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn published_at(times: &[u64]) -> Publishing {
+        let mut p = Publishing::default();
+        for &now in times {
+            p.begin(now);
+            p.last_published = now;
+        }
+        p
+    }
+
+    #[test]
+    fn idle_allows_for_the_gap_and_the_granularity() {
+        // Every second from 100 s to 399 s.
+        let every_second: Vec<u64> = (100..400).map(|t| t * S).collect();
+        let p = published_at(&every_second);
+        assert_eq!(p.continuous_since, 100 * S);
+        // Stamped at 101 s, now 400 s: idle at least 400 - 101 - 2 - 1 s.
+        assert_eq!(p.idle_at_least(101 * S, 400 * S), Duration::from_secs(296));
+    }
+
+    #[test]
+    fn a_stopped_publisher_keeps_flows() {
+        let p = published_at(&[100 * S]);
+        // Nothing published since 100 s: a flow stamped then may have had
+        // packets until now.
+        assert_eq!(p.idle_at_least(100 * S, 1_000 * S), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_gap_restarts_the_run_and_flows_stamped_before_wait_for_it() {
+        let p = published_at(&[100 * S, 500 * S]);
+        assert_eq!(p.continuous_since, 500 * S);
+        // Stamped at 100 s (packets may have come until 500 s): idle at
+        // least since the run began.
+        assert_eq!(p.idle_at_least(100 * S, 501 * S), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn never_published_is_never_idle() {
+        assert_eq!(
+            Publishing::default().idle_at_least(0, 1_000 * S),
+            Duration::ZERO
+        );
+    }
+}
