@@ -52,14 +52,17 @@ impl Publishing {
         Duration::from_nanos(since_stamp.min(since_continuous))
     }
 
-    /// Before a publication at `now`: a first one, or one after too long
-    /// a gap, starts a new run.
-    fn begin(&mut self, now: u64) {
+    /// Records the publication of `value`, whose write had landed by
+    /// `landed`. Until it landed the slot held the previous value, so the
+    /// gap runs from that value to `landed`; a first publication, or one
+    /// after too long a gap, starts a new run once it has landed.
+    fn published(&mut self, value: u64, landed: u64) {
         if self.continuous_since == 0
-            || now.saturating_sub(self.last_published) > published_clock::MAX_GAP_NS
+            || landed.saturating_sub(self.last_published) > published_clock::MAX_GAP_NS
         {
-            self.continuous_since = now;
+            self.continuous_since = landed;
         }
+        self.last_published = value;
     }
 }
 
@@ -94,7 +97,7 @@ impl ClockPublisher {
                 let period = Duration::from_nanos(published_clock::PERIOD_NS);
                 while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(period) {
                     // A failed write leaves the slot as it was: flows then
-                    // only look idle longer, and ageing allows for it.
+                    // look idle longer than they are, which ageing allows for.
                     if let Err(e) = publish(&mut slot, &thread_state) {
                         tracing::warn!("publishing boot time to the XDP program: {e}");
                     }
@@ -122,16 +125,17 @@ impl Drop for ClockPublisher {
     }
 }
 
-/// Writes boot time to the slot. The run's start is recorded before the
-/// write, the value after it, so a reader never sees a write it cannot
-/// account for.
+/// Writes boot time to the slot, and records it once written: until
+/// then, readers count the gap from the previous value.
 fn publish(slot: &mut Array<MapData, u64>, state: &Mutex<Publishing>) -> Result<()> {
-    let lock = || state.lock().unwrap_or_else(PoisonError::into_inner);
     let now = boot_now_ns();
-    lock().begin(now);
     slot.set(0, now, 0)
         .map_err(map_err(names::PUBLISHED_CLOCK))?;
-    lock().last_published = now;
+    let landed = boot_now_ns();
+    state
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .published(now, landed);
     Ok(())
 }
 
@@ -144,8 +148,7 @@ mod tests {
     fn published_at(times: &[u64]) -> Publishing {
         let mut p = Publishing::default();
         for &now in times {
-            p.begin(now);
-            p.last_published = now;
+            p.published(now, now);
         }
         p
     }
@@ -175,6 +178,16 @@ mod tests {
         // Stamped at 100 s (packets may have come until 500 s): idle at
         // least since the run began.
         assert_eq!(p.idle_at_least(100 * S, 501 * S), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_write_that_lands_late_breaks_the_run() {
+        let mut p = published_at(&[100 * S, 101 * S]);
+        // Boot time read at 102 s, written at 104 s: the slot held 101 s
+        // for 3 s.
+        p.published(102 * S, 104 * S);
+        assert_eq!(p.continuous_since, 104 * S);
+        assert_eq!(p.last_published, 102 * S);
     }
 
     #[test]
