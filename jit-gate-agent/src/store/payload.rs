@@ -65,11 +65,7 @@ impl Codec {
         }
         Ok(Codec {
             dictionaries,
-            // Greedy matching (level 2): on records of a few hundred bytes
-            // that the dictionary mostly matches, it stores them as small
-            // as the best level (76 bytes for the grant in the test below)
-            // in less of the engine's time; level 1 (fixed codes) takes 79.
-            compress: Compress::new(Compression::new(2), false),
+            compress: Compress::new(Compression::best(), false),
         })
     }
 

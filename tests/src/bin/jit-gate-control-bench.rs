@@ -533,7 +533,10 @@ fn print_table(args: &Args, r: &Results) {
     );
     row("RevokeGrant RPC", &r.revoke_rpc);
     row(
-        &format!("RequestAccess RPC under load ({} in flight)", args.concurrency),
+        &format!(
+            "RequestAccess RPC under load ({} in flight)",
+            args.concurrency
+        ),
         &r.throughput_rpc,
     );
     row(
