@@ -53,8 +53,8 @@ fn audit_line(agent: &Agent, kind: &str, grant_id: u64) -> Value {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_audit_record_is_a_json_log_line() {
+/// An agent gating SSH that logs JSON lines.
+fn json_logging_agent() -> (AgentHost, Agent) {
     let host = AgentHost::new(
         Mode::XdpAndNftables,
         &format!("[[policy]]\nport = {SSH}\nprotocol = \"tcp\"\n"),
@@ -63,6 +63,12 @@ async fn every_audit_record_is_a_json_log_line() {
         &host.files,
         host.files.command_via(&[], &["--log-format", "json"]),
     );
+    (host, agent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_audit_record_is_a_json_log_line() {
+    let (host, agent) = json_logging_agent();
     let mut api = jit_gate_tests::agent::Api::connect(&host.files).await;
 
     let grant = api
@@ -123,14 +129,7 @@ async fn every_audit_record_is_a_json_log_line() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grants_committed_together_are_counted_in_one_line_each_batch() {
     const GRANTS: usize = 300;
-    let host = AgentHost::new(
-        Mode::XdpAndNftables,
-        &format!("[[policy]]\nport = {SSH}\nprotocol = \"tcp\"\n"),
-    );
-    let agent = Agent::start_command(
-        &host.files,
-        host.files.command_via(&[], &["--log-format", "json"]),
-    );
+    let (host, agent) = json_logging_agent();
     let api = jit_gate_tests::agent::Api::connect(&host.files).await;
     let mut calls = tokio::task::JoinSet::new();
     for i in 0..GRANTS {
