@@ -179,10 +179,12 @@ impl AuditRecord {
         from_ms(self.at_ms)
     }
 
-    /// Writes the committed record to the log too (journald, a collector):
-    /// every grant, refusal, expiry, revoke, approval and drift repair, with
-    /// the record's sequence number to find it in the audit log.
-    pub fn log(&self) {
+    /// Writes the committed record to the log too (journald, a collector),
+    /// with its sequence number to find it in the audit log: at INFO when
+    /// it was committed alone, at DEBUG when `together` with others (their
+    /// INFO line is `log_committed`'s summary); warnings and errors always
+    /// at their level.
+    fn log(&self, together: bool) {
         let (message, details) = self
             .payload
             .as_ref()
@@ -205,7 +207,38 @@ impl AuditRecord {
             Kind::DriftRepaired | Kind::DatabaseReinitialized | Kind::FleetDisconnected => {
                 at_level!(warn);
             }
+            _ if together => at_level!(debug),
             _ => at_level!(info),
+        }
+    }
+
+    /// Logs the records one transaction committed: a record alone is its
+    /// own INFO line; several (a broker loading grants in bulk, thousands
+    /// a second) are one INFO line counting them by kind, each record at
+    /// DEBUG (`RUST_LOG=info,jit_gate::audit=debug` shows them all).
+    pub fn log_committed(records: &[AuditRecord]) {
+        let together = records.len() > 1;
+        for record in records {
+            record.log(together);
+        }
+        if let (true, Some(first), Some(last)) = (together, records.first(), records.last()) {
+            let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+            for record in records {
+                *counts.entry(record.kind.name()).or_default() += 1;
+            }
+            let kinds = counts
+                .iter()
+                .map(|(kind, n)| format!("{kind}: {n}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            tracing::info!(
+                target: "jit_gate::audit",
+                first_sequence = first.sequence,
+                last_sequence = last.sequence,
+                kinds,
+                "{} audit records committed together",
+                records.len()
+            );
         }
     }
 
@@ -394,6 +427,64 @@ mod tests {
                 .unwrap_err()
                 .problem
                 .contains("grant-created")
+        );
+    }
+
+    /// The log lines `log_committed` writes for `records`, DEBUG and up.
+    fn logged(records: &[AuditRecord]) -> Vec<String> {
+        #[derive(Clone, Default)]
+        struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Captured {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .without_time()
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || AuditRecord::log_committed(records));
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        text.lines().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn records_committed_together_are_one_info_line_and_each_a_debug_line() {
+        let mut records = chain();
+        let alone = logged(&records[2..]);
+        assert_eq!(alone.len(), 1, "{alone:?}");
+        assert!(alone[0].starts_with(" INFO") && alone[0].contains("grant-created"));
+
+        records.push(seal(
+            4,
+            SystemTime::now(),
+            Event::new(Kind::DriftRepaired, AGENT, 0, "repaired"),
+            &records[2].hash,
+        ));
+        let lines = logged(&records);
+        let at = |level: &str| lines.iter().filter(|l| l.starts_with(level)).count();
+        assert_eq!(
+            (at("DEBUG"), at(" WARN"), at(" INFO")),
+            (3, 1, 1),
+            "{lines:#?}"
+        );
+        let summary = lines.iter().find(|l| l.starts_with(" INFO")).unwrap();
+        assert!(
+            summary.contains("4 audit records committed together")
+                && summary.contains("first_sequence=1")
+                && summary.contains("last_sequence=4")
+                && summary.contains(
+                    "access-denied: 1, agent-started: 1, drift-repaired: 1, grant-created: 1"
+                ),
+            "{summary}"
         );
     }
 

@@ -97,8 +97,10 @@ impl AccessRequest {
     /// A digest of everything the client sent, to tell a retry (same
     /// digest) from a different request reusing an id.
     pub fn fingerprint(&self) -> String {
-        let canonical = serde_json::to_vec(self).expect("requests serialise");
-        hex::encode(Sha256::digest(canonical))
+        // The canonical JSON goes straight into the hash, unbuffered.
+        let mut digest = Sha256::new();
+        serde_json::to_writer(&mut digest, self).expect("requests serialise");
+        hex::encode(digest.finalize())
     }
 
     /// Validates the whole request at `now` against `policy`.

@@ -53,8 +53,8 @@ fn audit_line(agent: &Agent, kind: &str, grant_id: u64) -> Value {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_audit_record_is_a_json_log_line() {
+/// An agent gating SSH that logs JSON lines.
+fn json_logging_agent() -> (AgentHost, Agent) {
     let host = AgentHost::new(
         Mode::XdpAndNftables,
         &format!("[[policy]]\nport = {SSH}\nprotocol = \"tcp\"\n"),
@@ -63,6 +63,12 @@ async fn every_audit_record_is_a_json_log_line() {
         &host.files,
         host.files.command_via(&[], &["--log-format", "json"]),
     );
+    (host, agent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_audit_record_is_a_json_log_line() {
+    let (host, agent) = json_logging_agent();
     let mut api = jit_gate_tests::agent::Api::connect(&host.files).await;
 
     let grant = api
@@ -116,6 +122,70 @@ async fn every_audit_record_is_a_json_log_line() {
         !agent.log_text().contains('\u{1b}'),
         "colour codes in a file"
     );
+}
+
+/// Grants a broker loads in bulk (requests in flight together, committed
+/// together) are each an INFO line or counted in one: none goes missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_committed_together_are_counted_in_one_line_each_batch() {
+    const GRANTS: usize = 300;
+    let (host, agent) = json_logging_agent();
+    let api = jit_gate_tests::agent::Api::connect(&host.files).await;
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..GRANTS {
+        let mut client = api.client.clone();
+        calls.spawn(async move {
+            let source = std::net::Ipv4Addr::from(0x0a09_0000 + i as u32);
+            client
+                .request_access(request(
+                    &format!("bulk-{i}"),
+                    SSH,
+                    proto::Protocol::Tcp,
+                    source,
+                    600,
+                ))
+                .await
+                .expect("bulk grant")
+                .into_inner()
+                .grants
+                .len()
+        });
+    }
+    let granted: usize = calls.join_all().await.into_iter().sum();
+    assert_eq!(granted, GRANTS);
+
+    // Lines alone, plus the grant-created counts of "committed together"
+    // lines, add up to every grant; a count is "grant-created: N".
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (mut alone, mut counted, mut summaries) = (0, 0, 0);
+        for line in json_lines(&agent) {
+            let fields = &line["fields"];
+            if line["target"] != "jit_gate::audit" || line["level"] != "INFO" {
+                continue;
+            }
+            if fields["kind"] == "grant-created" {
+                alone += 1;
+            } else if let Some(kinds) = fields["kinds"].as_str() {
+                summaries += 1;
+                counted += kinds
+                    .split(", ")
+                    .filter_map(|k| k.strip_prefix("grant-created: "))
+                    .map(|n| n.parse::<usize>().expect("a count"))
+                    .sum::<usize>();
+            }
+        }
+        if alone + counted == GRANTS {
+            eprintln!("{alone} grant lines alone, {counted} in {summaries} batch lines");
+            break;
+        }
+        assert!(
+            alone + counted < GRANTS && Instant::now() < deadline,
+            "{alone} alone + {counted} counted, expected {GRANTS}:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -333,6 +333,22 @@ fn add_refreshes_and_remove_ignores_absent_elements() {
     expected.allowed.insert(addr, HOUR / 4);
     assert_matches(&gate.read(), &expected);
 
+    // New elements are created alone; a batch mixing new and present ones
+    // (which the kernel refuses to create) is replaced whole, new timeouts
+    // included, and the gate's next write still works.
+    let fresh = target("10.0.0.9/32", Protocol::Tcp, SSH);
+    gate.add(&[(fresh, HOUR), (net, 2 * HOUR)]);
+    expected.allowed.insert(fresh, HOUR);
+    expected.allowed.insert(net, 2 * HOUR);
+    assert_matches(&gate.read(), &expected);
+    let later = target("10.0.0.10/32", Protocol::Tcp, SSH);
+    gate.add(&[(later, HOUR)]);
+    expected.allowed.insert(later, HOUR);
+    assert_matches(&gate.read(), &expected);
+    gate.remove(&[fresh, later]);
+    expected.allowed.remove(&fresh);
+    expected.allowed.remove(&later);
+
     // Absent elements, in existing and missing sets, are ignored.
     gate.remove(&[
         addr,

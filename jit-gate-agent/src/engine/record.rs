@@ -120,8 +120,8 @@ impl Engine {
     }
 
     pub(super) fn publish(&self, records: Vec<AuditRecord>) {
+        AuditRecord::log_committed(&records);
         for record in records {
-            record.log();
             // No watcher is not an error.
             let _ = self.events.send(record);
         }

@@ -127,7 +127,16 @@ pub enum NftError {
 impl NftError {
     /// Whether the kernel said the object does not exist.
     fn is_not_found(&self) -> bool {
-        matches!(self, NftError::Rejected { source, .. } if source.raw_os_error() == Some(libc::ENOENT))
+        self.rejected_with(libc::ENOENT)
+    }
+
+    /// Whether the kernel said an object to create exists already.
+    fn is_already_there(&self) -> bool {
+        self.rejected_with(libc::EEXIST)
+    }
+
+    fn rejected_with(&self, errno: i32) -> bool {
+        matches!(self, NftError::Rejected { source, .. } if source.raw_os_error() == Some(errno))
     }
 }
 
@@ -283,17 +292,28 @@ impl NftGate {
                 table: self.table.clone(),
             })?;
             let allowed = Allowed::with_timeouts(table, entries.iter().map(|(t, d)| (t, d)))?;
-            let mut batch = Batch::new();
             let created: Vec<AllowSet> = allowed.sets().filter(|s| !existing.contains(s)).collect();
-            for &set in &created {
-                table.push_allow_set(&mut batch, set);
+            let batch_of = |ops: &[ElementOp]| {
+                let mut batch = Batch::new();
+                for &set in &created {
+                    table.push_allow_set(&mut batch, set);
+                }
+                for &op in ops {
+                    allowed.push(table, &mut batch, op);
+                }
+                batch
+            };
+            // Most elements are new: created alone, they cost the kernel one
+            // insert each. If any exists, the transaction fails whole and is
+            // sent again replacing them: destroying then adding sets the new
+            // timeout on every kernel (a plain re-add only updates it since
+            // Linux 6.12; older ones silently keep the old one).
+            match socket.commit(batch_of(&[ElementOp::Create])) {
+                Err(e) if e.is_already_there() => {
+                    socket.commit(batch_of(&[ElementOp::Destroy, ElementOp::Add]))?;
+                }
+                result => result?,
             }
-            // Destroying then adding, in one transaction, replaces an element
-            // and its timeout on every kernel: a plain re-add only updates the
-            // timeout since Linux 6.12, and older ones silently keep the old one.
-            allowed.push(table, &mut batch, ElementOp::Destroy);
-            allowed.push(table, &mut batch, ElementOp::Add);
-            socket.commit(batch)?;
             Ok(Some(existing.iter().copied().chain(created).collect()))
         })
     }
@@ -607,7 +627,7 @@ impl Allowed {
 
     fn push(&self, table: &GateTable, batch: &mut Batch, op: ElementOp) {
         let verb = match op {
-            ElementOp::Add => "add elements to",
+            ElementOp::Add | ElementOp::Create => "add elements to",
             ElementOp::Destroy => "destroy elements of",
         };
         for (&(allow, shard), set) in &self.0 {

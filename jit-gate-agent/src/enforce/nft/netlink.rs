@@ -277,12 +277,15 @@ impl Socket {
                 .cloned()
                 .unwrap_or_else(|| format!("batch message {n}")),
         };
+        // Every answer is read, also after an error, so that the socket
+        // holds none and serves the next call.
         let mut acked = vec![false; what.len()];
+        let mut rejected = None;
         while let Some(len) = self.recv(libc::MSG_DONTWAIT, "reading batch answers")? {
             for msg in Messages(self.received(len)) {
                 if let Answer::Error { errno, seq } = msg.answer() {
                     if errno != 0 {
-                        return Err(NftError::Rejected {
+                        rejected.get_or_insert(NftError::Rejected {
                             what: describe(seq),
                             source: io::Error::from_raw_os_error(errno),
                         });
@@ -293,6 +296,9 @@ impl Socket {
                     }
                 }
             }
+        }
+        if let Some(rejected) = rejected {
+            return Err(rejected);
         }
         match acked.iter().position(|ack| !ack) {
             None => Ok(()),

@@ -288,7 +288,11 @@ impl Drop for Set {
 /// What an element message does.
 #[derive(Clone, Copy)]
 pub(super) enum ElementOp {
+    /// Adds elements; one that exists is not an error.
     Add,
+    /// Adds elements that must not exist yet: one that exists fails the
+    /// transaction with `EEXIST` (its timeout is never silently kept).
+    Create,
     Destroy,
 }
 
@@ -342,6 +346,10 @@ unsafe impl Message for Elements<'_> {
         let (msg_type, flags) = match self.op {
             // No NLM_F_EXCL: adding an element that exists is not an error.
             ElementOp::Add => (libc::NFT_MSG_NEWSETELEM, libc::NLM_F_CREATE),
+            ElementOp::Create => (
+                libc::NFT_MSG_NEWSETELEM,
+                libc::NLM_F_CREATE | libc::NLM_F_EXCL,
+            ),
             ElementOp::Destroy => (NFT_MSG_DESTROYSETELEM, 0),
         };
         // SAFETY: `buf` has room for the largest message (our contract); the
