@@ -4,16 +4,24 @@
 //! make no sense are refused; roles decide, refusals are recorded but
 //! bounded per caller, refused policy changes and revokes too; idempotency
 //! keys and revokes are per principal;
-//! grant lists page and never cut silently.
+//! grant lists page and never cut silently; one connection holds a
+//! bounded number of calls in flight.
 
 #![allow(
     unused_crate_dependencies,
     reason = "a binary or test links every dependency of its package; the library is where an unused one shows"
 )]
 
-use std::{collections::BTreeSet, os::unix::fs::PermissionsExt};
+use std::{
+    collections::BTreeSet,
+    os::unix::fs::PermissionsExt,
+    time::{Duration, Instant},
+};
 
-use jit_gate_agent::proto::{self, Protocol};
+use jit_gate_agent::{
+    api::server::MAX_CALLS_PER_CONNECTION,
+    proto::{self, Protocol},
+};
 use jit_gate_tests::{
     agent::{
         Agent, AgentFiles, access, all_grants, channel_as, client, client_as, export_events, python,
@@ -429,4 +437,27 @@ async fn grant_lists_page_and_never_cut_silently() {
         assert_eq!(code, Code::InvalidArgument);
         assert!(message.contains(needle), "{message}");
     }
+}
+
+/// Without a bound a caller could queue any number of calls on one
+/// connection; the agent advertises one in its HTTP/2 settings, which
+/// every stock client obeys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_holds_a_bounded_number_of_calls() {
+    let setup = Setup::new("").await;
+    let socket = tokio::net::UnixStream::connect(setup.files.socket())
+        .await
+        .expect("connect to the agent's socket");
+    let (_calls, mut connection) = h2::client::handshake(socket)
+        .await
+        .expect("HTTP/2 handshake");
+    // Until the agent's SETTINGS frame is read, a client assumes no limit.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while connection.max_concurrent_send_streams() == usize::MAX && Instant::now() < deadline {
+        let _ = tokio::time::timeout(Duration::from_millis(50), &mut connection).await;
+    }
+    assert_eq!(
+        connection.max_concurrent_send_streams(),
+        usize::try_from(MAX_CALLS_PER_CONNECTION).expect("fits")
+    );
 }

@@ -26,6 +26,12 @@ pub type TlsIncoming =
 /// hundreds of rules some hundred KiB). Larger: `RESOURCE_EXHAUSTED`.
 pub const MAX_MESSAGE: usize = 1 << 20;
 
+/// Calls in flight at once on one connection (HTTP/2
+/// `SETTINGS_MAX_CONCURRENT_STREAMS`): a client holding more waits before
+/// sending them, so one caller cannot queue without bound. A broker
+/// loading in bulk keeps hundreds in flight; more need more connections.
+pub const MAX_CALLS_PER_CONNECTION: u32 = 1024;
+
 /// Serves on the Unix socket and, if given, the TLS listener until
 /// `shutdown` completes, then ends event streams and lets the other open
 /// calls finish.
@@ -70,6 +76,7 @@ pub async fn serve(
     );
     let stopping = service.stopping.clone();
     let router = Server::builder()
+        .max_concurrent_streams(MAX_CALLS_PER_CONNECTION)
         .layer(
             tower::ServiceBuilder::new()
                 .layer_fn(move |inner| RpcLatency::new(inner, rpc_metrics.clone()))
