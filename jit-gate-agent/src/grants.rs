@@ -499,6 +499,40 @@ mod tests {
     }
 
     #[test]
+    fn grants_sharing_a_target_are_found_by_id_as_they_come_and_go() {
+        let mut grants = ActiveGrants::default();
+        let t = target("192.0.2.7/32");
+        grants.insert(grant(1, "192.0.2.7/32", 100));
+        grants.insert(grant(2, "192.0.2.7/32", 300));
+        grants.insert(limited(3, "192.0.2.7/32", 200, 4));
+        assert_eq!(grants.get(3), Some(limited(3, "192.0.2.7/32", 200, 4)));
+        // Inserted again with a new deadline: moved, not doubled.
+        grants.insert(grant(1, "192.0.2.7/32", 400));
+        assert_eq!(grants.len(), 3);
+        assert_eq!(grants.own_entry(&t).unwrap().grant_id, 1);
+        assert_eq!(grants.due(at(399)), vec![3, 2]);
+        assert_eq!(grants.remove(2), Some(grant(2, "192.0.2.7/32", 300)));
+        assert_eq!(grants.remove(2), None);
+        assert_eq!(grants.remove(1), Some(grant(1, "192.0.2.7/32", 400)));
+        assert_eq!(grants.own_entry(&t).unwrap().grant_id, 3);
+        assert_eq!(
+            grants.iter().collect::<Vec<_>>(),
+            vec![limited(3, "192.0.2.7/32", 200, 4)]
+        );
+        grants.remove(3);
+        assert!(grants.is_empty());
+        assert_eq!(grants.targets().count(), 0);
+        assert_eq!(grants.get(3), None);
+    }
+
+    #[test]
+    fn a_target_with_one_grant_costs_no_allocation_of_its_own() {
+        // What a million grants cost: the by-target map keeps each grant
+        // inline beside its target (a Vec would add an allocation each).
+        assert!(size_of::<Holders>() <= 32, "{}", size_of::<Holders>());
+    }
+
+    #[test]
     fn expiry_order() {
         let mut grants = ActiveGrants::default();
         grants.insert(grant(1, "192.0.2.1/32", 30));

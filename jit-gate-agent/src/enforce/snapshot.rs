@@ -238,10 +238,8 @@ impl Pass {
             } else if active.xdp_entry(&entry.target).is_none() {
                 xdp.remove_grant(&entry.target)?;
                 self.xdp_removed += 1;
-            } else if entry.target.is_exact()
-                && xdp.repair_source_bit(entry.target.source.addr())?
-            {
-                self.xdp_bits_missing += 1;
+            } else if entry.target.is_exact() {
+                self.xdp_bits_missing += xdp.repair_source_bit(entry.target.source.addr())?;
             }
             if self.next_entry.is_multiple_of(CLOCK_EVERY) && started.elapsed() >= budget {
                 return Ok(false);

@@ -434,20 +434,7 @@ impl NftGate {
         let second = self.read_dump()?;
         Ok(match (first, second) {
             (Some(first), Some(mut second)) => {
-                let missing: Vec<(GrantTarget, Duration)> = first
-                    .allowed
-                    .into_iter()
-                    .filter(|(target, _)| {
-                        second
-                            .allowed
-                            .binary_search_by_key(target, |(t, _)| *t)
-                            .is_err()
-                    })
-                    .collect();
-                if !missing.is_empty() {
-                    second.allowed.extend(missing);
-                    second.allowed.sort_unstable_by_key(|(t, _)| *t);
-                }
+                merge_allowed(&mut second.allowed, first.allowed);
                 second.strays.extend(first.strays);
                 second.strays.sort_unstable();
                 second.strays.dedup();
@@ -559,6 +546,19 @@ impl NftGate {
             Err(e) => Err(e),
         };
         socket.done(result)
+    }
+}
+
+/// Adds to `later` (sorted by target) the elements only `earlier` saw;
+/// `later`'s time left wins where both saw one.
+fn merge_allowed(later: &mut Vec<(GrantTarget, Duration)>, earlier: Vec<(GrantTarget, Duration)>) {
+    let missing: Vec<(GrantTarget, Duration)> = earlier
+        .into_iter()
+        .filter(|(target, _)| later.binary_search_by_key(target, |(t, _)| *t).is_err())
+        .collect();
+    if !missing.is_empty() {
+        later.extend(missing);
+        later.sort_unstable_by_key(|(t, _)| *t);
     }
 }
 
@@ -709,4 +709,45 @@ fn dump_elements(table: &GateTable, socket: &mut Socket, name: &str) -> Result<V
         }
     })?;
     Ok(into.elements())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allowed(entries: &[(&str, u64)]) -> Vec<(GrantTarget, Duration)> {
+        let mut out: Vec<_> = entries
+            .iter()
+            .map(|(source, secs)| {
+                let target = GrantTarget {
+                    source: source.parse().unwrap(),
+                    protocol: Protocol::Tcp,
+                    port: 22,
+                };
+                (target, Duration::from_secs(*secs))
+            })
+            .collect();
+        out.sort_unstable_by_key(|(t, _)| *t);
+        out
+    }
+
+    #[test]
+    fn merged_reads_keep_every_element_either_saw_with_the_later_time_left() {
+        let mut later = allowed(&[("192.0.2.2/32", 20), ("192.0.2.4/32", 40)]);
+        let earlier = allowed(&[
+            ("192.0.2.1/32", 11),
+            ("192.0.2.2/32", 21),
+            ("192.0.2.3/32", 31),
+        ]);
+        merge_allowed(&mut later, earlier);
+        assert_eq!(
+            later,
+            allowed(&[
+                ("192.0.2.1/32", 11),
+                ("192.0.2.2/32", 20),
+                ("192.0.2.3/32", 31),
+                ("192.0.2.4/32", 40),
+            ])
+        );
+    }
 }

@@ -171,23 +171,24 @@ impl XdpGate {
     /// if it is missing from the filter (someone wrote the pinned map: the
     /// program would drop that source), and rebuilds a filter whose shape
     /// word no longer decodes (the program then looks every source up);
-    /// returns whether the bit was missing. Called per entry as
+    /// returns how many granted sources' bits were missing: 0 or 1, or
+    /// every exact entry's after a rebuild. Called per entry as
     /// reconciliation walks them, so no step checks them all at once.
     /// Stale bits are left to the next rebuild: they cost a lookup, never
     /// a grant.
-    pub fn repair_source_bit(&mut self, source: IpAddr) -> Result<bool> {
+    pub fn repair_source_bit(&mut self, source: IpAddr) -> Result<usize> {
         let Some(shape) = self.source_filter.shape() else {
             self.rebuild_source_filter()?;
-            return Ok(true);
+            return Ok(usize::try_from(self.filter_entries).unwrap_or(usize::MAX));
         };
         let bit = shape.bit(hash_of(source));
         let mask = source_filter::mask(bit);
         let word = self.source_filter.word(shape.word_index(bit));
         if word.load(Ordering::SeqCst) & mask != 0 {
-            return Ok(false);
+            return Ok(0);
         }
         word.fetch_or(mask, Ordering::SeqCst);
-        Ok(true)
+        Ok(1)
     }
 
     /// The source of every exact entry, read in batches (a million
