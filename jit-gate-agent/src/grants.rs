@@ -16,7 +16,7 @@
 //! connections continue: the kernel honours tracked flows on their own).
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, btree_map::Entry as BTreeEntry},
     fmt,
     ops::Bound,
     time::{Duration, SystemTime},
@@ -138,17 +138,68 @@ pub struct Entry {
     pub max_connections: u32,
 }
 
-/// Active grants, indexed by id, by target and by expiry.
+/// Active grants, indexed by target (where each grant is kept), by id and
+/// by expiry. Kept compact, as a million grants fill it: the by-target
+/// map holds each grant's few fields inline, and the id index only the
+/// target.
 #[derive(Debug, Default)]
 pub struct ActiveGrants {
-    by_id: HashMap<u64, ActiveGrant>,
-    /// For each target, its grants ordered by (expiry, id): the last is the
-    /// one the kernel entry carries. A Vec, not a set: there is usually one
-    /// grant per target, and a set would cost a B-tree node each.
-    by_target: BTreeMap<GrantTarget, Vec<(Deadline, u64)>>,
+    by_target: BTreeMap<GrantTarget, Holders>,
+    by_id: HashMap<u64, GrantTarget>,
     by_expiry: BTreeSet<(Deadline, u64)>,
     /// Limited grants whose connections the kernel reports all opened.
     used_up: HashSet<u64>,
+}
+
+/// A grant as the by-target index keeps it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Holder {
+    deadline: Deadline,
+    id: u64,
+    max_connections: u32,
+}
+
+/// The grants on one target, ordered by (expiry, id): the last is the one
+/// the kernel entry carries. Usually one, kept inline (a Vec would cost
+/// an allocation per target).
+#[derive(Debug)]
+enum Holders {
+    One(Holder),
+    Many(Vec<Holder>),
+}
+
+impl Holders {
+    fn as_slice(&self) -> &[Holder] {
+        match self {
+            Holders::One(one) => std::slice::from_ref(one),
+            Holders::Many(many) => many,
+        }
+    }
+
+    fn add(&mut self, holder: Holder) {
+        let mut many = self.as_slice().to_vec();
+        let position = many.partition_point(|h| (h.deadline, h.id) < (holder.deadline, holder.id));
+        many.insert(position, holder);
+        *self = Holders::Many(many);
+    }
+
+    /// Removes grant `id`; returns whether none is left.
+    fn remove(&mut self, id: u64) -> bool {
+        match self {
+            Holders::One(one) => one.id == id,
+            Holders::Many(many) => {
+                many.retain(|h| h.id != id);
+                match many.as_slice() {
+                    [] => true,
+                    [one] => {
+                        *self = Holders::One(*one);
+                        false
+                    }
+                    _ => false,
+                }
+            }
+        }
+    }
 }
 
 impl ActiveGrants {
@@ -160,36 +211,68 @@ impl ActiveGrants {
         self.by_id.is_empty()
     }
 
-    pub fn get(&self, id: u64) -> Option<&ActiveGrant> {
-        self.by_id.get(&id)
+    pub fn get(&self, id: u64) -> Option<ActiveGrant> {
+        let target = self.by_id.get(&id)?;
+        let holders = self.by_target.get(target)?;
+        holders
+            .as_slice()
+            .iter()
+            .find(|h| h.id == id)
+            .map(|h| active_grant(*target, h))
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &ActiveGrant> {
-        self.by_id.values()
+    pub fn iter(&self) -> impl Iterator<Item = ActiveGrant> + '_ {
+        self.by_target.iter().flat_map(|(target, holders)| {
+            holders.as_slice().iter().map(|h| active_grant(*target, h))
+        })
     }
 
     pub fn insert(&mut self, grant: ActiveGrant) {
-        let at = (grant.deadline, grant.id);
-        if let Some(old) = self.by_id.insert(grant.id, grant) {
-            self.unindex(&old);
+        self.remove_indexed(grant.id);
+        let holder = Holder {
+            deadline: grant.deadline,
+            id: grant.id,
+            max_connections: grant.max_connections,
+        };
+        self.by_id.insert(grant.id, grant.target);
+        match self.by_target.entry(grant.target) {
+            BTreeEntry::Vacant(vacant) => {
+                vacant.insert(Holders::One(holder));
+            }
+            BTreeEntry::Occupied(mut occupied) => occupied.get_mut().add(holder),
         }
-        let grants = self.by_target.entry(grant.target).or_default();
-        let position = grants.partition_point(|g| *g < at);
-        grants.insert(position, at);
-        self.by_expiry.insert(at);
+        self.by_expiry.insert((grant.deadline, grant.id));
     }
 
     pub fn remove(&mut self, id: u64) -> Option<ActiveGrant> {
-        let grant = self.by_id.remove(&id)?;
-        self.unindex(&grant);
+        let grant = self.remove_indexed(id)?;
         self.used_up.remove(&id);
+        Some(grant)
+    }
+
+    /// Takes grant `id` out of every index but `used_up`.
+    fn remove_indexed(&mut self, id: u64) -> Option<ActiveGrant> {
+        let target = self.by_id.remove(&id)?;
+        let BTreeEntry::Occupied(mut holders) = self.by_target.entry(target) else {
+            return None;
+        };
+        let grant = holders
+            .get()
+            .as_slice()
+            .iter()
+            .find(|h| h.id == id)
+            .map(|h| active_grant(target, h))?;
+        if holders.get_mut().remove(id) {
+            holders.remove();
+        }
+        self.by_expiry.remove(&(grant.deadline, id));
         Some(grant)
     }
 
     /// Notes that the limited grant `id` has opened all its connections;
     /// returns its target if this is news (its entries must be recomputed).
     pub fn mark_used_up(&mut self, id: u64) -> Option<GrantTarget> {
-        let grant = self.by_id.get(&id).filter(|g| g.max_connections != 0)?;
+        let grant = self.get(id).filter(|g| g.max_connections != 0)?;
         self.used_up.insert(id).then_some(grant.target)
     }
 
@@ -200,30 +283,16 @@ impl ActiveGrants {
 
     /// The entry attributed to the best of `grants` still able to open
     /// connections: no limit before a limit, then the latest expiry.
-    fn attributed<'a>(&self, grants: impl Iterator<Item = &'a (Deadline, u64)>) -> Option<Entry> {
+    fn attributed<'a>(&self, grants: impl Iterator<Item = &'a Holder>) -> Option<Entry> {
         grants
-            .filter(|(_, id)| !self.used_up.contains(id))
-            .filter_map(|(deadline, id)| {
-                let limit = self.by_id.get(id)?.max_connections;
-                Some((limit == 0, *deadline, *id, limit))
-            })
+            .filter(|h| !self.used_up.contains(&h.id))
+            .map(|h| (h.max_connections == 0, h.deadline, h.id, h.max_connections))
             .max()
             .map(|(_, deadline, grant_id, max_connections)| Entry {
                 deadline,
                 grant_id,
                 max_connections,
             })
-    }
-
-    fn unindex(&mut self, grant: &ActiveGrant) {
-        let at = (grant.deadline, grant.id);
-        self.by_expiry.remove(&at);
-        if let Some(set) = self.by_target.get_mut(&grant.target) {
-            set.retain(|g| *g != at);
-            if set.is_empty() {
-                self.by_target.remove(&grant.target);
-            }
-        }
     }
 
     /// The earliest deadline among active grants.
@@ -244,14 +313,14 @@ impl ActiveGrants {
     pub fn covering(&self, target: &GrantTarget) -> Vec<u64> {
         self.same_port(target)
             .filter(|(t, _)| t.source.contains(&target.source))
-            .flat_map(|(_, set)| set.iter().map(|(_, id)| *id))
+            .flat_map(|(_, holders)| holders.as_slice().iter().map(|h| h.id))
             .collect()
     }
 
     fn same_port<'a>(
         &'a self,
         target: &'a GrantTarget,
-    ) -> impl Iterator<Item = (&'a GrantTarget, &'a Vec<(Deadline, u64)>)> + 'a {
+    ) -> impl Iterator<Item = (&'a GrantTarget, &'a Holders)> + 'a {
         self.by_target
             .iter()
             .filter(move |(t, _)| t.protocol == target.protocol && t.port == target.port)
@@ -260,7 +329,7 @@ impl ActiveGrants {
     /// The nftables entry for `target`: its own grants only (nftables
     /// matches every covering element, not just the longest prefix).
     pub fn own_entry(&self, target: &GrantTarget) -> Option<Entry> {
-        self.attributed(self.by_target.get(target)?.iter())
+        self.attributed(self.by_target.get(target)?.as_slice().iter())
     }
 
     /// The XDP entry for `target`: for an exact source its own grants; for a
@@ -273,7 +342,7 @@ impl ActiveGrants {
         self.attributed(
             self.same_port(target)
                 .filter(|(t, _)| !t.is_exact() && t.source.contains(&target.source))
-                .flat_map(|(_, set)| set.iter()),
+                .flat_map(|(_, holders)| holders.as_slice().iter()),
         )
     }
 
@@ -303,6 +372,15 @@ impl ActiveGrants {
         self.by_target
             .range::<GrantTarget, _>((start, Bound::Unbounded))
             .map(|(target, _)| target)
+    }
+}
+
+fn active_grant(target: GrantTarget, holder: &Holder) -> ActiveGrant {
+    ActiveGrant {
+        id: holder.id,
+        target,
+        deadline: holder.deadline,
+        max_connections: holder.max_connections,
     }
 }
 
@@ -418,6 +496,40 @@ mod tests {
         assert_eq!(grants.xdp_entry(&narrow).unwrap().grant_id, 1);
         grants.mark_used_up(1);
         assert_eq!(grants.xdp_entry(&narrow).unwrap().grant_id, 2);
+    }
+
+    #[test]
+    fn grants_sharing_a_target_are_found_by_id_as_they_come_and_go() {
+        let mut grants = ActiveGrants::default();
+        let t = target("192.0.2.7/32");
+        grants.insert(grant(1, "192.0.2.7/32", 100));
+        grants.insert(grant(2, "192.0.2.7/32", 300));
+        grants.insert(limited(3, "192.0.2.7/32", 200, 4));
+        assert_eq!(grants.get(3), Some(limited(3, "192.0.2.7/32", 200, 4)));
+        // Inserted again with a new deadline: moved, not doubled.
+        grants.insert(grant(1, "192.0.2.7/32", 400));
+        assert_eq!(grants.len(), 3);
+        assert_eq!(grants.own_entry(&t).unwrap().grant_id, 1);
+        assert_eq!(grants.due(at(399)), vec![3, 2]);
+        assert_eq!(grants.remove(2), Some(grant(2, "192.0.2.7/32", 300)));
+        assert_eq!(grants.remove(2), None);
+        assert_eq!(grants.remove(1), Some(grant(1, "192.0.2.7/32", 400)));
+        assert_eq!(grants.own_entry(&t).unwrap().grant_id, 3);
+        assert_eq!(
+            grants.iter().collect::<Vec<_>>(),
+            vec![limited(3, "192.0.2.7/32", 200, 4)]
+        );
+        grants.remove(3);
+        assert!(grants.is_empty());
+        assert_eq!(grants.targets().count(), 0);
+        assert_eq!(grants.get(3), None);
+    }
+
+    #[test]
+    fn a_target_with_one_grant_costs_no_allocation_of_its_own() {
+        // What a million grants cost: the by-target map keeps each grant
+        // inline beside its target (a Vec would add an allocation each).
+        assert!(size_of::<Holders>() <= 32, "{}", size_of::<Holders>());
     }
 
     #[test]

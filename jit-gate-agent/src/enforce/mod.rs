@@ -580,25 +580,7 @@ impl Enforcement {
             return Ok(None);
         }
         let touched = self.touched[layer as usize].as_ref();
-        let (xdp_entries, nft_elements) = pass.repairs();
-        let mut xdp_repairs: Vec<String> = xdp_entries.into_iter().collect();
-        if let Some(xdp) = self.xdp.as_mut()
-            && pass.exact_targets().next().is_some()
-        {
-            // After the entries: writing one sets its source's bit. A
-            // target written since the read may have lost its entry (and,
-            // after a rebuild, its bit) on purpose.
-            let sources = pass
-                .exact_targets()
-                .filter(|t| !touched.is_some_and(|touched| touched.targets.contains(*t)))
-                .map(|t| t.source.addr());
-            let missing = xdp.repair_source_filter(sources)?;
-            if missing > 0 {
-                xdp_repairs.push(format!(
-                    "XDP: source filter missing {missing} granted sources' bits; set again"
-                ));
-            }
-        }
+        let (xdp_repairs, nft_elements) = pass.repairs();
         let mut nft_repairs: Vec<String> = nft_elements.into_iter().collect();
         if let (Some(nft), Some(read)) = (&self.nft, pass.nft_protected())
             && !touched.is_some_and(|t| t.protected)
@@ -609,8 +591,7 @@ impl Enforcement {
         }
         self.xdp_health.repaired(&xdp_repairs);
         self.nft_health.repaired(&nft_repairs);
-        xdp_repairs.extend(nft_repairs);
-        Ok(Some(xdp_repairs))
+        Ok(Some(xdp_repairs.into_iter().chain(nft_repairs).collect()))
     }
 
     /// Ends a layer's reconciliation (done, or its read failed): writes

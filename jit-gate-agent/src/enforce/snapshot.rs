@@ -88,9 +88,8 @@ fn read_nft(nft: &NftGate) -> anyhow::Result<NftElements> {
         .read_merged()?
         .ok_or_else(|| anyhow::anyhow!("table {} vanished while read", nft.table()))?;
     Ok(NftElements {
-        protected: read.state.protected,
-        // A B-tree map yields its entries in order.
-        allowed: read.state.allowed.into_iter().collect(),
+        protected: read.protected,
+        allowed: read.allowed,
         strays: read.strays,
         from,
         until: Deadline::now(),
@@ -118,6 +117,8 @@ pub struct Pass {
     next_entry: usize,
     xdp_written: usize,
     xdp_removed: usize,
+    /// Granted exact sources whose bit the source filter had lost.
+    xdp_bits_missing: usize,
     nft_written: usize,
     nft_removed: usize,
     /// Stray elements removed, the first of them described.
@@ -140,6 +141,7 @@ impl Pass {
             next_entry: 0,
             xdp_written: 0,
             xdp_removed: 0,
+            xdp_bits_missing: 0,
             nft_written: 0,
             nft_removed: 0,
             nft_strays: None,
@@ -230,9 +232,14 @@ impl Pass {
         }
         while let Some(entry) = entries.get(self.next_entry) {
             self.next_entry += 1;
-            if !touched.contains(&entry.target) && active.xdp_entry(&entry.target).is_none() {
+            // A target written since the read may have lost its entry
+            // (and, after a rebuild, its source's bit) on purpose.
+            if touched.contains(&entry.target) {
+            } else if active.xdp_entry(&entry.target).is_none() {
                 xdp.remove_grant(&entry.target)?;
                 self.xdp_removed += 1;
+            } else if entry.target.is_exact() {
+                self.xdp_bits_missing += xdp.repair_source_bit(entry.target.source.addr())?;
             }
             if self.next_entry.is_multiple_of(CLOCK_EVERY) && started.elapsed() >= budget {
                 return Ok(false);
@@ -312,13 +319,20 @@ impl Pass {
     }
 
     /// What the pass repaired, per layer (XDP, nftables).
-    pub(super) fn repairs(&self) -> (Option<String>, Option<String>) {
-        let xdp = (self.xdp_written + self.xdp_removed > 0).then(|| {
+    pub(super) fn repairs(&self) -> (Vec<String>, Option<String>) {
+        let entries = (self.xdp_written + self.xdp_removed > 0).then(|| {
             format!(
                 "XDP: {} grant entries missing or wrong, {} without a grant",
                 self.xdp_written, self.xdp_removed
             )
         });
+        let bits = (self.xdp_bits_missing > 0).then(|| {
+            format!(
+                "XDP: source filter missing {} granted sources' bits; set again",
+                self.xdp_bits_missing
+            )
+        });
+        let xdp = entries.into_iter().chain(bits).collect();
         let elements = (self.nft_written + self.nft_removed > 0).then(|| {
             format!(
                 "{} elements missing or wrong, {} without a grant",
@@ -340,17 +354,6 @@ impl Pass {
     /// The ports the nftables table protected when read.
     pub(super) fn nft_protected(&self) -> Option<&BTreeSet<(Protocol, u16)>> {
         self.snapshot.nft.as_ref().map(|n| &n.protected)
-    }
-
-    /// The exact targets of the XDP entries read (their sources' bits
-    /// belong in the source filter).
-    pub(super) fn exact_targets(&self) -> impl Iterator<Item = &GrantTarget> + '_ {
-        self.snapshot
-            .xdp
-            .iter()
-            .flatten()
-            .map(|e| &e.target)
-            .filter(|t| t.is_exact())
     }
 }
 

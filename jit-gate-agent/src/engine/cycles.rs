@@ -198,6 +198,5 @@ impl Engine {
         let interval = self.config.reconcile_interval;
         self.cycles.next_start[i] =
             (cycle.started + interval.saturating_sub(took)).max(now + took / REST_PER_CYCLE);
-        super::run::release_free_memory();
     }
 }

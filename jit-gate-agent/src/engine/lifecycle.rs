@@ -194,7 +194,7 @@ impl Engine {
                 .unwrap_or_default();
             caller.require_owner_or_admin(&owner, grant_id)?;
         }
-        let Some(revoked) = self.active.get(grant_id).copied() else {
+        let Some(revoked) = self.active.get(grant_id) else {
             return Err(match self.store.grant(grant_id) {
                 Ok(Some(grant)) => Refusal::new(
                     RefusalKind::FailedPrecondition,
@@ -258,7 +258,7 @@ impl Engine {
             .active
             .due(Deadline::now())
             .into_iter()
-            .filter_map(|id| self.active.get(id).copied())
+            .filter_map(|id| self.active.get(id))
             .collect();
         if due.is_empty() {
             return Ok(());
@@ -399,7 +399,6 @@ impl Engine {
             .active
             .iter()
             .filter(|g| !new_protected.contains(&(g.target.protocol, g.target.port)))
-            .copied()
             .collect();
         let stored = (|| -> anyhow::Result<Vec<crate::audit::AuditRecord>> {
             let mut batch = self.store.batch()?;

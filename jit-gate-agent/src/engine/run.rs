@@ -85,15 +85,6 @@ fn spawn_link_watcher(commands: mpsc::Sender<Command>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Returns memory freed after a reconciliation (the kernel state read back
-/// for comparison) to the system; glibc keeps it in its arenas otherwise.
-pub(super) fn release_free_memory() {
-    // SAFETY: malloc_trim only walks the allocator's own free lists.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 impl Engine {
     /// Runs until every handle is dropped.
     pub fn spawn(mut self) -> anyhow::Result<(EngineHandle, std::thread::JoinHandle<()>)> {

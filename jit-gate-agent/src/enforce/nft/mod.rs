@@ -78,6 +78,28 @@ pub struct NftRead {
     pub strays: Vec<StrayElement>,
 }
 
+/// The table as one or two dumps saw it, for reconciliation: the
+/// protected set, the allowed targets sorted (each once: a set holds a key
+/// once, and the key spells the set's prefix length), the strays.
+#[derive(Debug, Default)]
+pub struct ElementsRead {
+    pub protected: BTreeSet<(Protocol, u16)>,
+    pub allowed: Vec<(GrantTarget, Duration)>,
+    pub strays: Vec<StrayElement>,
+}
+
+impl ElementsRead {
+    fn into_read(self) -> NftRead {
+        NftRead {
+            state: NftState {
+                protected: self.protected,
+                allowed: self.allowed.into_iter().collect(),
+            },
+            strays: self.strays,
+        }
+    }
+}
+
 /// An allow-set element of a shape the agent never writes (a key it does
 /// not parse, a shard its hash does not select, no timeout): someone
 /// else's. Reads leave it out of the state, so one such element cannot
@@ -410,9 +432,9 @@ impl NftGate {
     /// dump as interrupted, so the state is taken from two consecutive
     /// dumps that agree on what the table holds.
     pub fn read(&self) -> Result<Option<NftRead>> {
-        let mut previous = self.read_dump()?;
+        let mut previous = self.read_dump()?.map(ElementsRead::into_read);
         for _ in 0..READ_ATTEMPTS {
-            let next = self.read_dump()?;
+            let next = self.read_dump()?.map(ElementsRead::into_read);
             if same_contents(previous.as_ref(), next.as_ref()) {
                 return Ok(next);
             }
@@ -425,14 +447,14 @@ impl NftGate {
     /// every element either saw (a dump overlapping a hash resize can miss
     /// some, see `read`; the caller skips what it wrote meanwhile), with
     /// the time left the later dump saw; the protected set of the later.
-    pub fn read_merged(&self) -> Result<Option<NftRead>> {
+    /// The elements come sorted by target, in a vector: at a million
+    /// grants a map per dump would cost hundreds of megabytes.
+    pub fn read_merged(&self) -> Result<Option<ElementsRead>> {
         let first = self.read_dump()?;
         let second = self.read_dump()?;
         Ok(match (first, second) {
             (Some(first), Some(mut second)) => {
-                for (target, left) in first.state.allowed {
-                    second.state.allowed.entry(target).or_insert(left);
-                }
+                merge_allowed(&mut second.allowed, first.allowed);
                 second.strays.extend(first.strays);
                 second.strays.sort_unstable();
                 second.strays.dedup();
@@ -444,7 +466,7 @@ impl NftGate {
 
     /// One dump of the table, started again if the kernel flags it as
     /// interrupted by a change.
-    fn read_dump(&self) -> Result<Option<NftRead>> {
+    fn read_dump(&self) -> Result<Option<ElementsRead>> {
         let mut attempts = 1;
         loop {
             // An interrupted dump leaves answers queued: the lease closes
@@ -457,7 +479,7 @@ impl NftGate {
         }
     }
 
-    fn read_once(&self, table: &GateTable, socket: &mut Socket) -> Result<Option<NftRead>> {
+    fn read_once(&self, table: &GateTable, socket: &mut Socket) -> Result<Option<ElementsRead>> {
         let Some(names) = set_names(table, socket)? else {
             return Ok(None);
         };
@@ -465,14 +487,14 @@ impl NftGate {
             table: self.table.clone(),
             what,
         };
-        let mut read = NftRead::default();
+        let mut read = ElementsRead::default();
         for name in names {
             if name == PROTECTED_SET {
                 for element in dump_elements(table, socket, &name)? {
                     let service = keys::parse_service_key(&element.key).ok_or_else(|| {
                         unexpected(format!("a key {:?} in set {name}", element.key))
                     })?;
-                    read.state.protected.insert(service);
+                    read.protected.insert(service);
                 }
             } else if let Some((set, shard)) = AllowSet::parse_shard_name(&name) {
                 for element in dump_elements(table, socket, &name)? {
@@ -483,9 +505,7 @@ impl NftGate {
                         .zip(element.expires_in)
                         .filter(|_| shards::shard_of(&element.key) == shard);
                     match ours {
-                        Some((target, left)) => {
-                            read.state.allowed.insert(target, left);
-                        }
+                        Some(allowed) => read.allowed.push(allowed),
                         None => read.strays.push(StrayElement {
                             set: name.clone(),
                             key: element.key,
@@ -500,6 +520,7 @@ impl NftGate {
             // (the kernel refuses element changes): `check_structure`
             // compares it with what `install` creates.
         }
+        read.allowed.sort_unstable_by_key(|(t, _)| *t);
         read.strays.sort_unstable();
         Ok(Some(read))
     }
@@ -545,6 +566,19 @@ impl NftGate {
             Err(e) => Err(e),
         };
         socket.done(result)
+    }
+}
+
+/// Adds to `later` (sorted by target) the elements only `earlier` saw;
+/// `later`'s time left wins where both saw one.
+fn merge_allowed(later: &mut Vec<(GrantTarget, Duration)>, earlier: Vec<(GrantTarget, Duration)>) {
+    let missing: Vec<(GrantTarget, Duration)> = earlier
+        .into_iter()
+        .filter(|(target, _)| later.binary_search_by_key(target, |(t, _)| *t).is_err())
+        .collect();
+    if !missing.is_empty() {
+        later.extend(missing);
+        later.sort_unstable_by_key(|(t, _)| *t);
     }
 }
 
@@ -695,4 +729,45 @@ fn dump_elements(table: &GateTable, socket: &mut Socket, name: &str) -> Result<V
         }
     })?;
     Ok(into.elements())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allowed(entries: &[(&str, u64)]) -> Vec<(GrantTarget, Duration)> {
+        let mut out: Vec<_> = entries
+            .iter()
+            .map(|(source, secs)| {
+                let target = GrantTarget {
+                    source: source.parse().unwrap(),
+                    protocol: Protocol::Tcp,
+                    port: 22,
+                };
+                (target, Duration::from_secs(*secs))
+            })
+            .collect();
+        out.sort_unstable_by_key(|(t, _)| *t);
+        out
+    }
+
+    #[test]
+    fn merged_reads_keep_every_element_either_saw_with_the_later_time_left() {
+        let mut later = allowed(&[("192.0.2.2/32", 20), ("192.0.2.4/32", 40)]);
+        let earlier = allowed(&[
+            ("192.0.2.1/32", 11),
+            ("192.0.2.2/32", 21),
+            ("192.0.2.3/32", 31),
+        ]);
+        merge_allowed(&mut later, earlier);
+        assert_eq!(
+            later,
+            allowed(&[
+                ("192.0.2.1/32", 11),
+                ("192.0.2.2/32", 20),
+                ("192.0.2.3/32", 31),
+                ("192.0.2.4/32", 40),
+            ])
+        );
+    }
 }

@@ -164,7 +164,7 @@ struct BatchAttr {
 }
 
 /// Calls `each` with every (key, grant value) of the hash map `map`.
-fn lookup_batches<K: Pod>(
+pub(super) fn lookup_batches<K: Pod>(
     map: &MapData,
     name: &'static str,
     mut each: impl FnMut(K, GrantValue),

@@ -17,13 +17,13 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
-use aya::maps::{Map, MapData};
+use aya::maps::{IterableMap, Map, MapData};
 use jit_gate_common::maps::{
-    names,
+    GrantKeyV4, GrantKeyV6, names,
     source_filter::{self, Shape},
 };
 
-use super::{Result, XdpError, XdpGate, map_err};
+use super::{Result, XdpError, XdpGate, reader::lookup_batches};
 use crate::net::map_address;
 
 /// Removals of exact entries that trigger a rebuild, at least.
@@ -167,40 +167,40 @@ impl XdpGate {
         Ok(())
     }
 
-    /// Sets again the bits of `sources` (the granted exact sources, as
-    /// read) that are missing from the filter (someone wrote the pinned
-    /// map: the program would drop those sources), and rebuilds a filter
-    /// whose shape word no longer decodes (the program then looks every
-    /// source up); returns how many granted sources' bits were missing.
+    /// Sets again the bit of `source` (a granted exact source, as read)
+    /// if it is missing from the filter (someone wrote the pinned map: the
+    /// program would drop that source), and rebuilds a filter whose shape
+    /// word no longer decodes (the program then looks every source up);
+    /// returns how many granted sources' bits were missing: 0 or 1, or
+    /// every exact entry's after a rebuild. Called per entry as
+    /// reconciliation walks them, so no step checks them all at once.
     /// Stale bits are left to the next rebuild: they cost a lookup, never
     /// a grant.
-    pub fn repair_source_filter(&mut self, sources: impl Iterator<Item = IpAddr>) -> Result<usize> {
-        let sources: Vec<IpAddr> = sources.collect();
+    pub fn repair_source_bit(&mut self, source: IpAddr) -> Result<usize> {
         let Some(shape) = self.source_filter.shape() else {
             self.rebuild_source_filter()?;
-            return Ok(sources.len());
+            return Ok(usize::try_from(self.filter_entries).unwrap_or(usize::MAX));
         };
-        let mut missing = 0;
-        for (index, want) in (0..).zip(bitmap(shape, &sources)) {
-            let word = self.source_filter.word(shape.word_index(index * 64));
-            let lost = want & !word.load(Ordering::SeqCst);
-            if lost != 0 {
-                word.fetch_or(lost, Ordering::SeqCst);
-                missing += lost.count_ones() as usize;
-            }
+        let bit = shape.bit(hash_of(source));
+        let mask = source_filter::mask(bit);
+        let word = self.source_filter.word(shape.word_index(bit));
+        if word.load(Ordering::SeqCst) & mask != 0 {
+            return Ok(0);
         }
-        Ok(missing)
+        word.fetch_or(mask, Ordering::SeqCst);
+        Ok(1)
     }
 
-    /// The source of every exact entry.
+    /// The source of every exact entry, read in batches (a million
+    /// entries read key by key take seconds of the engine's time).
     fn exact_sources(&self) -> Result<Vec<IpAddr>> {
         let mut sources = Vec::new();
-        for key in self.maps.grants_v4.keys() {
-            sources.push(IpAddr::from(key.map_err(map_err(names::GRANTS_V4))?.addr));
-        }
-        for key in self.maps.grants_v6.keys() {
-            sources.push(IpAddr::from(key.map_err(map_err(names::GRANTS_V6))?.addr));
-        }
+        lookup_batches::<GrantKeyV4>(self.maps.grants_v4.map(), names::GRANTS_V4, |key, _| {
+            sources.push(IpAddr::from(key.addr));
+        })?;
+        lookup_batches::<GrantKeyV6>(self.maps.grants_v6.map(), names::GRANTS_V6, |key, _| {
+            sources.push(IpAddr::from(key.addr));
+        })?;
         Ok(sources)
     }
 }
