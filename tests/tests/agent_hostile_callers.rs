@@ -97,13 +97,13 @@ async fn malformed_and_oversize_messages_get_precise_codes_and_are_recorded() {
     );
     assert_eq!(code_of("oversize"), "RESOURCE_EXHAUSTED", "{answers:?}");
     // Recorded, with the method and the code, and nothing granted.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(10);
     let refused = loop {
         let refused = events_of(&mut setup.api, proto::EventKind::CallRefused).await;
-        if refused.len() >= 3 || std::time::Instant::now() > deadline {
+        if refused.len() >= 3 || Instant::now() > deadline {
             break refused;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let codes: BTreeSet<String> = refused
         .iter()
@@ -165,13 +165,13 @@ async fn refused_policy_changes_and_revokes_are_recorded() {
             .into_inner(),
         before.into_inner()
     );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(10);
     let refused = loop {
         let refused = events_of(api, proto::EventKind::CallRefused).await;
-        if refused.len() >= 3 || std::time::Instant::now() > deadline {
+        if refused.len() >= 3 || Instant::now() > deadline {
             break refused;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     };
     // Recorded from the API's tasks: in any order.
     let recorded: BTreeSet<(String, String)> = refused
@@ -322,7 +322,7 @@ async fn roles_decide_refusals_are_recorded_but_bounded_and_principals_are_separ
         let (code, _) = code(no_role.get_policy(proto::GetPolicyRequest {}).await);
         assert_eq!(code, Code::PermissionDenied);
     }
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let refused: Vec<_> = events_of(api, proto::EventKind::CallRefused)
         .await
         .into_iter()
