@@ -5,7 +5,7 @@
 use {anyhow as _, clap as _, serde as _, tokio_stream as _, tonic_health as _};
 // And of the integration tests alone (dev-dependencies).
 #[cfg(test)]
-use {aya_obj as _, prost as _, tonic_reflection as _};
+use {aya_obj as _, h2 as _, prost as _, tonic_reflection as _};
 
 pub mod agent;
 pub mod bar_chart;
