@@ -95,11 +95,28 @@ impl ClockPublisher {
             .name("clock-publisher".into())
             .spawn(move || {
                 let period = Duration::from_nanos(published_clock::PERIOD_NS);
+                // Failed writes in a row: logged when they start and when
+                // they end, not four times a second.
+                let mut failing = 0u64;
                 while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(period) {
                     // A failed write leaves the slot as it was: flows then
                     // look idle longer than they are, which ageing allows for.
-                    if let Err(e) = publish(&mut slot, &thread_state) {
-                        tracing::warn!("publishing boot time to the XDP program: {e}");
+                    match publish(&mut slot, &thread_state) {
+                        Ok(()) if failing > 0 => {
+                            tracing::info!(
+                                "publishing boot time to the XDP program again, after {failing} failed writes"
+                            );
+                            failing = 0;
+                        }
+                        Ok(()) => {}
+                        Err(e) => {
+                            if failing == 0 {
+                                tracing::warn!(
+                                    "publishing boot time to the XDP program: {e} (idle flows are kept until it recovers)"
+                                );
+                            }
+                            failing += 1;
+                        }
                     }
                 }
             })
