@@ -234,12 +234,13 @@ impl Pass {
             self.next_entry += 1;
             // A target written since the read may have lost its entry
             // (and, after a rebuild, its source's bit) on purpose.
-            if touched.contains(&entry.target) {
-            } else if active.xdp_entry(&entry.target).is_none() {
-                xdp.remove_grant(&entry.target)?;
-                self.xdp_removed += 1;
-            } else if entry.target.is_exact() {
-                self.xdp_bits_missing += xdp.repair_source_bit(entry.target.source.addr())?;
+            if !touched.contains(&entry.target) {
+                if active.xdp_entry(&entry.target).is_none() {
+                    xdp.remove_grant(&entry.target)?;
+                    self.xdp_removed += 1;
+                } else if entry.target.is_exact() {
+                    self.xdp_bits_missing += xdp.repair_source_bit(entry.target.source.addr())?;
+                }
             }
             if self.next_entry.is_multiple_of(CLOCK_EVERY) && started.elapsed() >= budget {
                 return Ok(false);

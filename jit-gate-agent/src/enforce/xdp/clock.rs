@@ -25,12 +25,12 @@ const SINCE_BOOT: u64 = 1;
 
 /// What the publisher has done, in boot-time nanoseconds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Publishing {
+pub(super) struct Publishing {
     /// Since when it has published with no gap longer than
     /// `published_clock::MAX_GAP_NS` (0: never).
-    pub continuous_since: u64,
+    continuous_since: u64,
     /// The value it last wrote (0: none yet).
-    pub last_published: u64,
+    last_published: u64,
 }
 
 impl Publishing {
@@ -39,7 +39,7 @@ impl Publishing {
     /// a value no older than the longest gap since then (the current one,
     /// `now - last_published`, included) plus the stamp's granularity; a
     /// packet seen before it is older than `continuous_since` itself.
-    pub fn idle_at_least(&self, last_seen: u64, now: u64) -> Duration {
+    pub(super) fn idle_at_least(&self, last_seen: u64, now: u64) -> Duration {
         let gap = published_clock::MAX_GAP_NS.max(now.saturating_sub(self.last_published));
         let since_stamp = now
             .saturating_sub(last_seen)

@@ -15,7 +15,7 @@ use jit_gate_common::{
     verdict::Reason,
 };
 
-use super::{Publishing, Result, XdpGate, existed, map_err};
+use super::{Result, XdpGate, existed, map_err};
 use crate::net::Protocol;
 
 /// A tracked flow, as read back.
@@ -91,11 +91,6 @@ impl XdpGate {
         self.clock
             .publishing()
             .idle_at_least(flow.value.last_seen_boot_ns, now_boot_ns)
-    }
-
-    /// What the clock publisher has done.
-    pub fn publishing(&self) -> Publishing {
-        self.clock.publishing()
     }
 
     /// Every tracked flow.

@@ -19,7 +19,6 @@ mod source_filter;
 
 use source_filter::SourceFilter;
 
-pub use clock::Publishing;
 pub use flows::{Counters, DeniedPacket, Flow, GrantFlowCounts, parse_deny_event};
 pub use reader::GrantReader;
 
