@@ -12,7 +12,10 @@ import hashlib
 import json
 import sqlite3
 import sys
+import time
 import zlib
+
+PROTOCOLS = {6: "tcp", 17: "udp"}
 
 
 def u64(n):
@@ -63,18 +66,51 @@ def inflate(stored, dicts):
         return None
 
 
+def grant_created(stored, at, grant):
+    """The preimage of a grant-created payload kept as a reference (byte 0)
+    to its grant's row: what the agent's message and details say of it."""
+    if grant[0] is None or len(stored) > 5:
+        return None
+    gid, source, protocol, port, request_id, requester, justification, ticket, granted, limit = grant
+    end = at // 1000 + int.from_bytes(stored[1:], "big")
+    message = "grant %d for %s -> %d/%s until %s to %s%s" % (
+        gid,
+        source,
+        port,
+        PROTOCOLS.get(protocol, "?"),
+        time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(end)),
+        requester,
+        ", at most %d connections" % limit if limit else "",
+    )
+    details = {
+        "request_id": request_id,
+        "requester": requester,
+        "justification": justification,
+        "ticket": ticket,
+        "duration_ms": max(granted or 0, 0),
+        "max_connections": limit,
+    }
+    text = json.dumps(details, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return preimage(message, text)
+
+
 def rows(db):
     """Each record as (seq, at_ms, kind name, principal, grant_id, preimage
     or None if pruned, stored digest or None, hash)."""
     dicts = dictionaries(db)
     out = []
-    for seq, at, kind, principal, grant, message, details, payload, digest, stored in db.execute(
-        "SELECT seq, at_ms, audit_kinds.name, principal, grant_id, message, details, payload, "
-        "payload_sha256, hash FROM audit LEFT JOIN audit_kinds ON audit_kinds.code = audit.kind "
-        "ORDER BY seq"
+    for row in db.execute(
+        "SELECT seq, at_ms, audit_kinds.name, audit.principal, grant_id, message, details, "
+        "payload, payload_sha256, hash, g.id, g.source, g.protocol, g.port, g.request_id, "
+        "g.requester, g.justification, g.ticket, g.granted_ms, g.max_connections "
+        "FROM audit LEFT JOIN audit_kinds ON audit_kinds.code = audit.kind "
+        "LEFT JOIN grants AS g ON g.id = audit.grant_id ORDER BY seq"
     ):
+        seq, at, kind, principal, grant, message, details, payload, digest, stored = row[:10]
         if message is not None:
             data = preimage(message, details or "")
+        elif payload is not None and payload[:1] == b"\0":
+            data = grant_created(payload, at, row[10:]) or b"unreadable"
         elif payload is not None:
             data = inflate(payload, dicts) or b"unreadable"
         else:
@@ -123,16 +159,17 @@ def rehash(db):
 
 
 def edit(db, seq, message):
-    (stored_message, details, payload) = db.execute(
-        "SELECT message, details, payload FROM audit WHERE seq = ?", (seq,)
-    ).fetchone()
+    stored_message = db.execute("SELECT message FROM audit WHERE seq = ?", (seq,)).fetchone()[0]
     if stored_message is not None:
         db.execute("UPDATE audit SET message = ? WHERE seq = ?", (message, seq))
     else:
+        # A reference to the grant's row is replaced by the forged text deflated.
+        data = next(r[5] for r in rows(db) if r[0] == seq)
+        _, details = split_preimage(data)
         dicts = dictionaries(db)
-        _, details = split_preimage(inflate(payload, dicts))
-        c = zlib.compressobj(9, zlib.DEFLATED, -15, zdict=dicts[payload[0]])
-        forged = bytes([payload[0]]) + c.compress(preimage(message, details)) + c.flush()
+        first = max(dicts)
+        c = zlib.compressobj(9, zlib.DEFLATED, -15, zdict=dicts[first])
+        forged = bytes([first]) + c.compress(preimage(message, details)) + c.flush()
         db.execute("UPDATE audit SET payload = ? WHERE seq = ?", (forged, seq))
     db.commit()
     return {"edited": seq}

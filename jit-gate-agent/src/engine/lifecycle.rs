@@ -10,7 +10,7 @@ use std::{
 use super::{AccessOutcome, Engine, PolicyChange, Reply, RevokeOutcome, now_ms};
 use crate::{
     approvals::{ApprovalRequest, approvals_needed},
-    audit::{AGENT, Event, Kind},
+    audit::{AGENT, Event, GrantFacts, Kind},
     auth::Principal,
     clock::Deadline,
     grants::{ActiveGrant, Grant, GrantState},
@@ -567,33 +567,7 @@ pub(super) fn grant_request(
             used_up: false,
         };
         grant.id = batch.insert_grant(&grant, fingerprint)?;
-        batch.audit(
-            Event::new(
-                Kind::GrantCreated,
-                principal,
-                grant.id,
-                format!(
-                    "grant {} for {} until {} to {}{}",
-                    grant.id,
-                    grant.target,
-                    humantime::format_rfc3339_seconds(grant.expires_at),
-                    grant.requester,
-                    match grant.max_connections {
-                        0 => String::new(),
-                        n => format!(", at most {n} connections"),
-                    }
-                ),
-            )
-            .with_details(serde_json::json!({
-                "request_id": grant.request_id,
-                "requester": grant.requester,
-                "justification": grant.justification,
-                "ticket": grant.ticket,
-                "duration_ms": u64::try_from(grant.granted.as_millis()).unwrap_or(u64::MAX),
-                "max_connections": grant.max_connections,
-            })),
-            now.wall,
-        )?;
+        batch.audit(GrantFacts::of(&grant).event(principal), now.wall)?;
         grants.push(grant);
     }
     Ok(Pending::Granted(grants))

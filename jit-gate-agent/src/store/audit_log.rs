@@ -6,7 +6,7 @@
 use std::{
     path::Path,
     sync::{Arc, Mutex},
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
@@ -16,8 +16,9 @@ use super::{
     payload::{self, Codec},
 };
 use crate::{
-    audit::{self, AuditRecord, Event, Kind, Payload},
+    audit::{self, AuditRecord, Event, GrantFacts, Kind, Payload},
     checkpoint::Checkpoint,
+    net::{GrantTarget, Protocol},
     time::to_ms,
 };
 
@@ -66,8 +67,15 @@ FROM audit_6 ORDER BY seq;
 DROP TABLE audit_6;
 ";
 
-const COLUMNS: &str =
-    "seq, at_ms, kind, principal, grant_id, message, details, payload, payload_sha256, hash";
+/// Audit rows, each `grant-created` record kept as a reference with its
+/// grant's row (`payload::by_reference`).
+const FROM: &str = "audit LEFT JOIN grants AS g \
+    ON substr(audit.payload, 1, 1) = x'00' AND g.id = audit.grant_id";
+
+const COLUMNS: &str = "audit.seq, audit.at_ms, audit.kind, audit.principal, audit.grant_id, \
+    audit.message, audit.details, audit.payload, audit.payload_sha256, audit.hash, \
+    g.source, g.protocol, g.port, g.request_id, g.requester, g.justification, g.ticket, \
+    g.granted_ms, g.max_connections";
 
 /// Creates the audit tables, or brings schema 6's up to date (one
 /// transaction), and names every kind in `audit_kinds`.
@@ -154,21 +162,65 @@ pub struct AuditFilter {
 /// from the one the chain covers, so the record fails to verify.
 const UNREADABLE: &str = "(the stored payload does not inflate)";
 
+/// The payload a `grant-created` record keeps as a reference, from its
+/// grant's row (columns 10 to 18 of `COLUMNS`); `None` if the row is
+/// missing or malformed.
+fn rebuilt(stored: &[u8], at_ms: i64, r: &Row<'_>) -> rusqlite::Result<Option<Payload>> {
+    let Some(source) = r.get::<_, Option<String>>(10)? else {
+        return Ok(None);
+    };
+    let (Ok(source), Some(protocol)) = (
+        source.parse(),
+        u8::try_from(r.get::<_, i64>(11)?)
+            .ok()
+            .and_then(Protocol::from_number),
+    ) else {
+        return Ok(None);
+    };
+    let (request_id, requester, justification, ticket): (String, String, String, String) =
+        (r.get(13)?, r.get(14)?, r.get(15)?, r.get(16)?);
+    let row = GrantFacts {
+        id: r.get::<_, i64>(4)? as u64,
+        target: GrantTarget {
+            source,
+            protocol,
+            port: r.get(12)?,
+        },
+        expires_at: SystemTime::UNIX_EPOCH,
+        granted: Duration::from_millis(r.get::<_, Option<i64>>(17)?.unwrap_or(0).max(0) as u64),
+        request_id: &request_id,
+        requester: &requester,
+        justification: &justification,
+        ticket: &ticket,
+        max_connections: r.get(18)?,
+    };
+    Ok(payload::rebuild(stored, at_ms, row))
+}
+
 fn record(codec: &Codec, r: &Row<'_>) -> rusqlite::Result<(AuditRecord, i64)> {
     let message: Option<String> = r.get(5)?;
     let details: Option<String> = r.get(6)?;
-    let deflated: Option<Vec<u8>> = r.get(7)?;
+    let stored: Option<Vec<u8>> = r.get(7)?;
     let digest: Option<Vec<u8>> = r.get(8)?;
-    // Text as schema 6 stored it, else the deflated form (schema 7).
-    let payload = match (message, deflated) {
+    let at_ms: i64 = r.get(1)?;
+    // Text as schema 6 stored it, else a reference to the grant's row
+    // (schema 8), else the deflated form (schema 7).
+    let payload = match (message, stored) {
         (Some(message), _) => Some(Payload {
             message,
             details: details.unwrap_or_default(),
         }),
-        (None, Some(stored)) => Some(codec.inflate(&stored).unwrap_or_else(|| Payload {
-            message: UNREADABLE.into(),
-            details: String::new(),
-        })),
+        (None, Some(stored)) => {
+            let read = if payload::is_reference(&stored) {
+                rebuilt(&stored, at_ms, r)?
+            } else {
+                codec.inflate(&stored)
+            };
+            Some(read.unwrap_or_else(|| Payload {
+                message: UNREADABLE.into(),
+                details: String::new(),
+            }))
+        }
         (None, None) => None,
     };
     let payload_sha256 = match (digest, &payload) {
@@ -178,7 +230,7 @@ fn record(codec: &Codec, r: &Row<'_>) -> rusqlite::Result<(AuditRecord, i64)> {
     };
     let record = AuditRecord {
         sequence: r.get::<_, i64>(0)? as u64,
-        at_ms: r.get(1)?,
+        at_ms,
         kind: Kind::AgentStarted,
         principal: r.get(3)?,
         grant_id: r.get::<_, i64>(4)? as u64,
@@ -198,12 +250,13 @@ fn page(
     limit: u32,
 ) -> Result<Vec<AuditRecord>> {
     let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {COLUMNS} FROM audit WHERE seq > ?1 \
+        "SELECT {COLUMNS} FROM {FROM} WHERE audit.seq > ?1 \
          AND (?2 IS NULL OR kind IN (SELECT value FROM json_each(?2))) \
          AND (?3 IS NULL OR at_ms >= ?3) AND (?4 IS NULL OR at_ms < ?4) \
-         AND (?5 IS NULL OR principal = ?5) \
-         AND (?6 IS NULL OR port = ?6 OR grant_id IN (SELECT id FROM grants WHERE port = ?6)) \
-         ORDER BY seq LIMIT ?7"
+         AND (?5 IS NULL OR audit.principal = ?5) \
+         AND (?6 IS NULL OR audit.port = ?6 \
+              OR audit.grant_id IN (SELECT id FROM grants WHERE port = ?6)) \
+         ORDER BY audit.seq LIMIT ?7"
     ))?;
     let kinds = (!filter.kinds.is_empty()).then(|| {
         serde_json::to_string(&filter.kinds.iter().map(|k| k.code()).collect::<Vec<_>>())
@@ -253,8 +306,9 @@ impl Store {
         let due = {
             // The kind as a literal: the partial index `audit_denied` serves it.
             let mut stmt = tx.prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM audit WHERE kind = {} AND at_ms < ?1 \
-                 AND (message IS NOT NULL OR payload IS NOT NULL) ORDER BY seq LIMIT ?2",
+                "SELECT {COLUMNS} FROM {FROM} WHERE audit.kind = {} AND audit.at_ms < ?1 \
+                 AND (audit.message IS NOT NULL OR audit.payload IS NOT NULL) \
+                 ORDER BY audit.seq LIMIT ?2",
                 Kind::AccessDenied.code()
             ))?;
             stmt.query_map(params![to_ms(before), limit], |r| record(&self.codec, r))?
@@ -321,6 +375,14 @@ impl Batch<'_> {
             .payload
             .as_ref()
             .expect("a new record has its payload");
+        // A `grant-created` record of a grant this batch wrote refers to
+        // its row; any other is deflated.
+        let stored = self
+            .last_grant
+            .as_ref()
+            .filter(|grant| record.kind == Kind::GrantCreated && grant.id == record.grant_id)
+            .and_then(|grant| payload::by_reference(&GrantFacts::of(grant), record.at_ms, payload))
+            .unwrap_or_else(|| self.codec.deflate(payload));
         let mut stmt = self.tx.prepare_cached(
             "INSERT INTO audit (seq, at_ms, kind, principal, grant_id, port, payload, hash) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -332,7 +394,7 @@ impl Batch<'_> {
             record.principal,
             record.grant_id as i64,
             port,
-            self.codec.deflate(payload),
+            stored,
             hex::decode(&record.hash).expect("a sealed hash is hex"),
         ])?;
         self.head = (sequence, record.hash.clone());
@@ -358,7 +420,7 @@ impl AuditReader {
             path: path.to_owned(),
             source,
         })?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.busy_timeout(Duration::from_secs(5))?;
         let codec = Codec::open(&conn, false)?;
         Ok(AuditReader {
             conn: Arc::new(Mutex::new((conn, codec))),
@@ -380,8 +442,6 @@ impl AuditReader {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     fn append(store: &mut Store, event: Event, at: SystemTime) {

@@ -8,6 +8,7 @@ mod audit_log;
 mod fleet_progress;
 mod payload;
 mod requests;
+mod upgrade;
 
 use std::{
     os::unix::fs::PermissionsExt,
@@ -63,23 +64,29 @@ pub enum StoreError {
 /// (`GRANT_COLUMNS_ADDED`), to which version-2 and -3 databases are brought
 /// up to date in place; 5 adds the approval tables (`requests`), 6 adds
 /// `fleet_progress`, each created when missing. 7 stores less per grant
-/// and record (README "Audit log"; `upgrade_grants_to_7`,
+/// and record (README "Audit log"; `upgrade`,
 /// `audit_log::create_or_upgrade`): fingerprints, digests and hashes as
 /// bytes, boot ids once in `boots`, kinds by code, new payloads deflated.
-const SCHEMA_VERSION: i64 = 7;
+/// 8 (`upgrade`) keeps grant states and protocols by number
+/// and a `grant-created` record's payload as a reference to its grant's
+/// row (`payload::by_reference`).
+const SCHEMA_VERSION: i64 = 8;
 /// The oldest version brought up to date rather than refused.
 const UPGRADABLE_FROM: i64 = 2;
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS grants (
+/// The grants table of schema 8 under `name`: the protocol as its IANA
+/// number, the state as `state_code`, the fingerprint as bytes (text if
+/// it was not lower-case hex).
+pub(super) fn grants_table(name: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {name} (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     request_id TEXT NOT NULL,
-    request_fingerprint TEXT NOT NULL,
+    request_fingerprint BLOB NOT NULL,
     source TEXT NOT NULL,
-    protocol TEXT NOT NULL,
+    protocol INTEGER NOT NULL,
     port INTEGER NOT NULL,
     requester TEXT NOT NULL,
     justification TEXT NOT NULL,
@@ -87,38 +94,27 @@ CREATE TABLE IF NOT EXISTS grants (
     principal TEXT NOT NULL,
     created_ms INTEGER NOT NULL,
     expires_ms INTEGER NOT NULL,
-    state TEXT NOT NULL,
+    state INTEGER NOT NULL,
     ended_ms INTEGER,
     granted_ms INTEGER,
     deadline_boot_ns INTEGER,
     max_connections INTEGER NOT NULL DEFAULT 0,
     boot INTEGER
-);
+);"
+    )
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS boots (boot INTEGER PRIMARY KEY, boot_id TEXT NOT NULL UNIQUE);
+";
+
+/// The grants indexes of schema 8: by idempotency key, the active ones
+/// (state 0), by port (in id order within a port).
+const GRANT_INDEXES: &str = "
 CREATE INDEX IF NOT EXISTS grants_by_request ON grants (principal, request_id);
-CREATE INDEX IF NOT EXISTS grants_active ON grants (state) WHERE state = 'active';
-";
-
-/// The grants index of schema 7 (by port, in id order within a port).
-const GRANTS_BY_PORT: &str = "CREATE INDEX IF NOT EXISTS grants_by_port_id ON grants (port);";
-
-/// Schema 7's grants from earlier ones: the request fingerprint as its 32
-/// bytes (text that is not lower-case hex stays text), the port index
-/// without the creation time; then `BOOTS_TO_7`.
-const GRANTS_UPGRADE_TO_7: &str = "
-UPDATE grants SET request_fingerprint = unhex(request_fingerprint)
-    WHERE typeof(request_fingerprint) = 'text'
-      AND lower(hex(unhex(request_fingerprint))) = request_fingerprint;
-DROP INDEX IF EXISTS grants_by_port;
-ALTER TABLE grants ADD COLUMN boot INTEGER;
-";
-
-/// Schema 3 to 6's boot ids (text on every grant) once in `boots`.
-const BOOTS_TO_7: &str = "
-INSERT OR IGNORE INTO boots (boot_id)
-    SELECT DISTINCT boot_id FROM grants WHERE boot_id IS NOT NULL AND boot_id != '';
-UPDATE grants SET boot = (SELECT boot FROM boots WHERE boots.boot_id = grants.boot_id);
-ALTER TABLE grants DROP COLUMN boot_id;
+CREATE INDEX IF NOT EXISTS grants_active ON grants (state) WHERE state = 0;
+CREATE INDEX IF NOT EXISTS grants_by_port_id ON grants (port);
 ";
 
 /// The fingerprint as stored: its bytes if it is lower-case hex (as
@@ -141,6 +137,31 @@ const ADD_BOOT: &str = "INSERT OR IGNORE INTO boots (boot_id) SELECT ?1 WHERE ?1
 
 const POLICY_KEY: &str = "policy";
 
+/// The number the grants table keeps for a state (schema 8); never
+/// reused or changed (`GRANTS_TO_8` spells them too).
+const fn state_code(state: GrantState) -> i64 {
+    match state {
+        GrantState::Active => 0,
+        GrantState::Expired => 1,
+        GrantState::Revoked => 2,
+        GrantState::EndedByPolicy => 3,
+    }
+}
+
+fn state_of_code(code: i64) -> Option<GrantState> {
+    [
+        GrantState::Active,
+        GrantState::Expired,
+        GrantState::Revoked,
+        GrantState::EndedByPolicy,
+    ]
+    .into_iter()
+    .find(|s| state_code(*s) == code)
+}
+
+/// `state_code(GrantState::Active)` as SQL.
+const ACTIVE: &str = "state = 0";
+
 /// The grants of one port, for the status.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PortActivity {
@@ -158,22 +179,6 @@ pub struct LastAccess {
     pub requester: String,
     pub principal: String,
 }
-
-/// Grant columns added since schema 2 (column, type, how to fill rows
-/// written before). Schema 3: the granted duration from the wall-clock
-/// times then recorded; no deadline and no boot id, so such a grant counts
-/// as set on an unknown earlier boot (see `clock::carry_across_reboot`).
-/// Schema 4: no limit on connections (the column's default). (Schema 3's
-/// `boot_id` is `boot` since schema 7, left NULL.)
-const GRANT_COLUMNS_ADDED: [(&str, &str, &str); 3] = [
-    (
-        "granted_ms",
-        "INTEGER",
-        "UPDATE grants SET granted_ms = MAX(expires_ms - created_ms, 0)",
-    ),
-    ("deadline_boot_ns", "INTEGER", ""),
-    ("max_connections", "INTEGER NOT NULL DEFAULT 0", ""),
-];
 
 pub struct Store {
     conn: Connection,
@@ -220,10 +225,11 @@ impl Store {
         }
         conn.execute_batch(SCHEMA).map_err(open_err)?;
         if has_tables && version < SCHEMA_VERSION {
-            add_grant_columns(&conn).map_err(open_err)?;
-            upgrade_grants_to_7(&conn).map_err(open_err)?;
+            upgrade::grants(&conn).map_err(open_err)?;
         }
-        conn.execute_batch(GRANTS_BY_PORT).map_err(open_err)?;
+        conn.execute_batch(&grants_table("grants"))
+            .map_err(open_err)?;
+        conn.execute_batch(GRANT_INDEXES).map_err(open_err)?;
         audit_log::create_or_upgrade(&conn)?;
         let codec = payload::Codec::open(&conn, true)?;
         conn.execute_batch(requests::SCHEMA).map_err(open_err)?;
@@ -268,6 +274,7 @@ impl Store {
             head,
             head_slot: &mut self.audit_head,
             appended: Vec::new(),
+            last_grant: None,
         })
     }
 
@@ -285,7 +292,7 @@ impl Store {
     }
 
     pub fn active_grants(&self) -> Result<Vec<Grant>> {
-        grants_where(&self.conn, "state = 'active'", params![])
+        grants_where(&self.conn, ACTIVE, params![])
     }
 
     /// The wall-clock end last shown for each of the grants `ids`.
@@ -331,11 +338,7 @@ impl Store {
         before: Option<u64>,
         limit: u32,
     ) -> Result<Vec<Grant>> {
-        let state = if include_ended {
-            "1"
-        } else {
-            "state = 'active'"
-        };
+        let state = if include_ended { "1" } else { ACTIVE };
         let port_filter = if port.is_some() {
             "port = ?1"
         } else {
@@ -360,7 +363,7 @@ impl Store {
         let rows = stmt.query_map([to_ms(since)], |r| {
             Ok((
                 r.get::<_, u16>(0)?,
-                r.get::<_, String>(1)?,
+                r.get::<_, i64>(1)?,
                 r.get::<_, u32>(2)?,
                 LastAccess {
                     at: from_ms(r.get(4)?),
@@ -374,7 +377,7 @@ impl Store {
             let (port, protocol, grants_since, last) = row?;
             out.push(PortActivity {
                 port,
-                protocol: parse_protocol(&protocol)?,
+                protocol: protocol_of_code(protocol)?,
                 grants_since,
                 last,
             });
@@ -422,12 +425,12 @@ fn request(
     Ok(Some((fingerprint, grants)))
 }
 
-/// A grants row before its text columns are parsed.
+/// A grants row before its source, protocol and state are parsed.
 struct RawGrant {
     grant: Grant,
     source: String,
-    protocol: String,
-    state: String,
+    protocol: i64,
+    state: i64,
 }
 
 impl RawGrant {
@@ -472,49 +475,13 @@ impl RawGrant {
             what: "grant source",
             value: self.source.clone(),
         })?;
-        grant.target.protocol = parse_protocol(&self.protocol)?;
-        grant.state = GrantState::from_name(&self.state).ok_or(StoreError::Corrupt {
+        grant.target.protocol = protocol_of_code(self.protocol)?;
+        grant.state = state_of_code(self.state).ok_or(StoreError::Corrupt {
             what: "grant state",
-            value: self.state,
+            value: self.state.to_string(),
         })?;
         Ok(grant)
     }
-}
-
-/// Brings an earlier grants table to schema 7 (`GRANTS_UPGRADE_TO_7`,
-/// `BOOTS_TO_7`) in one transaction; a table already there is left alone.
-fn upgrade_grants_to_7(conn: &Connection) -> rusqlite::Result<()> {
-    let present = grant_columns(conn)?;
-    if present.iter().any(|c| c == "boot") {
-        return Ok(());
-    }
-    let boots = if present.iter().any(|c| c == "boot_id") {
-        BOOTS_TO_7
-    } else {
-        ""
-    };
-    conn.execute_batch(&format!(
-        "BEGIN IMMEDIATE; {GRANTS_UPGRADE_TO_7} {boots} COMMIT;"
-    ))
-}
-
-fn grant_columns(conn: &Connection) -> rusqlite::Result<Vec<String>> {
-    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('grants')")?;
-    stmt.query_map([], |r| r.get::<_, String>(0))?.collect()
-}
-
-/// Brings a schema-2 or -3 database up to date (`GRANT_COLUMNS_ADDED`).
-fn add_grant_columns(conn: &Connection) -> rusqlite::Result<()> {
-    let present = grant_columns(conn)?;
-    for (column, kind, fill) in GRANT_COLUMNS_ADDED {
-        if !present.iter().any(|c| c == column) {
-            conn.execute_batch(&format!("ALTER TABLE grants ADD COLUMN {column} {kind}"))?;
-            if !fill.is_empty() {
-                conn.execute_batch(fill)?;
-            }
-        }
-    }
-    Ok(())
 }
 
 /// A boot-clock instant as `SQLite`'s signed integer (it fits: 2^63 ns is
@@ -523,11 +490,14 @@ fn boot_ns_column(deadline: Deadline) -> i64 {
     i64::try_from(deadline.boot_ns()).unwrap_or(i64::MAX)
 }
 
-fn parse_protocol(text: &str) -> Result<Protocol> {
-    text.parse().map_err(|_| StoreError::Corrupt {
-        what: "protocol",
-        value: text.to_owned(),
-    })
+fn protocol_of_code(code: i64) -> Result<Protocol> {
+    u8::try_from(code)
+        .ok()
+        .and_then(Protocol::from_number)
+        .ok_or(StoreError::Corrupt {
+            what: "protocol",
+            value: code.to_string(),
+        })
 }
 
 /// One transaction.
@@ -537,6 +507,9 @@ pub struct Batch<'a> {
     head: (u64, String),
     head_slot: &'a mut (u64, String),
     appended: Vec<AuditRecord>,
+    /// The grant this batch wrote last, which its `grant-created` record
+    /// may refer to (`audit`).
+    last_grant: Option<Grant>,
 }
 
 impl Batch<'_> {
@@ -564,7 +537,7 @@ impl Batch<'_> {
             grant.request_id,
             fingerprint_column(fingerprint),
             grant.target.source.to_string(),
-            grant.target.protocol.name(),
+            grant.target.protocol.number(),
             grant.target.port,
             grant.requester,
             grant.justification,
@@ -572,14 +545,19 @@ impl Batch<'_> {
             grant.principal,
             to_ms(grant.created_at),
             to_ms(grant.expires_at),
-            grant.state.name(),
+            state_code(grant.state),
             grant.ended_at.map(to_ms),
             i64::try_from(grant.granted.as_millis()).unwrap_or(i64::MAX),
             boot_ns_column(grant.deadline),
             grant.boot_id,
             grant.max_connections,
         ])?;
-        Ok(self.tx.last_insert_rowid() as u64)
+        let id = self.tx.last_insert_rowid() as u64;
+        self.last_grant = Some(Grant {
+            id,
+            ..grant.clone()
+        });
+        Ok(id)
     }
 
     /// Moves an active grant's deadline to the boot clock now running
@@ -594,7 +572,7 @@ impl Batch<'_> {
         self.tx.prepare_cached(ADD_BOOT)?.execute([boot_id])?;
         let mut stmt = self.tx.prepare_cached(&format!(
             "UPDATE grants SET deadline_boot_ns = ?1, boot = {BOOT_OF}, expires_ms = ?3 \
-             WHERE id = ?4 AND state = 'active'"
+             WHERE id = ?4 AND {ACTIVE}"
         ))?;
         stmt.execute(params![
             boot_ns_column(deadline),
@@ -608,12 +586,17 @@ impl Batch<'_> {
     /// Marks an active grant ended at `at`; an expired grant also gets
     /// `at` as the end it showed. Returns false if it was not active.
     pub fn end_grant(&mut self, id: u64, state: GrantState, at: SystemTime) -> Result<bool> {
-        let mut stmt = self.tx.prepare_cached(
+        let mut stmt = self.tx.prepare_cached(&format!(
             "UPDATE grants SET state = ?1, ended_ms = ?2, \
-             expires_ms = CASE WHEN ?1 = 'expired' THEN ?2 ELSE expires_ms END \
-             WHERE id = ?3 AND state = 'active'",
-        )?;
-        Ok(stmt.execute(params![state.name(), to_ms(at), id as i64])? == 1)
+             expires_ms = CASE WHEN ?4 THEN ?2 ELSE expires_ms END \
+             WHERE id = ?3 AND {ACTIVE}"
+        ))?;
+        Ok(stmt.execute(params![
+            state_code(state),
+            to_ms(at),
+            id as i64,
+            state == GrantState::Expired
+        ])? == 1)
     }
 
     pub fn save_policy(&mut self, policy: &Policy) -> Result<()> {
@@ -641,13 +624,13 @@ impl Batch<'_> {
 mod tests {
     use super::*;
 
-    fn temp_db() -> (tempfile::TempDir, Store) {
+    pub(super) fn temp_db() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("agent.db")).unwrap();
         (dir, store)
     }
 
-    fn grant(request_id: &str, source: &str) -> Grant {
+    pub(super) fn grant(request_id: &str, source: &str) -> Grant {
         let now = crate::time::now_ms();
         Grant {
             id: 0,
@@ -737,224 +720,6 @@ mod tests {
                 },
             }]
         );
-    }
-
-    #[test]
-    fn schema_2_databases_get_boot_deadline_columns() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("agent.db");
-        {
-            let conn = Connection::open(&path).unwrap();
-            conn.execute_batch(
-                "CREATE TABLE grants (id INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL, \
-                 request_fingerprint TEXT NOT NULL, source TEXT NOT NULL, protocol TEXT NOT NULL, \
-                 port INTEGER NOT NULL, requester TEXT NOT NULL, justification TEXT NOT NULL, \
-                 ticket TEXT NOT NULL, principal TEXT NOT NULL, created_ms INTEGER NOT NULL, \
-                 expires_ms INTEGER NOT NULL, state TEXT NOT NULL, ended_ms INTEGER);
-                 INSERT INTO grants VALUES (1, 'r', 'fp', '192.0.2.7/32', 'tcp', 22, 'a', '', '', \
-                 'uid:0', 1000, 91000, 'active', NULL);
-                 PRAGMA user_version = 2;",
-            )
-            .unwrap();
-        }
-        let store = Store::open(&path).unwrap();
-        let old = store.grant(1).unwrap().unwrap();
-        assert_eq!(old.granted, Duration::from_secs(90));
-        assert_eq!(old.boot_id, "", "an unknown boot");
-        assert_eq!(old.expires_at, from_ms(91000));
-        assert_eq!(old.max_connections, 0, "no limit");
-        drop(store);
-        // Opening again changes nothing more.
-        let store = Store::open(&path).unwrap();
-        assert_eq!(store.grant(1).unwrap().unwrap(), old);
-    }
-
-    #[test]
-    fn schema_4_databases_get_the_approval_tables_and_keep_their_grants() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("agent.db");
-        let id = {
-            let mut store = Store::open(&path).unwrap();
-            let mut batch = store.batch().unwrap();
-            let id = batch
-                .insert_grant(&grant("r1", "192.0.2.7/32"), "fp")
-                .unwrap();
-            batch.commit().unwrap();
-            id
-        };
-        {
-            // What a schema-4 agent left: no approval tables.
-            let conn = Connection::open(&path).unwrap();
-            conn.execute_batch(
-                "DROP TABLE request_decisions; DROP TABLE requests; PRAGMA user_version = 4;",
-            )
-            .unwrap();
-        }
-        let store = Store::open(&path).unwrap();
-        let version: i64 = store
-            .conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .unwrap();
-        assert_eq!(version, SCHEMA_VERSION);
-        assert_eq!(store.grant(id).unwrap().unwrap().request_id, "r1");
-        assert_eq!(store.pending_counts("uid:0").unwrap(), (0, 0));
-        assert!(
-            store
-                .list_requests(crate::approvals::RequestFilter::All, None, 10)
-                .unwrap()
-                .is_empty()
-        );
-    }
-
-    /// Schema 6 as agents before schema 7 wrote it (the tables this
-    /// upgrade changes).
-    const SCHEMA_6: &str = "
-        CREATE TABLE grants (id INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL,
-            request_fingerprint TEXT NOT NULL, source TEXT NOT NULL, protocol TEXT NOT NULL,
-            port INTEGER NOT NULL, requester TEXT NOT NULL, justification TEXT NOT NULL,
-            ticket TEXT NOT NULL, principal TEXT NOT NULL, created_ms INTEGER NOT NULL,
-            expires_ms INTEGER NOT NULL, state TEXT NOT NULL, ended_ms INTEGER,
-            granted_ms INTEGER, deadline_boot_ns INTEGER, boot_id TEXT,
-            max_connections INTEGER NOT NULL DEFAULT 0);
-        CREATE INDEX grants_by_request ON grants (principal, request_id);
-        CREATE INDEX grants_active ON grants (state) WHERE state = 'active';
-        CREATE INDEX grants_by_port ON grants (port, created_ms);
-        CREATE TABLE audit (seq INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, kind TEXT NOT NULL,
-            principal TEXT NOT NULL, grant_id INTEGER NOT NULL, message TEXT, details TEXT,
-            payload_sha256 TEXT NOT NULL, hash TEXT NOT NULL);
-        CREATE INDEX audit_by_kind ON audit (kind, at_ms);
-        PRAGMA user_version = 6;";
-
-    #[test]
-    fn schema_6_databases_upgrade_keeping_grants_and_a_verifiable_chain() {
-        use crate::audit::{self, Event, Kind, Verifier};
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("agent.db");
-        let fingerprint = "ab".repeat(32);
-        let old_at = SystemTime::now() - Duration::from_hours(2);
-        let events = [
-            Event::new(Kind::AgentStarted, "agent", 0, "started"),
-            Event::new(Kind::GrantCreated, "uid:0", 1, "grant 1")
-                .with_details(serde_json::json!({ "request_id": "r1" })),
-            Event::new(Kind::AccessDenied, "agent", 0, "denied")
-                .with_details(serde_json::json!({ "port": 2222 })),
-            Event::new(Kind::GrantCreated, "uid:1001", 2, "grant 2"),
-            Event::new(Kind::AccessDenied, "agent", 0, "denied again")
-                .with_details(serde_json::json!({ "port": 2222 })),
-        ];
-        let mut previous = audit::GENESIS_HASH.to_owned();
-        let mut sealed = Vec::new();
-        for (i, event) in events.into_iter().enumerate() {
-            let record = audit::seal(i as u64 + 1, old_at, event, &previous);
-            previous.clone_from(&record.hash);
-            sealed.push(record);
-        }
-        {
-            let conn = Connection::open(&path).unwrap();
-            conn.execute_batch(SCHEMA_6).unwrap();
-            for (id, boot, state) in [(1, "boot-a", "active"), (2, "boot-b", "revoked")] {
-                conn.execute(
-                    "INSERT INTO grants VALUES (?1, 'r1', ?2, '192.0.2.7/32', 'tcp', 22, 'alice', \
-                     'why', 'T-1', 'uid:0', 1000, 91000, ?3, NULL, 90000, 5000, ?4, 2)",
-                    params![id, fingerprint, state, boot],
-                )
-                .unwrap();
-            }
-            for (i, record) in sealed.iter().enumerate() {
-                let payload = record.payload.as_ref().unwrap();
-                // The first denial's payload was pruned: its digest stays.
-                let (message, details) = if i == 2 {
-                    (None, None)
-                } else {
-                    (Some(&payload.message), Some(&payload.details))
-                };
-                conn.execute(
-                    "INSERT INTO audit VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                    params![
-                        i as i64 + 1,
-                        record.at_ms,
-                        record.kind.name(),
-                        record.principal,
-                        record.grant_id as i64,
-                        message,
-                        details,
-                        record.payload_sha256,
-                        record.hash
-                    ],
-                )
-                .unwrap();
-            }
-        }
-        let mut store = Store::open(&path).unwrap();
-        let version: i64 = store
-            .conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .unwrap();
-        assert_eq!(version, SCHEMA_VERSION);
-        let (kept_fingerprint, grants) = store.request("uid:0", "r1").unwrap().unwrap();
-        assert_eq!(kept_fingerprint, fingerprint);
-        assert_eq!(
-            grants
-                .iter()
-                .map(|g| (g.id, g.boot_id.as_str(), g.state, g.max_connections))
-                .collect::<Vec<_>>(),
-            [
-                (1, "boot-a", GrantState::Active, 2),
-                (2, "boot-b", GrantState::Revoked, 2)
-            ]
-        );
-        assert_eq!(grants[0].deadline, Deadline::from_boot_ns(5000));
-        assert_eq!(store.active_grants().unwrap().len(), 1);
-        assert_eq!(store.audit_head(), (5, sealed[4].hash.clone()));
-
-        // New records (deflated) follow the old ones (text) in one chain.
-        let mut batch = store.batch().unwrap();
-        batch
-            .audit(
-                Event::new(Kind::PolicyChanged, "uid:0", 0, "after the upgrade"),
-                SystemTime::now(),
-            )
-            .unwrap();
-        batch.commit().unwrap();
-        let records = store.audit_after(0, 10).unwrap();
-        let mut expected = sealed.clone();
-        expected[2].payload = None;
-        assert_eq!(records[..5], expected[..]);
-        let mut verifier = Verifier::default();
-        for record in &records {
-            verifier.check(record).unwrap();
-        }
-        assert_eq!((verifier.records, verifier.pruned), (6, 1));
-        let by_port = AuditFilter {
-            port: Some(2222),
-            ..AuditFilter::default()
-        };
-        let reader = AuditReader::open(&path).unwrap();
-        let about_the_port: Vec<u64> = reader
-            .page(&by_port, 0, 10)
-            .unwrap()
-            .iter()
-            .map(|r| r.sequence)
-            .collect();
-        assert_eq!(about_the_port, [5], "a pruned record's port is not known");
-
-        // An old record edited after the upgrade is still found.
-        store
-            .conn
-            .execute("UPDATE audit SET details = '{}' WHERE seq = 2", [])
-            .unwrap();
-        let mut verifier = Verifier::default();
-        let broken = store
-            .audit_after(0, 10)
-            .unwrap()
-            .iter()
-            .try_for_each(|r| verifier.check(r))
-            .unwrap_err();
-        assert_eq!(broken.sequence, 2);
-        drop(store);
-        // Opening again changes nothing more.
-        let store = Store::open(&path).unwrap();
-        assert_eq!(store.request("uid:0", "r1").unwrap().unwrap().1, grants);
     }
 
     #[test]

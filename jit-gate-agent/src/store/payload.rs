@@ -1,17 +1,80 @@
-//! Audit payloads as the database stores them (schema 7): the digest's
-//! preimage (`len(message) ‖ message ‖ len(details) ‖ details`) deflated
-//! (raw DEFLATE, RFC 1951) against a preset dictionary, behind one byte
-//! naming that dictionary. The dictionaries live in the database itself
+//! Audit payloads as the database stores them: the digest's preimage
+//! (`len(message) ‖ message ‖ len(details) ‖ details`) deflated (raw
+//! DEFLATE, RFC 1951) against a preset dictionary, behind one byte naming
+//! that dictionary (schema 7). The dictionaries live in the database itself
 //! (`audit_dictionaries`), so anyone can inflate a payload with zlib alone
-//! (`tests/python/verify_audit.py` does); a record's digest and hash are
-//! over the inflated bytes, exactly as before schema 7.
+//! (`tests/python/verify_audit.py` does). Since schema 8 a `grant-created`
+//! record's payload is instead a reference to its grant's row (byte 0,
+//! `by_reference`). A record's digest and hash are over the preimage,
+//! exactly as before schema 7.
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    time::{Duration, SystemTime},
+};
 
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 use rusqlite::{Connection, params};
 
-use crate::audit::Payload;
+use crate::audit::{GrantFacts, Payload};
+
+/// The first byte of a `grant-created` payload kept as a reference to its
+/// grant's row (no dictionary has this id). What follows is how many
+/// seconds after the record's second the grant was shown to end, unsigned
+/// big-endian in as few bytes as it takes (at most 4): the only fact of
+/// the record that the row does not keep (its `expires_ms` moves).
+const GRANT_ROW: u8 = 0;
+
+/// The last second a reference may show as an end (9999-12-31T23:59:59Z):
+/// four-digit years read alike everywhere.
+const LAST_SECOND: u64 = 253_402_300_799;
+
+/// `payload` kept as a reference to `grant`'s row, if rebuilding it from
+/// the row gives back exactly `payload`; else `None` (deflate it).
+pub(super) fn by_reference(
+    grant: &GrantFacts<'_>,
+    at_ms: i64,
+    payload: &Payload,
+) -> Option<Vec<u8>> {
+    let at = u64::try_from(at_ms.div_euclid(1000)).ok()?;
+    let end = grant
+        .expires_at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .ok()?
+        .as_secs();
+    let after = u32::try_from(end.checked_sub(at)?).ok()?;
+    let mut stored = vec![GRANT_ROW];
+    let bytes = after.to_be_bytes();
+    let skip = bytes.iter().take_while(|b| **b == 0).count();
+    stored.extend_from_slice(&bytes[skip..]);
+    (end <= LAST_SECOND && rebuild(&stored, at_ms, grant.clone()).as_ref() == Some(payload))
+        .then_some(stored)
+}
+
+/// Whether `stored` is a reference to the grant's row.
+pub(super) fn is_reference(stored: &[u8]) -> bool {
+    stored.first() == Some(&GRANT_ROW)
+}
+
+/// The payload a reference stands for, from its grant's `row` (whose
+/// `expires_at` is ignored); `None` if `stored` is no reference.
+pub(super) fn rebuild(stored: &[u8], at_ms: i64, row: GrantFacts<'_>) -> Option<Payload> {
+    let (&GRANT_ROW, after) = stored.split_first()? else {
+        return None;
+    };
+    if after.len() > 4 {
+        return None;
+    }
+    let after = after.iter().fold(0, |n, b| n << 8 | u64::from(*b));
+    let end = u64::try_from(at_ms.div_euclid(1000)).ok()? + after;
+    Some(
+        GrantFacts {
+            expires_at: SystemTime::UNIX_EPOCH + Duration::from_secs(end),
+            ..row
+        }
+        .payload(),
+    )
+}
 
 /// The dictionary new payloads are deflated against; never changed once
 /// shipped (a better one gets the next id, and old payloads keep theirs).
@@ -157,6 +220,56 @@ mod tests {
         let mut flipped = stored.clone();
         flipped[5] ^= 0x55;
         assert_ne!(codec.inflate(&flipped), Some(grant));
+    }
+
+    #[test]
+    fn a_reference_stands_only_for_what_the_row_rebuilds() {
+        let grant = crate::store::tests::grant("r1", "192.0.2.7/32");
+        let at_ms = 1_764_669_544_123;
+        let end = SystemTime::UNIX_EPOCH + Duration::from_millis(at_ms as u64 + 3_600_500);
+        let facts = GrantFacts {
+            expires_at: end,
+            ..GrantFacts::of(&grant)
+        };
+        let stored = by_reference(&facts, at_ms, &facts.payload()).unwrap();
+        // 3,600 s after the record's second (…544 + 3,600.5 s ends in …144).
+        assert_eq!(stored, [GRANT_ROW, 0x0e, 0x10]);
+        assert!(is_reference(&stored));
+        let rebuilt = rebuild(&stored, at_ms, GrantFacts::of(&grant)).unwrap();
+        assert_eq!(
+            rebuilt,
+            GrantFacts {
+                expires_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_764_673_144),
+                ..facts.clone()
+            }
+            .payload()
+        );
+        // Another payload, an end before the record or past year 9999: deflated.
+        let other = GrantFacts {
+            requester: "mallory",
+            ..facts.clone()
+        };
+        assert_eq!(by_reference(&facts, at_ms, &other.payload()), None);
+        let before = GrantFacts {
+            expires_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1),
+            ..facts.clone()
+        };
+        assert_eq!(by_reference(&before, at_ms, &before.payload()), None);
+        let far = GrantFacts {
+            expires_at: SystemTime::UNIX_EPOCH + Duration::from_secs(LAST_SECOND + 1),
+            ..facts.clone()
+        };
+        // (Its message cannot be made: humantime writes four-digit years.)
+        assert_eq!(
+            by_reference(&far, 253_402_000_000_000, &facts.payload()),
+            None
+        );
+        // Too long to be a reference, or no reference at all.
+        assert_eq!(
+            rebuild(&[GRANT_ROW, 1, 2, 3, 4, 5], at_ms, facts.clone()),
+            None
+        );
+        assert_eq!(rebuild(&[DICTIONARY_ID, 1], at_ms, facts), None);
     }
 
     #[test]
