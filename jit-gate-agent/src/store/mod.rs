@@ -130,10 +130,9 @@ fn fingerprint_column(fingerprint: &str) -> Value {
 const FINGERPRINT_TEXT: &str = "CASE typeof(request_fingerprint) \
      WHEN 'blob' THEN lower(hex(request_fingerprint)) ELSE request_fingerprint END";
 
-/// The boot a grant's deadline is on, as stored: a row of `boots` (added
-/// by the statement before), none for an unknown boot.
-const BOOT_OF: &str = "(SELECT boot FROM boots WHERE boot_id = ?)";
-const ADD_BOOT: &str = "INSERT OR IGNORE INTO boots (boot_id) SELECT ?1 WHERE ?1 != ''";
+/// A boot id's row of `boots`, added if missing.
+const ADD_BOOT: &str = "INSERT OR IGNORE INTO boots (boot_id) VALUES (?1)";
+const BOOT_OF: &str = "SELECT boot FROM boots WHERE boot_id = ?1";
 
 const POLICY_KEY: &str = "policy";
 
@@ -185,6 +184,9 @@ pub struct Store {
     codec: payload::Codec,
     /// Sequence and hash of the last audit record: the chain's head.
     audit_head: (u64, String),
+    /// The boot id grants were last written with, and its committed row
+    /// of `boots` (one boot a run: not looked up for every grant).
+    boot: Option<(String, i64)>,
 }
 
 impl Store {
@@ -257,6 +259,7 @@ impl Store {
             conn,
             codec,
             audit_head,
+            boot: None,
         })
     }
 
@@ -273,6 +276,8 @@ impl Store {
             codec: &mut self.codec,
             head,
             head_slot: &mut self.audit_head,
+            boot: self.boot.clone(),
+            boot_slot: &mut self.boot,
             appended: Vec::new(),
             last_grant: None,
         })
@@ -507,6 +512,9 @@ pub struct Batch<'a> {
     head: (u64, String),
     head_slot: &'a mut (u64, String),
     appended: Vec<AuditRecord>,
+    /// `Store::boot` as this transaction sees it, and where it goes on commit.
+    boot: Option<(String, i64)>,
+    boot_slot: &'a mut Option<(String, i64)>,
     /// The grant this batch wrote last, which its `grant-created` record
     /// may refer to (`audit`).
     last_grant: Option<Grant>,
@@ -524,15 +532,13 @@ impl Batch<'_> {
 
     /// Inserts a grant (its `id` is ignored) and returns the id assigned.
     pub fn insert_grant(&mut self, grant: &Grant, fingerprint: &str) -> Result<u64> {
-        self.tx
-            .prepare_cached(ADD_BOOT)?
-            .execute([&grant.boot_id])?;
-        let mut stmt = self.tx.prepare_cached(&format!(
+        let boot = self.boot_row(&grant.boot_id)?;
+        let mut stmt = self.tx.prepare_cached(
             "INSERT INTO grants (request_id, request_fingerprint, source, protocol, port, requester, \
              justification, ticket, principal, created_ms, expires_ms, state, ended_ms, \
              granted_ms, deadline_boot_ns, boot, max_connections) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, {BOOT_OF}, ?17)"
-        ))?;
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+        )?;
         stmt.execute(params![
             grant.request_id,
             fingerprint_column(fingerprint),
@@ -549,7 +555,7 @@ impl Batch<'_> {
             grant.ended_at.map(to_ms),
             i64::try_from(grant.granted.as_millis()).unwrap_or(i64::MAX),
             boot_ns_column(grant.deadline),
-            grant.boot_id,
+            boot,
             grant.max_connections,
         ])?;
         let id = self.tx.last_insert_rowid() as u64;
@@ -569,14 +575,14 @@ impl Batch<'_> {
         deadline: Deadline,
         expires_at: SystemTime,
     ) -> Result<()> {
-        self.tx.prepare_cached(ADD_BOOT)?.execute([boot_id])?;
+        let boot = self.boot_row(boot_id)?;
         let mut stmt = self.tx.prepare_cached(&format!(
-            "UPDATE grants SET deadline_boot_ns = ?1, boot = {BOOT_OF}, expires_ms = ?3 \
+            "UPDATE grants SET deadline_boot_ns = ?1, boot = ?2, expires_ms = ?3 \
              WHERE id = ?4 AND {ACTIVE}"
         ))?;
         stmt.execute(params![
             boot_ns_column(deadline),
-            boot_id,
+            boot,
             to_ms(expires_at),
             id as i64
         ])?;
@@ -599,6 +605,26 @@ impl Batch<'_> {
         ])? == 1)
     }
 
+    /// The row of `boots` for `boot_id` (added if missing); none for an
+    /// unknown boot (empty).
+    fn boot_row(&mut self, boot_id: &str) -> Result<Option<i64>> {
+        if boot_id.is_empty() {
+            return Ok(None);
+        }
+        if let Some((known, row)) = &self.boot
+            && known == boot_id
+        {
+            return Ok(Some(*row));
+        }
+        self.tx.prepare_cached(ADD_BOOT)?.execute([boot_id])?;
+        let row = self
+            .tx
+            .prepare_cached(BOOT_OF)?
+            .query_row([boot_id], |r| r.get(0))?;
+        self.boot = Some((boot_id.to_owned(), row));
+        Ok(Some(row))
+    }
+
     pub fn save_policy(&mut self, policy: &Policy) -> Result<()> {
         self.set_meta(POLICY_KEY, &serde_json::to_string(policy)?)
     }
@@ -616,6 +642,7 @@ impl Batch<'_> {
     pub fn commit(self) -> Result<Vec<AuditRecord>> {
         self.tx.commit()?;
         *self.head_slot = self.head;
+        *self.boot_slot = self.boot;
         Ok(self.appended)
     }
 }
