@@ -121,8 +121,8 @@ impl Event {
 /// What a `grant-created` record states: fields of the grant's row (none
 /// of which changes after it is written) and its end as first shown. The
 /// record's payload is a function of them alone, so the store can keep it
-/// as a reference to the row (`store::payload`); tests/python/verify_audit.py
-/// rebuilds it the same way.
+/// as a reference to the row (`store::payload`);
+/// `tests/python/verify_audit.py` rebuilds it the same way.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GrantFacts<'a> {
     pub id: u64,

@@ -194,7 +194,7 @@ fn rebuilt(stored: &[u8], at_ms: i64, r: &Row<'_>) -> rusqlite::Result<Option<Pa
         ticket: &ticket,
         max_connections: r.get(18)?,
     };
-    Ok(payload::rebuild(stored, at_ms, row))
+    Ok(payload::rebuild(stored, at_ms, &row))
 }
 
 fn record(codec: &Codec, r: &Row<'_>) -> rusqlite::Result<(AuditRecord, i64)> {

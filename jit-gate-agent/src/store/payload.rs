@@ -47,7 +47,7 @@ pub(super) fn by_reference(
     let bytes = after.to_be_bytes();
     let skip = bytes.iter().take_while(|b| **b == 0).count();
     stored.extend_from_slice(&bytes[skip..]);
-    (end <= LAST_SECOND && rebuild(&stored, at_ms, grant.clone()).as_ref() == Some(payload))
+    (end <= LAST_SECOND && rebuild(&stored, at_ms, grant).as_ref() == Some(payload))
         .then_some(stored)
 }
 
@@ -58,7 +58,7 @@ pub(super) fn is_reference(stored: &[u8]) -> bool {
 
 /// The payload a reference stands for, from its grant's `row` (whose
 /// `expires_at` is ignored); `None` if `stored` is no reference.
-pub(super) fn rebuild(stored: &[u8], at_ms: i64, row: GrantFacts<'_>) -> Option<Payload> {
+pub(super) fn rebuild(stored: &[u8], at_ms: i64, row: &GrantFacts<'_>) -> Option<Payload> {
     let (&GRANT_ROW, after) = stored.split_first()? else {
         return None;
     };
@@ -70,7 +70,7 @@ pub(super) fn rebuild(stored: &[u8], at_ms: i64, row: GrantFacts<'_>) -> Option<
     Some(
         GrantFacts {
             expires_at: SystemTime::UNIX_EPOCH + Duration::from_secs(end),
-            ..row
+            ..row.clone()
         }
         .payload(),
     )
@@ -235,7 +235,7 @@ mod tests {
         // 3,600 s after the record's second (…544 + 3,600.5 s ends in …144).
         assert_eq!(stored, [GRANT_ROW, 0x0e, 0x10]);
         assert!(is_reference(&stored));
-        let rebuilt = rebuild(&stored, at_ms, GrantFacts::of(&grant)).unwrap();
+        let rebuilt = rebuild(&stored, at_ms, &GrantFacts::of(&grant)).unwrap();
         assert_eq!(
             rebuilt,
             GrantFacts {
@@ -265,11 +265,8 @@ mod tests {
             None
         );
         // Too long to be a reference, or no reference at all.
-        assert_eq!(
-            rebuild(&[GRANT_ROW, 1, 2, 3, 4, 5], at_ms, facts.clone()),
-            None
-        );
-        assert_eq!(rebuild(&[DICTIONARY_ID, 1], at_ms, facts), None);
+        assert_eq!(rebuild(&[GRANT_ROW, 1, 2, 3, 4, 5], at_ms, &facts), None);
+        assert_eq!(rebuild(&[DICTIONARY_ID, 1], at_ms, &facts), None);
     }
 
     #[test]

@@ -379,7 +379,7 @@ mod tests {
         CREATE INDEX grants_by_port_id ON grants (port);
         PRAGMA user_version = 7;";
 
-    /// tests/python/verify_audit.py's verdict on the database at `path`.
+    /// `tests/python/verify_audit.py`'s verdict on the database at `path`.
     fn independent(path: &std::path::Path) -> serde_json::Value {
         let script = concat!(
             env!("CARGO_MANIFEST_DIR"),
