@@ -187,12 +187,7 @@ mod tests {
             )
             .unwrap();
         }
-        let store = Store::open(&path).unwrap();
-        let version: i64 = store
-            .conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .unwrap();
-        assert_eq!(version, SCHEMA_VERSION);
+        let store = upgraded(&path);
         assert_eq!(store.grant(id).unwrap().unwrap().request_id, "r1");
         assert_eq!(store.pending_counts("uid:0").unwrap(), (0, 0));
         assert!(
@@ -282,12 +277,7 @@ mod tests {
                 .unwrap();
             }
         }
-        let mut store = Store::open(&path).unwrap();
-        let version: i64 = store
-            .conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .unwrap();
-        assert_eq!(version, SCHEMA_VERSION);
+        let mut store = upgraded(&path);
         let (kept_fingerprint, grants) = store.request("uid:0", "r1").unwrap().unwrap();
         assert_eq!(kept_fingerprint, fingerprint);
         assert_eq!(
@@ -352,6 +342,17 @@ mod tests {
         // Opening again changes nothing more.
         let store = Store::open(&path).unwrap();
         assert_eq!(store.request("uid:0", "r1").unwrap().unwrap().1, grants);
+    }
+
+    /// The store at `path`, opened and so brought to this schema.
+    fn upgraded(path: &std::path::Path) -> Store {
+        let store = Store::open(path).unwrap();
+        let version: i64 = store
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        store
     }
 
     /// Schema 7's grants table and indexes, from schema 8's rows (what a
@@ -446,12 +447,7 @@ mod tests {
             .execute_batch(BACK_TO_7)
             .unwrap();
 
-        let mut store = Store::open(&path).unwrap();
-        let version: i64 = store
-            .conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .unwrap();
-        assert_eq!(version, SCHEMA_VERSION);
+        let mut store = upgraded(&path);
         assert_eq!(store.list_grants(true, None, None, 10).unwrap(), before);
         assert_eq!(store.active_grants().unwrap(), before[1..]);
         assert_eq!(
