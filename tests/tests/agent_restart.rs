@@ -266,7 +266,7 @@ async fn reboot_carries_what_the_earlier_boot_clock_leaves_of_a_grant() {
     host.files.sql(&format!(
         "INSERT INTO boots (boot_id) VALUES ('earlier-boot');
          UPDATE grants SET boot = (SELECT boot FROM boots WHERE boot_id = 'earlier-boot')
-             WHERE state = 'active';
+             WHERE state = 0; -- active (schema 8)
          UPDATE meta SET value = '{{\"boot_id\":\"earlier-boot\",\"boot_ns\":'
              || ((SELECT deadline_boot_ns FROM grants WHERE id = {carried}) - {left_ns})
              || '}}'
