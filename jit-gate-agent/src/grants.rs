@@ -16,13 +16,19 @@
 //! connections continue: the kernel honours tracked flows on their own).
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet, btree_map::Entry as BTreeEntry},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt,
+    net::{Ipv4Addr, Ipv6Addr},
     ops::Bound,
     time::{Duration, SystemTime},
 };
 
-use crate::{clock::Deadline, net::GrantTarget};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use crate::{
+    clock::Deadline,
+    net::{GrantTarget, Protocol},
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum GrantState {
@@ -138,110 +144,245 @@ pub struct Entry {
     pub max_connections: u32,
 }
 
-/// Active grants, indexed by target (where each grant is kept), by id and
-/// by expiry. Kept compact, as a million grants fill it: the by-target
-/// map holds each grant's few fields inline, and the id index only the
-/// target.
+/// Active grants, kept compact (a million fill it) and indexed so that
+/// what a call touches stays small:
+/// - every grant's few fields once, in a vector sorted by id (ids grow: a
+///   new grant is pushed; a removed one leaves a gap until gaps are half
+///   the vector, which is then compacted);
+/// - per (protocol, port), the targets: exact IPv4 sources by address,
+///   exact IPv6 sources, and the prefixes apart, as they are few and are
+///   all that a prefix's XDP entry, its dependents and `covering` walk;
+/// - the grants by expiry, and the limited ones (few) apart.
 #[derive(Debug, Default)]
 pub struct ActiveGrants {
-    by_target: BTreeMap<GrantTarget, Holders>,
-    by_id: HashMap<u64, GrantTarget>,
+    slots: Vec<Slot>,
+    gaps: usize,
+    ports: BTreeMap<(Protocol, u16), PortTargets>,
     by_expiry: BTreeSet<(Deadline, u64)>,
+    /// Grants with a limit on their connections.
+    limited: BTreeSet<u64>,
     /// Limited grants whose connections the kernel reports all opened.
     used_up: HashSet<u64>,
 }
 
-/// A grant as the by-target index keeps it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct Holder {
-    deadline: Deadline,
+/// A grant as the index keeps it (`live` false: a gap left by a removal).
+#[derive(Clone, Copy, Debug)]
+struct Slot {
     id: u64,
+    deadline: Deadline,
     max_connections: u32,
+    live: bool,
+    target: GrantTarget,
 }
 
-/// The grants on one target, ordered by (expiry, id): the last is the one
-/// the kernel entry carries. Usually one, kept inline (a Vec would cost
-/// an allocation per target).
-#[derive(Debug)]
-enum Holders {
-    One(Holder),
-    Many(Vec<Holder>),
+/// Compaction waits for at least this many gaps (and half the slots).
+const MIN_GAPS_COMPACTED: usize = 1024;
+
+/// The sources granted on one (protocol, port), each with one of its
+/// grants; a source with several keeps the others in `more`.
+#[derive(Debug, Default)]
+struct PortTargets {
+    exact_v4: BTreeMap<u32, u64>,
+    exact_v6: BTreeMap<u128, u64>,
+    prefixes: BTreeMap<IpNet, u64>,
+    more: HashMap<IpNet, Vec<u64>>,
 }
 
-impl Holders {
-    fn as_slice(&self) -> &[Holder] {
-        match self {
-            Holders::One(one) => std::slice::from_ref(one),
-            Holders::Many(many) => many,
+/// A source as `PortTargets` keys it.
+enum SourceKey {
+    ExactV4(u32),
+    ExactV6(u128),
+    Prefix(IpNet),
+}
+
+impl SourceKey {
+    fn of(source: &IpNet) -> SourceKey {
+        match source {
+            IpNet::V4(net) if net.prefix_len() == 32 => SourceKey::ExactV4(net.addr().to_bits()),
+            IpNet::V6(net) if net.prefix_len() == 128 => SourceKey::ExactV6(net.addr().to_bits()),
+            net => SourceKey::Prefix(*net),
         }
     }
 
-    fn add(&mut self, holder: Holder) {
-        let mut many = self.as_slice().to_vec();
-        let position = many.partition_point(|h| (h.deadline, h.id) < (holder.deadline, holder.id));
-        many.insert(position, holder);
-        *self = Holders::Many(many);
+    /// The order of the kinds in a port's walk.
+    fn kind(&self) -> u8 {
+        match self {
+            SourceKey::ExactV4(_) => 0,
+            SourceKey::ExactV6(_) => 1,
+            SourceKey::Prefix(_) => 2,
+        }
+    }
+}
+
+fn exact_v4(bits: u32) -> IpNet {
+    IpNet::V4(Ipv4Net::from(Ipv4Addr::from_bits(bits)))
+}
+
+fn exact_v6(bits: u128) -> IpNet {
+    IpNet::V6(Ipv6Net::from(Ipv6Addr::from_bits(bits)))
+}
+
+impl PortTargets {
+    fn first(&self, source: &IpNet) -> Option<u64> {
+        match SourceKey::of(source) {
+            SourceKey::ExactV4(bits) => self.exact_v4.get(&bits),
+            SourceKey::ExactV6(bits) => self.exact_v6.get(&bits),
+            SourceKey::Prefix(net) => self.prefixes.get(&net),
+        }
+        .copied()
     }
 
-    /// Removes grant `id`; returns whether none is left.
-    fn remove(&mut self, id: u64) -> bool {
-        match self {
-            Holders::One(one) => one.id == id,
-            Holders::Many(many) => {
-                many.retain(|h| h.id != id);
-                match many.as_slice() {
-                    [] => true,
-                    [one] => {
-                        *self = Holders::One(*one);
-                        false
-                    }
-                    _ => false,
-                }
+    /// Sets (`Some`) or removes (`None`) the first grant of `source`.
+    fn set_first(&mut self, source: &IpNet, id: Option<u64>) {
+        let _previous = match (SourceKey::of(source), id) {
+            (SourceKey::ExactV4(bits), Some(id)) => self.exact_v4.insert(bits, id),
+            (SourceKey::ExactV4(bits), None) => self.exact_v4.remove(&bits),
+            (SourceKey::ExactV6(bits), Some(id)) => self.exact_v6.insert(bits, id),
+            (SourceKey::ExactV6(bits), None) => self.exact_v6.remove(&bits),
+            (SourceKey::Prefix(net), Some(id)) => self.prefixes.insert(net, id),
+            (SourceKey::Prefix(net), None) => self.prefixes.remove(&net),
+        };
+    }
+
+    /// The ids of every grant on `source`.
+    fn ids(&self, source: &IpNet) -> impl Iterator<Item = u64> + '_ {
+        let more = self.more.get(source).map(Vec::as_slice).unwrap_or_default();
+        self.first(source).into_iter().chain(more.iter().copied())
+    }
+
+    fn add(&mut self, source: &IpNet, id: u64) {
+        if self.first(source).is_some() {
+            self.more.entry(*source).or_default().push(id);
+        } else {
+            self.set_first(source, Some(id));
+        }
+    }
+
+    fn remove(&mut self, source: &IpNet, id: u64) {
+        let first = self.first(source);
+        let Some(more) = self.more.get_mut(source) else {
+            if first == Some(id) {
+                self.set_first(source, None);
             }
+            return;
+        };
+        let next = if first == Some(id) {
+            more.pop()
+        } else {
+            more.retain(|other| *other != id);
+            first
+        };
+        if more.is_empty() {
+            self.more.remove(source);
         }
+        self.set_first(source, next);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.exact_v4.is_empty() && self.exact_v6.is_empty() && self.prefixes.is_empty()
+    }
+
+    /// The sources after `after` (all if `None`), in the walk's order:
+    /// exact IPv4, exact IPv6, then prefixes, each in address order.
+    fn sources_after(&self, after: Option<&IpNet>) -> impl Iterator<Item = IpNet> + '_ {
+        let after = after.map(SourceKey::of);
+        // A cursor of a later kind leaves nothing of the earlier ones.
+        let past = |kind: u8| after.as_ref().is_some_and(|key| key.kind() > kind);
+        let (mut v4, mut v6, mut prefix) = (Bound::Unbounded, Bound::Unbounded, Bound::Unbounded);
+        match after {
+            Some(SourceKey::ExactV4(bits)) => v4 = Bound::Excluded(bits),
+            Some(SourceKey::ExactV6(bits)) => v6 = Bound::Excluded(bits),
+            Some(SourceKey::Prefix(net)) => prefix = Bound::Excluded(net),
+            None => {}
+        }
+        let v4 = (!past(0)).then_some(v4);
+        let v6 = (!past(1)).then_some(v6);
+        v4.into_iter()
+            .flat_map(|start| self.exact_v4.range((start, Bound::Unbounded)))
+            .map(|(bits, _)| exact_v4(*bits))
+            .chain(
+                v6.into_iter()
+                    .flat_map(|start| self.exact_v6.range((start, Bound::Unbounded)))
+                    .map(|(bits, _)| exact_v6(*bits)),
+            )
+            .chain(
+                self.prefixes
+                    .range((prefix, Bound::Unbounded))
+                    .map(|(net, _)| *net),
+            )
+    }
+}
+
+impl FromIterator<ActiveGrant> for ActiveGrants {
+    /// Indexes many grants at once (ids in any order: they are sorted
+    /// first, where inserting one by one could shift the slots each time).
+    fn from_iter<I: IntoIterator<Item = ActiveGrant>>(grants: I) -> Self {
+        let mut sorted: Vec<ActiveGrant> = grants.into_iter().collect();
+        sorted.sort_unstable_by_key(|g| g.id);
+        let mut active = ActiveGrants::default();
+        active.slots.reserve_exact(sorted.len());
+        for grant in sorted {
+            active.insert(grant);
+        }
+        active
     }
 }
 
 impl ActiveGrants {
     pub fn len(&self) -> usize {
-        self.by_id.len()
+        self.slots.len() - self.gaps
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_id.is_empty()
+        self.len() == 0
+    }
+
+    fn slot(&self, id: u64) -> Option<&Slot> {
+        let i = self.slots.binary_search_by_key(&id, |s| s.id).ok()?;
+        Some(&self.slots[i]).filter(|s| s.live)
     }
 
     pub fn get(&self, id: u64) -> Option<ActiveGrant> {
-        let target = self.by_id.get(&id)?;
-        let holders = self.by_target.get(target)?;
-        holders
-            .as_slice()
-            .iter()
-            .find(|h| h.id == id)
-            .map(|h| active_grant(*target, h))
+        self.slot(id).map(Slot::active)
     }
 
+    /// Every active grant, by id.
     pub fn iter(&self) -> impl Iterator<Item = ActiveGrant> + '_ {
-        self.by_target.iter().flat_map(|(target, holders)| {
-            holders.as_slice().iter().map(|h| active_grant(*target, h))
-        })
+        self.slots.iter().filter(|s| s.live).map(Slot::active)
     }
 
+    /// Inserts or replaces grant `grant.id`: O(log n) for an id above every
+    /// other (a new grant), O(n) for one below that is not indexed (use
+    /// `collect` for many).
     pub fn insert(&mut self, grant: ActiveGrant) {
         self.remove_indexed(grant.id);
-        let holder = Holder {
-            deadline: grant.deadline,
+        let slot = Slot {
             id: grant.id,
+            deadline: grant.deadline,
             max_connections: grant.max_connections,
+            live: true,
+            target: grant.target,
         };
-        self.by_id.insert(grant.id, grant.target);
-        match self.by_target.entry(grant.target) {
-            BTreeEntry::Vacant(vacant) => {
-                vacant.insert(Holders::One(holder));
+        if self.slots.last().is_none_or(|last| last.id < grant.id) {
+            self.slots.push(slot);
+        } else {
+            match self.slots.binary_search_by_key(&grant.id, |s| s.id) {
+                Ok(gap) => {
+                    self.slots[gap] = slot;
+                    self.gaps -= 1;
+                }
+                Err(position) => self.slots.insert(position, slot),
             }
-            BTreeEntry::Occupied(mut occupied) => occupied.get_mut().add(holder),
         }
+        let target = grant.target;
+        self.ports
+            .entry((target.protocol, target.port))
+            .or_default()
+            .add(&target.source, grant.id);
         self.by_expiry.insert((grant.deadline, grant.id));
+        if grant.max_connections != 0 {
+            self.limited.insert(grant.id);
+        }
     }
 
     pub fn remove(&mut self, id: u64) -> Option<ActiveGrant> {
@@ -252,20 +393,28 @@ impl ActiveGrants {
 
     /// Takes grant `id` out of every index but `used_up`.
     fn remove_indexed(&mut self, id: u64) -> Option<ActiveGrant> {
-        let target = self.by_id.remove(&id)?;
-        let BTreeEntry::Occupied(mut holders) = self.by_target.entry(target) else {
+        let i = self.slots.binary_search_by_key(&id, |s| s.id).ok()?;
+        let slot = &mut self.slots[i];
+        if !slot.live {
             return None;
-        };
-        let grant = holders
-            .get()
-            .as_slice()
-            .iter()
-            .find(|h| h.id == id)
-            .map(|h| active_grant(target, h))?;
-        if holders.get_mut().remove(id) {
-            holders.remove();
+        }
+        slot.live = false;
+        let grant = slot.active();
+        self.gaps += 1;
+        let target = grant.target;
+        let port = (target.protocol, target.port);
+        if let Some(targets) = self.ports.get_mut(&port) {
+            targets.remove(&target.source, id);
+            if targets.is_empty() {
+                self.ports.remove(&port);
+            }
         }
         self.by_expiry.remove(&(grant.deadline, id));
+        self.limited.remove(&id);
+        if self.gaps >= MIN_GAPS_COMPACTED && self.gaps * 2 >= self.slots.len() {
+            self.slots.retain(|s| s.live);
+            self.gaps = 0;
+        }
         Some(grant)
     }
 
@@ -281,12 +430,21 @@ impl ActiveGrants {
         self.used_up.contains(&id)
     }
 
-    /// The entry attributed to the best of `grants` still able to open
+    /// The limited grants not yet used up, with their limits.
+    pub fn limited_in_use(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        self.limited
+            .iter()
+            .filter(|id| !self.used_up.contains(id))
+            .filter_map(|id| self.slot(*id))
+            .map(|s| (s.id, s.max_connections))
+    }
+
+    /// The entry attributed to the best of grants `ids` still able to open
     /// connections: no limit before a limit, then the latest expiry.
-    fn attributed<'a>(&self, grants: impl Iterator<Item = &'a Holder>) -> Option<Entry> {
-        grants
-            .filter(|h| !self.used_up.contains(&h.id))
-            .map(|h| (h.max_connections == 0, h.deadline, h.id, h.max_connections))
+    fn attributed(&self, ids: impl Iterator<Item = u64>) -> Option<Entry> {
+        ids.filter(|id| !self.used_up.contains(id))
+            .filter_map(|id| self.slot(id))
+            .map(|s| (s.max_connections == 0, s.deadline, s.id, s.max_connections))
             .max()
             .map(|(_, deadline, grant_id, max_connections)| Entry {
                 deadline,
@@ -309,27 +467,42 @@ impl ActiveGrants {
             .collect()
     }
 
-    /// Ids of active grants on (protocol, port) covering `source`.
-    pub fn covering(&self, target: &GrantTarget) -> Vec<u64> {
-        self.same_port(target)
-            .filter(|(t, _)| t.source.contains(&target.source))
-            .flat_map(|(_, holders)| holders.as_slice().iter().map(|h| h.id))
-            .collect()
+    fn port(&self, target: &GrantTarget) -> Option<&PortTargets> {
+        self.ports.get(&(target.protocol, target.port))
     }
 
-    fn same_port<'a>(
+    /// The prefixes on `target`'s port containing `target`'s source.
+    fn covering_prefixes<'a>(
         &'a self,
         target: &'a GrantTarget,
-    ) -> impl Iterator<Item = (&'a GrantTarget, &'a Holders)> + 'a {
-        self.by_target
-            .iter()
-            .filter(move |(t, _)| t.protocol == target.protocol && t.port == target.port)
+    ) -> impl Iterator<Item = (&'a IpNet, &'a PortTargets)> + 'a {
+        self.port(target).into_iter().flat_map(move |port| {
+            port.prefixes
+                .keys()
+                .filter(move |prefix| prefix.contains(&target.source))
+                .map(move |prefix| (prefix, port))
+        })
+    }
+
+    /// Ids of active grants on (protocol, port) covering `source`.
+    pub fn covering(&self, target: &GrantTarget) -> Vec<u64> {
+        let own = target
+            .is_exact()
+            .then(|| self.port(target))
+            .flatten()
+            .into_iter()
+            .flat_map(|port| port.ids(&target.source));
+        own.chain(
+            self.covering_prefixes(target)
+                .flat_map(|(prefix, port)| port.ids(prefix)),
+        )
+        .collect()
     }
 
     /// The nftables entry for `target`: its own grants only (nftables
     /// matches every covering element, not just the longest prefix).
     pub fn own_entry(&self, target: &GrantTarget) -> Option<Entry> {
-        self.attributed(self.by_target.get(target)?.as_slice().iter())
+        self.attributed(self.port(target)?.ids(&target.source))
     }
 
     /// The XDP entry for `target`: for an exact source its own grants; for a
@@ -340,9 +513,8 @@ impl ActiveGrants {
             return own;
         }
         self.attributed(
-            self.same_port(target)
-                .filter(|(t, _)| !t.is_exact() && t.source.contains(&target.source))
-                .flat_map(|(_, holders)| holders.as_slice().iter()),
+            self.covering_prefixes(target)
+                .flat_map(|(prefix, port)| port.ids(prefix)),
         )
     }
 
@@ -350,44 +522,64 @@ impl ActiveGrants {
     /// itself and, for a prefix, the narrower prefixes inside it.
     pub fn dependents(&self, target: &GrantTarget) -> Vec<GrantTarget> {
         let mut out = vec![*target];
-        if !target.is_exact() {
+        if let Some(port) = self.port(target).filter(|_| !target.is_exact()) {
             out.extend(
-                self.same_port(target)
-                    .map(|(t, _)| *t)
-                    .filter(|t| t != target && !t.is_exact() && target.source.contains(&t.source)),
+                port.prefixes
+                    .keys()
+                    .filter(|prefix| **prefix != target.source && target.source.contains(*prefix))
+                    .map(|prefix| GrantTarget {
+                        source: *prefix,
+                        ..*target
+                    }),
             );
         }
         out
     }
 
     /// Every target with an active grant.
-    pub fn targets(&self) -> impl Iterator<Item = &GrantTarget> {
-        self.by_target.keys()
+    pub fn targets(&self) -> impl Iterator<Item = GrantTarget> + '_ {
+        self.targets_after(None)
     }
 
     /// The targets with an active grant after `after` (all if `None`), in
-    /// order: a walk that can stop and resume.
-    pub fn targets_after(&self, after: Option<&GrantTarget>) -> impl Iterator<Item = &GrantTarget> {
-        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
-        self.by_target
-            .range::<GrantTarget, _>((start, Bound::Unbounded))
-            .map(|(target, _)| target)
+    /// the index's order (by port, then exact IPv4, exact IPv6 and prefix
+    /// sources): a walk that can stop and resume.
+    pub fn targets_after<'a>(
+        &'a self,
+        after: Option<&'a GrantTarget>,
+    ) -> impl Iterator<Item = GrantTarget> + 'a {
+        let start = after.map_or(Bound::Unbounded, |t| Bound::Included((t.protocol, t.port)));
+        self.ports
+            .range((start, Bound::Unbounded))
+            .flat_map(move |(&(protocol, port), targets)| {
+                let resume = after
+                    .filter(|t| (t.protocol, t.port) == (protocol, port))
+                    .map(|t| &t.source);
+                targets
+                    .sources_after(resume)
+                    .map(move |source| GrantTarget {
+                        source,
+                        protocol,
+                        port,
+                    })
+            })
     }
 }
 
-fn active_grant(target: GrantTarget, holder: &Holder) -> ActiveGrant {
-    ActiveGrant {
-        id: holder.id,
-        target,
-        deadline: holder.deadline,
-        max_connections: holder.max_connections,
+impl Slot {
+    fn active(&self) -> ActiveGrant {
+        ActiveGrant {
+            id: self.id,
+            target: self.target,
+            deadline: self.deadline,
+            max_connections: self.max_connections,
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::net::Protocol;
 
     fn target(source: &str) -> GrantTarget {
         GrantTarget {
@@ -526,10 +718,72 @@ mod tests {
     }
 
     #[test]
-    fn a_target_with_one_grant_costs_no_allocation_of_its_own() {
-        // What a million grants cost: the by-target map keeps each grant
-        // inline beside its target (a Vec would add an allocation each).
-        assert!(size_of::<Holders>() <= 32, "{}", size_of::<Holders>());
+    fn a_grant_costs_one_slot_and_its_sole_target_no_allocation_of_its_own() {
+        // What a million grants cost: one slot each, and an exact IPv4
+        // source keyed by its address with one grant id beside it.
+        assert!(size_of::<Slot>() <= 48, "{}", size_of::<Slot>());
+        let mut grants = ActiveGrants::default();
+        grants.insert(grant(1, "192.0.2.7/32", 100));
+        grants.insert(grant(2, "192.0.2.8/32", 100));
+        let port = grants.ports.values().next().unwrap();
+        assert_eq!(port.exact_v4.len(), 2);
+        assert!(port.more.is_empty() && port.prefixes.is_empty());
+    }
+
+    #[test]
+    fn removals_leave_gaps_that_are_compacted_without_losing_a_grant() {
+        let many = MIN_GAPS_COMPACTED as u64 * 3;
+        let mut grants: ActiveGrants = (1..=many)
+            .rev()
+            .map(|id| grant(id, &format!("10.0.{}.{}/32", id / 256, id % 256), many + id))
+            .collect();
+        assert_eq!(grants.len(), many as usize);
+        for id in (1..=many).filter(|id| id % 3 != 0) {
+            assert_eq!(grants.remove(id).map(|g| g.id), Some(id));
+        }
+        assert!(grants.gaps < MIN_GAPS_COMPACTED, "compacted");
+        assert_eq!(grants.len(), many as usize / 3);
+        for id in 1..=many {
+            assert_eq!(grants.get(id).is_some(), id % 3 == 0, "grant {id}");
+        }
+        // An id below the others that was never indexed still goes in.
+        grants.insert(grant(1, "10.9.9.9/32", 7));
+        assert_eq!(grants.get(1), Some(grant(1, "10.9.9.9/32", 7)));
+        assert_eq!(grants.due(at(7)), vec![1]);
+    }
+
+    #[test]
+    fn a_walk_resumes_after_any_kind_of_target_on_any_port() {
+        let mut grants = ActiveGrants::default();
+        let sources = [
+            "198.51.100.0/24",
+            "192.0.2.9/32",
+            "2001:db8::1/128",
+            "2001:db8::/64",
+        ];
+        let mut id = 0;
+        for port in [22, 443] {
+            for source in sources {
+                id += 1;
+                grants.insert(ActiveGrant {
+                    target: GrantTarget {
+                        port,
+                        ..target(source)
+                    },
+                    ..grant(id, source, 100)
+                });
+            }
+        }
+        let all: Vec<GrantTarget> = grants.targets().collect();
+        assert_eq!(all.len(), 8);
+        for (i, cursor) in all.iter().enumerate() {
+            let rest: Vec<GrantTarget> = grants.targets_after(Some(cursor)).collect();
+            assert_eq!(rest, all[i + 1..], "after {cursor:?}");
+        }
+        // A cursor whose target went meanwhile resumes where it was.
+        grants.remove(2);
+        let rest: Vec<GrantTarget> = grants.targets_after(Some(&all[1])).collect();
+        assert_eq!(rest, all[2..]);
     }
 
     #[test]

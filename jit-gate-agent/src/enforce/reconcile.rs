@@ -132,7 +132,7 @@ pub(super) fn reconcile_nft_structure(
     let now = Deadline::now();
     let desired: BTreeMap<GrantTarget, Duration> = active
         .targets()
-        .filter_map(|t| nft_entry(active, t, now).map(|left| (*t, left)))
+        .filter_map(|t| nft_entry(active, &t, now).map(|left| (t, left)))
         .collect();
     nft.install(&NftState {
         protected: protected.clone(),

@@ -207,7 +207,7 @@ impl Pass {
         if self.walk == Walk::XdpGranted {
             loop {
                 let (chunk, last) = granted_chunk(&mut self.after_target, active);
-                for target in chunk.into_iter().filter(|t| !touched.contains(*t)) {
+                for target in chunk.iter().filter(|t| !touched.contains(*t)) {
                     let Some(entry) = active.xdp_entry(target) else {
                         continue;
                     };
@@ -279,7 +279,7 @@ impl Pass {
             let mut stale = Vec::new();
             let last = loop {
                 let (chunk, last) = granted_chunk(&mut self.after_target, active);
-                for target in chunk.into_iter().filter(|t| !touched.contains(*t)) {
+                for target in chunk.iter().filter(|t| !touched.contains(*t)) {
                     let Some(deadline) = active.own_entry(target).map(|e| e.deadline) else {
                         continue;
                     };
@@ -360,15 +360,15 @@ impl Pass {
 
 /// The next few active targets after `cursor` (moved past them), and
 /// whether they are the last.
-fn granted_chunk<'a>(
+fn granted_chunk(
     cursor: &mut Option<GrantTarget>,
-    active: &'a ActiveGrants,
-) -> (Vec<&'a GrantTarget>, bool) {
+    active: &ActiveGrants,
+) -> (Vec<GrantTarget>, bool) {
     let chunk: Vec<_> = active
         .targets_after(cursor.as_ref())
         .take(CLOCK_EVERY)
         .collect();
-    *cursor = chunk.last().map(|t| **t);
+    *cursor = chunk.last().copied();
     let last = chunk.len() < CLOCK_EVERY;
     (chunk, last)
 }

@@ -281,12 +281,7 @@ impl Engine {
     /// that the nftables element goes and another grant for the target, if
     /// any, takes the kernel entry; and it is audited.
     pub(super) fn note_used_up(&mut self) -> anyhow::Result<()> {
-        let limited: Vec<(u64, u32)> = self
-            .active
-            .iter()
-            .filter(|g| g.max_connections != 0 && !self.active.is_used_up(g.id))
-            .map(|g| (g.id, g.max_connections))
-            .collect();
+        let limited: Vec<(u64, u32)> = self.active.limited_in_use().collect();
         if limited.is_empty() {
             return Ok(());
         }

@@ -264,10 +264,7 @@ impl Engine {
         }
         let boot_id = crate::clock::boot_id().context("reading this boot's id")?;
         let restored = restore_grants(&store, &boot_id)?;
-        let mut active = ActiveGrants::default();
-        for grant in &restored.live {
-            active.insert(grant.active());
-        }
+        let active: ActiveGrants = restored.live.iter().map(Grant::active).collect();
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let enforcement = Enforcement::open(&config);
         let summarized: Option<CounterSnapshot> = store

@@ -37,6 +37,7 @@
 //! its new timeout in one transaction; tested on 6.18. All operations act
 //! on the network namespace of the calling thread.
 
+mod elements;
 mod keys;
 mod netlink;
 mod ruleset;
@@ -490,29 +491,38 @@ impl NftGate {
         let mut read = ElementsRead::default();
         for name in names {
             if name == PROTECTED_SET {
-                for element in dump_elements(table, socket, &name)? {
-                    let service = keys::parse_service_key(&element.key).ok_or_else(|| {
-                        unexpected(format!("a key {:?} in set {name}", element.key))
-                    })?;
-                    read.protected.insert(service);
+                let mut unparsed = None;
+                dump_elements(
+                    table,
+                    socket,
+                    &name,
+                    |key, _| match keys::parse_service_key(key) {
+                        Some(service) => {
+                            read.protected.insert(service);
+                        }
+                        None => unparsed = unparsed.take().or_else(|| Some(key.to_vec())),
+                    },
+                )?;
+                if let Some(key) = unparsed {
+                    return Err(unexpected(format!("a key {key:?} in set {name}")));
                 }
             } else if let Some((set, shard)) = AllowSet::parse_shard_name(&name) {
-                for element in dump_elements(table, socket, &name)? {
-                    let target = set.parse_key(&element.key);
+                dump_elements(table, socket, &name, |key, expires_in| {
+                    let target = set.parse_key(key);
                     // A key in a shard its hash does not select is never
                     // looked up there: it grants nothing, but is not ours.
                     let ours = target
-                        .zip(element.expires_in)
-                        .filter(|_| shards::shard_of(&element.key) == shard);
+                        .zip(expires_in)
+                        .filter(|_| shards::shard_of(key) == shard);
                     match ours {
                         Some(allowed) => read.allowed.push(allowed),
                         None => read.strays.push(StrayElement {
                             set: name.clone(),
-                            key: element.key,
+                            key: key.to_vec(),
                             target,
                         }),
                     }
-                }
+                })?;
             } else if AllowSet::parse_name(&name).is_none() {
                 return Err(unexpected(format!("a set named {name}")));
             }
@@ -714,12 +724,18 @@ fn allow_sets(table: &GateTable, socket: &mut Socket) -> Result<Option<BTreeSet<
 }
 
 /// The live elements of set `name`.
-fn dump_elements(table: &GateTable, socket: &mut Socket, name: &str) -> Result<Vec<sets::Element>> {
+/// Calls `each` with the key and time left of every element of set
+/// `name`, as the dump's answers arrive.
+fn dump_elements(
+    table: &GateTable,
+    socket: &mut Socket,
+    name: &str,
+    mut each: impl FnMut(&[u8], Option<Duration>),
+) -> Result<()> {
     let request = Set::named(table.name(), &c_name(name));
-    let mut into = Set::named(table.name(), &c_name(name));
     let what = table.what(&format!("the elements of set {name}"));
     socket.dump(&what, &request.elements_request(), |msg| {
-        if into.parse_elements(msg) {
+        if elements::parse(msg.bytes(), &mut each) {
             Ok(())
         } else {
             Err(NftError::Io {
@@ -727,8 +743,7 @@ fn dump_elements(table: &GateTable, socket: &mut Socket, name: &str) -> Result<V
                 source: io::ErrorKind::InvalidData.into(),
             })
         }
-    })?;
-    Ok(into.elements())
+    })
 }
 
 #[cfg(test)]

@@ -402,6 +402,11 @@ enum Answer {
 pub(super) struct Received<'a>(&'a [u8]);
 
 impl Received<'_> {
+    /// The whole message, header included.
+    pub(super) fn bytes(&self) -> &[u8] {
+        self.0
+    }
+
     /// The message for libnftnl's parsers, which read all of it through
     /// this pointer. It is 4-aligned: the receive buffer is, and so are
     /// messages within it.

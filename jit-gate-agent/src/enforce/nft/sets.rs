@@ -8,7 +8,6 @@ use std::{
     cell::Cell,
     ffi::{CStr, CString, c_char, c_void},
     ptr::NonNull,
-    time::Duration,
 };
 
 use nftnl::nftnl_sys as sys;
@@ -17,13 +16,6 @@ use super::netlink::{self, Batch, Message, Received};
 
 /// An nftnl set object.
 pub(super) struct Set(NonNull<sys::nftnl_set>);
-
-/// A set element as read back.
-pub(super) struct Element {
-    pub key: Vec<u8>,
-    /// Time until the kernel expires the element; `None` if it never does.
-    pub expires_in: Option<Duration>,
-}
 
 impl Set {
     fn alloc() -> Self {
@@ -109,12 +101,6 @@ impl Set {
         (unsafe { sys::nftnl_set_nlmsg_parse(msg.as_ptr(), set.ptr()) } >= 0).then_some(set)
     }
 
-    /// Adds the elements of a GETSETELEM answer to this set.
-    pub(super) fn parse_elements(&mut self, msg: Received<'_>) -> bool {
-        // SAFETY: a complete netlink message and a valid set to fill.
-        unsafe { sys::nftnl_set_elems_nlmsg_parse(msg.as_ptr(), self.ptr()) >= 0 }
-    }
-
     pub(super) fn name(&self) -> Option<String> {
         // SAFETY: a valid set; the string (if set) lives as long as the set.
         let name = unsafe { sys::nftnl_set_get_str(self.ptr(), sys::NFTNL_SET_NAME as u16) };
@@ -187,50 +173,6 @@ impl Set {
             sys::nftnl_set_elem_add(self.ptr(), elem.as_ptr());
         }
         elem
-    }
-
-    /// The elements added or parsed so far.
-    pub(super) fn elements(&self) -> Vec<Element> {
-        let mut out = Vec::new();
-        self.each_element(|elem| {
-            let mut len = 0u32;
-            // SAFETY: a valid element of this set; the key lives as long as
-            // the element and is `len` bytes long.
-            let key = unsafe {
-                let data =
-                    sys::nftnl_set_elem_get(elem, sys::NFTNL_SET_ELEM_KEY as u16, &raw mut len);
-                if data.is_null() {
-                    Vec::new()
-                } else {
-                    std::slice::from_raw_parts(data.cast::<u8>(), len as usize).to_vec()
-                }
-            };
-            // SAFETY: a valid element of this set.
-            let expires_in = unsafe {
-                sys::nftnl_set_elem_is_set(elem, sys::NFTNL_SET_ELEM_EXPIRATION as u16).then(|| {
-                    Duration::from_millis(sys::nftnl_set_elem_get_u64(
-                        elem,
-                        sys::NFTNL_SET_ELEM_EXPIRATION as u16,
-                    ))
-                })
-            };
-            out.push(Element { key, expires_in });
-        });
-        out
-    }
-
-    fn each_element(&self, mut f: impl FnMut(*mut sys::nftnl_set_elem)) {
-        let iter = ElementsIter::new(self);
-        // `next` yields the current element, then moves on (NULL after the
-        // last): starting from `cur` would yield the first one twice.
-        loop {
-            // SAFETY: a live iterator over this set, which is not changed meanwhile.
-            let elem = unsafe { sys::nftnl_set_elems_iter_next(iter.0.as_ptr()) };
-            if elem.is_null() {
-                break;
-            }
-            f(elem);
-        }
     }
 
     /// Appends this set's definition (NEWSET, failing if it exists).
