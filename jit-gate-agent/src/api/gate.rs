@@ -53,14 +53,29 @@ pub(super) fn identity(extensions: &http::Extensions) -> Option<Identity> {
         .map(|cred| Identity::UnixUid(cred.uid()))
 }
 
-/// The caller's name for records: its certificate principal over TLS.
-fn caller_name(extensions: &http::Extensions) -> String {
-    if let Some(peer) = extensions.get::<Arc<TlsPeer>>() {
-        return peer.identity.name();
+/// The caller as records name it, kept cheaply until a name is needed.
+enum Caller {
+    Tls(Arc<TlsPeer>),
+    Transport(Option<Identity>),
+}
+
+impl Caller {
+    fn of(extensions: &http::Extensions) -> Self {
+        match extensions.get::<Arc<TlsPeer>>() {
+            Some(peer) => Caller::Tls(peer.clone()),
+            None => Caller::Transport(identity(extensions)),
+        }
     }
-    identity(extensions)
-        .as_ref()
-        .map_or_else(|| "unauthenticated".to_owned(), Identity::name)
+
+    /// Its certificate principal over TLS, else the transport's identity.
+    fn name(&self) -> String {
+        match self {
+            Caller::Tls(peer) => peer.identity.name(),
+            Caller::Transport(identity) => identity
+                .as_ref()
+                .map_or_else(|| "unauthenticated".to_owned(), Identity::name),
+        }
+    }
 }
 
 impl Gate {
@@ -74,23 +89,25 @@ impl Gate {
 
     /// The caller's principal if its role is at least `needed`; otherwise
     /// the refusal, recorded.
+    /// `method` (its gRPC path) is only spelled out for a refusal: every
+    /// call passes here, most are allowed.
     pub fn authorize(
         &self,
         extensions: &http::Extensions,
-        method: &str,
+        method: &dyn std::fmt::Display,
         needed: Role,
     ) -> Result<Principal, Status> {
         let principal = if let Some(peer) = extensions.get::<Arc<TlsPeer>>() {
             peer.principal()
         } else {
-            let principals = self.principals.read().expect("principals lock").clone();
+            let principals = self.principals.read().expect("principals lock");
             Principal::resolve(identity(extensions).as_ref(), &principals)
         };
         principal
             .and_then(|p| p.require(needed).map(|()| p))
             .map_err(|refusal| {
                 let status = status(refusal);
-                self.record_refusal(&caller_name(extensions), method, &status);
+                self.record_refusal(&Caller::of(extensions).name(), &method.to_string(), &status);
                 status
             })
     }
@@ -197,8 +214,9 @@ where
     }
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        let caller = caller_name(request.extensions());
-        let method = request.uri().path().to_owned();
+        // Named only if the call fails on the wire: most calls do not.
+        let caller = Caller::of(request.extensions());
+        let uri = request.uri().clone();
         let gate = self.gate.clone();
         let answer = self.inner.call(request);
         Box::pin(async move {
@@ -212,7 +230,7 @@ where
                 if let Err(e) = mapped.add_header(headers) {
                     tracing::error!("rewriting a wire error's status: {e}");
                 }
-                gate.record_refusal(&caller, &method, &mapped);
+                gate.record_refusal(&caller.name(), uri.path(), &mapped);
             }
             Ok(response)
         })

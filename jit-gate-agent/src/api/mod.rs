@@ -26,6 +26,15 @@ use crate::{
     wire::{self as convert, status},
 };
 
+/// A method's gRPC path, spelled out only when a refusal is recorded.
+struct MethodPath<'a>(&'a str);
+
+impl std::fmt::Display for MethodPath<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "/jitgate.v1.JitGate/{}", self.0)
+    }
+}
+
 /// Grants per `ListGrants` page unless the caller asks; at most `MAX_PAGE`.
 const DEFAULT_PAGE: u32 = 100;
 const MAX_PAGE: u32 = 1000;
@@ -74,11 +83,8 @@ impl Service {
         method: &str,
         needed: Role,
     ) -> Result<crate::auth::Principal, Status> {
-        self.gate.authorize(
-            request.extensions(),
-            &format!("/jitgate.v1.JitGate/{method}"),
-            needed,
-        )
+        self.gate
+            .authorize(request.extensions(), &MethodPath(method), needed)
     }
 
     async fn call<T>(

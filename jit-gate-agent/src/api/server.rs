@@ -62,7 +62,7 @@ pub async fn serve(
     let needs_role = |method: &'static str| {
         let gate = gate.clone();
         move |request: Request<()>| -> Result<Request<()>, Status> {
-            gate.authorize(request.extensions(), method, Role::Auditor)?;
+            gate.authorize(request.extensions(), &method, Role::Auditor)?;
             Ok(request)
         }
     };
