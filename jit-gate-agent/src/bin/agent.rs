@@ -211,14 +211,13 @@ fn main() -> ExitCode {
     }
 }
 
-/// One glibc malloc arena (for the C libraries: the Rust side uses
-/// mimalloc): glibc's default of one arena per thread multiplies the
-/// memory freed but kept around (measured: 25% less resident memory with
-/// 100,000 grants, when all allocations went there). Buffers of 1 MiB and more (a reconciliation's
-/// snapshot of the kernel, tens of megabytes at a million grants) are
-/// mapped on their own, so freeing one returns it to the system at once:
-/// a `malloc_trim` after each cycle did that, but walked every free chunk
-/// of the heap on the engine thread (130-200 ms with a million grants).
+/// glibc's malloc serves only the C libraries now (SQLite's page cache,
+/// libnftnl; the Rust side uses mimalloc). One arena: glibc's default of
+/// one per thread multiplies the memory freed but kept around. Buffers of
+/// 1 MiB and more are mapped on their own, so freeing one returns it to
+/// the system at once, with no `malloc_trim` walking the heap on the
+/// engine thread (130-200 ms a call at a million grants, measured when
+/// every allocation went through glibc).
 fn limit_malloc_arenas() {
     // SAFETY: mallopt only sets allocator parameters; called before any
     // other thread exists.
