@@ -211,7 +211,7 @@ fn main() -> ExitCode {
     }
 }
 
-/// glibc's malloc serves only the C libraries now (SQLite's page cache,
+/// glibc's malloc serves only the C libraries now (`SQLite`'s page cache,
 /// libnftnl; the Rust side uses mimalloc). One arena: glibc's default of
 /// one per thread multiplies the memory freed but kept around. Buffers of
 /// 1 MiB and more are mapped on their own, so freeing one returns it to
