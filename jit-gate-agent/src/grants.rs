@@ -337,6 +337,11 @@ impl ActiveGrants {
         self.len() == 0
     }
 
+    /// The lowest id of an active grant (ids grow, so most lie above it).
+    pub fn lowest_id(&self) -> Option<u64> {
+        self.slots.iter().find(|slot| slot.live).map(|slot| slot.id)
+    }
+
     fn slot(&self, id: u64) -> Option<&Slot> {
         let i = self.slots.binary_search_by_key(&id, |s| s.id).ok()?;
         Some(&self.slots[i]).filter(|s| s.live)

@@ -1,13 +1,13 @@
 //! jit-gate agent library: enforcement of grants in the kernel (XDP and
 //! nftables) and the control plane that drives it.
 
-// Dependencies of the binaries alone (the daemon's allocator, logging and
+// Dependencies of the binaries alone (the daemon's allocator and its options, logging and
 // service notification, the CLI's arguments, tables, connections and
 // request ids):
 // a package has one dependency list for its library and binaries.
 use {
-    comfy_table as _, csv as _, futures_util as _, hyper_util as _, mimalloc as _, rand as _,
-    sd_notify as _, tower as _, tracing_subscriber as _,
+    comfy_table as _, csv as _, futures_util as _, hyper_util as _, libmimalloc_sys as _,
+    mimalloc as _, rand as _, sd_notify as _, tower as _, tracing_subscriber as _,
 };
 
 pub mod api;

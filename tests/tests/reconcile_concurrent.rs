@@ -1,8 +1,9 @@
 //! Reconciliation while the agent keeps writing: the kernel is read on
-//! another thread and compared in steps between commands, so grants are
-//! created and revoked while a snapshot is read and compared. What the
+//! another thread, in chunks, and compared in steps between commands, so
+//! grants are created and revoked while it is read and compared. What the
 //! agent wrote meanwhile must never be reported (or "repaired") as drift,
-//! and drift behind its back must still be found and repaired, exactly.
+//! and drift behind its back must still be found and repaired, exactly,
+//! with few grants (one chunk) and with many (drift in several chunks).
 
 #![allow(
     unused_crate_dependencies,
@@ -19,8 +20,10 @@ use jit_gate_tests::agent::{AgentHost, access, target_of};
 use tokio_stream::StreamExt;
 
 const SSH: u16 = 22;
-/// Grants held throughout, so that each reconciliation has work to do.
-const HELD: u32 = 3_000;
+/// Grants held throughout, so that each reconciliation has work to do:
+/// fewer than one chunk of a read, then several (16,384 a chunk).
+const FEW_HELD: u32 = 3_000;
+const MANY_HELD: u32 = 40_000;
 /// Grants created and revoked while drift is injected and repaired.
 const CHURN_BROKERS: u32 = 8;
 
@@ -28,12 +31,15 @@ fn source(i: u32) -> IpAddr {
     IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i))
 }
 
-async fn grant_many(api: &proto::jit_gate_client::JitGateClient<tonic::transport::Channel>) {
+async fn grant_many(
+    api: &proto::jit_gate_client::JitGateClient<tonic::transport::Channel>,
+    held: u32,
+) {
     let mut tasks = Vec::new();
     for worker in 0..16 {
         let mut api = api.clone();
         tasks.push(tokio::spawn(async move {
-            for i in (worker..HELD).step_by(16) {
+            for i in (worker..held).step_by(16) {
                 api.request_access(access(
                     &format!("held-{i}"),
                     &[(SSH, proto::Protocol::Tcp, &source(i).to_string())],
@@ -83,9 +89,52 @@ async fn churn(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_during_a_reconciliation_are_not_drift_and_drift_is_still_repaired() {
+    writes_are_not_drift_and_drift_is_repaired(FEW_HELD, &[7]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_in_several_chunks_of_a_streamed_read_is_repaired_exactly() {
+    writes_are_not_drift_and_drift_is_repaired(MANY_HELD, &[7, 13_001, 26_002, 39_003]).await;
+}
+
+/// The repairs `message` reports as (XDP entries, nftables elements)
+/// missing; anything else reported fails the test.
+fn missing_repaired(message: &str) -> (u32, u32) {
+    let count = |repair: &str, prefix: &str, suffix: &str| {
+        repair
+            .strip_prefix(prefix)?
+            .strip_suffix(suffix)?
+            .parse::<u32>()
+            .ok()
+    };
+    let (mut xdp, mut nft) = (0, 0);
+    for repair in message.split("; ") {
+        if let Some(n) = count(
+            repair,
+            "XDP: ",
+            " grant entries missing or wrong, 0 without a grant",
+        ) {
+            xdp += n;
+        } else if let Some(n) = count(
+            repair,
+            "nftables: ",
+            " elements missing or wrong, 0 without a grant",
+        ) {
+            nft += n;
+        } else {
+            panic!("unexpected repair reported: {repair:?} (in {message:?})");
+        }
+    }
+    (xdp, nft)
+}
+
+/// Holds `held` grants, churns others, checks that no drift is reported,
+/// then removes the XDP entry and nftables element of the held grants
+/// `drifted` behind the agent's back and waits for exactly those repairs.
+async fn writes_are_not_drift_and_drift_is_repaired(held: u32, drifted: &[u32]) {
     let host = AgentHost::new(Mode::XdpAndNftables, "reconcile_interval = \"1s\"\n");
     let (_agent, mut api) = host.start().await;
-    grant_many(&api.client).await;
+    grant_many(&api.client, held).await;
     let mut events = api
         .client
         .watch_events(proto::WatchEventsRequest {
@@ -111,40 +160,41 @@ async fn writes_during_a_reconciliation_are_not_drift_and_drift_is_still_repaire
         );
     }
 
-    // Drift behind the agent's back while it keeps writing: one XDP entry
-    // and one nftables element of a held grant, each repaired, exactly.
-    let held = api
-        .grants(false)
-        .await
-        .into_iter()
-        .find(|g| g.request_id == "held-7")
-        .expect("held grant listed");
-    let target: GrantTarget = target_of(&held);
-    host.pinned_grants().remove_v4(&target);
-    host.nft(&[
-        "delete",
-        "element",
-        "inet",
-        "jit_gate",
-        &jit_gate_agent::enforce::nft::NftGate::set_holding(&target),
-        &format!("{{ {} . tcp . {SSH} }}", source(7)),
-    ]);
-    let (mut xdp, mut nft) = (false, false);
+    // Drift behind the agent's back while it keeps writing: the XDP entry
+    // and nftables element of each drifted grant, each repaired, exactly.
+    let grants = api.grants(false).await;
+    for i in drifted {
+        let held = grants
+            .iter()
+            .find(|g| g.request_id == format!("held-{i}"))
+            .expect("held grant listed");
+        let target: GrantTarget = target_of(held);
+        host.pinned_grants().remove_v4(&target);
+        host.nft(&[
+            "delete",
+            "element",
+            "inet",
+            "jit_gate",
+            &jit_gate_agent::enforce::nft::NftGate::set_holding(&target),
+            &format!("{{ {} . tcp . {SSH} }}", source(*i)),
+        ]);
+    }
+    let want = u32::try_from(drifted.len()).expect("few drifted");
+    let (mut xdp, mut nft) = (0, 0);
     let deadline = Instant::now() + Duration::from_secs(15);
-    while !(xdp && nft) {
+    while xdp < want || nft < want {
         let event = tokio::time::timeout_at(deadline.into(), events.next())
             .await
-            .expect("the drift was not repaired within 15 s")
+            .unwrap_or_else(|_| {
+                panic!("the drift was not repaired within 15 s ({xdp} XDP, {nft} nftables)")
+            })
             .expect("event stream ended")
             .expect("event");
-        for repair in event.message.split("; ") {
-            match repair {
-                "XDP: 1 grant entries missing or wrong, 0 without a grant" => xdp = true,
-                "nftables: 1 elements missing or wrong, 0 without a grant" => nft = true,
-                other => panic!("unexpected repair reported: {other:?} (in {event:?})"),
-            }
-        }
+        let (more_xdp, more_nft) = missing_repaired(&event.message);
+        xdp += more_xdp;
+        nft += more_nft;
     }
+    assert_eq!((xdp, nft), (want, want), "repairs counted twice");
     stop.send(true).expect("stop the brokers");
     let mut made = 0;
     for broker in brokers {

@@ -141,6 +141,7 @@ fn main() -> ExitCode {
         return code;
     }
     limit_malloc_arenas();
+    purge_freed_memory_at_once();
     // Every file the agent creates (database, WAL, key, socket) is its own,
     // whatever umask it was started with.
     // SAFETY: umask only sets this process's file-creation mask.
@@ -225,6 +226,20 @@ fn limit_malloc_arenas() {
         libc::mallopt(libc::M_ARENA_MAX, 1);
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
     }
+}
+
+/// mimalloc's `purge_delay` option (its index in `mi_option_t`, mimalloc
+/// 3's `mimalloc.h`; the Rust bindings name no constant for it).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// mimalloc keeps pages freed for a second (its default `purge_delay`)
+/// before it returns them to the system, and only when the thread that
+/// owns them allocates or frees again: a reconciliation's chunks, freed
+/// once compared, stayed resident on an idle reader's heap. At once
+/// instead: the agent's resident memory is what it holds.
+fn purge_freed_memory_at_once() {
+    // SAFETY: sets an option read on each purge decision; any thread may.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
 }
 
 fn tls_action(action: TlsAction) -> anyhow::Result<String> {

@@ -6,12 +6,14 @@
 //! itself from a grant's one deadline. The layers never decide policy; they
 //! are told what to open and until when.
 
+mod compare;
 mod connections;
 mod interfaces;
+mod kernel_read;
 pub mod links;
 pub mod nft;
 mod reconcile;
-mod snapshot;
+mod seen;
 pub mod xdp;
 
 use std::{
@@ -22,12 +24,13 @@ use std::{
 use aya::maps::{MapData, RingBuf};
 use jit_gate_common::verdict::Reason;
 
+pub use compare::{Pass, Reading};
 pub use connections::ConnectionInfo;
 pub use connections::FlowSnapshot;
 use connections::FlowWatch;
 use interfaces::Interfaces;
 pub use interfaces::{InterfaceMode, InterfaceStatus, Repair};
-pub use snapshot::{KernelReader, KernelSnapshot, Pass};
+pub use kernel_read::{KernelRead, KernelReader};
 pub use xdp::{Counters, DeniedPacket, GrantFlowCounts};
 
 use crate::{
@@ -485,23 +488,31 @@ impl Enforcement {
     ) -> anyhow::Result<Vec<String>> {
         let mut repairs = Vec::new();
         for layer in Layer::BOTH {
-            let (begun, reader) = self.begin_reconcile(layer, active, protected)?;
+            let (begun, reading) = self.begin_reconcile(layer, active, protected)?;
             repairs.extend(begun);
-            let mut snapshots = Vec::new();
-            reader.read(|snapshot| snapshots.push(snapshot));
-            let compared = (|| {
-                for snapshot in snapshots {
-                    let mut pass = Pass::new(snapshot?);
-                    while !pass.is_done() {
+            let compared = reading.map_or(Ok(()), |(reader, pass)| {
+                std::thread::scope(|scope| {
+                    let (parts, received) = std::sync::mpsc::channel();
+                    scope.spawn(move || reader.read(|part| parts.send(part).is_ok()));
+                    // The pass ends (and lets its reader go) before the
+                    // scope waits for the reader.
+                    let mut pass = pass;
+                    loop {
+                        if !pass.has_work() {
+                            let part = received
+                                .recv()
+                                .map_err(|_| anyhow::anyhow!("the kernel reader stopped"))?;
+                            pass.receive(part?);
+                        }
                         if let Some(done) =
                             self.reconcile_step(layer, &mut pass, active, protected, Duration::MAX)?
                         {
                             repairs.extend(done);
+                            return anyhow::Ok(());
                         }
                     }
-                }
-                anyhow::Ok(())
-            })();
+                })
+            });
             self.end_reconcile(layer);
             compared?;
         }
@@ -511,17 +522,17 @@ impl Enforcement {
     /// The first part of a layer's reconciliation, done at once: for XDP
     /// the ports, pins and interfaces, for nftables the table's structure
     /// (repaired, and described). Returns the reader of the layer's grant
-    /// entries (none if the layer is not in use or was just installed
-    /// whole), to run on any thread; from now on the targets written are
-    /// noted, and skipped by the layer's comparison.
+    /// entries and the pass it feeds (none if the layer is not in use or
+    /// was just installed whole); the reader runs on any thread. From now
+    /// on the targets written are noted, and skipped by the comparison.
     pub fn begin_reconcile(
         &mut self,
         layer: Layer,
         active: &ActiveGrants,
         protected: &BTreeSet<(Protocol, u16)>,
-    ) -> anyhow::Result<(Vec<String>, KernelReader)> {
+    ) -> anyhow::Result<(Vec<String>, Option<Reading>)> {
         let mut repairs = Vec::new();
-        let reader = match layer {
+        let reading = match layer {
             Layer::Xdp => {
                 if let Some(xdp) = self.xdp.as_mut() {
                     reconcile::reconcile_xdp_ports(xdp, protected, &mut repairs)?;
@@ -535,7 +546,15 @@ impl Enforcement {
                 }
                 repairs.extend(self.scan_interfaces()?);
                 self.xdp_health.repaired(&repairs);
-                KernelReader::new(self.xdp.as_ref(), None)?
+                match &self.xdp {
+                    Some(xdp) => {
+                        let maps = xdp.grant_reader()?;
+                        Some(Pass::new(layer, active, |credits| {
+                            KernelReader::xdp(maps, credits)
+                        }))
+                    }
+                    None => None,
+                }
             }
             Layer::Nftables => {
                 if self.nft.is_none() && self.nft_needed() {
@@ -550,16 +569,19 @@ impl Enforcement {
                         reconcile::reconcile_nft_structure(nft, active, protected, &mut repairs)?;
                 }
                 self.nft_health.repaired(&repairs);
-                KernelReader::new(None, self.nft.as_ref().filter(|_| !nft_installed))?
+                self.nft.as_ref().filter(|_| !nft_installed).map(|nft| {
+                    let gate = nft.clone();
+                    Pass::new(layer, active, |credits| KernelReader::nft(gate, credits))
+                })
             }
         };
         self.touched[layer as usize] = Some(Touched::default());
-        Ok((repairs, reader))
+        Ok((repairs, reading))
     }
 
-    /// Compares the next part of `pass` (the reader's snapshot of `layer`)
-    /// with `active` and repairs it, for about `budget`; once the pass is
-    /// done, returns its repairs. `end_reconcile` follows.
+    /// Compares what `pass` has of its reader's parts with `active` and
+    /// repairs it, for about `budget`; once the pass is done, returns its
+    /// repairs. `end_reconcile` follows.
     pub fn reconcile_step(
         &mut self,
         layer: Layer,

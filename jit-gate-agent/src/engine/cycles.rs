@@ -1,39 +1,42 @@
 //! Reconciliation cycles, one per layer (`enforce::Layer`), each on its
 //! own timer so that a slow nftables read never delays the XDP check: a
-//! cycle repairs its layer's structure at once, reads its grant entries on
-//! a thread of its own (sent back as a command), then compares the
-//! snapshot with the active grants in steps between commands. The next
-//! cycle of a layer starts so that it ends about one `reconcile_interval`
-//! after the last one started (drift is repaired within one interval while
-//! a cycle takes at most two fifths of it), and never sooner than half the
-//! last cycle's duration after it ended (at most half the time spent
-//! reconciling).
+//! cycle repairs its layer's structure at once, starts a reader of its
+//! grant entries on a thread of its own (its parts sent back as commands),
+//! and compares the parts with the active grants in steps between
+//! commands as they arrive. The next cycle of a layer starts so that it
+//! ends about one `reconcile_interval` after the last one started (drift is
+//! repaired within about one interval), and never sooner than half the
+//! engine's time in the last cycle after it ended (at most a third of the
+//! engine's time goes to reconciling).
 
 use std::time::{Duration, Instant};
 
 use super::{Command, Engine};
-use crate::enforce::{KernelSnapshot, Layer, Pass};
+use crate::enforce::{KernelRead, Layer, Pass};
 
-/// Time the engine spends comparing a snapshot before it looks at its
-/// commands again.
+/// Time the engine spends comparing before it looks at its commands again.
 const RECONCILE_STEP: Duration = Duration::from_millis(5);
 
-/// A layer's cycle rests at least this share of its own duration.
+/// A layer's cycle rests at least this share of the engine's time in it.
 const REST_PER_CYCLE: u32 = 2;
 
 /// Each layer's cycle: when the next starts, and the one under way.
 pub(super) struct Cycles {
     next_start: [Instant; 2],
     running: [Option<Cycle>; 2],
-    /// The layer whose snapshot was compared last (they take turns).
+    /// The layer compared last (they take turns).
     last_stepped: usize,
+    /// The number of the last cycle started, which its reader's parts carry.
+    last_number: u64,
 }
 
-/// A cycle under way: its read pending, then its snapshot compared.
+/// A cycle under way: its pass, fed by its reader.
 struct Cycle {
+    number: u64,
     started: Instant,
-    read_pending: bool,
-    pass: Option<Pass>,
+    /// The engine's time in the cycle's structural check.
+    begun_in: Duration,
+    pass: Pass,
 }
 
 impl Cycles {
@@ -43,16 +46,17 @@ impl Cycles {
             next_start: [first; 2],
             running: [None, None],
             last_stepped: 0,
+            last_number: 0,
         }
     }
 }
 
 impl Engine {
     /// When the engine must next look at reconciliation: a cycle due, or
-    /// now if a snapshot waits to be compared.
+    /// now if a pass has parts to compare.
     pub(super) fn next_reconcile(&self) -> Instant {
         let cycles = &self.cycles;
-        if cycles.running.iter().flatten().any(|c| c.pass.is_some()) {
+        if cycles.running.iter().flatten().any(|c| c.pass.has_work()) {
             return Instant::now();
         }
         Layer::BOTH
@@ -63,7 +67,7 @@ impl Engine {
             .unwrap_or_else(|| Instant::now() + self.config.reconcile_interval)
     }
 
-    /// Starts the cycles due and compares one step of a waiting snapshot.
+    /// Starts the cycles due and compares one step of a pass with work.
     pub(super) fn reconcile_due(&mut self) {
         let now = Instant::now();
         for layer in Layer::BOTH {
@@ -86,7 +90,7 @@ impl Engine {
         let begun = self
             .enforcement
             .begin_reconcile(layer, &self.active, &self.policy.protected());
-        let (repairs, reader) = match begun {
+        let (repairs, reading) = match begun {
             Ok(begun) => begun,
             Err(e) => {
                 self.enforcement.end_reconcile(layer);
@@ -94,44 +98,58 @@ impl Engine {
                 return;
             }
         };
-        let read_pending = reader.parts() > 0;
-        if read_pending {
-            let results = self.read_results.clone();
-            let spawned = results.map(|results| {
-                std::thread::Builder::new()
-                    .name("jit-gate-read".into())
-                    .spawn(move || {
-                        reader.read(|read| {
-                            let _ = results.send(Command::KernelRead(layer, Box::new(read)));
-                        });
-                    })
-            });
-            if !matches!(spawned, Some(Ok(_))) {
-                self.enforcement.end_reconcile(layer);
-                tracing::error!("reconciling: the kernel reader did not start");
-                self.log_failure("recording drift", |e| e.record_drift(&repairs));
-                return;
-            }
-        }
-        self.cycles.running[i] = Some(Cycle {
-            started,
-            read_pending,
-            pass: None,
-        });
         self.log_failure("recording drift", |e| e.record_drift(&repairs));
-        if !read_pending {
-            self.end_cycle(layer);
-        }
-    }
-
-    /// A layer's snapshot from its reader arrived: its comparison is queued.
-    pub(super) fn kernel_read(&mut self, layer: Layer, read: anyhow::Result<KernelSnapshot>) {
-        let Some(cycle) = &mut self.cycles.running[layer as usize] else {
+        let Some((reader, pass)) = reading else {
+            self.enforcement.end_reconcile(layer);
             return;
         };
-        cycle.read_pending = false;
+        self.cycles.last_number += 1;
+        let number = self.cycles.last_number;
+        let results = self.read_results.clone();
+        let spawned = results.map(|results| {
+            std::thread::Builder::new()
+                .name("jit-gate-read".into())
+                .spawn(move || {
+                    reader.read(|read| {
+                        results
+                            .send(Command::KernelRead {
+                                layer,
+                                cycle: number,
+                                read: Box::new(read),
+                            })
+                            .is_ok()
+                    });
+                })
+        });
+        if !matches!(spawned, Some(Ok(_))) {
+            self.enforcement.end_reconcile(layer);
+            tracing::error!("reconciling: the kernel reader did not start");
+            return;
+        }
+        self.cycles.running[i] = Some(Cycle {
+            number,
+            started,
+            begun_in: started.elapsed(),
+            pass,
+        });
+    }
+
+    /// A part of a layer from its cycle's reader arrived: queued for
+    /// comparison (a part of a cycle already ended is dropped).
+    pub(super) fn kernel_read(
+        &mut self,
+        layer: Layer,
+        number: u64,
+        read: anyhow::Result<KernelRead>,
+    ) {
+        let Some(cycle) = self.cycles.running[layer as usize]
+            .as_mut()
+            .filter(|c| c.number == number)
+        else {
+            return;
+        };
         match read {
-            Ok(snapshot) => cycle.pass = Some(Pass::new(snapshot)),
+            Ok(part) => cycle.pass.receive(part),
             Err(e) => {
                 tracing::error!("reconciling: reading the kernel: {e:#}");
                 self.end_cycle(layer);
@@ -139,44 +157,39 @@ impl Engine {
         }
     }
 
-    /// Compares the next part of one waiting snapshot (the layers take
+    /// Compares the next part of one pass with work (the layers take
     /// turns), and ends its cycle once it is done.
     fn step_cycles(&mut self) {
-        let Some(layer) = (1..=2)
+        let Some(i) = (1..=2)
             .map(|k| (self.cycles.last_stepped + k) % 2)
             .find(|&i| {
                 self.cycles.running[i]
                     .as_ref()
-                    .is_some_and(|c| c.pass.is_some())
+                    .is_some_and(|c| c.pass.has_work())
             })
-            .map(|i| Layer::BOTH[i])
         else {
             return;
         };
-        let i = layer as usize;
+        let layer = Layer::BOTH[i];
         self.cycles.last_stepped = i;
-        let mut pass = self.cycles.running[i]
-            .as_mut()
-            .and_then(|c| c.pass.take())
-            .expect("found above");
+        let protected = self.policy.protected();
+        let Some(cycle) = self.cycles.running[i].as_mut() else {
+            return;
+        };
         let stepped = self.enforcement.reconcile_step(
             layer,
-            &mut pass,
+            &mut cycle.pass,
             &self.active,
-            &self.policy.protected(),
+            &protected,
             RECONCILE_STEP,
         );
         match stepped {
-            Ok(None) => {
-                if let Some(cycle) = &mut self.cycles.running[i] {
-                    cycle.pass = Some(pass);
-                }
-            }
+            Ok(None) => {}
             Ok(Some(repairs)) => {
                 self.log_failure("recording drift", |e| e.record_drift(&repairs));
                 self.end_cycle(layer);
             }
-            // This snapshot is given up; the next cycle compares again.
+            // This pass is given up; the next cycle compares again.
             Err(e) => {
                 tracing::error!("reconciling: {e:#}");
                 self.end_cycle(layer);
@@ -184,7 +197,8 @@ impl Engine {
         }
     }
 
-    /// Ends a layer's cycle and sets when the next one starts.
+    /// Ends a layer's cycle (its reader stops once it sees its pass gone)
+    /// and sets when the next one starts.
     fn end_cycle(&mut self, layer: Layer) {
         let i = layer as usize;
         self.enforcement.end_reconcile(layer);
@@ -193,10 +207,11 @@ impl Engine {
         };
         let now = Instant::now();
         let took = now - cycle.started;
-        tracing::debug!("reconciled {layer:?} in {took:?}");
+        let busy = cycle.begun_in + cycle.pass.busy();
+        tracing::debug!("reconciled {layer:?} in {took:?}, {busy:?} of it comparing");
         self.reconcile_durations.observe(took.as_secs_f64());
         let interval = self.config.reconcile_interval;
         self.cycles.next_start[i] =
-            (cycle.started + interval.saturating_sub(took)).max(now + took / REST_PER_CYCLE);
+            (cycle.started + interval.saturating_sub(took)).max(now + busy / REST_PER_CYCLE);
     }
 }

@@ -76,11 +76,14 @@ pub struct AuditHealth {
 }
 
 pub enum Command {
-    /// What a reconciliation's reader read of a layer (sent by its thread).
-    KernelRead(
-        crate::enforce::Layer,
-        Box<anyhow::Result<crate::enforce::KernelSnapshot>>,
-    ),
+    /// A part of what a reconciliation cycle's reader read of a layer
+    /// (sent by its thread).
+    KernelRead {
+        layer: crate::enforce::Layer,
+        /// The cycle that started the reader (`Cycles` numbers them).
+        cycle: u64,
+        read: Box<anyhow::Result<crate::enforce::KernelRead>>,
+    },
     Status(Reply<StatusReport>),
     Policy(Reply<Policy>),
     UpdatePolicy {

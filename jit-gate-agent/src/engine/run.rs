@@ -305,7 +305,7 @@ impl Engine {
             Command::Reload { config, reply } => {
                 let _ = reply.send(self.reload(*config));
             }
-            Command::KernelRead(layer, read) => self.kernel_read(layer, *read),
+            Command::KernelRead { layer, cycle, read } => self.kernel_read(layer, cycle, *read),
             Command::Fleet(command) => self.fleet(command),
             Command::LinksChanged => {
                 self.log_failure("gating new interfaces", |e| {

@@ -16,7 +16,8 @@
 //!   one call started every 5 ms whatever the previous ones do, so a stall
 //!   delays every call that arrives during it) across full reconciliations,
 //!   each proven by a drift repair: an XDP entry and an nftables element
-//!   removed by hand, timed until the agent's `DRIFT_REPAIRED` record.
+//!   removed by hand, timed until the agent's `DRIFT_REPAIRED` record; the
+//!   agent's resident memory, sampled every 100 ms meanwhile.
 //!
 //! The API has no batch request (a `RequestAccess` holds one source per
 //! port); a broker granting many sources sends concurrent requests over one
@@ -83,6 +84,9 @@ const LATENCY_SOURCES: u8 = 100;
 const ENGINE_THREAD: &str = "jit-gate-engine";
 /// One probe RPC is started this often.
 const PROBE_EVERY: Duration = Duration::from_millis(5);
+/// The agent's resident memory is sampled this often across the
+/// reconciliations.
+const RSS_EVERY: Duration = Duration::from_millis(100);
 /// Longest wait for a drift repair (the agent's interval may stretch).
 const REPAIR_TIMEOUT: Duration = Duration::from_mins(10);
 
@@ -102,6 +106,9 @@ struct Results {
     active_grants: u32,
     agent_rss_mib: f64,
     agent_peak_rss_mib: f64,
+    /// `VmRSS` sampled across the reconciliations: median and largest.
+    agent_rss_reconciling_median_mib: f64,
+    agent_rss_reconciling_max_mib: f64,
     database_mib: f64,
     /// Bytes per active grant of each table and index (WAL not included).
     database_bytes_per_grant: Vec<(String, f64)>,
@@ -330,9 +337,10 @@ async fn during_reconciliation(
     api: &mut JitGateClient<Channel>,
     files: &AgentFiles,
     gated: &Netns,
+    agent: i32,
     repairs: u32,
     grants: u32,
-) -> Result<(Vec<Duration>, Vec<Repaired>)> {
+) -> Result<(Vec<Duration>, Vec<Repaired>, Vec<f64>)> {
     let mut events = api
         .watch_events(proto::WatchEventsRequest {
             after_sequence: None,
@@ -341,14 +349,33 @@ async fn during_reconciliation(
         .await?
         .into_inner();
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let probe = tokio::spawn(probe_stream(api.clone(), stopped));
+    let probe = tokio::spawn(probe_stream(api.clone(), stopped.clone()));
+    let resident = tokio::spawn(sample_rss(agent, stopped));
     let mut repaired = Vec::new();
     for round in 0..repairs {
         let source = bulk_source((round * 7919 + 1) % grants);
         repaired.push(drift_repair(&mut events, files, gated, source).await?);
     }
     stop.send(true)?;
-    Ok((probe.await??, repaired))
+    Ok((probe.await??, repaired, resident.await??))
+}
+
+/// The agent's `VmRSS` (MiB) every `RSS_EVERY` until `stop` is set.
+async fn sample_rss(agent: i32, stop: tokio::sync::watch::Receiver<bool>) -> Result<Vec<f64>> {
+    let mut ticks = tokio::time::interval(RSS_EVERY);
+    let mut samples = Vec::new();
+    while !*stop.borrow() {
+        ticks.tick().await;
+        samples.push(rss_mib(agent)?.0);
+    }
+    Ok(samples)
+}
+
+/// The median and the largest of `samples`.
+fn median_and_max(mut samples: Vec<f64>) -> (f64, f64) {
+    samples.sort_unstable_by(f64::total_cmp);
+    let median = samples.get(samples.len() / 2).copied().unwrap_or(f64::NAN);
+    (median, samples.last().copied().unwrap_or(f64::NAN))
 }
 
 async fn expiry_lateness(api: &mut JitGateClient<Channel>, count: u32) -> Result<Vec<Duration>> {
@@ -466,8 +493,16 @@ fn main() -> Result<()> {
             .into_iter()
             .map(|(name, bytes)| (name, bytes as f64 / f64::from(listed)))
             .collect();
-        let (probe, repaired) =
-            during_reconciliation(&mut api, &files, &topo.gated, args.repairs, args.grants).await?;
+        let (probe, repaired, resident) = during_reconciliation(
+            &mut api,
+            &files,
+            &topo.gated,
+            agent.pid(),
+            args.repairs,
+            args.grants,
+        )
+        .await?;
+        let (rss_median, rss_max) = median_and_max(resident);
         let lateness = expiry_lateness(&mut api, args.expiring).await?;
         Ok::<_, anyhow::Error>(Results {
             grant_rpc: percentiles(latency.grant_rpc),
@@ -482,6 +517,8 @@ fn main() -> Result<()> {
             active_grants: listed,
             agent_rss_mib: rss,
             agent_peak_rss_mib: peak,
+            agent_rss_reconciling_median_mib: rss_median,
+            agent_rss_reconciling_max_mib: rss_max,
             database_mib,
             database_bytes_per_grant,
             probe_samples: probe.len(),
@@ -573,6 +610,10 @@ fn print_table(args: &Args, r: &Results) {
     println!(
         "agent memory with {} active grants: RSS {:.1} MiB (peak {:.1} MiB)",
         r.active_grants, r.agent_rss_mib, r.agent_peak_rss_mib
+    );
+    println!(
+        "agent memory across the reconciliations: RSS median {:.1} MiB, largest {:.1} MiB",
+        r.agent_rss_reconciling_median_mib, r.agent_rss_reconciling_max_mib
     );
     println!(
         "database with {} active grants: {:.1} MiB (with WAL); {} probe RPCs",

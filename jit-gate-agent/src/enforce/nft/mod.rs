@@ -79,14 +79,24 @@ pub struct NftRead {
     pub strays: Vec<StrayElement>,
 }
 
-/// The table as one or two dumps saw it, for reconciliation: the
-/// protected set, the allowed targets sorted (each once: a set holds a key
-/// once, and the key spells the set's prefix length), the strays.
+/// The table as one dump saw it: the protected set, the allowed targets
+/// sorted (each once: a set holds a key once, and the key spells the
+/// set's prefix length), the strays.
 #[derive(Debug, Default)]
-pub struct ElementsRead {
-    pub protected: BTreeSet<(Protocol, u16)>,
-    pub allowed: Vec<(GrantTarget, Duration)>,
-    pub strays: Vec<StrayElement>,
+struct ElementsRead {
+    protected: BTreeSet<(Protocol, u16)>,
+    allowed: Vec<(GrantTarget, Duration)>,
+    strays: Vec<StrayElement>,
+}
+
+/// One element of the table as a dump streams it (`NftGate::stream`).
+#[derive(Debug)]
+pub enum ElementRead {
+    /// A port of the protected set.
+    Protected((Protocol, u16)),
+    /// An element of an allow set, with the time it had left.
+    Allowed(GrantTarget, Duration),
+    Stray(StrayElement),
 }
 
 impl ElementsRead {
@@ -444,51 +454,57 @@ impl NftGate {
         Err(NftError::Interrupted)
     }
 
-    /// Reads the table back while the agent may write it: two dumps, and
-    /// every element either saw (a dump overlapping a hash resize can miss
-    /// some, see `read`; the caller skips what it wrote meanwhile), with
-    /// the time left the later dump saw; the protected set of the later.
-    /// The elements come sorted by target, in a vector: at a million
-    /// grants a map per dump would cost hundreds of megabytes.
-    pub fn read_merged(&self) -> Result<Option<ElementsRead>> {
-        let first = self.read_dump()?;
-        let second = self.read_dump()?;
-        Ok(match (first, second) {
-            (Some(first), Some(mut second)) => {
-                merge_allowed(&mut second.allowed, first.allowed);
-                second.strays.extend(first.strays);
-                second.strays.sort_unstable();
-                second.strays.dedup();
-                Some(second)
-            }
-            (_, second) => second,
-        })
-    }
-
-    /// One dump of the table, started again if the kernel flags it as
-    /// interrupted by a change.
-    fn read_dump(&self) -> Result<Option<ElementsRead>> {
+    /// Reads the table back while the agent may write it, in one dump:
+    /// calls `each` with every element as the dump's answers arrive (an
+    /// element again if an interrupted dump starts over). Returns whether
+    /// the table exists. A dump overlapping a hash resize can miss
+    /// elements (see `read`): a caller that finds one missing reads again.
+    pub fn stream(&self, mut each: impl FnMut(ElementRead)) -> Result<bool> {
         let mut attempts = 1;
         loop {
             // An interrupted dump leaves answers queued: the lease closes
             // that socket and the next attempt opens a fresh one.
             let (table, mut socket) = self.open()?;
-            match self.read_once(&table, &mut socket) {
+            match self.read_once(&table, &mut socket, &mut each) {
                 Err(NftError::Interrupted) if attempts < READ_ATTEMPTS => attempts += 1,
                 result => return socket.done(result),
             }
         }
     }
 
-    fn read_once(&self, table: &GateTable, socket: &mut Socket) -> Result<Option<ElementsRead>> {
+    /// One dump of the table, sorted, started again if the kernel flags it
+    /// as interrupted by a change.
+    fn read_dump(&self) -> Result<Option<ElementsRead>> {
+        let mut read = ElementsRead::default();
+        let exists = self.stream(|element| match element {
+            ElementRead::Protected(service) => {
+                read.protected.insert(service);
+            }
+            ElementRead::Allowed(target, left) => read.allowed.push((target, left)),
+            ElementRead::Stray(stray) => read.strays.push(stray),
+        })?;
+        read.allowed.sort_unstable_by_key(|(t, _)| *t);
+        read.allowed.dedup_by_key(|(t, _)| *t);
+        read.strays.sort_unstable();
+        read.strays.dedup();
+        Ok(exists.then_some(read))
+    }
+
+    /// One dump: every element of the table to `each`; false if the table
+    /// does not exist.
+    fn read_once(
+        &self,
+        table: &GateTable,
+        socket: &mut Socket,
+        each: &mut impl FnMut(ElementRead),
+    ) -> Result<bool> {
         let Some(names) = set_names(table, socket)? else {
-            return Ok(None);
+            return Ok(false);
         };
         let unexpected = |what: String| NftError::Unexpected {
             table: self.table.clone(),
             what,
         };
-        let mut read = ElementsRead::default();
         for name in names {
             if name == PROTECTED_SET {
                 let mut unparsed = None;
@@ -497,9 +513,7 @@ impl NftGate {
                     socket,
                     &name,
                     |key, _| match keys::parse_service_key(key) {
-                        Some(service) => {
-                            read.protected.insert(service);
-                        }
+                        Some(service) => each(ElementRead::Protected(service)),
                         None => unparsed = unparsed.take().or_else(|| Some(key.to_vec())),
                     },
                 )?;
@@ -514,14 +528,14 @@ impl NftGate {
                     let ours = target
                         .zip(expires_in)
                         .filter(|_| shards::shard_of(key) == shard);
-                    match ours {
-                        Some(allowed) => read.allowed.push(allowed),
-                        None => read.strays.push(StrayElement {
+                    each(match ours {
+                        Some((target, left)) => ElementRead::Allowed(target, left),
+                        None => ElementRead::Stray(StrayElement {
                             set: name.clone(),
                             key: key.to_vec(),
                             target,
                         }),
-                    }
+                    });
                 })?;
             } else if AllowSet::parse_name(&name).is_none() {
                 return Err(unexpected(format!("a set named {name}")));
@@ -530,9 +544,7 @@ impl NftGate {
             // (the kernel refuses element changes): `check_structure`
             // compares it with what `install` creates.
         }
-        read.allowed.sort_unstable_by_key(|(t, _)| *t);
-        read.strays.sort_unstable();
-        Ok(Some(read))
+        Ok(true)
     }
 
     /// What differs between the table's structure in the kernel (table
@@ -576,19 +588,6 @@ impl NftGate {
             Err(e) => Err(e),
         };
         socket.done(result)
-    }
-}
-
-/// Adds to `later` (sorted by target) the elements only `earlier` saw;
-/// `later`'s time left wins where both saw one.
-fn merge_allowed(later: &mut Vec<(GrantTarget, Duration)>, earlier: Vec<(GrantTarget, Duration)>) {
-    let missing: Vec<(GrantTarget, Duration)> = earlier
-        .into_iter()
-        .filter(|(target, _)| later.binary_search_by_key(target, |(t, _)| *t).is_err())
-        .collect();
-    if !missing.is_empty() {
-        later.extend(missing);
-        later.sort_unstable_by_key(|(t, _)| *t);
     }
 }
 
@@ -744,45 +743,4 @@ fn dump_elements(
             })
         }
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn allowed(entries: &[(&str, u64)]) -> Vec<(GrantTarget, Duration)> {
-        let mut out: Vec<_> = entries
-            .iter()
-            .map(|(source, secs)| {
-                let target = GrantTarget {
-                    source: source.parse().unwrap(),
-                    protocol: Protocol::Tcp,
-                    port: 22,
-                };
-                (target, Duration::from_secs(*secs))
-            })
-            .collect();
-        out.sort_unstable_by_key(|(t, _)| *t);
-        out
-    }
-
-    #[test]
-    fn merged_reads_keep_every_element_either_saw_with_the_later_time_left() {
-        let mut later = allowed(&[("192.0.2.2/32", 20), ("192.0.2.4/32", 40)]);
-        let earlier = allowed(&[
-            ("192.0.2.1/32", 11),
-            ("192.0.2.2/32", 21),
-            ("192.0.2.3/32", 31),
-        ]);
-        merge_allowed(&mut later, earlier);
-        assert_eq!(
-            later,
-            allowed(&[
-                ("192.0.2.1/32", 11),
-                ("192.0.2.2/32", 20),
-                ("192.0.2.3/32", 31),
-                ("192.0.2.4/32", 40),
-            ])
-        );
-    }
 }

@@ -49,26 +49,34 @@ pub struct GrantReader {
 }
 
 impl GrantReader {
-    /// Every grant entry in the kernel.
-    pub fn entries(&self) -> Result<Vec<GrantEntry>> {
-        read_entries(&GrantMaps {
-            exact_v4: &self.exact_v4,
-            exact_v6: &self.exact_v6,
-            cidr_v4: &self.cidr_v4,
-            cidr_v6: &self.cidr_v6,
-        })
+    /// Calls `each` with every grant entry in the kernel, as it is read.
+    pub fn for_each_entry(&self, each: impl FnMut(GrantEntry)) -> Result<()> {
+        for_each_entry(
+            &GrantMaps {
+                exact_v4: &self.exact_v4,
+                exact_v6: &self.exact_v6,
+                cidr_v4: &self.cidr_v4,
+                cidr_v6: &self.cidr_v6,
+            },
+            each,
+        )
     }
 }
 
 impl XdpGate {
     /// Every grant entry in the kernel.
     pub fn grants(&self) -> Result<Vec<GrantEntry>> {
-        read_entries(&GrantMaps {
-            exact_v4: self.maps.grants_v4.map(),
-            exact_v6: self.maps.grants_v6.map(),
-            cidr_v4: &self.maps.cidr_v4,
-            cidr_v6: &self.maps.cidr_v6,
-        })
+        let mut out = Vec::new();
+        for_each_entry(
+            &GrantMaps {
+                exact_v4: self.maps.grants_v4.map(),
+                exact_v6: self.maps.grants_v6.map(),
+                cidr_v4: &self.maps.cidr_v4,
+                cidr_v6: &self.maps.cidr_v6,
+            },
+            |entry| out.push(entry),
+        )?;
+        Ok(out)
     }
 
     /// A second handle on the grant maps, for reading them elsewhere.
@@ -99,42 +107,43 @@ fn duplicate_trie<K: Pod>(
     LpmTrie::try_from(Map::LpmTrie(duplicate(map, name)?)).map_err(map_err(name))
 }
 
-fn read_entries(maps: &GrantMaps<'_>) -> Result<Vec<GrantEntry>> {
-    let mut out = Vec::new();
-    let entry = |source: IpNet, protocol: u8, port: u16, value: GrantValue| {
-        Protocol::from_number(protocol).map(|protocol| GrantEntry {
-            target: GrantTarget {
-                source,
-                protocol,
-                port,
-            },
-            expires_at_boot_ns: value.expires_at_boot_ns,
-            grant_id: value.grant_id,
-            limits: GrantLimits {
-                flow_quota: value.flow_quota,
-                max_opens: value.max_opens,
-            },
-        })
+fn for_each_entry(maps: &GrantMaps<'_>, mut each: impl FnMut(GrantEntry)) -> Result<()> {
+    let mut entry = |source: IpNet, protocol: u8, port: u16, value: GrantValue| {
+        if let Some(protocol) = Protocol::from_number(protocol) {
+            each(GrantEntry {
+                target: GrantTarget {
+                    source,
+                    protocol,
+                    port,
+                },
+                expires_at_boot_ns: value.expires_at_boot_ns,
+                grant_id: value.grant_id,
+                limits: GrantLimits {
+                    flow_quota: value.flow_quota,
+                    max_opens: value.max_opens,
+                },
+            });
+        }
     };
     lookup_batches::<GrantKeyV4>(maps.exact_v4, names::GRANTS_V4, |k, v| {
-        out.extend(entry(IpAddr::from(k.addr).into(), k.protocol, k.port, v));
+        entry(IpAddr::from(k.addr).into(), k.protocol, k.port, v);
     })?;
     lookup_batches::<GrantKeyV6>(maps.exact_v6, names::GRANTS_V6, |k, v| {
-        out.extend(entry(IpAddr::from(k.addr).into(), k.protocol, k.port, v));
+        entry(IpAddr::from(k.addr).into(), k.protocol, k.port, v);
     })?;
     for item in maps.cidr_v4 {
         let (k, v) = item.map_err(map_err(names::CIDR_GRANTS_V4))?;
         let (protocol, port, addr, len) = split_cidr_key::<7, 4>(&k);
         let source = IpNet::new(IpAddr::from(addr), len).expect("trie prefix fits the family");
-        out.extend(entry(source, protocol, port, v));
+        entry(source, protocol, port, v);
     }
     for item in maps.cidr_v6 {
         let (k, v) = item.map_err(map_err(names::CIDR_GRANTS_V6))?;
         let (protocol, port, addr, len) = split_cidr_key::<19, 16>(&k);
         let source = IpNet::new(IpAddr::from(addr), len).expect("trie prefix fits the family");
-        out.extend(entry(source, protocol, port, v));
+        entry(source, protocol, port, v);
     }
-    Ok(out)
+    Ok(())
 }
 
 /// (protocol, port, address, prefix length) from an LPM key.

@@ -1,0 +1,488 @@
+//! The engine's side of a streamed reconciliation (see `kernel_read`): it
+//! compares each chunk the reader sends with the active grants in bounded
+//! steps between commands, repairs what differs at once (an entry wrong or
+//! without a grant, a stray element), and notes each active target found
+//! right (`Seen`). Once the read is complete, a walk of the active targets
+//! writes those it did not find. A target the engine writes after the read
+//! began is skipped (the read may predate the write, and the write made it
+//! right); the next pass checks it.
+//!
+//! A dump of nftables overlapping a set's hash resize can miss elements
+//! without the kernel saying so: a target the first dump did not find is
+//! written only if a second dump, asked for then, does not find it either.
+
+use std::{
+    collections::{BTreeSet, HashSet, VecDeque},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use super::{
+    Layer,
+    kernel_read::{CREDITS, Go, KernelRead, KernelReader, NftChunk},
+    nft::NftGate,
+    reconcile::{NFT_EARLIER_TOLERANCE, NFT_LATER_TOLERANCE, write_xdp_entry},
+    seen::Seen,
+    xdp::{GrantEntry, XdpGate},
+};
+use crate::{
+    clock::Deadline,
+    grants::ActiveGrants,
+    net::{GrantTarget, Protocol},
+};
+
+/// Entries compared between two looks at the clock.
+const CLOCK_EVERY: usize = 256;
+
+/// A layer's reader and the pass it feeds.
+pub type Reading = (KernelReader, Pass);
+
+/// One reconciliation of a layer's grant entries, fed by its reader.
+pub struct Pass {
+    layer: Layer,
+    /// To the reader; dropped once the pass needs nothing more of it.
+    credits: Option<mpsc::Sender<Go>>,
+    /// Parts received and not yet compared, the first perhaps in part.
+    queue: VecDeque<KernelRead>,
+    /// The next item of the part at the front of the queue.
+    next_item: usize,
+    phase: Phase,
+    seen: Seen,
+    /// nftables: the dumps whose end arrived.
+    dumps: u8,
+    /// nftables: the targets the first dump did not find.
+    unfound: Vec<GrantTarget>,
+    /// nftables: the ports the table protected, as the last dump saw them.
+    protected: Option<BTreeSet<(Protocol, u16)>>,
+    /// The engine's time in this pass.
+    busy: Duration,
+    xdp_written: usize,
+    xdp_removed: usize,
+    /// Granted exact sources whose bit the source filter had lost.
+    xdp_bits_missing: usize,
+    nft_written: usize,
+    nft_removed: usize,
+    /// Stray elements removed, the first of them described.
+    nft_strays: Option<(usize, String)>,
+}
+
+#[derive(Clone, Copy)]
+enum Phase {
+    /// Comparing the reader's parts as they come.
+    Reading,
+    /// The read is complete: walking the active targets after the one
+    /// given, for those it did not find.
+    Walking(Option<GrantTarget>),
+    /// nftables, after the second dump: writing the targets neither dump
+    /// found, from this index of `unfound`.
+    Writing(usize),
+    Done,
+}
+
+impl Pass {
+    /// A pass over `layer` and the reader that feeds it.
+    pub(super) fn new(
+        layer: Layer,
+        active: &ActiveGrants,
+        reader: impl FnOnce(mpsc::Receiver<Go>) -> KernelReader,
+    ) -> Reading {
+        let (credits, receiver) = mpsc::channel();
+        for _ in 0..CREDITS {
+            credits.send(Go::Chunk).expect("the receiver is here");
+        }
+        let pass = Pass {
+            layer,
+            credits: Some(credits),
+            queue: VecDeque::new(),
+            next_item: 0,
+            phase: Phase::Reading,
+            seen: Seen::new(active),
+            dumps: 0,
+            unfound: Vec::new(),
+            protected: None,
+            busy: Duration::ZERO,
+            xdp_written: 0,
+            xdp_removed: 0,
+            xdp_bits_missing: 0,
+            nft_written: 0,
+            nft_removed: 0,
+            nft_strays: None,
+        };
+        (reader(receiver), pass)
+    }
+
+    /// Queues a part from the reader.
+    pub fn receive(&mut self, read: KernelRead) {
+        self.queue.push_back(read);
+    }
+
+    pub fn is_done(&self) -> bool {
+        matches!(self.phase, Phase::Done)
+    }
+
+    /// Whether a step would do something now (else it waits for the reader).
+    pub fn has_work(&self) -> bool {
+        match self.phase {
+            Phase::Reading => !self.queue.is_empty(),
+            Phase::Walking(_) | Phase::Writing(_) => true,
+            Phase::Done => false,
+        }
+    }
+
+    /// The engine's time spent in the pass's steps.
+    pub fn busy(&self) -> Duration {
+        self.busy
+    }
+
+    /// Compares and repairs until `budget` is spent, the pass waits for
+    /// the reader, or it is done; targets in `touched` (written since the
+    /// read began) are skipped.
+    pub(super) fn step(
+        &mut self,
+        mut xdp: Option<&mut XdpGate>,
+        nft: Option<&NftGate>,
+        active: &ActiveGrants,
+        touched: &HashSet<GrantTarget>,
+        budget: Duration,
+    ) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let clock = Clock { started, budget };
+        let stepped = (|| {
+            while !clock.spent() {
+                // A layer no longer in use has nothing to compare.
+                let more = match (self.layer, xdp.as_deref_mut(), nft) {
+                    (Layer::Xdp, Some(gate), _) => self.xdp_step(gate, active, touched, &clock)?,
+                    (Layer::Nftables, _, Some(gate)) => {
+                        self.nft_step(gate, active, touched, &clock)?
+                    }
+                    _ => {
+                        self.finish();
+                        false
+                    }
+                };
+                if !more {
+                    break;
+                }
+            }
+            anyhow::Ok(())
+        })();
+        self.busy += started.elapsed();
+        stepped
+    }
+
+    /// One stretch of an XDP pass; false when there is nothing to do now.
+    fn xdp_step(
+        &mut self,
+        xdp: &mut XdpGate,
+        active: &ActiveGrants,
+        touched: &HashSet<GrantTarget>,
+        clock: &Clock,
+    ) -> anyhow::Result<bool> {
+        match self.phase {
+            Phase::Reading => match self.queue.pop_front() {
+                Some(KernelRead::Xdp(entries)) => {
+                    if self.compare_xdp(xdp, &entries, active, touched, clock)? {
+                        self.chunk_done();
+                    } else {
+                        self.queue.push_front(KernelRead::Xdp(entries));
+                    }
+                }
+                Some(KernelRead::End(_)) => self.phase = Phase::Walking(None),
+                Some(KernelRead::Nft(_)) => anyhow::bail!("nftables elements read for XDP"),
+                None => return Ok(false),
+            },
+            Phase::Walking(mut after) => {
+                let (chunk, last) = granted_chunk(&mut after, active);
+                self.phase = Phase::Walking(after);
+                for target in chunk.iter().filter(|t| !touched.contains(*t)) {
+                    let Some(entry) = active.xdp_entry(target) else {
+                        continue;
+                    };
+                    if !self.seen.contains(target, entry.grant_id) {
+                        write_xdp_entry(xdp, target, active)?;
+                        self.xdp_written += 1;
+                    }
+                }
+                if last {
+                    self.finish();
+                }
+            }
+            Phase::Writing(_) | Phase::Done => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Compares `entries` from `next_item` on; true once all are.
+    fn compare_xdp(
+        &mut self,
+        xdp: &mut XdpGate,
+        entries: &[GrantEntry],
+        active: &ActiveGrants,
+        touched: &HashSet<GrantTarget>,
+        clock: &Clock,
+    ) -> anyhow::Result<bool> {
+        while let Some(kernel) = entries.get(self.next_item) {
+            self.next_item += 1;
+            // A target written since the read may have lost its entry
+            // (and, after a rebuild, its source's bit) on purpose.
+            if !touched.contains(&kernel.target) {
+                match active.xdp_entry(&kernel.target) {
+                    None => {
+                        xdp.remove_grant(&kernel.target)?;
+                        self.xdp_removed += 1;
+                    }
+                    Some(entry) => {
+                        let right = kernel.grant_id == entry.grant_id
+                            && kernel.expires_at_boot_ns == entry.deadline.boot_ns()
+                            && kernel.limits.max_opens == entry.max_connections;
+                        if !right {
+                            write_xdp_entry(xdp, &kernel.target, active)?;
+                            self.xdp_written += 1;
+                        } else if kernel.target.is_exact() {
+                            self.xdp_bits_missing +=
+                                xdp.repair_source_bit(kernel.target.source.addr())?;
+                        }
+                        self.seen.insert(&kernel.target, entry.grant_id);
+                    }
+                }
+            }
+            if self.next_item.is_multiple_of(CLOCK_EVERY) && clock.spent() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// One stretch of an nftables pass; false when there is nothing to do.
+    fn nft_step(
+        &mut self,
+        nft: &NftGate,
+        active: &ActiveGrants,
+        touched: &HashSet<GrantTarget>,
+        clock: &Clock,
+    ) -> anyhow::Result<bool> {
+        match self.phase {
+            Phase::Reading => match self.queue.pop_front() {
+                Some(KernelRead::Nft(chunk)) => {
+                    if self.compare_nft(nft, &chunk, active, touched, clock)? {
+                        self.chunk_done();
+                    } else {
+                        self.queue.push_front(KernelRead::Nft(chunk));
+                    }
+                }
+                Some(KernelRead::End(protected)) => {
+                    self.protected = protected;
+                    self.dumps += 1;
+                    self.phase = if self.dumps == 1 {
+                        Phase::Walking(None)
+                    } else {
+                        Phase::Writing(0)
+                    };
+                }
+                Some(KernelRead::Xdp(_)) => anyhow::bail!("XDP entries read for nftables"),
+                None => return Ok(false),
+            },
+            Phase::Walking(mut after) => {
+                let (chunk, last) = granted_chunk(&mut after, active);
+                self.phase = Phase::Walking(after);
+                let now = Deadline::now();
+                for target in chunk.iter().filter(|t| !touched.contains(*t)) {
+                    if let Some(entry) = active.own_entry(target)
+                        && entry.deadline > now
+                        && !self.seen.contains(target, entry.grant_id)
+                    {
+                        self.unfound.push(*target);
+                    }
+                }
+                if last {
+                    self.walked_nft();
+                }
+            }
+            Phase::Writing(next) => {
+                let end = (next + CLOCK_EVERY).min(self.unfound.len());
+                let now = Deadline::now();
+                let missing: Vec<(GrantTarget, Duration)> = self.unfound[next..end]
+                    .iter()
+                    .filter(|t| !touched.contains(*t))
+                    .filter_map(|target| {
+                        let entry = active.own_entry(target)?;
+                        let left = entry.deadline.boot_ns().checked_sub(now.boot_ns())?;
+                        (left > 0 && !self.seen.contains(target, entry.grant_id))
+                            .then(|| (*target, Duration::from_nanos(left)))
+                    })
+                    .collect();
+                nft.add_allowed(&missing)?;
+                self.nft_written += missing.len();
+                self.phase = Phase::Writing(end);
+                if end == self.unfound.len() {
+                    self.finish();
+                }
+            }
+            Phase::Done => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// After the first dump's walk: done if it found every target, else a
+    /// second dump is asked for.
+    fn walked_nft(&mut self) {
+        if self.unfound.is_empty() {
+            return self.finish();
+        }
+        self.phase = Phase::Reading;
+        if let Some(credits) = &self.credits {
+            // A reader gone shows as its channel closed, ending the cycle.
+            let _ = credits.send(Go::SecondDump);
+            for _ in 0..CREDITS {
+                let _ = credits.send(Go::Chunk);
+            }
+        }
+    }
+
+    /// Compares `chunk` from `next_item` on; true once all of it is.
+    fn compare_nft(
+        &mut self,
+        nft: &NftGate,
+        chunk: &NftChunk,
+        active: &ActiveGrants,
+        touched: &HashSet<GrantTarget>,
+        clock: &Clock,
+    ) -> anyhow::Result<bool> {
+        if self.next_item == 0 {
+            // Before any missing element is added: a stray may share its
+            // key with one of them (an element without a timeout).
+            let strays: Vec<_> = chunk
+                .strays
+                .iter()
+                .filter(|s| s.target.is_none_or(|t| !touched.contains(&t)))
+                .cloned()
+                .collect();
+            nft.remove_strays(&strays)?;
+            if let Some(first) = strays.first() {
+                let (count, _) = self
+                    .nft_strays
+                    .get_or_insert_with(|| (0, first.to_string()));
+                *count += strays.len();
+            }
+        }
+        let now = Deadline::now();
+        let (mut stale, mut extra) = (Vec::new(), Vec::new());
+        let mut finished = true;
+        while let Some((target, have)) = chunk.allowed.get(self.next_item) {
+            self.next_item += 1;
+            if !touched.contains(target) {
+                match active.own_entry(target) {
+                    None => extra.push(*target),
+                    Some(entry) => {
+                        let left = entry.deadline.boot_ns().saturating_sub(now.boot_ns());
+                        if left > 0 && !element_fits(chunk, *have, entry.deadline) {
+                            stale.push((*target, Duration::from_nanos(left)));
+                        }
+                        self.seen.insert(target, entry.grant_id);
+                    }
+                }
+            }
+            if self.next_item.is_multiple_of(CLOCK_EVERY) && clock.spent() {
+                finished = false;
+                break;
+            }
+        }
+        nft.add_allowed(&stale)?;
+        self.nft_written += stale.len();
+        nft.remove_allowed(&extra)?;
+        self.nft_removed += extra.len();
+        Ok(finished)
+    }
+
+    /// The part at the front is compared: the reader may send another.
+    fn chunk_done(&mut self) {
+        self.next_item = 0;
+        if let Some(credits) = &self.credits {
+            let _ = credits.send(Go::Chunk);
+        }
+    }
+
+    fn finish(&mut self) {
+        self.phase = Phase::Done;
+        self.credits = None;
+        self.queue.clear();
+        self.unfound = Vec::new();
+    }
+
+    /// What the pass repaired, per layer (XDP, nftables).
+    pub(super) fn repairs(&self) -> (Vec<String>, Option<String>) {
+        let entries = (self.xdp_written + self.xdp_removed > 0).then(|| {
+            format!(
+                "XDP: {} grant entries missing or wrong, {} without a grant",
+                self.xdp_written, self.xdp_removed
+            )
+        });
+        let bits = (self.xdp_bits_missing > 0).then(|| {
+            format!(
+                "XDP: source filter missing {} granted sources' bits; set again",
+                self.xdp_bits_missing
+            )
+        });
+        let xdp = entries.into_iter().chain(bits).collect();
+        let elements = (self.nft_written + self.nft_removed > 0).then(|| {
+            format!(
+                "{} elements missing or wrong, {} without a grant",
+                self.nft_written, self.nft_removed
+            )
+        });
+        let strays = self
+            .nft_strays
+            .as_ref()
+            .map(|(count, first)| format!("{count} stray elements removed (first: {first})"));
+        let nft = match (elements, strays) {
+            (None, None) => None,
+            (Some(one), None) | (None, Some(one)) => Some(format!("nftables: {one}")),
+            (Some(elements), Some(strays)) => Some(format!("nftables: {elements}; {strays}")),
+        };
+        (xdp, nft)
+    }
+
+    /// The ports the nftables table protected when last read.
+    pub(super) fn nft_protected(&self) -> Option<&BTreeSet<(Protocol, u16)>> {
+        self.protected.as_ref()
+    }
+}
+
+/// A step's time: when it started and how long it may take.
+struct Clock {
+    started: Instant,
+    budget: Duration,
+}
+
+impl Clock {
+    fn spent(&self) -> bool {
+        self.started.elapsed() >= self.budget
+    }
+}
+
+/// The next few active targets after `cursor` (moved past them), and
+/// whether they are the last.
+fn granted_chunk(
+    cursor: &mut Option<GrantTarget>,
+    active: &ActiveGrants,
+) -> (Vec<GrantTarget>, bool) {
+    let chunk: Vec<_> = active
+        .targets_after(cursor.as_ref())
+        .take(CLOCK_EVERY)
+        .collect();
+    *cursor = chunk.last().copied();
+    let last = chunk.len() < CLOCK_EVERY;
+    (chunk, last)
+}
+
+/// Whether an element with `have` left when read ends close enough to
+/// `deadline`: it was read at some instant between the chunk's `from` and
+/// `until`, so it ends between `from + have` and `until + have`.
+fn element_fits(chunk: &NftChunk, have: Duration, deadline: Deadline) -> bool {
+    let have = have.as_nanos() as u64;
+    let earliest_end = chunk.from.boot_ns().saturating_add(have);
+    let latest_end = chunk.until.boot_ns().saturating_add(have);
+    let deadline = deadline.boot_ns();
+    earliest_end <= deadline.saturating_add(NFT_LATER_TOLERANCE.as_nanos() as u64)
+        && latest_end.saturating_add(NFT_EARLIER_TOLERANCE.as_nanos() as u64) >= deadline
+}

@@ -1,0 +1,224 @@
+//! The reader's side of a streamed reconciliation: on a thread of its own,
+//! a `KernelReader` (the grant maps' duplicated descriptors, or a netlink
+//! socket of its own) reads one layer's grant entries and sends them to
+//! the engine's comparison (`compare::Pass`) in chunks, each once the
+//! comparison has returned a credit, so that a few chunks at most wait in
+//! memory however many grants there are.
+
+use std::{collections::BTreeSet, sync::mpsc, time::Duration};
+
+use super::{
+    nft::{ElementRead, NftGate, StrayElement},
+    xdp::{GrantEntry, GrantReader},
+};
+use crate::{
+    clock::Deadline,
+    net::{GrantTarget, Protocol},
+};
+
+/// Entries per chunk (about a megabyte of them).
+pub(super) const CHUNK: usize = 16_384;
+
+/// Chunks the reader may send ahead of the comparison.
+pub(super) const CREDITS: usize = 2;
+
+/// What the comparison tells the reader.
+pub(super) enum Go {
+    /// Room for one more chunk.
+    Chunk,
+    /// nftables: the first dump missed targets; dump the table again.
+    SecondDump,
+}
+
+/// What a reader sends, in order: chunks, then `End`; for nftables, after
+/// a `SecondDump`, the second dump's chunks and `End`.
+pub enum KernelRead {
+    /// XDP grant entries, in the maps' order.
+    Xdp(Vec<GrantEntry>),
+    Nft(NftChunk),
+    /// The read (a dump, for nftables: with the protected set it saw) is
+    /// complete.
+    End(Option<BTreeSet<(Protocol, u16)>>),
+}
+
+/// nftables elements, each with the time it had left, read between `from`
+/// and `until` on the boot clock.
+pub struct NftChunk {
+    pub(super) allowed: Vec<(GrantTarget, Duration)>,
+    pub(super) strays: Vec<StrayElement>,
+    pub(super) from: Deadline,
+    pub(super) until: Deadline,
+}
+
+impl NftChunk {
+    fn new(from: Deadline) -> NftChunk {
+        NftChunk {
+            allowed: Vec::new(),
+            strays: Vec::new(),
+            from,
+            until: from,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.allowed.len() + self.strays.len()
+    }
+}
+
+/// Reads one layer's grant entries, on any thread.
+pub struct KernelReader {
+    layer: Source,
+    credits: mpsc::Receiver<Go>,
+}
+
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one reader a cycle, moved once to its thread"
+)]
+enum Source {
+    Xdp(GrantReader),
+    Nft(NftGate),
+}
+
+impl KernelReader {
+    pub(super) fn xdp(reader: GrantReader, credits: mpsc::Receiver<Go>) -> KernelReader {
+        KernelReader {
+            layer: Source::Xdp(reader),
+            credits,
+        }
+    }
+
+    pub(super) fn nft(gate: NftGate, credits: mpsc::Receiver<Go>) -> KernelReader {
+        KernelReader {
+            layer: Source::Nft(gate),
+            credits,
+        }
+    }
+
+    /// Reads the layer, giving `send` each part in turn, until the read
+    /// is complete, fails (one `Err`, the last), or the comparison is gone
+    /// (`send` returns false, or the credits end).
+    pub fn read(self, send: impl FnMut(anyhow::Result<KernelRead>) -> bool) {
+        let mut outlet = Outlet {
+            send,
+            credits: self.credits,
+            open: true,
+        };
+        match &self.layer {
+            Source::Xdp(reader) => read_xdp(reader, &mut outlet),
+            Source::Nft(gate) => read_nft(gate, &mut outlet),
+        }
+    }
+}
+
+fn read_xdp<S: FnMut(anyhow::Result<KernelRead>) -> bool>(
+    reader: &GrantReader,
+    outlet: &mut Outlet<S>,
+) {
+    let mut chunk = Vec::with_capacity(CHUNK);
+    let read = reader.for_each_entry(|entry| {
+        if outlet.open {
+            chunk.push(entry);
+            if chunk.len() == CHUNK {
+                outlet.chunk(KernelRead::Xdp(std::mem::replace(
+                    &mut chunk,
+                    Vec::with_capacity(CHUNK),
+                )));
+            }
+        }
+    });
+    match read {
+        Ok(()) => {
+            if !chunk.is_empty() {
+                outlet.chunk(KernelRead::Xdp(chunk));
+            }
+            outlet.end(KernelRead::End(None));
+        }
+        Err(e) => outlet.fail(e.into()),
+    }
+}
+
+fn read_nft<S: FnMut(anyhow::Result<KernelRead>) -> bool>(gate: &NftGate, outlet: &mut Outlet<S>) {
+    for dump in 1..=2 {
+        if dump == 2 && !outlet.second_dump_wanted() {
+            return;
+        }
+        let from = Deadline::now();
+        let mut chunk = NftChunk::new(from);
+        let mut protected = BTreeSet::new();
+        let read = gate.stream(|element| {
+            if !outlet.open {
+                return;
+            }
+            match element {
+                ElementRead::Protected(service) => {
+                    protected.insert(service);
+                }
+                ElementRead::Allowed(target, left) => chunk.allowed.push((target, left)),
+                ElementRead::Stray(stray) => chunk.strays.push(stray),
+            }
+            if chunk.len() == CHUNK {
+                chunk.until = Deadline::now();
+                outlet.chunk(KernelRead::Nft(std::mem::replace(
+                    &mut chunk,
+                    NftChunk::new(from),
+                )));
+            }
+        });
+        match read {
+            Ok(true) => {
+                if chunk.len() > 0 {
+                    chunk.until = Deadline::now();
+                    outlet.chunk(KernelRead::Nft(chunk));
+                }
+                outlet.end(KernelRead::End(Some(protected)));
+            }
+            Ok(false) => {
+                return outlet.fail(anyhow::anyhow!(
+                    "table {} vanished while read",
+                    gate.table()
+                ));
+            }
+            Err(e) => return outlet.fail(e.into()),
+        }
+    }
+}
+
+/// Where the reader's parts go, and whether the comparison still wants them.
+struct Outlet<S> {
+    send: S,
+    credits: mpsc::Receiver<Go>,
+    open: bool,
+}
+
+impl<S: FnMut(anyhow::Result<KernelRead>) -> bool> Outlet<S> {
+    /// Sends a chunk once the comparison has room for it.
+    fn chunk(&mut self, read: KernelRead) {
+        self.open =
+            self.open && matches!(self.credits.recv(), Ok(Go::Chunk)) && (self.send)(Ok(read));
+    }
+
+    fn end(&mut self, read: KernelRead) {
+        self.open = self.open && (self.send)(Ok(read));
+    }
+
+    fn fail(&mut self, error: anyhow::Error) {
+        if self.open {
+            (self.send)(Err(error));
+        }
+        self.open = false;
+    }
+
+    /// Waits for the comparison's word after a dump: dump again, or stop
+    /// (it dropped its side).
+    fn second_dump_wanted(&mut self) -> bool {
+        while self.open {
+            match self.credits.recv() {
+                Ok(Go::Chunk) => {}
+                Ok(Go::SecondDump) => return true,
+                Err(_) => self.open = false,
+            }
+        }
+        false
+    }
+}
