@@ -9,7 +9,8 @@
 //!
 //! A dump of nftables overlapping a set's hash resize can miss elements
 //! without the kernel saying so: a target the first dump did not find is
-//! written only if a second dump, asked for then, does not find it either.
+//! written only if a second dump of the set that should hold it, asked for
+//! then, does not find it either.
 
 use std::{
     collections::{BTreeSet, HashSet, VecDeque},
@@ -324,15 +325,17 @@ impl Pass {
     }
 
     /// After the first dump's walk: done if it found every target, else a
-    /// second dump is asked for.
+    /// second dump is asked for, of the sets that should hold those it
+    /// did not find (one of 64 shards for one missing element).
     fn walked_nft(&mut self) {
         if self.unfound.is_empty() {
             return self.finish();
         }
         self.phase = Phase::Reading;
         if let Some(credits) = &self.credits {
+            let sets = self.unfound.iter().map(NftGate::set_holding).collect();
             // A reader gone shows as its channel closed, ending the cycle.
-            let _ = credits.send(Go::SecondDump);
+            let _ = credits.send(Go::SecondDump(sets));
             for _ in 0..CREDITS {
                 let _ = credits.send(Go::Chunk);
             }

@@ -26,8 +26,9 @@ pub(super) const CREDITS: usize = 2;
 pub(super) enum Go {
     /// Room for one more chunk.
     Chunk,
-    /// nftables: the first dump missed targets; dump the table again.
-    SecondDump,
+    /// nftables: the first dump missed targets; dump again the sets
+    /// that should hold them.
+    SecondDump(BTreeSet<String>),
 }
 
 /// What a reader sends, in order: chunks, then `End`; for nftables, after
@@ -139,14 +140,18 @@ fn read_xdp<S: FnMut(anyhow::Result<KernelRead>) -> bool>(
 }
 
 fn read_nft<S: FnMut(anyhow::Result<KernelRead>) -> bool>(gate: &NftGate, outlet: &mut Outlet<S>) {
+    let mut only = None;
     for dump in 1..=2 {
-        if dump == 2 && !outlet.second_dump_wanted() {
-            return;
+        if dump == 2 {
+            match outlet.second_dump_wanted() {
+                Some(sets) => only = Some(sets),
+                None => return,
+            }
         }
         let from = Deadline::now();
         let mut chunk = NftChunk::new(from);
         let mut protected = BTreeSet::new();
-        let read = gate.stream(|element| {
+        let read = gate.stream(only.as_ref(), |element| {
             if !outlet.open {
                 return;
             }
@@ -209,16 +214,16 @@ impl<S: FnMut(anyhow::Result<KernelRead>) -> bool> Outlet<S> {
         self.open = false;
     }
 
-    /// Waits for the comparison's word after a dump: dump again, or stop
-    /// (it dropped its side).
-    fn second_dump_wanted(&mut self) -> bool {
+    /// Waits for the comparison's word after a dump: the sets to dump
+    /// again, or stop (it dropped its side).
+    fn second_dump_wanted(&mut self) -> Option<BTreeSet<String>> {
         while self.open {
             match self.credits.recv() {
                 Ok(Go::Chunk) => {}
-                Ok(Go::SecondDump) => return true,
+                Ok(Go::SecondDump(sets)) => return Some(sets),
                 Err(_) => self.open = false,
             }
         }
-        false
+        None
     }
 }

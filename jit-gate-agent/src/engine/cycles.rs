@@ -208,7 +208,12 @@ impl Engine {
         let now = Instant::now();
         let took = now - cycle.started;
         let busy = cycle.begun_in + cycle.pass.busy();
-        tracing::debug!("reconciled {layer:?} in {took:?}, {busy:?} of it comparing");
+        tracing::debug!(
+            ?layer,
+            took_ms = took.as_millis(),
+            engine_ms = busy.as_millis(),
+            "reconciled"
+        );
         self.reconcile_durations.observe(took.as_secs_f64());
         let interval = self.config.reconcile_interval;
         self.cycles.next_start[i] =

@@ -17,7 +17,9 @@
 //!   delays every call that arrives during it) across full reconciliations,
 //!   each proven by a drift repair: an XDP entry and an nftables element
 //!   removed by hand, timed until the agent's `DRIFT_REPAIRED` record; the
-//!   agent's resident memory, sampled every 100 ms meanwhile.
+//!   agent's resident memory, sampled every 100 ms meanwhile, and each
+//!   reconciliation cycle's length and the engine's time in it (from the
+//!   agent's debug log).
 //!
 //! The API has no batch request (a `RequestAccess` holds one source per
 //! port); a broker granting many sources sends concurrent requests over one
@@ -113,6 +115,10 @@ struct Results {
     /// Bytes per active grant of each table and index (WAL not included).
     database_bytes_per_grant: Vec<(String, f64)>,
     probe_rpc_during_reconciliation: Percentiles,
+    /// Each layer's cycles across the probe stream: how long each took
+    /// (start to end, the read included) and the engine's time in it.
+    xdp_cycle_ms: Vec<Cycle>,
+    nft_cycle_ms: Vec<Cycle>,
     probe_samples: usize,
     xdp_drift_repaired_after: Percentiles,
     nft_drift_repaired_after: Percentiles,
@@ -325,6 +331,33 @@ async fn drift_repair(
     })
 }
 
+/// A reconciliation cycle as the agent logs it.
+#[derive(Serialize)]
+struct Cycle {
+    took: u64,
+    engine: u64,
+}
+
+/// The cycles of `layer` ("Xdp", "Nftables") the agent logged in `log`,
+/// as `engine/cycles.rs` writes them: `reconciled layer=Xdp took_ms=.. engine_ms=..`.
+fn logged_cycles(log: &str, layer: &str) -> Vec<Cycle> {
+    let field = |line: &str, name: &str| -> Option<u64> {
+        line.split_whitespace()
+            .find_map(|word| word.strip_prefix(name)?.strip_prefix('='))?
+            .parse()
+            .ok()
+    };
+    log.lines()
+        .filter(|line| line.contains(" reconciled ") && line.contains(&format!("layer={layer} ")))
+        .filter_map(|line| {
+            Some(Cycle {
+                took: field(line, "took_ms")?,
+                engine: field(line, "engine_ms")?,
+            })
+        })
+        .collect()
+}
+
 /// How long after the drift each layer's repair was recorded.
 struct Repaired {
     xdp: Duration,
@@ -427,7 +460,7 @@ fn main() -> Result<()> {
     // run with an error, and the drops remove what it made.
     let interruption = Interruption::register()?;
     let topo = Topology::new();
-    let files = AgentFiles::new(&topo.gated);
+    let mut files = AgentFiles::new(&topo.gated);
     // The production defaults (reconcile every 5 s), not the tests' 1 s.
     std::fs::write(
         files.config_path(),
@@ -451,6 +484,11 @@ fn main() -> Result<()> {
     }
     let _servers = [SSH, OPEN_PORT]
         .map(|port| TcpEcho::start(&topo.gated, SocketAddr::new(GATED_V4.into(), port)));
+    // Each reconciliation cycle's length, logged at debug.
+    files.env.push((
+        "RUST_LOG".into(),
+        "info,jit_gate_agent::engine::cycles=debug".into(),
+    ));
     let agent = Agent::start(&files);
     println!(
         "agent {} gating {} (XDP + nftables)\n",
@@ -493,6 +531,7 @@ fn main() -> Result<()> {
             .into_iter()
             .map(|(name, bytes)| (name, bytes as f64 / f64::from(listed)))
             .collect();
+        let logged_before = agent.log_text().len();
         let (probe, repaired, resident) = during_reconciliation(
             &mut api,
             &files,
@@ -503,6 +542,11 @@ fn main() -> Result<()> {
         )
         .await?;
         let (rss_median, rss_max) = median_and_max(resident);
+        let cycles_log = agent
+            .log_text()
+            .get(logged_before..)
+            .unwrap_or_default()
+            .to_owned();
         let lateness = expiry_lateness(&mut api, args.expiring).await?;
         Ok::<_, anyhow::Error>(Results {
             grant_rpc: percentiles(latency.grant_rpc),
@@ -523,6 +567,8 @@ fn main() -> Result<()> {
             database_bytes_per_grant,
             probe_samples: probe.len(),
             probe_rpc_during_reconciliation: percentiles(probe),
+            xdp_cycle_ms: logged_cycles(&cycles_log, "Xdp"),
+            nft_cycle_ms: logged_cycles(&cycles_log, "Nftables"),
             xdp_drift_repaired_after: percentiles(repaired.iter().map(|r| r.xdp).collect()),
             nft_drift_repaired_after: percentiles(repaired.iter().map(|r| r.nft).collect()),
             expiry_lateness: percentiles(lateness),
@@ -619,6 +665,20 @@ fn print_table(args: &Args, r: &Results) {
         "database with {} active grants: {:.1} MiB (with WAL); {} probe RPCs",
         r.active_grants, r.database_mib, r.probe_samples
     );
+    for (layer, cycles) in [("XDP", &r.xdp_cycle_ms), ("nftables", &r.nft_cycle_ms)] {
+        let list = |of: fn(&Cycle) -> u64| {
+            cycles
+                .iter()
+                .map(|c| format!("{:.2}", of(c) as f64 / 1000.0))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        println!(
+            "{layer} cycles across the probe stream, s: took {}; the engine's time in each {}",
+            list(|c| c.took),
+            list(|c| c.engine)
+        );
+    }
     println!("database bytes per active grant, by table and index:");
     for (name, bytes) in &r.database_bytes_per_grant {
         println!("  {name:<24} {bytes:>8.1}");

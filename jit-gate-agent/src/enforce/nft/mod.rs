@@ -454,18 +454,24 @@ impl NftGate {
         Err(NftError::Interrupted)
     }
 
-    /// Reads the table back while the agent may write it, in one dump:
-    /// calls `each` with every element as the dump's answers arrive (an
-    /// element again if an interrupted dump starts over). Returns whether
-    /// the table exists. A dump overlapping a hash resize can miss
-    /// elements (see `read`): a caller that finds one missing reads again.
-    pub fn stream(&self, mut each: impl FnMut(ElementRead)) -> Result<bool> {
+    /// Reads the table back while the agent may write it, in one dump
+    /// (of the protected set and the allow sets named in `only`, if
+    /// given): calls `each` with every element as the dump's answers
+    /// arrive (an element again if an interrupted dump starts over).
+    /// Returns whether the table exists. A dump overlapping a hash resize
+    /// can miss elements (see `read`): a caller that finds one missing
+    /// reads the set holding it again.
+    pub fn stream(
+        &self,
+        only: Option<&BTreeSet<String>>,
+        mut each: impl FnMut(ElementRead),
+    ) -> Result<bool> {
         let mut attempts = 1;
         loop {
             // An interrupted dump leaves answers queued: the lease closes
             // that socket and the next attempt opens a fresh one.
             let (table, mut socket) = self.open()?;
-            match self.read_once(&table, &mut socket, &mut each) {
+            match self.read_once(&table, &mut socket, only, &mut each) {
                 Err(NftError::Interrupted) if attempts < READ_ATTEMPTS => attempts += 1,
                 result => return socket.done(result),
             }
@@ -476,7 +482,7 @@ impl NftGate {
     /// as interrupted by a change.
     fn read_dump(&self) -> Result<Option<ElementsRead>> {
         let mut read = ElementsRead::default();
-        let exists = self.stream(|element| match element {
+        let exists = self.stream(None, |element| match element {
             ElementRead::Protected(service) => {
                 read.protected.insert(service);
             }
@@ -490,17 +496,22 @@ impl NftGate {
         Ok(exists.then_some(read))
     }
 
-    /// One dump: every element of the table to `each`; false if the table
-    /// does not exist.
+    /// One dump: every element of the table (of the protected set and the
+    /// sets in `only`, if given) to `each`; false if the table does not
+    /// exist.
     fn read_once(
         &self,
         table: &GateTable,
         socket: &mut Socket,
+        only: Option<&BTreeSet<String>>,
         each: &mut impl FnMut(ElementRead),
     ) -> Result<bool> {
-        let Some(names) = set_names(table, socket)? else {
+        let Some(mut names) = set_names(table, socket)? else {
             return Ok(false);
         };
+        if let Some(only) = only {
+            names.retain(|name| name == PROTECTED_SET || only.contains(name));
+        }
         let unexpected = |what: String| NftError::Unexpected {
             table: self.table.clone(),
             what,
