@@ -193,9 +193,9 @@ impl Pass {
                 None => return Ok(false),
             },
             Phase::Walking(mut after) => {
-                let (chunk, last) = granted_chunk(&mut after, active);
+                let (chunk, last) = self.unseen_chunk(&mut after, active, touched);
                 self.phase = Phase::Walking(after);
-                for target in chunk.iter().filter(|t| !touched.contains(*t)) {
+                for target in &chunk {
                     let Some(entry) = active.xdp_entry(target) else {
                         continue;
                     };
@@ -284,10 +284,10 @@ impl Pass {
                 None => return Ok(false),
             },
             Phase::Walking(mut after) => {
-                let (chunk, last) = granted_chunk(&mut after, active);
+                let (chunk, last) = self.unseen_chunk(&mut after, active, touched);
                 self.phase = Phase::Walking(after);
                 let now = Deadline::now();
-                for target in chunk.iter().filter(|t| !touched.contains(*t)) {
+                for target in &chunk {
                     if let Some(entry) = active.own_entry(target)
                         && entry.deadline > now
                         && !self.seen.contains(target, entry.grant_id)
@@ -397,6 +397,28 @@ impl Pass {
         Ok(finished)
     }
 
+    /// Of the next few active targets after `cursor` (moved past them),
+    /// those not written since the read began and not noted by their
+    /// first grant (the others need a closer look); and whether they were
+    /// the last.
+    fn unseen_chunk(
+        &self,
+        cursor: &mut Option<GrantTarget>,
+        active: &ActiveGrants,
+        touched: &HashSet<GrantTarget>,
+    ) -> (Vec<GrantTarget>, bool) {
+        let (from, mut walked) = (*cursor, 0);
+        let mut unseen = Vec::new();
+        for (target, first) in active.first_grants_after(from.as_ref()).take(CLOCK_EVERY) {
+            walked += 1;
+            *cursor = Some(target);
+            if !self.seen.contains(&target, first) && !touched.contains(&target) {
+                unseen.push(target);
+            }
+        }
+        (unseen, walked < CLOCK_EVERY)
+    }
+
     /// The part at the front is compared: the reader may send another.
     fn chunk_done(&mut self) {
         self.next_item = 0;
@@ -461,21 +483,6 @@ impl Clock {
     fn spent(&self) -> bool {
         self.started.elapsed() >= self.budget
     }
-}
-
-/// The next few active targets after `cursor` (moved past them), and
-/// whether they are the last.
-fn granted_chunk(
-    cursor: &mut Option<GrantTarget>,
-    active: &ActiveGrants,
-) -> (Vec<GrantTarget>, bool) {
-    let chunk: Vec<_> = active
-        .targets_after(cursor.as_ref())
-        .take(CLOCK_EVERY)
-        .collect();
-    *cursor = chunk.last().copied();
-    let last = chunk.len() < CLOCK_EVERY;
-    (chunk, last)
 }
 
 /// Whether an element with `have` left when read ends close enough to
