@@ -140,77 +140,169 @@ impl Pass {
     /// read began) are skipped.
     pub(super) fn step(
         &mut self,
-        mut xdp: Option<&mut XdpGate>,
+        xdp: Option<&mut XdpGate>,
         nft: Option<&NftGate>,
         active: &ActiveGrants,
         touched: &HashSet<GrantTarget>,
         budget: Duration,
     ) -> anyhow::Result<()> {
-        let started = Instant::now();
-        let clock = Clock { started, budget };
-        let stepped = (|| {
-            while !clock.spent() {
-                // A layer no longer in use has nothing to compare.
-                let more = match (self.layer, xdp.as_deref_mut(), nft) {
-                    (Layer::Xdp, Some(gate), _) => self.xdp_step(gate, active, touched, &clock)?,
-                    (Layer::Nftables, _, Some(gate)) => {
-                        self.nft_step(gate, active, touched, &clock)?
-                    }
-                    _ => {
-                        self.finish();
-                        false
-                    }
-                };
-                if !more {
-                    break;
-                }
+        let mut gate = match (self.layer, xdp, nft) {
+            (Layer::Xdp, Some(xdp), _) => Gate::Xdp(xdp),
+            (Layer::Nftables, _, Some(nft)) => Gate::Nft(nft),
+            // A layer no longer in use has nothing to compare.
+            _ => {
+                self.finish();
+                return Ok(());
             }
+        };
+        let clock = Clock {
+            started: Instant::now(),
+            budget,
+        };
+        let stepped = (|| {
+            while !clock.spent() && self.advance(&mut gate, active, touched, &clock)? {}
             anyhow::Ok(())
         })();
-        self.busy += started.elapsed();
+        self.busy += clock.started.elapsed();
         stepped
     }
 
-    /// One stretch of an XDP pass; false when there is nothing to do now.
-    fn xdp_step(
+    /// One stretch of the pass; false when there is nothing to do now.
+    fn advance(
         &mut self,
-        xdp: &mut XdpGate,
+        gate: &mut Gate<'_>,
         active: &ActiveGrants,
         touched: &HashSet<GrantTarget>,
         clock: &Clock,
     ) -> anyhow::Result<bool> {
         match self.phase {
-            Phase::Reading => match self.queue.pop_front() {
-                Some(KernelRead::Xdp(entries)) => {
-                    if self.compare_xdp(xdp, &entries, active, touched, clock)? {
-                        self.chunk_done();
-                    } else {
-                        self.queue.push_front(KernelRead::Xdp(entries));
+            Phase::Done => return Ok(false),
+            Phase::Reading => {
+                let part = match self.queue.pop_front() {
+                    None => return Ok(false),
+                    Some(KernelRead::End(protected)) => {
+                        self.read_ended(protected);
+                        return Ok(true);
                     }
-                }
-                Some(KernelRead::End(_)) => self.phase = Phase::Walking(None),
-                Some(KernelRead::Nft(_)) => anyhow::bail!("nftables elements read for XDP"),
-                None => return Ok(false),
-            },
-            Phase::Walking(mut after) => {
-                let (chunk, last) = self.unseen_chunk(&mut after, active, touched);
-                self.phase = Phase::Walking(after);
-                for target in &chunk {
-                    let Some(entry) = active.xdp_entry(target) else {
-                        continue;
-                    };
-                    if !self.seen.contains(target, entry.grant_id) {
-                        write_xdp_entry(xdp, target, active)?;
-                        self.xdp_written += 1;
+                    Some(part) => part,
+                };
+                let whole = match (&part, gate) {
+                    (KernelRead::Xdp(entries), Gate::Xdp(xdp)) => {
+                        self.compare_xdp(xdp, entries, active, touched, clock)?
                     }
-                }
-                if last {
-                    self.finish();
+                    (KernelRead::Nft(chunk), Gate::Nft(nft)) => {
+                        self.compare_nft(nft, chunk, active, touched, clock)?
+                    }
+                    _ => anyhow::bail!("the reader sent a part of the other layer"),
+                };
+                if whole {
+                    self.chunk_done();
+                } else {
+                    self.queue.push_front(part);
                 }
             }
-            Phase::Writing(_) | Phase::Done => return Ok(false),
+            Phase::Walking(mut after) => {
+                let (unseen, last) = self.unseen_chunk(&mut after, active, touched);
+                self.phase = Phase::Walking(after);
+                match gate {
+                    Gate::Xdp(xdp) => {
+                        self.write_unseen_xdp(xdp, &unseen, active)?;
+                        if last {
+                            self.finish();
+                        }
+                    }
+                    Gate::Nft(_) => {
+                        self.note_unseen_nft(&unseen, active);
+                        if last {
+                            self.walked_nft();
+                        }
+                    }
+                }
+            }
+            Phase::Writing(next) => match gate {
+                Gate::Nft(nft) => self.write_unfound(nft, next, active, touched)?,
+                Gate::Xdp(_) => anyhow::bail!("XDP has no second read"),
+            },
         }
         Ok(true)
+    }
+
+    /// A read (for nftables, a dump) is complete: the walk follows, or,
+    /// after a second dump, the writing of what neither dump found.
+    fn read_ended(&mut self, protected: Option<BTreeSet<(Protocol, u16)>>) {
+        if protected.is_some() {
+            self.protected = protected;
+        }
+        self.dumps += 1;
+        self.phase = if self.dumps == 1 {
+            Phase::Walking(None)
+        } else {
+            Phase::Writing(0)
+        };
+    }
+
+    /// Writes the XDP entries of the `unseen` targets that the read did
+    /// not find right.
+    fn write_unseen_xdp(
+        &mut self,
+        xdp: &mut XdpGate,
+        unseen: &[GrantTarget],
+        active: &ActiveGrants,
+    ) -> anyhow::Result<()> {
+        for target in unseen {
+            let Some(entry) = active.xdp_entry(target) else {
+                continue;
+            };
+            if !self.seen.contains(target, entry.grant_id) {
+                write_xdp_entry(xdp, target, active)?;
+                self.xdp_written += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Notes the `unseen` targets that the first nftables dump did not
+    /// find and that should have an element.
+    fn note_unseen_nft(&mut self, unseen: &[GrantTarget], active: &ActiveGrants) {
+        let now = Deadline::now();
+        for target in unseen {
+            if let Some(entry) = active.own_entry(target)
+                && entry.deadline > now
+                && !self.seen.contains(target, entry.grant_id)
+            {
+                self.unfound.push(*target);
+            }
+        }
+    }
+
+    /// Adds the elements, from index `next` of `unfound` on, that neither
+    /// dump found.
+    fn write_unfound(
+        &mut self,
+        nft: &NftGate,
+        next: usize,
+        active: &ActiveGrants,
+        touched: &HashSet<GrantTarget>,
+    ) -> anyhow::Result<()> {
+        let end = (next + CLOCK_EVERY).min(self.unfound.len());
+        let now = Deadline::now();
+        let missing: Vec<(GrantTarget, Duration)> = self.unfound[next..end]
+            .iter()
+            .filter(|t| !touched.contains(*t))
+            .filter_map(|target| {
+                let entry = active.own_entry(target)?;
+                let left = entry.deadline.boot_ns().checked_sub(now.boot_ns())?;
+                (left > 0 && !self.seen.contains(target, entry.grant_id))
+                    .then(|| (*target, Duration::from_nanos(left)))
+            })
+            .collect();
+        nft.add_allowed(&missing)?;
+        self.nft_written += missing.len();
+        self.phase = Phase::Writing(end);
+        if end == self.unfound.len() {
+            self.finish();
+        }
+        Ok(())
     }
 
     /// Compares `entries` from `next_item` on; true once all are.
@@ -250,76 +342,6 @@ impl Pass {
             if self.next_item.is_multiple_of(CLOCK_EVERY) && clock.spent() {
                 return Ok(false);
             }
-        }
-        Ok(true)
-    }
-
-    /// One stretch of an nftables pass; false when there is nothing to do.
-    fn nft_step(
-        &mut self,
-        nft: &NftGate,
-        active: &ActiveGrants,
-        touched: &HashSet<GrantTarget>,
-        clock: &Clock,
-    ) -> anyhow::Result<bool> {
-        match self.phase {
-            Phase::Reading => match self.queue.pop_front() {
-                Some(KernelRead::Nft(chunk)) => {
-                    if self.compare_nft(nft, &chunk, active, touched, clock)? {
-                        self.chunk_done();
-                    } else {
-                        self.queue.push_front(KernelRead::Nft(chunk));
-                    }
-                }
-                Some(KernelRead::End(protected)) => {
-                    self.protected = protected;
-                    self.dumps += 1;
-                    self.phase = if self.dumps == 1 {
-                        Phase::Walking(None)
-                    } else {
-                        Phase::Writing(0)
-                    };
-                }
-                Some(KernelRead::Xdp(_)) => anyhow::bail!("XDP entries read for nftables"),
-                None => return Ok(false),
-            },
-            Phase::Walking(mut after) => {
-                let (chunk, last) = self.unseen_chunk(&mut after, active, touched);
-                self.phase = Phase::Walking(after);
-                let now = Deadline::now();
-                for target in &chunk {
-                    if let Some(entry) = active.own_entry(target)
-                        && entry.deadline > now
-                        && !self.seen.contains(target, entry.grant_id)
-                    {
-                        self.unfound.push(*target);
-                    }
-                }
-                if last {
-                    self.walked_nft();
-                }
-            }
-            Phase::Writing(next) => {
-                let end = (next + CLOCK_EVERY).min(self.unfound.len());
-                let now = Deadline::now();
-                let missing: Vec<(GrantTarget, Duration)> = self.unfound[next..end]
-                    .iter()
-                    .filter(|t| !touched.contains(*t))
-                    .filter_map(|target| {
-                        let entry = active.own_entry(target)?;
-                        let left = entry.deadline.boot_ns().checked_sub(now.boot_ns())?;
-                        (left > 0 && !self.seen.contains(target, entry.grant_id))
-                            .then(|| (*target, Duration::from_nanos(left)))
-                    })
-                    .collect();
-                nft.add_allowed(&missing)?;
-                self.nft_written += missing.len();
-                self.phase = Phase::Writing(end);
-                if end == self.unfound.len() {
-                    self.finish();
-                }
-            }
-            Phase::Done => return Ok(false),
         }
         Ok(true)
     }
@@ -471,6 +493,12 @@ impl Pass {
     pub(super) fn nft_protected(&self) -> Option<&BTreeSet<(Protocol, u16)>> {
         self.protected.as_ref()
     }
+}
+
+/// The gate of the layer a pass compares.
+enum Gate<'a> {
+    Xdp(&'a mut XdpGate),
+    Nft(&'a NftGate),
 }
 
 /// A step's time: when it started and how long it may take.
