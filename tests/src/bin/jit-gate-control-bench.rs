@@ -8,7 +8,8 @@
 //! - sustained grants/s through the API with concurrent brokers, up to
 //!   `--grants` active grants, the agent's CPU time per grant meanwhile
 //!   (all threads, and the engine's; a rate on a shared machine measures
-//!   the machine), then the agent's resident memory;
+//!   the machine) and the bench's own (its client shares the cores), then
+//!   the agent's resident memory;
 //! - expiry lateness: short grants among all the others, the time from each
 //!   grant's expiry to the agent's `GRANT_EXPIRED` record;
 //! - at full scale (1,000,000 grants by default): the database's size, and
@@ -104,6 +105,9 @@ struct Results {
     /// engine's (which applies the grants one batch after another).
     fill_cpu_us_per_grant: f64,
     fill_engine_cpu_us_per_grant: f64,
+    /// This bench's own CPU time per grant during the fill (its client
+    /// shares the machine's cores with the agent).
+    fill_client_cpu_us_per_grant: f64,
     throughput_rpc: Percentiles,
     active_grants: u32,
     agent_rss_mib: f64,
@@ -506,11 +510,14 @@ fn main() -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let own_pid = i32::try_from(std::process::id())?;
     let run = async {
         let mut api = client(&files).await;
         let cpu_before = cpu_time(agent.pid(), ENGINE_THREAD)?;
+        let client_before = cpu_time(own_pid, ENGINE_THREAD)?.0;
         let (grants_per_second, throughput_rpc) = fill(&api, args.grants, args.concurrency).await?;
         let cpu_after = cpu_time(agent.pid(), ENGINE_THREAD)?;
+        let client_after = cpu_time(own_pid, ENGINE_THREAD)?.0;
         let per_grant = |before: Duration, after: Duration| {
             after.saturating_sub(before).as_secs_f64() * 1e6 / f64::from(args.grants)
         };
@@ -557,6 +564,7 @@ fn main() -> Result<()> {
             grants_per_second,
             fill_cpu_us_per_grant: per_grant(cpu_before.0, cpu_after.0),
             fill_engine_cpu_us_per_grant: per_grant(cpu_before.1, cpu_after.1),
+            fill_client_cpu_us_per_grant: per_grant(client_before, client_after),
             throughput_rpc: percentiles(throughput_rpc),
             active_grants: listed,
             agent_rss_mib: rss,
@@ -650,8 +658,9 @@ fn print_table(args: &Args, r: &Results) {
         r.grants_per_second, args.concurrency, r.active_grants
     );
     println!(
-        "agent CPU per grant during the fill: {:.1} µs, of which the engine thread {:.1} µs",
-        r.fill_cpu_us_per_grant, r.fill_engine_cpu_us_per_grant
+        "agent CPU per grant during the fill: {:.1} µs, of which the engine thread {:.1} µs; \
+         this bench's client {:.1} µs",
+        r.fill_cpu_us_per_grant, r.fill_engine_cpu_us_per_grant, r.fill_client_cpu_us_per_grant
     );
     println!(
         "agent memory with {} active grants: RSS {:.1} MiB (peak {:.1} MiB)",
