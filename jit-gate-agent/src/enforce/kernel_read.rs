@@ -100,11 +100,7 @@ impl KernelReader {
     /// is complete, fails (one `Err`, the last), or the comparison is gone
     /// (`send` returns false, or the credits end).
     pub fn read(self, send: impl FnMut(anyhow::Result<KernelRead>) -> bool) {
-        let mut outlet = Outlet {
-            send,
-            credits: self.credits,
-            open: true,
-        };
+        let mut outlet = Outlet::new(send, self.credits);
         match &self.layer {
             Source::Xdp(reader) => read_xdp(reader, &mut outlet),
             Source::Nft(gate) => read_nft(gate, &mut outlet),
@@ -190,13 +186,24 @@ fn read_nft<S: FnMut(anyhow::Result<KernelRead>) -> bool>(gate: &NftGate, outlet
 }
 
 /// Where the reader's parts go, and whether the comparison still wants them.
-struct Outlet<S> {
+struct Outlet<S: FnMut(anyhow::Result<KernelRead>) -> bool> {
     send: S,
     credits: mpsc::Receiver<Go>,
     open: bool,
+    /// The last `End` the comparison waits for was sent.
+    complete: bool,
 }
 
 impl<S: FnMut(anyhow::Result<KernelRead>) -> bool> Outlet<S> {
+    fn new(send: S, credits: mpsc::Receiver<Go>) -> Self {
+        Outlet {
+            send,
+            credits,
+            open: true,
+            complete: false,
+        }
+    }
+
     /// Sends a chunk once the comparison has room for it.
     fn chunk(&mut self, read: KernelRead) {
         self.open =
@@ -205,6 +212,7 @@ impl<S: FnMut(anyhow::Result<KernelRead>) -> bool> Outlet<S> {
 
     fn end(&mut self, read: KernelRead) {
         self.open = self.open && (self.send)(Ok(read));
+        self.complete = true;
     }
 
     fn fail(&mut self, error: anyhow::Error) {
@@ -220,10 +228,77 @@ impl<S: FnMut(anyhow::Result<KernelRead>) -> bool> Outlet<S> {
         while self.open {
             match self.credits.recv() {
                 Ok(Go::Chunk) => {}
-                Ok(Go::SecondDump(sets)) => return Some(sets),
+                Ok(Go::SecondDump(sets)) => {
+                    self.complete = false;
+                    return Some(sets);
+                }
                 Err(_) => self.open = false,
             }
         }
         None
+    }
+}
+
+/// A reader that stops before its read is complete (a panic unwinding
+/// through it) says so: the comparison would otherwise wait for its end,
+/// and the layer would never be reconciled again.
+impl<S: FnMut(anyhow::Result<KernelRead>) -> bool> Drop for Outlet<S> {
+    fn drop(&mut self) {
+        if !self.complete {
+            self.fail(anyhow::anyhow!(
+                "the kernel reader stopped before the end of its read"
+            ));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type SendPart = Box<dyn FnMut(anyhow::Result<KernelRead>) -> bool>;
+    type Parts = mpsc::Receiver<anyhow::Result<KernelRead>>;
+
+    /// An outlet whose parts go to the returned channel, with `credits`.
+    fn outlet(credits: usize) -> (Outlet<SendPart>, Parts) {
+        let (parts, received) = mpsc::channel();
+        let (give, take) = mpsc::channel();
+        for _ in 0..credits {
+            give.send(Go::Chunk).unwrap();
+        }
+        let send: SendPart = Box::new(move |part| parts.send(part).is_ok());
+        (Outlet::new(send, take), received)
+    }
+
+    #[test]
+    fn a_reader_dropped_before_its_end_reports_it() {
+        let (mut out, received) = outlet(1);
+        out.chunk(KernelRead::Xdp(Vec::new()));
+        drop(out);
+        assert!(matches!(received.recv(), Ok(Ok(KernelRead::Xdp(_)))));
+        let error = received.recv().unwrap().err().expect("an error at the end");
+        assert!(
+            error.to_string().contains("stopped before the end"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_complete_read_ends_with_its_end_alone() {
+        let (mut out, received) = outlet(1);
+        out.end(KernelRead::End(None));
+        drop(out);
+        assert!(matches!(received.recv(), Ok(Ok(KernelRead::End(None)))));
+        assert!(received.recv().is_err(), "nothing after the end");
+    }
+
+    #[test]
+    fn a_reader_the_comparison_let_go_sends_nothing_more() {
+        let (mut out, received) = outlet(0);
+        // No credit, and the comparison's side gone: the chunk is dropped.
+        out.credits = mpsc::channel().1;
+        out.chunk(KernelRead::Xdp(Vec::new()));
+        drop(out);
+        assert!(received.recv().is_err());
     }
 }
