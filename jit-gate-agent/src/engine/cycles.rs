@@ -6,8 +6,8 @@
 //! commands as they arrive. The next cycle of a layer starts so that it
 //! ends about one `reconcile_interval` after the last one started (drift is
 //! repaired within about one interval), and never sooner than half the
-//! engine's time in the last cycle after it ended (at most a third of the
-//! engine's time goes to reconciling).
+//! engine's time in the last cycle after it ended (a layer's comparisons
+//! take at most two thirds of the engine's time).
 
 use std::time::{Duration, Instant};
 
