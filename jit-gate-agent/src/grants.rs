@@ -550,6 +550,23 @@ impl ActiveGrants {
         self.attributed(self.port(target)?.ids(&target.source))
     }
 
+    /// `xdp_entry(target)` when an entry attributed to grant `grant_id`
+    /// can tell it cheaply: an exact target whose only grant that is (and
+    /// not used up), found by id without the port's source B-tree. `None`
+    /// for anything else: ask `xdp_entry`.
+    pub fn sole_entry(&self, target: &GrantTarget, grant_id: u64) -> Option<Entry> {
+        let slot = self.slot(grant_id)?;
+        let sole = target.is_exact()
+            && slot.target == *target
+            && !self.used_up.contains(&grant_id)
+            && !self.port(target)?.more.contains_key(&target.source);
+        sole.then_some(Entry {
+            deadline: slot.deadline,
+            grant_id,
+            max_connections: slot.max_connections,
+        })
+    }
+
     /// The XDP entry for `target`: for an exact source its own grants; for a
     /// prefix also those of broader prefixes covering it on the same port.
     pub fn xdp_entry(&self, target: &GrantTarget) -> Option<Entry> {
@@ -638,6 +655,46 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::*;
+
+    #[test]
+    fn a_sole_entry_is_the_xdp_entry_or_nothing() {
+        let mut grants: ActiveGrants = [
+            (1, "10.0.0.1/32", 0),
+            (2, "10.0.0.2/32", 0),
+            (3, "10.0.0.2/32", 0),
+            (4, "10.0.0.3/32", 5),
+            (5, "10.0.0.0/24", 0),
+            (6, "10.0.0.4/32", 0),
+        ]
+        .into_iter()
+        .map(|(id, source, max_connections)| ActiveGrant {
+            id,
+            target: target(source),
+            deadline: at(id),
+            max_connections,
+        })
+        .collect();
+        grants.mark_used_up(4);
+        grants.remove(6);
+        let cases = [
+            ("10.0.0.1/32", 1, true),  // its only grant
+            ("10.0.0.2/32", 2, false), // one of two
+            ("10.0.0.2/32", 3, false),
+            ("10.0.0.3/32", 4, false), // used up: no entry
+            ("10.0.0.0/24", 5, false), // a prefix
+            ("10.0.0.1/32", 2, false), // another target's grant
+            ("10.0.0.4/32", 6, false), // ended
+            ("10.0.0.9/32", 7, false), // never granted
+        ];
+        for (source, id, sole) in cases {
+            let t = target(source);
+            let found = grants.sole_entry(&t, id);
+            assert_eq!(found.is_some(), sole, "{source} by grant {id}");
+            if let Some(entry) = found {
+                assert_eq!(Some(entry), grants.xdp_entry(&t), "{source}");
+            }
+        }
+    }
 
     #[test]
     fn a_slot_is_found_by_id_wherever_the_gaps_lie() {

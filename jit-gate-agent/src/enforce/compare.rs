@@ -319,7 +319,10 @@ impl Pass {
             // A target written since the read may have lost its entry
             // (and, after a rebuild, its source's bit) on purpose.
             if !touched.contains(&kernel.target) {
-                match active.xdp_entry(&kernel.target) {
+                let entry = active
+                    .sole_entry(&kernel.target, kernel.grant_id)
+                    .or_else(|| active.xdp_entry(&kernel.target));
+                match entry {
                     None => {
                         xdp.remove_grant(&kernel.target)?;
                         self.xdp_removed += 1;
