@@ -111,6 +111,13 @@ impl JitGate for FakeAgent {
         }))
     }
 
+    async fn request_access_batch(
+        &self,
+        _: Request<jit_gate_agent::proto::AccessBatchRequest>,
+    ) -> Result<Response<jit_gate_agent::proto::AccessBatchResponse>, Status> {
+        Err(Status::unimplemented("not faked"))
+    }
+
     async fn revoke_grant(
         &self,
         _: Request<RevokeGrantRequest>,

@@ -70,6 +70,35 @@ def main():
                 flush=True,
             )
 
+        # Two requests in one batch: each answered in its place, the
+        # refused one with the code a call of its own would have got.
+        batch = call(
+            channel,
+            pool,
+            "jitgate.v1.JitGate",
+            "RequestAccessBatch",
+            {
+                "requests": [
+                    {
+                        "request_id": f"python-{source}",
+                        "ports": [{"port": 22, "source": source}],
+                        "duration": {"seconds": 60},
+                        "requester": "python",
+                    }
+                    for source in ["198.51.100.7", "not-an-address"]
+                ]
+            },
+        )
+        results = []
+        for result in batch.results:
+            if result.WhichOneof("outcome") == "response":
+                results.append({"grants": [g.source for g in result.response.grants]})
+            else:
+                results.append(
+                    {"code": result.refusal.code, "message": result.refusal.message}
+                )
+        print(json.dumps({"step": "RequestAccessBatch", "results": results}), flush=True)
+
 
 if __name__ == "__main__":
     main()

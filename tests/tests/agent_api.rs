@@ -10,7 +10,7 @@
 )]
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
     os::unix::fs::PermissionsExt,
     time::{Duration, SystemTime},
@@ -23,6 +23,7 @@ use jit_gate_agent::proto::{
 use jit_gate_tests::{
     agent::{
         Agent, AgentFiles, access, all_grants, client, client_as, connect, events_until, policy,
+        without_remaining,
     },
     netns::{CLIENT_V4, CLIENT_V4_OUTSIDE, GATED_V4, Topology},
     traffic::{TcpEcho, UdpSink, round_trip, tcp_connect, udp_send},
@@ -351,6 +352,121 @@ async fn every_bad_request_is_refused_precisely_audited_and_changes_nothing() {
     }
 }
 
+/// The code and message of a batch's answer to one request, or its grants.
+fn batch_outcome(result: &proto::AccessResult) -> Result<&proto::AccessResponse, (Code, &str)> {
+    match result
+        .outcome
+        .as_ref()
+        .expect("every result has an outcome")
+    {
+        proto::access_result::Outcome::Response(response) => Ok(response),
+        proto::access_result::Outcome::Refusal(refusal) => Err((
+            Code::from_i32(i32::try_from(refusal.code).expect("a gRPC code")),
+            refusal.message.as_str(),
+        )),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_answers_each_request_as_a_call_of_its_own() {
+    let Setup {
+        ref mut api,
+        ref files,
+        ref topo,
+        ..
+    } = Setup::new("").await;
+    let _server = TcpEcho::start(&topo.gated, gated(SSH));
+    let tcp = Protocol::Tcp;
+    let client = CLIENT_V4.to_string();
+    let outside = CLIENT_V4_OUTSIDE.to_string();
+    let first = api
+        .request_access(access("first", &[(SSH, tcp, &client)], 60))
+        .await
+        .expect("a grant before the batch")
+        .into_inner();
+
+    let batch = vec![
+        access("first", &[(SSH, tcp, &client)], 60),
+        access("bad-source", &[(SSH, tcp, "192.0.2.300")], 60),
+        access("outside", &[(SSH, tcp, &outside)], 60),
+        access("outside", &[(SSH, tcp, &outside)], 60),
+        access("first", &[(SSH, tcp, &outside)], 60),
+    ];
+    let results = api
+        .request_access_batch(proto::AccessBatchRequest { requests: batch })
+        .await
+        .expect("the batch")
+        .into_inner()
+        .results;
+    assert_eq!(results.len(), 5, "{results:#?}");
+    let replayed = batch_outcome(&results[0]).expect("a retry of an earlier call");
+    assert!(replayed.replayed);
+    assert_eq!(
+        without_remaining(replayed.grants.clone()),
+        without_remaining(first.grants)
+    );
+    let (code, message) = batch_outcome(&results[1]).expect_err("a bad source");
+    assert_eq!(code, Code::InvalidArgument);
+    assert!(
+        message.contains("\"192.0.2.300\" is not an IPv4/IPv6 address"),
+        "{message}"
+    );
+    let granted = batch_outcome(&results[2]).expect("a new source");
+    assert!(!granted.replayed);
+    assert_eq!(granted.grants.len(), 1);
+    let again = batch_outcome(&results[3]).expect("its retry within the batch");
+    assert!(again.replayed);
+    assert_eq!(
+        without_remaining(again.grants.clone()),
+        without_remaining(granted.grants.clone())
+    );
+    let (code, message) = batch_outcome(&results[4]).expect_err("an id reused");
+    assert_eq!(code, Code::AlreadyExists);
+    assert!(
+        message.contains("already used for a different request"),
+        "{message}"
+    );
+
+    // The kernel lets in exactly the sources granted.
+    tcp_connect(&topo.client, CLIENT_V4_OUTSIDE.into(), gated(SSH))
+        .expect_connected("granted in the batch");
+    assert_eq!(all_grants(api).await.len(), 2);
+    assert_eq!(files.nft_granted().len(), 2);
+
+    // Each refused request is audited as a refused call of its own would be.
+    let refused = events_until(api, &[proto::EventKind::RequestRefused], |events| {
+        events.len() >= 2
+    })
+    .await;
+    let ids: BTreeSet<String> = refused
+        .iter()
+        .map(|event| {
+            let details: serde_json::Value =
+                serde_json::from_str(&event.details_json).expect("details are JSON");
+            details["request_id"]
+                .as_str()
+                .expect("a request id")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(ids, BTreeSet::from(["bad-source".into(), "first".into()]));
+
+    // An empty batch and an oversized one are refused whole; nothing changes.
+    for size in [0, 1001] {
+        let requests = (0..size)
+            .map(|i| access(&format!("many-{i}"), &[(SSH, tcp, &client)], 60))
+            .collect();
+        expect_refused(
+            "a batch out of bounds",
+            api.request_access_batch(proto::AccessBatchRequest { requests })
+                .await,
+            Code::InvalidArgument,
+            &[&format!("the batch holds {size} requests, 1 to 1000")],
+        );
+    }
+    assert_eq!(all_grants(api).await.len(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_changes_apply_live_and_removing_a_rule_ends_only_its_grants() {
     let Setup {
@@ -663,6 +779,16 @@ async fn the_callers_uid_decides_what_it_may_do() {
         "auditor requesting access",
         auditor
             .request_access(access("auditor", &[(SSH, Protocol::Tcp, &source)], 60))
+            .await,
+        Code::PermissionDenied,
+        &["uid:65534 has role Auditor; this call needs Broker"],
+    );
+    expect_refused(
+        "auditor requesting access in a batch",
+        auditor
+            .request_access_batch(proto::AccessBatchRequest {
+                requests: vec![access("auditor", &[(SSH, Protocol::Tcp, &source)], 60)],
+            })
             .await,
         Code::PermissionDenied,
         &["uid:65534 has role Auditor; this call needs Broker"],

@@ -1,7 +1,7 @@
 //! Stock gRPC clients in another language reach the agent with their
 //! default options: Python's grpcio (health, reflection, then the `JitGate`
-//! service found through reflection) on the Unix socket, whatever
-//! `:authority` it sends for a `unix:` target.
+//! service found through reflection, a batch of requests among its calls)
+//! on the Unix socket, whatever `:authority` it sends for a `unix:` target.
 
 #![allow(
     unused_crate_dependencies,
@@ -48,4 +48,16 @@ fn python_grpcio_with_default_options_uses_health_reflection_and_the_api() {
     // An error status reaches the stock client intact, code and message.
     assert_eq!(steps["RevokeGrant"]["code"], "NOT_FOUND", "{steps:?}");
     assert_eq!(steps["RevokeGrant"]["message"], "no grant 424242");
+    // A batch's nested messages built from Python dicts; the good request
+    // granted, the bad one refused in its place (3: INVALID_ARGUMENT).
+    let results = &steps["RequestAccessBatch"]["results"];
+    assert_eq!(
+        results[0]["grants"],
+        serde_json::json!(["198.51.100.7/32"]),
+        "{steps:?}"
+    );
+    assert_eq!(results[1]["code"], 3, "{steps:?}");
+    let message = results[1]["message"].as_str().expect("a refusal's message");
+    assert!(message.contains("not-an-address"), "{message}");
+    assert_eq!(results.as_array().map(Vec::len), Some(2), "{steps:?}");
 }

@@ -38,6 +38,8 @@ impl std::fmt::Display for MethodPath<'_> {
 /// Grants per `ListGrants` page unless the caller asks; at most `MAX_PAGE`.
 const DEFAULT_PAGE: u32 = 100;
 const MAX_PAGE: u32 = 1000;
+/// Requests in one `RequestAccessBatch` at most.
+const MAX_BATCH_REQUESTS: usize = 1000;
 /// Records read at once when verifying the log.
 const VERIFY_PAGE: u32 = 1000;
 
@@ -274,10 +276,34 @@ impl JitGate for Service {
                 reply,
             })
             .await?;
-        Ok(Response::new(proto::AccessResponse {
-            grants: outcome.grants.iter().map(convert::grant).collect(),
-            replayed: outcome.replayed,
-            approval: outcome.approval.as_ref().map(convert::approval_request),
+        Ok(Response::new(convert::access_response(&outcome)))
+    }
+
+    async fn request_access_batch(
+        &self,
+        request: Request<proto::AccessBatchRequest>,
+    ) -> Result<Response<proto::AccessBatchResponse>, Status> {
+        let principal = self.authorize(&request, "RequestAccessBatch", Role::Broker)?;
+        let requests = request.into_inner().requests;
+        if requests.is_empty() || requests.len() > MAX_BATCH_REQUESTS {
+            let refusal = Status::invalid_argument(format!(
+                "the batch holds {} requests, 1 to {MAX_BATCH_REQUESTS}",
+                requests.len()
+            ));
+            return self.recorded(&principal.name, "RequestAccessBatch", Err(refusal));
+        }
+        // All sent before any is awaited, so the engine records those
+        // waiting together in one transaction, as it does concurrent calls.
+        let answers = requests.into_iter().map(|access| {
+            self.engine.call(|reply| Command::RequestAccess {
+                principal: principal.clone(),
+                request: convert::access_request(access),
+                reply,
+            })
+        });
+        let results = futures_util::future::join_all(answers).await;
+        Ok(Response::new(proto::AccessBatchResponse {
+            results: results.into_iter().map(convert::access_result).collect(),
         }))
     }
 

@@ -13,8 +13,8 @@ use crate::{
     audit::{AuditRecord, Kind},
     checkpoint::Checkpoint,
     engine::{
-        ConnectionInfo, FlowTableReport, InterfaceMode, InterfaceStatus, LayerHealth, PortReport,
-        Repair, StatusReport,
+        AccessOutcome, ConnectionInfo, FlowTableReport, InterfaceMode, InterfaceStatus,
+        LayerHealth, PortReport, Repair, StatusReport,
     },
     grants::{Grant, GrantState},
     net::Protocol,
@@ -199,6 +199,33 @@ pub fn access_request(request: proto::AccessRequest) -> AccessRequest {
         justification: request.justification,
         ticket: request.ticket,
         max_connections: request.max_connections,
+    }
+}
+
+pub fn access_response(outcome: &AccessOutcome) -> proto::AccessResponse {
+    proto::AccessResponse {
+        grants: outcome.grants.iter().map(grant).collect(),
+        replayed: outcome.replayed,
+        approval: outcome.approval.as_ref().map(approval_request),
+    }
+}
+
+/// One request's answer within a batch: what `RequestAccess` would have
+/// answered, its refusal as the status code and message.
+pub fn access_result(outcome: Result<AccessOutcome, Refusal>) -> proto::AccessResult {
+    use proto::access_result::Outcome;
+    let outcome = match outcome {
+        Ok(outcome) => Outcome::Response(access_response(&outcome)),
+        Err(refusal) => {
+            let status = status(refusal);
+            Outcome::Refusal(proto::AccessRefusal {
+                code: status.code() as u32,
+                message: status.message().to_owned(),
+            })
+        }
+    };
+    proto::AccessResult {
+        outcome: Some(outcome),
     }
 }
 

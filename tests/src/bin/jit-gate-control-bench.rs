@@ -5,7 +5,9 @@
 //!   the newly granted source is timed until it is established; beside it,
 //!   in the same loop, a connection to an unprotected port (the handshake
 //!   floor) and a no-op RPC (`GetPolicy`, the RPC floor);
-//! - sustained grants/s through the API with concurrent brokers, up to
+//! - sustained grants/s through the API with concurrent brokers (each grant
+//!   a `RequestAccess` of its own, or `--batch` of them in one
+//!   `RequestAccessBatch`), up to
 //!   `--grants` active grants, the agent's CPU time per grant meanwhile
 //!   (all threads, and the engine's; a rate on a shared machine measures
 //!   the machine) and the bench's own (its client shares the cores), then
@@ -22,9 +24,7 @@
 //!   reconciliation cycle's length and the engine's time in it (from the
 //!   agent's debug log).
 //!
-//! The API has no batch request (a `RequestAccess` holds one source per
-//! port); a broker granting many sources sends concurrent requests over one
-//! connection, and the agent commits the requests waiting at once together.
+//! Either way the agent commits the requests waiting at once together.
 
 #![allow(
     unused_crate_dependencies,
@@ -66,8 +66,14 @@ struct Args {
     /// a broker loading many grants keeps many in flight, and the agent
     /// commits the requests waiting at once in one transaction (one
     /// `fsync`, ~4 ms here, so 64 in flight could not pass 16k grants/s).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 1000)]
     concurrency: u32,
+    /// Requests per call in the throughput phase: 1 sends each grant as a
+    /// `RequestAccess` of its own, more sends them in `RequestAccessBatch`
+    /// calls (`concurrency / batch` calls in flight), as a broker loading
+    /// grants in bulk would.
+    #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    batch: u32,
     /// Short grants whose expiry lateness is measured.
     #[arg(long, default_value_t = 500)]
     expiring: u32,
@@ -221,29 +227,66 @@ fn expiring_source(i: u32) -> IpAddr {
     IpAddr::V4(Ipv4Addr::from(0xac10_0000 + i))
 }
 
+fn bulk_request(i: u32) -> proto::AccessRequest {
+    access(
+        &format!("bulk-{i}"),
+        &[(SSH, Protocol::Tcp, &bulk_source(i).to_string())],
+        3600,
+    )
+}
+
+/// Grants `first..end`, one call for them all (`RequestAccessBatch`), or
+/// one `RequestAccess` when it is a single grant; each must be granted.
+async fn grant_bulk(api: &mut JitGateClient<Channel>, first: u32, end: u32) -> Result<()> {
+    if end - first == 1 {
+        api.request_access(bulk_request(first)).await?;
+        return Ok(());
+    }
+    let results = api
+        .request_access_batch(proto::AccessBatchRequest {
+            requests: (first..end).map(bulk_request).collect(),
+        })
+        .await?
+        .into_inner()
+        .results;
+    ensure!(
+        results.len() == (end - first) as usize,
+        "{} results for {} requests",
+        results.len(),
+        end - first
+    );
+    for (i, result) in (first..).zip(results) {
+        match result.outcome {
+            Some(proto::access_result::Outcome::Response(r)) if r.grants.len() == 1 => {}
+            other => bail!("bulk request {i} not granted: {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+/// Grants `total` sources, `concurrency` requests in flight, `batch` a call.
 async fn fill(
     api: &JitGateClient<Channel>,
     total: u32,
     concurrency: u32,
+    batch: u32,
 ) -> Result<(f64, Vec<Duration>)> {
     let start = Instant::now();
+    let calls = (concurrency / batch).max(1);
     let mut tasks = Vec::new();
-    for worker in 0..concurrency {
+    for worker in 0..calls {
         let mut api = api.clone();
         tasks.push(tokio::spawn(async move {
             let mut times = Vec::new();
-            let mut i = worker;
-            while i < total {
+            let mut first = worker * batch;
+            while first < total {
                 let t = Instant::now();
-                api.request_access(access(
-                    &format!("bulk-{i}"),
-                    &[(SSH, Protocol::Tcp, &bulk_source(i).to_string())],
-                    3600,
-                ))
-                .await
-                .with_context(|| format!("bulk request {i}"))?;
+                let end = (first + batch).min(total);
+                grant_bulk(&mut api, first, end)
+                    .await
+                    .with_context(|| format!("bulk requests {first}..{end}"))?;
                 times.push(t.elapsed());
-                i += concurrency;
+                first += calls * batch;
             }
             Ok::<_, anyhow::Error>(times)
         }));
@@ -515,7 +558,8 @@ fn main() -> Result<()> {
         let mut api = client(&files).await;
         let cpu_before = cpu_time(agent.pid(), ENGINE_THREAD)?;
         let client_before = cpu_time(own_pid, ENGINE_THREAD)?.0;
-        let (grants_per_second, throughput_rpc) = fill(&api, args.grants, args.concurrency).await?;
+        let (grants_per_second, throughput_rpc) =
+            fill(&api, args.grants, args.concurrency, args.batch).await?;
         let cpu_after = cpu_time(agent.pid(), ENGINE_THREAD)?;
         let client_after = cpu_time(own_pid, ENGINE_THREAD)?.0;
         let per_grant = |before: Duration, after: Duration| {
@@ -623,13 +667,18 @@ fn print_table(args: &Args, r: &Results) {
         &r.handshake_floor,
     );
     row("RevokeGrant RPC", &r.revoke_rpc);
-    row(
-        &format!(
+    let under_load = if args.batch == 1 {
+        format!(
             "RequestAccess RPC under load ({} in flight)",
             args.concurrency
-        ),
-        &r.throughput_rpc,
-    );
+        )
+    } else {
+        format!(
+            "RequestAccessBatch RPC of {} under load ({} in flight)",
+            args.batch, args.concurrency
+        )
+    };
+    row(&under_load, &r.throughput_rpc);
     row(
         &format!("expiry lateness ({} grants)", args.expiring),
         &r.expiry_lateness,
@@ -654,8 +703,8 @@ fn print_table(args: &Args, r: &Results) {
         r.grant_to_enforced.p99_us / r.handshake_floor.p99_us
     );
     println!(
-        "sustained: {:.0} grants/s ({} requests in flight, {} grants)",
-        r.grants_per_second, args.concurrency, r.active_grants
+        "sustained: {:.0} grants/s ({} requests in flight, {} a call, {} grants)",
+        r.grants_per_second, args.concurrency, args.batch, r.active_grants
     );
     println!(
         "agent CPU per grant during the fill: {:.1} µs, of which the engine thread {:.1} µs; \
