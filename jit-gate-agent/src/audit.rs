@@ -19,6 +19,7 @@ use std::time::{Duration, SystemTime};
 use sha2::{Digest, Sha256};
 
 use crate::{
+    digest_hex,
     grants::Grant,
     net::GrantTarget,
     time::{from_ms, to_ms},
@@ -222,7 +223,7 @@ impl Payload {
 
     /// Hex SHA-256 over the payload's preimage.
     pub fn sha256(&self) -> String {
-        hex::encode(Sha256::digest(self.preimage()))
+        digest_hex::encode(&Sha256::digest(self.preimage()))
     }
 }
 
@@ -321,13 +322,10 @@ impl AuditRecord {
 
     /// The hash this record must carry if it follows `previous` (hex).
     pub fn expected_hash(&self, previous: &str) -> Option<String> {
-        let previous = hex::decode(previous).ok()?;
-        let payload = hex::decode(&self.payload_sha256).ok()?;
-        if previous.len() != 32 || payload.len() != 32 {
-            return None;
-        }
+        let previous = digest_hex::decode(previous)?;
+        let payload = digest_hex::decode(&self.payload_sha256)?;
         let mut hasher = Sha256::new();
-        hasher.update(&previous);
+        hasher.update(previous);
         hasher.update(self.sequence.to_be_bytes());
         hasher.update(self.at_ms.to_be_bytes());
         for part in [self.kind.name().as_bytes(), self.principal.as_bytes()] {
@@ -335,8 +333,8 @@ impl AuditRecord {
             hasher.update(part);
         }
         hasher.update(self.grant_id.to_be_bytes());
-        hasher.update(&payload);
-        Some(hex::encode(hasher.finalize()))
+        hasher.update(payload);
+        Some(digest_hex::encode(&hasher.finalize()))
     }
 }
 

@@ -17,6 +17,7 @@ pub mod auth;
 pub mod checkpoint;
 pub mod clock;
 pub mod config;
+pub mod digest_hex;
 pub mod docs;
 pub mod enforce;
 pub mod engine;

@@ -100,7 +100,7 @@ impl AccessRequest {
         // The canonical JSON goes straight into the hash, unbuffered.
         let mut digest = Sha256::new();
         serde_json::to_writer(&mut digest, self).expect("requests serialise");
-        hex::encode(digest.finalize())
+        crate::digest_hex::encode(&digest.finalize())
     }
 
     /// Validates the whole request at `now` against `policy`.

@@ -72,6 +72,15 @@ const SPECIAL_PURPOSE: &[(&str, &str)] = &[
     ("ff00::/8", "multicast"),
 ];
 
+/// `SPECIAL_PURPOSE` parsed once: every grant is checked against them.
+static SPECIAL_PURPOSE_RANGES: std::sync::LazyLock<Vec<(IpNet, &str)>> =
+    std::sync::LazyLock::new(|| {
+        SPECIAL_PURPOSE
+            .iter()
+            .map(|(range, what)| (range.parse().expect("special-purpose ranges parse"), *what))
+            .collect()
+    });
+
 /// A source a grant may open a port for: no broader than the per-family
 /// bound, and clear of special-purpose ranges.
 pub fn grantable_source(source: IpNet) -> Result<IpNet, String> {
@@ -84,9 +93,8 @@ pub fn grantable_source(source: IpNet) -> Result<IpNet, String> {
             "source {source} is too broad: at most /{broadest} for this family"
         ));
     }
-    for (range, what) in SPECIAL_PURPOSE {
-        let range: IpNet = range.parse().expect("special-purpose ranges parse");
-        if range.contains(&source) || source.contains(&range) {
+    for (range, what) in SPECIAL_PURPOSE_RANGES.iter() {
+        if range.contains(&source) || source.contains(range) {
             return Err(format!(
                 "source {source} overlaps {range}, a special-purpose range ({what}): no packet comes from it as such"
             ));

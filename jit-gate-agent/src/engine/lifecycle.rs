@@ -10,7 +10,7 @@ use std::{
 use super::{AccessOutcome, Engine, PolicyChange, Reply, RevokeOutcome, now_ms};
 use crate::{
     approvals::{ApprovalRequest, approvals_needed},
-    audit::{AGENT, Event, GrantFacts, Kind},
+    audit::{AGENT, Event, Kind},
     auth::Principal,
     clock::Deadline,
     grants::{ActiveGrant, Grant, GrantState},
@@ -562,7 +562,7 @@ pub(super) fn grant_request(
             used_up: false,
         };
         grant.id = batch.insert_grant(&grant, fingerprint)?;
-        batch.audit(GrantFacts::of(&grant).event(principal), now.wall)?;
+        batch.audit_grant_created(&grant, principal, now.wall)?;
         grants.push(grant);
     }
     Ok(Pending::Granted(grants))

@@ -18,6 +18,7 @@ use super::{
 use crate::{
     audit::{self, AuditRecord, Event, GrantFacts, Kind, Payload},
     checkpoint::Checkpoint,
+    grants::Grant,
     net::{GrantTarget, Protocol},
     time::to_ms,
 };
@@ -364,6 +365,33 @@ fn checkpoints(conn: &Connection) -> Result<Vec<Checkpoint>> {
 impl Batch<'_> {
     /// Appends an audit record chained to the previous one.
     pub fn audit(&mut self, event: Event, at: SystemTime) -> Result<()> {
+        self.append(event, at, |_| None)
+    }
+
+    /// Appends the `grant-created` record of `grant`, a grant this batch
+    /// wrote, asked for by `principal`. Its payload is made here from the
+    /// grant's facts, so it is kept as a reference to the grant's row
+    /// whenever the row rebuilds its end (`payload::by_reference`).
+    pub fn audit_grant_created(
+        &mut self,
+        grant: &Grant,
+        principal: &str,
+        at: SystemTime,
+    ) -> Result<()> {
+        let facts = GrantFacts::of(grant);
+        self.append(facts.event(principal), at, |record| {
+            payload::by_reference(&facts, record.at_ms)
+        })
+    }
+
+    /// Appends `event`, its payload stored as `reference` gives it, or else
+    /// deflated.
+    fn append(
+        &mut self,
+        event: Event,
+        at: SystemTime,
+        reference: impl FnOnce(&AuditRecord) -> Option<Vec<u8>>,
+    ) -> Result<()> {
         let sequence = self.head.0 + 1;
         let port = event
             .details
@@ -375,14 +403,7 @@ impl Batch<'_> {
             .payload
             .as_ref()
             .expect("a new record has its payload");
-        // A `grant-created` record of a grant this batch wrote refers to
-        // its row; any other is deflated.
-        let stored = self
-            .last_grant
-            .as_ref()
-            .filter(|grant| record.kind == Kind::GrantCreated && grant.id == record.grant_id)
-            .and_then(|grant| payload::by_reference(&GrantFacts::of(grant), record.at_ms, payload))
-            .unwrap_or_else(|| self.codec.deflate(payload));
+        let stored = reference(&record).unwrap_or_else(|| self.codec.deflate(payload));
         let mut stmt = self.tx.prepare_cached(
             "INSERT INTO audit (seq, at_ms, kind, principal, grant_id, port, payload, hash) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -395,7 +416,7 @@ impl Batch<'_> {
             record.grant_id as i64,
             port,
             stored,
-            hex::decode(&record.hash).expect("a sealed hash is hex"),
+            crate::digest_hex::decode(&record.hash).expect("a sealed hash is 32 bytes of hex"),
         ])?;
         self.head = (sequence, record.hash.clone());
         self.appended.push(record);

@@ -120,9 +120,9 @@ CREATE INDEX IF NOT EXISTS grants_by_port_id ON grants (port);
 /// The fingerprint as stored: its bytes if it is lower-case hex (as
 /// `AccessRequest::fingerprint` makes it), else its text.
 fn fingerprint_column(fingerprint: &str) -> Value {
-    match hex::decode(fingerprint) {
-        Ok(bytes) if hex::encode(&bytes) == fingerprint => Value::Blob(bytes),
-        _ => Value::Text(fingerprint.to_owned()),
+    match crate::digest_hex::decode_canonical(fingerprint) {
+        Some(bytes) => Value::Blob(bytes.to_vec()),
+        None => Value::Text(fingerprint.to_owned()),
     }
 }
 
@@ -187,6 +187,9 @@ pub struct Store {
     /// The boot id grants were last written with, and its committed row
     /// of `boots` (one boot a run: not looked up for every grant).
     boot: Option<(String, i64)>,
+    /// False while no access request was ever held for approval: an
+    /// access request's key then need not be looked up among them.
+    holds_requests: bool,
 }
 
 impl Store {
@@ -255,11 +258,13 @@ impl Store {
             }
         }
         let audit_head = audit_log::head(&conn).map_err(open_err)?;
+        let holds_requests = requests::any(&conn).map_err(open_err)?;
         Ok(Store {
             conn,
             codec,
             audit_head,
             boot: None,
+            holds_requests,
         })
     }
 
@@ -278,8 +283,8 @@ impl Store {
             head_slot: &mut self.audit_head,
             boot: self.boot.clone(),
             boot_slot: &mut self.boot,
+            holds_requests: &mut self.holds_requests,
             appended: Vec::new(),
-            last_grant: None,
         })
     }
 
@@ -515,9 +520,8 @@ pub struct Batch<'a> {
     /// `Store::boot` as this transaction sees it, and where it goes on commit.
     boot: Option<(String, i64)>,
     boot_slot: &'a mut Option<(String, i64)>,
-    /// The grant this batch wrote last, which its `grant-created` record
-    /// may refer to (`audit`).
-    last_grant: Option<Grant>,
+    /// `Store::holds_requests`, set as soon as this batch holds one.
+    holds_requests: &'a mut bool,
 }
 
 impl Batch<'_> {
@@ -558,12 +562,7 @@ impl Batch<'_> {
             boot,
             grant.max_connections,
         ])?;
-        let id = self.tx.last_insert_rowid() as u64;
-        self.last_grant = Some(Grant {
-            id,
-            ..grant.clone()
-        });
-        Ok(id)
+        Ok(self.tx.last_insert_rowid() as u64)
     }
 
     /// Moves an active grant's deadline to the boot clock now running

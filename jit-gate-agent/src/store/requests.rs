@@ -137,6 +137,11 @@ fn requests_where(
     raw.into_iter().map(|r| r.load(conn)).collect()
 }
 
+/// Whether any request was ever held (the table has a row).
+pub(super) fn any(conn: &Connection) -> rusqlite::Result<bool> {
+    conn.query_row("SELECT EXISTS (SELECT 1 FROM requests)", [], |r| r.get(0))
+}
+
 fn by_key(conn: &Connection, principal: &str, request_id: &str) -> Result<Option<ApprovalRequest>> {
     Ok(requests_where(
         conn,
@@ -203,6 +208,9 @@ impl Batch<'_> {
         principal: &str,
         request_id: &str,
     ) -> Result<Option<ApprovalRequest>> {
+        if !*self.holds_requests {
+            return Ok(None);
+        }
         by_key(&self.tx, principal, request_id)
     }
 
@@ -213,6 +221,9 @@ impl Batch<'_> {
     /// Inserts a pending request (its `id`, decisions and grants are
     /// ignored) and returns the id assigned.
     pub fn insert_approval_request(&mut self, held: &ApprovalRequest) -> Result<u64> {
+        // Set before the insert: if this transaction rolls back, a
+        // needless lookup is all it costs.
+        *self.holds_requests = true;
         self.tx.execute(
             "INSERT INTO requests (principal, request_id, request_fingerprint, request_json, \
              approvals_needed, state, created_ms, expires_ms, decided_ms, reason) \

@@ -423,8 +423,8 @@ mod tests {
                 .unwrap();
             let udp_id = batch.insert_grant(&udp, &"ab".repeat(32)).unwrap();
             batch.commit().unwrap();
-            // As schema 7 stored them: deflated (no grant written in
-            // the same batch to refer to).
+            // As schema 7 stored them: deflated (`audit`, not
+            // `audit_grant_created`).
             let created = [tcp_id, udp_id].map(|id| store.grant(id).unwrap().unwrap());
             let mut batch = store.batch().unwrap();
             for grant in &created {
@@ -468,9 +468,7 @@ mod tests {
         let id = batch.insert_grant(&new, "fp3").unwrap();
         let new = Grant { id, ..new };
         let at = SystemTime::now();
-        batch
-            .audit(GrantFacts::of(&new).event("uid:0"), at)
-            .unwrap();
+        batch.audit_grant_created(&new, "uid:0", at).unwrap();
         batch.commit().unwrap();
         assert_eq!(id, 11);
         let stored: Vec<u8> = store
