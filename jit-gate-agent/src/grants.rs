@@ -225,6 +225,9 @@ struct PortTargets {
     exact_v6: BTreeMap<u128, u64>,
     prefixes: BTreeMap<IpNet, u64>,
     more: HashMap<IpNet, Vec<u64>>,
+    /// Grants on the port (a status asks for it; counting would take a
+    /// walk of them all).
+    grants: usize,
 }
 
 /// A source as `PortTargets` keys it.
@@ -290,6 +293,7 @@ impl PortTargets {
     }
 
     fn add(&mut self, source: &IpNet, id: u64) {
+        self.grants += 1;
         if self.first(source).is_some() {
             self.more.entry(*source).or_default().push(id);
         } else {
@@ -297,7 +301,10 @@ impl PortTargets {
         }
     }
 
+    /// Removes grant `id`, which holds `source`.
     fn remove(&mut self, source: &IpNet, id: u64) {
+        debug_assert!(self.grants > 0, "removing from a port without grants");
+        self.grants = self.grants.saturating_sub(1);
         let first = self.first(source);
         let Some(more) = self.more.get_mut(source) else {
             if first == Some(id) {
@@ -512,6 +519,11 @@ impl ActiveGrants {
             .collect()
     }
 
+    /// How many active grants there are on (`protocol`, `port`).
+    pub fn count_on(&self, protocol: Protocol, port: u16) -> usize {
+        self.ports.get(&(protocol, port)).map_or(0, |p| p.grants)
+    }
+
     fn port(&self, target: &GrantTarget) -> Option<&PortTargets> {
         self.ports.get(&(target.protocol, target.port))
     }
@@ -693,6 +705,53 @@ mod tests {
             if let Some(entry) = found {
                 assert_eq!(Some(entry), grants.xdp_entry(&t), "{source}");
             }
+        }
+    }
+
+    #[test]
+    fn each_port_counts_its_grants_as_they_come_and_go() {
+        let on = |port, protocol| GrantTarget {
+            protocol,
+            port,
+            ..target("10.0.0.1/32")
+        };
+        let mut grants: ActiveGrants = [
+            (1, target("10.0.0.1/32")),
+            (2, target("10.0.0.1/32")),
+            (3, target("10.0.0.0/24")),
+            (4, on(3389, Protocol::Tcp)),
+            (5, on(22, Protocol::Udp)),
+        ]
+        .into_iter()
+        .map(|(id, target)| ActiveGrant {
+            id,
+            target,
+            deadline: at(id),
+            max_connections: 0,
+        })
+        .collect();
+        let counts = |g: &ActiveGrants| {
+            [
+                (Protocol::Tcp, 22),
+                (Protocol::Tcp, 3389),
+                (Protocol::Udp, 22),
+                (Protocol::Udp, 3389),
+            ]
+            .map(|(protocol, port)| g.count_on(protocol, port))
+        };
+        assert_eq!(counts(&grants), [3, 1, 1, 0]);
+        for (id, expected) in [(1, [2, 1, 1, 0]), (4, [2, 0, 1, 0]), (1, [2, 0, 1, 0])] {
+            grants.remove(id);
+            assert_eq!(counts(&grants), expected, "after removing {id}");
+        }
+        grants.insert(grant(6, "10.0.0.1/32", 6));
+        assert_eq!(counts(&grants), [3, 0, 1, 0]);
+        for (protocol, port) in [(Protocol::Tcp, 22), (Protocol::Udp, 22)] {
+            let walked = grants
+                .iter()
+                .filter(|g| (g.target.protocol, g.target.port) == (protocol, port))
+                .count();
+            assert_eq!(grants.count_on(protocol, port), walked);
         }
     }
 

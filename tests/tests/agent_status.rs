@@ -42,7 +42,7 @@ fn status_shows_per_port_counters_and_who_had_the_last_access() {
     let topo = Topology::new();
     let files = AgentFiles::new(&topo.gated);
     files.write_config(&[&topo.gated_if], "mode = \"xdp+nftables\"");
-    let _agent = Agent::start(&files);
+    let agent = Agent::start(&files);
     let cli = Cli::new(&files);
     let ssh = SocketAddr::new(GATED_V4.into(), 22);
     let _server = TcpEcho::start(&topo.gated, ssh);
@@ -95,4 +95,18 @@ fn status_shows_per_port_counters_and_who_had_the_last_access() {
         text.contains("bob (by uid:0)") && text.contains("REFUSED"),
         "{text}"
     );
+
+    // The history survives a restart: read back from the store.
+    drop(session);
+    assert!(agent.stop().success(), "the agent stops cleanly");
+    let _agent = Agent::start(&files);
+    let restarted = ssh_row(&cli);
+    for field in [
+        "grants_last_7_days",
+        "last_access",
+        "last_access_requester",
+        "last_access_principal",
+    ] {
+        assert_eq!(restarted[field], after[field], "{field}: {restarted}");
+    }
 }

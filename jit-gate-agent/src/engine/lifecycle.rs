@@ -55,6 +55,7 @@ impl Engine {
         let mut touched = BTreeSet::new();
         for grant in grants {
             self.active.insert(grant.active());
+            self.activity.note(grant);
             touched.insert(grant.target);
         }
         self.enforce(&touched);

@@ -5,6 +5,7 @@
 //! flows and denied sources, and reconciles enforcement. The kernel is
 //! reached only through `enforce::Enforcement`, given domain state.
 
+mod activity;
 mod approvals;
 mod configure;
 mod cycles;
@@ -164,6 +165,8 @@ pub struct Engine {
     store: Store,
     policy: Policy,
     active: ActiveGrants,
+    /// Each port's grants of the last 7 days and its latest, for status.
+    activity: activity::PortActivity,
     enforcement: Enforcement,
     denials: Denials,
     events: broadcast::Sender<AuditRecord>,
@@ -268,6 +271,7 @@ impl Engine {
         let boot_id = crate::clock::boot_id().context("reading this boot's id")?;
         let restored = restore_grants(&store, &boot_id)?;
         let active: ActiveGrants = restored.live.iter().map(Grant::active).collect();
+        let activity = activity::PortActivity::load(&store, SystemTime::now())?;
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let enforcement = Enforcement::open(&config);
         let summarized: Option<CounterSnapshot> = store
@@ -287,6 +291,7 @@ impl Engine {
             store,
             policy,
             active,
+            activity,
             denials,
             events,
             started_at: SystemTime::now(),

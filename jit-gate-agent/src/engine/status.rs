@@ -2,10 +2,7 @@
 //! kernel drop counters), the flow table, enforcement health and the
 //! audit chain's, pending approvals and reconciliation times.
 
-use std::{
-    collections::BTreeMap,
-    time::{Duration, SystemTime},
-};
+use std::{collections::BTreeMap, time::SystemTime};
 
 use jit_gate_common::verdict::Reason;
 use prometheus_client::metrics::histogram::Histogram;
@@ -58,11 +55,7 @@ pub struct StatusReport {
 
 impl Engine {
     pub(super) fn status(&self) -> Result<StatusReport, Refusal> {
-        let week_ago = SystemTime::now() - Duration::from_hours(168);
-        let activity = self
-            .store
-            .port_activity(week_ago)
-            .map_err(|e| Refusal::unavailable("reading grant history", e))?;
+        let now = SystemTime::now();
         let protected = self.policy.protected();
         let connections = self
             .enforcement
@@ -80,9 +73,7 @@ impl Engine {
         let ports = protected
             .iter()
             .map(|&(protocol, port)| {
-                let history = activity
-                    .iter()
-                    .find(|a| a.port == port && a.protocol == protocol);
+                let (grants_last_7_days, last_access) = self.activity.of(protocol, port, now);
                 let kernel = counters
                     .by_port
                     .get(&(protocol, port))
@@ -91,19 +82,15 @@ impl Engine {
                 PortReport {
                     protocol,
                     port,
-                    active_grants: self
-                        .active
-                        .iter()
-                        .filter(|g| g.target.protocol == protocol && g.target.port == port)
-                        .count(),
+                    active_grants: self.active.count_on(protocol, port),
                     connections: connections
                         .iter()
                         .filter(|c| {
                             c.connection.protocol == protocol && c.connection.local.port() == port
                         })
                         .count(),
-                    grants_last_7_days: history.map_or(0, |h| h.grants_since),
-                    last_access: history.map(|h| h.last.clone()),
+                    grants_last_7_days,
+                    last_access,
                     passed: kernel.passed,
                     dropped: kernel.dropped,
                     refused_connections: kernel.refused,

@@ -166,10 +166,14 @@ const ACTIVE: &str = "state = 0";
 pub struct PortActivity {
     pub port: u16,
     pub protocol: Protocol,
-    /// Grants created since the instant asked about.
-    pub grants_since: u32,
+    /// Grants created since the instant asked about, by the minute since
+    /// the epoch (`ACTIVITY_MINUTE_MS`), oldest first.
+    pub by_minute: Vec<(i64, u32)>,
     pub last: LastAccess,
 }
+
+/// The length of the minutes `PortActivity` counts grants by.
+pub const ACTIVITY_MINUTE_MS: i64 = 60_000;
 
 /// The latest grant on a port: when, for whom, asked by whom.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -361,36 +365,57 @@ impl Store {
         )
     }
 
-    /// Per (port, protocol): grants created since `since`, and the latest
-    /// grant.
+    /// Per (port, protocol): grants created since `since`, by the minute,
+    /// and the latest grant. Reads every grant ever written: the engine
+    /// asks once, at start, and keeps it up itself.
     pub fn port_activity(&self, since: SystemTime) -> Result<Vec<PortActivity>> {
         // With MAX(), SQLite takes the bare columns from the row holding
         // the maximum: the latest grant (ids grow with creation).
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT port, protocol, SUM(created_ms >= ?1), MAX(id), \
-             created_ms, requester, principal FROM grants GROUP BY port, protocol",
+        let mut latest = self.conn.prepare(
+            "SELECT port, protocol, MAX(id), created_ms, requester, principal \
+             FROM grants GROUP BY port, protocol",
         )?;
-        let rows = stmt.query_map([to_ms(since)], |r| {
+        let mut out = Vec::new();
+        for row in latest.query_map([], |r| {
             Ok((
                 r.get::<_, u16>(0)?,
                 r.get::<_, i64>(1)?,
-                r.get::<_, u32>(2)?,
                 LastAccess {
-                    at: from_ms(r.get(4)?),
-                    requester: r.get(5)?,
-                    principal: r.get(6)?,
+                    at: from_ms(r.get(3)?),
+                    requester: r.get(4)?,
+                    principal: r.get(5)?,
                 },
             ))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (port, protocol, grants_since, last) = row?;
+        })? {
+            let (port, protocol, last) = row?;
             out.push(PortActivity {
                 port,
                 protocol: protocol_of_code(protocol)?,
-                grants_since,
+                by_minute: Vec::new(),
                 last,
             });
+        }
+        let mut recent = self.conn.prepare(
+            "SELECT port, protocol, created_ms / ?2, COUNT(*) FROM grants \
+             WHERE created_ms >= ?1 GROUP BY port, protocol, created_ms / ?2 \
+             ORDER BY port, protocol, created_ms / ?2",
+        )?;
+        for row in recent.query_map(params![to_ms(since), ACTIVITY_MINUTE_MS], |r| {
+            Ok((
+                r.get::<_, u16>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, u32>(3)?,
+            ))
+        })? {
+            let (port, protocol, minute, count) = row?;
+            let protocol = protocol_of_code(protocol)?;
+            if let Some(activity) = out
+                .iter_mut()
+                .find(|a| (a.port, a.protocol) == (port, protocol))
+            {
+                activity.by_minute.push((minute, count));
+            }
         }
         Ok(out)
     }
@@ -647,16 +672,16 @@ impl Batch<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    pub(super) fn temp_db() -> (tempfile::TempDir, Store) {
+    pub(crate) fn temp_db() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("agent.db")).unwrap();
         (dir, store)
     }
 
-    pub(super) fn grant(request_id: &str, source: &str) -> Grant {
+    pub(crate) fn grant(request_id: &str, source: &str) -> Grant {
         let now = crate::time::now_ms();
         Grant {
             id: 0,
@@ -738,7 +763,10 @@ mod tests {
             vec![PortActivity {
                 port: 22,
                 protocol: Protocol::Tcp,
-                grants_since: 2,
+                by_minute: vec![
+                    (to_ms(now - Duration::from_hours(1)) / ACTIVITY_MINUTE_MS, 1),
+                    (to_ms(now) / ACTIVITY_MINUTE_MS, 1)
+                ],
                 last: LastAccess {
                     at: now,
                     requester: "bob".into(),

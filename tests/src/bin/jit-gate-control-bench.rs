@@ -66,7 +66,7 @@ struct Args {
     /// a broker loading many grants keeps many in flight, and the agent
     /// commits the requests waiting at once in one transaction (one
     /// `fsync`, ~4 ms here, so 64 in flight could not pass 16k grants/s).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 500)]
     concurrency: u32,
     /// Requests per call in the throughput phase: 1 sends each grant as a
     /// `RequestAccess` of its own, more sends them in `RequestAccessBatch`
@@ -96,6 +96,8 @@ const PROBE_EVERY: Duration = Duration::from_millis(5);
 /// The agent's resident memory is sampled this often across the
 /// reconciliations.
 const RSS_EVERY: Duration = Duration::from_millis(100);
+/// `GetStatus` calls timed at full scale.
+const STATUS_SAMPLES: usize = 5;
 /// Longest wait for a drift repair (the agent's interval may stretch).
 const REPAIR_TIMEOUT: Duration = Duration::from_mins(10);
 
@@ -115,6 +117,8 @@ struct Results {
     /// shares the machine's cores with the agent).
     fill_client_cpu_us_per_grant: f64,
     throughput_rpc: Percentiles,
+    /// `GetStatus` with every grant active.
+    status_rpc: Percentiles,
     active_grants: u32,
     agent_rss_mib: f64,
     agent_peak_rss_mib: f64,
@@ -296,6 +300,24 @@ async fn fill(
         times.extend(task.await??);
     }
     Ok((f64::from(total) / start.elapsed().as_secs_f64(), times))
+}
+
+/// `GetStatus` (what a metrics scrape asks the engine for too) timed
+/// `STATUS_SAMPLES` times with every grant active; the active grants it
+/// reports.
+async fn status_at_scale(api: &mut JitGateClient<Channel>) -> Result<(u32, Vec<Duration>)> {
+    let mut times = Vec::new();
+    let mut listed = 0;
+    for _ in 0..STATUS_SAMPLES {
+        let t = Instant::now();
+        listed = api
+            .get_status(proto::GetStatusRequest {})
+            .await?
+            .into_inner()
+            .active_grants;
+        times.push(t.elapsed());
+    }
+    Ok((listed, times))
 }
 
 /// Size of the database with its write-ahead log.
@@ -565,11 +587,7 @@ fn main() -> Result<()> {
         let per_grant = |before: Duration, after: Duration| {
             after.saturating_sub(before).as_secs_f64() * 1e6 / f64::from(args.grants)
         };
-        let listed = api
-            .get_status(proto::GetStatusRequest {})
-            .await?
-            .into_inner()
-            .active_grants;
+        let (listed, status_rpc) = status_at_scale(&mut api).await?;
         if listed != args.grants {
             bail!(
                 "{listed} active grants after the fill, expected {}",
@@ -610,6 +628,7 @@ fn main() -> Result<()> {
             fill_engine_cpu_us_per_grant: per_grant(cpu_before.1, cpu_after.1),
             fill_client_cpu_us_per_grant: per_grant(client_before, client_after),
             throughput_rpc: percentiles(throughput_rpc),
+            status_rpc: percentiles(status_rpc),
             active_grants: listed,
             agent_rss_mib: rss,
             agent_peak_rss_mib: peak,
@@ -679,6 +698,13 @@ fn print_table(args: &Args, r: &Results) {
         )
     };
     row(&under_load, &r.throughput_rpc);
+    row(
+        &format!(
+            "GetStatus RPC at {} grants ({STATUS_SAMPLES} samples)",
+            r.active_grants
+        ),
+        &r.status_rpc,
+    );
     row(
         &format!("expiry lateness ({} grants)", args.expiring),
         &r.expiry_lateness,
