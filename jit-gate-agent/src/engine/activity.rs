@@ -29,8 +29,9 @@ pub(super) struct PortActivity {
 struct History {
     /// Grants created, by the minute since the epoch.
     by_minute: BTreeMap<i64, u32>,
-    /// The latest grant's id, and what a status shows of it.
-    latest: Option<(u64, LastAccess)>,
+    /// What a status shows of the latest grant (every grant noted is
+    /// newer than all before it).
+    latest: Option<LastAccess>,
 }
 
 /// The minute `at` falls in.
@@ -52,16 +53,15 @@ impl PortActivity {
                 (port.protocol, port.port),
                 History {
                     by_minute: port.by_minute.into_iter().collect(),
-                    // Any grant created from now on is later, whatever
-                    // this one's id.
-                    latest: Some((0, port.last)),
+                    latest: Some(port.last),
                 },
             );
         }
         Ok(PortActivity { ports })
     }
 
-    /// Notes a grant just created; forgets minutes past the window.
+    /// Notes a grant just created (so the latest); forgets minutes past
+    /// the window.
     pub(super) fn note(&mut self, grant: &Grant) {
         let history = self
             .ports
@@ -79,20 +79,11 @@ impl PortActivity {
         {
             history.by_minute = history.by_minute.split_off(&first);
         }
-        if history
-            .latest
-            .as_ref()
-            .is_none_or(|(latest, _)| *latest <= grant.id)
-        {
-            history.latest = Some((
-                grant.id,
-                LastAccess {
-                    at: grant.created_at,
-                    requester: grant.requester.clone(),
-                    principal: grant.principal.clone(),
-                },
-            ));
-        }
+        history.latest = Some(LastAccess {
+            at: grant.created_at,
+            requester: grant.requester.clone(),
+            principal: grant.principal.clone(),
+        });
     }
 
     /// Grants on (`protocol`, `port`) created within `WINDOW` before `now`
@@ -111,10 +102,7 @@ impl PortActivity {
             .range(first_minute(now)..)
             .map(|(_, count)| *count)
             .sum();
-        (
-            recent,
-            history.latest.as_ref().map(|(_, last)| last.clone()),
-        )
+        (recent, history.latest.clone())
     }
 }
 
