@@ -393,7 +393,9 @@ async fn a_batch_answers_each_request_as_a_call_of_its_own() {
         access("first", &[(SSH, tcp, &outside)], 60),
     ];
     let results = api
-        .request_access_batch(proto::AccessBatchRequest { requests: batch })
+        .request_access_batch(proto::AccessBatchRequest {
+            requests: batch.clone(),
+        })
         .await
         .expect("the batch")
         .into_inner()
@@ -450,6 +452,23 @@ async fn a_batch_answers_each_request_as_a_call_of_its_own() {
         })
         .collect();
     assert_eq!(ids, BTreeSet::from(["bad-source".into(), "first".into()]));
+
+    // The whole batch again: what it granted comes back replayed, the rest
+    // is decided again.
+    let retried = api
+        .request_access_batch(proto::AccessBatchRequest { requests: batch })
+        .await
+        .expect("the batch again")
+        .into_inner()
+        .results;
+    let replayed = batch_outcome(&retried[2]).expect("granted by the first batch");
+    assert!(replayed.replayed);
+    assert_eq!(
+        without_remaining(replayed.grants.clone()),
+        without_remaining(granted.grants.clone())
+    );
+    let (code, _) = batch_outcome(&retried[1]).expect_err("still a bad source");
+    assert_eq!(code, Code::InvalidArgument);
 
     // An empty batch and an oversized one are refused whole; nothing changes.
     for size in [0, 1001] {
